@@ -1,0 +1,1 @@
+"""Torch-free half of cots: datasets, preprocessing, bundles, encoders and FAISS indexes."""

@@ -1,0 +1,84 @@
+"""The `cots` command line: one parser whose subcommands each stage registers itself."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from importlib.metadata import entry_points
+
+TRAIN_ONLY = {"torch", "safetensors", "onnx", "onnxscript", "matplotlib", "cairosvg", "emoji"}
+COMMAND_ORDER = ("data", "train", "eval", "export", "index", "serve", "demo", "ablate")
+
+DESCRIPTION = """\
+cots: cross-modal retrieval (search images with text, text with images) on the
+COTS two-stream vision-language model.
+
+The pipeline runs as stages, each a subcommand:
+  data    build a gallery (image + captions manifest) from Open Clip Art, emoji,
+          synthetic scenes, COCO/Karpathy JSON, CSV/TSV, folders or WebDataset shards
+  train   train the two towers (COTS or the CLIP baseline) on a gallery
+  eval    recall@1/5/10 both ways on a split
+  export  turn a checkpoint into an ONNX bundle of the two towers
+  index   embed a gallery with a bundle and build FAISS indexes
+  serve   run the search API and web page
+Run `cots COMMAND --help` for each one."""
+
+
+def _stage_registrations() -> list:
+    found = {ep.name: ep for ep in entry_points(group="cots.commands")}
+    order = {name: i for i, name in enumerate(COMMAND_ORDER)}
+    return [found[name] for name in sorted(found, key=lambda n: (order.get(n, 99), n))]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cots", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for ep in _stage_registrations():
+        ep.load()(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except ModuleNotFoundError as exc:
+        extra = "train" if exc.name and exc.name.split(".")[0] in TRAIN_ONLY else "serve"
+        print(
+            f"cots {args.command}: error: this stage needs the package {exc.name!r}; "
+            f"install it with: pip install 'cots[{extra}]'",
+            file=sys.stderr,
+        )
+        return 2
+    except KeyboardInterrupt:
+        print(f"cots {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (OSError, ValueError, LookupError) as exc:
+        # User mistakes (a missing file, a malformed config, an unknown preset) end
+        # as one readable line; the library raises built-in exceptions with exact messages.
+        if args.verbose:
+            raise
+        print(f"cots {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc) if not isinstance(exc, KeyError) else str(exc.args[0] if exc.args else exc)
+    if isinstance(exc, FileNotFoundError) and exc.filename and str(exc.filename) not in text:
+        text = f"{text}: {exc.filename}"
+    return " ".join(text.split()) or type(exc).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Importers that turn image-text sources into the manifest format (see index_builder.manifest)."""

