@@ -1,4 +1,4 @@
-"""`cots train`, `cots eval`, `cots export`: registered lazily so that --help needs no torch."""
+"""`cots train` and `cots eval`: registered lazily so that --help needs no torch."""
 
 from __future__ import annotations
 
@@ -11,7 +11,3 @@ def register_train(sub: argparse._SubParsersAction) -> None:
 
 def register_eval(sub: argparse._SubParsersAction) -> None:
     sub.add_parser("eval", help="recall@K of a checkpoint (not yet available)")
-
-
-def register_export(sub: argparse._SubParsersAction) -> None:
-    sub.add_parser("export", help="export an ONNX bundle (not yet available)")
