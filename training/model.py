@@ -1,0 +1,240 @@
+"""The two-tower model: config, presets, build_model, and the TwoTower encode/feature API."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from index_builder.preprocess import ImageSpec, TextSpec, TextTokenizer, default_tokenizer_json
+from training.towers import weights
+from training.towers.bert import BertTower
+from training.towers.efficientnet_lite import EfficientNetLite0
+from training.towers.freezing import freeze_norm_statistics, set_trainable_blocks
+from training.towers.vit import VisionTransformer, resize_pos_embed
+
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+IMAGE_TOWERS = ("vit", "efficientnet_lite0")
+TEXT_POOLING = ("mean", "cls")
+
+
+@dataclass
+class ModelConfig:
+    """Everything that builds a TwoTower; presets are JSON files of these keys.
+
+    `*_weights`: None (random init), `package:<distribution>` (weights shipped in an installed
+    package) or a file path (safetensors or torch pickle; timm ViT / Hugging Face BERT naming).
+    `*_trainable_blocks`: -1 all trainable, 0 frozen, N the last N blocks; the projections
+    always train.
+    """
+
+    name: str = "custom"
+    embed_dim: int = 256
+    image_tower: str = "vit"
+    image_size: int = 224
+    image_resize: int | None = None  # shorter side before the centre crop; None = image_size
+    image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    image_interpolation: str = "bicubic"
+    image_weights: str | None = None
+    image_trainable_blocks: int = -1
+    vit_patch_size: int = 16
+    vit_width: int = 768
+    vit_layers: int = 12
+    vit_heads: int = 12
+    vit_mlp_ratio: float = 4.0
+    text_width: int = 768
+    text_layers: int = 12
+    text_heads: int = 12
+    text_intermediate: int = 3072
+    text_max_positions: int = 512
+    text_pooling: str = "mean"
+    text_weights: str | None = None
+    text_trainable_blocks: int = -1
+    tokenizer: str | None = None  # tokenizer.json path; None = the all-MiniLM-L6-v2 one
+    context_length: int = 32
+
+    def __post_init__(self) -> None:
+        self.image_mean = tuple(self.image_mean)  # type: ignore[assignment]
+        self.image_std = tuple(self.image_std)  # type: ignore[assignment]
+        if self.image_tower not in IMAGE_TOWERS:
+            raise ValueError(
+                f"image_tower must be one of {', '.join(IMAGE_TOWERS)}, got {self.image_tower!r}"
+            )
+        if self.text_pooling not in TEXT_POOLING:
+            raise ValueError(
+                f"text_pooling must be one of {', '.join(TEXT_POOLING)}, got {self.text_pooling!r}"
+            )
+        if self.context_length > self.text_max_positions:
+            raise ValueError(
+                f"context_length {self.context_length} exceeds "
+                f"text_max_positions {self.text_max_positions}"
+            )
+        if self.embed_dim < 1:
+            raise ValueError(f"embed_dim must be positive, got {self.embed_dim}")
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> ModelConfig:
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(obj) - set(known))
+        if unknown:
+            raise ValueError(
+                f"unknown model config key(s): {', '.join(unknown)} (known: {', '.join(known)})"
+            )
+        return cls(**obj)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def image_spec(self) -> ImageSpec:
+        return ImageSpec(
+            size=self.image_size,
+            resize=self.image_resize or self.image_size,
+            mean=self.image_mean,
+            std=self.image_std,
+            interpolation=self.image_interpolation,
+        )
+
+    def text_spec(self) -> TextSpec:
+        return TextSpec(context_length=self.context_length)
+
+
+def list_presets() -> list[str]:
+    return sorted(path.stem for path in PRESET_DIR.glob("*.json"))
+
+
+def load_preset(name: str) -> ModelConfig:
+    path = PRESET_DIR / f"{name}.json"
+    if name not in list_presets():
+        raise ValueError(f"unknown preset {name!r} (available: {', '.join(list_presets())})")
+    return ModelConfig.from_dict({"name": name, **json.loads(path.read_text())})
+
+
+class TwoTower(nn.Module):
+    """Image tower + text tower, each followed by a linear projection to the shared space.
+
+    No cross-stream module: each side encodes alone, so a gallery is embedded once offline.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        image_tower: nn.Module,
+        text_tower: nn.Module,
+        tokenizer_json: Path,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.image_spec = config.image_spec()
+        self.text_spec = config.text_spec()
+        self.tokenizer_json = tokenizer_json
+        self.image_tower = image_tower
+        self.text_tower = text_tower
+        self.image_proj = nn.Linear(image_tower.width, config.embed_dim, bias=False)
+        self.text_proj = nn.Linear(text_tower.width, config.embed_dim, bias=False)
+        for proj in (self.image_proj, self.text_proj):
+            nn.init.normal_(proj.weight, std=proj.in_features**-0.5)
+
+    @property
+    def image_grid(self) -> tuple[int, int]:
+        """(rows, cols) of the image tower's token grid: ViT patches or last-stage CNN cells."""
+        return self.image_tower.grid_size
+
+    def image_features(self, pixels: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
+        """pixels (B, 3, S, S), optional bool mask (B, N) -> tokens (B, N, W), pooled (B, W).
+
+        Masked patches (ViT) or last-stage cells (CNN) are swapped for a learned embedding."""
+        return self.image_tower(pixels, mask)
+
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+        """(B, L) int64 ids and mask -> {"tokens": (B, L, W), "pooled": (B, W)}."""
+        return self.text_tower(input_ids, attention_mask)
+
+    def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        embedding = self.image_proj(self.image_features(pixels)["pooled"])  # (B, D)
+        return F.normalize(embedding, dim=-1) if normalize else embedding
+
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True
+    ) -> torch.Tensor:
+        pooled = self.text_features(input_ids, attention_mask)["pooled"]
+        embedding = self.text_proj(pooled)  # (B, D)
+        return F.normalize(embedding, dim=-1) if normalize else embedding
+
+    def forward(
+        self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> dict:
+        return {
+            "image": self.encode_image(pixels),
+            "text": self.encode_text(input_ids, attention_mask),
+        }
+
+    def train(self, mode: bool = True) -> TwoTower:
+        super().train(mode)
+        freeze_norm_statistics(self)
+        return self
+
+
+def build_model(config: ModelConfig, load_weights: bool = True) -> TwoTower:
+    """Build the towers, load pretrained weights (unless `load_weights=False`, e.g. when a
+    checkpoint will overwrite them) and apply the freezing options."""
+    tokenizer_json = Path(config.tokenizer) if config.tokenizer else default_tokenizer_json()
+    vocab_size = TextTokenizer(tokenizer_json, config.context_length).vocab_size
+    image_tower = _build_image_tower(config)
+    text_tower = BertTower(
+        vocab_size=vocab_size,
+        width=config.text_width,
+        layers=config.text_layers,
+        heads=config.text_heads,
+        intermediate=config.text_intermediate,
+        max_positions=config.text_max_positions,
+        pooling=config.text_pooling,
+    )
+    if load_weights and config.image_weights:
+        _load_image_weights(image_tower, config.image_weights)
+    if load_weights and config.text_weights:
+        _load_text_weights(text_tower, config.text_weights)
+    set_trainable_blocks(image_tower, config.image_trainable_blocks)
+    set_trainable_blocks(text_tower, config.text_trainable_blocks)
+    return TwoTower(config, image_tower, text_tower, tokenizer_json)
+
+
+def _build_image_tower(config: ModelConfig) -> nn.Module:
+    if config.image_tower == "efficientnet_lite0":
+        return EfficientNetLite0(config.image_size)
+    return VisionTransformer(
+        image_size=config.image_size,
+        patch_size=config.vit_patch_size,
+        width=config.vit_width,
+        layers=config.vit_layers,
+        heads=config.vit_heads,
+        mlp_ratio=config.vit_mlp_ratio,
+    )
+
+
+def _load_image_weights(tower: nn.Module, spec: str) -> None:
+    path = weights.resolve_weights(spec)
+    state = weights.read_state_dict(path)
+    if isinstance(tower, EfficientNetLite0):
+        # lukemelas efficientnet_pytorch naming; `_fc` is the ImageNet classifier.
+        weights.load_strict(tower, state, str(path), ignore=("_fc.",), new=tower.new_parameters)
+        return
+    pos = state.get("pos_embed")
+    if pos is not None and pos.shape[1] != tower.pos_embed.shape[1]:
+        state["pos_embed"] = resize_pos_embed(pos, tower.grid_size)
+    # timm naming; `head` is the classifier.
+    weights.load_strict(tower, state, str(path), ignore=("head.",), new=tower.new_parameters)
+
+
+def _load_text_weights(tower: BertTower, spec: str) -> None:
+    path = weights.resolve_weights(spec)
+    state = {k.removeprefix("bert."): v for k, v in weights.read_state_dict(path).items()}
+    # Hugging Face BERT naming; the pooler, pre-training heads and id buffers are unused.
+    ignore = ("pooler.", "cls.", "embeddings.position_ids", "embeddings.token_type_ids")
+    weights.load_strict(tower, state, str(path), ignore=ignore)

@@ -1,0 +1,1 @@
+"""Image and text towers (ViT, EfficientNet-Lite0, BERT) with the weight loaders and freezing."""

