@@ -1,0 +1,169 @@
+"""The bundle format: two ONNX towers, a tokenizer and `bundle.json`, defined once, torch-free.
+
+    bundle/
+      image_encoder.onnx   pixels float32 (B, 3, S, S) -> embedding float32 (B, D), unit norm
+      text_encoder.onnx    input_ids, attention_mask int64 (B, L) -> embedding (B, D), unit norm
+      tokenizer.json       Hugging Face tokenizers file
+      bundle.json          what a later stage needs to use the files (see `Bundle`)
+
+`training.export` writes bundles with `write_bundle`; indexing and serving read them with
+`Bundle.load`, which checks the description and the file hashes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from index_builder.atomic import atomic_write_json, read_json
+from index_builder.preprocess import ImageSpec, TextSpec, sha256_file
+
+FORMAT_VERSION = 1
+BUNDLE_JSON = "bundle.json"
+IMAGE_ONNX = "image_encoder.onnx"
+TEXT_ONNX = "text_encoder.onnx"
+TOKENIZER_JSON = "tokenizer.json"
+FILES = (IMAGE_ONNX, TEXT_ONNX, TOKENIZER_JSON)
+PRECISIONS = ("fp32", "fp16", "int8")
+REQUIRED = ("format_version", "bundle_id", "embed_dim", "image_spec", "text_spec", "files")
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A validated bundle directory. `info` is the whole `bundle.json`."""
+
+    path: Path
+    bundle_id: str
+    embed_dim: int
+    image_spec: ImageSpec
+    text_spec: TextSpec
+    opset: int
+    precision: str
+    info: dict[str, Any] = field(repr=False)
+
+    @property
+    def image_onnx(self) -> Path:
+        return self.path / IMAGE_ONNX
+
+    @property
+    def text_onnx(self) -> Path:
+        return self.path / TEXT_ONNX
+
+    @property
+    def tokenizer_json(self) -> Path:
+        return self.path / TOKENIZER_JSON
+
+    @classmethod
+    def load(cls, path: str | Path, verify: bool = True) -> Bundle:
+        """Read and check `bundle.json`; with `verify`, every file must match its sha256."""
+        path = Path(path)
+        meta_path = path / BUNDLE_JSON
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"no bundle at {path}: {BUNDLE_JSON} is missing")
+        info = read_json(meta_path)
+        missing = [key for key in REQUIRED if key not in info]
+        if missing:
+            raise ValueError(f"{meta_path} lacks {missing}")
+        if info["format_version"] != FORMAT_VERSION:
+            raise ValueError(
+                f"{meta_path} has format_version {info['format_version']}, "
+                f"this version of cots reads {FORMAT_VERSION}"
+            )
+        for name in FILES:
+            file = path / name
+            if not file.is_file():
+                raise FileNotFoundError(f"bundle {path} is missing {name}")
+            if verify and sha256_file(file) != info["files"].get(name):
+                raise ValueError(
+                    f"bundle file {file} does not match the sha256 in {BUNDLE_JSON} "
+                    "(corrupt or replaced; export the bundle again)"
+                )
+        return cls(
+            path=path,
+            bundle_id=str(info["bundle_id"]),
+            embed_dim=int(info["embed_dim"]),
+            image_spec=ImageSpec.from_dict(info["image_spec"]),
+            text_spec=TextSpec.from_dict(info["text_spec"]),
+            opset=int(info.get("opset", 0)),
+            precision=str(info.get("precision", "fp32")),
+            info=info,
+        )
+
+
+def bundle_id_of(hashes: dict[str, str], embed_dim: int, specs: dict[str, Any]) -> str:
+    """Content address: the same files and preprocessing always give the same id."""
+    blob = json.dumps({"files": hashes, "embed_dim": embed_dim, **specs}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def write_bundle(
+    out: str | Path,
+    *,
+    image_onnx: str | Path,
+    text_onnx: str | Path,
+    tokenizer_json: str | Path,
+    embed_dim: int,
+    image_spec: ImageSpec,
+    text_spec: TextSpec,
+    opset: int,
+    precision: str = "fp32",
+    extra: dict[str, Any] | None = None,
+) -> Bundle:
+    """Copy the files into `out` with a `bundle.json` and return the loaded bundle.
+
+    The bundle is assembled in a temporary directory beside `out` and renamed into place, so
+    `out` is either the previous bundle or the complete new one. `extra` (source checkpoint,
+    parity error, recall effect of quantisation...) is stored as given.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if embed_dim <= 0:
+        raise ValueError(f"embed_dim must be positive, got {embed_dim}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        for name, source in zip(FILES, (image_onnx, text_onnx, tokenizer_json), strict=True):
+            shutil.copyfile(source, tmp / name)
+        hashes = {name: sha256_file(tmp / name) for name in FILES}
+        specs = {"image_spec": image_spec.to_dict(), "text_spec": text_spec.to_dict()}
+        info = {
+            **(extra or {}),
+            "format_version": FORMAT_VERSION,
+            "bundle_id": bundle_id_of(hashes, embed_dim, specs),
+            "embed_dim": embed_dim,
+            **specs,
+            "opset": opset,
+            "precision": precision,
+            "files": hashes,
+        }
+        atomic_write_json(tmp / BUNDLE_JSON, info)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Bundle.load(out)
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Rename `new` to `target`; an existing `target` is moved aside first, then removed."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        if old is not None:
+            os.replace(old, target)
+        raise
+    if old is not None:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(old)

@@ -1,0 +1,138 @@
+"""Torch-free image and text encoders over a bundle: preprocessing, batching, ONNX Runtime."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from index_builder.bundle import Bundle
+from index_builder.preprocess import TextTokenizer, load_image, preprocess_images
+
+
+def default_providers() -> list[str]:
+    """CUDA when this onnxruntime build has it, then CPU."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def open_session(path: Path, threads: int | None, providers: Sequence[str] | None) -> Any:
+    """An InferenceSession; a file ONNX Runtime cannot load is a ValueError naming it."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or 0  # 0: onnxruntime decides
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(
+            str(path), options, providers=list(providers or default_providers())
+        )
+    except Exception as exc:  # onnxruntime raises its own exception types
+        reason = " ".join(str(exc).split())[:300]
+        raise ValueError(f"{path} is not a loadable ONNX model: {reason}") from None
+
+
+def _check_io(session: Any, path: Path, inputs: tuple[str, ...], dim: int) -> None:
+    names = tuple(i.name for i in session.get_inputs())
+    if sorted(names) != sorted(inputs):
+        raise ValueError(f"{path} has inputs {names}, expected {inputs}")
+    outputs = session.get_outputs()
+    if [o.name for o in outputs] != ["embedding"] or outputs[0].shape[-1] not in (dim, None):
+        raise ValueError(f"{path} must have one output 'embedding' of width {dim}")
+
+
+def _normalise(vectors: np.ndarray) -> np.ndarray:
+    # The graph normalises already; fp16/int8 graphs drift by ~1e-3, so finish in float32.
+    vectors = vectors.astype(np.float32, copy=False)
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+
+def _batched(
+    count: int, batch_size: int, run: Callable[[slice], np.ndarray], dim: int
+) -> np.ndarray:
+    if count == 0:
+        return np.zeros((0, dim), np.float32)
+    parts = [run(slice(i, i + batch_size)) for i in range(0, count, batch_size)]
+    return _normalise(np.concatenate(parts))
+
+
+class ImageEncoder:
+    """Images -> (B, D) float32 unit vectors with the bundle's image tower."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        threads: int | None = None,
+        batch_size: int = 64,
+        providers: Sequence[str] | None = None,
+    ) -> None:
+        self.bundle = bundle
+        self.spec = bundle.image_spec
+        self.batch_size = batch_size
+        self.session = open_session(bundle.image_onnx, threads, providers)
+        _check_io(self.session, bundle.image_onnx, ("pixels",), bundle.embed_dim)
+
+    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """Preprocessed pixels (B, 3, S, S) -> (B, D)."""
+        size = self.spec.size
+        if pixels.ndim != 4 or pixels.shape[1:] != (3, size, size):
+            raise ValueError(f"pixels must have shape (B, 3, {size}, {size}), got {pixels.shape}")
+        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+        return _batched(
+            len(pixels),
+            self.batch_size,
+            lambda s: self.session.run(None, {"pixels": pixels[s]})[0],
+            self.bundle.embed_dim,
+        )
+
+    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Decoded RGB images -> (B, D), preprocessed batch by batch."""
+        return _batched(
+            len(images),
+            self.batch_size,
+            lambda s: self.session.run(None, {"pixels": preprocess_images(images[s], self.spec)})[
+                0
+            ],
+            self.bundle.embed_dim,
+        )
+
+    def encode_paths(self, paths: Sequence[str | Path]) -> np.ndarray:
+        """Image files -> (B, D); decoding happens per batch, so memory stays bounded."""
+
+        def run(s: slice) -> np.ndarray:
+            images = [load_image(p, self.spec.background) for p in paths[s]]
+            return self.session.run(None, {"pixels": preprocess_images(images, self.spec)})[0]
+
+        return _batched(len(paths), self.batch_size, run, self.bundle.embed_dim)
+
+
+class TextEncoder:
+    """Texts -> (B, D) float32 unit vectors with the bundle's text tower and tokenizer."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        threads: int | None = None,
+        batch_size: int = 256,
+        providers: Sequence[str] | None = None,
+    ) -> None:
+        self.bundle = bundle
+        self.batch_size = batch_size
+        self.tokenizer = TextTokenizer(bundle.tokenizer_json, bundle.text_spec.context_length)
+        self.session = open_session(bundle.text_onnx, threads, providers)
+        _check_io(self.session, bundle.text_onnx, ("input_ids", "attention_mask"), bundle.embed_dim)
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        texts = list(texts)
+
+        def run(s: slice) -> np.ndarray:
+            ids, mask = self.tokenizer(texts[s])
+            return self.session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+
+        return _batched(len(texts), self.batch_size, run, self.bundle.embed_dim)

@@ -1,0 +1,255 @@
+"""FAISS indexes over unit vectors: factory choice, building from shards, recall and tuning.
+
+Every index uses inner product (cosine, since bundles emit unit vectors). Vectors arrive as
+a list of shards (arrays, usually memory-mapped `.npy` files), so no step needs the whole
+gallery in memory: training uses a sample, adding and exact search stream shard by shard,
+and IVF indexes can be built as one index per shard merged into on-disk inverted lists
+(faiss `contrib/ondisk.py`). Recall is measured against exact search as faiss
+`contrib/evaluation.py` (`knn_intersection_measure`) does.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+METRIC = faiss.METRIC_INNER_PRODUCT
+MAX_TRAIN = 200_000
+SEARCH_GRID = {
+    "nprobe": (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
+    "efSearch": (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024),
+}
+_FLAT = re.compile(r"^Flat$")
+_HNSW = re.compile(r"^HNSW(\d+)(,Flat)?$")
+_IVF = re.compile(r"^(?:OPQ(\d+)(?:_\d+)?,)?IVF(\d+),(Flat|PQ(\d+)(?:x\d+)?)$")
+
+
+def make_index(factory: str, dim: int) -> Any:
+    """An empty inner-product index; a factory string FAISS rejects is a ValueError."""
+    try:
+        return faiss.index_factory(dim, factory, METRIC)
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"FAISS rejects the factory string {factory!r} for d={dim}: {reason}"
+        ) from None
+
+
+def estimate_bytes(factory: str, n: int, dim: int) -> int | None:
+    """Approximate resident size of an index holding n vectors (None: unknown form)."""
+    if _FLAT.match(factory):
+        return n * dim * 4
+    if m := _HNSW.match(factory):
+        return n * (dim * 4 + int(m.group(1)) * 2 * 4 + 16)
+    if m := _IVF.match(factory):
+        nlist = int(m.group(2))
+        code = dim * 4 if m.group(3) == "Flat" else int(m.group(4))
+        opq = dim * dim * 4 if m.group(1) else 0
+        return n * (code + 8) + nlist * dim * 4 + opq
+    return None
+
+
+def choose_factory(n: int, dim: int, memory_budget: int) -> str:
+    """The FAISS guidelines, bounded by memory: exact below 10k vectors, then HNSW up to 1M,
+    then IVF with flat codes, then IVF-PQ with the largest code that fits the budget."""
+    if n < 1:
+        raise ValueError("cannot choose an index for an empty gallery")
+    nlist = ivf_lists(n)
+    candidates = ["Flat"] if n < 10_000 else []
+    if n <= 1_000_000:
+        candidates.append("HNSW32")
+    candidates.append(f"IVF{nlist},Flat")
+    candidates += [
+        f"IVF{nlist},PQ{m}" for m in (dim // 4, dim // 8, dim // 16) if m and dim % m == 0
+    ]
+    for factory in candidates:
+        size = estimate_bytes(factory, n, dim)
+        if size is not None and size <= memory_budget:
+            return factory
+    raise ValueError(
+        f"no index type fits {n} vectors of dimension {dim} in a memory budget of "
+        f"{memory_budget} bytes (smallest: {candidates[-1]})"
+    )
+
+
+def ivf_lists(n: int) -> int:
+    """About 4 sqrt(n) lists (a power of two), with at least 39 training points per list."""
+    target = 4 * math.sqrt(n)
+    nlist = 2 ** max(0, round(math.log2(max(target, 1))))
+    while nlist > 1 and n / nlist < 39:
+        nlist //= 2
+    return max(1, nlist)
+
+
+def sample_rows(shards: Sequence[np.ndarray], count: int, seed: int = 0) -> np.ndarray:
+    """`count` rows drawn uniformly without replacement across the shards (all if fewer)."""
+    sizes = np.array([len(s) for s in shards])
+    total = int(sizes.sum())
+    picks = np.sort(np.random.default_rng(seed).choice(total, min(count, total), replace=False))
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    parts = []
+    for i, shard in enumerate(shards):
+        local = picks[(picks >= offsets[i]) & (picks < offsets[i + 1])] - offsets[i]
+        if len(local):
+            parts.append(np.asarray(shard[local], dtype=np.float32))
+    return np.ascontiguousarray(np.concatenate(parts))
+
+
+def build_index(factory: str, shards: Sequence[np.ndarray], dim: int, use_gpu: bool = True) -> Any:
+    """Train on a sample, then add the shards one at a time (on GPU when one is present)."""
+    total = sum(len(s) for s in shards)
+    if total == 0:
+        raise ValueError("cannot build an index from an empty gallery")
+    index = make_index(factory, dim)
+    gpu = _gpu_resources() if use_gpu and "HNSW" not in factory else None
+    if gpu is not None:
+        index = faiss.index_cpu_to_gpu(gpu, 0, index)
+    _train(index, factory, shards)
+    for shard in shards:
+        if len(shard):
+            index.add(np.ascontiguousarray(shard, dtype=np.float32))
+    return faiss.index_gpu_to_cpu(index) if gpu is not None else index
+
+
+def build_ivf_on_disk(
+    factory: str, shards: Sequence[np.ndarray], dim: int, out: Path, ivfdata: Path
+) -> Any:
+    """IVF index built one shard at a time and merged into on-disk inverted lists at `ivfdata`
+    (the merge streams inverted lists; the codes never sit in memory together)."""
+    if not _IVF.match(factory):
+        raise ValueError(f"on-disk merging needs an IVF factory string, got {factory!r}")
+    trained = make_index(factory, dim)
+    _train(trained, factory, shards)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".shards-") as tmp:
+        names, start = [], 0
+        for i, shard in enumerate(shards):
+            part = faiss.clone_index(trained)
+            ids = np.arange(start, start + len(shard), dtype=np.int64)
+            part.add_with_ids(np.ascontiguousarray(shard, dtype=np.float32), ids)
+            start += len(shard)
+            names.append(str(Path(tmp) / f"shard-{i:05d}.faiss"))
+            faiss.write_index(part, names[-1])
+            del part
+        from faiss.contrib.ondisk import merge_ondisk
+
+        merge_ondisk(trained, names, str(ivfdata))
+    faiss.write_index(trained, str(out))
+    return read_index(out)
+
+
+def _train(index: Any, factory: str, shards: Sequence[np.ndarray]) -> None:
+    if index.is_trained:
+        return
+    sample = sample_rows(shards, MAX_TRAIN)
+    try:
+        index.train(sample)
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[-1]
+        raise ValueError(
+            f"cannot train {factory!r} on {len(sample)} vectors (choose a smaller index): {reason}"
+        ) from None
+
+
+def _gpu_resources() -> Any:
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+        return None
+    return faiss.StandardGpuResources()
+
+
+def write_index(index: Any, path: Path) -> None:
+    faiss.write_index(index, str(path))
+
+
+def read_index(path: Path, search_params: dict[str, int] | None = None) -> Any:
+    """Load on CPU (on-disk inverted lists are found beside the file) and apply parameters."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"index file not found: {path}")
+    try:
+        index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
+    except RuntimeError as exc:
+        raise ValueError(f"{path} is not a readable FAISS index: {str(exc).strip()}") from None
+    set_search_params(index, search_params or {})
+    return index
+
+
+def set_search_params(index: Any, params: dict[str, int]) -> None:
+    space = faiss.ParameterSpace()
+    for name, value in params.items():
+        space.set_index_parameter(index, name, value)
+
+
+def tunable_param(index: Any) -> str | None:
+    """`nprobe` for IVF indexes, `efSearch` for HNSW, None for exact ones."""
+    try:
+        faiss.extract_index_ivf(index)
+        return "nprobe"
+    except RuntimeError:
+        pass
+    base = faiss.downcast_index(
+        index.index if isinstance(index, faiss.IndexPreTransform) else index
+    )
+    return "efSearch" if hasattr(base, "hnsw") else None
+
+
+def exact_knn(queries: np.ndarray, shards: Sequence[np.ndarray], k: int) -> np.ndarray:
+    """Exact top-k rows by inner product, streamed over the shards (brute force)."""
+    heap = faiss.ResultHeap(len(queries), k, keep_max=True)
+    start = 0
+    for shard in shards:
+        if len(shard):
+            scores, rows = faiss.knn(
+                queries, np.ascontiguousarray(shard, dtype=np.float32), min(k, len(shard)), METRIC
+            )
+            pad = k - rows.shape[1]
+            if pad:
+                scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+                rows = np.pad(rows, ((0, 0), (0, pad)), constant_values=-1 - start)
+            heap.add_result(scores, rows + start)
+            start += len(shard)
+    heap.finalize()
+    return heap.I
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean fraction of the exact top-k that the index returns (knn intersection)."""
+    k = truth.shape[1]
+    hits = sum(len(np.intersect1d(f[:k], t[t >= 0])) for f, t in zip(found, truth, strict=True))
+    return hits / max(1, int((truth >= 0).sum()))
+
+
+def tune(
+    index: Any, queries: np.ndarray, truth: np.ndarray, target: float
+) -> tuple[dict[str, int], float]:
+    """Smallest nprobe/efSearch reaching `target` recall@k, else the best tried.
+
+    Returns the parameters (set on the index) and the recall they give."""
+    k = truth.shape[1]
+    k_search = min(k, index.ntotal)
+    param = tunable_param(index)
+    if param is None:
+        return {}, recall_at_k(index.search(queries, k_search)[1], truth)
+    limit = faiss.extract_index_ivf(index).nlist if param == "nprobe" else 1 << 30
+    grid = [v for v in SEARCH_GRID[param] if v <= limit and (param == "nprobe" or v >= k)]
+    if param == "nprobe" and grid[-1] < limit <= 4096:
+        grid.append(limit)
+    best: tuple[dict[str, int], float] = ({}, -1.0)
+    for value in grid:
+        set_search_params(index, {param: value})
+        recall = recall_at_k(index.search(queries, k_search)[1], truth)
+        if recall > best[1]:
+            best = ({param: value}, recall)
+        if recall >= target:
+            return {param: value}, recall
+    log.warning("%s never reached recall %.3f (best %.3f at %s)", param, target, best[1], best[0])
+    set_search_params(index, best[0])
+    return best

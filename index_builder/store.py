@@ -1,0 +1,243 @@
+"""The index root: versioned index directories and an atomic CURRENT pointer.
+
+    root/
+      CURRENT                  name of the live version (replaced atomically)
+      versions/<version>/      index.json, image.faiss, images.jsonl, text.faiss, texts.jsonl
+      staging/<version>/       a build in progress (never read; removed by the next build)
+
+A version is written into `staging/`, renamed into `versions/` when complete, and only then
+does CURRENT move; a build killed at any point leaves CURRENT where it was. Older versions
+are removed beyond a retention limit (never the live one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from index_builder.atomic import atomic_write_text, read_json
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+INDEX_JSON = "index.json"
+CURRENT = "CURRENT"
+SIDES = ("image", "text")
+# Text-to-image search queries the image index; image-to-text search the text index.
+META_FILES = {"image": "images.jsonl", "text": "texts.jsonl"}
+INDEX_FILES = {"image": "image.faiss", "text": "text.faiss"}
+_VERSION = re.compile(r"^v(\d{6})-\d{8}T\d{6}Z$")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with path.open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    with path.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+@dataclass
+class LoadedIndex:
+    """One version in memory: both FAISS indexes, their row metadata and `index.json`."""
+
+    version: str
+    path: Path
+    info: dict[str, Any]
+    images: list[dict[str, Any]]
+    texts: list[dict[str, Any]]
+    indexes: dict[str, Any] = field(repr=False)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.info["embed_dim"])
+
+    @property
+    def bundle_id(self) -> str:
+        return str(self.info["bundle_id"])
+
+    def rows(self, side: str) -> list[dict[str, Any]]:
+        return self.images if side == "image" else self.texts
+
+    def check_bundle(self, bundle: Any) -> None:
+        """Refuse a bundle other than the one that embedded this index."""
+        if int(bundle.embed_dim) != self.embed_dim:
+            raise ValueError(
+                f"bundle {bundle.bundle_id} embeds in {bundle.embed_dim} dimensions but index "
+                f"version {self.version} holds {self.embed_dim}-dimensional vectors"
+            )
+        if bundle.bundle_id != self.bundle_id:
+            raise ValueError(
+                f"index version {self.version} was built with bundle {self.bundle_id}, "
+                f"not {bundle.bundle_id}; rebuild it with `cots index rebuild`"
+            )
+
+    def search(self, side: str, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k by inner product on one side: (scores (Q, k), rows (Q, k)); k is capped
+        at the side's count, so every returned row is valid."""
+        if side not in SIDES:
+            raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.embed_dim:
+            raise ValueError(
+                f"query vectors must have shape (Q, {self.embed_dim}), got {vectors.shape}"
+            )
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        index = self.indexes[side]
+        scores, rows = index.search(vectors, min(k, index.ntotal))
+        return scores, rows
+
+
+class IndexStore:
+    """The versions under one index root."""
+
+    def __init__(self, root: str | Path, keep: int = 3) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1, got {keep}")
+        self.root = Path(root)
+        self.keep = keep
+
+    @property
+    def versions_dir(self) -> Path:
+        return self.root / "versions"
+
+    def versions(self) -> list[str]:
+        """Complete versions, oldest first."""
+        if not self.versions_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.versions_dir.iterdir() if _VERSION.match(p.name))
+
+    def current(self) -> str | None:
+        pointer = self.root / CURRENT
+        if not pointer.is_file():
+            return None
+        name = pointer.read_text(encoding="utf-8").strip()
+        return name or None
+
+    def version_dir(self, version: str) -> Path:
+        return self.versions_dir / version
+
+    def read_info(self, version: str | None = None) -> dict[str, Any]:
+        version = version or self._require_current()
+        path = self.version_dir(version) / INDEX_JSON
+        if not path.is_file():
+            raise FileNotFoundError(f"index version {version} not found under {self.root}")
+        return read_json(path)
+
+    def open(self, version: str | None = None, bundle: Any = None) -> LoadedIndex:
+        """Load a version (default: CURRENT); with `bundle`, refuse a mismatched one."""
+        from index_builder.faiss_index import read_index
+
+        version = version or self._require_current()
+        info = self.read_info(version)
+        path = self.version_dir(version)
+        indexes = {}
+        for side in SIDES:
+            side_info = info["sides"][side]
+            indexes[side] = read_index(path / side_info["file"], side_info["search_params"])
+        loaded = LoadedIndex(
+            version=version,
+            path=path,
+            info=info,
+            images=read_jsonl(path / info["sides"]["image"]["meta"]),
+            texts=read_jsonl(path / info["sides"]["text"]["meta"]),
+            indexes=indexes,
+        )
+        for side in SIDES:
+            if indexes[side].ntotal != len(loaded.rows(side)):
+                raise ValueError(
+                    f"index version {version} is inconsistent: {side} index holds "
+                    f"{indexes[side].ntotal} vectors for {len(loaded.rows(side))} rows"
+                )
+        if bundle is not None:
+            loaded.check_bundle(bundle)
+        return loaded
+
+    @contextlib.contextmanager
+    def new_version(self) -> Iterator[Path]:
+        """Yield an empty staging directory; publish it when the block ends without error.
+
+        One build at a time per root (an advisory lock). On error the staging directory is
+        removed and CURRENT is untouched; a killed build leaves only staging debris, which
+        the next build clears.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        with self._lock():
+            staging_root = self.root / "staging"
+            shutil.rmtree(staging_root, ignore_errors=True)
+            version = self._next_name()
+            staging = staging_root / version
+            staging.mkdir(parents=True)
+            try:
+                yield staging
+                self._publish(staging, version)
+            finally:
+                shutil.rmtree(staging_root, ignore_errors=True)
+
+    def switch(self, version: str) -> None:
+        """Point CURRENT at an existing complete version (roll back or forward)."""
+        if not (self.version_dir(version) / INDEX_JSON).is_file():
+            raise FileNotFoundError(f"index version {version} not found under {self.root}")
+        atomic_write_text(self.root / CURRENT, version + "\n")
+
+    def _publish(self, staging: Path, version: str) -> None:
+        if not (staging / INDEX_JSON).is_file():
+            raise RuntimeError(f"build left no {INDEX_JSON} in {staging}")
+        self.versions_dir.mkdir(exist_ok=True)
+        _fsync_tree(staging)
+        os.replace(staging, self.version_dir(version))
+        self.switch(version)
+        log.info("index version %s is now current under %s", version, self.root)
+        self._prune()
+
+    def _prune(self) -> None:
+        live = self.current()
+        old = [v for v in self.versions() if v != live]
+        for version in old[: max(0, len(old) - (self.keep - 1))]:
+            shutil.rmtree(self.version_dir(version), ignore_errors=True)
+            log.info("removed old index version %s", version)
+
+    def _next_name(self) -> str:
+        existing = [int(m.group(1)) for v in self.versions() if (m := _VERSION.match(v))]
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        return f"v{max(existing, default=0) + 1:06d}-{stamp}"
+
+    def _require_current(self) -> str:
+        current = self.current()
+        if current is None:
+            raise FileNotFoundError(
+                f"no index under {self.root} (build one with `cots index build`)"
+            )
+        return current
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        with open(self.root / ".lock", "w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RuntimeError(f"another build is writing to {self.root}") from None
+            yield
+
+
+def _fsync_tree(path: Path) -> None:
+    for file in path.iterdir():
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())

@@ -1,0 +1,188 @@
+"""Index versions: publish, switch, retention, mismatch refusal, crashes never move CURRENT."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from index_builder import build, faiss_index
+from index_builder.store import CURRENT, IndexStore
+
+DIM = 16
+
+
+def _gallery(n=60, seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.standard_normal((n, DIM)).astype(np.float32)
+    texts = images + 0.3 * rng.standard_normal((n, DIM)).astype(np.float32)
+    for x in (images, texts):
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+    rows = {
+        "image": [
+            {"id": f"i{seed}-{i}", "image": f"/g/{i}.png", "captions": ["c"]} for i in range(n)
+        ],
+        "text": [
+            {"id": f"i{seed}-{i}#0", "image_id": f"i{seed}-{i}", "text": "c"} for i in range(n)
+        ],
+    }
+    return {"image": [images], "text": [texts]}, rows
+
+
+def _publish(store, seed=0, bundle_id="b1", factory="Flat", n=60):
+    shards, rows = _gallery(n, seed)
+    return build.publish(
+        store,
+        bundle_id=bundle_id,
+        dim=DIM,
+        shards=shards,
+        rows=rows,
+        options=build.IndexOptions(factory=factory, queries=50),
+        dataset={"path": "/g", "name": "synthetic"},
+    )
+
+
+class FakeBundle:
+    def __init__(self, bundle_id="b1", embed_dim=DIM):
+        self.bundle_id, self.embed_dim = bundle_id, embed_dim
+
+
+def test_publish_open_search(tmp_path):
+    store = IndexStore(tmp_path / "idx")
+    assert store.current() is None
+    version = _publish(store)
+    assert store.current() == version and store.versions() == [version]
+    loaded = store.open(bundle=FakeBundle())
+    assert loaded.info["sides"]["image"]["count"] == 60
+    assert loaded.info["sides"]["image"]["recall_at_10"] == 1.0
+    shards, _ = _gallery()
+    scores, rows = loaded.search("text", shards["image"][0][:3], k=5)
+    assert scores.shape == rows.shape == (3, 5)
+    assert loaded.texts[rows[0, 0]]["image_id"] == loaded.images[0]["id"]
+    _, rows = loaded.search("image", shards["text"][0][:1], k=1000)  # k capped at the count
+    assert rows.shape == (1, 60) and (rows >= 0).all()
+    assert not (tmp_path / "idx" / "staging").exists()
+
+
+def test_search_rejects_bad_queries(tmp_path):
+    store = IndexStore(tmp_path / "idx")
+    _publish(store)
+    loaded = store.open()
+    with pytest.raises(ValueError, match=r"shape \(Q, 16\)"):
+        loaded.search("image", np.zeros((1, 3), np.float32), 5)
+    with pytest.raises(ValueError, match="side must be"):
+        loaded.search("video", np.zeros((1, DIM), np.float32), 5)
+    with pytest.raises(ValueError, match="k must be at least 1"):
+        loaded.search("image", np.zeros((1, DIM), np.float32), 0)
+
+
+def test_no_index_yet(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no index under"):
+        IndexStore(tmp_path / "idx").open()
+
+
+def test_bundle_mismatch_is_refused(tmp_path):
+    store = IndexStore(tmp_path / "idx")
+    _publish(store)
+    with pytest.raises(ValueError, match="was built with bundle b1, not b2"):
+        store.open(bundle=FakeBundle("b2"))
+    with pytest.raises(ValueError, match="embeds in 32 dimensions"):
+        store.open(bundle=FakeBundle("b1", 32))
+
+
+def test_retention_and_switch(tmp_path):
+    store = IndexStore(tmp_path / "idx", keep=2)
+    versions = [_publish(store, seed=s) for s in range(4)]
+    assert store.versions() == versions[-2:]
+    assert store.current() == versions[-1]
+    store.switch(versions[-2])
+    assert store.open().version == versions[-2]
+    assert store.open().images[0]["id"] == "i2-0"
+    newest = _publish(store, seed=9)
+    assert store.current() == newest and store.versions() == [versions[-1], newest]
+    with pytest.raises(FileNotFoundError):
+        store.switch("v999999-20000101T000000Z")
+
+
+def test_disk_full_leaves_current_untouched(tmp_path, monkeypatch):
+    store = IndexStore(tmp_path / "idx")
+    before = _publish(store)
+
+    def full(index, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(faiss_index, "write_index", full)
+    with pytest.raises(OSError, match="No space left"):
+        _publish(store, seed=1)
+    assert store.current() == before and store.versions() == [before]
+    assert not (tmp_path / "idx" / "staging").exists()
+
+
+def test_bad_factory_leaves_current_untouched(tmp_path):
+    store = IndexStore(tmp_path / "idx")
+    before = _publish(store)
+    with pytest.raises(ValueError, match="FAISS rejects the factory string 'IVF-1,Nope'"):
+        _publish(store, factory="IVF-1,Nope")
+    assert store.current() == before
+
+
+def test_empty_gallery(tmp_path):
+    store = IndexStore(tmp_path / "idx")
+    with pytest.raises(ValueError, match="empty gallery"):
+        _publish(store, n=0)
+    assert store.current() is None and store.versions() == []
+
+
+def test_killed_build_never_moves_the_pointer(tmp_path):
+    store = IndexStore(tmp_path / "idx")
+    before = _publish(store)
+    script = textwrap.dedent(
+        f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from index_builder import faiss_index
+        from index_builder.store import IndexStore
+        import test_store
+        def killed(*a, **k):
+            os.kill(os.getpid(), signal.SIGKILL)
+        faiss_index.tune = killed
+        test_store._publish(IndexStore({str(tmp_path / "idx")!r}), seed=1)
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert proc.returncode == -9
+    assert (tmp_path / "idx" / "staging").exists()  # debris of the killed build
+    assert (tmp_path / "idx" / CURRENT).read_text().strip() == before
+    assert store.versions() == [before] and store.open().images[0]["id"] == "i0-0"
+    after = _publish(store, seed=2)
+    assert store.current() == after and not (tmp_path / "idx" / "staging").exists()
+
+
+def test_add_appends_as_a_new_version(tmp_path):
+    store = IndexStore(tmp_path / "idx")
+    first = _publish(store, factory="HNSW16")
+    shards, rows = _gallery(20, seed=5)
+    second = build.add(
+        store,
+        store.open(),
+        {side: shards[side][0] for side in shards},
+        rows,
+        {"path": "/g2"},
+    )
+    loaded = store.open()
+    assert loaded.version == second and loaded.info["parent"] == first
+    assert loaded.info["sides"]["image"]["count"] == 80 and len(loaded.texts) == 80
+    assert loaded.info["sides"]["text"]["recall_at_10"] >= 0.9
+    _, found = loaded.search("image", shards["image"][0][:1], 1)
+    assert loaded.images[found[0, 0]]["id"] == "i5-0"
+    with pytest.raises(ValueError, match="already in the index"):
+        build.add(store, store.open(), {s: shards[s][0] for s in shards}, rows, {})
+    assert store.current() == second
