@@ -1,0 +1,128 @@
+"""The visual tokenizer: grid alignment with the image towers, VQ behaviour, checkpoint, training."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from index_builder.preprocess import ImageSpec
+from training.model import build_model, load_preset
+from training.tokenizer_training import (
+    TokenizerTraining,
+    evaluate_tokenizer,
+    save_reconstructions,
+    train_tokenizer,
+)
+from training.visual_tokenizer import (
+    TokenizerConfig,
+    VisualTokenizer,
+    load_tokenizer,
+    save_tokenizer,
+    stride_factors,
+)
+
+SMALL = {"width": 8, "max_width": 16, "code_dim": 8, "codebook_size": 16, "res_blocks": 1}
+
+
+def _tokens_of_tower(preset: str, size: int) -> tuple[int, tuple[int, int]]:
+    config = dataclasses.replace(load_preset(preset), image_size=size)
+    model = build_model(config, load_weights=False).eval()
+    with torch.no_grad():
+        tokens = model.image_features(torch.zeros(1, 3, size, size))["tokens"]
+    return tokens.shape[1], model.image_grid
+
+
+@pytest.mark.parametrize(
+    ("preset", "stride", "sizes"), [("tiny", 8, (64, 32)), ("lite", 32, (224, 128))]
+)
+def test_code_grid_lines_up_with_tower_patches(preset, stride, sizes):
+    tokenizer = VisualTokenizer(TokenizerConfig(stride=stride, **SMALL)).eval()
+    for size in sizes:
+        count, grid = _tokens_of_tower(preset, size)
+        assert tokenizer.grid(size, size) == grid
+        codes = tokenizer.encode(torch.randn(2, 3, size, size))
+        assert codes.shape == (2, count)
+
+
+def test_code_i_j_depends_only_on_its_own_cell():
+    """Row-major order and locality: changing one stride x stride cell changes its code only
+    through the receptive field, so the cell's own code is the one that moves most often."""
+    torch.manual_seed(0)
+    tokenizer = VisualTokenizer(
+        TokenizerConfig(
+            stride=8, res_blocks=0, **{k: v for k, v in SMALL.items() if k != "res_blocks"}
+        )
+    ).eval()
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        base = tokenizer.encoder(pixels)
+        changed = pixels.clone()
+        changed[..., 8:16, 16:24] += 5.0  # cell (row 1, col 2)
+        diff = (tokenizer.encoder(changed) - base).abs().sum(1)[0]  # (4, 4)
+    assert divmod(int(diff.flatten().argmax()), 4) == (1, 2)
+
+
+def test_encode_forces_the_tower_grid_when_asked():
+    tokenizer = VisualTokenizer(TokenizerConfig(stride=8, **SMALL)).eval()
+    assert tokenizer.encode(torch.randn(2, 3, 40, 40), grid=(4, 4)).shape == (2, 16)
+
+
+def test_stride_factors_cover_odd_patch_sizes():
+    assert stride_factors(32) == [2, 2, 2, 2, 2]
+    assert stride_factors(14) == [2, 7]
+    tokenizer = VisualTokenizer(TokenizerConfig(stride=14, **SMALL))
+    out = tokenizer(torch.randn(1, 3, 30, 30))
+    assert tokenizer.grid(30, 30) == (3, 3) == tuple(out["codes"].shape[1:])
+    assert out["recon"].shape == (1, 3, 30, 30)
+
+
+def test_quantiser_picks_nearest_code_and_passes_gradients_straight_through():
+    tokenizer = VisualTokenizer(TokenizerConfig(stride=4, **SMALL))
+    vq = tokenizer.quantizer.eval()
+    z = torch.randn(2, 8, 3, 3, requires_grad=True)
+    quantised, codes, _ = vq(z)
+    flat = z.detach().permute(0, 2, 3, 1).reshape(-1, 8)
+    naive = torch.stack([((vq.embed - row) ** 2).sum(1).argmin() for row in flat])
+    assert torch.equal(codes.flatten(), naive)
+    assert torch.allclose(quantised.permute(0, 2, 3, 1).reshape(-1, 8), vq.embed[naive], atol=1e-6)
+    quantised.sum().backward()
+    assert torch.allclose(z.grad, torch.ones_like(z))
+
+
+def test_training_learns_and_restarts_dead_codes(tmp_path):
+    torch.manual_seed(0)
+    images = (torch.rand(24, 3, 16, 16) * 255).to(torch.uint8)
+    images[:12] = images[:12] // 8  # two kinds of image: dark and bright
+    spec = ImageSpec(size=16, resize=16, mean=(0.5,) * 3, std=(0.5,) * 3)
+    config = TokenizerConfig(stride=4, decay=0.9, **SMALL)
+    settings = TokenizerTraining(steps=60, batch_size=8, lr=3e-3, warmup=5)
+    untrained = evaluate_tokenizer(VisualTokenizer(config), images, spec)
+    tokenizer = train_tokenizer(images, config, spec, settings)
+    metrics = evaluate_tokenizer(tokenizer, images, spec)
+    assert metrics["mse"] < untrained["mse"]
+    assert metrics["codes_used"] > 0.5 and metrics["perplexity"] > 4
+    assert 0 < metrics["psnr"] < 100 and metrics["cell_mean_psnr"] > 0
+    save_tokenizer(tmp_path, tokenizer, {"image_spec": spec.to_dict(), "metrics": metrics})
+    loaded, meta = load_tokenizer(tmp_path)
+    assert meta["config"]["stride"] == 4 and meta["metrics"]["mse"] == metrics["mse"]
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    pixels = torch.randn(2, 3, 16, 16)
+    assert torch.equal(loaded.encode(pixels), tokenizer.encode(pixels))
+    picture = save_reconstructions(loaded, images[:4], spec, tmp_path / "recon.png")
+    from PIL import Image
+
+    assert Image.open(picture).size == (4 * 16, 2 * 16)
+
+
+def test_load_rejects_missing_or_foreign_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no visual tokenizer checkpoint"):
+        load_tokenizer(tmp_path)
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "tokenizer.safetensors"))
+    with pytest.raises(ValueError, match="is not a cots visual tokenizer"):
+        load_tokenizer(tmp_path)
+    with pytest.raises(ValueError, match="unknown tokenizer config keys"):
+        TokenizerConfig.from_dict({"stride": 8, "colour": 1})

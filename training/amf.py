@@ -1,0 +1,64 @@
+"""COTS adaptive momentum filter (AMF): drop likely-noisy pairs using the running
+distribution of momentum positive-pair similarities."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class AdaptiveMomentumFilter(nn.Module):
+    """Keep a pair when s = v'.t' >= mean - lam * std of a FIFO of recent similarities.
+
+    The FIFO holds the last `size` momentum positive similarities (the momentum encoders
+    move slowly, so their scores form a stable distribution; noisy pairs sit in its low
+    tail). Statistics come from the FIFO before the current batch is added; every pair is
+    kept during the first `warmup` calls and until the FIFO holds `min_history` scores.
+    The state is made of buffers, so it travels with `state_dict` in a checkpoint.
+    """
+
+    def __init__(
+        self, size: int = 4096, lam: float = 2.0, warmup: int = 100, min_history: int = 256
+    ) -> None:
+        super().__init__()
+        if size < 2:
+            raise ValueError(f"AMF queue size must be at least 2, got {size}")
+        if not 2 <= min_history <= size:
+            raise ValueError(f"AMF min_history must be in [2, {size}], got {min_history}")
+        self.lam = lam
+        self.warmup = warmup
+        self.min_history = min_history
+        self.register_buffer("history", torch.zeros(size))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))  # scores seen
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.last_kept_fraction = 1.0
+
+    @torch.no_grad()
+    def forward(self, similarity: torch.Tensor) -> torch.Tensor:
+        """similarity (B,) momentum positive scores -> keep weights (B,) in {0., 1.}."""
+        similarity = similarity.detach().float().flatten()
+        threshold = self.threshold()
+        if threshold is None:
+            keep = torch.ones_like(similarity)
+        else:
+            keep = (similarity >= threshold).float()
+        self._push(similarity)
+        self.calls += 1
+        self.last_kept_fraction = float(keep.mean()) if keep.numel() else 1.0
+        return keep
+
+    def threshold(self) -> float | None:
+        """mean - lam * std of the FIFO, or None while warming up."""
+        filled = int(min(int(self.count), self.history.numel()))
+        if int(self.calls) < self.warmup or filled < self.min_history:
+            return None
+        scores = self.history[:filled]
+        return float(scores.mean() - self.lam * scores.std())
+
+    def _push(self, similarity: torch.Tensor) -> None:
+        size = self.history.numel()
+        values = similarity[-size:]
+        start = (int(self.count) + similarity.numel() - values.numel()) % size
+        index = (start + torch.arange(values.numel(), device=values.device)) % size
+        self.history[index] = values.to(self.history.device)
+        self.count += similarity.numel()
