@@ -1,0 +1,205 @@
+"""Training configuration: dataclasses with defaults, run files (YAML/JSON), dotted overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RECIPES = Path(__file__).parent / "recipes"
+
+
+@dataclass
+class ModelSection:
+    preset: str = "lite"  # a file in training/presets/
+    # Overrides of the preset's fields (e.g. image_size, freeze options); checked against it.
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataSection:
+    batch_size: int = 64  # per process and micro-batch
+    workers: int = 2  # DataLoader worker processes (0 = load in the training process)
+    augment: bool = True  # random resized crop only: flips and colour jitter contradict captions
+    crop_scale: tuple[float, float] = (0.7, 1.0)  # fraction of the image area kept
+    crop_ratio: tuple[float, float] = (0.75, 1.3333)  # aspect ratio range of the crop
+    val_split: str = "val"
+    eval_batch_size: int = 128
+    max_val_images: int = 0  # 0 = the whole validation split
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-4
+    weight_decay: float = 0.02  # not applied to biases, norms and the temperature
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    grad_accum: int = 1  # micro-batches per optimiser step
+    clip_grad_norm: float = 0.0  # 0 = no clipping
+    precision: str = (
+        "auto"  # auto (bf16 on CUDA when supported, else fp16; fp32 on CPU), fp32, bf16, fp16
+    )
+
+
+@dataclass
+class ContrastSection:
+    temperature: float = 0.07
+    learn_temperature: bool = True
+    temperature_min: float = 0.001
+    temperature_max: float = 0.5
+    queue_size: int = 65536  # must stay below the number of training pairs
+    momentum: float = 0.995
+
+
+@dataclass
+class UnitSection:
+    """One objective: switched on or off and weighted in the total loss."""
+
+    enabled: bool = False
+    weight: float = 1.0
+
+
+@dataclass
+class ObjectivesSection:
+    # Units run in this order each step (a sample filter must come before the losses it weights).
+    clip: UnitSection = field(default_factory=UnitSection)  # in-batch InfoNCE baseline
+    instance: UnitSection = field(default_factory=lambda: UnitSection(enabled=True))
+
+
+@dataclass
+class LoopSection:
+    epochs: int = 10
+    max_steps: int = 0  # > 0 overrides epochs
+    eval_every: int = 0  # optimiser steps between validations; 0 = once per epoch
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"  # auto, cpu or cuda
+    best_metric: str = "rsum"  # the validation metric that picks the best checkpoint
+
+
+@dataclass
+class TrainConfig:
+    name: str = "cots"
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    contrast: ContrastSection = field(default_factory=ContrastSection)
+    objectives: ObjectivesSection = field(default_factory=ObjectivesSection)
+    train: LoopSection = field(default_factory=LoopSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def enabled_units(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self.objectives) if self.unit(f.name).enabled]
+
+    def unit(self, name: str) -> UnitSection:
+        return getattr(self.objectives, name)
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
+
+
+def from_dict(obj: dict[str, Any]) -> TrainConfig:
+    return _build(TrainConfig, obj, "")
+
+
+def load_config(source: str | Path, overrides: typing.Sequence[str] = ()) -> TrainConfig:
+    """A recipe name (training/recipes/NAME.yaml) or a YAML/JSON run file, then `a.b=value`
+    overrides; unknown keys and values of the wrong type are ValueErrors."""
+    path = Path(source)
+    if not path.is_file():
+        if str(source) not in list_recipes():
+            raise FileNotFoundError(
+                f"no run file or recipe {str(source)!r} (recipes: {', '.join(list_recipes())})"
+            )
+        path = RECIPES / f"{source}.yaml"
+    try:
+        obj = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path} is not valid YAML/JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} must hold a mapping of config sections")
+    obj.setdefault("name", path.stem)
+    for item in overrides:
+        _set_dotted(obj, item)
+    return from_dict(obj)
+
+
+def _set_dotted(obj: dict[str, Any], item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"override {item!r} must look like section.key=value")
+    *parents, leaf = key.strip().split(".")
+    node = obj
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {item!r}: {part!r} is not a section")
+    node[leaf] = _parse_value(value)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _build(cls: type, obj: Any, prefix: str) -> Any:
+    if not isinstance(obj, dict):
+        raise ValueError(f"config section {prefix or '<root>'!r} must be a mapping, got {obj!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(obj) - names)
+    if unknown:
+        raise ValueError(
+            f"unknown config key {prefix + unknown[0]!r} (known in this section: "
+            f"{', '.join(sorted(names))})"
+        )
+    values = {name: _coerce(hints[name], value, prefix + name) for name, value in obj.items()}
+    return cls(**values)
+
+
+def _coerce(kind: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(kind):
+        return _build(kind, value, key + ".")
+    origin = typing.get_origin(kind)
+    try:
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if kind in (int, float):
+            if isinstance(value, bool) or (kind is int and isinstance(value, float)):
+                raise TypeError
+            return kind(value)
+        if kind is str:
+            if not isinstance(value, str | int | float) or isinstance(value, bool):
+                raise TypeError
+            return str(value)
+        if origin is tuple:
+            items = json.loads(value) if isinstance(value, str) else value
+            args = typing.get_args(kind)
+            if not isinstance(items, list | tuple) or len(items) != len(args):
+                raise TypeError
+            return tuple(_coerce(a, v, key) for a, v in zip(args, items, strict=True))
+        if origin is dict:
+            if not isinstance(value, dict):
+                raise TypeError
+            return dict(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"config key {key!r}: {value!r} is not a valid {_name(kind)}") from None
+    raise AssertionError(f"unsupported config type {kind} for {key}")
+
+
+def _name(kind: Any) -> str:
+    return getattr(kind, "__name__", None) or str(kind).replace("typing.", "")

@@ -1,0 +1,110 @@
+"""Recall@K both ways and RSUM on a manifest split (Karpathy: several captions per image)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from index_builder.manifest import Record, image_path, load_records
+from index_builder.preprocess import TextTokenizer, load_image, preprocess_image
+
+KS = (1, 5, 10)
+
+
+@torch.no_grad()
+def retrieval_metrics(
+    image_emb: torch.Tensor,  # (N, D) normalised
+    text_emb: torch.Tensor,  # (M, D) normalised
+    text_to_image: torch.Tensor,  # (M,) index of each caption's image
+    ks: Sequence[int] = KS,
+    chunk: int = 1024,
+) -> dict[str, float]:
+    """Image-to-text: a hit at K when any of the image's captions ranks in the top K.
+    Text-to-image: a hit when the caption's own image ranks in the top K. Percentages."""
+    n_images = image_emb.shape[0]
+    text_to_image = text_to_image.long()
+    i2t_rank = torch.empty(n_images, dtype=torch.long)
+    for start in range(0, n_images, chunk):
+        sims = image_emb[start : start + chunk] @ text_emb.T  # (c, M)
+        own = text_to_image[None, :] == torch.arange(start, start + sims.shape[0])[:, None]
+        best_own = sims.masked_fill(~own, float("-inf")).max(dim=1, keepdim=True).values  # (c, 1)
+        i2t_rank[start : start + sims.shape[0]] = (sims > best_own).sum(dim=1)
+    t2i_rank = torch.empty(text_emb.shape[0], dtype=torch.long)
+    for start in range(0, text_emb.shape[0], chunk):
+        sims = text_emb[start : start + chunk] @ image_emb.T  # (c, N)
+        own_image = text_to_image[start : start + sims.shape[0]]
+        positive = sims.gather(1, own_image[:, None])  # (c, 1)
+        t2i_rank[start : start + sims.shape[0]] = (sims > positive).sum(dim=1)
+    metrics: dict[str, float] = {}
+    for name, ranks in (("i2t", i2t_rank), ("t2i", t2i_rank)):
+        for k in ks:
+            metrics[f"{name}_r{k}"] = 100.0 * float((ranks < k).float().mean())
+    metrics["rsum"] = sum(metrics[f"{name}_r{k}"] for name in ("i2t", "t2i") for k in ks)
+    return metrics
+
+
+def split_pairs(dataset: str | Path, split: str) -> tuple[list[Record], list[str], list[int]]:
+    """Records of a split, all their captions flattened, and each caption's image index."""
+    records = load_records(dataset, split)
+    if not records:
+        raise ValueError(f"split {split!r} of {dataset} has no records")
+    captions = [c for r in records for c in r.captions]
+    owners = [i for i, r in enumerate(records) for _ in r.captions]
+    return records, captions, owners
+
+
+class SplitEvaluator:
+    """Embeds one split with a model and scores it; the decoded pixels are kept between calls
+    (evaluation uses the deterministic preprocessing, so they never change)."""
+
+    def __init__(
+        self, dataset: str | Path, split: str, batch_size: int = 128, max_images: int = 0
+    ) -> None:
+        self.dataset = dataset
+        self.records, self.captions, owners = split_pairs(dataset, split)
+        if max_images:
+            self.records = self.records[:max_images]
+            keep = [j for j, o in enumerate(owners) if o < len(self.records)]
+            self.captions = [self.captions[j] for j in keep]
+            owners = [owners[j] for j in keep]
+        self.text_to_image = torch.tensor(owners)
+        self.batch_size = batch_size
+        self._pixels: np.ndarray | None = None
+
+    def _load_pixels(self, spec) -> np.ndarray:
+        if self._pixels is None or self._pixels.shape[-1] != spec.size:
+            self._pixels = np.stack(
+                [
+                    preprocess_image(load_image(image_path(self.dataset, r), spec.background), spec)
+                    for r in tqdm(self.records, desc="decode eval images", leave=False)
+                ]
+            )
+        return self._pixels
+
+    @torch.no_grad()
+    def embed(self, model, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        was_training = model.training
+        model.eval()
+        pixels = self._load_pixels(model.image_spec)
+        tokenizer = TextTokenizer(model.tokenizer_json, model.text_spec.context_length)
+        images, texts = [], []
+        for start in range(0, len(pixels), self.batch_size):
+            batch = torch.from_numpy(pixels[start : start + self.batch_size]).to(device)
+            images.append(model.encode_image(batch).float().cpu())
+        for start in range(0, len(self.captions), self.batch_size):
+            ids, mask = tokenizer(self.captions[start : start + self.batch_size])
+            out = model.encode_text(
+                torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
+            )
+            texts.append(out.float().cpu())
+        model.train(was_training)
+        return torch.cat(images), torch.cat(texts)
+
+    def evaluate(self, model, device: torch.device | str = "cpu") -> dict[str, float]:
+        image_emb, text_emb = self.embed(model, device)
+        metrics = retrieval_metrics(image_emb, text_emb, self.text_to_image)
+        return {**metrics, "images": len(self.records), "captions": len(self.captions)}

@@ -1,0 +1,93 @@
+"""One training run end to end: check everything cheap first, then build, (resume,) fit."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from index_builder.atomic import atomic_write_json
+from index_builder.manifest import load_records, manifest_path
+from training import distributed
+from training.checkpoint import check_architecture, read_meta
+from training.config import TrainConfig
+from training.datasets import PairDataset
+from training.evaluate import SplitEvaluator
+from training.model import ModelConfig, build_model, load_preset
+from training.objectives import build_objectives, needs_memory
+from training.trainer import Trainer
+
+log = logging.getLogger(__name__)
+LAST = Path("checkpoints") / "last"
+
+
+def model_config(cfg: TrainConfig) -> ModelConfig:
+    """The preset with the run's `model.options` applied (unknown option -> ValueError)."""
+    base = load_preset(cfg.model.preset).to_dict()
+    return ModelConfig.from_dict({**base, **cfg.model.options})
+
+
+def check_run(cfg: TrainConfig, data: str | Path, out: str | Path, resume: bool) -> ModelConfig:
+    """Every user mistake that can be found without building a model, as one ValueError."""
+    model_cfg = model_config(cfg)
+    manifest_path(data)  # FileNotFoundError for a missing dataset
+    n_train = len(load_records(data, "train"))
+    if n_train == 0:
+        raise ValueError(f"dataset {data} has no training records")
+    if needs_memory(cfg) and cfg.contrast.queue_size >= n_train:
+        raise ValueError(
+            f"contrast.queue_size={cfg.contrast.queue_size} must be smaller than the "
+            f"{n_train} training pairs of {data} (a queue that large holds each pair's own "
+            "earlier key as a negative); set e.g. contrast.queue_size="
+            f"{_suggest_queue(n_train, cfg.data.batch_size)}"
+        )
+    for name in cfg.enabled_units():
+        if cfg.unit(name).weight < 0:
+            raise ValueError(f"objectives.{name}.weight must be >= 0")
+    out = Path(out)
+    if resume:
+        check_architecture(read_meta(out / LAST), model_cfg, out / LAST)
+    elif (out / LAST).exists():
+        raise ValueError(
+            f"{out} already holds a run; pass --resume to continue it or pick another --out"
+        )
+    return model_cfg
+
+
+def _suggest_queue(n_train: int, batch: int) -> int:
+    return max(batch, (n_train // 2) // batch * batch)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare(cfg: TrainConfig, data: str | Path, out: str | Path, resume: bool = False) -> Trainer:
+    """Checks, then builds model, objectives, dataset, evaluator and trainer (resumed if asked)."""
+    model_cfg = check_run(cfg, data, out, resume)
+    dist = distributed.init_distributed(cfg.train.device)
+    seed_everything(cfg.train.seed)
+    model = build_model(model_cfg, load_weights=not resume)
+    objectives = build_objectives(cfg, model)
+    d = cfg.data
+    dataset = PairDataset(
+        data, "train", model.image_spec, d.augment, d.crop_scale, d.crop_ratio, cfg.train.seed
+    )
+    evaluator = None
+    if dist.is_main and load_records(data, d.val_split):
+        evaluator = SplitEvaluator(data, d.val_split, d.eval_batch_size, d.max_val_images)
+    elif dist.is_main:
+        log.warning("no %r split in %s: the last checkpoint doubles as the best", d.val_split, data)
+    trainer = Trainer(cfg, objectives, dataset, out, dist, evaluator)
+    if resume:
+        trainer.resume(Path(out) / LAST)
+    elif dist.is_main:
+        resolved = {**cfg.to_dict(), "model_config": dataclasses.asdict(model_cfg)}
+        atomic_write_json(Path(out) / "config.json", resolved)
+    return trainer
