@@ -1,4 +1,4 @@
-"""The visual tokenizer: grid alignment with the image towers, VQ behaviour, checkpoint, training."""
+"""The visual tokenizer: grid alignment with the towers, VQ, checkpoint, training."""
 
 from __future__ import annotations
 
