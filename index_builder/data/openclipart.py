@@ -1,0 +1,376 @@
+"""Open Clip Art (Debian `openclipart-svg`): RDF titles and keywords -> captions, SVG -> PNG."""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import io
+import logging
+import os
+import re
+import signal
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from index_builder.data.common import (
+    ImportResult,
+    Skips,
+    content_box,
+    fingerprint,
+    fit_square,
+    parallel_map,
+    prepare_render_dir,
+    progress,
+    run_import,
+    write_png,
+)
+from index_builder.manifest import Record, split_of
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ROOT = "/usr/share/openclipart/svg"
+VERSION = 1  # bump when captions or rendering change, so old galleries are rebuilt
+GENERIC_TITLES = {
+    "",
+    "untitled",
+    "no title",
+    "title",
+    "image",
+    "images",
+    "picture",
+    "drawing",
+    "draw",
+    "clipart",
+    "clip art",
+    "svg",
+    "icon",
+    "icons",
+    "graphic",
+    "graphics",
+    "logo",
+    "symbol",
+    "sketch",
+    "test",
+    "new document",
+    "layer",
+    "unnamed",
+    "various cliparts",
+}
+# Package-structure and tool keywords that say nothing about what a picture shows.
+NOISE_KEYWORDS = {
+    "hash",
+    "computer",
+    "icons",
+    "icon",
+    "theme",
+    "magick",
+    "action",
+    "lemon theme icon",
+    "unsorted",
+    "special",
+    "signs and symbols",
+    "mapsym",
+    "mimetypes",
+    "mime-types",
+    "united nations member",
+    "menu",
+    "application",
+    "filesystem",
+    "webpage",
+    "stock",
+    "clipart",
+    "clip art",
+    "svg",
+    "image",
+    "drawing",
+    "coloring",
+    "simple",
+    "white",
+    "bordered",
+    "ornamental",
+    "fest",
+    "weathersym",
+    "media",
+    "remix",
+}
+_CREDIT = re.compile(r"^\s*clip\s*art\s+by\s+[^-]*-\s*", re.IGNORECASE)
+_FILE_LIKE = re.compile(r"\.(svgz?|png|jpe?g|gif|ai|eps)\b|^(img|dsc|image|drawing|file)\s*\d*$")
+
+
+@dataclass(frozen=True)
+class OpenClipArtConfig:
+    root: str = DEFAULT_ROOT
+    size: int = 256  # square PNG side
+    workers: int = 2
+    timeout: int = 20  # seconds per SVG before it is skipped
+    limit: int = 0  # first N files in path order (0: all), for previews and tests
+    shared_title: int = 5  # a title on at least this many pictures names a collection
+    max_same_caption: int = 10  # drop pictures whose caption names more pictures than this
+
+
+@dataclass(frozen=True)
+class Metadata:
+    title: str
+    keywords: tuple[str, ...]
+    creator: str
+
+
+def _local(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
+
+
+def parse_metadata(data: bytes) -> Metadata:
+    """dc:title, dc:subject keywords (rdf:Bag/rdf:li) and creator of the cc:Work in an SVG."""
+    import defusedxml.ElementTree as ET
+
+    root = ET.fromstring(data)
+    work = next((e for e in root.iter() if _local(e.tag) == "Work"), None)
+    if work is None:
+        return Metadata("", (), "")
+    title = next(((c.text or "").strip() for c in work if _local(c.tag) == "title"), "")
+    keywords = tuple(
+        (li.text or "").strip()
+        for c in work
+        if _local(c.tag) == "subject"
+        for li in c.iter()
+        if _local(li.tag) == "li" and (li.text or "").strip()
+    )
+    creator = next(("".join(c.itertext()).strip() for c in work if _local(c.tag) == "creator"), "")
+    return Metadata(title, keywords, creator)
+
+
+def clean_phrase(text: str) -> str:
+    """Lower-case words: credits, underscores, numbering and stray punctuation removed."""
+    text = html.unescape(html.unescape(text))
+    text = _CREDIT.sub("", text)
+    text = re.sub(r"[_\s]+", " ", text)
+    text = re.sub(r"(?<=[a-z])-(?=[a-z])|\s-\s", " ", text, flags=re.IGNORECASE)
+    words = [re.sub(r"(?<=[^\W\d])\d+$", "", w) for w in text.lower().split()]
+    while words and re.fullmatch(r"\W*\d+\W*", words[-1]):
+        words.pop()
+    words = [w for w in words if not re.fullmatch(r"0\d*", w)]
+    return " ".join(words).strip(" .,;:-()[]'\"")
+
+
+def is_generic(phrase: str) -> bool:
+    letters = re.sub(r"[^a-z]", "", phrase)
+    return phrase in GENERIC_TITLES or len(letters) < 2 or bool(_FILE_LIKE.search(phrase))
+
+
+def stem_phrase(relpath: str, creator: str = "") -> str:
+    """A name from the file stem: numbering, single letters and the author's name removed.
+
+    Package file names often end in a (truncated) author name: "dino_architetto_francesc_01".
+    """
+    author = creator.lower().split()
+    words = [re.sub(r"\d+$", "", w) for w in re.split(r"[_\-\s.]+", Path(relpath).stem.lower())]
+    kept = [
+        w
+        for w in words
+        if len(w) > 2
+        and not re.search(r"\d", w)
+        and not any(a.startswith(w) or w.startswith(a) for a in author if len(a) > 2)
+    ]
+    return " ".join(kept)
+
+
+def clean_keywords(keywords: tuple[str, ...], title: str, creator: str) -> list[str]:
+    title_words = set(title.split())
+    creator = creator.lower()
+    kept: list[str] = []
+    for raw in keywords:
+        word = re.sub(r"[_\s]+", " ", raw.lower()).strip()
+        if (
+            word in NOISE_KEYWORDS
+            or not 3 <= len(word) <= 30
+            or re.search(r"\d", word)
+            or (creator and word in creator)
+            or set(word.split()) <= title_words
+            or word in kept
+        ):
+            continue
+        kept.append(word)
+    return kept[:3]
+
+
+def captions_for(title: str, keywords: list[str]) -> tuple[str, ...]:
+    """1-3 captions: the title, the title with keywords, and a clip-art phrasing."""
+    captions = [title]
+    if keywords:
+        captions.append(f"{title}: {', '.join(keywords)}")
+    captions.append(f"clip art of {title}")
+    return tuple(captions)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    relpath: str
+    path: str
+    digest: str
+    title: str
+    keywords: tuple[str, ...]
+    creator: str
+    category: str
+
+
+def discover(root: Path, limit: int = 0) -> list[tuple[str, str]]:
+    """(relative path, real path) of every SVG, one per real file, in path order.
+
+    The package holds symlinked copies; the id comes from the real file's path when it lies
+    under `root`, so it does not depend on which link is found first.
+    """
+    real_root = os.path.realpath(root)
+    by_real: dict[str, str] = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            if name.lower().endswith(".svg"):
+                path = os.path.join(dirpath, name)
+                real = os.path.realpath(path)
+                rel = os.path.relpath(real, real_root)
+                if rel.startswith(".."):
+                    rel = os.path.relpath(path, root)
+                by_real[real] = min(by_real.get(real, rel), rel)
+    found = sorted((rel, real) for real, rel in by_real.items())
+    return found[:limit] if limit else found
+
+
+def read_candidates(files: list[tuple[str, str]], skips: Skips) -> list[Candidate]:
+    """Parse metadata once per distinct content (byte-identical copies are dropped)."""
+    seen: set[str] = set()
+    out = []
+    for rel, real in progress(files, "openclipart metadata"):
+        data = Path(real).read_bytes()
+        digest = hashlib.sha1(data).hexdigest()
+        if digest in seen:
+            skips.add("duplicate content", rel)
+            continue
+        seen.add(digest)
+        try:
+            meta = parse_metadata(data)
+        except Exception as exc:  # defusedxml and expat raise several unrelated types
+            skips.add(f"unreadable SVG ({type(exc).__name__})", rel)
+            continue
+        category = rel.split(os.sep, 1)[0] if os.sep in rel else ""
+        out.append(Candidate(rel, real, digest, meta.title, meta.keywords, meta.creator, category))
+    return out
+
+
+def caption_candidates(cands: list[Candidate], cfg: OpenClipArtConfig, skips: Skips) -> Iterator:
+    """(candidate, captions) for the pictures whose title names what they show.
+
+    A title shared by many pictures names a collection ("Lemon SVG theme"), not a picture:
+    those fall back to the file name. A caption that still names more than
+    `max_same_caption` pictures cannot tell them apart, so those pictures are dropped.
+    """
+    titles = Counter(clean_phrase(c.title) for c in cands)
+    named = []
+    for cand in cands:
+        title = clean_phrase(cand.title)
+        if titles[title] >= cfg.shared_title:
+            title = stem_phrase(cand.relpath, cand.creator)
+        if is_generic(title) or title == clean_phrase(cand.creator):
+            skips.add("generic or empty title", cand.relpath)
+            continue
+        named.append((cand, title))
+    uses = Counter(title for _, title in named)
+    for cand, title in named:
+        if uses[title] > cfg.max_same_caption:
+            skips.add("title shared by too many pictures", cand.relpath)
+            continue
+        yield cand, captions_for(title, clean_keywords(cand.keywords, title, cand.creator))
+
+
+def record_id(relpath: str) -> str:
+    stem = relpath[: -len(".svg")] if relpath.lower().endswith(".svg") else relpath
+    return "oca." + re.sub(r"[^A-Za-z0-9_.\-]+", "_", stem.replace(os.sep, "."))
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _alarm(signum: int, frame: Any) -> None:
+    raise _Timeout
+
+
+def render_svg(job: tuple[str, str, int, int, bool]) -> str | None:
+    """Render one SVG to a square PNG; returns None on success or the reason it failed.
+
+    Runs in a worker. An alarm bounds the time spent on one file, so a pathological SVG
+    is skipped instead of stalling the import.
+    """
+    src, dst, size, timeout, reuse = job
+    if reuse and os.path.exists(dst):
+        return None
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(timeout)
+    try:
+        image = _rasterise(src, 2 * size)
+        box = content_box(image)
+        if box is None:
+            return "empty rendering"
+        write_png(dst, fit_square(image.crop(box), size))
+        return None
+    except _Timeout:
+        return f"render timed out after {timeout}s"
+    except Exception as exc:  # cairosvg surfaces parser, cairo and value errors alike
+        return f"render failed ({type(exc).__name__})"
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _rasterise(src: str, side: int):
+    """The SVG at `side` pixels along its longer edge, as RGBA."""
+    import cairosvg
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(cairosvg.svg2png(url=src, output_width=side)))
+    if image.height > image.width:
+        image = Image.open(io.BytesIO(cairosvg.svg2png(url=src, output_height=side)))
+    return image.convert("RGBA")
+
+
+def import_openclipart(cfg: OpenClipArtConfig, out: str | Path) -> ImportResult:
+    root = Path(cfg.root)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"Open Clip Art not found at {root} (install it: apt-get install openclipart-svg)"
+        )
+    files = discover(root, cfg.limit)
+    if not files:
+        raise ValueError(f"no .svg files under {root}")
+    options = {**asdict(cfg), "workers": None, "version": VERSION}
+    fp = fingerprint("openclipart", options, [real for _, real in files])
+    info = {"name": Path(out).name, "source": "openclipart", "root": str(root), "size": cfg.size}
+
+    def produce(skips: Skips) -> Iterator[Record]:
+        images = Path(out) / "images"
+        reuse = prepare_render_dir(
+            images, {"source": "openclipart", "size": cfg.size, "version": VERSION}
+        )
+        chosen = list(caption_candidates(read_candidates(files, skips), cfg, skips))
+        jobs = [
+            (c.path, str(images / f"{record_id(c.relpath)}.png"), cfg.size, cfg.timeout, reuse)
+            for c, _ in chosen
+        ]
+        results = parallel_map(render_svg, jobs, cfg.workers)
+        for (cand, captions), error in progress(
+            zip(chosen, results, strict=True), "openclipart", len(jobs)
+        ):
+            if error:
+                skips.add(error, cand.relpath)
+                continue
+            rid = record_id(cand.relpath)
+            yield Record(
+                id=rid,
+                image=f"images/{rid}.png",
+                captions=captions,
+                split=split_of(rid),
+                meta={"file": cand.relpath, "title": cand.title, "category": cand.category},
+            )
+
+    return run_import(out, info, fp, produce)
