@@ -1,9 +1,101 @@
-"""`cots serve`: run the search API."""
+"""`cots serve`: run the search API and web page with uvicorn."""
 
 from __future__ import annotations
 
 import argparse
+import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from service.settings import Settings
+
+# flag -> setting; each also reads COTS_<SETTING> from the environment, the flag wins.
+FLAGS = {
+    "bundle": "bundle directory from `cots export` (env COTS_BUNDLE)",
+    "index": "index root from `cots index build`; its CURRENT is served (env COTS_INDEX)",
+    "cors_origins": "comma-separated origins allowed by CORS, '*' for any (env COTS_CORS_ORIGINS)",
+    "max_k": "largest k a request may ask for (env COTS_MAX_K, default 100)",
+    "max_batch": "most queries in one request (env COTS_MAX_BATCH, default 16)",
+    "max_image_bytes": "largest image upload in bytes (env COTS_MAX_IMAGE_BYTES, default 10 MiB)",
+    "max_image_pixels": "largest image in pixels (env COTS_MAX_IMAGE_PIXELS, default 40M)",
+    "batch_size": "most queries per encoder call (env COTS_BATCH_SIZE, default 32)",
+    "batch_wait_ms": "micro-batch wait in ms (env COTS_BATCH_WAIT_MS, default 2)",
+    "intra_threads": "ONNX Runtime threads per call, 0 = all cores (env COTS_INTRA_THREADS)",
+    "watch_interval_s": "seconds between CURRENT checks, 0 = off (env COTS_WATCH_INTERVAL_S)",
+}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    sub.add_parser("serve", help="run the search service (not yet available)")
+    parser = sub.add_parser(
+        "serve",
+        help="run the search API and web page",
+        description="Serve text-to-image and image-to-text search over a bundle and the CURRENT "
+        "version of an index root. Every setting is also an environment variable COTS_<NAME> "
+        "(COTS_API_KEY and COTS_ADMIN_KEY only from the environment, never on the command line).",
+    )
+    for name, text in FLAGS.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, help=text)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes; each loads the bundle and index, metrics are per process",
+    )
+    parser.add_argument(
+        "--log-level", default="info", help="uvicorn log level (debug, info, warning, error)"
+    )
+    parser.set_defaults(func=serve)
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    # Flags become environment variables so that every uvicorn worker process sees them.
+    for name in FLAGS:
+        value = getattr(args, name)
+        if value is not None:
+            os.environ[f"COTS_{name.upper()}"] = str(value)
+    settings = load_settings()
+    preflight(settings)
+    uvicorn.run(
+        "service.app:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level=args.log_level,
+    )
+    return 0
+
+
+def load_settings() -> Settings:
+    """Settings from the environment; a missing or invalid one names its flag and variable."""
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    try:
+        return Settings()  # type: ignore[call-arg]
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            name = ".".join(str(p) for p in err["loc"])
+            flag = f"--{name.replace('_', '-')}"
+            if err["type"] == "missing":
+                problems.append(f"{flag} (or COTS_{name.upper()}) is required")
+            else:
+                problems.append(f"{flag} / COTS_{name.upper()}: {err['msg']}")
+        raise ValueError("; ".join(problems)) from None
+
+
+def preflight(settings: Settings) -> None:
+    """Refuse to start on a missing or mismatched bundle/index, with one clear line."""
+    from index_builder.bundle import Bundle
+    from index_builder.store import IndexStore
+    from service.engine import check_compatible
+
+    bundle = Bundle.load(settings.bundle)
+    store = IndexStore(settings.index)
+    check_compatible(bundle, store.read_info(), store.current() or "?")

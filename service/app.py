@@ -1,0 +1,114 @@
+"""The FastAPI application: lifespan (load, watch, stop), middleware, routes and the web page."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.engine import Engine
+from service.errors import TooLarge, error_response, install_error_handlers
+from service.metrics import Metrics, MetricsMiddleware
+from service.routes import admin, api, public
+from service.settings import Settings
+from service.thumbnails import ThumbnailCache
+
+STATIC = Path(__file__).parent / "static"
+DESCRIPTION = """\
+Cross-modal search over a gallery: text -> images and image -> captions.
+
+One tower of the exported bundle encodes the query (ONNX Runtime), FAISS searches the other
+modality's index, and gallery metadata is attached. `score` is the cosine similarity of the
+query and hit embeddings. Every error is JSON: `{"detail": "...", "code": "..."}`.
+When the service has an API key, send it as `X-API-Key` or `Authorization: Bearer`.
+"""
+
+
+class BodyLimitMiddleware:
+    """Refuses request bodies over `max_bytes` (413) before they are read into memory."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            response = error_response(
+                413, f"request body over the limit of {self.max_bytes} bytes", "too_large"
+            )
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise TooLarge(f"request body over the limit of {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The app for `settings` (default: from COTS_* environment variables)."""
+    # bundle and index are required: they come from COTS_BUNDLE and COTS_INDEX here.
+    settings = settings or Settings()  # type: ignore[call-arg]
+    metrics = Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = Engine(settings, metrics)  # a bundle/index mismatch stops start-up here
+        app.state.engine = engine
+        await engine.start()
+        tasks = [asyncio.create_task(engine.load())]
+        if settings.watch_interval_s > 0:
+            tasks.append(asyncio.create_task(engine.watch()))
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await engine.stop()
+
+    app = FastAPI(title="cots search", version="1", description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.thumbnails = ThumbnailCache(settings.thumbnail_cache)
+    install_error_handlers(app)
+    # Base64 inflates by 4/3; leave room for JSON and multipart framing.
+    body_limit = settings.max_batch * settings.max_image_bytes * 4 // 3 + (1 << 16)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=body_limit)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Content-Type", "X-API-Key", "Authorization"],
+        )
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.include_router(public)
+    app.include_router(api)
+    app.include_router(admin)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    return app

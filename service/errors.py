@@ -1,0 +1,109 @@
+"""Domain errors of the service and the one place that turns errors into JSON responses."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+
+class ServiceError(Exception):
+    """A request the service refuses, with the HTTP status and a stable machine-readable code."""
+
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, detail: str, code: str | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        if code is not None:
+            self.code = code
+
+
+class InvalidInput(ServiceError):
+    status = 422
+    code = "invalid_input"
+
+
+class BadContent(ServiceError):
+    """Content that cannot be decoded: malformed base64, a corrupt or truncated image."""
+
+    status = 400
+    code = "bad_content"
+
+
+class TooLarge(ServiceError):
+    status = 413
+    code = "too_large"
+
+
+class UnsupportedMedia(ServiceError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class NotFound(ServiceError):
+    status = 404
+    code = "not_found"
+
+
+class Unauthorized(ServiceError):
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(ServiceError):
+    status = 403
+    code = "forbidden"
+
+
+class Conflict(ServiceError):
+    status = 409
+    code = "conflict"
+
+
+class NotReady(ServiceError):
+    status = 503
+    code = "not_ready"
+
+
+def error_response(status: int, detail: str, code: str) -> JSONResponse:
+    headers = {"WWW-Authenticate": 'Bearer realm="cots"'} if status == 401 else None
+    return JSONResponse({"detail": detail, "code": code}, status_code=status, headers=headers)
+
+
+def _validation_detail(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map every error to `{"detail": ..., "code": ...}`; nothing else reaches a client."""
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        return error_response(exc.status, exc.detail, exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if any(err.get("type") == "json_invalid" for err in exc.errors()):
+            return error_response(400, "the request body is not valid JSON", "malformed_json")
+        return error_response(422, _validation_detail(exc), "invalid_input")
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        return error_response(exc.status_code, str(exc.detail), codes.get(exc.status_code, "http"))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal error (logged on the server)", "internal")

@@ -1,0 +1,72 @@
+"""Service settings: environment variables `COTS_*` read by pydantic-settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every field is the environment variable `COTS_<NAME>`; `cots serve` flags override them.
+
+    `bundle` and `index` have no default: the service cannot guess which model it serves.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="COTS_", extra="ignore", frozen=True)
+
+    bundle: Path = Field(description="bundle directory (from `cots export`)")
+    index: Path = Field(description="index root (from `cots index build`); serves its CURRENT")
+    api_key: SecretStr | None = Field(
+        default=None, description="if set, every API call needs this key"
+    )
+    admin_key: SecretStr | None = Field(
+        default=None, description="key for /admin/*; unset disables them"
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated origins allowed by CORS ('*' for any)"
+    )
+    default_k: int = Field(
+        default=10, ge=1, description="results per query when a request gives no k"
+    )
+    max_k: int = Field(default=100, ge=1, description="largest k a request may ask for")
+    max_offset: int = Field(
+        default=1000, ge=0, description="largest offset (paging) a request may ask for"
+    )
+    max_batch: int = Field(
+        default=16, ge=1, description="most queries (texts or images) in one request"
+    )
+    max_text_chars: int = Field(default=1000, ge=1, description="longest query text, in characters")
+    max_image_bytes: int = Field(
+        default=10 << 20, ge=1024, description="largest image upload, in bytes"
+    )
+    max_image_pixels: int = Field(
+        default=40_000_000,
+        ge=1,
+        description="largest image (width x height), checked before decoding",
+    )
+    batch_size: int = Field(
+        default=32, ge=1, description="most queries the micro-batcher encodes at once"
+    )
+    batch_wait_ms: float = Field(
+        default=2.0,
+        ge=0,
+        description="how long the micro-batcher waits for more queries to join a batch",
+    )
+    batch_workers: int = Field(default=1, ge=1, description="encoder batches that may run at once")
+    intra_threads: int = Field(
+        default=0, ge=0, description="ONNX Runtime threads per call (0: default)"
+    )
+    watch_interval_s: float = Field(
+        default=2.0, ge=0, description="how often to check the index CURRENT pointer (0: never)"
+    )
+    thumbnail_cache: int = Field(default=512, ge=0, description="thumbnails kept in memory")
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value

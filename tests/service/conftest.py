@@ -1,0 +1,274 @@
+"""A real tiny bundle and index (no torch): colour-aware ONNX towers over solid-colour images.
+
+The image tower averages the normalised pixels per channel (so a red square embeds near
+(1, -1, -1)); the text tower sums word embeddings where colour words sit at the same points.
+"a red square" therefore retrieves the red image, and a red image retrieves red captions, so
+the tests check ranking, not just shapes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from index_builder.build import IndexOptions, publish
+from index_builder.bundle import Bundle, write_bundle
+from index_builder.encoders import ImageEncoder, TextEncoder
+from index_builder.preprocess import ImageSpec, TextSpec
+from index_builder.store import IndexStore
+
+DIM = 8
+SIZE = 8
+COLOURS = {
+    "red": (255, 0, 0),
+    "green": (0, 255, 0),
+    "blue": (0, 0, 255),
+    "yellow": (255, 255, 0),
+    "cyan": (0, 255, 255),
+    "magenta": (255, 0, 255),
+    "white": (255, 255, 255),
+    "black": (0, 0, 0),
+}
+FILLER = ("a", "an", "the", "of", "square", "photo", "colour")
+
+
+def _tokenizer(path: Path) -> Path:
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    words = ["[PAD]", "[UNK]", *COLOURS, *FILLER]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(path))
+    return path
+
+
+def _towers(out: Path, bias: float) -> tuple[Path, Path]:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = np.zeros((3, DIM), np.float32)
+    weight[:, :3] = np.eye(3)
+    offset = np.zeros(DIM, np.float32)
+    offset[3] = bias  # keeps every embedding away from zero
+    table = np.zeros((2 + len(COLOURS) + len(FILLER), DIM), np.float32)
+    table[:, 3] = bias
+    for i, rgb in enumerate(COLOURS.values()):
+        table[2 + i, :3] = np.asarray(rgb) / 127.5 - 1  # the pixel values after (x-0.5)/0.5
+    image = helper.make_graph(
+        [
+            helper.make_node("ReduceMean", ["pixels"], ["mean"], axes=[2, 3], keepdims=0),  # (B, 3)
+            helper.make_node("MatMul", ["mean", "W"], ["proj"]),
+            helper.make_node("Add", ["proj", "b"], ["shifted"]),
+            helper.make_node("LpNormalization", ["shifted"], ["embedding"], axis=1, p=2),
+        ],
+        "image",
+        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["B", 3, SIZE, SIZE])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["B", DIM])],
+        [
+            numpy_helper.from_array(weight, "W"),
+            numpy_helper.from_array(offset, "b"),
+        ],
+    )
+    text = helper.make_graph(
+        [
+            helper.make_node("Gather", ["E", "input_ids"], ["tok"]),  # (B, L, D)
+            helper.make_node("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT),
+            helper.make_node("Unsqueeze", ["maskf", "axis2"], ["mask3"]),
+            helper.make_node("Mul", ["tok", "mask3"], ["masked"]),
+            helper.make_node("ReduceSum", ["masked", "axis1"], ["pooled"], keepdims=0),
+            helper.make_node("LpNormalization", ["pooled"], ["embedding"], axis=1, p=2),
+        ],
+        "text",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["B", "L"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["B", "L"]),
+        ],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["B", DIM])],
+        [
+            numpy_helper.from_array(table, "E"),
+            numpy_helper.from_array(np.array([2], np.int64), "axis2"),
+            numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+        ],
+    )
+    paths = []
+    for name, graph in (("image.onnx", image), ("text.onnx", text)):
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        onnx.checker.check_model(model)
+        onnx.save(model, out / name)
+        paths.append(out / name)
+    return paths[0], paths[1]
+
+
+def make_bundle(out: Path, bias: float = 0.1) -> Bundle:
+    work = out.parent / f".{out.name}-src"
+    work.mkdir(parents=True, exist_ok=True)
+    image_onnx, text_onnx = _towers(work, bias)
+    return write_bundle(
+        out,
+        image_onnx=image_onnx,
+        text_onnx=text_onnx,
+        tokenizer_json=_tokenizer(work / "tokenizer.json"),
+        embed_dim=DIM,
+        image_spec=ImageSpec(size=SIZE, resize=SIZE, mean=(0.5,) * 3, std=(0.5,) * 3),
+        text_spec=TextSpec(context_length=16),
+        opset=17,
+        extra={"source": {"checkpoint": "synthetic colour towers"}},
+    )
+
+
+def make_gallery(out: Path) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, rgb in COLOURS.items():
+        path = out / f"{name}.png"
+        Image.new("RGB", (32, 24), rgb).save(path)
+        rows.append({"id": name, "image": str(path), "captions": [f"a {name} square", name]})
+    return rows
+
+
+def build_version(root: Path, bundle: Bundle, gallery: list[dict]) -> str:
+    """Embed the gallery with the bundle and publish a version through index_builder."""
+    images = ImageEncoder(bundle, threads=1).encode_paths([row["image"] for row in gallery])
+    texts = [
+        {"id": f"{row['id']}#{n}", "image_id": row["id"], "text": caption}
+        for row in gallery
+        for n, caption in enumerate(row["captions"])
+    ]
+    captions = TextEncoder(bundle, threads=1).encode([row["text"] for row in texts])
+    return publish(
+        IndexStore(root),
+        bundle_id=bundle.bundle_id,
+        dim=bundle.embed_dim,
+        shards={"image": [images], "text": [captions]},
+        rows={"image": [{**row, "meta": {}} for row in gallery], "text": texts},
+        options=IndexOptions(factory="Flat", use_gpu=False, queries=16),
+        dataset={"name": "colours", "path": "synthetic", "fingerprint": "test"},
+    )
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory) -> dict:
+    """bundle A, bundle B (different id), the gallery rows and an index root built with A."""
+    base = tmp_path_factory.mktemp("service-assets")
+    bundle = make_bundle(base / "bundle")
+    other = make_bundle(base / "other-bundle", bias=0.2)
+    gallery = make_gallery(base / "gallery")
+    build_version(base / "index", bundle, gallery)
+    return {
+        "base": base,
+        "bundle": bundle,
+        "other": other,
+        "gallery": gallery,
+        "index": base / "index",
+    }
+
+
+def wait_ready(client, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if client.get("/ready").status_code == 200:
+            return
+        time.sleep(0.02)
+    raise TimeoutError("the service did not become ready")
+
+
+class LiveServer:
+    """uvicorn in a thread on a free loopback port (real sockets, real concurrency)."""
+
+    def __init__(self, app) -> None:
+        import uvicorn
+
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=self.url) as client:
+            wait_ready(client)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def live_server(app) -> Iterator[LiveServer]:
+    with LiveServer(app) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def live(assets) -> Iterator[LiveServer]:
+    """One shared live server over the session's index (tests must not move its CURRENT)."""
+    from service.app import create_app
+    from service.settings import Settings
+
+    settings = Settings(bundle=assets["bundle"].path, index=assets["index"], watch_interval_s=0)
+    with live_server(create_app(settings)) as server:
+        yield server
+
+
+@pytest.fixture
+def serve():
+    """`with serve(app) as server:` runs an app on a live port (server.url)."""
+    return live_server
+
+
+@pytest.fixture(scope="session")
+def settings_for(assets):
+    """Settings over the session's bundle and index, with overrides."""
+    from service.settings import Settings
+
+    def make(**overrides) -> Settings:
+        values = {"bundle": assets["bundle"].path, "index": assets["index"], "watch_interval_s": 0}
+        return Settings(**{**values, **overrides})
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def client(settings_for) -> Iterator:
+    """A TestClient (lifespan run, index loaded) over the session's bundle and index."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    with TestClient(create_app(settings_for())) as test_client:
+        wait_ready(test_client)
+        yield test_client
+
+
+@pytest.fixture(scope="session")
+def open_client():
+    """`with open_client(settings) as c:` a TestClient over a fresh app, ready unless told."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    @contextlib.contextmanager
+    def opener(settings, ready: bool = True) -> Iterator:
+        with TestClient(create_app(settings)) as test_client:
+            if ready:
+                wait_ready(test_client)
+            yield test_client
+
+    return opener
