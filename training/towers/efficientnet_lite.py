@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,22 +27,18 @@ def _bn(channels: int) -> nn.BatchNorm2d:
 
 
 class SameConv2d(nn.Conv2d):
-    """Bias-free convolution with TensorFlow "SAME" padding (asymmetric for stride 2)."""
+    """Bias-free convolution with TensorFlow "SAME" padding, which for stride 2 pads less
+    before than after. The input sides are even (image size a multiple of 32), so the padding
+    is a constant of the layer: no shape arithmetic in the exported graph."""
 
     def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> None:
         super().__init__(cin, cout, kernel, stride=stride, groups=groups, bias=False)
+        total = kernel - stride  # SAME on an even side: (n/s - 1) * s + k - n
+        before = total // 2
+        self.pads = (before, total - before, before, total - before)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pads = []
-        for size in (x.shape[-1], x.shape[-2]):  # F.pad order: last dim first
-            total = max(
-                (math.ceil(size / self.stride[0]) - 1) * self.stride[0]
-                + self.kernel_size[0]
-                - size,
-                0,
-            )
-            pads += [total // 2, total - total // 2]
-        return super().forward(F.pad(x, pads))
+        return super().forward(F.pad(x, self.pads))
 
 
 class MBConvBlock(nn.Module):
