@@ -272,3 +272,13 @@ def open_client():
             yield test_client
 
     return opener
+
+
+@pytest.fixture(scope="session")
+def build(assets):
+    """`build(root, bundle=None)` publishes a new version of the colour gallery under root."""
+
+    def make(root: Path, bundle: Bundle | None = None) -> str:
+        return build_version(root, bundle or assets["bundle"], assets["gallery"])
+
+    return make

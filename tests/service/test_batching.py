@@ -1,0 +1,144 @@
+"""Micro-batching: concurrent queries share one call, results keep their order, errors reach
+every caller of the failed batch, and the event loop keeps running while a batch computes."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from service.batching import MicroBatcher
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def make(fn, **kwargs):
+    executor = ThreadPoolExecutor(2)
+    options = {"max_batch": 16, "max_wait_s": 0.05, "workers": 1, **kwargs}
+    return MicroBatcher(fn, executor, **options), executor
+
+
+def test_concurrent_submits_form_one_batch_in_order():
+    calls: list[list[int]] = []
+
+    def double(items):
+        calls.append(list(items))
+        return [2 * x for x in items]
+
+    async def main():
+        batcher, executor = make(double)
+        batcher.start()
+        results = await asyncio.gather(*(batcher.submit([i]) for i in range(10)))
+        await batcher.stop()
+        executor.shutdown()
+        return results
+
+    assert run(main()) == [[2 * i] for i in range(10)]
+    assert calls == [list(range(10))]
+
+
+def test_batches_never_exceed_max_batch():
+    sizes: list[int] = []
+
+    def echo(items):
+        sizes.append(len(items))
+        return list(items)
+
+    async def main():
+        batcher, executor = make(echo, max_batch=4, max_wait_s=0.01)
+        batcher.start()
+        out = await batcher.submit(list(range(11)))
+        await batcher.stop()
+        executor.shutdown()
+        return out
+
+    assert run(main()) == list(range(11))
+    assert max(sizes) <= 4 and sum(sizes) == 11
+
+
+def test_an_error_reaches_the_batch_and_the_next_batch_works():
+    def fragile(items):
+        if "bad" in items:
+            raise ValueError("boom")
+        return [item.upper() for item in items]
+
+    async def main():
+        batcher, executor = make(fragile, max_wait_s=0.02)
+        batcher.start()
+        first = await asyncio.gather(
+            batcher.submit(["ok"]), batcher.submit(["bad"]), return_exceptions=True
+        )
+        second = await batcher.submit(["fine"])
+        await batcher.stop()
+        executor.shutdown()
+        return first, second
+
+    first, second = run(main())
+    assert all(isinstance(r, ValueError) for r in first)
+    assert second == ["FINE"]
+
+
+def test_the_event_loop_runs_while_a_batch_computes():
+    def slow(items):
+        time.sleep(0.3)
+        return items
+
+    async def main():
+        batcher, executor = make(slow, max_wait_s=0)
+        batcher.start()
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        await batcher.submit([1])
+        task.cancel()
+        await batcher.stop()
+        executor.shutdown()
+        return ticks
+
+    assert run(main()) >= 10
+
+
+def test_invalid_parameters():
+    with pytest.raises(ValueError, match="max_batch"):
+        MicroBatcher(list, ThreadPoolExecutor(1), max_batch=0, max_wait_s=0)
+
+
+def test_concurrent_http_queries_share_encoder_calls(settings_for, serve):
+    """Twelve simultaneous requests reach the text tower in fewer than twelve calls."""
+    from service.app import create_app
+
+    app = create_app(settings_for(batch_wait_ms=30, batch_size=32))
+    with serve(app) as server:
+        barrier = threading.Barrier(12)
+        statuses = []
+
+        def one(i: int) -> None:
+            with httpx.Client(base_url=server.url, timeout=10) as http:
+                barrier.wait()
+                statuses.append(
+                    http.post("/search/text-to-image", json={"text": "red"}).status_code
+                )
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(12)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        metrics = httpx.get(f"{server.url}/metrics").text
+    assert statuses == [200] * 12
+    calls = float(re.search(r'cots_batch_size_count\{modality="text"\} (\S+)', metrics).group(1))
+    total = float(re.search(r'cots_batch_size_sum\{modality="text"\} (\S+)', metrics).group(1))
+    assert total == 12 and calls < 12

@@ -1,0 +1,227 @@
+"""Start-up, readiness and hot swaps: under live traffic not one request fails while CURRENT
+moves; a mismatched index is refused at start and at swap time; requests in flight finish on
+the version they started with."""
+
+from __future__ import annotations
+
+import io
+import re
+import shutil
+import threading
+import time
+
+import httpx
+import pytest
+from PIL import Image
+
+from index_builder.cli import main as cots
+from index_builder.store import IndexStore
+from service.app import create_app
+from service.engine import Engine
+
+
+@pytest.fixture
+def root(tmp_path, assets):
+    """A private copy of the session index root (these tests move its CURRENT)."""
+    target = tmp_path / "index"
+    shutil.copytree(assets["index"], target)
+    return target
+
+
+def _png(rgb) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (12, 12), rgb).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_swap_under_traffic_fails_no_request(root, assets, settings_for, serve, build):
+    settings = settings_for(index=root, watch_interval_s=0.05, batch_wait_ms=1)
+    first = IndexStore(root).current()
+    stop = threading.Event()
+    seen: list[list[tuple[int, str]]] = []
+    image = _png((255, 0, 0))
+
+    def traffic(url: str, use_image: bool) -> None:
+        log: list[tuple[int, str]] = []
+        seen.append(log)
+        with httpx.Client(base_url=url, timeout=10) as http:
+            while not stop.is_set():
+                if use_image:
+                    response = http.post(
+                        "/search/image-to-text", files={"image": ("r.png", image, "image/png")}
+                    )
+                else:
+                    response = http.post("/search/text-to-image", json={"text": "a red square"})
+                ok = response.status_code == 200
+                log.append((response.status_code, response.json()["index_version"] if ok else ""))
+
+    with serve(create_app(settings)) as server:
+        threads = [
+            threading.Thread(target=traffic, args=(server.url, i % 2 == 1)) for i in range(4)
+        ]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.2)
+        second = build(root)  # moves CURRENT under traffic
+        _wait_for(lambda: any(log and log[-1][1] == second for log in seen))
+        mismatched = build(root, assets["other"])  # built with another bundle
+        _wait_for(lambda: 'cots_index_swaps_total{result="rejected"} 1.0' in _metrics(server))
+        time.sleep(0.2)
+        stop.set()
+        for thread in threads:
+            thread.join()
+        info = httpx.get(f"{server.url}/info").json()
+        metrics = _metrics(server)
+
+    requests = [entry for log in seen for entry in log]
+    assert len(requests) > 40
+    assert {status for status, _ in requests} == {200}
+    assert {version for _, version in requests} == {first, second}
+    for log in seen:  # per client, once the new version answers the old one never does again
+        versions = [v for _, v in log]
+        assert versions == sorted(versions)
+    assert mismatched not in {v for _, v in requests}
+    assert info["index"]["version"] == second  # the refused version never replaced it
+    assert 'cots_index_swaps_total{result="swapped"} 1.0' in metrics
+
+
+def test_in_flight_requests_finish_on_the_old_version(root, settings_for, serve, build):
+    settings = settings_for(index=root, admin_key="adm1n", batch_wait_ms=0)
+    app = create_app(settings)
+    with serve(app) as server:
+        engine: Engine = app.state.engine
+        entered, release = threading.Event(), threading.Event()
+        real = engine._encoders["text"]
+
+        class Held:
+            def encode(self, texts):
+                entered.set()
+                release.wait(10)
+                return real.encode(texts)
+
+        engine._encoders["text"] = Held()
+        result: dict = {}
+
+        def slow_request() -> None:
+            result["body"] = httpx.post(
+                f"{server.url}/search/text-to-image", json={"text": "red"}, timeout=20
+            ).json()
+
+        thread = threading.Thread(target=slow_request)
+        thread.start()
+        assert entered.wait(10)
+        old = engine.gallery.version
+        new = build(root)
+        reload = httpx.post(f"{server.url}/admin/reload", headers={"X-API-Key": "adm1n"})
+        assert reload.json() == {"previous_version": old, "index_version": new, "swapped": True}
+        engine._encoders["text"] = real
+        release.set()
+        thread.join()
+        after = httpx.post(f"{server.url}/search/text-to-image", json={"text": "red"}).json()
+    assert result["body"]["index_version"] == old
+    assert result["body"]["hits"][0]["id"] == "red"
+    assert after["index_version"] == new
+
+
+def test_admin_reload_explicit_versions_and_refusals(
+    root, assets, settings_for, open_client, build
+):
+    store = IndexStore(root)
+    first = store.current()
+    second = build(root)
+    store.switch(first)
+    with open_client(settings_for(index=root, admin_key="k")) as client:
+        key = {"Authorization": "Bearer k"}
+        body = client.post("/admin/reload", json={"version": second}, headers=key).json()
+        assert body == {"previous_version": first, "index_version": second, "swapped": True}
+        assert (
+            client.post("/admin/reload", json={"version": second}, headers=key).json()["swapped"]
+            is False
+        )
+        missing = client.post("/admin/reload", json={"version": "v999999-x"}, headers=key)
+        assert missing.status_code == 404 and missing.json()["code"] == "not_found"
+        bad = build(root, assets["other"])
+        refused = client.post("/admin/reload", json={"version": bad}, headers=key)
+        assert refused.status_code == 409 and refused.json()["code"] == "swap_rejected"
+        assert "built with bundle" in refused.json()["detail"]
+        assert client.get("/info").json()["index"]["version"] == second
+        search = client.post("/search/text-to-image", json={"text": "green"})
+        assert search.status_code == 200 and search.json()["index_version"] == second
+
+
+def test_ready_is_503_until_loaded(settings_for, open_client, monkeypatch):
+    gate = threading.Event()
+    original = Engine._open_encoders
+
+    def held(self):
+        gate.wait(10)
+        original(self)
+
+    monkeypatch.setattr(Engine, "_open_encoders", held)
+    with open_client(settings_for(), ready=False) as client:
+        assert client.get("/health").status_code == 200
+        not_ready = client.get("/ready")
+        assert not_ready.status_code == 503 and not_ready.json()["code"] == "not_ready"
+        search = client.post("/search/text-to-image", json={"text": "red"})
+        assert search.status_code == 503 and search.json()["code"] == "not_ready"
+        assert client.get("/info").json()["ready"] is False
+        gate.set()
+        _wait_for(lambda: client.get("/ready").status_code == 200)
+        assert client.post("/search/text-to-image", json={"text": "red"}).status_code == 200
+
+
+def test_an_unreadable_index_stays_not_ready_with_the_reason(root, settings_for, open_client):
+    version = IndexStore(root).current()
+    (root / "versions" / version / "image.faiss").write_bytes(b"not faiss")
+    with open_client(settings_for(index=root), ready=False) as client:
+        _wait_for(lambda: "not a readable FAISS index" in client.get("/ready").text)
+        assert client.get("/ready").status_code == 503
+
+
+def test_refuses_to_start_on_a_mismatched_bundle(assets, settings_for, open_client, capsys):
+    settings = settings_for(bundle=assets["other"].path)
+    with pytest.raises(ValueError, match="was built with bundle"), open_client(settings):
+        pass
+    code = cots(["serve", "--bundle", str(assets["other"].path), "--index", str(assets["index"])])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert re.match(r"cots serve: error: index version v\d+-\S+ was built with bundle", err)
+
+
+def test_serve_names_missing_settings(monkeypatch, capsys, tmp_path):
+    monkeypatch.delenv("COTS_BUNDLE", raising=False)
+    monkeypatch.delenv("COTS_INDEX", raising=False)
+    assert cots(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert "--bundle (or COTS_BUNDLE) is required" in err and "--index" in err
+    assert cots(["serve", "--bundle", str(tmp_path), "--index", str(tmp_path)]) == 2
+    assert "no bundle at" in capsys.readouterr().err
+
+
+def test_settings_from_environment(monkeypatch, tmp_path):
+    from service.settings import Settings
+
+    monkeypatch.setenv("COTS_BUNDLE", str(tmp_path / "b"))
+    monkeypatch.setenv("COTS_INDEX", str(tmp_path / "i"))
+    monkeypatch.setenv("COTS_CORS_ORIGINS", "https://a.example, https://b.example")
+    monkeypatch.setenv("COTS_MAX_K", "7")
+    monkeypatch.setenv("COTS_API_KEY", "s")
+    settings = Settings()  # type: ignore[call-arg]
+    assert settings.cors_origins == ["https://a.example", "https://b.example"]
+    assert settings.max_k == 7 and settings.api_key is not None
+    assert "s" not in repr(settings.api_key)
+    monkeypatch.setenv("COTS_MAX_K", "0")
+    with pytest.raises(ValueError, match="max_k"):
+        Settings()  # type: ignore[call-arg]
+
+
+def _metrics(server) -> str:
+    return httpx.get(f"{server.url}/metrics").text
+
+
+def _wait_for(condition, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        time.sleep(0.02)
