@@ -43,7 +43,7 @@ RUN --mount=type=bind,target=/src,rw \
 RUN useradd --system --uid 10001 --user-group --home-dir /data --shell /usr/sbin/nologin cots \
  && mkdir -p /data/bundles /data/indexes /data/datasets /data/runs \
  && chown -R cots:cots /data
-VOLUME ["/data/bundles", "/data/indexes", "/data/datasets"]
+VOLUME ["/data/bundles", "/data/indexes", "/data/datasets", "/data/runs"]
 WORKDIR /data
 USER 10001:10001
 ENTRYPOINT ["cots"]
