@@ -32,13 +32,16 @@ class SameConv2d(nn.Conv2d):
     is a constant of the layer: no shape arithmetic in the exported graph."""
 
     def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> None:
-        super().__init__(cin, cout, kernel, stride=stride, groups=groups, bias=False)
         total = kernel - stride  # SAME on an even side: (n/s - 1) * s + k - n
         before = total // 2
-        self.pads = (before, total - before, before, total - before)
+        symmetric = 2 * before == total  # then the convolution pads by itself, no copy
+        super().__init__(
+            cin, cout, kernel, stride, before if symmetric else 0, groups=groups, bias=False
+        )
+        self.pads = None if symmetric else (before, total - before, before, total - before)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(F.pad(x, self.pads))
+        return super().forward(x if self.pads is None else F.pad(x, self.pads))
 
 
 class MBConvBlock(nn.Module):
