@@ -62,3 +62,36 @@ class AdaptiveMomentumFilter(nn.Module):
         index = (start + torch.arange(values.numel(), device=values.device)) % size
         self.history[index] = values.to(self.history.device)
         self.count += similarity.numel()
+
+
+class AmfObjective(nn.Module):
+    """The filter as an objective unit (training/objectives.py protocol): it adds no loss,
+    it sets the step's per-sample weights from s = v'.t' for the units that follow, and logs
+    the fraction filtered. Must run before the losses it weights (config order)."""
+
+    name = "amf"
+    needs_memory = True  # reads the momentum keys
+
+    def __init__(self, size: int, lam: float, warmup: int, min_history: int) -> None:
+        super().__init__()
+        self.filter = AdaptiveMomentumFilter(size, lam, warmup, min_history)
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+        self.register_buffer("dropped", torch.zeros((), dtype=torch.long))
+        self.recorder: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # (index, keep)
+
+    @classmethod
+    def from_config(cls, cfg, model: nn.Module) -> AmfObjective:
+        c = cfg.objectives.amf
+        return cls(c.size, c.lam, c.warmup, c.min_history)
+
+    def forward(self, ctx) -> dict[str, torch.Tensor]:
+        similarity = (ctx.image_key() * ctx.text_key()).sum(-1)  # (B,) momentum s = v'.t'
+        keep = self.filter(similarity)  # (B,)
+        ctx.weights = keep if ctx.weights is None else ctx.weights * keep
+        self.seen += keep.numel()
+        self.dropped += int((keep == 0).sum())
+        ctx.logs["amf_filtered"] = 1.0 - self.filter.last_kept_fraction
+        ctx.logs["amf_filtered_total"] = float(self.dropped) / max(1, int(self.seen))
+        if self.recorder is not None and "index" in ctx.batch:
+            self.recorder.append((ctx.batch["index"].detach().cpu(), keep.detach().cpu()))
+        return {}

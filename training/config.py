@@ -67,10 +67,36 @@ class UnitSection:
 
 
 @dataclass
+class AmfSection(UnitSection):
+    """Adaptive momentum filter (training/amf.py): per-sample weights, no loss of its own."""
+
+    size: int = 4096  # FIFO of recent momentum positive similarities
+    lam: float = 2.0  # keep a pair when s >= mean - lam * std
+    warmup: int = 100  # micro-batches during which every pair is kept
+    min_history: int = 256  # scores the FIFO must hold before it filters
+
+
+@dataclass
+class MvlmSection(UnitSection):
+    """Masked vision-language modelling (training/mvlm.py): MLM and MVM, one weight."""
+
+    mlm: bool = True
+    mvm: bool = True
+    tokenizer: str = ""  # visual tokenizer directory (`cots tokenizer train`); needed by MVM
+    text_mask_prob: float = 0.15
+    patch_mask_ratio: float = 0.4
+    min_block: int = 4  # smallest masked block, in patches (BEiT uses 16 on a 14 x 14 grid)
+    head_hidden: int = 0  # hidden width of the prediction MLPs; 0 = the token width
+
+
+@dataclass
 class ObjectivesSection:
     # Units run in this order each step (a sample filter must come before the losses it weights).
+    amf: AmfSection = field(default_factory=AmfSection)  # noisy-pair filter (COTS)
     clip: UnitSection = field(default_factory=UnitSection)  # in-batch InfoNCE baseline
     instance: UnitSection = field(default_factory=lambda: UnitSection(enabled=True))
+    kl: UnitSection = field(default_factory=UnitSection)  # task-level KL (COTS), after instance
+    mvlm: MvlmSection = field(default_factory=MvlmSection)  # token level (COTS)
 
 
 @dataclass

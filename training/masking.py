@@ -30,15 +30,16 @@ def mask_text(
     """
     if not 0.0 < prob < 1.0:
         raise ValueError(f"text mask probability must be in (0, 1), got {prob}")
-    specials = torch.tensor(sorted(set(special_ids)), dtype=input_ids.dtype)
+    device = input_ids.device
+    specials = torch.tensor(sorted(set(special_ids)), dtype=input_ids.dtype, device=device)
     maskable = attention_mask.bool() & ~torch.isin(input_ids, specials)  # (B, L)
-    draw = torch.rand(input_ids.shape, generator=generator)  # (B, L)
+    draw = torch.rand(input_ids.shape, generator=generator, device=device)  # (B, L)
     picked = maskable & (draw < prob)
     # Re-use the same uniform draw, rescaled to [0, 1) within the picked set, for 80/10/10.
     split = draw / prob
     to_mask = picked & (split < 0.8)
     to_random = picked & (split >= 0.8) & (split < 0.9)
-    random_ids = torch.randint(vocab_size, input_ids.shape, generator=generator)
+    random_ids = torch.randint(vocab_size, input_ids.shape, generator=generator, device=device)
     masked = input_ids.clone()
     masked[to_mask] = mask_id
     masked[to_random] = random_ids[to_random].to(input_ids.dtype)

@@ -7,11 +7,16 @@ no trace of them, so query time stays two independent towers (METHOD.md).
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.masking import IGNORE_INDEX
+from index_builder.preprocess import TextTokenizer
+from training.masking import IGNORE_INDEX, mask_patches, mask_text
+from training.visual_tokenizer import VisualTokenizer, load_tokenizer
 
 
 class MaskedTokenHead(nn.Module):
@@ -68,3 +73,126 @@ class MaskedTokenHead(nn.Module):
             return float("nan")
         joined = torch.cat([tokens[rows, cols], global_feature[rows]], dim=-1)
         return float((self.mlp(joined).argmax(-1) == labels[rows, cols]).float().mean())
+
+
+class MvlmObjective(nn.Module):
+    """MLM + MVM as an objective unit (training/objectives.py protocol).
+
+    MLM: mask the caption (BERT 80/10/10), run the text tower on it, predict each masked word
+    from [h_word ; v]. MVM: mask ~40% of the patch grid block-wise (BEiT), run the image tower
+    with the learned mask embedding, predict each masked patch's visual-token code (frozen
+    tokenizer, unmasked image) from [h_patch ; t]. v and t are the paired sample's online
+    embeddings of this step (unit vectors scaled by sqrt(D), so their entries are of the size
+    of the layer-normed token states): the global feature of the other stream.
+    """
+
+    name = "mvlm"
+    needs_memory = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: VisualTokenizer | None,
+        text_tokenizer: TextTokenizer | None,
+        text_mask_prob: float = 0.15,
+        patch_mask_ratio: float = 0.4,
+        min_block: int = 4,
+        head_hidden: int = 0,
+    ) -> None:
+        super().__init__()
+        if tokenizer is None and text_tokenizer is None:
+            raise ValueError("objectives.mvlm is enabled with both mlm and mvm switched off")
+        dim = model.config.embed_dim
+        self.global_scale = math.sqrt(dim)
+        self.text_mask_prob, self.patch_mask_ratio = text_mask_prob, patch_mask_ratio
+        self.min_block = min_block
+        self.mlm_head = self.mvm_head = None
+        self.tokenizer = tokenizer
+        if text_tokenizer is not None:
+            self.vocab_size = text_tokenizer.vocab_size
+            self.mask_id = text_tokenizer.token_id("[MASK]")
+            self.special_ids = [text_tokenizer.token_id(t) for t in ("[CLS]", "[SEP]", "[PAD]")]
+            width = model.text_tower.width
+            self.mlm_head = MaskedTokenHead(width, dim, self.vocab_size, head_hidden or None)
+        if tokenizer is not None:
+            check_tokenizer_fits(tokenizer, model)
+            width = model.image_tower.width
+            size = tokenizer.config.codebook_size
+            self.mvm_head = MaskedTokenHead(width, dim, size, head_hidden or None)
+
+    @classmethod
+    def from_config(cls, cfg, model: nn.Module) -> MvlmObjective:
+        c = cfg.objectives.mvlm
+        tokenizer = None
+        if c.mvm:
+            if not c.tokenizer:
+                raise ValueError(
+                    "objectives.mvlm.mvm needs objectives.mvlm.tokenizer: a visual tokenizer "
+                    "directory (train one with `cots tokenizer train`)"
+                )
+            tokenizer, meta = load_tokenizer(c.tokenizer)
+            check_normalisation(meta, model)
+        text = (
+            TextTokenizer(model.tokenizer_json, model.text_spec.context_length) if c.mlm else None
+        )
+        return cls(
+            model, tokenizer, text, c.text_mask_prob, c.patch_mask_ratio, c.min_block, c.head_hidden
+        )
+
+    def train(self, mode: bool = True) -> MvlmObjective:
+        super().train(mode)
+        if self.tokenizer is not None:
+            self.tokenizer.eval()  # frozen: its codebook must not follow the EMA updates
+        return self
+
+    def forward(self, ctx) -> dict[str, torch.Tensor]:
+        model, batch, losses = ctx.model, ctx.batch, {}
+        if self.mlm_head is not None:
+            ids, labels = mask_text(
+                batch["input_ids"],
+                batch["attention_mask"],
+                mask_id=self.mask_id,
+                special_ids=self.special_ids,
+                vocab_size=self.vocab_size,
+                prob=self.text_mask_prob,
+            )
+            words = model.text_features(ids, batch["attention_mask"])["tokens"]  # (B, L, W)
+            image_global = ctx.image() * self.global_scale  # (B, D)
+            losses["mlm"] = self.mlm_head(words, image_global, labels, ctx.weights)
+        if self.mvm_head is not None:
+            pixels = batch["pixels"]
+            grid = model.image_grid
+            codes = self.tokenizer.encode(pixels, grid=grid)  # (B, N)
+            rng = np.random.default_rng(int(torch.randint(2**31, (1,))))  # follows torch's seed
+            masked = mask_patches(
+                pixels.shape[0], grid, self.patch_mask_ratio, min_block=self.min_block, rng=rng
+            ).to(pixels.device)  # (B, N)
+            patches = model.image_features(pixels, masked)["tokens"]  # (B, N, W)
+            labels = torch.where(masked, codes, torch.full_like(codes, IGNORE_INDEX))
+            text_global = ctx.text() * self.global_scale  # (B, D)
+            losses["mvm"] = self.mvm_head(patches, text_global, labels, ctx.weights)
+        return losses
+
+
+def check_tokenizer_fits(tokenizer: VisualTokenizer, model: nn.Module) -> None:
+    """The code grid must be the tower's patch grid at the model's input size."""
+    size = model.config.image_size
+    grid = tokenizer.grid(size, size)
+    if grid != tuple(model.image_grid):
+        raise ValueError(
+            f"visual tokenizer (stride {tokenizer.config.stride}) gives a {grid[0]}x{grid[1]} "
+            f"grid at {size}px but the image tower has {model.image_grid[0]}x"
+            f"{model.image_grid[1]} patches: train it with `cots tokenizer train --preset` "
+            "of this model"
+        )
+
+
+def check_normalisation(meta: dict, model: nn.Module) -> None:
+    """The tokenizer reads the pixels the tower reads: same mean and std."""
+    spec = meta.get("image_spec") or {}
+    ours = model.image_spec
+    if tuple(spec.get("mean", ())) != ours.mean or tuple(spec.get("std", ())) != ours.std:
+        raise ValueError(
+            f"visual tokenizer was trained with mean/std {spec.get('mean')}/{spec.get('std')} "
+            f"but the model normalises with {list(ours.mean)}/{list(ours.std)}"
+        )

@@ -16,10 +16,13 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from training.amf import AmfObjective
 from training.config import TrainConfig
 from training.losses import ClipLoss, MomentumContrastLoss, Temperature
 from training.momentum import MomentumEncoder
+from training.mvlm import MvlmObjective
 from training.queues import PairQueue
+from training.task_alignment import KlObjective
 
 
 class MomentumMemory:
@@ -146,7 +149,14 @@ class InstanceObjective(Objective):
 
 # name -> unit class; the config's `objectives` section has one field per name, in the
 # order the units run.
-UNITS: dict[str, type[Objective]] = {"clip": ClipObjective, "instance": InstanceObjective}
+# The COTS units (amf, kl, mvlm) follow the same protocol; they live in their own modules.
+UNITS: dict[str, type[nn.Module]] = {
+    "amf": AmfObjective,
+    "clip": ClipObjective,
+    "instance": InstanceObjective,
+    "kl": KlObjective,
+    "mvlm": MvlmObjective,
+}
 
 
 class Objectives(nn.Module):
@@ -171,6 +181,7 @@ class Objectives(nn.Module):
         self.weights = dict(weights)
         self.memory = memory  # a plain attribute: not a submodule, so DDP never sees it
         self.last: StepContext | None = None
+        self.step_logs: dict[str, float] = {}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Named losses ("loss" is the weighted total, "loss/<name>" each term unweighted)."""
@@ -189,6 +200,8 @@ class Objectives(nn.Module):
     def after_backward(self) -> None:
         """Enqueue this micro-batch's momentum keys (after backward: the logits used the queue)."""
         ctx, self.last = self.last, None
+        if ctx is not None:
+            self.step_logs = dict(ctx.logs)  # logs() is read after this hook has run
         if ctx is not None and self.memory is not None and "image_key" in ctx.cache:
             self.memory.queue.enqueue(ctx.cache["image_key"], ctx.cache["text_key"])
 
@@ -201,8 +214,7 @@ class Objectives(nn.Module):
 
     def logs(self) -> dict[str, float]:
         logs = {"tau": float(self.temperature().detach())}
-        if self.last is not None:
-            logs.update(self.last.logs)
+        logs.update(self.last.logs if self.last is not None else self.step_logs)
         return logs
 
     def extra_state(self) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from training.losses import weighted_mean
 
@@ -28,3 +29,22 @@ def symmetric_kl(
     p, q = log_p.exp(), log_q.exp()
     per_pair = 0.5 * ((p * (log_p - log_q)).sum(1) + (q * (log_q - log_p)).sum(1))  # (B,)
     return weighted_mean(per_pair, weights)
+
+
+class KlObjective(nn.Module):
+    """The KL term as an objective unit (training/objectives.py protocol); it reads the
+    queued logits that the instance unit leaves in the step context, so it runs after it."""
+
+    name = "kl"
+    needs_memory = True
+
+    @classmethod
+    def from_config(cls, cfg, model: nn.Module) -> KlObjective:
+        if not cfg.objectives.instance.enabled:
+            raise ValueError(
+                "objectives.kl needs objectives.instance (it aligns the queued logits)"
+            )
+        return cls()
+
+    def forward(self, ctx) -> dict[str, torch.Tensor]:
+        return {"kl": symmetric_kl(ctx.cache["logits_i2t"], ctx.cache["logits_t2i"], ctx.weights)}

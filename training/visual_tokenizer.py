@@ -37,7 +37,7 @@ class TokenizerConfig:
     res_blocks: int = 2
     beta: float = 0.25  # commitment weight
     decay: float = 0.99  # EMA decay of the codebook
-    restart_below: float = 0.03  # restart codes used less than this x the average
+    restart_below: float = 0.1  # restart codes used less than this x their fair share
 
     def __post_init__(self) -> None:
         if self.stride < 2:
@@ -130,7 +130,8 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def _update(self, flat: torch.Tensor) -> None:
         if not bool(self.initialised):
-            self._reset(torch.arange(self.embed.shape[0]), flat, count=1.0)
+            fair_share = flat.shape[0] / self.embed.shape[0]
+            self._reset(torch.arange(self.embed.shape[0]), flat, count=fair_share)
             self.initialised.fill_(True)
         codes = self.codes(flat)  # (M,)
         counts = torch.bincount(codes, minlength=self.embed.shape[0]).to(flat.dtype)  # (K,)
@@ -138,9 +139,10 @@ class VectorQuantizer(nn.Module):
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         self.embed.copy_(self.embed_sum / self.cluster_size.clamp_min(1e-5)[:, None])
-        dead = self.cluster_size < self.restart_below * self.cluster_size.mean()
+        fair_share = flat.shape[0] / self.embed.shape[0]  # vectors per code per step if uniform
+        dead = self.cluster_size < self.restart_below * fair_share
         if dead.any():
-            self._reset(dead.nonzero().flatten(), flat, count=float(self.cluster_size.mean()))
+            self._reset(dead.nonzero().flatten(), flat, count=fair_share)
 
     def _reset(self, index: torch.Tensor, flat: torch.Tensor, count: float) -> None:
         """Move codes `index` onto random encoder outputs of this batch (Jukebox restarts)."""

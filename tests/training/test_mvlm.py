@@ -44,10 +44,10 @@ def test_per_sample_weights_drop_a_sample(case):
     weights = torch.tensor([1.0, 0.0, 1.0])
     got = head(tokens, global_feature, labels, weights)
     expected = _naive(head, tokens, global_feature, labels, weights)
-    assert float(got) == pytest.approx(float(expected), rel=1e-5)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
     tokens2 = tokens.clone()
     tokens2[1] += 100.0  # the dropped sample no longer matters
-    assert float(head(tokens2, global_feature, labels, weights)) == pytest.approx(float(got))
+    assert head(tokens2, global_feature, labels, weights).item() == pytest.approx(got.item())
 
 
 def test_the_other_streams_global_feature_reaches_the_prediction(case):

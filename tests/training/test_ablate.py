@@ -1,0 +1,71 @@
+"""`cots ablate` on the tiny preset: every rung trains, the table and chart are written,
+and the COTS heads stay out of the saved model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import TINY_OVERRIDES
+from safetensors import safe_open
+
+from index_builder.cli import main
+from training.ablate import LADDER, markdown_table
+from training.model import build_model, load_preset
+
+
+@pytest.fixture(scope="module")
+def ladder(gallery, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ablation")
+    sets = [*TINY_OVERRIDES, "train.max_steps=2", "objectives.amf.warmup=0"]
+    sets += ["objectives.amf.min_history=4", "data.max_val_images=6"]
+    args = ["ablate", "--data", str(gallery), "--out", str(out), "--tokenizer-steps", "3"]
+    assert main(args + [f"--set={s}" for s in sets]) == 0
+    return out
+
+
+def test_every_rung_is_trained_and_tabulated(ladder):
+    results = json.loads((ladder / "ablation.json").read_text())
+    assert [r["rung"] for r in results] == list(LADDER)
+    for r in results:
+        assert r["steps"] == 2 and r["split"] == "test" and r["pairs_per_s"] > 0
+        parts = [r[k] for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")]
+        assert r["rsum"] == pytest.approx(sum(parts))
+    table = (ladder / "ablation.md").read_text()
+    assert table == markdown_table(results) and table.count("\n") == 2 + len(LADDER)
+    assert (ladder / "ablation.png").stat().st_size > 0
+    assert (ladder / "tokenizer" / "reconstructions.png").is_file()
+    cots = json.loads((ladder / "cots" / "metrics.jsonl").read_text().splitlines()[-2])
+    assert {"loss/mlm", "loss/mvm", "loss/kl", "loss/instance", "amf_filtered"} <= set(cots)
+
+
+def test_rungs_differ_only_in_their_objectives(ladder):
+    configs = {}
+    for rung in LADDER:
+        config = json.loads((ladder / rung.replace("+", "plus-") / "config.json").read_text())
+        configs[rung] = {k: v for k, v in config.items() if k not in ("name", "objectives")}
+        enabled = {k for k, v in config["objectives"].items() if v["enabled"]}
+        assert enabled == {s.split(".")[1] for s in LADDER[rung] if s.endswith("true")}
+    assert all(c == configs["clip"] for c in configs.values())
+
+
+def test_heads_stay_out_of_the_saved_model(ladder):
+    """The checkpoint that export reads holds exactly the two towers and projections."""
+    path = ladder / "cots" / "checkpoints" / "best" / "model.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        saved = set(handle.keys())
+    assert saved == set(build_model(load_preset("tiny"), load_weights=False).state_dict())
+    assert not any("head" in key or "tokenizer" in key for key in saved)
+
+
+def test_a_finished_ladder_is_not_retrained(ladder, gallery, capsys):
+    before = (ladder / "instance" / "result.json").stat().st_mtime_ns
+    args = ["ablate", "--data", str(gallery), "--out", str(ladder), "--rungs", "instance,+kl"]
+    assert main(args) == 0
+    assert (ladder / "instance" / "result.json").stat().st_mtime_ns == before
+    assert "| +kl |" in capsys.readouterr().out
+
+
+def test_unknown_rung_is_a_one_line_error(gallery, tmp_path, capsys):
+    assert main(["ablate", "--data", str(gallery), "--out", str(tmp_path), "--rungs", "bert"]) == 2
+    assert "unknown rung(s) bert" in capsys.readouterr().err
