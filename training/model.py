@@ -63,6 +63,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         self.image_mean = tuple(self.image_mean)  # type: ignore[assignment]
         self.image_std = tuple(self.image_std)  # type: ignore[assignment]
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if not _has_type(value, str(item.type)):
+                raise ValueError(f"model config {item.name} must be {item.type}, got {value!r}")
         if self.image_tower not in IMAGE_TOWERS:
             raise ValueError(
                 f"image_tower must be one of {', '.join(IMAGE_TOWERS)}, got {self.image_tower!r}"
@@ -103,6 +107,16 @@ class ModelConfig:
 
     def text_spec(self) -> TextSpec:
         return TextSpec(context_length=self.context_length)
+
+
+def _has_type(value: Any, annotation: str) -> bool:
+    if annotation.startswith("tuple"):
+        return len(value) == 3 and all(_has_type(v, "float") for v in value)
+    allowed = {"int": (int,), "float": (int, float), "str": (str,)}
+    kind, _, optional = annotation.partition(" | ")
+    if optional == "None" and value is None:
+        return True
+    return isinstance(value, allowed[kind]) and not isinstance(value, bool)
 
 
 def list_presets() -> list[str]:

@@ -47,6 +47,14 @@ def test_bad_choices() -> None:
         ModelConfig.from_dict({**load_preset("tiny").to_dict(), "context_length": 80})
 
 
+def test_config_value_types() -> None:
+    with pytest.raises(ValueError, match=r"^model config image_size must be int, got '64'$"):
+        ModelConfig(image_size="64")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^model config image_mean must be tuple"):
+        ModelConfig(image_mean=(0.5, 0.5))  # type: ignore[arg-type]
+    assert ModelConfig(vit_mlp_ratio=4, image_weights=None).vit_mlp_ratio == 4
+
+
 def test_config_round_trip() -> None:
     config = load_preset("lite")
     assert ModelConfig.from_dict(config.to_dict()) == config
