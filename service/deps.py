@@ -1,4 +1,8 @@
-"""FastAPI dependencies: settings, the engine, API and admin keys, content-type checks."""
+"""FastAPI dependencies: settings, the engine, API and admin keys, content-type checks.
+
+All are `async def`: FastAPI runs plain `def` dependencies in a thread pool, a thread hop per
+dependency per request for work that takes microseconds.
+"""
 
 from __future__ import annotations
 
@@ -17,11 +21,11 @@ _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False)
 _bearer = HTTPBearer(auto_error=False)
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_engine(request: Request) -> Engine:
+async def get_engine(request: Request) -> Engine:
     return request.app.state.engine
 
 
@@ -39,7 +43,7 @@ def _matches(given: str | None, expected: SecretStr) -> bool:
     )
 
 
-def require_api_key(
+async def require_api_key(
     settings: SettingsDep,
     header: Annotated[str | None, Depends(_api_key_header)],
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
@@ -54,7 +58,7 @@ def require_api_key(
         raise Unauthorized("invalid API key")
 
 
-def require_admin_key(
+async def require_admin_key(
     settings: SettingsDep,
     header: Annotated[str | None, Depends(_api_key_header)],
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
@@ -69,7 +73,7 @@ def require_admin_key(
         raise Unauthorized("invalid admin key")
 
 
-def require_json(request: Request) -> None:
+async def require_json(request: Request) -> None:
     """Refuse bodies that are not JSON before FastAPI tries to parse them."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind != "application/json" and not kind.endswith("+json"):

@@ -1,0 +1,346 @@
+"""Load test of the search service: latency and throughput per endpoint, stages, floor, overhead.
+
+    python bench/service_load.py --bundle DIR --index ROOT        # a real bundle and index
+    python bench/service_load.py --demo-images 2000               # a synthetic torch-free pair
+
+The server runs in a subprocess (`cots serve` on 127.0.0.1); this process is the load
+generator (httpx, asyncio, bounded by a request count and a time limit per run). For each
+endpoint and concurrency it reports client-side p50/p90/p99 latency and throughput, and from
+the server's /metrics the mean time per stage (decode, encode, search) and micro-batch size.
+The floor is one tower pass plus one index search measured in-process (no HTTP, no batching);
+HTTP overhead = p50 at concurrency 1 minus the floor's p50.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import io
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parents[1]
+QUERIES = ["a red square", "a photo of a blue square", "green", "the yellow colour", "black"]
+STAGES = (("decode", "image"), ("encode", "text"), ("search", "text"))
+STAGES += (("encode", "image"), ("search", "image"))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--bundle", type=Path, help="bundle directory (omit with --demo-images)")
+    parser.add_argument("--index", type=Path, help="index root (omit with --demo-images)")
+    parser.add_argument(
+        "--demo-images",
+        type=int,
+        default=1000,
+        help="without --bundle/--index: build the test suite's colour towers and a synthetic "
+        "gallery of this many images in a temporary directory",
+    )
+    parser.add_argument("--requests", type=int, default=400, help="requests per run")
+    parser.add_argument("--max-seconds", type=float, default=20.0, help="time limit per run")
+    parser.add_argument("--concurrency", default="1,16", help="comma-separated client concurrency")
+    parser.add_argument("--k", type=int, default=10, help="k per query")
+    parser.add_argument("--server-threads", type=int, default=1, help="COTS_INTRA_THREADS")
+    parser.add_argument("--batch-wait-ms", type=float, default=2.0, help="COTS_BATCH_WAIT_MS")
+    parser.add_argument("--floor-reps", type=int, default=200, help="in-process floor repetitions")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "bench/results/service_load.json", help="JSON results"
+    )
+    return parser.parse_args(argv)
+
+
+# -- assets ------------------------------------------------------------------------------------
+
+
+def demo_assets(work: Path, images: int) -> tuple[Path, Path]:
+    """The colour towers of tests/service/conftest.py over `images` random-colour squares."""
+    spec = importlib.util.spec_from_file_location(
+        "cots_service_fixtures", ROOT / "tests/service/conftest.py"
+    )
+    assert spec and spec.loader
+    fixtures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fixtures)
+    bundle = fixtures.make_bundle(work / "bundle")
+    rng = np.random.default_rng(0)
+    names = list(fixtures.COLOURS)
+    anchors = np.asarray(list(fixtures.COLOURS.values()), np.float32)
+    (work / "gallery").mkdir()
+    rows = []
+    for i in range(images):
+        rgb = rng.integers(0, 256, 3)
+        name = names[int(np.argmin(((anchors - rgb) ** 2).sum(1)))]
+        path = work / "gallery" / f"{i:06d}.png"
+        Image.new("RGB", (32, 32), tuple(int(c) for c in rgb)).save(path)
+        rows.append(
+            {"id": f"img{i:06d}", "image": str(path), "captions": [f"a {name} square", f"{name}"]}
+        )
+    fixtures.build_version(work / "index", bundle, rows)
+    return bundle.path, work / "index"
+
+
+def query_image() -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (224, 224, 3), np.uint8)).save(
+        out, "PNG"
+    )
+    return out.getvalue()
+
+
+# -- in-process floor ----------------------------------------------------------------------------
+
+
+def floor(bundle_dir: Path, index_root: Path, k: int, reps: int, threads: int) -> dict[str, Any]:
+    """One tower pass plus one index search per query, no HTTP and no batching."""
+    from index_builder.bundle import Bundle
+    from index_builder.encoders import ImageEncoder, TextEncoder
+    from index_builder.preprocess import load_image, preprocess_images
+    from index_builder.store import IndexStore
+
+    bundle = Bundle.load(bundle_dir)
+    index = IndexStore(index_root).open(bundle=bundle)
+    text, image = TextEncoder(bundle, threads=threads), ImageEncoder(bundle, threads=threads)
+    data = query_image()
+
+    def t2i(i: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        vector = text.encode([QUERIES[i % len(QUERIES)]])
+        t1 = time.perf_counter()
+        index.search("image", vector, k)
+        return {"encode": t1 - t0, "search": time.perf_counter() - t1}
+
+    def i2t(i: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        pixels = preprocess_images(
+            [load_image(data, bundle.image_spec.background)], bundle.image_spec
+        )
+        t1 = time.perf_counter()
+        vector = image.encode_pixels(pixels)
+        t2 = time.perf_counter()
+        index.search("text", vector, k)
+        return {"decode": t1 - t0, "encode": t2 - t1, "search": time.perf_counter() - t2}
+
+    result = {}
+    for name, fn in (("text-to-image", t2i), ("image-to-text", i2t)):
+        for i in range(5):
+            fn(i)  # warm-up
+        runs = [fn(i) for i in range(reps)]
+        totals = np.asarray([sum(r.values()) for r in runs]) * 1000
+        result[name] = {
+            "p50_ms": round(float(np.percentile(totals, 50)), 3),
+            "p99_ms": round(float(np.percentile(totals, 99)), 3),
+            "stages_mean_ms": {
+                s: round(float(np.mean([r[s] for r in runs])) * 1000, 3) for s in runs[0]
+            },
+        }
+    result["gallery"] = {"images": len(index.images), "captions": len(index.texts)}
+    result["index"] = {
+        "version": index.version,
+        "factories": {side: index.info["sides"][side]["factory"] for side in ("image", "text")},
+    }
+    return result
+
+
+# -- server and load -----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(
+    bundle: Path, index: Path, port: int, args: argparse.Namespace
+) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "COTS_INTRA_THREADS": str(args.server_threads),
+        "COTS_BATCH_WAIT_MS": str(args.batch_wait_ms),
+        "COTS_WATCH_INTERVAL_S": "0",
+        "OMP_NUM_THREADS": str(args.server_threads),
+    }
+    command = [sys.executable, "-m", "index_builder.cli", "serve", "--bundle", str(bundle)]
+    command += ["--index", str(index), "--port", str(port), "--log-level", "warning"]
+    server = subprocess.Popen(command, env=env)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited with code {server.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    server.terminate()
+    raise RuntimeError("the server did not become ready in 60 s")
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    samples = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def _delta(after: dict, before: dict, name: str, **labels: str) -> float:
+    key = (name, tuple(sorted(labels.items())))
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+def stage_breakdown(before: dict, after: dict, endpoint: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for stage, modality in STAGES:
+        count = _delta(after, before, "cots_stage_seconds_count", stage=stage, modality=modality)
+        if count:
+            total = _delta(after, before, "cots_stage_seconds_sum", stage=stage, modality=modality)
+            out[f"{stage}_{modality}_mean_ms"] = round(total / count * 1000, 3)
+            out[f"{stage}_{modality}_calls"] = int(count)
+    for modality in ("text", "image"):
+        calls = _delta(after, before, "cots_batch_size_count", modality=modality)
+        if calls:
+            queries = _delta(after, before, "cots_batch_size_sum", modality=modality)
+            out[f"mean_batch_{modality}"] = round(queries / calls, 2)
+    count = _delta(after, before, "cots_request_seconds_count", endpoint=endpoint)
+    if count:
+        total = _delta(after, before, "cots_request_seconds_sum", endpoint=endpoint)
+        out["server_request_mean_ms"] = round(total / count * 1000, 3)
+    return out
+
+
+async def load(
+    url: str, endpoint: str, concurrency: int, requests: int, seconds: float, k: int
+) -> dict:
+    image = query_image()
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    issued = 0
+    deadline = time.monotonic() + seconds
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal issued
+        while issued < requests and time.monotonic() < deadline:
+            i = issued
+            issued += 1
+            start = time.perf_counter()
+            if endpoint == "/search/text-to-image":
+                response = await client.post(
+                    endpoint, json={"text": QUERIES[i % len(QUERIES)], "k": k}
+                )
+            else:
+                files = {"image": ("q.png", image, "image/png")}
+                response = await client.post(endpoint, files=files, data={"k": str(k)})
+            if response.status_code == 200:
+                latencies.append(time.perf_counter() - start)
+            else:
+                errors[str(response.status_code)] = errors.get(str(response.status_code), 0) + 1
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
+        await client.get("/health")
+        began = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        wall = time.perf_counter() - began
+    ms = np.asarray(latencies) * 1000
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "errors": errors,
+        "seconds": round(wall, 3),
+        "throughput_rps": round(len(latencies) / wall, 1),
+        "p50_ms": round(float(np.percentile(ms, 50)), 3),
+        "p90_ms": round(float(np.percentile(ms, 90)), 3),
+        "p99_ms": round(float(np.percentile(ms, 99)), 3),
+        "mean_ms": round(float(ms.mean()), 3),
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="cots-bench-") as tmp:
+        if args.bundle and args.index:
+            bundle, index, source = args.bundle, args.index, "given"
+        else:
+            bundle, index = demo_assets(Path(tmp), args.demo_images)
+            source = f"demo: colour towers (tests/service/conftest.py), {args.demo_images} images"
+        reference = floor(bundle, index, args.k, args.floor_reps, args.server_threads)
+        port = free_port()
+        server = start_server(bundle, index, port, args)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            info = httpx.get(f"{url}/info").json()
+            endpoints: dict[str, list] = {}
+            for endpoint in ("/search/text-to-image", "/search/image-to-text"):
+                for concurrency in [int(c) for c in args.concurrency.split(",")]:
+                    before = scrape(url)
+                    result = asyncio.run(
+                        load(url, endpoint, concurrency, args.requests, args.max_seconds, args.k)
+                    )
+                    result["server"] = stage_breakdown(before, scrape(url), endpoint)
+                    endpoints.setdefault(endpoint, []).append(result)
+                    print(f"{endpoint} c={concurrency}: {json.dumps(result)}", flush=True)
+        finally:
+            server.terminate()
+            server.wait(timeout=20)
+    overhead = {}
+    for endpoint, runs in endpoints.items():
+        single = next((r for r in runs if r["concurrency"] == 1), None)
+        if single:
+            name = endpoint.rsplit("/", 1)[1]
+            overhead[name] = round(single["p50_ms"] - reference[name]["p50_ms"], 3)
+    return {
+        "assets": source,
+        "bundle_id": info["bundle"]["bundle_id"],
+        "bundle": {key: info["bundle"][key] for key in ("embed_dim", "precision", "image_spec")},
+        "index": reference.pop("index"),
+        "gallery": reference.pop("gallery"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
+        "settings": {
+            "intra_threads": args.server_threads,
+            "batch_wait_ms": args.batch_wait_ms,
+            "k": args.k,
+            "requests_per_run": args.requests,
+            "max_seconds_per_run": args.max_seconds,
+        },
+        "floor_in_process": reference,
+        "endpoints": endpoints,
+        "http_overhead_p50_ms": overhead,
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if bool(args.bundle) != bool(args.index):
+        raise SystemExit("give both --bundle and --index, or neither (demo assets)")
+    results = run(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"floor: {json.dumps(results['floor_in_process'])}")
+    print(f"HTTP overhead (p50, concurrency 1): {results['http_overhead_p50_ms']}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
