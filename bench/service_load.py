@@ -314,6 +314,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
             "python": platform.python_version(),
+            "load_average_1m": round(os.getloadavg()[0], 2),  # other work sharing the CPUs
         },
         "settings": {
             "intra_threads": args.server_threads,
