@@ -133,6 +133,11 @@ def test_text_to_image_wrong_content_type_and_malformed_json(client):
         T2I, content=b'{"text": "red"', headers={"Content-Type": "application/json"}
     )
     assert_error(response, 400, "malformed_json", "not valid JSON")
+    lone_surrogate = b'{"text": "red \\ud800"}'  # valid JSON, not encodable text
+    response = client.post(
+        T2I, content=lone_surrogate, headers={"Content-Type": "application/json"}
+    )
+    assert_error(response, 422, "invalid_input", "unicode")
 
 
 # -- image to text ---------------------------------------------------------------------------
