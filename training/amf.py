@@ -77,7 +77,8 @@ class AmfObjective(nn.Module):
         self.filter = AdaptiveMomentumFilter(size, lam, warmup, min_history)
         self.register_buffer("seen", torch.zeros((), dtype=torch.long))
         self.register_buffer("dropped", torch.zeros((), dtype=torch.long))
-        self.recorder: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # (index, keep)
+        # Benchmarks set a list here to collect (index, keep, filter active) per micro-batch.
+        self.recorder: list[tuple[torch.Tensor, torch.Tensor, bool]] | None = None
 
     @classmethod
     def from_config(cls, cfg, model: nn.Module) -> AmfObjective:
@@ -86,6 +87,7 @@ class AmfObjective(nn.Module):
 
     def forward(self, ctx) -> dict[str, torch.Tensor]:
         similarity = (ctx.image_key() * ctx.text_key()).sum(-1)  # (B,) momentum s = v'.t'
+        active = self.filter.threshold() is not None
         keep = self.filter(similarity)  # (B,)
         ctx.weights = keep if ctx.weights is None else ctx.weights * keep
         self.seen += keep.numel()
@@ -93,5 +95,5 @@ class AmfObjective(nn.Module):
         ctx.logs["amf_filtered"] = 1.0 - self.filter.last_kept_fraction
         ctx.logs["amf_filtered_total"] = float(self.dropped) / max(1, int(self.seen))
         if self.recorder is not None and "index" in ctx.batch:
-            self.recorder.append((ctx.batch["index"].detach().cpu(), keep.detach().cpu()))
+            self.recorder.append((ctx.batch["index"].cpu(), keep.cpu(), active))
         return {}
