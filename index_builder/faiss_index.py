@@ -31,7 +31,7 @@ SEARCH_GRID = {
 }
 _FLAT = re.compile(r"^Flat$")
 _HNSW = re.compile(r"^HNSW(\d+)(,Flat)?$")
-_IVF = re.compile(r"^(?:OPQ(\d+)(?:_\d+)?,)?IVF(\d+),(Flat|PQ(\d+)(?:x\d+)?)$")
+_IVF = re.compile(r"^(?:OPQ(\d+)(?:_\d+)?,)?IVF(\d+),(Flat|PQ(\d+)(?:x(\d+))?)$")
 
 
 def make_index(factory: str, dim: int) -> Any:
@@ -53,7 +53,7 @@ def estimate_bytes(factory: str, n: int, dim: int) -> int | None:
         return n * (dim * 4 + int(m.group(1)) * 2 * 4 + 16)
     if m := _IVF.match(factory):
         nlist = int(m.group(2))
-        code = dim * 4 if m.group(3) == "Flat" else int(m.group(4))
+        code = dim * 4 if m.group(3) == "Flat" else -(-int(m.group(4)) * int(m.group(5) or 8) // 8)
         opq = dim * dim * 4 if m.group(1) else 0
         return n * (code + 8) + nlist * dim * 4 + opq
     return None

@@ -1,0 +1,126 @@
+"""Every ANN index type against exact search on synthetic data with its own ground truth."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from index_builder import faiss_index as fi
+
+DIM = 32
+
+
+def _unit(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def data():
+    """Clustered gallery vectors and noisy 'other modality' queries (as captions of images)."""
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((50, DIM))
+    base = _unit(centres[rng.integers(0, 50, 4000)] + 0.5 * rng.standard_normal((4000, DIM)))
+    queries = _unit(base[rng.integers(0, 4000, 200)] + 0.4 * rng.standard_normal((200, DIM)))
+    shards = [base[:1500], base[1500:1501], base[1501:]]  # uneven shards, one of a single row
+    truth = np.argsort(-(queries @ base.T), axis=1, kind="stable")[:, :10]
+    return base, shards, queries, truth
+
+
+def test_exact_knn_over_shards_equals_brute_force(data):
+    base, shards, queries, truth = data
+    assert (fi.exact_knn(queries, shards, 10) == truth).mean() > 0.999  # ties aside
+    small = fi.exact_knn(queries[:3], [base[:4], base[4:6]], 10)
+    assert small.shape == (3, 10) and (small[:, 6:] == -1).all()
+
+
+def test_recall_at_k_matches_a_naive_loop():
+    rng = np.random.default_rng(1)
+    found = np.array([rng.permutation(30)[:10] for _ in range(20)])
+    truth = np.array([rng.permutation(30)[:10] for _ in range(20)])
+    truth[0, 7:] = -1  # fewer than k true neighbours (tiny gallery)
+    naive = sum(len(set(f) & set(t[t >= 0])) for f, t in zip(found, truth, strict=True))
+    assert fi.recall_at_k(found, truth) == pytest.approx(naive / (20 * 10 - 3))
+
+
+@pytest.mark.parametrize(
+    ("factory", "param", "target"),
+    [
+        ("Flat", None, 0.99),
+        ("HNSW32", "efSearch", 0.95),
+        ("IVF64,Flat", "nprobe", 0.95),
+        ("IVF64,PQ16x4", "nprobe", 0.5),
+        ("OPQ8,IVF32,PQ8x4", "nprobe", 0.3),
+    ],
+)
+def test_index_types_reach_target_against_exact_search(data, factory, param, target):
+    base, shards, queries, truth = data
+    index = fi.build_index(factory, shards, DIM, use_gpu=False)
+    assert index.ntotal == len(base)
+    params, recall = fi.tune(index, queries, truth, target)
+    assert recall >= target
+    assert fi.tunable_param(index) == param and (list(params) == ([param] if param else []))
+    _, found = index.search(queries, 10)
+    assert fi.recall_at_k(found, truth) == pytest.approx(recall)
+    if param:  # the tuned value is the smallest on the grid that reaches the target
+        grid = [
+            v for v in fi.SEARCH_GRID[param] if v < params[param] and (v >= 10 or param == "nprobe")
+        ]
+        if grid:
+            fi.set_search_params(index, {param: grid[-1]})
+            assert fi.recall_at_k(index.search(queries, 10)[1], truth) < target
+
+
+def test_unreachable_target_returns_the_best(data):
+    base, shards, queries, truth = data
+    index = fi.build_index("IVF16,PQ4x4", shards, DIM, use_gpu=False)
+    params, recall = fi.tune(index, queries, truth, 0.999)
+    assert recall < 0.999 and params["nprobe"] <= 16
+    fi.set_search_params(index, {"nprobe": 16})  # the best: no larger nprobe does better
+    assert fi.recall_at_k(index.search(queries, 10)[1], truth) <= recall
+
+
+def test_on_disk_merge_equals_in_memory(data, tmp_path):
+    base, shards, queries, truth = data
+    memory = fi.build_index("IVF32,Flat", shards, DIM, use_gpu=False)
+    built = tmp_path / "a"
+    built.mkdir()
+    disk = fi.build_ivf_on_disk("IVF32,Flat", shards, DIM, built / "i.faiss", built / "i.ivfdata")
+    assert disk.ntotal == len(base) and not list(built.glob(".shards-*"))
+    built.rename(tmp_path / "moved")  # the inverted lists are found beside the index file
+    moved = fi.read_index(tmp_path / "moved" / "i.faiss", {"nprobe": 4})
+    fi.set_search_params(memory, {"nprobe": 4})
+    np.testing.assert_array_equal(moved.search(queries, 10)[1], memory.search(queries, 10)[1])
+    with pytest.raises(ValueError, match="needs an IVF factory"):
+        fi.build_ivf_on_disk("HNSW32", shards, DIM, tmp_path / "h.faiss", tmp_path / "h.ivfdata")
+
+
+def test_choose_factory_by_size_and_budget():
+    gib = 1 << 30
+    assert fi.choose_factory(5000, 256, gib) == "Flat"
+    assert fi.choose_factory(100_000, 256, gib) == "HNSW32"
+    assert fi.choose_factory(5_000_000, 256, 8 * gib) == "IVF8192,Flat"
+    assert fi.choose_factory(5_000_000, 256, gib) == "IVF8192,PQ64"
+    assert fi.choose_factory(5_000_000, 256, 150 << 20) == "IVF8192,PQ16"
+    with pytest.raises(ValueError, match="no index type fits"):
+        fi.choose_factory(5_000_000, 256, 1 << 20)
+    with pytest.raises(ValueError, match="empty gallery"):
+        fi.choose_factory(0, 256, gib)
+    assert fi.ivf_lists(1000) == 16  # at least 39 training points per list
+
+
+def test_estimates_are_close_to_real_sizes(data, tmp_path):
+    base, shards, _, _ = data
+    for factory in ("Flat", "HNSW32", "IVF64,Flat", "IVF64,PQ16x4"):
+        fi.write_index(fi.build_index(factory, shards, DIM, use_gpu=False), tmp_path / "x")
+        real = (tmp_path / "x").stat().st_size
+        assert 0.5 < fi.estimate_bytes(factory, len(base), DIM) / real < 2, factory
+
+
+def test_bad_factory_and_untrainable_index(data):
+    _, shards, _, _ = data
+    with pytest.raises(ValueError, match="FAISS rejects the factory string 'Bogus42'"):
+        fi.make_index("Bogus42", DIM)
+    with pytest.raises(ValueError, match="cannot train 'IVF4096,Flat'"):
+        fi.build_index("IVF4096,Flat", [shards[0][:100]], DIM, use_gpu=False)
+    with pytest.raises(ValueError, match="empty gallery"):
+        fi.build_index("Flat", [shards[0][:0]], DIM)
