@@ -20,7 +20,10 @@ def register_train(sub: argparse._SubParsersAction) -> None:
         "run", help="a YAML/JSON run file, or a recipe name from training/recipes (e.g. cots, clip)"
     )
     parser.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=1e-4"
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="config overrides right after RUN, e.g. optim.lr=1e-4 (or --set anywhere)",
     )
     parser.add_argument(
         "--set",

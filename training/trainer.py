@@ -85,7 +85,10 @@ class Trainer:
         self.module: torch.nn.Module = objectives
         if self.dist.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.module = DistributedDataParallel(objectives, device_ids=ids)
+            # Some parameters serve only some objectives (e.g. the ViT mask token, MVM only).
+            self.module = DistributedDataParallel(
+                objectives, device_ids=ids, find_unused_parameters=True
+            )
         self.optimizer = build_optimizer(objectives, cfg)
         self.amp_dtype = resolve_precision(cfg.optim.precision, self.device)
         self.scaler = torch.amp.GradScaler(
@@ -202,31 +205,31 @@ class Trainer:
 
     def validate_and_save(self) -> dict[str, float] | None:
         """Validate (rank 0), keep the best checkpoint, always refresh `last` for --resume."""
+        state = self.trainer_state()  # collective (RNG of every rank): all ranks call it
         metrics = None
-        if self.dist.is_main and self.evaluator is not None:
-            metrics = self.evaluator.evaluate(self.objectives.model, self.device)
-            self._log({"kind": "val", "step": self.step, **metrics})
-            score = metrics[self.cfg.train.best_metric]
-            if self.best is None or score > self.best:
-                self.best = score
-                self._save("best", with_trainer=False, metrics=metrics)
-        self._save("last", with_trainer=True, metrics=metrics)
         if self.dist.is_main:
+            if self.evaluator is not None:
+                metrics = self.evaluator.evaluate(self.objectives.model, self.device)
+                self._log({"kind": "val", "step": self.step, **metrics})
+                score = metrics[self.cfg.train.best_metric]
+                if self.best is None or score > self.best:
+                    self.best = score
+                    self._save("best", metrics)
+            state["best"] = self.best
+            self._save("last", metrics, state)
             plot_curves(self.run_dir / METRICS, self.run_dir)
+        distributed.barrier()
         self._trigger("on_validation_end")
         return metrics
 
-    def _save(self, name: str, with_trainer: bool, metrics: dict | None) -> None:
-        state = self.trainer_state() if with_trainer else None  # collective: every rank
-        if self.dist.is_main:
-            meta = {
-                "step": self.step,
-                "recipe": self.cfg.name,
-                "train_config": self.cfg.to_dict(),
-                "metrics": metrics,
-            }
-            save_checkpoint(self.run_dir / "checkpoints" / name, self.objectives.model, meta, state)
-        distributed.barrier()
+    def _save(self, name: str, metrics: dict | None, state: dict | None = None) -> None:
+        meta = {
+            "step": self.step,
+            "recipe": self.cfg.name,
+            "train_config": self.cfg.to_dict(),
+            "metrics": metrics,
+        }
+        save_checkpoint(self.run_dir / "checkpoints" / name, self.objectives.model, meta, state)
 
     def trainer_state(self) -> dict[str, Any]:
         rng = {
