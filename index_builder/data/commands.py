@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from index_builder.manifest import SPLITS
 from index_builder.paths import dataset_dir
 
 EPILOG = """\
@@ -23,7 +24,8 @@ def _out(args: argparse.Namespace) -> Path:
 
 def _report(result: Any) -> int:
     info = result.info
-    splits = " / ".join(f"{k} {v:,}" for k, v in info.get("splits", {}).items())
+    counts = info.get("splits", {})
+    splits = " / ".join(f"{k} {counts.get(k, 0):,}" for k in SPLITS)
     state = "up to date" if result.up_to_date else "built"
     skipped = sum(result.skipped.values())
     note = f", {skipped:,} skipped" if skipped else ""
