@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -11,8 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from index_builder import faiss_index
+from index_builder import embed, faiss_index
 from index_builder.atomic import atomic_write_json
+from index_builder.bundle import Bundle
+from index_builder.manifest import dataset_root, load_records, manifest_path, read_info
 from index_builder.store import (
     FORMAT_VERSION,
     INDEX_FILES,
@@ -45,6 +48,17 @@ class IndexOptions:
             raise ValueError(f"target recall must be in (0, 1], got {self.target_recall}")
         if self.memory_budget <= 0:
             raise ValueError(f"memory budget must be positive, got {self.memory_budget}")
+
+
+@dataclass(frozen=True)
+class EmbedOptions:
+    """How to run the embedding stage."""
+
+    engine: str = "local"
+    shard_size: int = 4096
+    batch_size: int = 64
+    threads: int | None = None
+    workers: int = 1
 
 
 Shards = Sequence[np.ndarray]
@@ -210,3 +224,76 @@ def _write_info(
             "sides": sides,
         },
     )
+
+
+def dataset_summary(dataset: str | Path, split: str | None) -> dict[str, Any]:
+    info = read_info(dataset)
+    return {
+        "path": str(dataset_root(dataset).resolve()),
+        "name": info.get("name"),
+        "fingerprint": info.get("fingerprint"),
+        "split": split,
+    }
+
+
+def _embed_records(
+    root: Path, bundle: Bundle, dataset: str | Path, split: str | None, embedding: EmbedOptions
+) -> tuple[Path, dict[str, list[dict[str, Any]]], dict[str, list[Path]]]:
+    records = load_records(dataset, split)
+    if not records:
+        where = f" (split {split})" if split else ""
+        raise ValueError(f"empty gallery: no records in {manifest_path(dataset)}{where}")
+    rows = embed.gallery_rows(dataset, records)
+    work = embed.work_dir_for(root, bundle, dataset)
+    embed.prepare(work, bundle, rows, embedding.shard_size)
+    paths = embed.embed_work(
+        work, bundle, embedding.engine, embedding.threads, embedding.batch_size, embedding.workers
+    )
+    return work, rows, paths
+
+
+def index_dataset(
+    root: str | Path,
+    bundle: Bundle,
+    dataset: str | Path,
+    split: str | None = None,
+    options: IndexOptions | None = None,
+    embedding: EmbedOptions | None = None,
+    keep: int = 3,
+) -> str:
+    """Embed a gallery (resumably) and publish a new version built from it."""
+    root = Path(root)
+    options = options or IndexOptions()
+    if options.factory:  # fail before the embedding pass, not after it
+        faiss_index.make_index(options.factory, bundle.embed_dim)
+    work, rows, paths = _embed_records(root, bundle, dataset, split, embedding or EmbedOptions())
+    version = publish(
+        IndexStore(root, keep),
+        bundle_id=bundle.bundle_id,
+        dim=bundle.embed_dim,
+        shards={side: embed.load_shards(paths[side]) for side in SIDES},
+        rows=rows,
+        options=options,
+        dataset=dataset_summary(dataset, split),
+    )
+    shutil.rmtree(work, ignore_errors=True)  # the embeddings now live in the index
+    return version
+
+
+def add_dataset(
+    root: str | Path,
+    bundle: Bundle,
+    dataset: str | Path,
+    split: str | None = None,
+    embedding: EmbedOptions | None = None,
+    keep: int = 3,
+) -> str:
+    """Append a gallery's items to the current version (same bundle) as a new version."""
+    root = Path(root)
+    store = IndexStore(root, keep)
+    current = store.open(bundle=bundle)
+    work, rows, paths = _embed_records(root, bundle, dataset, split, embedding or EmbedOptions())
+    vectors = {side: np.concatenate(embed.load_shards(paths[side])) for side in SIDES}
+    version = add(store, current, vectors, rows, dataset_summary(dataset, split))
+    shutil.rmtree(work, ignore_errors=True)
+    return version

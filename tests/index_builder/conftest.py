@@ -112,3 +112,32 @@ def make_tiny_bundle(out: Path, dim: int = 8, size: int = 8, seed: int = 0) -> B
 @pytest.fixture
 def tiny_bundle(tmp_path) -> Bundle:
     return make_tiny_bundle(tmp_path / "bundle")
+
+
+COLOURS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220), "black": (0, 0, 0)}
+THINGS = ["cat", "dog", "car", "tree", "house"]
+
+
+def make_gallery(root: Path, n: int = 12, prefix: str = "g") -> Path:
+    """A dataset directory of n small coloured images with two captions each."""
+    from PIL import Image
+
+    from index_builder.manifest import Record, write_manifest
+
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    names = list(COLOURS)
+    for i in range(n):
+        colour, thing = names[i % len(names)], THINGS[i % len(THINGS)]
+        image = Image.new("RGB", (10 + i % 3, 10), COLOURS[colour])
+        image.putpixel((i % 8, 3), (255, 255, 0))
+        image.save(root / "images" / f"{prefix}{i}.png")
+        captions = (f"a {colour} {thing}", f"the {thing} is {colour}")
+        records.append(Record(f"{prefix}{i}", f"images/{prefix}{i}.png", captions, "test"))
+    write_manifest(root, records, {"name": "tiny", "fingerprint": prefix})
+    return root
+
+
+@pytest.fixture
+def gallery(tmp_path) -> Path:
+    return make_gallery(tmp_path / "gallery")

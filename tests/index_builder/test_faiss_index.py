@@ -49,7 +49,7 @@ def test_recall_at_k_matches_a_naive_loop():
         ("HNSW32", "efSearch", 0.95),
         ("IVF64,Flat", "nprobe", 0.95),
         ("IVF64,PQ16x4", "nprobe", 0.5),
-        ("OPQ8,IVF32,PQ8x4", "nprobe", 0.3),
+        pytest.param("OPQ8,IVF32,PQ8x4", "nprobe", 0.3, marks=pytest.mark.slow),
     ],
 )
 def test_index_types_reach_target_against_exact_search(data, factory, param, target):

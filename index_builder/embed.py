@@ -1,0 +1,196 @@
+"""Streamed gallery embedding into resumable shards: reader -> mapper -> writer (clip-retrieval).
+
+A work directory holds `plan.json` (bundle id, rows per side, shard size), the row metadata
+(`images.jsonl`, `texts.jsonl`) and one `.npy` file per shard of `shard_size` rows, written
+atomically. A shard on disk is finished, so a killed run resumes with the first missing one.
+`engine="ray"` runs the shards as Ray Data tasks (a local Ray or a cluster via RAY_ADDRESS).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from index_builder.atomic import atomic_open, atomic_write_json, read_json
+from index_builder.bundle import Bundle
+from index_builder.manifest import Record, image_path, manifest_path
+from index_builder.preprocess import load_image, preprocess_images, sha256_file
+from index_builder.store import META_FILES, SIDES, read_jsonl, write_jsonl
+
+log = logging.getLogger(__name__)
+ENGINES = ("local", "ray")
+
+
+def gallery_rows(dataset: str | Path, records: Sequence[Record]) -> dict[str, list[dict[str, Any]]]:
+    """Index rows: one per image (for text-to-image search), one per caption (image-to-text)."""
+    images, texts = [], []
+    for record in records:
+        images.append(
+            {
+                "id": record.id,
+                "image": str(image_path(dataset, record).resolve()),
+                "captions": list(record.captions),
+                "meta": record.meta,
+            }
+        )
+        texts += [
+            {"id": f"{record.id}#{j}", "image_id": record.id, "text": caption}
+            for j, caption in enumerate(record.captions)
+        ]
+    return {"image": images, "text": texts}
+
+
+def work_dir_for(root: Path, bundle: Bundle, dataset: str | Path) -> Path:
+    """One work directory per (bundle, manifest content): a changed manifest starts afresh."""
+    digest = sha256_file(manifest_path(dataset))[:12]
+    return root / "work" / f"{bundle.bundle_id}-{digest}"
+
+
+def prepare(work: Path, bundle: Bundle, rows: dict[str, list[dict]], shard_size: int) -> None:
+    """Write the plan and rows; a work directory holding a different plan is cleared."""
+    if shard_size < 1:
+        raise ValueError(f"shard size must be at least 1, got {shard_size}")
+    digest = hashlib.sha256(repr([(r["id"]) for r in rows["text"]]).encode()).hexdigest()
+    plan = {
+        "bundle_id": bundle.bundle_id,
+        "counts": {side: len(rows[side]) for side in SIDES},
+        "shard_size": shard_size,
+        "rows_sha256": digest,
+    }
+    if (work / "plan.json").is_file() and read_json(work / "plan.json") != plan:
+        log.info("work directory %s holds another plan; starting afresh", work)
+        shutil.rmtree(work)
+    if not (work / "plan.json").is_file():
+        work.mkdir(parents=True, exist_ok=True)
+        for side in SIDES:
+            write_jsonl(work / META_FILES[side], rows[side])
+        atomic_write_json(work / "plan.json", plan)
+
+
+def shard_paths(work: Path, side: str) -> list[Path]:
+    plan = read_json(work / "plan.json")
+    count, size = plan["counts"][side], plan["shard_size"]
+    return [work / f"{side}-{i:05d}.npy" for i in range(-(-count // size))]
+
+
+def embed_work(
+    work: Path,
+    bundle: Bundle,
+    engine: str = "local",
+    threads: int | None = None,
+    batch_size: int = 64,
+    workers: int = 1,
+) -> dict[str, list[Path]]:
+    """Embed every missing shard of both sides; returns the shard files per side."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    done = {}
+    for side in SIDES:
+        paths = shard_paths(work, side)
+        todo = [i for i, p in enumerate(paths) if not p.is_file()]
+        if len(todo) < len(paths):
+            log.info("%s: resuming, %d of %d shards done", side, len(paths) - len(todo), len(paths))
+        if todo and engine == "ray":
+            _embed_ray(work, bundle.path, side, todo, threads, batch_size, workers)
+        elif todo:
+            embedder = ShardEmbedder(work, bundle.path, side, threads, batch_size)
+            for i in tqdm(todo, desc=f"embed {side}s", unit="shard"):
+                embedder.embed_shard(i)
+        done[side] = paths
+    return done
+
+
+def load_shards(paths: Sequence[Path]) -> list[np.ndarray]:
+    """Memory-mapped shards: indexing reads them without loading the gallery at once."""
+    return [np.load(p, mmap_mode="r") for p in paths]
+
+
+class ShardEmbedder:
+    """The mapper: one side's encoder; `embed_shard(i)` reads, encodes and writes shard i."""
+
+    def __init__(
+        self, work: Path, bundle_path: Path, side: str, threads: int | None, batch_size: int
+    ) -> None:
+        from index_builder.encoders import ImageEncoder, TextEncoder
+
+        self.work, self.side, self.batch_size = Path(work), side, batch_size
+        bundle = Bundle.load(bundle_path, verify=False)
+        self.spec = bundle.image_spec
+        self.rows = read_jsonl(self.work / META_FILES[side])
+        self.size = read_json(self.work / "plan.json")["shard_size"]
+        self.encoder: Any = (ImageEncoder if side == "image" else TextEncoder)(
+            bundle, threads=threads, batch_size=batch_size
+        )
+
+    def embed_shard(self, index: int) -> int:
+        rows = self.rows[index * self.size : (index + 1) * self.size]
+        parts = [self._encode(batch) for batch in self._read(rows)]
+        with atomic_open(self.work / f"{self.side}-{index:05d}.npy", "wb") as handle:
+            np.save(handle, np.concatenate(parts).astype(np.float32))
+        return len(rows)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Ray Data entry point: a batch of shard numbers -> their row counts."""
+        return {"rows": np.array([self.embed_shard(int(i)) for i in batch["shard"]])}
+
+    def _read(self, rows: list[dict]) -> Iterator[Any]:
+        """The reader: decodes the next batch in a thread while the current one encodes."""
+        batches = [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+        if self.side == "text":
+            yield from ([row["text"] for row in batch] for batch in batches)
+            return
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(self._decode, batches[0]) if batches else None
+            for nxt in [*batches[1:], None]:
+                assert pending is not None
+                current = pending.result()
+                pending = pool.submit(self._decode, nxt) if nxt is not None else None
+                yield current
+
+    def _decode(self, batch: list[dict]) -> np.ndarray:
+        images = []
+        for row in batch:
+            try:
+                images.append(load_image(row["image"], self.spec.background))
+            except (ValueError, FileNotFoundError) as exc:
+                raise ValueError(f"gallery image {row['id']!r}: {exc}") from None
+        return preprocess_images(images, self.spec)
+
+    def _encode(self, batch: Any) -> np.ndarray:
+        if self.side == "text":
+            return self.encoder.encode(batch)
+        return self.encoder.encode_pixels(batch)
+
+
+def _embed_ray(
+    work: Path,
+    bundle_path: Path,
+    side: str,
+    todo: list[int],
+    threads: int | None,
+    batch_size: int,
+    workers: int,
+) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    shards = ray.data.from_items([{"shard": i} for i in todo])
+    embedded = shards.map_batches(
+        ShardEmbedder,
+        fn_constructor_args=(work, bundle_path, side, threads, batch_size),
+        batch_size=1,
+        concurrency=workers,
+        num_cpus=threads or 1,
+    )
+    with tqdm(total=len(todo), desc=f"embed {side}s (ray)", unit="shard") as bar:
+        for _ in embedded.iter_rows():
+            bar.update()

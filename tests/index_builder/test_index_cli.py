@@ -1,0 +1,126 @@
+"""`cots index` end to end on a tiny bundle: build, search, add, info, rebuild exit codes."""
+
+from __future__ import annotations
+
+import errno
+import json
+
+import numpy as np
+import pytest
+from conftest import make_gallery, make_tiny_bundle
+
+from index_builder import faiss_index
+from index_builder.bundle import IMAGE_ONNX, Bundle
+from index_builder.cli import main
+from index_builder.encoders import TextEncoder
+from index_builder.store import IndexStore
+
+
+def _build(bundle, data, out, *extra):
+    return main(["index", "build", "--bundle", str(bundle), "--data", str(data), "--out", str(out),
+                 "--threads", "1", "--shard-size", "5", "--cpu", *extra])  # fmt: skip
+
+
+def test_build_search_info(tmp_path, tiny_bundle, gallery, capsys):
+    out = tmp_path / "idx"
+    assert _build(tiny_bundle.path, gallery, out, "--target-recall", "0.9") == 0
+    assert "is current under" in capsys.readouterr().out
+    loaded = IndexStore(out).open(bundle=Bundle.load(tiny_bundle.path))
+    sides = loaded.info["sides"]
+    assert sides["image"]["factory"] == "Flat" and sides["image"]["count"] == 12
+    assert sides["text"]["count"] == 24 and sides["image"]["recall_at_10"] == 1.0
+    assert loaded.info["dataset"]["name"] == "tiny"
+    assert not list((out / "work").glob("*"))  # embeddings live in the index now
+    query = TextEncoder(tiny_bundle).encode(["a red cat"])
+    scores, rows = loaded.search("image", query, 3)
+    images = np.stack([np.asarray(loaded.indexes["image"].reconstruct(i)) for i in range(12)])
+    np.testing.assert_array_equal(rows[0], np.argsort(-(images @ query[0]), kind="stable")[:3])
+    assert main(["index", "info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"* {loaded.version}" in text and "recall@10 1.000 (text queries)" in text
+    assert main(["index", "info", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["bundle_id"] == tiny_bundle.bundle_id
+
+
+def test_explicit_factory_and_add(tmp_path, tiny_bundle, gallery, capsys):
+    out = tmp_path / "idx"
+    assert _build(tiny_bundle.path, gallery, out, "--factory", "HNSW8") == 0
+    first = IndexStore(out).current()
+    more = make_gallery(tmp_path / "more", n=4, prefix="m")
+    args = ["index", "add", "--bundle", str(tiny_bundle.path), "--data", str(more)]
+    assert main([*args, "--out", str(out)]) == 0
+    loaded = IndexStore(out).open()
+    assert loaded.info["parent"] == first and len(loaded.images) == 16 and len(loaded.texts) == 32
+    assert loaded.info["sides"]["image"]["factory"] == "HNSW8"
+    assert main([*args, "--out", str(out)]) == 2  # the same ids again
+    assert "already in the index" in capsys.readouterr().err
+
+
+def test_add_with_another_bundle_is_refused(tmp_path, tiny_bundle, gallery, capsys):
+    out = tmp_path / "idx"
+    assert _build(tiny_bundle.path, gallery, out) == 0
+    other = make_tiny_bundle(tmp_path / "other", dim=12, seed=3)
+    more = make_gallery(tmp_path / "more", n=2, prefix="m")
+    args = ["index", "add", "--bundle", str(other.path), "--data", str(more), "--out", str(out)]
+    assert main(args) == 2
+    assert "embeds in 12 dimensions" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("breakage", "message"),
+    [
+        ("corrupt", "does not match the sha256"),
+        ("empty", "empty gallery"),
+        ("factory", "FAISS rejects the factory string"),
+        ("no-bundle", "bundle.json is missing"),
+    ],
+)
+def test_rebuild_bad_input_exits_2_and_keeps_current(
+    tmp_path, tiny_bundle, gallery, capsys, breakage, message
+):
+    out = tmp_path / "idx"
+    assert _build(tiny_bundle.path, gallery, out) == 0
+    before = IndexStore(out).current()
+    capsys.readouterr()
+    bundle, extra = tiny_bundle.path, []
+    if breakage == "corrupt":
+        (bundle / IMAGE_ONNX).write_bytes(b"garbage")
+    elif breakage == "empty":
+        extra = ["--split", "val"]
+    elif breakage == "factory":
+        extra = ["--factory", "IVF,Nonsense"]
+    else:
+        bundle = tmp_path / "missing"
+    args = ["index", "rebuild", "--bundle", str(bundle), "--data", str(gallery), "--out", str(out)]
+    assert main([*args, "--cpu", *extra]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert message in last and last.startswith("cots index rebuild: error:")
+    assert "Traceback" not in err
+    assert IndexStore(out).current() == before and IndexStore(out).versions() == [before]
+
+
+def test_rebuild_disk_full_exits_1_and_keeps_current(
+    tmp_path, tiny_bundle, gallery, capsys, monkeypatch
+):
+    out = tmp_path / "idx"
+    assert _build(tiny_bundle.path, gallery, out) == 0
+    before = IndexStore(out).current()
+    capsys.readouterr()
+
+    def full(index, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(faiss_index, "write_index", full)
+    args = ["index", "rebuild", "--bundle", str(tiny_bundle.path), "--data", str(gallery)]
+    assert main([*args, "--out", str(out), "--cpu"]) == 1
+    assert "cots index rebuild: failed: [Errno 28] No space left" in capsys.readouterr().err
+    assert IndexStore(out).current() == before
+    monkeypatch.undo()
+    assert main([*args, "--out", str(out), "--cpu"]) == 0
+    assert IndexStore(out).current() != before
+
+
+def test_bad_memory_budget(tmp_path, tiny_bundle, gallery, capsys):
+    assert _build(tiny_bundle.path, gallery, tmp_path / "idx", "--memory-budget", "lots") == 2
+    assert "not a size: 'lots'" in capsys.readouterr().err
