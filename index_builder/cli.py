@@ -8,7 +8,12 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 
-TRAIN_ONLY = {"torch", "safetensors", "onnx", "onnxscript", "matplotlib", "cairosvg", "emoji"}
+# Which extra brings a missing module, for the hint printed when a stage cannot import it.
+EXTRA_OF = {
+    **dict.fromkeys(["torch", "safetensors", "onnx", "onnxscript", "matplotlib"], "train"),
+    **dict.fromkeys(["cairosvg", "emoji", "defusedxml"], "data"),
+    "ray": "ray",
+}
 COMMAND_ORDER = ("data", "train", "eval", "export", "index", "serve", "demo", "ablate")
 
 DESCRIPTION = """\
@@ -54,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ModuleNotFoundError as exc:
-        extra = "train" if exc.name and exc.name.split(".")[0] in TRAIN_ONLY else "serve"
+        extra = EXTRA_OF.get((exc.name or "").split(".")[0], "serve")
         print(
             f"cots {args.command}: error: this stage needs the package {exc.name!r}; "
             f"install it with: pip install 'cots[{extra}]'",
