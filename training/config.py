@@ -31,6 +31,9 @@ class DataSection:
     val_split: str = "val"
     eval_batch_size: int = 128
     max_val_images: int = 0  # 0 = the whole validation split
+    # Frozen towers only: compute their pooled features once and train the projections on the
+    # cache (exact, since frozen eval-mode towers are deterministic; implies no augmentation).
+    cache_frozen_features: bool = False
 
 
 @dataclass

@@ -17,6 +17,7 @@ from training.checkpoint import check_architecture, read_meta
 from training.config import TrainConfig
 from training.datasets import PairDataset
 from training.evaluate import SplitEvaluator
+from training.feature_cache import CachedEvaluator, CachedPairDataset, cached_model, encode_split
 from training.model import ModelConfig, build_model, load_preset
 from training.objectives import build_objectives, needs_memory
 from training.trainer import Trainer
@@ -48,6 +49,13 @@ def check_run(cfg: TrainConfig, data: str | Path, out: str | Path, resume: bool)
     for name in cfg.enabled_units():
         if cfg.unit(name).weight < 0:
             raise ValueError(f"objectives.{name}.weight must be >= 0")
+    if cfg.data.cache_frozen_features and (
+        model_cfg.image_trainable_blocks != 0 or model_cfg.text_trainable_blocks != 0
+    ):
+        raise ValueError(
+            "data.cache_frozen_features needs frozen towers: set "
+            "model.options.image_trainable_blocks=0 and model.options.text_trainable_blocks=0"
+        )
     out = Path(out)
     if resume:
         check_architecture(read_meta(out / LAST), model_cfg, out / LAST)
@@ -73,17 +81,27 @@ def prepare(cfg: TrainConfig, data: str | Path, out: str | Path, resume: bool = 
     model_cfg = check_run(cfg, data, out, resume)
     dist = distributed.init_distributed(cfg.train.device)
     seed_everything(cfg.train.seed)
-    model = build_model(model_cfg, load_weights=not resume)
-    objectives = build_objectives(cfg, model)
     d = cfg.data
-    dataset = PairDataset(
-        data, "train", model.image_spec, d.augment, d.crop_scale, d.crop_ratio, cfg.train.seed
-    )
-    evaluator = None
-    if dist.is_main and load_records(data, d.val_split):
-        evaluator = SplitEvaluator(data, d.val_split, d.eval_batch_size, d.max_val_images)
-    elif dist.is_main:
+    has_val = bool(load_records(data, d.val_split))
+    if not has_val and dist.is_main:
         log.warning("no %r split in %s: the last checkpoint doubles as the best", d.val_split, data)
+    if d.cache_frozen_features:  # frozen towers = pretrained ones, so load them even on resume
+        model = build_model(model_cfg)
+        image, text, _, rows = encode_split(model, data, "train", d.eval_batch_size)
+        objectives = build_objectives(cfg, cached_model(model, image, text))
+        dataset: PairDataset | CachedPairDataset = CachedPairDataset(rows, cfg.train.seed)
+        evaluator: SplitEvaluator | CachedEvaluator | None = None
+        if dist.is_main and has_val:
+            evaluator = CachedEvaluator(*encode_split(model, data, d.val_split)[:3])
+    else:
+        model = build_model(model_cfg, load_weights=not resume)
+        objectives = build_objectives(cfg, model)
+        dataset = PairDataset(
+            data, "train", model.image_spec, d.augment, d.crop_scale, d.crop_ratio, cfg.train.seed
+        )
+        evaluator = None
+        if dist.is_main and has_val:
+            evaluator = SplitEvaluator(data, d.val_split, d.eval_batch_size, d.max_val_images)
     trainer = Trainer(cfg, objectives, dataset, out, dist, evaluator)
     if resume:
         trainer.resume(Path(out) / LAST)

@@ -69,16 +69,18 @@ class Trainer:
         self,
         cfg: TrainConfig,
         objectives: Objectives,
-        dataset: PairDataset,
+        dataset: PairDataset | Any,
         run_dir: str | Path,
         dist_info: DistInfo | None = None,
-        evaluator: SplitEvaluator | None = None,
+        evaluator: SplitEvaluator | Any | None = None,
     ) -> None:
         self.cfg, self.objectives, self.dataset = cfg, objectives, dataset
         self.run_dir = Path(run_dir)
         self.dist = dist_info or DistInfo()
         self.evaluator = evaluator
         self.device = self.dist.device
+        # the model a checkpoint holds (over a feature cache, the full model it stands for)
+        self.model = getattr(objectives.model, "source", objectives.model)
         objectives.to(self.device)
         if objectives.memory is not None:
             objectives.memory.to(self.device)
@@ -123,13 +125,14 @@ class Trainer:
         skip = skip_steps * self.cfg.optim.grad_accum * self.cfg.data.batch_size
         self.sampler.set_epoch(epoch, skip)
         self.dataset.set_epoch(epoch)
-        model = self.objectives.model
+        model = self.model
+        collate = getattr(self.dataset, "collate", None)
         return DataLoader(
             self.dataset,
             batch_size=self.cfg.data.batch_size,
             sampler=self.sampler,
             num_workers=self.cfg.data.workers,
-            collate_fn=Collate(model.tokenizer_json, model.text_spec.context_length),
+            collate_fn=collate or Collate(model.tokenizer_json, model.text_spec.context_length),
             pin_memory=self.device.type == "cuda",
             drop_last=True,
         )
@@ -229,7 +232,7 @@ class Trainer:
             "train_config": self.cfg.to_dict(),
             "metrics": metrics,
         }
-        save_checkpoint(self.run_dir / "checkpoints" / name, self.objectives.model, meta, state)
+        save_checkpoint(self.run_dir / "checkpoints" / name, self.model, meta, state)
 
     def trainer_state(self) -> dict[str, Any]:
         rng = {
@@ -255,7 +258,7 @@ class Trainer:
     def resume(self, checkpoint: str | Path) -> None:
         """Restore weights, optimiser, queues, momentum encoder, step and RNG of a `last` dir."""
         state = load_trainer_state(checkpoint)
-        load_weights(self.objectives.model, checkpoint)
+        load_weights(self.model, checkpoint)
         self.objectives.load_extra_state(state["objectives"])
         self.objectives.to(self.device)
         if self.objectives.memory is not None:
