@@ -24,6 +24,13 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 METRIC = faiss.METRIC_INNER_PRODUCT
+# Query batches at least this large use BLAS for exact distances; smaller ones the SIMD loop.
+# This faiss build defaults to 128000, which sends k-means (thousands of points against a few
+# hundred centroids) down the SIMD loop: 7x slower for IVF training and minutes instead of
+# seconds for PQ codebooks. One query is ~10x faster without BLAS, 64 or more are faster with
+# it (bench/index_bench.py measures both); 20 is faiss's long-standing default.
+BLAS_THRESHOLD = 20
+faiss.cvar.distance_compute_blas_threshold = BLAS_THRESHOLD
 MAX_TRAIN = 200_000
 SEARCH_GRID = {
     "nprobe": (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
