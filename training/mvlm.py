@@ -123,6 +123,11 @@ class MvlmObjective(nn.Module):
     @classmethod
     def from_config(cls, cfg, model: nn.Module) -> MvlmObjective:
         c = cfg.objectives.mvlm
+        if getattr(cfg.data, "cache_frozen_features", False):
+            raise ValueError(
+                "objectives.mvlm runs the towers on masked inputs, which cached features "
+                "cannot do: set data.cache_frozen_features=false"
+            )
         tokenizer = None
         if c.mvm:
             if not c.tokenizer:

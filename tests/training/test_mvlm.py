@@ -64,10 +64,82 @@ def test_nothing_masked_gives_a_differentiable_zero(case):
     tokens.requires_grad_(True)
     loss = head(tokens, global_feature, torch.full((3, 5), IGNORE_INDEX))
     loss.backward()
-    assert float(loss) == 0.0 and tokens.grad is not None
+    assert loss.item() == 0.0 and tokens.grad is not None
 
 
 def test_shape_mismatch_is_an_error(case):
     head, tokens, global_feature, labels = case
     with pytest.raises(ValueError, match="do not match labels"):
         head(tokens, global_feature, labels[:, :4])
+
+
+@pytest.fixture
+def tiny_unit(tmp_path):
+    from training.config import load_config
+    from training.model import build_model, load_preset
+    from training.objectives import build_objectives
+    from training.visual_tokenizer import TokenizerConfig, VisualTokenizer, save_tokenizer
+
+    torch.manual_seed(0)
+    model = build_model(load_preset("tiny"), load_weights=False)
+    tokenizer = VisualTokenizer(TokenizerConfig(stride=8, codebook_size=16, width=8))
+    save_tokenizer(tmp_path, tokenizer, {"image_spec": model.image_spec.to_dict()})
+    sets = ["model.preset=tiny", "objectives.mvlm.enabled=true", "contrast.queue_size=8"]
+    cfg = load_config("cots", [*sets, f"objectives.mvlm.tokenizer={tmp_path}"])
+    return cfg, model, build_objectives(cfg, model).train()
+
+
+def _batch(model):
+    from index_builder.preprocess import TextTokenizer
+
+    ids, mask = TextTokenizer(model.tokenizer_json, 32)(
+        ["a red square"] * 3 + ["a big blue circle"]
+    )
+    return {
+        "pixels": torch.randn(4, 3, 64, 64),
+        "input_ids": torch.from_numpy(ids),
+        "attention_mask": torch.from_numpy(mask),
+    }
+
+
+def test_mvlm_unit_trains_heads_and_towers_but_not_the_tokenizer(tiny_unit):
+    _, model, objectives = tiny_unit
+    unit = objectives.units["mvlm"]
+    codebook = unit.tokenizer.quantizer.embed.clone()
+    torch.manual_seed(1)
+    losses = objectives(_batch(model))
+    assert {"loss/instance", "loss/mlm", "loss/mvm"} <= set(losses)
+    assert losses["loss/mvm"].item() == pytest.approx(torch.log(torch.tensor(16.0)).item(), rel=0.3)
+    losses["loss"].backward()
+    assert not unit.tokenizer.training and torch.equal(unit.tokenizer.quantizer.embed, codebook)
+    assert model.image_tower.mask_token.grad.abs().sum() > 0  # MVM reaches the mask embedding
+    assert unit.mvm_head.mlp[0].weight.grad.abs().sum() > 0
+    assert not any(k.startswith(("units.", "mvlm")) for k in model.state_dict())
+
+
+def test_mvlm_unit_rejects_a_misaligned_or_misnormalised_tokenizer(tiny_unit, tmp_path):
+    from training.mvlm import MvlmObjective
+    from training.visual_tokenizer import TokenizerConfig, VisualTokenizer, save_tokenizer
+
+    cfg, model, _ = tiny_unit
+    wrong = tmp_path / "stride16"
+    save_tokenizer(
+        wrong,
+        VisualTokenizer(TokenizerConfig(stride=16, codebook_size=16, width=8)),
+        {"image_spec": model.image_spec.to_dict()},
+    )
+    cfg.objectives.mvlm.tokenizer = str(wrong)
+    with pytest.raises(ValueError, match="gives a 4x4 grid at 64px but the image tower has 8x8"):
+        MvlmObjective.from_config(cfg, model)
+    other = tmp_path / "imagenet"
+    spec = {**model.image_spec.to_dict(), "mean": [0.485, 0.456, 0.406]}
+    save_tokenizer(other, VisualTokenizer(TokenizerConfig(stride=8)), {"image_spec": spec})
+    cfg.objectives.mvlm.tokenizer = str(other)
+    with pytest.raises(ValueError, match="trained with mean/std"):
+        MvlmObjective.from_config(cfg, model)
+    cfg.objectives.mvlm.tokenizer = ""
+    with pytest.raises(ValueError, match="needs objectives.mvlm.tokenizer"):
+        MvlmObjective.from_config(cfg, model)
+    cfg.data.cache_frozen_features = True
+    with pytest.raises(ValueError, match="cached features"):
+        MvlmObjective.from_config(cfg, model)
