@@ -1,0 +1,514 @@
+"""Collect bench/results/*.json into docs/benchmarks.md: machine, tables, plots, commands.
+
+    python bench/report.py [--results bench/results] [--out docs/benchmarks.md]
+
+Every figure the issues ask for has a section; a figure whose JSON is missing is listed as
+"not run yet" with its command. Result files are read defensively: the known shapes get
+their own tables and plots, anything else a generic table per list or mapping of records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+LIBRARIES = ("torch", "onnxruntime", "faiss-cpu", "faiss-gpu", "numpy", "fastapi")
+MAX_ROWS = 60
+
+
+@dataclass(frozen=True)
+class Figure:
+    name: str  # section title
+    pattern: str  # glob under the results directory
+    command: str  # how to produce it, when the JSON does not record its own
+    plots: tuple[str, ...] = ()  # names of plot functions in PLOTS
+
+
+FIGURES = (
+    Figure(
+        "Two-stream vs single-stream cross-encoder",
+        "two_stream_vs_cross*.json",
+        "python bench/two_stream_vs_cross.py --presets tiny,lite",
+        ("ratio",),
+    ),
+    Figure(
+        "Training throughput per recipe",
+        "train_throughput*.json",
+        "python bench/train_throughput.py --preset lite",
+        ("train",),
+    ),
+    Figure(
+        "Training cost of each COTS objective",
+        "objective_cost*.json",
+        "python bench/objective_cost.py --preset tiny",
+        ("objectives",),
+    ),
+    Figure(
+        "Adaptive momentum filter on noisy pairs",
+        "noise_filter*.json",
+        "python bench/noise_filter.py --data cots-data/datasets/openclipart --steps 600 "
+        "&& cp cots-data/runs/noise-filter/noise_filter.json bench/results/",
+    ),
+    Figure(
+        "Embedding throughput per bundle variant",
+        "embed_throughput*.json",
+        "python bench/embed_throughput.py",
+    ),
+    Figure(
+        "Index types: recall, latency, gallery size",
+        "index_bench*.json",
+        "python bench/index_bench.py",
+        ("recall_latency", "latency_size"),
+    ),
+    Figure(
+        "Service load",
+        "service_load*.json",
+        "python bench/service_load.py --demo-images 2000",
+        ("service",),
+    ),
+)
+
+
+# -- reading -----------------------------------------------------------------------------------
+
+
+def is_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, str | int | float | bool)
+
+
+def flatten(obj: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {"a.b": scalar}; lists of scalars become one comma-joined cell."""
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        elif isinstance(value, list) and all(is_scalar(v) for v in value):
+            out[name] = ", ".join(fmt(v) for v in value)
+        elif is_scalar(value):
+            out[name] = value
+    return out
+
+
+def record_tables(obj: Any, path: str = "") -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """(path, rows) for every list of dicts and every mapping whose values are all dicts."""
+    if isinstance(obj, list):
+        if obj and all(isinstance(v, dict) for v in obj):
+            yield path, [flatten(v) for v in obj]
+        for i, value in enumerate(obj):
+            yield from record_tables(value, f"{path}[{i}]")
+    elif isinstance(obj, dict):
+        if len(obj) > 1 and all(isinstance(v, dict) for v in obj.values()):
+            yield path, [{"name": k, **flatten(v)} for k, v in obj.items()]
+            return
+        for key, value in obj.items():
+            yield from record_tables(value, f"{path}.{key}" if path else key)
+
+
+def shallow(obj: dict) -> dict[str, Any]:
+    """A record's own fields: its scalars and those of child dicts that hold only scalars."""
+    own = {k: v for k, v in obj.items() if is_scalar(v) or isinstance(v, dict)}
+    return flatten(
+        {k: v for k, v in own.items() if is_scalar(v) or all(map(is_scalar, v.values()))}
+    )
+
+
+def records(obj: Any, context: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], dict]]:
+    """Every dict in `obj` with the keys that lead to it and its own fields."""
+    if isinstance(obj, dict):
+        yield context, shallow(obj)
+        for key, value in obj.items():
+            yield from records(value, (*context, str(key)))
+    elif isinstance(obj, list):
+        for value in obj:
+            yield from records(value, context)
+
+
+def load_results(results: Path) -> dict[Path, Any]:
+    out = {}
+    for path in sorted(results.glob("*.json")):
+        try:
+            out[path] = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            out[path] = {"error": f"unreadable: {exc}"}
+    return out
+
+
+# -- markdown ----------------------------------------------------------------------------------
+
+
+def fmt(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return "" if value is None else str(value).lower()
+    if isinstance(value, int):
+        return f"{value:,}" if abs(value) >= 10_000 else str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        if value and (abs(value) >= 1e6 or abs(value) < 1e-3):
+            return f"{value:.3g}"
+        return f"{value:,.4g}" if abs(value) >= 1000 else f"{value:.4g}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    """A markdown table; columns default to the union of keys in order of appearance."""
+    if columns is None:
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+    shown = rows[:MAX_ROWS]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(row.get(c)) for c in columns) + " |" for row in shown]
+    if len(rows) > len(shown):
+        lines.append(f"\n({len(rows) - len(shown)} more rows in the JSON)")
+    return "\n".join(lines)
+
+
+def generic(data: Any) -> str:
+    """Settings (top-level scalars) then one table per list or mapping of records."""
+    parts = []
+    if isinstance(data, dict):
+        settings = {k: v for k, v in flatten(data).items() if "." not in k and k != "command"}
+        if settings:
+            parts.append(table([{"setting": k, "value": v} for k, v in settings.items()]))
+    for path, rows in record_tables(data):
+        parts.append(f"`{path or 'rows'}`\n\n{table(rows)}")
+    return "\n\n".join(parts) or "(no tabular data)"
+
+
+def ratio_tables(data: dict) -> str:
+    """two_stream_vs_cross.json: the ratio per preset and shape, then the measured unit costs."""
+    shapes, costs = [], []
+    for row in data.get("results", []):
+        for name, s in row.get("shapes", {}).items():
+            shapes.append(
+                {
+                    "preset": row.get("preset"),
+                    "two-stream on": row.get("backend"),
+                    "shape": name,
+                    "images x queries": f"{s.get('images', 0):,} x {s.get('queries', 0):,}",
+                    "two-stream s": s.get("two_stream_s"),
+                    "cross-encoder s": s.get("cross_encoder_s"),
+                    "ratio": s.get("ratio"),
+                    "two-stream ms/query": s.get("two_stream_query_ms"),
+                    "cross-encoder ms/query": s.get("cross_encoder_query_ms"),
+                    "per-query ratio": s.get("query_ratio"),
+                }
+            )
+        two, cross = row.get("two_stream", {}), row.get("cross_encoder", {})
+        costs.append(
+            {
+                "preset": row.get("preset"),
+                "two-stream params": two.get("params"),
+                "ms/image": 1000 * two.get("image_s", math.nan),
+                "ms/caption": 1000 * two.get("text_s", math.nan),
+                "ms/query text": 1000 * two.get("text_query_s", math.nan),
+                "cross layers x width": f"{cross.get('layers')} x {cross.get('width')}",
+                "cross params": cross.get("params"),
+                "tokens (text+image)": f"{cross.get('text_tokens')}+{cross.get('image_tokens')}",
+                "cross ms/image features": 1000 * cross.get("image_s", math.nan),
+                "cross ms/pair": 1000 * cross.get("pair_s", math.nan),
+            }
+        )
+    notes = [f"Method: {data['method']}." if data.get("method") else ""]
+    if data.get("paper_ratio"):
+        notes.append(f"The paper reports {data['paper_ratio']:,}x against VinVL.")
+    return "\n\n".join([table(shapes), table(costs), " ".join(notes).strip()])
+
+
+RENDERERS: dict[str, Callable[[Any], str]] = {"two_stream_vs_cross": ratio_tables}
+
+
+# -- plots -------------------------------------------------------------------------------------
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    _pyplot().close(fig)
+    return out
+
+
+def plot_ratio(data: Any, out: Path) -> Path | None:
+    bars = [
+        (f"{r.get('preset')}\n{name}", s.get("ratio"), s.get("query_ratio"))
+        for r in data.get("results", [])
+        for name, s in r.get("shapes", {}).items()
+    ]
+    bars = [b for b in bars if isinstance(b[1], int | float) and isinstance(b[2], int | float)]
+    if not bars:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = range(len(bars))
+    ax.bar([i - 0.2 for i in x], [b[1] for b in bars], 0.4, label="full ranking")
+    ax.bar([i + 0.2 for i in x], [b[2] for b in bars], 0.4, label="per query")
+    if data.get("paper_ratio"):
+        ax.axhline(data["paper_ratio"], color="grey", ls="--", label="paper vs VinVL")
+    ax.set_xticks(list(x), [b[0] for b in bars], fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("cross-encoder time / two-stream time")
+    ax.legend()
+    return _save(fig, out)
+
+
+def _barh(labels: list[str], values: list[float], xlabel: str, out: Path) -> Path | None:
+    if not values:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 0.4 * len(values) + 1.2))
+    ax.barh(labels, values)
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    return _save(fig, out)
+
+
+def plot_train(data: Any, out: Path) -> Path | None:
+    rows = [r for _, r in records(data) if isinstance(r.get("pairs_per_s"), int | float)]
+    labels = [
+        " / ".join(str(r[k]) for k in ("recipe", "setting", "preset", "batch") if k in r)
+        for r in rows
+    ]
+    return _barh(labels, [r["pairs_per_s"] for r in rows], "pairs per second (train step)", out)
+
+
+def plot_objectives(data: Any, out: Path) -> Path | None:
+    configs = data.get("configs", {}) if isinstance(data, dict) else {}
+    rows = [(k, v.get("pairs_per_s")) for k, v in configs.items() if isinstance(v, dict)]
+    rows = [(k, v) for k, v in rows if isinstance(v, int | float)]
+    return _barh([k for k, _ in rows], [v for _, v in rows], "pairs per second", out)
+
+
+def plot_service(data: Any, out: Path) -> Path | None:
+    endpoints = data.get("endpoints", {}) if isinstance(data, dict) else {}
+    labels, values = [], []
+    for endpoint, runs in endpoints.items():
+        for run in runs if isinstance(runs, list) else []:
+            if isinstance(run, dict) and isinstance(run.get("p50_ms"), int | float):
+                labels.append(f"{endpoint} c={run.get('concurrency')}")
+                values.append(run["p50_ms"])
+    return _barh(labels, values, "p50 latency (ms)", out)
+
+
+RECALL = re.compile(r"recall.*10|r@?10", re.I)
+LATENCY = re.compile(r"latency|_ms$|ms_|p50", re.I)
+SIZE_KEYS = ("gallery", "gallery_size", "size", "n", "count", "vectors", "ntotal", "images")
+TYPE_KEYS = ("index_type", "factory", "index", "type", "kind", "method", "name")
+
+
+def _pick(row: dict, pattern: re.Pattern, avoid: str = "build|batch|qps") -> str | None:
+    keys = [k for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)]
+    keys = [k for k in keys if pattern.search(k) and not re.search(avoid, k, re.I)]
+    preferred = [k for k in keys if re.search(r"single|query|p50|search", k, re.I)]
+    return (preferred or keys or [None])[0]
+
+
+def index_points(data: Any) -> list[dict[str, Any]]:
+    """(type, size, recall, latency) from any records carrying a latency, found by key names;
+    type and size come from the record or from the keys that lead to it."""
+    points = []
+    for context, row in records(data):
+        latency = _pick(row, LATENCY)
+        if latency is None:
+            continue
+        recall = _pick(row, RECALL, avoid="target")
+        # A record without a type names its series by its latency key (e.g. a "floor_ms").
+        kind = next((str(row[k]) for k in TYPE_KEYS if isinstance(row.get(k), str)), None)
+        kind = kind or latency.rsplit(".", 1)[-1]
+        size = next((row[k] for k in SIZE_KEYS if isinstance(row.get(k), int)), None)
+        if size is None:
+            size = next((int(c) for c in reversed(context) if c.isdigit()), None)
+        points.append(
+            {
+                "type": kind,
+                "size": size,
+                "recall": row.get(recall) if recall else None,
+                "latency": row[latency],
+                "latency_key": latency.rsplit(".", 1)[-1],
+            }
+        )
+    return points
+
+
+def plot_recall_latency(data: Any, out: Path) -> Path | None:
+    points = [p for p in index_points(data) if isinstance(p["recall"], int | float)]
+    return _scatter(points, "latency", "recall", "recall@10", out, logx=True)
+
+
+def plot_latency_size(data: Any, out: Path) -> Path | None:
+    points = [p for p in index_points(data) if isinstance(p["size"], int)]
+    return _scatter(points, "size", "latency", "gallery size", out, logx=True, logy=True)
+
+
+def _scatter(
+    points: list[dict], x: str, y: str, label: str, out: Path, logx: bool, logy: bool = False
+) -> Path | None:
+    if not points:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for kind in dict.fromkeys(p["type"] for p in points):
+        mine = sorted((p for p in points if p["type"] == kind), key=lambda p: p[x])
+        ax.plot([p[x] for p in mine], [p[y] for p in mine], "o-", label=kind)
+    unit = " (ms)" if all("ms" in p["latency_key"] for p in points) else ""
+    latency_label = f"latency{unit}"
+    ax.set_xlabel(latency_label if x == "latency" else label)
+    ax.set_ylabel(latency_label if y == "latency" else label)
+    ax.set_xscale("log" if logx else "linear")
+    ax.set_yscale("log" if logy else "linear")
+    ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
+PLOTS: dict[str, tuple[Callable[[Any, Path], Path | None], str]] = {
+    "ratio": (plot_ratio, "two-stream vs cross-encoder: time ratio (log scale)"),
+    "train": (plot_train, "training throughput per recipe"),
+    "objectives": (plot_objectives, "training throughput per objective"),
+    "service": (plot_service, "service p50 latency per endpoint and concurrency"),
+    "recall_latency": (plot_recall_latency, "recall@10 against latency per index type"),
+    "latency_size": (plot_latency_size, "latency against gallery size per index type"),
+}
+
+
+# -- machine -----------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, str]:
+    info = {"platform": platform.platform(), "python": platform.python_version()}
+    info["cpu"] = _proc_field("/proc/cpuinfo", "model name") or platform.processor() or "unknown"
+    info["cores"] = str(os.cpu_count())
+    mem_kb = _proc_field("/proc/meminfo", "MemTotal")
+    if mem_kb:
+        info["memory"] = f"{int(mem_kb.split()[0]) / 2**20:.1f} GiB"
+    for name in LIBRARIES:
+        try:
+            info[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return info
+
+
+def _proc_field(path: str, field: str) -> str | None:
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return None
+    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith(field)), None)
+
+
+# -- assembly ----------------------------------------------------------------------------------
+
+
+def section(
+    figure: Figure, results: dict[Path, Any], img_dir: Path, md_dir: Path
+) -> tuple[str, list[Path]]:
+    mine = [p for p in results if p.match(figure.pattern)]
+    head = f"## {figure.name}\n"
+    if not mine:
+        return f"{head}\nnot run yet: `{figure.command}`\n", []
+    parts, images = [head], []
+    for path in mine:
+        data = results[path]
+        recorded = isinstance(data, dict) and isinstance(data.get("command"), str)
+        when = datetime.fromtimestamp(path.stat().st_mtime, UTC).strftime("%Y-%m-%d %H:%M UTC")
+        parts.append(f"### `{path.name}` ({when})\n")
+        if recorded:
+            parts.append(f"Command: `{data['command']}`\n")
+        else:
+            parts.append(f"Command (not recorded in the JSON; how to run it): `{figure.command}`\n")
+        parts.append(_recorded_machine(data))
+        render = RENDERERS.get(path.stem.split("-")[0], generic)
+        parts.append(render(data) + "\n")
+        for plot in figure.plots:
+            fn, caption = PLOTS[plot]
+            png = fn(data, img_dir / f"bench_{path.stem}_{plot}.png")
+            if png is not None:
+                images.append(png)
+                parts.append(f"![{caption}]({os.path.relpath(png, md_dir)})\n")
+    return "\n".join(p for p in parts if p), images
+
+
+def _recorded_machine(data: Any) -> str:
+    if not isinstance(data, dict):
+        return ""
+    cells = []
+    for key in ("machine", "host", "device", "threads"):
+        value = data.get(key)
+        if isinstance(value, dict):
+            value = ", ".join(f"{a}={fmt(b)}" for a, b in flatten(value).items())
+        if value is not None:
+            cells.append(f"{key}: {fmt(value)}")
+    return "Recorded with the result: " + "; ".join(cells) + "\n" if cells else ""
+
+
+def build_report(results_dir: Path, out: Path, img_dir: Path) -> list[Path]:
+    """Write the markdown report and its plots; return every file written."""
+    results = load_results(results_dir)
+    info = machine()
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `python bench/report.py` from `bench/results/*.json`; run everything with "
+        "`bench/run_all.sh` (`--full` for the long settings). Figures on a shared machine are "
+        "indicative: each section names the command that produced it and the load it ran under.",
+        "",
+        "## Machine (where this report was generated)",
+        "",
+        table([{"": k, "value": v} for k, v in info.items()]),
+        "",
+    ]
+    written: list[Path] = []
+    claimed: set[Path] = set()
+    for figure in FIGURES:
+        text, images = section(figure, results, img_dir, out.parent)
+        lines += [text]
+        written += images
+        claimed |= {p for p in results if p.match(figure.pattern)}
+    others = [p for p in results if p not in claimed]
+    if others:
+        lines.append("## Other results\n")
+        for path in others:
+            lines += [f"### `{path.name}`\n", generic(results[path]), ""]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines).rstrip() + "\n")
+    return [out, *written]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--results", type=Path, default=ROOT / "bench/results", help="directory of result JSON"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "docs/benchmarks.md", help="markdown file to write"
+    )
+    parser.add_argument("--img", type=Path, default=ROOT / "docs/img", help="directory for PNGs")
+    args = parser.parse_args(argv)
+    for path in build_report(args.results, args.out, args.img):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Run every bench script one after another, then write docs/benchmarks.md (bench/report.py).
+#
+#   bench/run_all.sh                 # quick settings: tiny models, small galleries (~10 min, 2 cores)
+#   bench/run_all.sh --full          # the figures the issues ask for (an hour or more on 2 cores)
+#   bench/run_all.sh --only two_stream_vs_cross,index_bench
+#   bench/run_all.sh --report-only   # just rebuild the report from bench/results/*.json
+#
+# A failing script is reported at the end and does not stop the others; its figure stays
+# "not run yet" (or keeps its previous JSON) in the report. Environment: PYTHON (default
+# python), DATA (the Open Clip Art dataset for noise_filter; skipped when absent).
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}
+DATA=${DATA:-cots-data/datasets/openclipart}
+MODE=quick
+ONLY=""
+REPORT_ONLY=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) MODE=quick ;;
+    --full) MODE=full ;;
+    --only) ONLY=",$2,"; shift ;;
+    --report-only) REPORT_ONLY=1 ;;
+    -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "run_all.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+FAILED=()
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+
+bench() {  # bench NAME ARGS...: run bench/NAME.py with ARGS unless --only excludes it
+  local name=$1; shift
+  if [ -n "$ONLY" ] && [[ "$ONLY" != *",$name,"* ]]; then return 0; fi
+  echo "== $name ($MODE): $PYTHON bench/$name.py $*"
+  local start=$SECONDS
+  if "$PYTHON" "bench/$name.py" "$@"; then
+    echo "== $name done in $((SECONDS - start)) s"
+  else
+    echo "== $name FAILED (exit $?) after $((SECONDS - start)) s" >&2
+    FAILED+=("$name")
+  fi
+}
+
+noise_filter() {  # writes under its --out directory; the report reads bench/results/
+  if [ ! -f "$DATA/manifest.jsonl" ]; then
+    echo "== noise_filter skipped: no dataset at $DATA (build it with: cots data openclipart)"
+    return 0
+  fi
+  bench noise_filter --data "$DATA" --out "$WORK/noise-filter" "$@" \
+    && [ -f "$WORK/noise-filter/noise_filter.json" ] \
+    && cp "$WORK/noise-filter/noise_filter.json" bench/results/noise_filter.json
+}
+
+if [ "$REPORT_ONLY" = 0 ]; then
+  mkdir -p bench/results
+  if [ "$MODE" = quick ]; then
+    bench two_stream_vs_cross --presets tiny,lite
+    bench embed_throughput --preset tiny --images 64 --captions 256
+    bench index_bench --sizes 10000 100000 --queries 200
+    bench train_throughput --preset tiny --image-size 64 --steps 3 --batch 16
+    bench objective_cost --preset tiny --rounds 1 --steps 3
+    bench service_load --demo-images 2000 --requests 200 --max-seconds 10
+    noise_filter --set model.preset=tiny --steps 50
+  else
+    bench two_stream_vs_cross --presets tiny,lite,base --sample-images 64 --reps 7
+    bench embed_throughput --preset lite
+    bench index_bench --sizes 10000 100000 1000000
+    bench train_throughput --preset lite
+    bench objective_cost --preset lite --batch-size 16
+    bench service_load --demo-images 2000 --requests 400
+    noise_filter --steps 600
+  fi
+fi
+
+"$PYTHON" bench/report.py || FAILED+=("report")
+if [ ${#FAILED[@]} -gt 0 ]; then
+  echo "failed: ${FAILED[*]}" >&2
+  exit 1
+fi

@@ -1,0 +1,218 @@
+"""bench/report.py on fake result files; bench/two_stream_vs_cross.py's timing and arithmetic."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_bench(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+report = load_bench("report")
+
+TRAIN = {
+    "machine": "x86_64, 2 threads",
+    "results": [
+        {"recipe": "clip", "setting": "frozen", "preset": "lite", "pairs_per_s": 3.58},
+        {"recipe": "cots", "setting": "frozen", "preset": "lite", "pairs_per_s": 2.44},
+    ],
+}
+INDEX = {
+    "host": "x86_64",
+    "sizes": {
+        str(n): {
+            "floor_ms": n / 1e4,
+            "indexes": [
+                {"factory": "Flat", "recall_at_10": 1.0, "single_query_ms_p50": n / 5e3},
+                {"factory": "HNSW32", "recall_at_10": 0.97, "single_query_ms_p50": 0.3},
+            ],
+        }
+        for n in (10_000, 100_000)
+    },
+}
+RATIO = {
+    "command": "python bench/two_stream_vs_cross.py --presets tiny",
+    "paper_ratio": 10_800,
+    "results": [
+        {
+            "preset": "tiny",
+            "backend": "torch",
+            "two_stream": {"image_s": 0.001, "text_s": 0.0005, "text_query_s": 0.001},
+            "cross_encoder": {"layers": 2, "width": 32, "pair_s": 0.0004},
+            "shapes": {
+                "flickr30k-1k": {
+                    "images": 1000,
+                    "queries": 5000,
+                    "two_stream_s": 1.5,
+                    "cross_encoder_s": 2000.0,
+                    "ratio": 1333.3,
+                    "two_stream_query_ms": 0.5,
+                    "cross_encoder_query_ms": 400.0,
+                    "query_ratio": 800.0,
+                }
+            },
+        }
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("bench")
+    results = tmp_path / "results"
+    results.mkdir()
+    for name, data in {
+        "train_throughput.json": TRAIN,
+        "index_bench.json": INDEX,
+        "two_stream_vs_cross.json": RATIO,
+        "mystery.json": {"speed": [{"name": "warp", "factor": 9}]},
+    }.items():
+        (results / name).write_text(json.dumps(data))
+    (results / "broken.json").write_text("{not json")
+    out = tmp_path / "docs" / "benchmarks.md"
+    written = report.build_report(results, out, tmp_path / "docs" / "img")
+    return out.read_text(), written
+
+
+def test_known_tables_appear(built):
+    text, _ = built
+    assert "| recipe | setting | preset | pairs_per_s |" in text
+    assert "| cots | frozen | lite | 2.44 |" in text
+    assert "| tiny | torch | flickr30k-1k | 1,000 x 5,000 | 1.5 | 2,000 | 1,333 |" in text
+    assert "The paper reports 10,800x against VinVL." in text
+
+
+def test_commands_recorded_or_explained(built):
+    text, _ = built
+    assert "Command: `python bench/two_stream_vs_cross.py --presets tiny`" in text
+    assert (
+        "Command (not recorded in the JSON; how to run it): "
+        "`python bench/train_throughput.py --preset lite`" in text
+    )
+
+
+def test_missing_results_are_listed_as_not_run(built):
+    text, _ = built
+    assert "not run yet: `python bench/objective_cost.py --preset tiny`" in text
+    assert "not run yet: `python bench/embed_throughput.py`" in text
+    assert "not run yet: `python bench/service_load.py --demo-images 2000`" in text
+
+
+def test_unknown_and_broken_results_still_render(built):
+    text, _ = built
+    assert "### `mystery.json`" in text and "| warp | 9 |" in text
+    assert "### `broken.json`" in text and "unreadable" in text
+
+
+def test_machine_section(built):
+    text, _ = built
+    assert "## Machine" in text and "| cores |" in text and "| torch |" in text
+
+
+def test_plots_are_written_and_linked(built):
+    text, written = built
+    names = {p.name for p in written if p.suffix == ".png"}
+    assert names == {
+        "bench_two_stream_vs_cross_ratio.png",
+        "bench_train_throughput_train.png",
+        "bench_index_bench_recall_latency.png",
+        "bench_index_bench_latency_size.png",
+    }
+    for path in written[1:]:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"](img/{path.name})" in text
+
+
+def test_index_points_found_by_key_names():
+    points = report.index_points(INDEX)
+    flat = sorted((p["size"], p["latency"]) for p in points if p["type"] == "Flat")
+    assert flat == [(10_000, 2.0), (100_000, 20.0)]
+    floor = [p for p in points if p["type"] == "floor_ms"]
+    assert sorted(p["size"] for p in floor) == [10_000, 100_000]
+    assert all(p["recall"] is None for p in floor)
+
+
+# -- two_stream_vs_cross -----------------------------------------------------------------------
+
+tsvc = load_bench("two_stream_vs_cross")
+
+
+def test_extrapolate_matches_hand_arithmetic():
+    two = {"image_s": 0.01, "text_s": 0.002, "text_query_s": 0.004}
+    cross = {"image_s": 0.012, "tokenize_s": 0.0001, "pair_s": 0.003}
+    search = {"build_s": 0.5, "all_queries_s": 1.5, "query_s": 0.001}
+    row = tsvc.extrapolate(two, cross, search, images=100, queries=1000)
+    two_full = 100 * 0.01 + 1000 * 0.002 + 0.5 + 1.5  # 5.0 s
+    cross_full = 100 * 0.012 + 1000 * 0.0001 + 100 * 1000 * 0.003  # 301.3 s
+    assert row["two_stream_s"] == pytest.approx(two_full)
+    assert row["cross_encoder_s"] == pytest.approx(cross_full)
+    assert row["ratio"] == pytest.approx(cross_full / two_full)
+    assert row["two_stream_query_ms"] == pytest.approx(5.0)
+    assert row["cross_encoder_query_ms"] == pytest.approx(1000 * (0.0001 + 100 * 0.003))
+    assert row["pairs"] == 100_000
+
+
+def test_parse_shapes():
+    assert tsvc.parse_shapes("flickr30k-1k,mine=20x30") == {
+        "flickr30k-1k": (1000, 5000),
+        "mine": (20, 30),
+    }
+    with pytest.raises(ValueError, match="unknown shape 'coco'"):
+        tsvc.parse_shapes("coco")
+
+
+def test_cross_encoder_scores_each_pair_alone():
+    import torch
+
+    torch.manual_seed(0)
+    model = tsvc.build_model(tsvc.load_preset("tiny"), load_weights=False).eval()
+    cross = tsvc.build_cross_encoder(model)
+    tokenizer = tsvc.TextTokenizer(model.tokenizer_json, model.text_spec.context_length)
+    texts = ["a dog", "two young people walking near the street in the snow"]
+    with torch.inference_mode():
+        images = cross.image_tokens(model.image_features(torch.randn(2, 3, 64, 64))["tokens"])
+        ids, mask = (torch.from_numpy(a) for a in tokenizer(texts))  # "a dog" is padded
+        batched = cross(ids, mask, images)
+        alone = [
+            cross(*(torch.from_numpy(a) for a in tokenizer([t])), images[i : i + 1])
+            for i, t in enumerate(texts)
+        ]
+    assert batched.shape == (2,)
+    assert torch.allclose(batched, torch.cat(alone), atol=1e-5)
+    assert images.shape == (2, 64, model.config.text_width)  # 8x8 patches at the text width
+
+
+@pytest.fixture()
+def keep_threads():
+    import faiss
+    import torch
+
+    before = torch.get_num_threads(), faiss.omp_get_max_threads()
+    yield
+    torch.set_num_threads(before[0])
+    faiss.omp_set_num_threads(before[1])
+
+
+def test_tiny_comparison_ranks_faster_with_two_streams(tmp_path, keep_threads):
+    out = tmp_path / "ratio.json"
+    argv = ["--presets", "tiny", "--shapes", "small=64x256", "--sample-images", "8"]
+    argv += ["--sample-texts", "32", "--pair-batch", "16", "--reps", "2", "--out", str(out)]
+    assert tsvc.main(argv) == 0
+    data = json.loads(out.read_text())
+    shape = data["results"][0]["shapes"]["small"]
+    assert shape["images"] == 64 and shape["queries"] == 256
+    assert shape["ratio"] > 1 and shape["query_ratio"] > 1
+    assert data["command"].endswith(" ".join(argv))
+    assert data["results"][0]["cross_encoder"]["image_tokens"] == 64
