@@ -148,6 +148,7 @@ class TorchTowers:
 
     def __init__(self, model: TwoTower) -> None:
         self.model = model
+        self.image_size, self.embed_dim = model.image_spec.size, model.config.embed_dim
         self.tokenizer = TextTokenizer(model.tokenizer_json, model.text_spec.context_length)
 
     @torch.inference_mode()
@@ -170,6 +171,7 @@ class OnnxTowers:
         from index_builder.encoders import ImageEncoder, TextEncoder
 
         bundle = Bundle.load(bundle_dir)
+        self.image_size, self.embed_dim = bundle.image_spec.size, bundle.embed_dim
         self.image = ImageEncoder(bundle, threads=threads)
         self.text = TextEncoder(bundle, threads=threads)
 
@@ -180,11 +182,12 @@ class OnnxTowers:
         return self.text.encode(batch)
 
 
-def time_two_stream(towers: Any, size: int, args: argparse.Namespace) -> dict[str, float]:
+def time_two_stream(towers: Any, args: argparse.Namespace) -> dict[str, float]:
     """Per-item encoding costs of the two towers and the single-query text latency."""
     texts = captions(args.sample_texts, seed=1)
+    images = pixels(args.sample_images, towers.image_size)
     return {
-        "image_s": seconds_per_item(towers.images, pixels(args.sample_images, size), args.batch),
+        "image_s": seconds_per_item(towers.images, images, args.batch),
         "text_s": seconds_per_item(towers.texts, texts, args.text_batch),
         "text_query_s": median_seconds(lambda: towers.texts(texts[:1]), args.reps),
     }
@@ -282,11 +285,11 @@ def compare(preset: str, args: argparse.Namespace) -> dict[str, Any]:
     model = build_model(load_preset(preset), load_weights=False).eval()
     cross = build_cross_encoder(model)
     towers = OnnxTowers(args.bundle, args.threads) if args.bundle else TorchTowers(model)
-    two = time_two_stream(towers, model.image_spec.size, args)
+    two = time_two_stream(towers, args)
     cross_times = time_cross(model, cross, args)
     shapes = {}
     for name, (images, queries) in args.shapes.items():
-        search = time_search(model.config.embed_dim, images, queries, args.k, args.reps)
+        search = time_search(towers.embed_dim, images, queries, args.k, args.reps)
         shapes[name] = {**extrapolate(two, cross_times, search, images, queries), "search": search}
     cfg = model.config
     return {
@@ -294,10 +297,9 @@ def compare(preset: str, args: argparse.Namespace) -> dict[str, Any]:
         "backend": towers.backend,
         "bundle": str(args.bundle) if args.bundle else None,
         "two_stream": {
-            "params": params(model),
-            "image_tower": cfg.image_tower,
-            "image_size": cfg.image_size,
-            "embed_dim": cfg.embed_dim,
+            **({} if args.bundle else {"params": params(model), "image_tower": cfg.image_tower}),
+            "image_size": towers.image_size,
+            "embed_dim": towers.embed_dim,
             **two,
         },
         "cross_encoder": {

@@ -12,15 +12,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_bench(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+def load_file(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
 
-report = load_bench("report")
+report = load_file(ROOT / "bench/report.py", "bench_report")
 
 TRAIN = {
     "machine": "x86_64, 2 threads",
@@ -146,7 +146,7 @@ def test_index_points_found_by_key_names():
 
 # -- two_stream_vs_cross -----------------------------------------------------------------------
 
-tsvc = load_bench("two_stream_vs_cross")
+tsvc = load_file(ROOT / "bench/two_stream_vs_cross.py", "bench_two_stream_vs_cross")
 
 
 def test_extrapolate_matches_hand_arithmetic():
@@ -216,3 +216,23 @@ def test_tiny_comparison_ranks_faster_with_two_streams(tmp_path, keep_threads):
     assert shape["ratio"] > 1 and shape["query_ratio"] > 1
     assert data["command"].endswith(" ".join(argv))
     assert data["results"][0]["cross_encoder"]["image_tokens"] == 64
+
+
+def test_two_stream_side_on_an_onnx_bundle(tmp_path, keep_threads):
+    # The service tests' tiny ONNX bundle (8x8 pixels, 8 dimensions).
+    service_fixtures = load_file(ROOT / "tests/service/conftest.py", "bench_service_fixtures")
+    bundle = service_fixtures.make_bundle(tmp_path / "bundle")
+    out = tmp_path / "ratio.json"
+    argv = ["--presets", "tiny", "--bundle", str(bundle.path), "--shapes", "small=32x64"]
+    argv += ["--sample-images", "4", "--sample-texts", "8", "--pair-batch", "4", "--reps", "1"]
+    assert tsvc.main([*argv, "--out", str(out)]) == 0
+    row = json.loads(out.read_text())["results"][0]
+    assert row["backend"] == "onnxruntime"
+    assert row["two_stream"]["embed_dim"] == bundle.embed_dim
+    assert row["two_stream"]["image_size"] == bundle.image_spec.size
+    assert row["shapes"]["small"]["ratio"] > 1
+
+
+def test_bundle_needs_one_preset():
+    with pytest.raises(SystemExit):
+        tsvc.parse_args(["--presets", "tiny,lite", "--bundle", "x"])
