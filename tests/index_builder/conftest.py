@@ -1,141 +1,18 @@
-"""Tiny bundles made with onnx.helper (no torch): a linear image tower, a bag-of-words text one."""
+"""Fixtures: a tiny ONNX bundle and a tiny gallery (helpers in tiny_bundles.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
+from tiny_bundles import make_gallery, make_tiny_bundle
 
-from index_builder.bundle import Bundle, write_bundle
-from index_builder.preprocess import ImageSpec, TextSpec
-
-WORDS = [
-    "a",
-    "an",
-    "the",
-    "red",
-    "green",
-    "blue",
-    "yellow",
-    "black",
-    "white",
-    "cat",
-    "dog",
-    "car",
-    "tree",
-    "house",
-    "apple",
-    "ball",
-    "star",
-    "sun",
-]
-
-
-def make_tokenizer(path: Path) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.save(str(path))
-    return path
-
-
-def make_onnx_pair(out: Path, dim: int, size: int, seed: int = 0) -> tuple[Path, Path]:
-    """image: flatten -> linear -> L2; text: embedding bag (masked mean) -> L2."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(seed)
-    weight = rng.standard_normal((3 * size * size, dim)).astype(np.float32)
-    table = rng.standard_normal((len(WORDS) + 2, dim)).astype(np.float32)
-    image = helper.make_graph(
-        [
-            helper.make_node("Flatten", ["pixels"], ["flat"], axis=1),
-            helper.make_node("MatMul", ["flat", "W"], ["proj"]),
-            helper.make_node("LpNormalization", ["proj"], ["embedding"], axis=1, p=2),
-        ],
-        "image",
-        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["B", 3, size, size])],
-        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["B", dim])],
-        [numpy_helper.from_array(weight, "W")],
-    )
-    text = helper.make_graph(
-        [
-            helper.make_node("Gather", ["E", "input_ids"], ["tok"]),
-            helper.make_node("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT),
-            helper.make_node("Unsqueeze", ["maskf", "axis2"], ["mask3"]),
-            helper.make_node("Mul", ["tok", "mask3"], ["masked"]),
-            helper.make_node("ReduceSum", ["masked", "axis1"], ["pooled"], keepdims=0),
-            helper.make_node("LpNormalization", ["pooled"], ["embedding"], axis=1, p=2),
-        ],
-        "text",
-        [
-            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["B", "L"]),
-            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["B", "L"]),
-        ],
-        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["B", dim])],
-        [
-            numpy_helper.from_array(table, "E"),
-            numpy_helper.from_array(np.array([2], np.int64), "axis2"),
-            numpy_helper.from_array(np.array([1], np.int64), "axis1"),
-        ],
-    )
-    paths = []
-    for name, graph in (("image.onnx", image), ("text.onnx", text)):
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-        model.ir_version = 8
-        onnx.checker.check_model(model)
-        onnx.save(model, out / name)
-        paths.append(out / name)
-    return paths[0], paths[1]
-
-
-def make_tiny_bundle(out: Path, dim: int = 8, size: int = 8, seed: int = 0) -> Bundle:
-    work = out.parent / f".{out.name}-src"
-    work.mkdir(parents=True, exist_ok=True)
-    image_onnx, text_onnx = make_onnx_pair(work, dim, size, seed)
-    return write_bundle(
-        out,
-        image_onnx=image_onnx,
-        text_onnx=text_onnx,
-        tokenizer_json=make_tokenizer(work / "tokenizer.json"),
-        embed_dim=dim,
-        image_spec=ImageSpec(size=size, resize=size),
-        text_spec=TextSpec(context_length=8),
-        opset=17,
-        extra={"source": {"checkpoint": "synthetic"}},
-    )
+from index_builder.bundle import Bundle
 
 
 @pytest.fixture
 def tiny_bundle(tmp_path) -> Bundle:
     return make_tiny_bundle(tmp_path / "bundle")
-
-
-COLOURS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220), "black": (0, 0, 0)}
-THINGS = ["cat", "dog", "car", "tree", "house"]
-
-
-def make_gallery(root: Path, n: int = 12, prefix: str = "g") -> Path:
-    """A dataset directory of n small coloured images with two captions each."""
-    from PIL import Image
-
-    from index_builder.manifest import Record, write_manifest
-
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    records = []
-    names = list(COLOURS)
-    for i in range(n):
-        colour, thing = names[i % len(names)], THINGS[i % len(THINGS)]
-        image = Image.new("RGB", (10 + i % 3, 10), COLOURS[colour])
-        image.putpixel((i % 8, 3), (255, 255, 0))
-        image.save(root / "images" / f"{prefix}{i}.png")
-        captions = (f"a {colour} {thing}", f"the {thing} is {colour}")
-        records.append(Record(f"{prefix}{i}", f"images/{prefix}{i}.png", captions, "test"))
-    write_manifest(root, records, {"name": "tiny", "fingerprint": prefix})
-    return root
 
 
 @pytest.fixture

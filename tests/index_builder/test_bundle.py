@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import make_tiny_bundle
+from tiny_bundles import make_tiny_bundle
 
 from index_builder.bundle import BUNDLE_JSON, IMAGE_ONNX, TEXT_ONNX, Bundle
 

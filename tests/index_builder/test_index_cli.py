@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import make_gallery, make_tiny_bundle
+from tiny_bundles import make_gallery, make_tiny_bundle
 
 from index_builder import faiss_index
 from index_builder.bundle import IMAGE_ONNX, Bundle
