@@ -167,7 +167,8 @@ class MvlmObjective(nn.Module):
         if self.mvm_head is not None:
             pixels = batch["pixels"]
             grid = model.image_grid
-            codes = self.tokenizer.encode(pixels, grid=grid)  # (B, N)
+            with torch.autocast(pixels.device.type, enabled=False):  # exact nearest codes
+                codes = self.tokenizer.encode(pixels.float(), grid=grid)  # (B, N)
             rng = np.random.default_rng(int(torch.randint(2**31, (1,))))  # follows torch's seed
             masked = mask_patches(
                 pixels.shape[0], grid, self.patch_mask_ratio, min_block=self.min_block, rng=rng
