@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Run every bench script one after another, then write docs/benchmarks.md (bench/report.py).
 #
-#   bench/run_all.sh                 # quick settings: tiny models, small galleries (~10 min, 2 cores)
-#   bench/run_all.sh --full          # the figures the issues ask for (an hour or more on 2 cores)
+#   bench/run_all.sh                 # quick: fewer repetitions, galleries up to 100k, a tiny
+#                                    #   noise-filter run (about 15 min on 2 cores)
+#   bench/run_all.sh --full          # full settings, 1M gallery, base preset (an hour or more)
 #   bench/run_all.sh --only two_stream_vs_cross,index_bench
 #   bench/run_all.sh --report-only   # just rebuild the report from bench/results/*.json
 #
@@ -23,7 +24,7 @@ while [ $# -gt 0 ]; do
     --full) MODE=full ;;
     --only) ONLY=",$2,"; shift ;;
     --report-only) REPORT_ONLY=1 ;;
-    -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "run_all.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -60,10 +61,10 @@ if [ "$REPORT_ONLY" = 0 ]; then
   mkdir -p bench/results
   if [ "$MODE" = quick ]; then
     bench two_stream_vs_cross --presets tiny,lite
-    bench embed_throughput --preset tiny --images 64 --captions 256
-    bench index_bench --sizes 10000 100000 --queries 200
-    bench train_throughput --preset tiny --image-size 64 --steps 3 --batch 16
-    bench objective_cost --preset tiny --rounds 1 --steps 3
+    bench embed_throughput --preset lite --images 64 --captions 512
+    bench index_bench --sizes 10000 100000 --queries 500
+    bench train_throughput --preset lite --steps 2
+    bench objective_cost --preset tiny
     bench service_load --demo-images 2000 --requests 200 --max-seconds 10
     noise_filter --set model.preset=tiny --steps 50
   else
@@ -71,6 +72,7 @@ if [ "$REPORT_ONLY" = 0 ]; then
     bench embed_throughput --preset lite
     bench index_bench --sizes 10000 100000 1000000
     bench train_throughput --preset lite
+    bench objective_cost --preset tiny
     bench objective_cost --preset lite --batch-size 16
     bench service_load --demo-images 2000 --requests 400
     noise_filter --steps 600

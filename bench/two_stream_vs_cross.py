@@ -372,7 +372,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--sample-images", type=int, default=32, help="images timed per tower")
     parser.add_argument("--sample-texts", type=int, default=256, help="captions timed")
-    parser.add_argument("--pair-batch", type=int, default=32, help="pairs per cross-encoder call")
+    parser.add_argument(
+        "--pair-batch", type=int, default=64, help="pairs per cross-encoder call (the sample)"
+    )
     parser.add_argument("--batch", type=int, default=16, help="image batch size")
     parser.add_argument("--text-batch", type=int, default=64, help="caption batch size")
     parser.add_argument("--reps", type=int, default=5, help="repetitions of latency timings")
