@@ -33,6 +33,7 @@ class MaskedTokenHead(nn.Module):
     ) -> None:
         super().__init__()
         hidden = hidden or token_width
+        self.last_accuracy: torch.Tensor | None = None
         self.mlp = nn.Sequential(
             nn.Linear(token_width + global_width, hidden),
             nn.GELU(),
@@ -54,25 +55,17 @@ class MaskedTokenHead(nn.Module):
             )
         rows, cols = (labels != IGNORE_INDEX).nonzero(as_tuple=True)  # (M,), (M,)
         if rows.numel() == 0:  # nothing masked in this batch: a zero that keeps the graph
+            self.last_accuracy = None
             return tokens.sum() * 0.0 + global_feature.sum() * 0.0
         joined = torch.cat([tokens[rows, cols], global_feature[rows]], dim=-1)  # (M, W + G)
         logits = self.mlp(joined).float()  # (M, V)
-        per_token = F.cross_entropy(logits, labels[rows, cols], reduction="none")  # (M,)
+        target = labels[rows, cols]  # (M,)
+        self.last_accuracy = (logits.detach().argmax(-1) == target).float().mean()
+        per_token = F.cross_entropy(logits, target, reduction="none")  # (M,)
         if weights is None:
             return per_token.mean()
         token_weights = weights.to(per_token.dtype)[rows]  # (M,)
         return (per_token * token_weights).sum() / token_weights.sum().clamp_min(1e-6)
-
-    @torch.no_grad()
-    def accuracy(
-        self, tokens: torch.Tensor, global_feature: torch.Tensor, labels: torch.Tensor
-    ) -> float:
-        """Top-1 accuracy at the masked positions (a training diagnostic)."""
-        rows, cols = (labels != IGNORE_INDEX).nonzero(as_tuple=True)
-        if rows.numel() == 0:
-            return float("nan")
-        joined = torch.cat([tokens[rows, cols], global_feature[rows]], dim=-1)
-        return float((self.mlp(joined).argmax(-1) == labels[rows, cols]).float().mean())
 
 
 class MvlmObjective(nn.Module):
@@ -164,6 +157,7 @@ class MvlmObjective(nn.Module):
             words = model.text_features(ids, batch["attention_mask"])["tokens"]  # (B, L, W)
             image_global = ctx.image() * self.global_scale  # (B, D)
             losses["mlm"] = self.mlm_head(words, image_global, labels, ctx.weights)
+            _log_accuracy(ctx, "mlm_acc", self.mlm_head)
         if self.mvm_head is not None:
             pixels = batch["pixels"]
             grid = model.image_grid
@@ -177,7 +171,14 @@ class MvlmObjective(nn.Module):
             labels = torch.where(masked, codes, torch.full_like(codes, IGNORE_INDEX))
             text_global = ctx.text() * self.global_scale  # (B, D)
             losses["mvm"] = self.mvm_head(patches, text_global, labels, ctx.weights)
+            _log_accuracy(ctx, "mvm_acc", self.mvm_head)
         return losses
+
+
+def _log_accuracy(ctx, name: str, head: MaskedTokenHead) -> None:
+    """Top-1 accuracy at the masked positions of this step (a training diagnostic)."""
+    if head.last_accuracy is not None:
+        ctx.logs[name] = float(head.last_accuracy)
 
 
 def check_tokenizer_fits(tokenizer: VisualTokenizer, model: nn.Module) -> None:

@@ -109,6 +109,7 @@ def test_mvlm_unit_trains_heads_and_towers_but_not_the_tokenizer(tiny_unit):
     torch.manual_seed(1)
     losses = objectives(_batch(model))
     assert {"loss/instance", "loss/mlm", "loss/mvm"} <= set(losses)
+    assert 0.0 <= objectives.logs()["mvm_acc"] <= 1.0
     assert losses["loss/mvm"].item() == pytest.approx(torch.log(torch.tensor(16.0)).item(), rel=0.3)
     losses["loss"].backward()
     assert not unit.tokenizer.training and torch.equal(unit.tokenizer.quantizer.embed, codebook)
