@@ -1,0 +1,168 @@
+"""Index build time, memory, latency, QPS and cross-modal recall@10 per FAISS index type.
+
+Synthetic unit vectors stand in for a gallery: clustered "image" embeddings, and "caption"
+queries that are noisy copies of images (another modality near, not on, the gallery).
+Exact search cannot beat the memory-bandwidth floor N*D*4 bytes / bandwidth per query.
+
+    python bench/index_bench.py --sizes 10000 100000 1000000 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from index_builder import faiss_index as fi
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def make_data(n: int, dim: int, queries: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((max(16, n // 200), dim)).astype(np.float32)
+    base = np.empty((n, dim), np.float32)
+    for start in range(0, n, 100_000):  # chunks keep the temporaries small
+        stop = min(n, start + 100_000)
+        noise = rng.standard_normal((stop - start, dim), dtype=np.float32)
+        base[start:stop] = unit(centres[rng.integers(0, len(centres), stop - start)] + 0.6 * noise)
+    picks = rng.integers(0, n, queries)
+    noise = rng.standard_normal((queries, dim), dtype=np.float32)
+    return base, unit(base[picks] + 0.5 * noise)
+
+
+def bandwidth() -> float:
+    """Bytes per second of a large numpy copy (read + write counted)."""
+    src = np.ones(1 << 27, np.float32)  # 512 MiB
+    dst = np.empty_like(src)
+    best = min(_timed(lambda: np.copyto(dst, src)) for _ in range(3))
+    return 2 * src.nbytes / best
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def blas_threshold_effect(base: np.ndarray, queries: np.ndarray) -> list[dict]:
+    """Exact search time for small query batches: SIMD path vs forcing BLAS."""
+    default = faiss.cvar.distance_compute_blas_threshold
+    rows = []
+    for nq in (1, 4, 16, 64, 256):
+        entry: dict = {"queries": nq}
+        for name, threshold in (("simd", 1 << 30), ("blas", 1)):
+            faiss.cvar.distance_compute_blas_threshold = threshold
+            reps = max(3, 64 // nq)
+            entry[f"{name}_ms_per_query"] = round(
+                1e3
+                * min(
+                    _timed(lambda q=queries[:nq]: faiss.knn(q, base, 10, fi.METRIC))
+                    for _ in range(reps)
+                )
+                / nq,
+                4,
+            )
+        rows.append(entry)
+    faiss.cvar.distance_compute_blas_threshold = default
+    return rows
+
+
+def factories(n: int) -> list[str]:
+    nlist = fi.ivf_lists(n)
+    names = ["Flat"]
+    if n <= 100_000:
+        names.append("HNSW32")
+    names += [f"IVF{nlist},Flat", f"IVF{nlist},PQ32"]
+    if n <= 100_000:
+        names.append(f"OPQ32,IVF{nlist},PQ32")
+    return names
+
+
+def bench_index(factory: str, base, queries, truth, target: float, floor_s: float) -> dict:
+    shards = [base[i : i + 100_000] for i in range(0, len(base), 100_000)]
+    build = time.perf_counter()
+    index = fi.build_index(factory, shards, base.shape[1], use_gpu=True)
+    build = time.perf_counter() - build
+    with tempfile.NamedTemporaryFile() as tmp:
+        fi.write_index(index, Path(tmp.name))
+        size = Path(tmp.name).stat().st_size
+    params, recall = fi.tune(index, queries, truth, target)
+    single = [_timed(lambda q=q: index.search(q[None], 10)) for q in queries[:200]]
+    batched = min(_timed(lambda: index.search(queries, 10)) for _ in range(2))
+    latency = float(np.median(single))
+    return {
+        "factory": factory,
+        "build_s": round(build, 2),
+        "bytes": size,
+        "search_params": params,
+        "recall_at_10": round(recall, 4),
+        "single_query_ms_p50": round(1e3 * latency, 3),
+        "single_query_ms_p95": round(1e3 * float(np.percentile(single, 95)), 3),
+        "batched_qps": round(len(queries) / batched, 1),
+        "latency_over_floor": round(latency / floor_s, 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--target-recall", type=float, default=0.95)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=str(RESULTS / "index_bench.json"))
+    args = parser.parse_args()
+    faiss.omp_set_num_threads(args.threads)
+    bw = bandwidth()
+    print(f"memory bandwidth (numpy copy): {bw / 1e9:.1f} GB/s, threads {args.threads}")
+    report: dict = {
+        "host": platform.processor() or platform.machine(),
+        "threads": args.threads,
+        "dim": args.dim,
+        "bandwidth_gb_s": round(bw / 1e9, 2),
+        "blas_threshold_used": faiss.cvar.distance_compute_blas_threshold,
+        "sizes": {},
+    }
+    for n in args.sizes:
+        base, queries = make_data(n, args.dim, args.queries)
+        truth = fi.exact_knn(queries, [base], 10)
+        floor = n * args.dim * 4 / bw
+        entry = {"floor_ms": round(1e3 * floor, 3), "indexes": []}
+        if n == args.sizes[0]:
+            report["blas_threshold"] = blas_threshold_effect(base, queries)
+            print(
+                "exact search ms/query by batch size (SIMD loop vs BLAS):",
+                report["blas_threshold"],
+            )
+        print(f"\nN={n} D={args.dim}: bandwidth floor {entry['floor_ms']:.3f} ms/query")
+        for factory in factories(n):
+            row = bench_index(factory, base, queries, truth, args.target_recall, floor)
+            entry["indexes"].append(row)
+            print(
+                f"  {factory:22s} build {row['build_s']:8.2f}s  {row['bytes'] / 2**20:8.1f} MiB  "
+                f"recall@10 {row['recall_at_10']:.3f} {row['search_params']}  "
+                f"1-query {row['single_query_ms_p50']:.3f} ms "
+                f"({row['latency_over_floor']}x floor)  "
+                f"batched {row['batched_qps']:.0f} q/s",
+                flush=True,
+            )
+            report["sizes"][str(n)] = entry
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        del base
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
