@@ -52,3 +52,14 @@ def test_user_error_is_one_line(monkeypatch, capsys):
     assert main([]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "cots serve: error: no dataset manifest at /nowhere/manifest.jsonl"
+
+
+def test_cli_reference_is_current():
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "docs" / "make_cli_reference.py"
+    spec = importlib.util.spec_from_file_location("make_cli_reference", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.OUT.read_text() == module.render(), "run python docs/make_cli_reference.py"
