@@ -19,6 +19,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     train = actions.add_parser("train", help="train on a gallery's train split, then evaluate")
     _common(train)
+    train.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="tokenizer directory to write (default: $COTS_HOME/tokenizers/<preset>)",
+    )
     train.add_argument("--preset", default="lite", help="model preset whose image tower it serves")
     train.add_argument(
         "--size", type=int, default=0, help="training image size (default: the preset's)"
@@ -35,6 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     evaluate = actions.add_parser("eval", help="reconstruction and codebook usage on a split")
     _common(evaluate)
     evaluate.add_argument(
+        "--tokenizer", type=Path, required=True, help="tokenizer directory to evaluate"
+    )
+    evaluate.add_argument(
         "--split", default="test", choices=("train", "val", "test"), help="split to score"
     )
     evaluate.add_argument("--max-images", type=int, default=4000, help="images to score")
@@ -47,12 +56,6 @@ def _common(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         help="dataset directory (default: $COTS_HOME/datasets/openclipart)",
-    )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="tokenizer directory (default: $COTS_HOME/tokenizers/<preset>)",
     )
 
 
@@ -95,15 +98,13 @@ def _eval(args: argparse.Namespace) -> int:
     from training.tokenizer_training import evaluate_tokenizer, load_pixels, save_reconstructions
     from training.visual_tokenizer import load_tokenizer
 
-    if args.out is None:
-        raise ValueError("--out must name the tokenizer directory to evaluate")
-    tokenizer, meta = load_tokenizer(args.out)
+    tokenizer, meta = load_tokenizer(args.tokenizer)
     spec = ImageSpec.from_dict(meta["image_spec"])
     data = args.data or paths.dataset_dir("openclipart")
     images = load_pixels(data, args.split, spec, args.max_images)
     metrics = {**evaluate_tokenizer(tokenizer, images, spec), "split": args.split}
     picture = save_reconstructions(
-        tokenizer, images[:8], spec, args.out / f"recon-{args.split}.png"
+        tokenizer, images[:8], spec, args.tokenizer / f"recon-{args.split}.png"
     )
     print(json.dumps(metrics, indent=2))
     print(f"reconstructions: {picture}")

@@ -126,3 +126,28 @@ def test_load_rejects_missing_or_foreign_files(tmp_path):
         load_tokenizer(tmp_path)
     with pytest.raises(ValueError, match="unknown tokenizer config keys"):
         TokenizerConfig.from_dict({"stride": 8, "colour": 1})
+
+
+def test_tokenizer_commands_train_then_eval(gallery, tmp_path, capsys):
+    import argparse
+    import json
+
+    from training.tokenizer_commands import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    out = tmp_path / "tok"
+    args = parser.parse_args(
+        ["tokenizer", "train", "--preset", "tiny", "--data", str(gallery), "--out", str(out)]
+        + ["--steps", "3", "--batch-size", "4", "--codebook-size", "16", "--width", "8"]
+    )
+    assert args.func(args) == 0
+    meta = load_tokenizer(out)[1]
+    assert meta["config"]["stride"] == 8 and meta["image_spec"]["size"] == 64
+    assert {"psnr", "perplexity", "codes_used"} <= set(
+        json.loads((out / "metrics.json").read_text())
+    )
+    assert (out / "reconstructions.png").is_file()
+    args = parser.parse_args(["tokenizer", "eval", "--tokenizer", str(out), "--data", str(gallery)])
+    assert args.func(args) == 0
+    assert '"split": "test"' in capsys.readouterr().out and (out / "recon-test.png").is_file()
