@@ -110,6 +110,7 @@ class LoopSection:
     log_every: int = 10
     seed: int = 0
     device: str = "auto"  # auto, cpu or cuda
+    threads: int = 0  # torch CPU threads for the run; 0 = torch's default
     best_metric: str = "rsum"  # the validation metric that picks the best checkpoint
 
 

@@ -32,11 +32,13 @@ class CachedTower(nn.Module):
 
     def __init__(self, features: torch.Tensor) -> None:
         super().__init__()
-        self.register_buffer("features", features)  # (N, W)
+        # A plain attribute, not a buffer: no copy in every momentum update or checkpoint.
+        self.features = features  # (N, W)
         self.width = features.shape[1]
 
     def forward(self, index: torch.Tensor, *_: object) -> dict[str, torch.Tensor]:
-        return {"pooled": self.features[index.reshape(index.shape[0], -1)[:, 0]]}  # (B, W)
+        rows = index.reshape(index.shape[0], -1)[:, 0].cpu()  # (B,)
+        return {"pooled": self.features[rows].to(index.device)}  # (B, W)
 
 
 def cached_model(model: TwoTower, image_feats: torch.Tensor, text_feats: torch.Tensor) -> TwoTower:

@@ -80,6 +80,8 @@ def prepare(cfg: TrainConfig, data: str | Path, out: str | Path, resume: bool = 
     """Checks, then builds model, objectives, dataset, evaluator and trainer (resumed if asked)."""
     model_cfg = check_run(cfg, data, out, resume)
     dist = distributed.init_distributed(cfg.train.device)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
     d = cfg.data
     has_val = bool(load_records(data, d.val_split))
