@@ -7,7 +7,9 @@ no trace of them, so query time stays two independent towers (METHOD.md).
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -167,12 +169,29 @@ class MvlmObjective(nn.Module):
             masked = mask_patches(
                 pixels.shape[0], grid, self.patch_mask_ratio, min_block=self.min_block, rng=rng
             ).to(pixels.device)  # (B, N)
-            patches = model.image_features(pixels, masked)["tokens"]  # (B, N, W)
+            with frozen_norm_statistics(model.image_tower):
+                patches = model.image_features(pixels, masked)["tokens"]  # (B, N, W)
             labels = torch.where(masked, codes, torch.full_like(codes, IGNORE_INDEX))
             text_global = ctx.text() * self.global_scale  # (B, D)
             losses["mvm"] = self.mvm_head(patches, text_global, labels, ctx.weights)
             _log_accuracy(ctx, "mvm_acc", self.mvm_head)
         return losses
+
+
+@contextlib.contextmanager
+def frozen_norm_statistics(module: nn.Module) -> Iterator[None]:
+    """BatchNorm layers normalise with batch statistics but leave their running statistics
+    alone: the masked pass (mask embeddings in the stem) must not shift the statistics that
+    the unmasked pass, evaluation and the momentum copy use (EfficientNet; ViT has none)."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for norm in norms:
+        norm.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
+    try:
+        yield
+    finally:
+        for norm, momentum in zip(norms, saved, strict=True):
+            norm.momentum = momentum
 
 
 def _log_accuracy(ctx, name: str, head: MaskedTokenHead) -> None:

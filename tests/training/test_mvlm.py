@@ -144,3 +144,16 @@ def test_mvlm_unit_rejects_a_misaligned_or_misnormalised_tokenizer(tiny_unit, tm
     cfg.data.cache_frozen_features = True
     with pytest.raises(ValueError, match="cached features"):
         MvlmObjective.from_config(cfg, model)
+
+
+def test_masked_pass_leaves_batchnorm_statistics_alone():
+    from training.mvlm import frozen_norm_statistics
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4)).train()
+    before = net[1].running_mean.clone()
+    with frozen_norm_statistics(net):
+        out = net(torch.randn(8, 3, 5, 5) + 3.0)
+    assert torch.equal(net[1].running_mean, before) and net[1].momentum == 0.1
+    assert out.mean().abs() < 1e-4  # still normalised with the batch statistics
+    net(torch.randn(8, 3, 5, 5) + 3.0)
+    assert not torch.equal(net[1].running_mean, before)
