@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import mimetypes
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 from urllib.parse import quote
 
@@ -14,12 +14,12 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
 from service.decode import decode_base64, image_to_pixels
 from service.deps import EngineDep, SettingsDep, require_admin_key, require_api_key, require_json
-from service.engine import Gallery, Hit
+from service.engine import Engine, Gallery, Hit
 from service.errors import BadContent, InvalidInput, NotFound, NotReady, UnsupportedMedia
 from service.schemas import (
     CaptionHit,
@@ -157,6 +157,41 @@ def _took_ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000, 3)
 
 
+_SHAPES: dict[str, tuple[Callable[[Request, Gallery, Hit, int], Any], type[BaseModel]]] = {
+    "text": (_image_hit, ImageResults),
+    "image": (_caption_hit, CaptionResults),
+}
+
+
+async def _search(
+    request: Request,
+    engine: Engine,
+    modality: str,
+    labels: list[str],
+    queries: list[Any],
+    k: int,
+    offset: int,
+) -> dict[str, Any]:
+    """Search one page deep and shape it: per-query results, `hits` the first's, the envelope."""
+    gallery, found = await engine.search(modality, queries, k + offset)
+    make_hit, group = _SHAPES[modality]
+    pages = [
+        [
+            make_hit(request, gallery, hit, offset + rank)
+            for rank, hit in enumerate(hits[offset:], 1)
+        ]
+        for hits in found
+    ]
+    return {
+        "hits": pages[0],
+        "results": [group(query=q, hits=p) for q, p in zip(labels, pages, strict=True)],
+        "k": k,
+        "offset": offset,
+        "bundle_id": engine.bundle.bundle_id,
+        "index_version": gallery.version,
+    }
+
+
 @api.post(
     "/search/text-to-image",
     response_model=TextToImageResponse,
@@ -171,26 +206,8 @@ async def text_to_image(
     texts = [query.text] if query.text is not None else list(query.texts or [])
     _check_texts(texts, query.text is not None, settings)
     k, offset = _page(query.k, query.offset, settings)
-    gallery, found = await engine.search("text", texts, k + offset)
-    results = [
-        ImageResults(
-            query=text,
-            hits=[
-                _image_hit(request, gallery, hit, offset + rank)
-                for rank, hit in enumerate(hits[offset:], 1)
-            ],
-        )
-        for text, hits in zip(texts, found, strict=True)
-    ]
-    return TextToImageResponse(
-        hits=results[0].hits,
-        results=results,
-        k=k,
-        offset=offset,
-        took_ms=_took_ms(start),
-        bundle_id=engine.bundle.bundle_id,
-        index_version=gallery.version,
-    )
+    found = await _search(request, engine, "text", texts, texts, k, offset)
+    return TextToImageResponse(**found, took_ms=_took_ms(start))
 
 
 _IMAGE_BODY = {
@@ -236,26 +253,8 @@ async def image_to_text(
     names, payloads, k, offset = await _read_images(request, settings)
     k, offset = _page(k, offset, settings)
     pixels = await run_in_threadpool(_decode_all, names, payloads, engine, settings)
-    gallery, found = await engine.search("image", pixels, k + offset)
-    results = [
-        CaptionResults(
-            query=name,
-            hits=[
-                _caption_hit(request, gallery, hit, offset + rank)
-                for rank, hit in enumerate(hits[offset:], 1)
-            ],
-        )
-        for name, hits in zip(names, found, strict=True)
-    ]
-    return ImageToTextResponse(
-        hits=results[0].hits,
-        results=results,
-        k=k,
-        offset=offset,
-        took_ms=_took_ms(start),
-        bundle_id=engine.bundle.bundle_id,
-        index_version=gallery.version,
-    )
+    found = await _search(request, engine, "image", names, pixels, k, offset)
+    return ImageToTextResponse(**found, took_ms=_took_ms(start))
 
 
 def _decode_all(

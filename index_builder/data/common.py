@@ -8,6 +8,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -145,6 +146,24 @@ def write_png(path: str | Path, image: Image.Image) -> None:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def save_square(image: Image.Image, path: str | Path, size: int) -> str | None:
+    """Crop a rendering to its drawn pixels and write it as a `size` square PNG.
+
+    None on success, or the reason it was skipped (nothing drawn).
+    """
+    box = content_box(image)
+    if box is None:
+        return "empty rendering"
+    write_png(path, fit_square(image.crop(box), size))
+    return None
+
+
+def path_id(prefix: str, relpath: str) -> str:
+    """A record id from a relative path: "a/b c.png" -> "<prefix>.a.b_c.png"."""
+    dotted = relpath.replace(os.sep, ".").replace("/", ".")
+    return f"{prefix}." + re.sub(r"[^A-Za-z0-9_.\-]+", "_", dotted)
 
 
 def prepare_render_dir(images: Path, params: dict[str, Any]) -> bool:

@@ -13,14 +13,12 @@ from PIL import Image, ImageDraw, ImageFont
 from index_builder.data.common import (
     ImportResult,
     Skips,
-    content_box,
     fingerprint,
-    fit_square,
     parallel_map,
     prepare_render_dir,
     progress,
     run_import,
-    write_png,
+    save_square,
 )
 from index_builder.manifest import Record, split_of
 
@@ -94,11 +92,7 @@ def render_emoji(job: tuple[str, str, str, int, bool]) -> str | None:
         return "not in the font (drawn as several glyphs)"
     canvas = Image.new("RGBA", (right + 8, bottom + 8), (0, 0, 0, 0))
     ImageDraw.Draw(canvas).text((4, 4), char, font=font, embedded_color=True)
-    box = content_box(canvas)
-    if box is None:
-        return "empty rendering"
-    write_png(dst, fit_square(canvas.crop(box), size))
-    return None
+    return save_square(canvas, dst, size)
 
 
 def import_emoji(cfg: EmojiConfig, out: str | Path) -> ImportResult:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from index_builder.data.common import (
     Skips,
     fingerprint,
     image_problem,
+    path_id,
     progress,
     run_import,
 )
@@ -66,7 +66,7 @@ def import_folder(cfg: FolderConfig, out: str | Path) -> ImportResult:
         seen: set[str] = set()
         for image in progress(images, "folder"):
             rel = image.relative_to(root).with_suffix("").as_posix()
-            rid = "folder." + re.sub(r"[^A-Za-z0-9_.\-]+", "_", rel.replace("/", "."))
+            rid = path_id("folder", rel)
             captions = sidecar_captions(image)
             if isinstance(captions, str):
                 problem: str | None = captions

@@ -18,14 +18,13 @@ from typing import Any
 from index_builder.data.common import (
     ImportResult,
     Skips,
-    content_box,
     fingerprint,
-    fit_square,
     parallel_map,
+    path_id,
     prepare_render_dir,
     progress,
     run_import,
-    write_png,
+    save_square,
 )
 from index_builder.manifest import Record, split_of
 
@@ -285,7 +284,7 @@ def caption_candidates(cands: list[Candidate], cfg: OpenClipArtConfig, skips: Sk
 
 def record_id(relpath: str) -> str:
     stem = relpath[: -len(".svg")] if relpath.lower().endswith(".svg") else relpath
-    return "oca." + re.sub(r"[^A-Za-z0-9_.\-]+", "_", stem.replace(os.sep, "."))
+    return path_id("oca", stem)
 
 
 class _Timeout(Exception):
@@ -308,12 +307,7 @@ def render_svg(job: tuple[str, str, int, int, bool]) -> str | None:
     previous = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(timeout)
     try:
-        image = _rasterise(src, 2 * size)
-        box = content_box(image)
-        if box is None:
-            return "empty rendering"
-        write_png(dst, fit_square(image.crop(box), size))
-        return None
+        return save_square(_rasterise(src, 2 * size), dst, size)
     except _Timeout:
         return f"render timed out after {timeout}s"
     except Exception as exc:  # cairosvg surfaces parser, cairo and value errors alike

@@ -9,6 +9,7 @@ the tests check ranking, not just shapes.
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,10 +21,17 @@ import pytest
 from PIL import Image
 
 from index_builder.build import IndexOptions, publish
-from index_builder.bundle import Bundle, write_bundle
+from index_builder.bundle import Bundle
 from index_builder.encoders import ImageEncoder, TextEncoder
 from index_builder.preprocess import ImageSpec, TextSpec
 from index_builder.store import IndexStore
+
+# The tiny-bundle builder of tests/index_builder (a plain module there, not a package). Found
+# through __file__, so this also works when a bench script loads this file directly.
+_SHARED = str(Path(__file__).resolve().parents[1] / "index_builder")
+if _SHARED not in sys.path:
+    sys.path.append(_SHARED)
+from tiny_bundles import save_bundle, text_graph  # noqa: E402
 
 DIM = 8
 SIZE = 8
@@ -40,19 +48,8 @@ COLOURS = {
 FILLER = ("a", "an", "the", "of", "square", "photo", "colour")
 
 
-def _tokenizer(path: Path) -> Path:
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-
-    words = ["[PAD]", "[UNK]", *COLOURS, *FILLER]
-    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.Lowercase()
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.save(str(path))
-    return path
-
-
-def _towers(out: Path, bias: float) -> tuple[Path, Path]:
-    import onnx
+def make_bundle(out: Path, bias: float = 0.1) -> Bundle:
+    """image: per-channel pixel means -> 3 of DIM axes (+ bias) -> L2; text: colour words there."""
     from onnx import TensorProto, helper, numpy_helper
 
     weight = np.zeros((3, DIM), np.float32)
@@ -78,51 +75,15 @@ def _towers(out: Path, bias: float) -> tuple[Path, Path]:
             numpy_helper.from_array(offset, "b"),
         ],
     )
-    text = helper.make_graph(
-        [
-            helper.make_node("Gather", ["E", "input_ids"], ["tok"]),  # (B, L, D)
-            helper.make_node("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT),
-            helper.make_node("Unsqueeze", ["maskf", "axis2"], ["mask3"]),
-            helper.make_node("Mul", ["tok", "mask3"], ["masked"]),
-            helper.make_node("ReduceSum", ["masked", "axis1"], ["pooled"], keepdims=0),
-            helper.make_node("LpNormalization", ["pooled"], ["embedding"], axis=1, p=2),
-        ],
-        "text",
-        [
-            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["B", "L"]),
-            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["B", "L"]),
-        ],
-        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["B", DIM])],
-        [
-            numpy_helper.from_array(table, "E"),
-            numpy_helper.from_array(np.array([2], np.int64), "axis2"),
-            numpy_helper.from_array(np.array([1], np.int64), "axis1"),
-        ],
-    )
-    paths = []
-    for name, graph in (("image.onnx", image), ("text.onnx", text)):
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-        model.ir_version = 8
-        onnx.checker.check_model(model)
-        onnx.save(model, out / name)
-        paths.append(out / name)
-    return paths[0], paths[1]
-
-
-def make_bundle(out: Path, bias: float = 0.1) -> Bundle:
-    work = out.parent / f".{out.name}-src"
-    work.mkdir(parents=True, exist_ok=True)
-    image_onnx, text_onnx = _towers(work, bias)
-    return write_bundle(
+    return save_bundle(
         out,
-        image_onnx=image_onnx,
-        text_onnx=text_onnx,
-        tokenizer_json=_tokenizer(work / "tokenizer.json"),
-        embed_dim=DIM,
-        image_spec=ImageSpec(size=SIZE, resize=SIZE, mean=(0.5,) * 3, std=(0.5,) * 3),
-        text_spec=TextSpec(context_length=16),
-        opset=17,
-        extra={"source": {"checkpoint": "synthetic colour towers"}},
+        image,
+        text_graph(table),
+        ImageSpec(size=SIZE, resize=SIZE, mean=(0.5,) * 3, std=(0.5,) * 3),
+        TextSpec(context_length=16),
+        source="synthetic colour towers",
+        words=[*COLOURS, *FILLER],
+        lowercase=True,
     )
 
 
