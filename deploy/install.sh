@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install cots and what it needs on a Debian host. The same script runs in CI and in the
 # Dockerfile, so what the tests prove installed is what the images install.
-#   deploy/install.sh dev    training + serving + test tools + Debian galleries (CI, developers)
+#   deploy/install.sh dev    training + serving + Ray + test tools + Debian galleries (CI, developers)
 #   deploy/install.sh train  training, export and index building (torch, CPU wheel)
 #   deploy/install.sh serve  serving and indexing only: no torch
 #   deploy/install.sh gpu    serving and indexing with onnxruntime-gpu and faiss-gpu
@@ -31,7 +31,7 @@ editable=()
 [ "${COTS_EDITABLE:-1}" = 1 ] && editable=(-e)
 case "$profile" in
   # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
-  dev) pip_install torch==2.13.0 && pip_install "${editable[@]}" "$here[train,serve,dev]" ;;
+  dev) pip_install torch==2.13.0 && pip_install "${editable[@]}" "$here[train,serve,ray,dev]" ;;
   train) pip_install torch==2.13.0 && pip_install "${editable[@]}" "$here[train,serve]" ;;
   serve) pip_install "${editable[@]}" "$here[serve]" ;;
   gpu) pip_install "${editable[@]}" "$here[gpu]" ;;
