@@ -83,3 +83,15 @@ def test_split_is_deterministic_and_proportional():
     assert splits == [split_of(f"key-{i}") for i in range(20000)]
     assert 0.04 < splits.count("test") / len(splits) < 0.06
     assert 0.04 < splits.count("val") / len(splits) < 0.06
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    from index_builder.atomic import atomic_write_text
+
+    atomic_write_text(tmp_path / "f.txt", "x")
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "f.txt").stat().st_mode) == 0o666 & ~mask
