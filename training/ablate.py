@@ -18,6 +18,7 @@ from typing import Any
 
 from index_builder import paths
 from index_builder.atomic import atomic_write_json, atomic_write_text
+from training.config import add_override_argument
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +66,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--rungs", default=",".join(LADDER), help=f"comma-separated subset of {', '.join(LADDER)}"
     )
-    parser.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a config override for every rung (repeatable), e.g. --set train.max_steps=300",
+    add_override_argument(
+        parser, "a config override for every rung (repeatable), e.g. --set train.max_steps=300"
     )
     parser.add_argument(
         "--tokenizer",

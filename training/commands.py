@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from index_builder import paths
+from training.config import add_override_argument
 
 
 def register_train(sub: argparse._SubParsersAction) -> None:
@@ -25,14 +26,7 @@ def register_train(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="config overrides right after RUN, e.g. optim.lr=1e-4 (or --set anywhere)",
     )
-    parser.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a config override (repeatable), e.g. --set data.batch_size=32",
-    )
+    add_override_argument(parser, "a config override (repeatable), e.g. --set data.batch_size=32")
     parser.add_argument(
         "--data",
         type=Path,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import typing
@@ -12,6 +13,13 @@ from typing import Any
 import yaml
 
 RECIPES = Path(__file__).parent / "recipes"
+
+
+def add_override_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """The repeatable `--set KEY=VALUE` flag every training front end takes (into `sets`)."""
+    parser.add_argument(
+        "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help=help_text
+    )
 
 
 @dataclass

@@ -11,6 +11,7 @@ from pathlib import Path
 from index_builder import paths
 from index_builder.atomic import atomic_write_json, read_json
 from index_builder.manifest import manifest_path
+from training.config import add_override_argument
 
 DONE = "DONE.json"
 TEST_METRICS = "test_metrics.json"
@@ -35,13 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=Path,
         help="use this gallery directory instead of building Open Clip Art",
     )
-    parser.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="training config override (repeatable), e.g. --set train.epochs=10",
+    add_override_argument(
+        parser, "training config override (repeatable), e.g. --set train.epochs=10"
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on")
     parser.add_argument("--port", type=int, default=8000, help="port to serve on (default 8000)")
