@@ -5,6 +5,11 @@ queries that are noisy copies of images (another modality near, not on, the gall
 Exact search cannot beat the memory-bandwidth floor N*D*4 bytes / bandwidth per query.
 
     python bench/index_bench.py --sizes 10000 100000 1000000 --threads 2
+    python bench/index_bench.py --sizes 1000000 --factories Flat 'IVF{nlist},Flat' \
+        --merge                     # add a 1M row set to bench/results/index_bench.json
+
+In --factories, `{nlist}` becomes the IVF list count index_builder chooses for each size
+(about 4 sqrt(N), a power of two: 256 at 10k, 1024 at 100k, 4096 at 1M).
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -78,8 +85,12 @@ def blas_threshold_effect(base: np.ndarray, queries: np.ndarray) -> list[dict]:
     return rows
 
 
-def factories(n: int) -> list[str]:
+def factories(n: int, chosen: list[str] | None = None) -> list[str]:
+    """The factory strings for a gallery of n: `chosen` with {nlist} filled in, or by default
+    all types (HNSW and OPQ only up to 100k, for their build time)."""
     nlist = fi.ivf_lists(n)
+    if chosen is not None:
+        return [name.format(nlist=nlist) for name in chosen]
     names = ["Flat"]
     if n <= 100_000:
         names.append("HNSW32")
@@ -87,6 +98,53 @@ def factories(n: int) -> list[str]:
     if n <= 100_000:
         names.append(f"OPQ32,IVF{nlist},PQ32")
     return names
+
+
+def check_factories(sizes: list[int], chosen: list[str] | None, dim: int) -> None:
+    """Fail before any data is made: a bad string, or more IVF lists than training points."""
+    for n in sizes:
+        for name in factories(n, chosen):
+            index = fi.make_index(name, dim)
+            try:
+                nlist = faiss.extract_index_ivf(index).nlist
+            except RuntimeError:
+                continue
+            if nlist > n:
+                raise ValueError(f"{name!r} has more lists ({nlist}) than vectors ({n})")
+
+
+def start_report(args: argparse.Namespace) -> dict:
+    """A fresh report, or with --merge the one at --out (same dim and threads required)."""
+    command = shlex.join(["python", "bench/index_bench.py", *sys.argv[1:]])
+    report: dict = {
+        "host": platform.processor() or platform.machine(),
+        "threads": args.threads,
+        "dim": args.dim,
+        "blas_threshold_used": faiss.cvar.distance_compute_blas_threshold,
+        "sizes": {},  # n -> bandwidth floor and query count
+        "results": [],  # one row per (n, factory)
+        "command": command,
+    }
+    out = Path(args.out)
+    if not (args.merge and out.is_file()):
+        return report
+    old = json.loads(out.read_text())
+    for key in ("dim", "threads"):
+        if old.get(key) != report[key]:
+            raise ValueError(
+                f"cannot merge into {out}: its {key} is {old.get(key)}, not {report[key]}"
+            )
+    earlier = old.get("command") or "(earlier runs: command not recorded)"
+    results = old.get("results", [])
+    for n, entry in old.get("sizes", {}).items():  # files written before "results" existed
+        results += [{"n": int(n), **row} for row in entry.pop("indexes", [])]
+    return {**old, "command": f"{earlier} && {command}", "results": results}
+
+
+def add_row(results: list[dict], row: dict) -> list[dict]:
+    """`results` with `row` replacing any earlier one of the same size and factory."""
+    kept = [r for r in results if (r["n"], r["factory"]) != (row["n"], row["factory"])]
+    return sorted([*kept, row], key=lambda r: r["n"])  # stable: run order within a size
 
 
 def bench_index(factory: str, base, queries, truth, target: float, floor_s: float) -> dict:
@@ -102,6 +160,7 @@ def bench_index(factory: str, base, queries, truth, target: float, floor_s: floa
     batched = min(_timed(lambda: index.search(queries, 10)) for _ in range(2))
     latency = float(np.median(single))
     return {
+        "n": len(base),
         "factory": factory,
         "build_s": round(build, 2),
         "bytes": size,
@@ -115,40 +174,60 @@ def bench_index(factory: str, base, queries, truth, target: float, floor_s: floa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--queries", type=int, default=1000)
-    parser.add_argument("--target-recall", type=float, default=0.95)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=str(RESULTS / "index_bench.json"))
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000], help="gallery sizes"
+    )
+    parser.add_argument(
+        "--factories",
+        nargs="+",
+        help="FAISS factory strings to run at every size, {nlist} filled in per size "
+        "(default: Flat, HNSW32, IVF{nlist},Flat, IVF{nlist},PQ32, OPQ32,IVF{nlist},PQ32; "
+        "HNSW32 and OPQ only up to 100k)",
+    )
+    parser.add_argument("--dim", type=int, default=256, help="vector dimension")
+    parser.add_argument("--queries", type=int, default=1000, help="caption queries per size")
+    parser.add_argument(
+        "--target-recall",
+        type=float,
+        default=0.95,
+        help="recall@10 that nprobe/efSearch are tuned to reach",
+    )
+    parser.add_argument("--threads", type=int, default=2, help="FAISS (OpenMP) threads")
+    parser.add_argument("--out", default=str(RESULTS / "index_bench.json"), help="JSON results")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep what --out already holds: other sizes, and at a re-run size the factories "
+        "not run again (commands joined with &&)",
+    )
     args = parser.parse_args()
+    try:
+        check_factories(args.sizes, args.factories, args.dim)
+        report = start_report(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     faiss.omp_set_num_threads(args.threads)
     bw = bandwidth()
     print(f"memory bandwidth (numpy copy): {bw / 1e9:.1f} GB/s, threads {args.threads}")
-    report: dict = {
-        "host": platform.processor() or platform.machine(),
-        "threads": args.threads,
-        "dim": args.dim,
-        "bandwidth_gb_s": round(bw / 1e9, 2),
-        "blas_threshold_used": faiss.cvar.distance_compute_blas_threshold,
-        "sizes": {},
-    }
+    report["bandwidth_gb_s"] = round(bw / 1e9, 2)  # the latest run's; floors are per size
     for n in args.sizes:
         base, queries = make_data(n, args.dim, args.queries)
         truth = fi.exact_knn(queries, [base], 10)
         floor = n * args.dim * 4 / bw
-        entry = {"floor_ms": round(1e3 * floor, 3), "indexes": []}
-        if n == args.sizes[0]:
+        report["sizes"][str(n)] = {"floor_ms": round(1e3 * floor, 3), "queries": args.queries}
+        if n == args.sizes[0] and "blas_threshold" not in report:
             report["blas_threshold"] = blas_threshold_effect(base, queries)
             print(
                 "exact search ms/query by batch size (SIMD loop vs BLAS):",
                 report["blas_threshold"],
             )
-        print(f"\nN={n} D={args.dim}: bandwidth floor {entry['floor_ms']:.3f} ms/query")
-        for factory in factories(n):
+        print(f"\nN={n} D={args.dim}: bandwidth floor {1e3 * floor:.3f} ms/query")
+        for factory in factories(n, args.factories):
             row = bench_index(factory, base, queries, truth, args.target_recall, floor)
-            entry["indexes"].append(row)
+            report["results"] = add_row(report["results"], row)
             print(
                 f"  {factory:22s} build {row['build_s']:8.2f}s  {row['bytes'] / 2**20:8.1f} MiB  "
                 f"recall@10 {row['recall_at_10']:.3f} {row['search_params']}  "
@@ -157,7 +236,6 @@ def main() -> None:
                 f"batched {row['batched_qps']:.0f} q/s",
                 flush=True,
             )
-            report["sizes"][str(n)] = entry
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
         del base
