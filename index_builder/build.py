@@ -112,8 +112,12 @@ def publish(
     rows: dict[str, list[dict[str, Any]]],
     options: IndexOptions,
     dataset: dict[str, Any],
+    bundle_path: str | Path | None = None,
 ) -> str:
-    """Build both sides into a new version and make it current; returns the version name."""
+    """Build both sides into a new version and make it current; returns the version name.
+
+    `bundle_path` (the bundle's directory) is recorded so that a service following the index
+    can load the bundle a version was built with."""
     for side in SIDES:
         if sum(len(s) for s in shards[side]) != len(rows[side]):
             raise ValueError(f"{side} side: vector count does not match the metadata rows")
@@ -124,7 +128,7 @@ def publish(
             side: index_side(side, shards[side], shards[OTHER[side]], dim, options, staging)
             for side in SIDES
         }
-        _write_info(staging, bundle_id, dim, dataset, None, sides)
+        _write_info(staging, bundle_id, bundle_path, dim, dataset, None, sides)
         version = staging.name
     return version
 
@@ -135,11 +139,13 @@ def add(
     vectors: dict[str, np.ndarray],
     rows: dict[str, list[dict[str, Any]]],
     dataset: dict[str, Any],
+    bundle_path: str | Path | None = None,
 ) -> str:
     """A new version holding the current one plus new vectors (no retraining).
 
     Recall is re-measured where the index can return its stored vectors exactly (flat
-    codes); for compressed codes it is recorded as null (run a rebuild to measure it)."""
+    codes); for compressed codes it is recorded as null (run a rebuild to measure it).
+    `bundle_path` defaults to the one the current version records."""
     known = {row["id"] for row in current.images}
     clash = sorted(known & {row["id"] for row in rows["image"]})
     if clash:
@@ -157,7 +163,10 @@ def add(
         for side in SIDES:
             sides[side].update(_remeasure(current, side, sides[side]["target_recall"]))
             sides[side]["bytes"] = (staging / INDEX_FILES[side]).stat().st_size
-        _write_info(staging, current.bundle_id, current.embed_dim, dataset, current.version, sides)
+        path = bundle_path or current.info.get("bundle_path")
+        _write_info(
+            staging, current.bundle_id, path, current.embed_dim, dataset, current.version, sides
+        )
         version = staging.name
     return version
 
@@ -205,6 +214,7 @@ def _on_disk(index: Any) -> bool:
 def _write_info(
     staging: Path,
     bundle_id: str,
+    bundle_path: str | Path | None,
     dim: int,
     dataset: dict[str, Any],
     parent: str | None,
@@ -217,6 +227,7 @@ def _write_info(
             "version": staging.name,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "bundle_id": bundle_id,
+            "bundle_path": str(Path(bundle_path).resolve()) if bundle_path else None,
             "embed_dim": dim,
             "metric": "inner_product",
             "dataset": dataset,
@@ -275,6 +286,7 @@ def index_dataset(
         rows=rows,
         options=options,
         dataset=dataset_summary(dataset, split),
+        bundle_path=bundle.path,
     )
     shutil.rmtree(work, ignore_errors=True)  # the embeddings now live in the index
     return version
@@ -294,6 +306,6 @@ def add_dataset(
     current = store.open(bundle=bundle)
     work, rows, paths = _embed_records(root, bundle, dataset, split, embedding or EmbedOptions())
     vectors = {side: np.concatenate(embed.load_shards(paths[side])) for side in SIDES}
-    version = add(store, current, vectors, rows, dataset_summary(dataset, split))
+    version = add(store, current, vectors, rows, dataset_summary(dataset, split), bundle.path)
     shutil.rmtree(work, ignore_errors=True)
     return version

@@ -167,7 +167,8 @@ def _print_version(root: str, version: str) -> None:
 
 
 def _print_info(info: dict) -> None:
-    print(f"version {info['version']}  bundle {info['bundle_id']}  dim {info['embed_dim']}")
+    where = f" ({info['bundle_path']})" if info.get("bundle_path") else ""
+    print(f"version {info['version']}  bundle {info['bundle_id']}{where}  dim {info['embed_dim']}")
     for side, other in (("image", "text"), ("text", "image")):
         s = info["sides"][side]
         recall = "n/a" if s["recall_at_10"] is None else f"{s['recall_at_10']:.3f}"

@@ -30,6 +30,7 @@ def test_build_search_info(tmp_path, tiny_bundle, gallery, capsys):
     assert sides["image"]["factory"] == "Flat" and sides["image"]["count"] == 12
     assert sides["text"]["count"] == 24 and sides["image"]["recall_at_10"] == 1.0
     assert loaded.info["dataset"]["name"] == "tiny"
+    assert loaded.info["bundle_path"] == str(tiny_bundle.path.resolve())
     assert not list((out / "work").glob("*"))  # embeddings live in the index now
     query = TextEncoder(tiny_bundle).encode(["a red cat"])
     scores, rows = loaded.search("image", query, 3)
@@ -52,6 +53,7 @@ def test_explicit_factory_and_add(tmp_path, tiny_bundle, gallery, capsys):
     loaded = IndexStore(out).open()
     assert loaded.info["parent"] == first and len(loaded.images) == 16 and len(loaded.texts) == 32
     assert loaded.info["sides"]["image"]["factory"] == "HNSW8"
+    assert loaded.info["bundle_path"] == str(tiny_bundle.path.resolve())
     assert main([*args, "--out", str(out)]) == 2  # the same ids again
     assert "already in the index" in capsys.readouterr().err
 
