@@ -2,6 +2,8 @@
 
     python bench/service_load.py --bundle DIR --index ROOT        # a real bundle and index
     python bench/service_load.py --demo-images 2000               # a synthetic torch-free pair
+    python bench/service_load.py --bundle DIR --synthetic-gallery 1000000 \
+        --synthetic-factory 'IVF{nlist},Flat'       # real towers, a million-item index
 
 The server runs in a subprocess (`cots serve` on 127.0.0.1); this process is the load
 generator (httpx, asyncio, bounded by a request count and a time limit per run). For each
@@ -9,6 +11,11 @@ endpoint and concurrency it reports client-side p50/p90/p99 latency and throughp
 the server's /metrics the mean time per stage (decode, encode, search) and micro-batch size.
 The floor is one tower pass plus one index search measured in-process (no HTTP, no batching);
 HTTP overhead = p50 at concurrency 1 minus the floor's p50.
+
+--synthetic-gallery N publishes, through index_builder's own publish path and with the
+bundle's id, a temporary index version of N clustered random unit vectors per side (each
+caption vector a noisy copy of its image's, so recall tuning is meaningful) with synthetic
+rows: the bundle's real towers encode the queries, FAISS searches an N-item index.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import io
 import json
 import os
 import platform
+import shlex
 import socket
 import subprocess
 import sys
@@ -44,7 +52,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--bundle", type=Path, help="bundle directory (omit with --demo-images)")
-    parser.add_argument("--index", type=Path, help="index root (omit with --demo-images)")
+    parser.add_argument(
+        "--index", type=Path, help="index root (omit with --demo-images or --synthetic-gallery)"
+    )
+    parser.add_argument(
+        "--synthetic-gallery",
+        type=int,
+        metavar="N",
+        help="with --bundle and no --index: index N random unit vectors per side (images, "
+        "captions) with synthetic rows in a temporary index root",
+    )
+    parser.add_argument(
+        "--synthetic-factory",
+        help="FAISS factory string for the synthetic gallery, {nlist} filled in for N "
+        "(default: index_builder's automatic choice, HNSW32 from 10k to 1M items; "
+        "IVF{nlist},Flat builds far faster at 1M)",
+    )
     parser.add_argument(
         "--demo-images",
         type=int,
@@ -59,6 +82,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--server-threads", type=int, default=1, help="COTS_INTRA_THREADS")
     parser.add_argument("--batch-wait-ms", type=float, default=2.0, help="COTS_BATCH_WAIT_MS")
     parser.add_argument("--floor-reps", type=int, default=200, help="in-process floor repetitions")
+    parser.add_argument(
+        "--ready-seconds",
+        type=float,
+        default=120.0,
+        help="how long the server may take to load the index and become ready",
+    )
     parser.add_argument(
         "--out", type=Path, default=ROOT / "bench/results/service_load.json", help="JSON results"
     )
@@ -92,6 +121,64 @@ def demo_assets(work: Path, images: int) -> tuple[Path, Path]:
         )
     fixtures.build_version(work / "index", bundle, rows)
     return bundle.path, work / "index"
+
+
+def synthetic_vectors(n: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Clustered unit "image" vectors and one unit "caption" vector near each image."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((max(16, n // 200), dim)).astype(np.float32)
+    images = np.empty((n, dim), np.float32)
+    captions = np.empty((n, dim), np.float32)
+    for start in range(0, n, 100_000):  # chunks keep the temporaries small
+        stop = min(n, start + 100_000)
+        picked = centres[rng.integers(0, len(centres), stop - start)]
+        images[start:stop] = picked + 0.6 * rng.standard_normal(picked.shape, dtype=np.float32)
+        images[start:stop] /= np.linalg.norm(images[start:stop], axis=1, keepdims=True)
+        captions[start:stop] = images[start:stop] + 0.5 * rng.standard_normal(
+            picked.shape, dtype=np.float32
+        )
+        captions[start:stop] /= np.linalg.norm(captions[start:stop], axis=1, keepdims=True)
+    return images, captions
+
+
+def synthetic_assets(work: Path, bundle_dir: Path, n: int, factory: str | None) -> Path:
+    """An index root whose current version holds n synthetic items, built for the bundle."""
+    from index_builder import faiss_index
+    from index_builder.build import IndexOptions, publish
+    from index_builder.bundle import Bundle
+    from index_builder.store import IndexStore
+
+    bundle = Bundle.load(bundle_dir)
+    if factory:  # fail before the vectors are made
+        factory = factory.format(nlist=faiss_index.ivf_lists(n))
+        faiss_index.make_index(factory, bundle.embed_dim)
+    images, captions = synthetic_vectors(n, bundle.embed_dim)
+    ids = [f"syn{i:07d}" for i in range(n)]
+    texts = [f"synthetic caption {i}" for i in range(n)]
+    rows = {
+        "image": [
+            {"id": id_, "image": f"synthetic/{id_}.png", "captions": [text], "meta": {}}
+            for id_, text in zip(ids, texts, strict=True)
+        ],
+        "text": [
+            {"id": f"{id_}#0", "image_id": id_, "text": text}
+            for id_, text in zip(ids, texts, strict=True)
+        ],
+    }
+    chunks = range(0, n, 100_000)
+    publish(
+        IndexStore(work / "index"),
+        bundle_id=bundle.bundle_id,
+        dim=bundle.embed_dim,
+        shards={
+            "image": [images[i : i + 100_000] for i in chunks],
+            "text": [captions[i : i + 100_000] for i in chunks],
+        },
+        rows=rows,
+        options=IndexOptions(factory=factory),
+        dataset={"name": f"synthetic-{n}", "path": "synthetic", "fingerprint": f"seed0-{n}"},
+    )
+    return work / "index"
 
 
 def query_image() -> bytes:
@@ -149,9 +236,12 @@ def floor(bundle_dir: Path, index_root: Path, k: int, reps: int, threads: int) -
             },
         }
     result["gallery"] = {"images": len(index.images), "captions": len(index.texts)}
+    sides = index.info["sides"]
     result["index"] = {
         "version": index.version,
-        "factories": {side: index.info["sides"][side]["factory"] for side in ("image", "text")},
+        "factories": {side: sides[side]["factory"] for side in ("image", "text")},
+        "search_params": {side: sides[side]["search_params"] for side in ("image", "text")},
+        "recall_at_10": {side: sides[side]["recall_at_10"] for side in ("image", "text")},
     }
     return result
 
@@ -178,7 +268,7 @@ def start_server(
     command = [sys.executable, "-m", "index_builder.cli", "serve", "--bundle", str(bundle)]
     command += ["--index", str(index), "--port", str(port), "--log-level", "warning"]
     server = subprocess.Popen(command, env=env)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + args.ready_seconds
     while time.monotonic() < deadline:
         if server.poll() is not None:
             raise RuntimeError(f"the server exited with code {server.returncode}")
@@ -189,7 +279,7 @@ def start_server(
             pass
         time.sleep(0.1)
     server.terminate()
-    raise RuntimeError("the server did not become ready in 60 s")
+    raise RuntimeError(f"the server did not become ready in {args.ready_seconds:g} s")
 
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:
@@ -274,7 +364,18 @@ async def load(
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="cots-bench-") as tmp:
-        if args.bundle and args.index:
+        if args.synthetic_gallery:
+            started = time.perf_counter()
+            bundle = args.bundle
+            index = synthetic_assets(
+                Path(tmp), bundle, args.synthetic_gallery, args.synthetic_factory
+            )
+            source = (
+                f"synthetic gallery: {args.synthetic_gallery} random unit vectors per side, "
+                f"factory asked {args.synthetic_factory or 'automatic'}, published in "
+                f"{time.perf_counter() - started:.1f} s"
+            )
+        elif args.bundle and args.index:
             bundle, index, source = args.bundle, args.index, "given"
         else:
             bundle, index = demo_assets(Path(tmp), args.demo_images)
@@ -326,15 +427,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "floor_in_process": reference,
         "endpoints": endpoints,
         "http_overhead_p50_ms": overhead,
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": shlex.join(["python", "bench/service_load.py", *sys.argv[1:]]),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if bool(args.bundle) != bool(args.index):
+    if args.synthetic_gallery is not None:
+        if not args.bundle or args.index:
+            raise SystemExit("--synthetic-gallery needs --bundle and no --index")
+        if args.synthetic_gallery < 1:
+            raise SystemExit("--synthetic-gallery must be at least 1")
+    elif bool(args.bundle) != bool(args.index):
         raise SystemExit("give both --bundle and --index, or neither (demo assets)")
-    results = run(args)
+    try:
+        results = run(args)
+    except ValueError as exc:  # a factory FAISS rejects, a bundle that does not load...
+        raise SystemExit(f"service_load: error: {exc}") from None
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"floor: {json.dumps(results['floor_in_process'])}")
