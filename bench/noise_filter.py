@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -127,6 +128,7 @@ def main() -> int:
         "test_with_amf": {k: with_amf["metrics"][k] for k in keys},
     }
     result["rsum_gain"] = result["test_with_amf"]["rsum"] - result["test_without_amf"]["rsum"]
+    result["command"] = shlex.join(["python", "bench/noise_filter.py", *sys.argv[1:]])
     (args.out / "noise_filter.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return 0

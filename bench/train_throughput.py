@@ -11,6 +11,7 @@ import argparse
 import json
 import platform
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -100,6 +101,7 @@ def main() -> None:
         "note": "one optimiser step = online (+ momentum for cots) forward, backward, AdamW, "
         "queue/EMA update; synthetic batch, no data loading; shared machine, so indicative",
         "results": rows,
+        "command": shlex.join(["python", "bench/train_throughput.py", *sys.argv[1:]]),
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")
