@@ -169,6 +169,7 @@ def synthetic_assets(work: Path, bundle_dir: Path, n: int, factory: str | None) 
     publish(
         IndexStore(work / "index"),
         bundle_id=bundle.bundle_id,
+        bundle_path=bundle.path,
         dim=bundle.embed_dim,
         shards={
             "image": [images[i : i + 100_000] for i in chunks],
