@@ -22,7 +22,11 @@ FLAGS = {
     "batch_wait_ms": "micro-batch wait in ms (env COTS_BATCH_WAIT_MS, default 2)",
     "intra_threads": "ONNX Runtime threads per call, 0 = all cores (env COTS_INTRA_THREADS)",
     "watch_interval_s": "seconds between CURRENT checks, 0 = off (env COTS_WATCH_INTERVAL_S)",
+    "follow_bundle": "serve the bundle each index version records: a version built with another "
+    "bundle swaps in with it instead of being refused (env COTS_FOLLOW_BUNDLE=true)",
 }
+# Flags that take no value: present means "true".
+SWITCHES = {"follow_bundle"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,7 +38,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(COTS_API_KEY and COTS_ADMIN_KEY only from the environment, never on the command line).",
     )
     for name, text in FLAGS.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, help=text)
+        flag = f"--{name.replace('_', '-')}"
+        if name in SWITCHES:
+            parser.add_argument(flag, dest=name, action="store_const", const="true", help=text)
+        else:
+            parser.add_argument(flag, dest=name, help=text)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
     parser.add_argument(
@@ -92,10 +100,7 @@ def load_settings() -> Settings:
 
 def preflight(settings: Settings) -> None:
     """Refuse to start on a missing or mismatched bundle/index, with one clear line."""
-    from index_builder.bundle import Bundle
     from index_builder.store import IndexStore
-    from service.engine import check_compatible
+    from service.engine import resolve_bundle
 
-    bundle = Bundle.load(settings.bundle)
-    store = IndexStore(settings.index)
-    check_compatible(bundle, store.read_info(), store.current() or "?")
+    resolve_bundle(settings, IndexStore(settings.index))

@@ -1,14 +1,15 @@
-"""The search engine: bundle encoders, the served index version, micro-batches and hot swaps."""
+"""The search engine: the served (bundle, encoders, index) triple, micro-batches and hot swaps."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property, partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,6 +19,9 @@ from service.batching import MicroBatcher
 from service.errors import Conflict, NotFound, NotReady
 from service.metrics import Metrics
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from index_builder.encoders import ImageEncoder, TextEncoder
 
 log = logging.getLogger(__name__)
 
@@ -29,23 +33,35 @@ class Hit:
 
 
 @dataclass(frozen=True)
-class Job:
-    """One query in a micro-batch: the input, the index version it searches and how deep."""
+class Encoders:
+    """Both towers of one bundle, opened with ONNX Runtime."""
 
-    query: Any  # str for text, (3, S, S) float32 pixels for an image
-    index: LoadedIndex
-    depth: int
+    bundle: Bundle
+    text: TextEncoder
+    image: ImageEncoder
+
+    def encode(self, modality: str, queries: list[Any]) -> np.ndarray:
+        """(Q, D) unit vectors: "text" queries are strings, "image" ones (3, S, S) pixels."""
+        if modality == "text":
+            return self.text.encode(queries)
+        return self.image.encode_pixels(np.stack(queries))
 
 
 class Gallery:
-    """One loaded index version plus the lookups the image route needs."""
+    """What one request is served with: a loaded index version and the bundle's encoders
+    (the bundle the index was built with), plus the lookups the image route needs."""
 
-    def __init__(self, index: LoadedIndex) -> None:
+    def __init__(self, index: LoadedIndex, encoders: Encoders) -> None:
         self.index = index
+        self.encoders = encoders
 
     @property
     def version(self) -> str:
         return self.index.version
+
+    @property
+    def bundle(self) -> Bundle:
+        return self.encoders.bundle
 
     @cached_property
     def image_rows(self) -> dict[str, int]:
@@ -62,24 +78,35 @@ class Gallery:
         return path
 
 
+@dataclass(frozen=True)
+class Job:
+    """One query in a micro-batch: the input, the gallery (encoders + index) it started on
+    and how deep it searches."""
+
+    query: Any  # str for text, (3, S, S) float32 pixels for an image
+    gallery: Gallery
+    depth: int
+
+
 class Engine:
-    """Owns everything a search needs; `gallery` is swapped atomically by reference.
+    """Owns everything a search needs; `gallery` (index + encoders + bundle) is swapped
+    atomically by reference.
 
     A request takes `engine.gallery` once and keeps that object, so a swap never changes the
-    index under a request in flight; the old version is freed when its last request ends.
+    index, the encoders or the bundle under a request in flight; the old ones are freed when
+    their last request ends.
     """
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
         self.store = IndexStore(settings.index)
-        self.bundle = Bundle.load(settings.bundle)
         # Refuse to start on a mismatch: checked on index.json before anything heavy loads.
-        check_compatible(self.bundle, self.store.read_info(), self.store.current() or "?")
+        self.bundle, self._first = resolve_bundle(settings, self.store)
         self.executor = ThreadPoolExecutor(settings.batch_workers, thread_name_prefix="cots-encode")
         self.gallery: Gallery | None = None
+        self.encoders: Encoders | None = None  # the served bundle's (ready before a gallery)
         self.load_error: str | None = None
-        self._encoders: dict[str, Any] = {}
         self._rejected: str | None = None
         self._swap_lock = asyncio.Lock()
         wait = settings.batch_wait_ms / 1000
@@ -101,12 +128,16 @@ class Engine:
             batcher.start()
 
     async def load(self) -> None:
-        """Open both encoders and the CURRENT index in the thread pool (the app answers
-        /health meanwhile, and /ready says 503)."""
+        """Open both encoders and the index version checked at start in the thread pool (the
+        app answers /health meanwhile, and /ready says 503); the watcher takes it from there."""
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self.executor, self._open_encoders)
-            gallery = await loop.run_in_executor(self.executor, self._open_gallery, None)
+            self.encoders = await loop.run_in_executor(
+                self.executor, self._open_encoders, self.bundle
+            )
+            gallery = await loop.run_in_executor(
+                self.executor, self._open_gallery, self._first, self.encoders
+            )
         except (OSError, ValueError, KeyError) as exc:
             self.load_error = str(exc)
             log.error("loading failed: %s", exc)
@@ -119,23 +150,25 @@ class Engine:
             await batcher.stop()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
-    def _open_encoders(self) -> None:
+    def _open_encoders(self, bundle: Bundle) -> Encoders:
         from index_builder.encoders import ImageEncoder, TextEncoder
 
         threads = self.settings.intra_threads or None
         batch = self.settings.batch_size
-        self._encoders = {
-            "text": TextEncoder(self.bundle, threads=threads, batch_size=batch),
-            "image": ImageEncoder(self.bundle, threads=threads, batch_size=batch),
-        }
+        return Encoders(
+            bundle,
+            text=TextEncoder(bundle, threads=threads, batch_size=batch),
+            image=ImageEncoder(bundle, threads=threads, batch_size=batch),
+        )
 
-    def _open_gallery(self, version: str | None) -> Gallery:
-        gallery = Gallery(self.store.open(version, bundle=self.bundle))
+    def _open_gallery(self, version: str | None, encoders: Encoders) -> Gallery:
+        gallery = Gallery(self.store.open(version, bundle=encoders.bundle), encoders)
         _ = gallery.image_rows  # build the id map off the event loop
         return gallery
 
     def _install(self, gallery: Gallery) -> None:
-        self.gallery = gallery
+        self.gallery = gallery  # the one assignment requests see: the triple changes at once
+        self.encoders, self.bundle = gallery.encoders, gallery.bundle
         for side in ("image", "text"):
             self.metrics.gallery_size.labels(side).set(len(gallery.index.rows(side)))
         self.metrics.ready.set(1)
@@ -149,40 +182,41 @@ class Engine:
 
     # -- search ----------------------------------------------------------------------------
 
-    async def search(self, modality: str, queries: list[Any], depth: int) -> tuple[Gallery, list]:
+    async def search(
+        self, modality: str, queries: list[Any], depth: int, gallery: Gallery | None = None
+    ) -> tuple[Gallery, list]:
         """Encode `queries` ("text": strings, "image": pixel arrays) with one tower and search
-        the other side of the current gallery; returns the gallery used and hits per query."""
-        gallery = self.current()
-        jobs = [Job(query, gallery.index, depth) for query in queries]
+        the other side of `gallery` (default: the current one); returns the gallery used and
+        hits per query. Image routes pass the gallery whose bundle preprocessed the pixels."""
+        gallery = gallery or self.current()
+        jobs = [Job(query, gallery, depth) for query in queries]
         return gallery, await self.batchers[modality].submit(jobs)
 
     def _run_batch(self, modality: str, jobs: list[Job]) -> list[list[Hit]]:
-        """One encoder call for the whole micro-batch, then one search per index version."""
+        """One encoder call per bundle in the micro-batch (one, except around a bundle swap),
+        then one search per index version; a query never meets another bundle's encoder."""
         self.metrics.batch_size.labels(modality).observe(len(jobs))
-        with self.metrics.timed("encode", modality):
-            if modality == "text":
-                vectors = self._encoders["text"].encode([job.query for job in jobs])
-            else:
-                vectors = self._encoders["image"].encode_pixels(np.stack([j.query for j in jobs]))
-        vectors = np.nan_to_num(vectors, copy=False)  # a degenerate input must not reach FAISS
         side = "image" if modality == "text" else "text"
         results: list[list[Hit]] = [[] for _ in jobs]
-        groups: dict[int, list[int]] = {}
-        for i, job in enumerate(jobs):
-            groups.setdefault(id(job.index), []).append(i)
-        with self.metrics.timed("search", modality):
-            for members in groups.values():
-                index = jobs[members[0]].index
-                depth = max(jobs[i].depth for i in members)
-                scores, rows = index.search(side, vectors[members], depth)
-                for j, i in enumerate(members):
-                    results[i] = [
-                        Hit(int(r), min(1.0, max(-1.0, float(s))))
-                        for s, r in zip(
-                            scores[j, : jobs[i].depth], rows[j, : jobs[i].depth], strict=True
-                        )
-                        if r >= 0
-                    ]
+        for members in _group(range(len(jobs)), lambda i: jobs[i].gallery.encoders):
+            encoders = jobs[members[0]].gallery.encoders
+            with self.metrics.timed("encode", modality):
+                vectors = encoders.encode(modality, [jobs[i].query for i in members])
+            vectors = np.nan_to_num(vectors, copy=False)  # a degenerate input must not reach FAISS
+            position = {i: p for p, i in enumerate(members)}
+            with self.metrics.timed("search", modality):
+                for part in _group(members, lambda i: jobs[i].gallery.index):
+                    index = jobs[part[0]].gallery.index
+                    depth = max(jobs[i].depth for i in part)
+                    scores, rows = index.search(side, vectors[[position[i] for i in part]], depth)
+                    for j, i in enumerate(part):
+                        results[i] = [
+                            Hit(int(r), min(1.0, max(-1.0, float(s))))
+                            for s, r in zip(
+                                scores[j, : jobs[i].depth], rows[j, : jobs[i].depth], strict=True
+                            )
+                            if r >= 0
+                        ]
         return results
 
     # -- hot swap --------------------------------------------------------------------------
@@ -190,9 +224,11 @@ class Engine:
     async def reload(self, version: str | None = None) -> tuple[str | None, str]:
         """Load `version` (default: what CURRENT names) in the background and swap to it.
 
-        Returns (previous version, served version). A version built with another bundle, or
-        one that cannot be read, is refused (Conflict) and the old one keeps serving."""
-        if not self._encoders:
+        Returns (previous version, served version). A version built with another bundle is
+        refused (Conflict) unless `follow_bundle` is on; then the bundle its index.json records
+        is loaded and verified, its encoders opened, and bundle, encoders and index swap
+        together. A version that cannot be read is refused; the old one keeps serving."""
+        if self.encoders is None:
             raise NotReady("the service is still loading its encoders")
         async with self._swap_lock:
             loop = asyncio.get_running_loop()
@@ -204,19 +240,28 @@ class Engine:
                 return previous, target
             if not (self.store.version_dir(target) / "index.json").is_file():
                 raise NotFound(f"index version {target} not found under {self.store.root}")
+            bundle = self.bundle
             try:
                 info = await loop.run_in_executor(None, self.store.read_info, target)
-                check_compatible(self.bundle, info, target)
-            except ValueError as exc:
+                if self.settings.follow_bundle and info.get("bundle_id") != bundle.bundle_id:
+                    bundle = await loop.run_in_executor(None, load_recorded_bundle, info, target)
+                check_compatible(bundle, info, target)
+            except (OSError, ValueError) as exc:
                 raise self._refuse(target, "rejected", exc) from None
             try:
-                gallery = await loop.run_in_executor(None, self._open_gallery, target)
+                encoders = self.encoders
+                if bundle is not self.bundle:  # new towers load while the old ones serve
+                    encoders = await loop.run_in_executor(None, self._open_encoders, bundle)
+                gallery = await loop.run_in_executor(None, self._open_gallery, target, encoders)
             except (OSError, ValueError, KeyError) as exc:
                 raise self._refuse(target, "failed", exc) from None
+            old_bundle = self.bundle.bundle_id
             self._install(gallery)
             self._rejected = None
             self.metrics.swaps.labels("swapped").inc()
             log.info("swapped index version %s -> %s", previous, target)
+            if gallery.bundle.bundle_id != old_bundle:
+                log.info("swapped bundle %s -> %s", old_bundle, gallery.bundle.bundle_id)
             return previous, target
 
     def _refuse(self, version: str, result: str, exc: Exception) -> Conflict:
@@ -245,6 +290,52 @@ class Engine:
                 await self.reload(target)
             except (Conflict, NotFound) as exc:
                 log.warning("index watcher: %s", exc.detail)
+
+
+def _group(indices: Iterable[int], key: Callable[[int], object]) -> list[list[int]]:
+    """`indices` grouped by the identity of `key(i)`, in first-seen order."""
+    groups: dict[int, list[int]] = {}
+    for i in indices:
+        groups.setdefault(id(key(i)), []).append(i)
+    return list(groups.values())
+
+
+def resolve_bundle(settings: Settings, store: IndexStore) -> tuple[Bundle, str]:
+    """The bundle to start with and the CURRENT version it was checked against:
+    `settings.bundle`, or with `follow_bundle` the bundle CURRENT's index.json records when
+    they differ (a pod restarted after a bundle swap); a mismatch is refused."""
+    bundle = Bundle.load(settings.bundle)
+    info = store.read_info()  # CURRENT's; no index is a FileNotFoundError
+    version = str(info["version"])
+    if settings.follow_bundle and info.get("bundle_id") != bundle.bundle_id:
+        log.warning(
+            "index version %s was built with bundle %s, not %s (%s): following it",
+            version,
+            info.get("bundle_id"),
+            bundle.bundle_id,
+            settings.bundle,
+        )
+        bundle = load_recorded_bundle(info, version)
+    check_compatible(bundle, info, version)
+    return bundle, version
+
+
+def load_recorded_bundle(info: dict[str, Any], version: str) -> Bundle:
+    """The bundle an index version records (`bundle_path`), checked against its files'
+    hashes and the version's `bundle_id`."""
+    path = info.get("bundle_path")
+    if not path:
+        raise ValueError(
+            f"index version {version} was built with bundle {info.get('bundle_id')} but records "
+            "no bundle_path to load it from; rebuild it with this version of `cots index`"
+        )
+    bundle = Bundle.load(path)
+    if bundle.bundle_id != info.get("bundle_id"):
+        raise ValueError(
+            f"index version {version} was built with bundle {info.get('bundle_id')}, but the "
+            f"bundle at its bundle_path {path} is {bundle.bundle_id} (replaced since the build)"
+        )
+    return bundle
 
 
 def check_compatible(bundle: Bundle, info: dict[str, Any], version: str) -> None:

@@ -171,9 +171,11 @@ async def _search(
     queries: list[Any],
     k: int,
     offset: int,
+    gallery: Gallery | None = None,
 ) -> dict[str, Any]:
-    """Search one page deep and shape it: per-query results, `hits` the first's, the envelope."""
-    gallery, found = await engine.search(modality, queries, k + offset)
+    """Search one page deep and shape it: per-query results, `hits` the first's, the envelope
+    (the bundle and index version are those of the gallery the request was served with)."""
+    gallery, found = await engine.search(modality, queries, k + offset, gallery)
     make_hit, group = _SHAPES[modality]
     pages = [
         [
@@ -187,7 +189,7 @@ async def _search(
         "results": [group(query=q, hits=p) for q, p in zip(labels, pages, strict=True)],
         "k": k,
         "offset": offset,
-        "bundle_id": engine.bundle.bundle_id,
+        "bundle_id": gallery.bundle.bundle_id,
         "index_version": gallery.version,
     }
 
@@ -249,18 +251,20 @@ async def image_to_text(
     """Search gallery captions with images (multipart upload, or JSON with base64): the image
     tower encodes, the caption index answers."""
     start = time.perf_counter()
-    engine.current()  # a 503 before reading a large body
+    gallery = engine.current()  # a 503 before reading a large body
     names, payloads, k, offset = await _read_images(request, settings)
     k, offset = _page(k, offset, settings)
-    pixels = await run_in_threadpool(_decode_all, names, payloads, engine, settings)
-    found = await _search(request, engine, "image", names, pixels, k, offset)
+    # Preprocess with this gallery's bundle and encode with its encoders, even if a swap
+    # to another bundle happens meanwhile.
+    pixels = await run_in_threadpool(_decode_all, names, payloads, gallery, engine, settings)
+    found = await _search(request, engine, "image", names, pixels, k, offset, gallery)
     return ImageToTextResponse(**found, took_ms=_took_ms(start))
 
 
 def _decode_all(
-    names: list[str], payloads: list[bytes], engine: Any, settings: Settings
+    names: list[str], payloads: list[bytes], gallery: Gallery, engine: Engine, settings: Settings
 ) -> list[np.ndarray]:
-    spec = engine.bundle.image_spec
+    spec = gallery.bundle.image_spec
     pixels = []
     for name, data in zip(names, payloads, strict=True):
         with engine.metrics.timed("decode", "image"):
@@ -376,8 +380,8 @@ async def gallery_image(
 @api.get("/info", response_model=Info, tags=["status"])
 async def info(engine: EngineDep, settings: SettingsDep) -> Info:
     """The bundle, the served index version, gallery size, index types and request limits."""
-    bundle = engine.bundle
     gallery = engine.gallery
+    bundle = gallery.bundle if gallery is not None else engine.bundle
     index: dict[str, Any] = {}
     counts = {"images": 0, "captions": 0}
     if gallery is not None:
@@ -434,7 +438,8 @@ async def reload(
     engine: EngineDep, body: Annotated[ReloadRequest | None, Body()] = None
 ) -> ReloadResponse:
     """Load CURRENT (or `version`) in the background and swap to it; a version built with
-    another bundle is refused (409) and the old one keeps serving."""
+    another bundle is refused (409) and the old one keeps serving, unless the service follows
+    bundles (COTS_FOLLOW_BUNDLE): then the bundle the version records swaps in with it."""
     if engine.gallery is None and engine.load_error is None:
         raise NotReady("the service is still loading")
     previous, served = await engine.reload(body.version if body else None)

@@ -62,6 +62,11 @@ class Settings(BaseSettings):
     watch_interval_s: float = Field(
         default=2.0, ge=0, description="how often to check the index CURRENT pointer (0: never)"
     )
+    follow_bundle: bool = Field(
+        default=False,
+        description="when CURRENT moves to a version built with another bundle, load the bundle "
+        "its index.json records and swap bundle and index together (off: refuse the version)",
+    )
     thumbnail_cache: int = Field(default=512, ge=0, description="thumbnails kept in memory")
 
     @field_validator("cors_origins", mode="before")

@@ -9,6 +9,7 @@ the tests check ranking, not just shapes.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import sys
 import threading
 import time
@@ -114,6 +115,7 @@ def build_version(root: Path, bundle: Bundle, gallery: list[dict]) -> str:
         rows={"image": [{**row, "meta": {}} for row in gallery], "text": texts},
         options=IndexOptions(factory="Flat", use_gpu=False, queries=16),
         dataset={"name": "colours", "path": "synthetic", "fingerprint": "test"},
+        bundle_path=bundle.path,
     )
 
 
@@ -233,6 +235,14 @@ def open_client():
             yield test_client
 
     return opener
+
+
+@pytest.fixture
+def root(tmp_path, assets):
+    """A private copy of the session index root (for tests that move its CURRENT)."""
+    target = tmp_path / "index"
+    shutil.copytree(assets["index"], target)
+    return target
 
 
 @pytest.fixture(scope="session")

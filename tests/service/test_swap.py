@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import re
-import shutil
 import threading
 import time
 
@@ -18,14 +17,6 @@ from index_builder.cli import main as cots
 from index_builder.store import IndexStore
 from service.app import create_app
 from service.engine import Engine
-
-
-@pytest.fixture
-def root(tmp_path, assets):
-    """A private copy of the session index root (these tests move its CURRENT)."""
-    target = tmp_path / "index"
-    shutil.copytree(assets["index"], target)
-    return target
 
 
 def _png(rgb) -> bytes:
@@ -85,21 +76,23 @@ def test_swap_under_traffic_fails_no_request(root, assets, settings_for, serve, 
     assert 'cots_index_swaps_total{result="swapped"} 1.0' in metrics
 
 
-def test_in_flight_requests_finish_on_the_old_version(root, settings_for, serve, build):
+def test_in_flight_requests_finish_on_the_old_version(
+    root, settings_for, serve, build, monkeypatch
+):
     settings = settings_for(index=root, admin_key="adm1n", batch_wait_ms=0)
     app = create_app(settings)
     with serve(app) as server:
         engine: Engine = app.state.engine
         entered, release = threading.Event(), threading.Event()
-        real = engine._encoders["text"]
+        real = engine.gallery.encoders.text
+        encode = real.encode
 
-        class Held:
-            def encode(self, texts):
-                entered.set()
-                release.wait(10)
-                return real.encode(texts)
+        def held(texts):
+            entered.set()
+            release.wait(10)
+            return encode(texts)
 
-        engine._encoders["text"] = Held()
+        monkeypatch.setattr(real, "encode", held)
         result: dict = {}
 
         def slow_request() -> None:
@@ -114,7 +107,7 @@ def test_in_flight_requests_finish_on_the_old_version(root, settings_for, serve,
         new = build(root)
         reload = httpx.post(f"{server.url}/admin/reload", headers={"X-API-Key": "adm1n"})
         assert reload.json() == {"previous_version": old, "index_version": new, "swapped": True}
-        engine._encoders["text"] = real
+        monkeypatch.setattr(real, "encode", encode)
         release.set()
         thread.join()
         after = httpx.post(f"{server.url}/search/text-to-image", json={"text": "red"}).json()
@@ -153,9 +146,9 @@ def test_ready_is_503_until_loaded(settings_for, open_client, monkeypatch):
     gate = threading.Event()
     original = Engine._open_encoders
 
-    def held(self):
+    def held(self, bundle):
         gate.wait(10)
-        original(self)
+        return original(self, bundle)
 
     monkeypatch.setattr(Engine, "_open_encoders", held)
     with open_client(settings_for(), ready=False) as client:
