@@ -80,6 +80,12 @@ def parse_rebuild(argv: list[str]) -> Any:
     return parse_cli(argv)
 
 
+def serve_switches() -> set[str]:
+    """`cots serve` flags that take no value (`--follow-bundle`)."""
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return {o for a in sub.choices["serve"]._actions if a.nargs == 0 for o in a.option_strings}
+
+
 def serve_default_port() -> int:
     return parse_cli(["serve"]).port
 
@@ -604,7 +610,8 @@ def test_guide_documents_every_setting_and_real_targets(dockerfile, routes):
     mentioned = set(re.findall(r"\b(COTS_[A-Z_]+)\b", text))
     assert mentioned - set(settings_env()) <= set(NON_SETTINGS_ENV) | {"COTS_MODEL"}
     assert set(re.findall(r"--target (\w+)", text)) <= set(stages)
+    switches = serve_switches()
     for flag in re.findall(r"`(--[a-z-]+)`", text):
-        parse_cli(["serve", flag, "1"])
+        parse_cli(["serve", flag] if flag in switches else ["serve", flag, "1"])
     for path in re.findall(r"localhost:8000(/[\w/-]*)", text):
         assert path in routes, f"the guide uses {path}, which the app does not serve"
