@@ -92,7 +92,9 @@ def train_tokenizer(
         optimiser.step()
         if step % 10 == 0:
             rate = (step + 1) * settings.batch_size / (time.perf_counter() - start)
-            bar.set_postfix(mse=f"{out['mse'].item():.4f}", img_s=f"{rate:.1f}")
+            restarts = tokenizer.quantizer.restarts
+            bar.set_postfix(mse=f"{out['mse'].item():.4f}", restarts=restarts, img_s=f"{rate:.1f}")
+    log.info("tokenizer: %d dead codes restarted in training", tokenizer.quantizer.restarts)
     return tokenizer.eval().requires_grad_(False)
 
 

@@ -2,7 +2,8 @@
 discrete codes, one per image-tower patch (ViT) or last-stage feature-map cell (CNN).
 
 VQ-VAE (van den Oord et al. 2017) with an exponential-moving-average codebook (Razavi et al.
-2019) and restarts of unused codes (Dhariwal et al. 2020, Jukebox). Trained once on the
+2019), a k-means start, restarts of unused codes (Dhariwal et al. 2020, Jukebox) and optional
+cosine lookup (Yu et al. 2022, ViT-VQGAN) against codebook collapse. Trained once on the
 gallery images (`cots tokenizer train`), then frozen: MVM predicts its codes.
 """
 
@@ -22,12 +23,22 @@ from index_builder.atomic import atomic_open
 
 WEIGHTS = "tokenizer.safetensors"
 META_KEY = "cots_tokenizer"
+CODEBOOKS = ("ema", "loss")
+INITS = ("kmeans", "batch", "random")
+KMEANS_ITERS = 10
+EPS = 1e-5  # Laplace smoothing of the EMA cluster sizes
+# How checkpoints written before these fields existed were trained and look codes up.
+LEGACY = {"codebook": "ema", "init": "batch", "restart_after": 0, "cosine": False}
+# Training-only fields of older checkpoints: "restart_below" restarted codes whose EMA count
+# fell below that fraction of a fair share, which at decay 0.99 takes an unused code ~230 steps.
+RETIRED = {"restart_below"}
 
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    """Architecture of the VQ-VAE. `stride` must equal the image tower's patch size (ViT)
-    or total stride (CNN: 32 for EfficientNet), so that code (i, j) covers tower cell (i, j)."""
+    """Architecture and codebook training of the VQ-VAE. `stride` must equal the image tower's
+    patch size (ViT) or total stride (CNN: 32 for EfficientNet), so that code (i, j) covers
+    tower cell (i, j)."""
 
     stride: int = 32
     codebook_size: int = 512
@@ -36,22 +47,35 @@ class TokenizerConfig:
     max_width: int = 128
     res_blocks: int = 2
     beta: float = 0.25  # commitment weight
+    codebook: str = "ema"  # "ema": moving averages (Razavi et al. 2019); "loss": codebook loss
     decay: float = 0.99  # EMA decay of the codebook
-    restart_below: float = 0.1  # restart codes used less than this x their fair share
+    init: str = "kmeans"  # first batch's encoder outputs: "kmeans", "batch" (random rows), "random"
+    restart_after: int = 20  # restart codes unused for this many steps (Jukebox); 0: never
+    cosine: bool = False  # L2-normalised codes and encoder outputs (ViT-VQGAN)
 
     def __post_init__(self) -> None:
         if self.stride < 2:
             raise ValueError(f"tokenizer stride must be at least 2, got {self.stride}")
         if self.codebook_size < 2:
             raise ValueError(f"codebook size must be at least 2, got {self.codebook_size}")
+        if self.codebook not in CODEBOOKS:
+            raise ValueError(
+                f"tokenizer codebook must be one of {CODEBOOKS}, got {self.codebook!r}"
+            )
+        if self.init not in INITS:
+            raise ValueError(f"tokenizer init must be one of {INITS}, got {self.init!r}")
+        if self.restart_after < 0:
+            raise ValueError(f"restart_after must be >= 0, got {self.restart_after}")
 
     @classmethod
     def from_dict(cls, obj: dict[str, Any]) -> TokenizerConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(obj) - known
+        """A saved config; keys it lacks take their LEGACY values, so a checkpoint written
+        before they existed loads as it was trained."""
+        obj = {k: v for k, v in obj.items() if k not in RETIRED}
+        unknown = set(obj) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown tokenizer config keys {sorted(unknown)}")
-        return cls(**obj)
+        return cls(**{**LEGACY, **obj})
 
 
 def stride_factors(stride: int) -> list[int]:
@@ -95,61 +119,118 @@ class ResBlock(nn.Module):
 
 
 class VectorQuantizer(nn.Module):
-    """Nearest-code quantisation with an EMA codebook; straight-through gradients."""
+    """Nearest-code quantisation with straight-through gradients. The codebook learns by
+    EMA (`ema=True`) or by the codebook loss; optional k-means start, restarts of codes
+    unused for `restart_after` steps and cosine (L2-normalised) lookup."""
 
-    def __init__(self, size: int, dim: int, decay: float, restart_below: float) -> None:
+    def __init__(
+        self,
+        size: int,
+        dim: int,
+        *,
+        beta: float = 0.25,
+        decay: float = 0.99,
+        ema: bool = True,
+        init: str = "kmeans",
+        restart_after: int = 0,
+        cosine: bool = False,
+    ) -> None:
         super().__init__()
-        self.decay, self.restart_below = decay, restart_below
-        self.register_buffer("embed", torch.randn(size, dim) * 0.1)
+        self.beta, self.decay, self.ema, self.init = beta, decay, ema, init
+        self.restart_after, self.cosine = restart_after, cosine
+        embed = torch.randn(size, dim) * 0.1
+        if ema:
+            self.register_buffer("embed", embed)
+        else:
+            self.embed = nn.Parameter(embed)
         self.register_buffer("cluster_size", torch.ones(size))
-        self.register_buffer("embed_sum", self.embed.clone())
+        self.register_buffer("embed_sum", embed.clone())
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("unused", torch.zeros(size, dtype=torch.long), persistent=False)
+        self.restarts = 0  # codes restarted since construction, for logging
+
+    def codebook(self) -> torch.Tensor:
+        """The code vectors lookups compare against (K, D): unit length under `cosine`."""
+        return F.normalize(self.embed, dim=1) if self.cosine else self.embed
 
     def codes(self, flat: torch.Tensor) -> torch.Tensor:
         """flat (M, D) -> index of the nearest code (M,)."""
-        dist = (
-            flat.pow(2).sum(1, keepdim=True)
-            - 2 * flat @ self.embed.T
-            + self.embed.pow(2).sum(1)[None]
-        )  # (M, K)
-        return dist.argmin(1)
+        return nearest(flat, self.codebook())
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """z (B, D, h, w) -> (quantised z (B, D, h, w), codes (B, h, w), commitment loss)."""
+        """z (B, D, h, w) -> (quantised z (B, D, h, w), codes (B, h, w), VQ loss): the
+        commitment term beta * |z - sg[e]|^2, plus |sg[z] - e|^2 without EMA."""
         batch, dim, height, width = z.shape
         flat = z.permute(0, 2, 3, 1).reshape(-1, dim)  # (M, D)
+        if self.cosine:
+            flat = F.normalize(flat, dim=1)
         if self.training:
             self._update(flat.detach())
         codes = self.codes(flat.detach())  # (M,)
-        quantised = self.embed[codes]  # (M, D)
-        commitment = F.mse_loss(flat, quantised)
+        quantised = self.codebook()[codes]  # (M, D)
+        loss = self.beta * F.mse_loss(flat, quantised.detach())
+        if not self.ema:
+            loss = loss + F.mse_loss(quantised, flat.detach())
         quantised = flat + (quantised - flat).detach()  # straight-through estimator
         out = quantised.view(batch, height, width, dim).permute(0, 3, 1, 2)
-        return out, codes.view(batch, height, width), commitment
+        return out, codes.view(batch, height, width), loss
 
     @torch.no_grad()
     def _update(self, flat: torch.Tensor) -> None:
+        """One training step: first-batch initialisation, EMA statistics, restarts."""
+        size = self.embed.shape[0]
+        fair_share = flat.shape[0] / size  # vectors per code per step if usage were uniform
         if not bool(self.initialised):
-            fair_share = flat.shape[0] / self.embed.shape[0]
-            self._reset(torch.arange(self.embed.shape[0]), flat, count=fair_share)
+            if self.init != "random":
+                self._set(torch.arange(size), initial_codes(flat, size, self.init), fair_share)
             self.initialised.fill_(True)
         codes = self.codes(flat)  # (M,)
-        counts = torch.bincount(codes, minlength=self.embed.shape[0]).to(flat.dtype)  # (K,)
-        sums = torch.zeros_like(self.embed).index_add_(0, codes, flat)  # (K, D)
-        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
-        self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
-        self.embed.copy_(self.embed_sum / self.cluster_size.clamp_min(1e-5)[:, None])
-        fair_share = flat.shape[0] / self.embed.shape[0]  # vectors per code per step if uniform
-        dead = self.cluster_size < self.restart_below * fair_share
-        if dead.any():
-            self._reset(dead.nonzero().flatten(), flat, count=fair_share)
+        counts = torch.bincount(codes, minlength=size).to(flat.dtype)  # (K,)
+        if self.ema:  # van den Oord et al. 2017 appendix; Sonnet's VectorQuantizerEMA
+            sums = torch.zeros_like(self.embed).index_add_(0, codes, flat)  # (K, D)
+            self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+            self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+            total = self.cluster_size.sum()  # Laplace smoothing keeps every count positive
+            smoothed = (self.cluster_size + EPS) / (total + size * EPS) * total  # (K,)
+            self.embed.copy_(self.embed_sum / smoothed[:, None])
+        if self.restart_after > 0:
+            self.unused.add_(1).masked_fill_(counts > 0, 0)
+            dead = (self.unused >= self.restart_after).nonzero().flatten()
+            if dead.numel():
+                picks = torch.randint(flat.shape[0], (dead.numel(),), device=flat.device)
+                self._set(dead, flat[picks], fair_share)
+                self.restarts += dead.numel()
 
-    def _reset(self, index: torch.Tensor, flat: torch.Tensor, count: float) -> None:
-        """Move codes `index` onto random encoder outputs of this batch (Jukebox restarts)."""
-        picks = torch.randint(flat.shape[0], (index.numel(),), device=flat.device)
-        self.embed[index] = flat[picks]
+    def _set(self, index: torch.Tensor, vectors: torch.Tensor, count: float) -> None:
+        """Move codes `index` onto `vectors`, as if each had been used `count` times."""
+        self.embed[index] = vectors
         self.cluster_size[index] = count
-        self.embed_sum[index] = flat[picks] * count
+        self.embed_sum[index] = vectors * count
+        self.unused[index] = 0
+
+
+def nearest(flat: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """flat (M, D), codebook (K, D) -> index of the nearest code by Euclidean distance (M,)."""
+    dist = (
+        flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codebook.T + codebook.pow(2).sum(1)[None]
+    )  # (M, K)
+    return dist.argmin(1)
+
+
+def initial_codes(flat: torch.Tensor, size: int, init: str) -> torch.Tensor:
+    """`size` starting codes from one batch of encoder outputs flat (M, D): distinct random
+    rows ("batch"; with repeats when M < size), then Lloyd iterations ("kmeans")."""
+    if flat.shape[0] >= size:
+        picks = torch.randperm(flat.shape[0], device=flat.device)[:size]
+    else:
+        picks = torch.randint(flat.shape[0], (size,), device=flat.device)
+    centres = flat[picks]  # (K, D)
+    for _ in range(KMEANS_ITERS if init == "kmeans" else 0):
+        assign = nearest(flat, centres)  # (M,)
+        counts = torch.bincount(assign, minlength=size).to(flat.dtype)[:, None]  # (K, 1)
+        sums = torch.zeros_like(centres).index_add_(0, assign, flat)  # (K, D)
+        centres = torch.where(counts > 0, sums / counts.clamp_min(1.0), centres)
+    return centres
 
 
 class VisualTokenizer(nn.Module):
@@ -171,7 +252,14 @@ class VisualTokenizer(nn.Module):
             nn.Conv2d(top, config.code_dim, 1),
         )
         self.quantizer = VectorQuantizer(
-            config.codebook_size, config.code_dim, config.decay, config.restart_below
+            config.codebook_size,
+            config.code_dim,
+            beta=config.beta,
+            decay=config.decay,
+            ema=config.codebook == "ema",
+            init=config.init,
+            restart_after=config.restart_after,
+            cosine=config.cosine,
         )
         up: list[nn.Module] = []
         for i in reversed(range(len(factors))):
@@ -193,11 +281,10 @@ class VisualTokenizer(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         """pixels (B, 3, H, W) normalised -> reconstruction, codes (B, h, w) and the losses."""
-        quantised, codes, commitment = self.quantizer(self.encoder(pixels))
+        quantised, codes, vq_loss = self.quantizer(self.encoder(pixels))
         recon = self.decoder(quantised)[..., : pixels.shape[2], : pixels.shape[3]]
         mse = F.mse_loss(recon, pixels)
-        loss = mse + self.config.beta * commitment
-        return {"recon": recon, "codes": codes, "mse": mse, "loss": loss}
+        return {"recon": recon, "codes": codes, "mse": mse, "loss": mse + vq_loss}
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
@@ -215,7 +302,7 @@ class VisualTokenizer(nn.Module):
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (B, h, w) -> pixels (B, 3, h * stride, w * stride) in normalised space."""
-        return self.decoder(self.quantizer.embed[codes].permute(0, 3, 1, 2))
+        return self.decoder(self.quantizer.codebook()[codes].permute(0, 3, 1, 2))
 
 
 def save_tokenizer(directory: str | Path, tokenizer: VisualTokenizer, meta: dict) -> Path:
