@@ -357,7 +357,8 @@ def index_points(data: Any) -> list[dict[str, Any]]:
 
 def plot_recall_latency(data: Any, out: Path) -> Path | None:
     points = [p for p in index_points(data) if isinstance(p["recall"], int | float)]
-    return _scatter(points, "latency", "recall", "recall@10", out, logx=True)
+    # points of one type come from different gallery sizes: mark each with its size, unjoined
+    return _scatter(points, "latency", "recall", "recall@10", out, logx=True, join=False)
 
 
 def plot_latency_size(data: Any, out: Path) -> Path | None:
@@ -366,7 +367,14 @@ def plot_latency_size(data: Any, out: Path) -> Path | None:
 
 
 def _scatter(
-    points: list[dict], x: str, y: str, label: str, out: Path, logx: bool, logy: bool = False
+    points: list[dict],
+    x: str,
+    y: str,
+    label: str,
+    out: Path,
+    logx: bool,
+    logy: bool = False,
+    join: bool = True,
 ) -> Path | None:
     if not points:
         return None
@@ -374,8 +382,12 @@ def _scatter(
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for kind in dict.fromkeys(p["type"] for p in points):
         mine = sorted((p for p in points if p["type"] == kind), key=lambda p: p[x])
-        style = "k--" if "floor" in kind else "o-"  # a bound, not an index
+        style = "k--" if "floor" in kind else ("o-" if join else "o")  # a floor is a bound
         ax.plot([p[x] for p in mine], [p[y] for p in mine], style, label=kind)
+        for p in mine if not join else []:
+            if isinstance(p["size"], int):
+                ax.annotate(f"{p['size']:,}", (p[x], p[y]), fontsize=6, xytext=(3, 3),
+                            textcoords="offset points")  # fmt: skip
     unit = " (ms)" if all("ms" in p["latency_key"] for p in points) else ""
     latency_label = f"latency{unit}"
     ax.set_xlabel(latency_label if x == "latency" else label)
