@@ -97,7 +97,9 @@ def test_on_disk_merge_equals_in_memory(data, tmp_path):
 def test_choose_factory_by_size_and_budget():
     gib = 1 << 30
     assert fi.choose_factory(5000, 256, gib) == "Flat"
-    assert fi.choose_factory(100_000, 256, gib) == "HNSW32"
+    assert fi.choose_factory(30_000, 256, gib) == "HNSW32"
+    assert fi.choose_factory(100_000, 256, gib) == "IVF1024,Flat"
+    assert fi.choose_factory(1_000_000, 256, 4 * gib) == "IVF4096,Flat"
     assert fi.choose_factory(5_000_000, 256, 8 * gib) == "IVF8192,Flat"
     assert fi.choose_factory(5_000_000, 256, gib) == "IVF8192,PQ64"
     assert fi.choose_factory(5_000_000, 256, 150 << 20) == "IVF8192,PQ16"
