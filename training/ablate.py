@@ -18,7 +18,7 @@ from typing import Any
 
 from index_builder import paths
 from index_builder.atomic import atomic_write_json, atomic_write_text
-from training.config import add_override_argument
+from training.config import add_data_argument, add_override_argument
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Runs every rung with the same base recipe and overrides, evaluates each "
         "best checkpoint on the test split, writes ablation.md, ablation.json, ablation.png.",
     )
-    parser.add_argument(
-        "--data",
-        type=Path,
-        default=None,
-        help="dataset directory (default: $COTS_HOME/datasets/openclipart)",
-    )
+    add_data_argument(parser)
     parser.add_argument(
         "--out",
         type=Path,
@@ -87,7 +82,7 @@ def _ablate(args: argparse.Namespace) -> int:
     unknown = [r for r in rungs if r not in LADDER]
     if unknown:
         raise ValueError(f"unknown rung(s) {', '.join(unknown)} (known: {', '.join(LADDER)})")
-    data = args.data or paths.dataset_dir("openclipart")
+    data = args.data
     out = args.out or paths.run_dir("ablation")
     results = run_ladder(
         data, out, rungs, args.base, args.sets, args.tokenizer, args.tokenizer_steps, args.split

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from index_builder import paths
-from training.config import add_override_argument
+from training.config import add_data_argument, add_override_argument
 
 
 def register_train(sub: argparse._SubParsersAction) -> None:
@@ -27,12 +27,7 @@ def register_train(sub: argparse._SubParsersAction) -> None:
         help="config overrides right after RUN, e.g. optim.lr=1e-4 (or --set anywhere)",
     )
     add_override_argument(parser, "a config override (repeatable), e.g. --set data.batch_size=32")
-    parser.add_argument(
-        "--data",
-        type=Path,
-        default=None,
-        help="dataset directory (default: $COTS_HOME/datasets/openclipart)",
-    )
+    add_data_argument(parser)
     parser.add_argument(
         "--out", type=Path, default=None, help="run directory (default: $COTS_HOME/runs/<recipe>)"
     )
@@ -48,7 +43,7 @@ def _train(args: argparse.Namespace) -> int:
     from training.run import prepare
 
     cfg = load_config(args.run, [*args.overrides, *args.sets])
-    data = args.data or paths.dataset_dir("openclipart")
+    data = args.data
     out = args.out or paths.run_dir(cfg.name)
     trainer = prepare(cfg, data, out, args.resume)
     try:
@@ -75,12 +70,7 @@ def register_eval(sub: argparse._SubParsersAction) -> None:
         required=True,
         help="checkpoint directory (e.g. RUN/checkpoints/best)",
     )
-    parser.add_argument(
-        "--data",
-        type=Path,
-        default=None,
-        help="dataset directory (default: $COTS_HOME/datasets/openclipart)",
-    )
+    add_data_argument(parser)
     parser.add_argument(
         "--split", default="test", choices=("train", "val", "test"), help="split to score"
     )
@@ -99,9 +89,7 @@ def _eval(args: argparse.Namespace) -> int:
     from training.evaluate import SplitEvaluator
 
     read_meta(args.checkpoint)  # a bad checkpoint fails before the dataset is read
-    evaluator = SplitEvaluator(
-        args.data or paths.dataset_dir("openclipart"), args.split, args.batch_size
-    )
+    evaluator = SplitEvaluator(args.data, args.split, args.batch_size)
     device = pick_device(args.device)
     model, meta = load_model(args.checkpoint, device)
     metrics = {

@@ -12,7 +12,19 @@ from typing import Any
 
 import yaml
 
+from index_builder import paths
+
 RECIPES = Path(__file__).parent / "recipes"
+
+
+def add_data_argument(parser: argparse.ArgumentParser) -> None:
+    """The `--data DIR` flag every training front end takes; the default gallery if omitted."""
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=paths.dataset_dir("openclipart"),
+        help="dataset directory (default: $COTS_HOME/datasets/openclipart)",
+    )
 
 
 def add_override_argument(parser: argparse.ArgumentParser, help_text: str) -> None:

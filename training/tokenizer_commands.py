@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from index_builder import paths
+from training.config import add_data_argument
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     train = actions.add_parser("train", help="train on a gallery's train split, then evaluate")
-    _common(train)
+    add_data_argument(train)
     train.add_argument(
         "--out",
         type=Path,
@@ -39,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--seed", type=int, default=0, help="random seed")
     train.set_defaults(func=_train)
     evaluate = actions.add_parser("eval", help="reconstruction and codebook usage on a split")
-    _common(evaluate)
+    add_data_argument(evaluate)
     evaluate.add_argument(
         "--tokenizer", type=Path, required=True, help="tokenizer directory to evaluate"
     )
@@ -48,15 +49,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     evaluate.add_argument("--max-images", type=int, default=4000, help="images to score")
     evaluate.set_defaults(func=_eval)
-
-
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--data",
-        type=Path,
-        default=None,
-        help="dataset directory (default: $COTS_HOME/datasets/openclipart)",
-    )
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -86,7 +78,7 @@ def _train(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     out = args.out or paths.home() / "tokenizers" / args.preset
-    data = args.data or paths.dataset_dir("openclipart")
+    data = args.data
     metrics = run_tokenizer_training(data, out, config, spec, settings)
     print(json.dumps(metrics, indent=2))
     print(f"tokenizer: {out} (use objectives.mvlm.tokenizer={out})")
@@ -100,7 +92,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     tokenizer, meta = load_tokenizer(args.tokenizer)
     spec = ImageSpec.from_dict(meta["image_spec"])
-    data = args.data or paths.dataset_dir("openclipart")
+    data = args.data
     images = load_pixels(data, args.split, spec, args.max_images)
     metrics = {**evaluate_tokenizer(tokenizer, images, spec), "split": args.split}
     picture = save_reconstructions(
