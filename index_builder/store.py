@@ -52,6 +52,21 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def check_bundle(bundle: Any, info: dict[str, Any], version: str) -> None:
+    """Refuse a bundle other than the one that embedded a version, from its index.json alone
+    (cheap enough to run before the version's indexes are read)."""
+    if int(bundle.embed_dim) != int(info["embed_dim"]):
+        raise ValueError(
+            f"bundle {bundle.bundle_id} embeds in {bundle.embed_dim} dimensions but index "
+            f"version {version} holds {info['embed_dim']}-dimensional vectors"
+        )
+    if bundle.bundle_id != info["bundle_id"]:
+        raise ValueError(
+            f"index version {version} was built with bundle {info['bundle_id']}, "
+            f"not {bundle.bundle_id}; rebuild it with `cots index rebuild`"
+        )
+
+
 @dataclass
 class LoadedIndex:
     """One version in memory: both FAISS indexes, their row metadata and `index.json`."""
@@ -76,16 +91,7 @@ class LoadedIndex:
 
     def check_bundle(self, bundle: Any) -> None:
         """Refuse a bundle other than the one that embedded this index."""
-        if int(bundle.embed_dim) != self.embed_dim:
-            raise ValueError(
-                f"bundle {bundle.bundle_id} embeds in {bundle.embed_dim} dimensions but index "
-                f"version {self.version} holds {self.embed_dim}-dimensional vectors"
-            )
-        if bundle.bundle_id != self.bundle_id:
-            raise ValueError(
-                f"index version {self.version} was built with bundle {self.bundle_id}, "
-                f"not {bundle.bundle_id}; rebuild it with `cots index rebuild`"
-            )
+        check_bundle(bundle, self.info, self.version)
 
     def search(self, side: str, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k by inner product on one side: (scores (Q, k), rows (Q, k)); k is capped

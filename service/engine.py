@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from index_builder.bundle import Bundle
-from index_builder.store import IndexStore, LoadedIndex
+from index_builder.store import IndexStore, LoadedIndex, check_bundle
 from service.batching import MicroBatcher
 from service.errors import Conflict, NotFound, NotReady
 from service.metrics import Metrics
@@ -245,7 +245,7 @@ class Engine:
                 info = await loop.run_in_executor(None, self.store.read_info, target)
                 if self.settings.follow_bundle and info.get("bundle_id") != bundle.bundle_id:
                     bundle = await loop.run_in_executor(None, load_recorded_bundle, info, target)
-                check_compatible(bundle, info, target)
+                check_bundle(bundle, info, target)
             except (OSError, ValueError) as exc:
                 raise self._refuse(target, "rejected", exc) from None
             try:
@@ -316,7 +316,7 @@ def resolve_bundle(settings: Settings, store: IndexStore) -> tuple[Bundle, str]:
             settings.bundle,
         )
         bundle = load_recorded_bundle(info, version)
-    check_compatible(bundle, info, version)
+    check_bundle(bundle, info, version)
     return bundle, version
 
 
@@ -336,16 +336,3 @@ def load_recorded_bundle(info: dict[str, Any], version: str) -> Bundle:
             f"bundle at its bundle_path {path} is {bundle.bundle_id} (replaced since the build)"
         )
     return bundle
-
-
-def check_compatible(bundle: Bundle, info: dict[str, Any], version: str) -> None:
-    """The same check `LoadedIndex.check_bundle` makes, on index.json alone (cheap, at start)."""
-    if int(info.get("embed_dim", -1)) != bundle.embed_dim or info.get("bundle_id") != (
-        bundle.bundle_id
-    ):
-        raise ValueError(
-            f"index version {version} was built with bundle {info.get('bundle_id')} "
-            f"(dimension {info.get('embed_dim')}), but the service loads bundle "
-            f"{bundle.bundle_id} (dimension {bundle.embed_dim}); serve the bundle the index "
-            "was built with, or rebuild the index with this bundle"
-        )
