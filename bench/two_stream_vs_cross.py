@@ -97,9 +97,8 @@ class CrossEncoder(nn.Module):
 def build_cross_encoder(model: TwoTower) -> CrossEncoder:
     """A cross-encoder with the text tower's width, depth, heads and vocabulary."""
     cfg = model.config
-    vocab = TextTokenizer(model.tokenizer_json, cfg.context_length).vocab_size
     return CrossEncoder(
-        vocab_size=vocab,
+        vocab_size=model.text_tower.embeddings.word_embeddings.num_embeddings,
         width=cfg.text_width,
         layers=cfg.text_layers,
         heads=cfg.text_heads,
