@@ -35,7 +35,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("cots-data/runs/noise-filter"))
     parser.add_argument("--noise", type=float, default=0.2, help="fraction of pairs corrupted")
     parser.add_argument("--steps", type=int, default=600, help="optimiser steps per run")
-    parser.add_argument("--base", default="cots", help="base recipe of both runs")
+    parser.add_argument("--base", default="cots-cpu", help="base recipe or run file of both runs")
     parser.add_argument(
         "--set", dest="sets", action="append", default=[], help="override for both runs"
     )
@@ -78,25 +78,77 @@ def train(data: Path, out: Path, base: str, overrides: list[str], record: bool) 
     trainer.fit()
     model, _ = load_model(out / "checkpoints" / "best", trainer.device)
     metrics = SplitEvaluator(data, "test").evaluate(model, trainer.device)
-    return {"metrics": metrics, "decisions": amf.recorder if amf is not None else None}
+    if amf is None:
+        return {"metrics": metrics}
+    return {"metrics": metrics, "decisions": amf.recorder, "lam": amf.filter.lam}
 
 
-def filter_scores(decisions: list, noisy: set[int]) -> dict[str, float]:
-    """Precision/recall of 'dropped' at finding corrupted pairs, over active decisions."""
-    active = [(i, k) for i, k, on in decisions if on]
+LAMBDAS = (0.5, 1.0, 1.5, 2.0, 3.0)
+
+
+def filter_scores(decisions: list, noisy: set[int]) -> dict:
+    """Precision/recall of 'dropped' at finding corrupted pairs over the filter's active
+    decisions, the same for other thresholds lam (drop when z < -lam), and the AUC of -z."""
+    active = [(i, k, z) for i, k, z in decisions if z is not None]
     if not active:
         return {"decisions": 0}
-    index = torch.cat([i for i, _ in active])
-    dropped = torch.cat([k for _, k in active]) == 0
-    is_noisy = torch.tensor([int(i) in noisy for i in index])
-    hit = int((dropped & is_noisy).sum())
+    index = torch.cat([i for i, _, _ in active])
+    dropped = torch.cat([k for _, k, _ in active]) == 0
+    z = torch.cat([z for _, _, z in active]).numpy()
+    is_noisy = np.array([int(i) in noisy for i in index])
     return {
         "decisions": int(index.numel()),
+        "noisy_share": float(is_noisy.mean()),
+        **_precision_recall(dropped.numpy(), is_noisy),
+        "auc": _auc(-z, is_noisy),
+        "by_lambda": {str(lam): _precision_recall(z < -lam, is_noisy) for lam in LAMBDAS},
+    }
+
+
+def _precision_recall(dropped: np.ndarray, is_noisy: np.ndarray) -> dict:
+    hit = int((dropped & is_noisy).sum())
+    return {
         "dropped": int(dropped.sum()),
         "precision": hit / int(dropped.sum()) if dropped.any() else None,  # undefined
         "recall": hit / max(1, int(is_noisy.sum())),
-        "noisy_share": float(is_noisy.float().mean()),
     }
+
+
+def _auc(score: np.ndarray, positive: np.ndarray) -> float | None:
+    """Probability that a random positive scores above a random negative (ties count half)."""
+    pos, neg = score[positive], np.sort(score[~positive])
+    if not len(pos) or not len(neg):
+        return None
+    below = np.searchsorted(neg, pos, "left") + np.searchsorted(neg, pos, "right")
+    return float(below.sum() / 2 / (len(pos) * len(neg)))
+
+
+def plot(decisions: list, noisy: set[int], lam: float, path: Path) -> None:
+    """Histogram of the last quarter's z scores, clean vs corrupted pairs, with the threshold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    active = [(i, z) for i, _, z in decisions if z is not None]
+    if not active:
+        return
+    index = torch.cat([i for i, _ in active]).numpy()
+    z = torch.cat([z for _, z in active]).numpy()
+    is_noisy = np.array([int(i) in noisy for i in index])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bins = np.linspace(z.min(), z.max(), 60)
+    ax.hist(z[~is_noisy], bins, alpha=0.6, label="clean pairs")
+    ax.hist(z[is_noisy], bins, alpha=0.6, label="corrupted pairs")
+    ax.axvline(-lam, color="k", linestyle="--", label=f"AMF threshold (mean - {lam} std)")
+    ax.set(
+        xlabel="momentum similarity, FIFO standard deviations from the FIFO mean", ylabel="pairs"
+    )
+    ax.set_title("AMF scores over the last quarter of training")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def main() -> int:
@@ -114,7 +166,7 @@ def main() -> int:
         [*common, *switches("instance", "amf")],
         True,
     )
-    decisions = with_amf["decisions"] or []
+    decisions = with_amf["decisions"]
     last = decisions[len(decisions) * 3 // 4 :]
     keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
     result = {
@@ -129,6 +181,7 @@ def main() -> int:
     }
     result["rsum_gain"] = result["test_with_amf"]["rsum"] - result["test_without_amf"]["rsum"]
     result["command"] = shlex.join(["python", "bench/noise_filter.py", *sys.argv[1:]])
+    plot(last, noisy, with_amf["lam"], args.out / "noise_filter.png")
     (args.out / "noise_filter.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return 0

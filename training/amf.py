@@ -49,11 +49,16 @@ class AdaptiveMomentumFilter(nn.Module):
 
     def threshold(self) -> float | None:
         """mean - lam * std of the FIFO, or None while warming up."""
+        stats = self.statistics()
+        return None if stats is None else stats[0] - self.lam * stats[1]
+
+    def statistics(self) -> tuple[float, float] | None:
+        """(mean, std) of the FIFO, or None while warming up."""
         filled = int(min(int(self.count), self.history.numel()))
         if int(self.calls) < self.warmup or filled < self.min_history:
             return None
         scores = self.history[:filled]
-        return float(scores.mean() - self.lam * scores.std())
+        return float(scores.mean()), float(scores.std())
 
     def _push(self, similarity: torch.Tensor) -> None:
         size = self.history.numel()
@@ -77,8 +82,9 @@ class AmfObjective(nn.Module):
         self.filter = AdaptiveMomentumFilter(size, lam, warmup, min_history)
         self.register_buffer("seen", torch.zeros((), dtype=torch.long))
         self.register_buffer("dropped", torch.zeros((), dtype=torch.long))
-        # Benchmarks set a list here to collect (index, keep, filter active) per micro-batch.
-        self.recorder: list[tuple[torch.Tensor, torch.Tensor, bool]] | None = None
+        # Benchmarks set a list here to collect, per micro-batch, (index, keep, z) where z is
+        # each score in FIFO standard deviations from the FIFO mean (None while warming up).
+        self.recorder: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = None
 
     @classmethod
     def from_config(cls, cfg, model: nn.Module) -> AmfObjective:
@@ -87,7 +93,7 @@ class AmfObjective(nn.Module):
 
     def forward(self, ctx) -> dict[str, torch.Tensor]:
         similarity = (ctx.image_key() * ctx.text_key()).sum(-1)  # (B,) momentum s = v'.t'
-        active = self.filter.threshold() is not None
+        stats = self.filter.statistics()
         keep = self.filter(similarity)  # (B,)
         ctx.weights = keep if ctx.weights is None else ctx.weights * keep
         self.seen += keep.numel()
@@ -95,5 +101,6 @@ class AmfObjective(nn.Module):
         ctx.logs["amf_filtered"] = 1.0 - self.filter.last_kept_fraction
         ctx.logs["amf_filtered_total"] = float(self.dropped) / max(1, int(self.seen))
         if self.recorder is not None and "index" in ctx.batch:
-            self.recorder.append((ctx.batch["index"].cpu(), keep.cpu(), active))
+            z = None if stats is None else (similarity.cpu() - stats[0]) / max(stats[1], 1e-12)
+            self.recorder.append((ctx.batch["index"].cpu(), keep.cpu(), z))
         return {}

@@ -80,3 +80,14 @@ def test_state_round_trips_through_state_dict_and_rejects_bad_sizes():
     assert clone.threshold() == pytest.approx(amf.threshold())
     with pytest.raises(ValueError, match="min_history"):
         AdaptiveMomentumFilter(size=16, min_history=32)
+
+
+def test_statistics_are_the_fifo_mean_and_std_after_warmup():
+    amf = AdaptiveMomentumFilter(size=8, lam=1.5, warmup=2, min_history=4)
+    amf(torch.tensor([0.1, 0.2, 0.3]))
+    assert amf.statistics() is None  # one call, three scores
+    amf(torch.tensor([0.4, 0.5]))
+    mean, std = amf.statistics()
+    values = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5])
+    assert mean == pytest.approx(float(values.mean())) and std == pytest.approx(float(values.std()))
+    assert amf.threshold() == pytest.approx(mean - 1.5 * std)
