@@ -14,6 +14,8 @@ EXTRA_OF = {
     **dict.fromkeys(["cairosvg", "emoji", "defusedxml"], "data"),
     "ray": "ray",
 }
+# Other spellings of a command: `cots train tokenizer ...` runs `cots tokenizer train ...`.
+ALIASES = {("train", "tokenizer"): ("tokenizer", "train")}
 COMMAND_ORDER = ("data", "train", "eval", "export", "index", "serve", "demo", "ablate")
 
 DESCRIPTION = """\
@@ -48,9 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def expand_aliases(argv: Sequence[str]) -> list[str]:
+    """Rewrite an alias spelling of the command (the first two positional words)."""
+    argv = list(argv)
+    first = next((i for i, word in enumerate(argv) if not word.startswith("-")), len(argv))
+    target = ALIASES.get(tuple(argv[first : first + 2]))
+    if target:
+        argv[first : first + 2] = target
+    return argv
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(expand_aliases(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

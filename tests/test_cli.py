@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from index_builder.cli import _stage_registrations, build_parser, main
+from index_builder.cli import _stage_registrations, build_parser, expand_aliases, main
 
 
 def run_cots(*args: str) -> subprocess.CompletedProcess:
@@ -31,6 +31,20 @@ def test_every_subcommand_has_help():
         with pytest.raises(SystemExit) as exc:
             parser.parse_args([name, "--help"])
         assert exc.value.code == 0
+
+
+def test_train_tokenizer_is_the_tokenizer_train_command():
+    assert expand_aliases(["-v", "train", "tokenizer", "--steps", "5"]) == [
+        "-v",
+        "tokenizer",
+        "train",
+        "--steps",
+        "5",
+    ]
+    assert expand_aliases(["train", "cots", "tokenizer"]) == ["train", "cots", "tokenizer"]
+    out = run_cots("train", "tokenizer", "--help")
+    assert out.returncode == 0
+    assert "usage: cots tokenizer train" in out.stdout and "--codebook-size" in out.stdout
 
 
 def test_unknown_command_is_a_usage_error():

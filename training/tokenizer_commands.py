@@ -18,7 +18,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "patch or per last-stage EfficientNet cell (stride 32).",
     )
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    train = actions.add_parser("train", help="train on a gallery's train split, then evaluate")
+    train = actions.add_parser(
+        "train",
+        help="train on a gallery's train split, then evaluate",
+        description="Train the visual tokenizer on a gallery's train split, then evaluate it on "
+        "the validation split. Also spelled `cots train tokenizer`.",
+    )
     add_data_argument(train)
     train.add_argument(
         "--out",
