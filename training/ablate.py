@@ -10,6 +10,7 @@ when the ladder is run again; a killed rung resumes from its last checkpoint.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import time
@@ -74,6 +75,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--tokenizer-steps", type=int, default=1000, help="steps when the tokenizer is trained here"
     )
     parser.add_argument("--split", default="test", help="split the table is measured on")
+    parser.add_argument(
+        "--seeds",
+        default="",
+        help="comma-separated training seeds: the ladder runs once per seed (in OUT/seed-N) and "
+        "the table gives each cell's mean and standard deviation (default: one run, the "
+        "config's train.seed)",
+    )
     parser.set_defaults(func=_ablate)
 
 
@@ -82,14 +90,62 @@ def _ablate(args: argparse.Namespace) -> int:
     unknown = [r for r in rungs if r not in LADDER]
     if unknown:
         raise ValueError(f"unknown rung(s) {', '.join(unknown)} (known: {', '.join(LADDER)})")
-    data = args.data
-    out = args.out or paths.run_dir("ablation")
-    results = run_ladder(
-        data, out, rungs, args.base, args.sets, args.tokenizer, args.tokenizer_steps, args.split
+    seeds = _parse_seeds(args.seeds)
+    out = Path(args.out or paths.run_dir("ablation"))
+    tokenizer = args.tokenizer
+    if seeds and tokenizer is None and any(MVLM in LADDER[r] for r in rungs):  # one for all seeds
+        tokenizer = _ensure_tokenizer(
+            args.data, out / "tokenizer", args.base, args.sets, args.tokenizer_steps
+        )
+    run = functools.partial(
+        run_ladder,
+        args.data,
+        rungs=rungs,
+        base=args.base,
+        tokenizer=tokenizer,
+        tokenizer_steps=args.tokenizer_steps,
+        split=args.split,
     )
+    if seeds:
+        per_seed = [
+            run(out / f"seed-{s}", overrides=[*args.sets, f"train.seed={s}"]) for s in seeds
+        ]
+        results = summarize(per_seed, seeds)
+        write_report(results, out)
+    else:
+        results = run(out, overrides=args.sets)
     print(markdown_table(results))
     print(f"table: {out / 'ablation.md'}  chart: {out / 'ablation.png'}")
     return 0
+
+
+def _parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds takes comma-separated integers, got {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds repeats a seed: {text!r}")
+    return seeds
+
+
+def summarize(per_seed: list[list[dict[str, Any]]], seeds: list[int]) -> list[dict[str, Any]]:
+    """One row per rung: each column's mean over the seeds, its standard deviation
+    (`<column>_std`, sample, 0 for one seed) and the RSUM of every seed."""
+    import numpy as np
+
+    rows = []
+    for runs in zip(*per_seed, strict=True):
+        row: dict[str, Any] = {"rung": runs[0]["rung"], "split": runs[0]["split"], "seeds": seeds}
+        for key in (*COLUMNS, "pairs_per_s", "amf_filtered", "steps", "train_seconds"):
+            values = [r[key] for r in runs if key in r]
+            if len(values) == len(runs):
+                row[key] = float(np.mean(values))
+                if key in COLUMNS:
+                    row[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        row["rsum_per_seed"] = [r["rsum"] for r in runs]
+        rows.append(row)
+    return rows
 
 
 def run_ladder(
@@ -190,15 +246,27 @@ def _dirname(rung: str) -> str:
 
 
 def markdown_table(results: list[dict[str, Any]]) -> str:
-    head = "| rung | " + " | ".join(COLUMNS) + " | pairs/s | AMF filtered |"
-    rule = "|" + "---|" * (len(COLUMNS) + 3)
+    """One row per rung; over several seeds each cell is `mean ± std` and the RSUM of every
+    seed follows."""
+    seeds = bool(results) and "rsum_per_seed" in results[0]
+    extra = " RSUM per seed |" if seeds else ""
+    head = "| rung | " + " | ".join(COLUMNS) + " | pairs/s | AMF filtered |" + extra
+    rule = "|" + "---|" * (len(COLUMNS) + 3 + bool(seeds))
     rows = []
     for r in results:
-        cells = [f"{r[c]:.1f}" for c in COLUMNS]
+        cells = [_cell(r, c) for c in COLUMNS]
         rate = f"{r['pairs_per_s']:.1f}" if "pairs_per_s" in r else "-"
         filtered = f"{100 * r['amf_filtered']:.1f}%" if "amf_filtered" in r else "-"
-        rows.append(f"| {r['rung']} | " + " | ".join(cells) + f" | {rate} | {filtered} |")
+        row = f"| {r['rung']} | " + " | ".join(cells) + f" | {rate} | {filtered} |"
+        if seeds:
+            row += " " + " / ".join(f"{v:.1f}" for v in r["rsum_per_seed"]) + " |"
+        rows.append(row)
     return "\n".join([head, rule, *rows]) + "\n"
+
+
+def _cell(row: dict[str, Any], column: str) -> str:
+    std = row.get(f"{column}_std")
+    return f"{row[column]:.1f}" if std is None else f"{row[column]:.1f} ± {std:.1f}"
 
 
 def write_report(results: list[dict[str, Any]], out: Path) -> None:
@@ -217,15 +285,19 @@ def write_report(results: list[dict[str, Any]], out: Path) -> None:
     recalls = COLUMNS[:-1]
     width = 0.8 / len(recalls)
     for i, key in enumerate(recalls):
-        left.bar(
-            x + (i - len(recalls) / 2 + 0.5) * width, [r[key] for r in results], width, label=key
-        )
+        offset = x + (i - len(recalls) / 2 + 0.5) * width
+        left.bar(offset, [r[key] for r in results], width, yerr=_std(results, key), label=key)
     left.set(xticks=x, xticklabels=[r["rung"] for r in results], ylabel="recall (%)")
-    left.set_title(f"recall@K on the {results[0]['split'] if results else ''} split")
+    seeds = f", mean ± std over {len(results[0]['seeds'])} seeds" if "seeds" in results[0] else ""
+    left.set_title(f"recall@K on the {results[0]['split']} split{seeds}")
     left.legend(ncols=2, fontsize=8)
-    right.bar(x, [r["rsum"] for r in results], color="tab:gray")
+    right.bar(x, [r["rsum"] for r in results], yerr=_std(results, "rsum"), color="tab:gray")
     right.set(xticks=x, xticklabels=[r["rung"] for r in results], title="RSUM")
     right.tick_params(axis="x", labelrotation=45)
     fig.tight_layout()
     fig.savefig(out / "ablation.png", dpi=100)
     plt.close(fig)
+
+
+def _std(results: list[dict[str, Any]], key: str) -> list[float] | None:
+    return [r[f"{key}_std"] for r in results] if f"{key}_std" in results[0] else None

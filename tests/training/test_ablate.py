@@ -69,3 +69,32 @@ def test_a_finished_ladder_is_not_retrained(ladder, gallery, capsys):
 def test_unknown_rung_is_a_one_line_error(gallery, tmp_path, capsys):
     assert main(["ablate", "--data", str(gallery), "--out", str(tmp_path), "--rungs", "bert"]) == 2
     assert "unknown rung(s) bert" in capsys.readouterr().err
+
+
+def test_several_seeds_give_mean_and_spread(gallery, tmp_path, capsys):
+    sets = [*TINY_OVERRIDES, "train.max_steps=2", "data.max_val_images=6"]
+    args = ["ablate", "--data", str(gallery), "--out", str(tmp_path), "--rungs", "clip,instance"]
+    assert main([*args, "--seeds", "0,1", *[f"--set={s}" for s in sets]]) == 0
+    per_seed = [json.loads((tmp_path / f"seed-{s}" / "ablation.json").read_text()) for s in (0, 1)]
+    for seed, results in enumerate(per_seed):
+        config = json.loads((tmp_path / f"seed-{seed}" / "clip" / "config.json").read_text())
+        assert config["train"]["seed"] == seed and [r["rung"] for r in results] == [
+            "clip",
+            "instance",
+        ]
+    summary = json.loads((tmp_path / "ablation.json").read_text())
+    for row, runs in zip(summary, zip(*per_seed, strict=True), strict=True):
+        values = [r["t2i_r5"] for r in runs]
+        assert row["t2i_r5"] == pytest.approx(sum(values) / 2)
+        assert row["t2i_r5_std"] == pytest.approx(abs(values[0] - values[1]) / 2**0.5)
+        assert row["rsum_per_seed"] == [r["rsum"] for r in runs] and row["seeds"] == [0, 1]
+    table = (tmp_path / "ablation.md").read_text()
+    assert table == markdown_table(summary) and " ± " in table and "RSUM per seed" in table
+    assert (tmp_path / "ablation.png").stat().st_size > 0
+    assert "RSUM per seed" in capsys.readouterr().out
+
+
+def test_bad_seeds_are_a_one_line_error(gallery, tmp_path, capsys):
+    args = ["ablate", "--data", str(gallery), "--out", str(tmp_path), "--rungs", "clip"]
+    assert main([*args, "--seeds", "0,x"]) == 2
+    assert "--seeds takes comma-separated integers" in capsys.readouterr().err
