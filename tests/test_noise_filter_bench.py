@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from tests.test_bench_report import ROOT, load_file
-
-noise_filter = load_file(ROOT / "bench/noise_filter.py", "bench_noise_filter")
+_spec = importlib.util.spec_from_file_location(
+    "bench_noise_filter", Path(__file__).resolve().parents[1] / "bench/noise_filter.py"
+)
+noise_filter = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(noise_filter)
 
 
 def _naive_auc(score, positive):
