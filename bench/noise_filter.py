@@ -86,23 +86,55 @@ def train(data: Path, out: Path, base: str, overrides: list[str], record: bool) 
 LAMBDAS = (0.5, 1.0, 1.5, 2.0, 3.0)
 
 
-def filter_scores(decisions: list, noisy: set[int]) -> dict:
-    """Precision/recall of 'dropped' at finding corrupted pairs over the filter's active
-    decisions, the same for other thresholds lam (drop when z < -lam), and the AUC of -z."""
-    active = [(i, k, z) for i, k, z in decisions if z is not None]
+def decision_arrays(decisions: list, noisy: set[int]) -> dict[str, np.ndarray]:
+    """The filter's active decisions (after its warm-up) as flat arrays: micro-batch number,
+    training-pair index, dropped, z score, and whether the pair was corrupted."""
+    active = [(n, i, k, z) for n, (i, k, z) in enumerate(decisions) if z is not None]
     if not active:
-        return {"decisions": 0}
-    index = torch.cat([i for i, _, _ in active])
-    dropped = torch.cat([k for _, k, _ in active]) == 0
-    z = torch.cat([z for _, _, z in active]).numpy()
-    is_noisy = np.array([int(i) in noisy for i in index])
+        return {k: np.zeros(0) for k in ("batch", "index", "dropped", "z", "noisy")}
+    index = torch.cat([i for _, i, _, _ in active]).numpy()
     return {
-        "decisions": int(index.numel()),
-        "noisy_share": float(is_noisy.mean()),
-        **_precision_recall(dropped.numpy(), is_noisy),
-        "auc": _auc(-z, is_noisy),
-        "by_lambda": {str(lam): _precision_recall(z < -lam, is_noisy) for lam in LAMBDAS},
+        "batch": np.concatenate([np.full(len(i), n) for n, i, _, _ in active]),
+        "index": index,
+        "dropped": torch.cat([k for _, _, k, _ in active]).numpy() == 0,
+        "z": torch.cat([z for _, _, _, z in active]).numpy(),
+        "noisy": np.isin(index, list(noisy)),
     }
+
+
+def select(arrays: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: v[mask] for k, v in arrays.items()}
+
+
+def filter_scores(a: dict[str, np.ndarray]) -> dict:
+    """Precision/recall of 'dropped' at finding corrupted pairs, the same for other
+    thresholds lam (drop when z < -lam), and the AUC of -z."""
+    if not len(a["z"]):
+        return {"decisions": 0}
+    return {
+        "decisions": len(a["z"]),
+        "noisy_share": float(a["noisy"].mean()),
+        **_precision_recall(a["dropped"], a["noisy"]),
+        "auc": _auc(-a["z"], a["noisy"]),
+        "by_lambda": {str(lam): _precision_recall(a["z"] < -lam, a["noisy"]) for lam in LAMBDAS},
+    }
+
+
+def over_training(a: dict[str, np.ndarray], batches: int, chunks: int = 10) -> list[dict]:
+    """AUC and the filter's precision/recall in `chunks` equal spans of training."""
+    rows = []
+    for part in range(chunks):
+        lo, hi = part * batches / chunks, (part + 1) * batches / chunks
+        span = select(a, (a["batch"] >= lo) & (a["batch"] < hi))
+        if len(span["z"]):
+            rows.append(
+                {
+                    "progress": (part + 1) / chunks,
+                    "auc": _auc(-span["z"], span["noisy"]),
+                    **_precision_recall(span["dropped"], span["noisy"]),
+                }
+            )
+    return rows
 
 
 def _precision_recall(dropped: np.ndarray, is_noisy: np.ndarray) -> dict:
@@ -123,29 +155,31 @@ def _auc(score: np.ndarray, positive: np.ndarray) -> float | None:
     return float(below.sum() / 2 / (len(pos) * len(neg)))
 
 
-def plot(decisions: list, noisy: set[int], lam: float, path: Path) -> None:
-    """Histogram of the last quarter's z scores, clean vs corrupted pairs, with the threshold."""
+def plot(last: dict[str, np.ndarray], curve: list[dict], lam: float, path: Path) -> None:
+    """Left: the last quarter's z scores, clean vs corrupted, with the threshold. Right: AUC
+    and the filter's recall and precision over training."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    active = [(i, z) for i, _, z in decisions if z is not None]
-    if not active:
+    if not len(last["z"]):
         return
-    index = torch.cat([i for i, _ in active]).numpy()
-    z = torch.cat([z for _, z in active]).numpy()
-    is_noisy = np.array([int(i) in noisy for i in index])
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    z, noisy = last["z"], last["noisy"]
     bins = np.linspace(z.min(), z.max(), 60)
-    ax.hist(z[~is_noisy], bins, alpha=0.6, label="clean pairs")
-    ax.hist(z[is_noisy], bins, alpha=0.6, label="corrupted pairs")
-    ax.axvline(-lam, color="k", linestyle="--", label=f"AMF threshold (mean - {lam} std)")
-    ax.set(
-        xlabel="momentum similarity, FIFO standard deviations from the FIFO mean", ylabel="pairs"
-    )
-    ax.set_title("AMF scores over the last quarter of training")
-    ax.legend()
+    left.hist(z[~noisy], bins, alpha=0.6, label="clean pairs")
+    left.hist(z[noisy], bins, alpha=0.6, label="corrupted pairs")
+    left.axvline(-lam, color="k", linestyle="--", label=f"AMF threshold (mean - {lam} std)")
+    left.set(xlabel="momentum similarity, FIFO std from the FIFO mean", ylabel="pairs")
+    left.set_title("AMF scores over the last quarter of training")
+    left.legend()
+    x = [r["progress"] for r in curve]
+    right.plot(x, [r["auc"] for r in curve], "o-", label="AUC (corrupted below clean)")
+    right.plot(x, [r["recall"] for r in curve], "s-", label="filter recall")
+    right.plot(x, [r["precision"] for r in curve], "^-", label="filter precision")
+    right.set(xlabel="fraction of training", ylim=(0, 1), title="catching corrupted pairs")
+    right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -166,22 +200,25 @@ def main() -> int:
         [*common, *switches("instance", "amf")],
         True,
     )
-    decisions = with_amf["decisions"]
-    last = decisions[len(decisions) * 3 // 4 :]
+    batches = len(with_amf["decisions"])
+    arrays = decision_arrays(with_amf["decisions"], noisy)
+    np.savez(args.out / "decisions.npz", **arrays)
+    last = select(arrays, arrays["batch"] >= batches * 3 // 4)
     keys = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
     result = {
         "noise": args.noise,
         "corrupted_pairs": len(noisy),
         "steps": args.steps,
         "overrides": common,
-        "filter_all": filter_scores(decisions, noisy),
-        "filter_last_quarter": filter_scores(last, noisy),
+        "filter_all": filter_scores(arrays),
+        "filter_last_quarter": filter_scores(last),
+        "filter_over_training": over_training(arrays, batches),
         "test_without_amf": {k: without["metrics"][k] for k in keys},
         "test_with_amf": {k: with_amf["metrics"][k] for k in keys},
     }
     result["rsum_gain"] = result["test_with_amf"]["rsum"] - result["test_without_amf"]["rsum"]
     result["command"] = shlex.join(["python", "bench/noise_filter.py", *sys.argv[1:]])
-    plot(last, noisy, with_amf["lam"], args.out / "noise_filter.png")
+    plot(last, result["filter_over_training"], with_amf["lam"], args.out / "noise_filter.png")
     (args.out / "noise_filter.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return 0
