@@ -56,9 +56,17 @@ FIGURES = (
         ("objectives",),
     ),
     Figure(
+        "COTS ablation ladder",
+        "ablation*.json",
+        "cots ablate --data cots-data/datasets/openclipart --out cots-data/runs/ablation-cpu-300 "
+        "--base training/recipes/ablation/cpu.yaml --seeds 0,1 --set train.max_steps=300 "
+        "--set train.eval_every=100 --set objectives.mvlm.weight=0.1 "
+        "&& cp cots-data/runs/ablation-cpu-300/ablation.json bench/results/ablation_cpu.json",
+    ),
+    Figure(
         "Adaptive momentum filter on noisy pairs",
         "noise_filter*.json",
-        "python bench/noise_filter.py --data cots-data/datasets/openclipart --steps 600 "
+        "python bench/noise_filter.py --data cots-data/datasets/openclipart --steps 740 "
         "&& cp cots-data/runs/noise-filter/noise_filter.json bench/results/",
     ),
     Figure(

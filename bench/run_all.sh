@@ -75,7 +75,7 @@ if [ "$REPORT_ONLY" = 0 ]; then
     bench objective_cost --preset tiny
     bench objective_cost --preset lite --batch-size 16
     bench service_load --demo-images 2000 --requests 400
-    noise_filter --steps 600
+    noise_filter --steps 740
   fi
 fi
 

@@ -113,3 +113,20 @@ def test_served_over_http(pipeline):
     finally:
         server.terminate()
         server.wait(timeout=20)
+
+
+def test_an_edited_recipe_is_trained_again_and_the_old_run_kept(pipeline):
+    """Runs last: it replaces the e2e run, bundle and index of the module's pipeline."""
+    home, env, args, _ = pipeline
+    old_bundle = (home / "bundles/e2e/bundle.json").read_text()
+    old_version = (home / "indexes/e2e/CURRENT").read_text()
+    run_file = home / "tiny.yaml"
+    run_file.write_text(RUN_FILE.replace("lr: 1.0e-3", "lr: 2.0e-3"))
+    again = cots(*args, env=env)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "has another config" in again.stdout and "reusing" not in again.stdout
+    kept = list((home / "runs").glob("e2e-previous-*"))
+    assert len(kept) == 1 and (kept[0] / "checkpoints/best/model.safetensors").is_file()
+    assert '"lr": 0.002' in (home / "runs/e2e/config.json").read_text()
+    assert (home / "bundles/e2e/bundle.json").read_text() != old_bundle
+    assert (home / "indexes/e2e/CURRENT").read_text() != old_version

@@ -90,16 +90,35 @@ def build_gallery(given: Path | None, data: Path) -> int:
 
 
 def train(recipe: str, sets: list[str], data: Path, run: Path) -> int:
-    """Train, resume an interrupted run, or reuse a finished one (marked by DONE.json)."""
+    """Train, resume an interrupted run, or reuse a finished one (marked by DONE.json) when
+    it was trained with the config that `recipe` and `sets` give now; a finished run of
+    another config (an edited recipe, other --set) is kept aside and trained again."""
     if (run / DONE).is_file():
-        print(f"reusing the finished run {run}")
-        return 0
+        if same_config(run, recipe, sets):
+            print(f"reusing the finished run {run}")
+            return 0
+        kept = run.with_name(f"{run.name}-previous-{time.strftime('%Y%m%dT%H%M%S')}")
+        run.rename(kept)
+        print(f"the finished run {run} has another config than {recipe} gives now: "
+              f"kept it as {kept}, training again")  # fmt: skip
     resume = ["--resume"] if (run / "checkpoints" / "last").is_dir() else []
     overrides = [f"--set={item}" for item in sets]
     code = cots("train", recipe, *overrides, "--data", data, "--out", run, *resume)
     if code == 0:
         atomic_write_json(run / DONE, {"recipe": recipe, "overrides": sets, "data": str(data)})
     return code
+
+
+def same_config(run: Path, recipe: str, sets: list[str]) -> bool:
+    """Whether the run's saved config.json is the one the recipe and overrides give now."""
+    from training.config import load_config
+
+    saved = read_json(run / "config.json") if (run / "config.json").is_file() else None
+    if saved is None:
+        return True  # a run from before config.json existed: nothing to compare
+    saved.pop("model_config", None)
+    current = json.loads(json.dumps(load_config(recipe, sets).to_dict()))  # tuples -> lists
+    return {**saved, "name": None} == {**current, "name": None}
 
 
 def evaluate(checkpoint: Path, data: Path, out: Path) -> int:
@@ -126,15 +145,16 @@ def build_index(bundle: Path, data: Path, root: Path) -> int:
 
 
 def bundle_is_current(bundle: Path, checkpoint: Path) -> bool:
-    """A bundle exported from this very checkpoint (same path, same step) is reused."""
+    """A bundle exported from this very checkpoint (same path, same weights) is reused."""
     from index_builder.bundle import Bundle
-    from training.checkpoint import read_meta
+    from index_builder.preprocess import sha256_file
+    from training.checkpoint import WEIGHTS
 
     if not (bundle / "bundle.json").is_file():
         return False
     source = Bundle.load(bundle).info.get("source", {})
     same = source.get("checkpoint") == str(checkpoint.resolve())
-    if same and source.get("step") == read_meta(checkpoint).get("step"):
+    if same and source.get("weights_sha256") == sha256_file(checkpoint / WEIGHTS):
         print(f"reusing bundle {bundle}")
         return True
     return False

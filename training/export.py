@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from index_builder.bundle import PRECISIONS, Bundle, write_bundle
-from index_builder.preprocess import TextTokenizer
+from index_builder.preprocess import TextTokenizer, sha256_file
 
 log = logging.getLogger(__name__)
 OPSET = 17
@@ -232,7 +232,7 @@ def export_bundle(
     seed: int = 0,
 ) -> Bundle:
     """Export, check and write a bundle; raise ValueError if ONNX and torch disagree."""
-    from training.checkpoint import load_model
+    from training.checkpoint import WEIGHTS, load_model
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -261,6 +261,7 @@ def export_bundle(
             "source": {
                 "checkpoint": str(Path(checkpoint).resolve()),
                 "step": meta.get("step"),
+                "weights_sha256": sha256_file(Path(checkpoint) / WEIGHTS),
                 "model": meta.get("model", {}).get("name"),
             },
             "parity": {
