@@ -66,7 +66,8 @@ FIGURES = (
     Figure(
         "Adaptive momentum filter on noisy pairs",
         "noise_filter*.json",
-        "python bench/noise_filter.py --data cots-data/datasets/openclipart --steps 740 "
+        "python bench/noise_filter.py --data cots-data/datasets/openclipart "
+        "--lam 2 --lam 1 --lam 0.5 "
         "&& cp cots-data/runs/noise-filter/noise_filter.json bench/results/",
     ),
     Figure(

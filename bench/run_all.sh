@@ -75,7 +75,7 @@ if [ "$REPORT_ONLY" = 0 ]; then
     bench objective_cost --preset tiny
     bench objective_cost --preset lite --batch-size 16
     bench service_load --demo-images 2000 --requests 400
-    noise_filter --steps 740
+    noise_filter --lam 2 --lam 1 --lam 0.5
   fi
 fi
 
