@@ -66,7 +66,12 @@ WORDS = [
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="tiny", help="model preset (tiny, lite, base)")
+    parser.add_argument(
+        "--base", default="cots", help="recipe or run file every configuration starts from"
+    )
+    parser.add_argument(
+        "--preset", default="tiny", help="model preset (tiny, lite, base; '': the base's)"
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="pairs per step")
     parser.add_argument("--image-size", type=int, default=0, help="input size (0: the preset's)")
     parser.add_argument("--queue", type=int, default=4096, help="queue size K")
@@ -97,7 +102,7 @@ def synthetic_batch(model, batch_size: int, seed: int = 0) -> dict[str, torch.Te
 
 def measure(overrides: list[str], args: argparse.Namespace, tokenizer_dir: Path) -> tuple:
     """Step times (s) of one configuration, the loss names and the trainable parameters."""
-    cfg = load_config("cots", [*overrides, *common_overrides(args, tokenizer_dir)])
+    cfg = load_config(args.base, [*overrides, *common_overrides(args, tokenizer_dir)])
     torch.manual_seed(0)
     model = build_model(model_config(cfg), load_weights=False)
     objectives = build_objectives(cfg, model).train()
@@ -122,10 +127,11 @@ def measure(overrides: list[str], args: argparse.Namespace, tokenizer_dir: Path)
 
 
 def common_overrides(args: argparse.Namespace, tokenizer_dir: Path) -> list[str]:
-    options = {"image_size": args.image_size} if args.image_size else {}
+    model = [f"model.preset={args.preset}"] if args.preset else []
+    if args.image_size:
+        model.append(f"model.options.image_size={args.image_size}")
     return [
-        f"model.preset={args.preset}",
-        f"model.options={json.dumps(options)}",
+        *model,
         f"contrast.queue_size={args.queue}",
         f"objectives.mvlm.tokenizer={tokenizer_dir}",
         "objectives.amf.warmup=0",
@@ -133,8 +139,12 @@ def common_overrides(args: argparse.Namespace, tokenizer_dir: Path) -> list[str]
     ]
 
 
+def cfg_preset(args: argparse.Namespace) -> str:
+    return args.preset or load_config(args.base).model.preset
+
+
 def write_tokenizer(args: argparse.Namespace, directory: Path) -> Path:
-    cfg = load_config("cots", common_overrides(args, directory))
+    cfg = load_config(args.base, common_overrides(args, directory))
     model = model_config(cfg)
     stride = 32 if model.image_tower == "efficientnet_lite0" else model.vit_patch_size
     tokenizer = VisualTokenizer(TokenizerConfig(stride=stride))
@@ -169,7 +179,8 @@ def main() -> int:
             f"x{row['cost_vs_instance']} the time of instance"
         )
     results = {
-        "preset": args.preset,
+        "base": args.base,
+        "preset": cfg_preset(args),
         "batch_size": args.batch_size,
         "image_size": args.image_size or "preset",
         "queue": args.queue,
@@ -180,7 +191,10 @@ def main() -> int:
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "configs": rows,
     }
-    out = args.out or ROOT / f"bench/results/objective_cost-{args.preset}.json"
+    out = (
+        args.out
+        or ROOT / f"bench/results/objective_cost-{args.preset or Path(args.base).stem}.json"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"results: {out}")
