@@ -1,7 +1,8 @@
 """Training cost of each COTS objective: pairs per second with and without it.
 
     python bench/objective_cost.py --preset tiny                 # seconds
-    python bench/objective_cost.py --preset lite --batch-size 16 # the CPU default towers
+    python bench/objective_cost.py --base training/recipes/ablation/cpu.yaml --preset "" \
+        --queue 1024                                             # the CPU ablation ladder's steps
 
 Each configuration is the real training step (Objectives forward, backward, AdamW step,
 queue write and momentum update) on a fixed synthetic batch, with the queue pre-filled so

@@ -73,7 +73,7 @@ if [ "$REPORT_ONLY" = 0 ]; then
     bench index_bench --sizes 10000 100000 1000000
     bench train_throughput --preset lite
     bench objective_cost --preset tiny
-    bench objective_cost --preset lite --batch-size 16
+    bench objective_cost --base training/recipes/ablation/cpu.yaml --preset "" --queue 1024
     bench service_load --demo-images 2000 --requests 400
     noise_filter --lam 2 --lam 1 --lam 0.5
   fi
