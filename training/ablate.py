@@ -290,7 +290,7 @@ def write_report(results: list[dict[str, Any]], out: Path) -> None:
     left.set(xticks=x, xticklabels=[r["rung"] for r in results], ylabel="recall (%)")
     seeds = f", mean ± std over {len(results[0]['seeds'])} seeds" if "seeds" in results[0] else ""
     left.set_title(f"recall@K on the {results[0]['split']} split{seeds}")
-    left.legend(ncols=2, fontsize=8)
+    left.legend(ncols=6, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1))
     right.bar(x, [r["rsum"] for r in results], yerr=_std(results, "rsum"), color="tab:gray")
     right.set(xticks=x, xticklabels=[r["rung"] for r in results], title="RSUM")
     right.tick_params(axis="x", labelrotation=45)
