@@ -17,6 +17,7 @@ import argparse
 import json
 import platform
 import resource
+import shlex
 import statistics
 import sys
 import tempfile
@@ -191,11 +192,10 @@ def main() -> int:
         "machine": platform.processor() or platform.machine(),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "configs": rows,
+        "command": shlex.join(["python", "bench/objective_cost.py", *sys.argv[1:]]),
     }
-    out = (
-        args.out
-        or ROOT / f"bench/results/objective_cost-{args.preset or Path(args.base).stem}.json"
-    )
+    label = args.preset or "-".join(Path(args.base).with_suffix("").parts[-2:])  # ablation-cpu
+    out = args.out or ROOT / f"bench/results/objective_cost-{label}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"results: {out}")
