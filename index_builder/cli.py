@@ -15,7 +15,7 @@ EXTRA_OF = {
     "ray": "ray",
 }
 # Other spellings of a command: `cots train tokenizer ...` runs `cots tokenizer train ...`.
-ALIASES = {("train", "tokenizer"): ("tokenizer", "train")}
+ALIASES: dict[tuple[str, ...], tuple[str, ...]] = {("train", "tokenizer"): ("tokenizer", "train")}
 COMMAND_ORDER = ("data", "train", "eval", "export", "index", "serve", "demo", "ablate")
 
 DESCRIPTION = """\
