@@ -131,7 +131,9 @@ def _parse_seeds(text: str) -> list[int]:
 
 def summarize(per_seed: list[list[dict[str, Any]]], seeds: list[int]) -> list[dict[str, Any]]:
     """One row per rung: each column's mean over the seeds, its standard deviation
-    (`<column>_std`, sample, 0 for one seed) and the RSUM of every seed."""
+    (`<column>_std`, sample, 0 for one seed), the RSUM of every seed and, when the ladder has
+    an `instance` rung, every seed's RSUM minus that seed's `instance` RSUM (a paired
+    difference: the seeds move all rungs together, so it is steadier than the means)."""
     import numpy as np
 
     rows = []
@@ -145,6 +147,9 @@ def summarize(per_seed: list[list[dict[str, Any]]], seeds: list[int]) -> list[di
                     row[f"{key}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
         row["rsum_per_seed"] = [r["rsum"] for r in runs]
         rows.append(row)
+    base = next((r["rsum_per_seed"] for r in rows if r["rung"] == "instance"), None)
+    for row in rows if base else []:
+        row["rsum_vs_instance"] = [a - b for a, b in zip(row["rsum_per_seed"], base, strict=True)]
     return rows
 
 
@@ -249,7 +254,7 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
     """One row per rung; over several seeds each cell is `mean ± std` and the RSUM of every
     seed follows."""
     seeds = bool(results) and "rsum_per_seed" in results[0]
-    extra = " RSUM per seed |" if seeds else ""
+    extra = " RSUM per seed (minus instance) |" if seeds else ""
     head = "| rung | " + " | ".join(COLUMNS) + " | pairs/s | AMF filtered |" + extra
     rule = "|" + "---|" * (len(COLUMNS) + 3 + bool(seeds))
     rows = []
@@ -259,7 +264,10 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
         filtered = f"{100 * r['amf_filtered']:.1f}%" if "amf_filtered" in r else "-"
         row = f"| {r['rung']} | " + " | ".join(cells) + f" | {rate} | {filtered} |"
         if seeds:
-            row += " " + " / ".join(f"{v:.1f}" for v in r["rsum_per_seed"]) + " |"
+            row += " " + " / ".join(f"{v:.1f}" for v in r["rsum_per_seed"])
+            if "rsum_vs_instance" in r:
+                row += " (" + " / ".join(f"{v:+.1f}" for v in r["rsum_vs_instance"]) + ")"
+            row += " |"
         rows.append(row)
     return "\n".join([head, rule, *rows]) + "\n"
 

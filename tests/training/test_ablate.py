@@ -88,6 +88,9 @@ def test_several_seeds_give_mean_and_spread(gallery, tmp_path, capsys):
         assert row["t2i_r5"] == pytest.approx(sum(values) / 2)
         assert row["t2i_r5_std"] == pytest.approx(abs(values[0] - values[1]) / 2**0.5)
         assert row["rsum_per_seed"] == [r["rsum"] for r in runs] and row["seeds"] == [0, 1]
+        instance = [r["rsum"] for r in per_seed_rung(per_seed, "instance")]
+        deltas = [a - b for a, b in zip(row["rsum_per_seed"], instance, strict=True)]
+        assert row["rsum_vs_instance"] == pytest.approx(deltas)
     table = (tmp_path / "ablation.md").read_text()
     assert table == markdown_table(summary) and " ± " in table and "RSUM per seed" in table
     assert (tmp_path / "ablation.png").stat().st_size > 0
@@ -98,3 +101,7 @@ def test_bad_seeds_are_a_one_line_error(gallery, tmp_path, capsys):
     args = ["ablate", "--data", str(gallery), "--out", str(tmp_path), "--rungs", "clip"]
     assert main([*args, "--seeds", "0,x"]) == 2
     assert "--seeds takes comma-separated integers" in capsys.readouterr().err
+
+
+def per_seed_rung(per_seed, rung):
+    return [next(r for r in results if r["rung"] == rung) for results in per_seed]
