@@ -59,7 +59,8 @@ FIGURES = (
         "COTS ablation ladder",
         "ablation*.json",
         "cots ablate --data cots-data/datasets/openclipart --out cots-data/runs/ablation-cpu-300 "
-        "--base training/recipes/ablation/cpu.yaml --seeds 0,1 --set train.max_steps=300 "
+        "--base training/recipes/ablation/cpu.yaml --tokenizer cots-data/tokenizers/lite-128 "
+        "--seeds 0,1 --set train.max_steps=300 "
         "--set train.eval_every=100 --set objectives.mvlm.weight=0.1 "
         "&& cp cots-data/runs/ablation-cpu-300/ablation.json bench/results/ablation_cpu.json",
     ),
