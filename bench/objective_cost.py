@@ -148,8 +148,7 @@ def cfg_preset(args: argparse.Namespace) -> str:
 def write_tokenizer(args: argparse.Namespace, directory: Path) -> Path:
     cfg = load_config(args.base, common_overrides(args, directory))
     model = model_config(cfg)
-    stride = 32 if model.image_tower == "efficientnet_lite0" else model.vit_patch_size
-    tokenizer = VisualTokenizer(TokenizerConfig(stride=stride))
+    tokenizer = VisualTokenizer(TokenizerConfig(stride=model.image_stride))
     save_tokenizer(directory, tokenizer, {"image_spec": model.image_spec().to_dict()})
     return directory
 

@@ -240,9 +240,10 @@ def _ensure_tokenizer(
     if (out / WEIGHTS).is_file():
         return out
     model = model_config(load_config(base, list(overrides)))
-    stride = 32 if model.image_tower == "efficientnet_lite0" else model.vit_patch_size
     settings = TokenizerTraining(steps=steps, warmup=min(100, max(1, steps // 10)))
-    run_tokenizer_training(data, out, TokenizerConfig(stride=stride), model.image_spec(), settings)
+    run_tokenizer_training(
+        data, out, TokenizerConfig(stride=model.image_stride), model.image_spec(), settings
+    )
     return out
 
 

@@ -15,6 +15,7 @@ from torch import nn
 from index_builder.preprocess import ImageSpec, TextSpec, TextTokenizer, default_tokenizer_json
 from training.towers import weights
 from training.towers.bert import BertTower
+from training.towers.efficientnet_lite import STRIDE as EFFICIENTNET_STRIDE
 from training.towers.efficientnet_lite import EfficientNetLite0
 from training.towers.freezing import freeze_norm_statistics, set_trainable_blocks
 from training.towers.vit import VisionTransformer, resize_pos_embed
@@ -95,6 +96,13 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @property
+    def image_stride(self) -> int:
+        """Pixels per side of one image token: a ViT patch or a last-stage EfficientNet cell."""
+        return (
+            EFFICIENTNET_STRIDE if self.image_tower == "efficientnet_lite0" else self.vit_patch_size
+        )
 
     def image_spec(self) -> ImageSpec:
         return ImageSpec(

@@ -64,12 +64,11 @@ def _train(args: argparse.Namespace) -> int:
     from training.visual_tokenizer import TokenizerConfig
 
     model = load_preset(args.preset)
-    stride = 32 if model.image_tower == "efficientnet_lite0" else model.vit_patch_size
     spec = model.image_spec()
     if args.size:
         spec = dataclasses.replace(spec, size=args.size, resize=args.size)
     config = TokenizerConfig(
-        stride=stride,
+        stride=model.image_stride,
         codebook_size=args.codebook_size,
         code_dim=args.code_dim,
         width=args.width,
