@@ -32,16 +32,18 @@ class AdaptiveMomentumFilter(nn.Module):
         self.register_buffer("count", torch.zeros((), dtype=torch.long))  # scores seen
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
         self.last_kept_fraction = 1.0
+        self.last_statistics: tuple[float, float] | None = None
 
     @torch.no_grad()
     def forward(self, similarity: torch.Tensor) -> torch.Tensor:
         """similarity (B,) momentum positive scores -> keep weights (B,) in {0., 1.}."""
         similarity = similarity.detach().float().flatten()
-        threshold = self.threshold()
-        if threshold is None:
+        self.last_statistics = self.statistics()  # what this batch was judged against
+        if self.last_statistics is None:
             keep = torch.ones_like(similarity)
         else:
-            keep = (similarity >= threshold).float()
+            mean, std = self.last_statistics
+            keep = (similarity >= mean - self.lam * std).float()
         self._push(similarity)
         self.calls += 1
         self.last_kept_fraction = float(keep.mean()) if keep.numel() else 1.0
@@ -93,7 +95,6 @@ class AmfObjective(nn.Module):
 
     def forward(self, ctx) -> dict[str, torch.Tensor]:
         similarity = (ctx.image_key() * ctx.text_key()).sum(-1)  # (B,) momentum s = v'.t'
-        stats = self.filter.statistics()
         keep = self.filter(similarity)  # (B,)
         ctx.weights = keep if ctx.weights is None else ctx.weights * keep
         self.seen += keep.numel()
@@ -101,6 +102,7 @@ class AmfObjective(nn.Module):
         ctx.logs["amf_filtered"] = 1.0 - self.filter.last_kept_fraction
         ctx.logs["amf_filtered_total"] = float(self.dropped) / max(1, int(self.seen))
         if self.recorder is not None and "index" in ctx.batch:
+            stats = self.filter.last_statistics
             z = None if stats is None else (similarity.cpu() - stats[0]) / max(stats[1], 1e-12)
             self.recorder.append((ctx.batch["index"].cpu(), keep.cpu(), z))
         return {}
