@@ -93,18 +93,12 @@ def _ablate(args: argparse.Namespace) -> int:
     seeds = _parse_seeds(args.seeds)
     out = Path(args.out or paths.run_dir("ablation"))
     tokenizer = args.tokenizer
-    if seeds and tokenizer is None and any(MVLM in LADDER[r] for r in rungs):  # one for all seeds
+    if tokenizer is None and any(MVLM in LADDER[r] for r in rungs):  # one for every seed
         tokenizer = _ensure_tokenizer(
             args.data, out / "tokenizer", args.base, args.sets, args.tokenizer_steps
         )
     run = functools.partial(
-        run_ladder,
-        args.data,
-        rungs=rungs,
-        base=args.base,
-        tokenizer=tokenizer,
-        tokenizer_steps=args.tokenizer_steps,
-        split=args.split,
+        run_ladder, args.data, rungs=rungs, base=args.base, tokenizer=tokenizer, split=args.split
     )
     if seeds:
         per_seed = [
@@ -160,13 +154,13 @@ def run_ladder(
     base: str = "cots",
     overrides: list[str] | tuple[str, ...] = (),
     tokenizer: Path | None = None,
-    tokenizer_steps: int = 1000,
     split: str = "test",
 ) -> list[dict[str, Any]]:
-    """Train and score each rung (skipping finished ones), then write the table and chart."""
+    """Train and score each rung (skipping finished ones), then write the table and chart.
+    The MVLM rungs need `tokenizer`."""
     out = Path(out)
-    if any(MVLM in LADDER[r] for r in rungs) and tokenizer is None:
-        tokenizer = _ensure_tokenizer(data, out / "tokenizer", base, overrides, tokenizer_steps)
+    if tokenizer is None and any(MVLM in LADDER[r] for r in rungs):
+        raise ValueError("the MVLM rungs need a visual tokenizer")
     results = []
     for rung in rungs:
         extra = [f"objectives.mvlm.tokenizer={tokenizer}"] if MVLM in LADDER[rung] else []
