@@ -154,7 +154,9 @@ function showImages(hits) {
       moreLike("image-to-image", hit.id),
     ]);
     const title = [hit.id, ...hit.captions].join("\n");
-    $("grid").append(el("figure", { className: "card", title }, [img, caption]));
+    const card = el("figure", { className: "card", title }, [img, caption]);
+    card.dataset.id = hit.id;
+    $("grid").append(card);
   }
 }
 
@@ -171,7 +173,9 @@ function showTexts(hits) {
       score(hit),
       moreLike("text-to-text", hit.id),
     );
-    $("texts").append(el("li", { value: hit.rank }, [el("div", { className: "hit" }, parts), metaLine(hit.meta)]));
+    const item = el("li", { value: hit.rank }, [el("div", { className: "hit" }, parts), metaLine(hit.meta)]);
+    item.dataset.id = hit.id;
+    $("texts").append(item);
   }
 }
 
@@ -215,25 +219,29 @@ function request() {
   return { method: "POST", headers: headers(), body: form };
 }
 
+let latest = 0; // the newest search: an older one answering late is not shown
+
 // Search with the state; `how` ("push", "replace" or null) records it in the URL first.
 async function run(how) {
+  const mine = ++latest;
   clear();
+  const button = $("search-submit");
   const missing = missingQuery();
+  button.disabled = !missing;
   if (missing) {
     if (how) showError(new Error(missing));
     return;
   }
   if (how) writeUrl(how === "replace");
-  const button = $("search-submit");
-  button.disabled = true;
   try {
     const body = await call(`search/${state.mode}`, request());
+    if (mine !== latest) return;
     if (MODES[state.mode].side === "image") showImages(body.hits); else showTexts(body.hits);
     showPage(body);
   } catch (err) {
-    showError(err);
+    if (mine === latest) showError(err);
   } finally {
-    button.disabled = false;
+    if (mine === latest) button.disabled = false;
   }
 }
 
