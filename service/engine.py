@@ -9,19 +9,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property, partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from index_builder.bundle import Bundle
+from index_builder.encoders import Encoders
 from index_builder.store import IndexStore, LoadedIndex, check_bundle
 from service.batching import MicroBatcher
 from service.errors import Conflict, NotFound, NotReady
 from service.metrics import Metrics
 from service.settings import Settings
-
-if TYPE_CHECKING:
-    from index_builder.encoders import ImageEncoder, TextEncoder
 
 log = logging.getLogger(__name__)
 
@@ -30,21 +28,6 @@ log = logging.getLogger(__name__)
 class Hit:
     row: int
     score: float
-
-
-@dataclass(frozen=True)
-class Encoders:
-    """Both towers of one bundle, opened with ONNX Runtime."""
-
-    bundle: Bundle
-    text: TextEncoder
-    image: ImageEncoder
-
-    def encode(self, modality: str, queries: list[Any]) -> np.ndarray:
-        """(Q, D) unit vectors: "text" queries are strings, "image" ones (3, S, S) pixels."""
-        if modality == "text":
-            return self.text.encode(queries)
-        return self.image.encode_pixels(np.stack(queries))
 
 
 class Gallery:
@@ -151,15 +134,8 @@ class Engine:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     def _open_encoders(self, bundle: Bundle) -> Encoders:
-        from index_builder.encoders import ImageEncoder, TextEncoder
-
         threads = self.settings.intra_threads or None
-        batch = self.settings.batch_size
-        return Encoders(
-            bundle,
-            text=TextEncoder(bundle, threads=threads, batch_size=batch),
-            image=ImageEncoder(bundle, threads=threads, batch_size=batch),
-        )
+        return Encoders.open(bundle, threads=threads, batch_size=self.settings.batch_size)
 
     def _open_gallery(self, version: str | None, encoders: Encoders) -> Gallery:
         gallery = Gallery(self.store.open(version, bundle=encoders.bundle), encoders)
