@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,7 +137,7 @@ def publish(
     *,
     bundle_id: str,
     dim: int,
-    shards: dict[str, Shards],
+    shards: Mapping[str, Shards],
     rows: dict[str, list[dict[str, Any]]],
     options: IndexOptions,
     dataset: dict[str, Any],
@@ -237,7 +237,7 @@ def read_sources(root: Path, sources: Sources) -> tuple[Rows, dict[str, Skips]]:
 
 def embed_rows(
     root: Path, bundle: Bundle, rows: Rows, embedding: EmbedOptions, skips: dict[str, Skips]
-) -> tuple[Path, Rows, dict[str, Shards]]:
+) -> tuple[Path, Rows, dict[str, list[np.ndarray]]]:
     """Embed every row (resumably); images that cannot be decoded are dropped with their
     captions and counted in `skips`. Returns the work directory, kept rows and shards."""
     work = embed.work_dir_for(root, bundle, rows)

@@ -138,11 +138,11 @@ def _plan(
     missing = []
     for side, ids in request.delete.items():
         for item_id in ids:
-            row = current.row_of(side, item_id)
-            if row is None:
+            found = current.row_of(side, item_id)
+            if found is None:
                 missing.append(item_id)
             else:
-                gone[side].add(row)
+                gone[side].add(found)
     if missing:
         raise KeyError(f"{len(missing)} ids are not in the index, e.g. {sorted(missing)[0]!r}")
     rows: Rows = {side: [] for side in SIDES}

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from index_builder.atomic import atomic_open, atomic_write_json, read_json
@@ -153,7 +154,7 @@ class ShardEmbedder:
                 yield current
 
     def _decode(self, batch: list[dict]) -> np.ndarray:
-        images = []
+        images: list[Image.Image | None] = []
         for row in batch:
             try:
                 images.append(load_image(row["image"], self.spec.background))
@@ -165,7 +166,7 @@ class ShardEmbedder:
         out = np.zeros((len(batch), 3, size, size), np.float32)
         good = [i for i, image in enumerate(images) if image is not None]
         if good:
-            out[good] = preprocess_images([images[i] for i in good], self.spec)
+            out[good] = preprocess_images([im for im in images if im is not None], self.spec)
         return out
 
     def _encode(self, batch: Any) -> np.ndarray:

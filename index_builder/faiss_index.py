@@ -332,9 +332,9 @@ def _widened(index: Any, k: int, fraction: float, selector: Any) -> Any:
         params: Any = faiss.SearchParametersIVF()
         params.nprobe = int(min(ivf.nlist, math.ceil(wanted)))
     elif param == "efSearch":
-        base = faiss.downcast_index(index)
-        params = faiss.SearchParametersHNSW()
-        params.efSearch = int(max(k, min(MAX_EF, math.ceil(base.hnsw.efSearch / fraction))))
+        ef = faiss.downcast_index(index).hnsw.efSearch  # type: ignore[attr-defined]
+        params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]
+        params.efSearch = int(max(k, min(MAX_EF, math.ceil(ef / fraction))))
     else:
         params = faiss.SearchParameters()
     if selector is not None:

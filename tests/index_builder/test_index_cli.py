@@ -57,7 +57,8 @@ def test_explicit_factory_and_add(tmp_path, tiny_bundle, gallery, capsys):
     capsys.readouterr()
     second = IndexStore(out).current()
     assert main([*args, "--out", str(out)]) == 0  # the same ids again: skipped, no new version
-    assert "already present (skipped; --upsert replaces): 4 images, 8 texts" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "already present (skipped; --upsert replaces): 4 images, 8 texts" in said
     assert IndexStore(out).current() == second
 
 
