@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,15 +15,18 @@ import numpy as np
 from index_builder import embed, faiss_index
 from index_builder.atomic import atomic_write_json
 from index_builder.bundle import Bundle
-from index_builder.manifest import dataset_root, load_records, manifest_path, read_info
+from index_builder.data.common import Skips
+from index_builder.filters import field_types
+from index_builder.manifest import dataset_root, manifest_path, read_info
+from index_builder.sources import SourceOptions, dataset_rows, image_rows, text_rows
 from index_builder.store import (
     FORMAT_VERSION,
     INDEX_FILES,
     INDEX_JSON,
     META_FILES,
     SIDES,
+    VECTOR_FILES,
     IndexStore,
-    LoadedIndex,
     write_jsonl,
 )
 
@@ -62,13 +65,21 @@ class EmbedOptions:
 
 
 Shards = Sequence[np.ndarray]
+Rows = dict[str, list[dict[str, Any]]]
+MAX_NAMED = 100  # unreadable inputs named in index.json (all are counted)
 
 
 def index_side(
-    side: str, shards: Shards, query_shards: Shards, dim: int, options: IndexOptions, out: Path
+    side: str,
+    shards: Shards,
+    query_shards: Shards | None,
+    dim: int,
+    options: IndexOptions,
+    out: Path,
 ) -> dict[str, Any]:
-    """Build, save and tune one side; recall is measured with the other side's vectors as
-    queries (captions against the image index, images against the caption index)."""
+    """Build, save and tune one side, and store its vectors beside the index; recall is
+    measured with the other side's vectors as queries (captions against the image index,
+    images against the caption index), or with the side's own when it stands alone."""
     count = sum(len(s) for s in shards)
     if count == 0:
         raise ValueError(f"cannot index an empty gallery ({side} side has no vectors)")
@@ -81,8 +92,10 @@ def index_side(
     else:
         index = faiss_index.build_index(factory, shards, dim, options.use_gpu)
         faiss_index.write_index(index, file)
+    write_vectors(out / VECTOR_FILES[side], shards, dim)
     seconds = time.perf_counter() - started
-    queries = faiss_index.sample_rows(query_shards, options.queries, seed=1)
+    query_side = OTHER[side] if query_shards else side
+    queries = faiss_index.sample_rows(query_shards or shards, options.queries, seed=1)
     params, recall = faiss_index.tune(
         index, queries, faiss_index.exact_knn(queries, shards, min(K, count)), options.target_recall
     )
@@ -92,15 +105,31 @@ def index_side(
     return {
         "factory": factory,
         "count": count,
+        "rows": count,
+        "deleted": 0,
         "file": file.name,
         "meta": META_FILES[side],
+        "vectors": VECTOR_FILES[side],
         "search_params": params,
         "recall_at_10": round(recall, 4),
         "target_recall": options.target_recall,
         "queries": len(queries),
-        "bytes": sum(p.stat().st_size for p in out.glob(f"{side}.*") if p.suffix != ".jsonl"),
+        "query_side": query_side,
+        "bytes": sum(p.stat().st_size for p in out.glob(f"{side}.*") if p.suffix == ".faiss"),
         "build_seconds": round(seconds, 3),
     }
+
+
+def write_vectors(path: Path, shards: Shards, dim: int) -> None:
+    """The shards as one row-aligned float32 `.npy` file, written shard by shard."""
+    total = sum(len(s) for s in shards)
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(total, dim))
+    start = 0
+    for shard in shards:
+        out[start : start + len(shard)] = shard
+        start += len(shard)
+    out.flush()
+    del out
 
 
 def publish(
@@ -108,110 +137,40 @@ def publish(
     *,
     bundle_id: str,
     dim: int,
-    shards: dict[str, Shards],
+    shards: Mapping[str, Shards],
     rows: dict[str, list[dict[str, Any]]],
     options: IndexOptions,
     dataset: dict[str, Any],
     bundle_path: str | Path | None = None,
+    skipped: dict[str, dict[str, Any]] | None = None,
 ) -> str:
-    """Build both sides into a new version and make it current; returns the version name.
+    """Build the sides that have rows into a new version and make it current; returns the
+    version name. A side without rows is absent from the version (a photo folder has no
+    captions, a text corpus no images).
 
     `bundle_path` (the bundle's directory) is recorded so that a service following the index
-    can load the bundle a version was built with."""
-    for side in SIDES:
+    can load the bundle a version was built with; `skipped` (per side: count and examples of
+    unreadable inputs) is recorded with each side."""
+    present = [side for side in SIDES if rows.get(side)]
+    if not present:
+        raise ValueError("empty gallery: no images and no texts to index")
+    for side in present:
         if sum(len(s) for s in shards[side]) != len(rows[side]):
             raise ValueError(f"{side} side: vector count does not match the metadata rows")
     with store.new_version() as staging:
-        for side in SIDES:
-            write_jsonl(staging / META_FILES[side], rows[side])
-        sides = {
-            side: index_side(side, shards[side], shards[OTHER[side]], dim, options, staging)
-            for side in SIDES
-        }
-        _write_info(staging, bundle_id, bundle_path, dim, dataset, None, sides)
-        version = staging.name
-    return version
-
-
-def add(
-    store: IndexStore,
-    current: LoadedIndex,
-    vectors: dict[str, np.ndarray],
-    rows: dict[str, list[dict[str, Any]]],
-    dataset: dict[str, Any],
-    bundle_path: str | Path | None = None,
-) -> str:
-    """A new version holding the current one plus new vectors (no retraining).
-
-    Recall is re-measured where the index can return its stored vectors exactly (flat
-    codes); for compressed codes it is recorded as null (run a rebuild to measure it).
-    `bundle_path` defaults to the one the current version records."""
-    known = {row["id"] for row in current.images}
-    clash = sorted(known & {row["id"] for row in rows["image"]})
-    if clash:
-        raise ValueError(f"{len(clash)} image ids are already in the index, e.g. {clash[0]!r}")
-    with store.new_version() as staging:
         sides = {}
-        for side in SIDES:
-            index = current.indexes[side]
-            if _on_disk(index):
-                raise ValueError("an on-disk index cannot be appended to; run `cots index rebuild`")
-            index.add(np.ascontiguousarray(vectors[side], dtype=np.float32))
-            faiss_index.write_index(index, staging / INDEX_FILES[side])
-            write_jsonl(staging / META_FILES[side], current.rows(side) + rows[side])
-            sides[side] = {**current.info["sides"][side], "count": int(index.ntotal)}
-        for side in SIDES:
-            sides[side].update(_remeasure(current, side, sides[side]["target_recall"]))
-            sides[side]["bytes"] = (staging / INDEX_FILES[side]).stat().st_size
-        path = bundle_path or current.info.get("bundle_path")
-        _write_info(
-            staging, current.bundle_id, path, current.embed_dim, dataset, current.version, sides
-        )
+        for side in present:
+            write_jsonl(staging / META_FILES[side], rows[side])
+            other = shards[OTHER[side]] if OTHER[side] in present else None
+            sides[side] = index_side(side, shards[side], other, dim, options, staging)
+            sides[side]["fields"] = field_types(row.get("meta") or {} for row in rows[side])
+            sides[side]["skipped"] = (skipped or {}).get(side, {"count": 0, "examples": []})
+        write_info(staging, bundle_id, bundle_path, dim, dataset, None, sides)
         version = staging.name
     return version
 
 
-def _remeasure(current: LoadedIndex, side: str, target: float) -> dict[str, Any]:
-    index, other = current.indexes[side], current.indexes[OTHER[side]]
-    base, queries_from = _exact_vectors(index), _exact_vectors(other)
-    if base is None or queries_from is None:
-        return {"recall_at_10": None}
-    queries = faiss_index.sample_rows([queries_from], 1000, seed=1)
-    truth = faiss_index.exact_knn(queries, [base], min(K, len(base)))
-    params, recall = faiss_index.tune(index, queries, truth, target)
-    return {"search_params": params, "recall_at_10": round(recall, 4), "queries": len(queries)}
-
-
-def _exact_vectors(index: Any) -> np.ndarray | None:
-    """All stored vectors, when the index keeps them uncompressed (Flat, HNSW, IVF-Flat)."""
-    import faiss
-
-    try:
-        ivf = faiss.extract_index_ivf(index)
-        if not isinstance(faiss.downcast_index(ivf), faiss.IndexIVFFlat):
-            return None
-        ivf.make_direct_map()
-    except RuntimeError:
-        base = faiss.downcast_index(index)
-        storage = faiss.downcast_index(base.storage) if hasattr(base, "storage") else base
-        if not isinstance(storage, faiss.IndexFlat):
-            return None
-    return index.reconstruct_n(0, index.ntotal)
-
-
-def _on_disk(index: Any) -> bool:
-    import faiss
-
-    try:
-        invlists = faiss.extract_index_ivf(index).invlists
-    except RuntimeError:
-        return False
-    return invlists is not None and isinstance(
-        faiss.downcast_InvertedLists(invlists), faiss.OnDiskInvertedLists
-    )
-
-
-def _write_info(
+def write_info(
     staging: Path,
     bundle_id: str,
     bundle_path: str | Path | None,
@@ -237,75 +196,109 @@ def _write_info(
     )
 
 
-def dataset_summary(dataset: str | Path, split: str | None) -> dict[str, Any]:
-    info = read_info(dataset)
-    return {
-        "path": str(dataset_root(dataset).resolve()),
-        "name": info.get("name"),
-        "fingerprint": info.get("fingerprint"),
-        "split": split,
-    }
+@dataclass(frozen=True)
+class Sources:
+    """What to index: a captioned dataset (both sides) and/or an image source and a text
+    source, each optional (see `index_builder.sources`)."""
+
+    data: str | None = None
+    images: str | None = None
+    texts: str | None = None
+    options: SourceOptions = SourceOptions()
+
+    def describe(self) -> dict[str, Any]:
+        summary: dict[str, Any] = {"images": self.images, "texts": self.texts}
+        if self.data:
+            info = read_info(self.data)
+            summary.update(
+                path=str(dataset_root(self.data).resolve()),
+                name=info.get("name"),
+                fingerprint=info.get("fingerprint"),
+            )
+        return {**summary, "split": self.options.split}
 
 
-def _embed_records(
-    root: Path, bundle: Bundle, dataset: str | Path, split: str | None, embedding: EmbedOptions
-) -> tuple[Path, dict[str, list[dict[str, Any]]], dict[str, list[Path]]]:
-    records = load_records(dataset, split)
-    if not records:
-        where = f" (split {split})" if split else ""
-        raise ValueError(f"empty gallery: no records in {manifest_path(dataset)}{where}")
-    rows = embed.gallery_rows(dataset, records)
-    work = embed.work_dir_for(root, bundle, dataset)
+def read_sources(root: Path, sources: Sources) -> tuple[Rows, dict[str, Skips]]:
+    """Rows per side from the sources, and the rows skipped while reading them."""
+    skips = {side: Skips(examples=MAX_NAMED) for side in SIDES}
+    rows: Rows = {side: [] for side in SIDES}
+    if sources.data:
+        manifest_path(sources.data)  # a missing dataset is a clear error here
+        rows = dataset_rows(sources.data, sources.options.split)
+    if sources.images:
+        files = root / "files"
+        rows["image"] = image_rows(sources.images, sources.options, files, skips["image"])
+    if sources.texts:
+        rows["text"] = text_rows(sources.texts, sources.options, skips["text"])
+    if not rows["image"] and not rows["text"]:
+        raise ValueError("empty gallery: the sources hold no usable images or texts")
+    return rows, skips
+
+
+def embed_rows(
+    root: Path, bundle: Bundle, rows: Rows, embedding: EmbedOptions, skips: dict[str, Skips]
+) -> tuple[Path, Rows, dict[str, list[np.ndarray]]]:
+    """Embed every row (resumably); images that cannot be decoded are dropped with their
+    captions and counted in `skips`. Returns the work directory, kept rows and shards."""
+    work = embed.work_dir_for(root, bundle, rows)
     embed.prepare(work, bundle, rows, embedding.shard_size)
     paths = embed.embed_work(
         work, bundle, embedding.engine, embedding.threads, embedding.batch_size, embedding.workers
     )
-    return work, rows, paths
+    shards = {side: embed.load_shards(paths[side]) for side in SIDES}
+    bad = embed.skipped_ids(paths["image"])
+    if not bad:
+        return work, rows, shards
+    for item in bad:
+        skips["image"].add(f"unreadable image ({item['reason'][:60]})", item["id"])
+    gone = {item["id"] for item in bad}
+    keep = {
+        "image": [row["id"] not in gone for row in rows["image"]],
+        "text": [row.get("image_id") not in gone for row in rows["text"]],
+    }
+    kept = {side: [r for r, k in zip(rows[side], keep[side], strict=True) if k] for side in SIDES}
+    return work, kept, {side: _select(shards[side], keep[side]) for side in SIDES}
 
 
-def index_dataset(
+def _select(shards: Shards, keep: list[bool]) -> list[np.ndarray]:
+    """The kept rows of each shard (shards without a dropped row stay memory-mapped)."""
+    out, start = [], 0
+    for shard in shards:
+        mask = np.asarray(keep[start : start + len(shard)], dtype=bool)
+        out.append(shard if mask.all() else np.asarray(shard)[mask])
+        start += len(shard)
+    return out
+
+
+def skip_record(skips: Skips) -> dict[str, Any]:
+    return {"count": skips.total, "reasons": dict(skips.counts), "examples": skips.examples}
+
+
+def index_sources(
     root: str | Path,
     bundle: Bundle,
-    dataset: str | Path,
-    split: str | None = None,
+    sources: Sources,
     options: IndexOptions | None = None,
     embedding: EmbedOptions | None = None,
     keep: int = 3,
 ) -> str:
-    """Embed a gallery (resumably) and publish a new version built from it."""
+    """Read the sources, embed them (resumably) and publish a new version built from them."""
     root = Path(root)
     options = options or IndexOptions()
     if options.factory:  # fail before the embedding pass, not after it
         faiss_index.make_index(options.factory, bundle.embed_dim)
-    work, rows, paths = _embed_records(root, bundle, dataset, split, embedding or EmbedOptions())
+    rows, skips = read_sources(root, sources)
+    work, rows, shards = embed_rows(root, bundle, rows, embedding or EmbedOptions(), skips)
     version = publish(
         IndexStore(root, keep),
         bundle_id=bundle.bundle_id,
         dim=bundle.embed_dim,
-        shards={side: embed.load_shards(paths[side]) for side in SIDES},
+        shards=shards,
         rows=rows,
         options=options,
-        dataset=dataset_summary(dataset, split),
+        dataset=sources.describe(),
         bundle_path=bundle.path,
+        skipped={side: skip_record(skips[side]) for side in SIDES},
     )
     shutil.rmtree(work, ignore_errors=True)  # the embeddings now live in the index
-    return version
-
-
-def add_dataset(
-    root: str | Path,
-    bundle: Bundle,
-    dataset: str | Path,
-    split: str | None = None,
-    embedding: EmbedOptions | None = None,
-    keep: int = 3,
-) -> str:
-    """Append a gallery's items to the current version (same bundle) as a new version."""
-    root = Path(root)
-    store = IndexStore(root, keep)
-    current = store.open(bundle=bundle)
-    work, rows, paths = _embed_records(root, bundle, dataset, split, embedding or EmbedOptions())
-    vectors = {side: np.concatenate(embed.load_shards(paths[side])) for side in SIDES}
-    version = add(store, current, vectors, rows, dataset_summary(dataset, split), bundle.path)
-    shutil.rmtree(work, ignore_errors=True)
     return version

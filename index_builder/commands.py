@@ -33,9 +33,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     _build_args(rebuild)
     rebuild.set_defaults(func=_rebuild)
-    add = actions.add_parser("add", help="append a gallery's new items to the current version")
+    add = actions.add_parser(
+        "add",
+        help="add items to the current version (ids already present are skipped; --upsert)",
+        description="Embed only the sources' items and publish a new version holding the "
+        "current one plus them, without retraining the index. Ids already in the index are "
+        "skipped, or replaced with --upsert (an image's captions are replaced with it).",
+    )
     _common_args(add)
+    add.add_argument("--upsert", action="store_true", help="replace items whose id is present")
     add.set_defaults(func=_add)
+    delete = actions.add_parser(
+        "delete",
+        help="remove items by id (a new version; an image's captions go with it)",
+        description="Publish a new version without the given ids. Unknown ids are an error and "
+        "leave the current version as it is.",
+    )
+    delete.add_argument("root", help="index root directory")
+    delete.add_argument("ids", nargs="*", help="item ids to remove")
+    delete.add_argument("--ids-file", help="a file of ids, one per line ('-' for stdin)")
+    delete.add_argument("--side", choices=("image", "text"), help="only this side (default: all)")
+    delete.add_argument("--keep", type=int, default=3, help="versions to keep (default 3)")
+    delete.set_defaults(func=_delete)
     info = actions.add_parser("info", help="show the versions under an index root")
     info.add_argument("root", help="index root directory")
     info.add_argument("--version", help="show this version instead of the current one")
@@ -45,9 +64,30 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", required=True, help="bundle directory (from `cots export`)")
-    parser.add_argument("--data", required=True, help="gallery dataset directory or manifest")
     parser.add_argument("--out", required=True, help="index root directory")
-    parser.add_argument("--split", choices=("train", "val", "test"), help="index only one split")
+    sources = parser.add_argument_group(
+        "sources (at least one; each side is optional)",
+        "--data indexes a captioned dataset's images and captions; --images and --texts take "
+        "any source for one side (docs/data.md, 'Index sources').",
+    )
+    sources.add_argument("--data", help="a dataset directory (`cots data ...`): both sides")
+    sources.add_argument(
+        "--images",
+        help="images: a folder (captions optional), a dataset, a CSV/TSV/JSONL/Parquet table of "
+        "paths and metadata, or WebDataset shards (.tar, a {000..009} pattern or a folder)",
+    )
+    sources.add_argument(
+        "--texts",
+        help="texts: a .txt file (one per line), a CSV/TSV/JSONL/Parquet table, a dataset",
+    )
+    sources.add_argument("--id-column", default="id", help="tables: the id column (default id)")
+    sources.add_argument(
+        "--image-column", help="tables: the image path column (default: image, path, file...)"
+    )
+    sources.add_argument(
+        "--text-column", help="tables: the text column (default: text, caption, sentence)"
+    )
+    sources.add_argument("--split", choices=("train", "val", "test"), help="datasets: one split")
     parser.add_argument("--keep", type=int, default=3, help="versions to keep (default 3)")
     parser.add_argument(
         "--engine", choices=("local", "ray"), default="local", help="embedding engine"
@@ -84,6 +124,16 @@ def parse_bytes(text: str) -> int:
     return int(float(match.group(1)) * 1024**power)
 
 
+def _sources(args: argparse.Namespace):  # -> Sources
+    from index_builder.build import Sources
+    from index_builder.sources import SourceOptions
+
+    if not (args.data or args.images or args.texts):
+        raise ValueError("give at least one source: --data, --images or --texts")
+    options = SourceOptions(args.id_column, args.image_column, args.text_column, args.split)
+    return Sources(args.data, args.images, args.texts, options)
+
+
 def _setup(args: argparse.Namespace):  # -> (Bundle, EmbedOptions)
     import faiss
 
@@ -103,7 +153,7 @@ def _setup(args: argparse.Namespace):  # -> (Bundle, EmbedOptions)
 
 
 def _build(args: argparse.Namespace) -> int:
-    from index_builder.build import IndexOptions, index_dataset
+    from index_builder.build import IndexOptions, index_sources
 
     bundle, embedding = _setup(args)
     options = IndexOptions(
@@ -114,7 +164,8 @@ def _build(args: argparse.Namespace) -> int:
         on_disk=args.on_disk,
         use_gpu=not args.cpu,
     )
-    version = index_dataset(args.out, bundle, args.data, args.split, options, embedding, args.keep)
+    sources = _sources(args)
+    version = index_sources(args.out, bundle, sources, options, embedding, args.keep)
     _print_version(args.out, version)
     return 0
 
@@ -135,11 +186,27 @@ def _rebuild(args: argparse.Namespace) -> int:
 
 
 def _add(args: argparse.Namespace) -> int:
-    from index_builder.build import add_dataset
+    from index_builder.collection import add_sources
 
     bundle, embedding = _setup(args)
-    version = add_dataset(args.out, bundle, args.data, args.split, embedding, args.keep)
-    _print_version(args.out, version)
+    result = add_sources(args.out, bundle, _sources(args), embedding, args.keep, args.upsert)
+    print(result.summary())
+    _print_version(args.out, result.version)
+    return 0
+
+
+def _delete(args: argparse.Namespace) -> int:
+    from index_builder.collection import delete_ids
+    from index_builder.store import IndexStore
+
+    ids = list(args.ids)
+    if args.ids_file:
+        handle = sys.stdin if args.ids_file == "-" else open(args.ids_file, encoding="utf-8")  # noqa: SIM115
+        with handle:
+            ids += [line.strip() for line in handle if line.strip()]
+    result = delete_ids(IndexStore(args.root, args.keep), ids, args.side)
+    print(result.summary())
+    _print_version(args.root, result.version)
     return 0
 
 
@@ -169,10 +236,21 @@ def _print_version(root: str, version: str) -> None:
 def _print_info(info: dict) -> None:
     where = f" ({info['bundle_path']})" if info.get("bundle_path") else ""
     print(f"version {info['version']}  bundle {info['bundle_id']}{where}  dim {info['embed_dim']}")
-    for side, other in (("image", "text"), ("text", "image")):
-        s = info["sides"][side]
+    for side in ("image", "text"):
+        s = info["sides"].get(side)
+        if s is None:
+            print(f"  {side:5s} (none)")
+            continue
         recall = "n/a" if s["recall_at_10"] is None else f"{s['recall_at_10']:.3f}"
+        queries = s.get("query_side", "text" if side == "image" else "image")
         print(
-            f"  {side:5s} {s['factory']:20s} {s['count']:>9d} rows  recall@10 {recall} "
-            f"({other} queries)  params {s['search_params']}  {s['bytes'] / 2**20:.1f} MiB"
+            f"  {side:5s} {s['factory']:20s} {s['count']:>9d} items  recall@10 {recall} "
+            f"({queries} queries)  params {s['search_params']}  {s['bytes'] / 2**20:.1f} MiB"
         )
+        fields = ", ".join(f"{k}:{v}" for k, v in s.get("fields", {}).items())
+        if fields:
+            print(f"        metadata fields: {fields}")
+        skipped = s.get("skipped") or {}
+        if skipped.get("count"):
+            named = "; ".join(skipped["examples"][:5])
+            print(f"        skipped {skipped['count']} unreadable inputs, e.g. {named}")

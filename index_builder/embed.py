@@ -9,6 +9,7 @@ atomically. A shard on disk is finished, so a killed run resumes with the first 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import shutil
 from collections.abc import Iterator, Sequence
@@ -17,40 +18,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from index_builder.atomic import atomic_open, atomic_write_json, read_json
 from index_builder.bundle import Bundle
-from index_builder.manifest import Record, image_path, manifest_path
-from index_builder.preprocess import load_image, preprocess_images, sha256_file
+from index_builder.preprocess import load_image, preprocess_images
 from index_builder.store import META_FILES, SIDES, read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
 ENGINES = ("local", "ray")
 
 
-def gallery_rows(dataset: str | Path, records: Sequence[Record]) -> dict[str, list[dict[str, Any]]]:
-    """Index rows: one per image (for text-to-image search), one per caption (image-to-text)."""
-    images, texts = [], []
-    for record in records:
-        images.append(
-            {
-                "id": record.id,
-                "image": str(image_path(dataset, record).resolve()),
-                "captions": list(record.captions),
-                "meta": record.meta,
-            }
-        )
-        texts += [
-            {"id": f"{record.id}#{j}", "image_id": record.id, "text": caption}
-            for j, caption in enumerate(record.captions)
-        ]
-    return {"image": images, "text": texts}
-
-
-def work_dir_for(root: Path, bundle: Bundle, dataset: str | Path) -> Path:
-    """One work directory per (bundle, manifest content): a changed manifest starts afresh."""
-    digest = sha256_file(manifest_path(dataset))[:12]
+def work_dir_for(root: Path, bundle: Bundle, rows: dict[str, list[dict[str, Any]]]) -> Path:
+    """One work directory per (bundle, rows): changed sources start afresh."""
+    digest = hashlib.sha256(
+        json.dumps(rows, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    ).hexdigest()[:12]
     return root / "work" / f"{bundle.bundle_id}-{digest}"
 
 
@@ -108,6 +92,16 @@ def embed_work(
     return done
 
 
+def skipped_ids(paths: Sequence[Path]) -> list[dict[str, str]]:
+    """The images the shards could not decode: [{"id", "reason"}] (text shards have none)."""
+    found = []
+    for path in paths:
+        skips = path.with_suffix(".skips.json")
+        if skips.is_file():
+            found += read_json(skips)
+    return found
+
+
 def load_shards(paths: Sequence[Path]) -> list[np.ndarray]:
     """Memory-mapped shards: indexing reads them without loading the gallery at once."""
     return [np.load(p, mmap_mode="r") for p in paths]
@@ -131,8 +125,12 @@ class ShardEmbedder:
         )
 
     def embed_shard(self, index: int) -> int:
+        """Encode shard `index`; images that cannot be decoded get a zero vector and are
+        listed in `<side>-NNNNN.skips.json` (written first: a shard file implies its list)."""
         rows = self.rows[index * self.size : (index + 1) * self.size]
+        self.skipped: list[dict[str, str]] = []
         parts = [self._encode(batch) for batch in self._read(rows)]
+        atomic_write_json(self.work / f"{self.side}-{index:05d}.skips.json", self.skipped)
         with atomic_open(self.work / f"{self.side}-{index:05d}.npy", "wb") as handle:
             np.save(handle, np.concatenate(parts).astype(np.float32))
         return len(rows)
@@ -156,13 +154,20 @@ class ShardEmbedder:
                 yield current
 
     def _decode(self, batch: list[dict]) -> np.ndarray:
-        images = []
+        images: list[Image.Image | None] = []
         for row in batch:
             try:
                 images.append(load_image(row["image"], self.spec.background))
-            except (ValueError, FileNotFoundError) as exc:
-                raise ValueError(f"gallery image {row['id']!r}: {exc}") from None
-        return preprocess_images(images, self.spec)
+            except (ValueError, OSError) as exc:
+                log.warning("skipping gallery image %r: %s", row["id"], exc)
+                self.skipped.append({"id": row["id"], "reason": str(exc).splitlines()[0]})
+                images.append(None)
+        size = self.spec.size
+        out = np.zeros((len(batch), 3, size, size), np.float32)
+        good = [i for i, image in enumerate(images) if image is not None]
+        if good:
+            out[good] = preprocess_images([im for im in images if im is not None], self.spec)
+        return out
 
     def _encode(self, batch: Any) -> np.ndarray:
         if self.side == "text":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -136,3 +137,26 @@ class TextEncoder:
             return self.session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
 
         return _batched(len(texts), self.batch_size, run, self.bundle.embed_dim)
+
+
+@dataclass(frozen=True)
+class Encoders:
+    """Both towers of one bundle, opened with ONNX Runtime."""
+
+    bundle: Bundle
+    text: TextEncoder
+    image: ImageEncoder
+
+    @classmethod
+    def open(cls, bundle: Bundle, threads: int | None = None, batch_size: int = 32) -> Encoders:
+        return cls(
+            bundle,
+            text=TextEncoder(bundle, threads=threads, batch_size=batch_size),
+            image=ImageEncoder(bundle, threads=threads, batch_size=batch_size),
+        )
+
+    def encode(self, modality: str, queries: list[Any]) -> np.ndarray:
+        """(Q, D) unit vectors: "text" queries are strings, "image" ones (3, S, S) pixels."""
+        if modality == "text":
+            return self.text.encode(queries)
+        return self.image.encode_pixels(np.stack(queries))

@@ -27,17 +27,23 @@ from typing import Any
 
 import numpy as np
 
+from index_builder import filters
 from index_builder.atomic import atomic_write_text, read_json
+from index_builder.filters import Columns
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 INDEX_JSON = "index.json"
 CURRENT = "CURRENT"
 SIDES = ("image", "text")
 # Text-to-image search queries the image index; image-to-text search the text index.
 META_FILES = {"image": "images.jsonl", "text": "texts.jsonl"}
 INDEX_FILES = {"image": "image.faiss", "text": "text.faiss"}
+# Row-aligned float32 unit vectors (exact filtered search, changes without re-embedding) and
+# tombstoned row numbers (deleted or replaced items, skipped by every search).
+VECTOR_FILES = {"image": "image.npy", "text": "text.npy"}
+DELETED_FILES = {"image": "image.deleted.npy", "text": "text.deleted.npy"}
 _VERSION = re.compile(r"^v(\d{6})-\d{8}T\d{6}Z$")
 
 
@@ -69,14 +75,18 @@ def check_bundle(bundle: Any, info: dict[str, Any], version: str) -> None:
 
 @dataclass
 class LoadedIndex:
-    """One version in memory: both FAISS indexes, their row metadata and `index.json`."""
+    """One version in memory: the FAISS index, rows, stored vectors and tombstones of each
+    present side, and `index.json`. Either side may be absent (a photo folder has no texts)."""
 
     version: str
     path: Path
     info: dict[str, Any]
-    images: list[dict[str, Any]]
-    texts: list[dict[str, Any]]
+    row_lists: dict[str, list[dict[str, Any]]]
     indexes: dict[str, Any] = field(repr=False)
+    vectors: dict[str, np.ndarray | None] = field(repr=False)
+    deleted: dict[str, np.ndarray | None] = field(repr=False)
+    _columns: dict[str, Columns] = field(default_factory=dict, repr=False)
+    _ids: dict[str, dict[str, int]] = field(default_factory=dict, repr=False)
 
     @property
     def embed_dim(self) -> int:
@@ -86,18 +96,68 @@ class LoadedIndex:
     def bundle_id(self) -> str:
         return str(self.info["bundle_id"])
 
+    @property
+    def sides(self) -> tuple[str, ...]:
+        return tuple(side for side in SIDES if side in self.indexes)
+
+    def has(self, side: str) -> bool:
+        return side in self.indexes
+
+    @property
+    def images(self) -> list[dict[str, Any]]:
+        return self.rows("image")
+
+    @property
+    def texts(self) -> list[dict[str, Any]]:
+        return self.rows("text")
+
     def rows(self, side: str) -> list[dict[str, Any]]:
-        return self.images if side == "image" else self.texts
+        """Every row of a side, tombstoned ones included (row numbers are stable)."""
+        return self.row_lists.get(side, [])
+
+    def live_count(self, side: str) -> int:
+        deleted = self.deleted.get(side)
+        return len(self.rows(side)) - (0 if deleted is None else int(deleted.sum()))
+
+    def row_of(self, side: str, item_id: str) -> int | None:
+        """The live row holding `item_id`, or None."""
+        if side not in self._ids:
+            deleted = self.deleted.get(side)
+            self._ids[side] = {
+                str(row["id"]): i
+                for i, row in enumerate(self.rows(side))
+                if deleted is None or not deleted[i]
+            }
+        return self._ids[side].get(item_id)
+
+    def vector(self, side: str, row: int) -> np.ndarray:
+        """The stored unit vector of one row."""
+        stored = self.vectors.get(side)
+        if stored is not None:
+            return np.asarray(stored[row], dtype=np.float32)
+        return np.asarray(self.indexes[side].reconstruct(int(row)), dtype=np.float32)
 
     def check_bundle(self, bundle: Any) -> None:
         """Refuse a bundle other than the one that embedded this index."""
         check_bundle(bundle, self.info, self.version)
 
-    def search(self, side: str, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k by inner product on one side: (scores (Q, k), rows (Q, k)); k is capped
-        at the side's count, so every returned row is valid."""
-        if side not in SIDES:
-            raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+    def filter_mask(self, side: str, filter: dict[str, Any] | None) -> np.ndarray | None:
+        """Rows of `side` whose metadata satisfies `filter` (None: no filter); a filter that
+        does not fit the side's fields is a FilterError."""
+        clauses = filters.parse(filter, self.info["sides"][side].get("fields", {}))
+        if not clauses:
+            return None
+        if side not in self._columns:
+            self._columns[side] = Columns([row.get("meta") or {} for row in self.rows(side)])
+        return self._columns[side].mask(clauses)
+
+    def search(
+        self, side: str, vectors: np.ndarray, k: int, mask: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k by inner product on one side among live rows (and where `mask` is True):
+        (scores (Q, k'), rows (Q, k')) with k' = min(k, live rows); -1 pads missing rows."""
+        if side not in self.indexes:
+            raise LookupError(f"index version {self.version} has no {side} side")
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.embed_dim:
             raise ValueError(
@@ -105,9 +165,40 @@ class LoadedIndex:
             )
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
-        index = self.indexes[side]
-        scores, rows = index.search(vectors, min(k, index.ntotal))
-        return scores, rows
+        deleted = self.deleted.get(side)
+        if deleted is not None:
+            mask = ~deleted if mask is None else mask & ~deleted
+        from index_builder.faiss_index import search_index
+
+        return search_index(self.indexes[side], self.vectors.get(side), vectors, k, mask)
+
+
+def load_side(loaded: LoadedIndex, side: str, side_info: dict[str, Any]) -> None:
+    """Read one side's index, rows, vectors (memory-mapped) and tombstones into `loaded`."""
+    from index_builder.faiss_index import read_index
+
+    path, version = loaded.path, loaded.version
+    index = read_index(path / side_info["file"], side_info["search_params"])
+    rows = read_jsonl(path / side_info["meta"])
+    if index.ntotal != len(rows):
+        raise ValueError(
+            f"index version {version} is inconsistent: {side} index holds "
+            f"{index.ntotal} vectors for {len(rows)} rows"
+        )
+    vectors = None
+    if side_info.get("vectors"):
+        vectors = np.load(path / side_info["vectors"], mmap_mode="r")
+        if vectors.shape != (len(rows), loaded.embed_dim):
+            raise ValueError(
+                f"index version {version} is inconsistent: {side} vectors have shape "
+                f"{vectors.shape} for {len(rows)} rows"
+            )
+    deleted = None
+    if side_info.get("deleted_file"):
+        deleted = np.zeros(len(rows), dtype=bool)
+        deleted[np.load(path / side_info["deleted_file"])] = True
+    loaded.indexes[side], loaded.row_lists[side] = index, rows
+    loaded.vectors[side], loaded.deleted[side] = vectors, deleted
 
 
 class IndexStore:
@@ -148,31 +239,14 @@ class IndexStore:
 
     def open(self, version: str | None = None, bundle: Any = None) -> LoadedIndex:
         """Load a version (default: CURRENT); with `bundle`, refuse a mismatched one."""
-        from index_builder.faiss_index import read_index
-
         version = version or self._require_current()
         info = self.read_info(version)
-        path = self.version_dir(version)
-        indexes = {}
-        for side in SIDES:
-            side_info = info["sides"][side]
-            indexes[side] = read_index(path / side_info["file"], side_info["search_params"])
-        loaded = LoadedIndex(
-            version=version,
-            path=path,
-            info=info,
-            images=read_jsonl(path / info["sides"]["image"]["meta"]),
-            texts=read_jsonl(path / info["sides"]["text"]["meta"]),
-            indexes=indexes,
-        )
-        for side in SIDES:
-            if indexes[side].ntotal != len(loaded.rows(side)):
-                raise ValueError(
-                    f"index version {version} is inconsistent: {side} index holds "
-                    f"{indexes[side].ntotal} vectors for {len(loaded.rows(side))} rows"
-                )
         if bundle is not None:
-            loaded.check_bundle(bundle)
+            check_bundle(bundle, info, version)
+        path = self.version_dir(version)
+        loaded = LoadedIndex(version, path, info, {}, {}, {}, {})
+        for side, side_info in info["sides"].items():
+            load_side(loaded, side, side_info)
         return loaded
 
     @contextlib.contextmanager

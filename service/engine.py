@@ -113,15 +113,8 @@ class Engine:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     def _open_encoders(self, bundle: Bundle) -> Encoders:
-        from index_builder.encoders import ImageEncoder, TextEncoder
-
         threads = self.settings.intra_threads or None
-        batch = self.settings.batch_size
-        return Encoders(
-            bundle,
-            text=TextEncoder(bundle, threads=threads, batch_size=batch),
-            image=ImageEncoder(bundle, threads=threads, batch_size=batch),
-        )
+        return Encoders.open(bundle, threads=threads, batch_size=self.settings.batch_size)
 
     def _open_gallery(self, version: str | None, encoders: Encoders) -> Searcher:
         index = self.store.open(version, bundle=encoders.bundle)

@@ -116,7 +116,7 @@ def _check_texts(texts: Sequence[str], single: bool, settings: Settings) -> None
             raise InvalidInput(f"{label}: not valid Unicode (lone surrogate)") from None
 
 
-def _urls(request: Request, image_id: str) -> dict[str, str]:
+def _urls(request: Request, image_id: str) -> dict[str, Any]:
     url = f"{request.scope.get('root_path', '')}/images/{quote(image_id, safe='')}"
     return {"url": url, "thumbnail_url": f"{url}?size={THUMBNAIL_SIZE}"}
 

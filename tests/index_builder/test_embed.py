@@ -7,12 +7,12 @@ import pytest
 
 from index_builder import embed
 from index_builder.encoders import ImageEncoder, TextEncoder
-from index_builder.manifest import load_records
+from index_builder.sources import dataset_rows
 
 
 def _prepare(tmp_path, bundle, gallery, shard_size=5):
-    rows = embed.gallery_rows(gallery, load_records(gallery))
-    work = embed.work_dir_for(tmp_path / "idx", bundle, gallery)
+    rows = dataset_rows(gallery, None)
+    work = embed.work_dir_for(tmp_path / "idx", bundle, rows)
     embed.prepare(work, bundle, rows, shard_size)
     return work, rows
 
@@ -32,7 +32,11 @@ def test_shards_equal_one_pass_encoding(tmp_path, tiny_bundle, gallery):
     ref_texts = TextEncoder(tiny_bundle).encode([r["text"] for r in rows["text"]])
     np.testing.assert_allclose(images, ref_images, atol=1e-5)
     np.testing.assert_allclose(texts, ref_texts, atol=1e-5)
-    assert rows["text"][3] == {"id": "g1#1", "image_id": "g1", "text": "the dog is green"}
+    assert {k: rows["text"][3][k] for k in ("id", "image_id", "text")} == {
+        "id": "g1#1",
+        "image_id": "g1",
+        "text": "the dog is green",
+    }
 
 
 def test_killed_run_resumes_from_the_first_missing_shard(
@@ -73,11 +77,19 @@ def test_changed_plan_starts_afresh(tmp_path, tiny_bundle, gallery):
     assert len(embed.shard_paths(work, "image")) == 2
 
 
-def test_unreadable_image_names_the_record(tmp_path, tiny_bundle, gallery):
+def test_unreadable_images_are_skipped_and_named(tmp_path, tiny_bundle, gallery):
     (gallery / "images" / "g4.png").write_bytes(b"not a png")
-    work, _ = _prepare(tmp_path, tiny_bundle, gallery)
-    with pytest.raises(ValueError, match="gallery image 'g4': not a readable image"):
-        embed.embed_work(work, tiny_bundle)
+    good = (gallery / "images" / "g7.png").read_bytes()
+    (gallery / "images" / "g7.png").write_bytes(good[: len(good) // 2])  # truncated
+    work, rows = _prepare(tmp_path, tiny_bundle, gallery)
+    paths = embed.embed_work(work, tiny_bundle, threads=1, batch_size=2)
+    skipped = embed.skipped_ids(paths["image"])
+    assert [item["id"] for item in skipped] == ["g4", "g7"]
+    assert all(item["reason"] for item in skipped)
+    images = np.concatenate(embed.load_shards(paths["image"]))
+    assert len(images) == 12 and not images[4].any() and not images[7].any()
+    ref = ImageEncoder(tiny_bundle).encode_paths([rows["image"][i]["image"] for i in (0, 5)])
+    np.testing.assert_allclose(images[[0, 5]], ref, atol=1e-5)
 
 
 def test_unknown_engine(tmp_path, tiny_bundle, gallery):

@@ -54,8 +54,12 @@ def test_explicit_factory_and_add(tmp_path, tiny_bundle, gallery, capsys):
     assert loaded.info["parent"] == first and len(loaded.images) == 16 and len(loaded.texts) == 32
     assert loaded.info["sides"]["image"]["factory"] == "HNSW8"
     assert loaded.info["bundle_path"] == str(tiny_bundle.path.resolve())
-    assert main([*args, "--out", str(out)]) == 2  # the same ids again
-    assert "already in the index" in capsys.readouterr().err
+    capsys.readouterr()
+    second = IndexStore(out).current()
+    assert main([*args, "--out", str(out)]) == 0  # the same ids again: skipped, no new version
+    said = capsys.readouterr().out
+    assert "already present (skipped; --upsert replaces): 4 images, 8 texts" in said
+    assert IndexStore(out).current() == second
 
 
 def test_add_with_another_bundle_is_refused(tmp_path, tiny_bundle, gallery, capsys):

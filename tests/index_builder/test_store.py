@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index_builder import build, faiss_index
+from index_builder import build, collection, faiss_index
 from index_builder.store import CURRENT, IndexStore
 
 DIM = 16
@@ -76,7 +76,7 @@ def test_search_rejects_bad_queries(tmp_path):
     loaded = store.open()
     with pytest.raises(ValueError, match=r"shape \(Q, 16\)"):
         loaded.search("image", np.zeros((1, 3), np.float32), 5)
-    with pytest.raises(ValueError, match="side must be"):
+    with pytest.raises(LookupError, match="has no video side"):
         loaded.search("video", np.zeros((1, DIM), np.float32), 5)
     with pytest.raises(ValueError, match="k must be at least 1"):
         loaded.search("image", np.zeros((1, DIM), np.float32), 0)
@@ -170,19 +170,15 @@ def test_add_appends_as_a_new_version(tmp_path):
     store = IndexStore(tmp_path / "idx")
     first = _publish(store, factory="HNSW16")
     shards, rows = _gallery(20, seed=5)
-    second = build.add(
-        store,
-        store.open(),
-        {side: shards[side][0] for side in shards},
-        rows,
-        {"path": "/g2"},
-    )
+    vectors = {side: shards[side][0] for side in shards}
+    change = collection.Change(rows=rows, vectors=vectors)
+    second = collection.change(store, store.open(), change, {"path": "/g2"}).version
     loaded = store.open()
     assert loaded.version == second and loaded.info["parent"] == first
     assert loaded.info["sides"]["image"]["count"] == 80 and len(loaded.texts) == 80
     assert loaded.info["sides"]["text"]["recall_at_10"] >= 0.9
     _, found = loaded.search("image", shards["image"][0][:1], 1)
     assert loaded.images[found[0, 0]]["id"] == "i5-0"
-    with pytest.raises(ValueError, match="already in the index"):
-        build.add(store, store.open(), {s: shards[s][0] for s in shards}, rows, {})
-    assert store.current() == second
+    again = collection.change(store, store.open(), change)  # the same ids: skipped
+    assert again.version == second and again.skipped_existing == {"image": 20, "text": 20}
+    assert store.current() == second and store.versions()[-1] == second

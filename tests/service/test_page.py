@@ -98,7 +98,7 @@ def _ids(page, selector: str = "#grid .card") -> list[str]:
 def _wait_first_rank(page, rank: int) -> None:
     page.wait_for_function(
         "r => (document.querySelector('#grid .card .score') || {}).textContent"
-        f"?.startsWith('#' + r)",
+        "?.startsWith('#' + r)",
         arg=rank,
     )
 

@@ -1,0 +1,177 @@
+"""Metadata filters: the field types of a side, filter validation and row masks.
+
+A filter is a JSON object whose keys are metadata fields, ANDed:
+
+    {"folder": "cats"}                      equality (on a list field: the list contains it)
+    {"folder": {"in": ["cats", "dogs"]}}    one of several values
+    {"year": {"gte": 2000, "lt": 2010}}     numeric range (gt, gte, lt, lte; combinable)
+    {"year": {"eq": 2004}}                  equality, spelled out
+
+Fields and their types come from the rows at build time (`field_types`) and are stored with
+the index, so a filter on an unknown field, or a range on a text field, is refused before
+any search runs. Masks come from per-field columns built once per loaded version: an inverted
+index (value -> rows) for equality and `in`, a float array (NaN where absent) for ranges.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+RANGE_OPS = ("gt", "gte", "lt", "lte")
+OPS = ("eq", "in", *RANGE_OPS)
+MAX_IN = 1024
+
+
+class FilterError(ValueError):
+    """A filter that cannot be applied to this index side (unknown field, wrong type...)."""
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "list"
+    return "mixed"
+
+
+def field_types(metas: Iterable[dict[str, Any]]) -> dict[str, str]:
+    """Field name -> "string" | "number" | "bool" | "list" | "mixed" over all rows' metadata
+    (None values are ignored; a field with two kinds of values is "mixed")."""
+    kinds: dict[str, str] = {}
+    for meta in metas:
+        for name, value in meta.items():
+            if value is None:
+                continue
+            kind = _kind(value)
+            kinds[name] = kind if kinds.get(name, kind) == kind else "mixed"
+    return dict(sorted(kinds.items()))
+
+
+def _scalar(value: Any) -> bool:
+    return isinstance(value, str | bool) or (
+        isinstance(value, int | float) and math.isfinite(value)
+    )
+
+
+def _check_value(name: str, kind: str, value: Any) -> None:
+    if not _scalar(value):
+        raise FilterError(
+            f"filter on {name!r}: expected a string, number or boolean, got {value!r}"
+        )
+    if kind in ("mixed", "list"):
+        return
+    if _kind(value) != kind:
+        raise FilterError(
+            f"filter on {name!r}: the field holds {kind} values, got {_kind(value)} {value!r}"
+        )
+
+
+def parse(filter: Any, fields: dict[str, str]) -> list[tuple[str, str, Any]]:
+    """Validate a filter against a side's field types -> [(field, op, value)]."""
+    if filter is None:
+        return []
+    if not isinstance(filter, dict):
+        raise FilterError(f"a filter must be a JSON object of fields, got {type(filter).__name__}")
+    clauses = []
+    for name, spec in filter.items():
+        if name not in fields:
+            known = ", ".join(sorted(fields)) or "none"
+            raise FilterError(f"unknown filter field {name!r} (fields: {known})")
+        kind = fields[name]
+        ops = spec if isinstance(spec, dict) else {"eq": spec}
+        if not ops:
+            raise FilterError(f"filter on {name!r}: no condition given")
+        for op, value in ops.items():
+            clauses.append(_clause(name, kind, op, value))
+    return clauses
+
+
+def _clause(name: str, kind: str, op: str, value: Any) -> tuple[str, str, Any]:
+    if op not in OPS:
+        raise FilterError(f"filter on {name!r}: unknown operator {op!r} (use {', '.join(OPS)})")
+    if op in RANGE_OPS:
+        if kind not in ("number", "mixed") or isinstance(value, bool):
+            raise FilterError(f"filter on {name!r}: {op} needs a number field and a number value")
+        if not isinstance(value, int | float) or not math.isfinite(value):
+            raise FilterError(f"filter on {name!r}: {op} needs a finite number, got {value!r}")
+        return name, op, float(value)
+    if op == "in":
+        if not isinstance(value, list) or not value:
+            raise FilterError(f"filter on {name!r}: 'in' needs a non-empty list")
+        if len(value) > MAX_IN:
+            raise FilterError(f"filter on {name!r}: 'in' takes at most {MAX_IN} values")
+        for item in value:
+            _check_value(name, kind, item)
+        return name, op, value
+    _check_value(name, kind, value)
+    return name, op, value
+
+
+def _key(value: Any) -> tuple[str, Any]:
+    """Inverted-index key: 1 and 1.0 match, True and 1 do not."""
+    if isinstance(value, bool):
+        return ("bool", value)
+    if isinstance(value, int | float):
+        return ("number", float(value))
+    return ("string", value)
+
+
+class Columns:
+    """Per-field lookups over one side's rows, built on first use of each field."""
+
+    def __init__(self, metas: list[dict[str, Any]]) -> None:
+        self.metas = metas
+        self._inverted: dict[str, dict[tuple[str, Any], np.ndarray]] = {}
+        self._numbers: dict[str, np.ndarray] = {}
+
+    def inverted(self, name: str) -> dict[tuple[str, Any], np.ndarray]:
+        if name not in self._inverted:
+            postings: dict[tuple[str, Any], list[int]] = {}
+            for row, meta in enumerate(self.metas):
+                value = meta.get(name)
+                for item in value if isinstance(value, list) else [value]:
+                    if _scalar(item):
+                        postings.setdefault(_key(item), []).append(row)
+            self._inverted[name] = {k: np.array(v, dtype=np.int64) for k, v in postings.items()}
+        return self._inverted[name]
+
+    def numbers(self, name: str) -> np.ndarray:
+        if name not in self._numbers:
+            values = [meta.get(name) for meta in self.metas]
+            self._numbers[name] = np.array(
+                [
+                    float(v) if isinstance(v, int | float) and not isinstance(v, bool) else np.nan
+                    for v in values
+                ],
+                dtype=np.float64,
+            )
+        return self._numbers[name]
+
+    def mask(self, clauses: list[tuple[str, str, Any]]) -> np.ndarray:
+        """Rows satisfying every clause."""
+        mask = np.ones(len(self.metas), dtype=bool)
+        for name, op, value in clauses:
+            mask &= self._clause_mask(name, op, value)
+        return mask
+
+    def _clause_mask(self, name: str, op: str, value: Any) -> np.ndarray:
+        if op in RANGE_OPS:
+            numbers = self.numbers(name)
+            with np.errstate(invalid="ignore"):
+                compare = {"gt": np.greater, "gte": np.greater_equal, "lt": np.less}
+                return compare.get(op, np.less_equal)(numbers, value)
+        mask = np.zeros(len(self.metas), dtype=bool)
+        postings = self.inverted(name)
+        for item in value if op == "in" else [value]:
+            rows = postings.get(_key(item))
+            if rows is not None:
+                mask[rows] = True
+        return mask
