@@ -112,11 +112,11 @@ def change(
                 write_jsonl(staging / META_FILES[side], rows[side])
                 sides[side]["fields"] = field_types(r.get("meta") or {} for r in rows[side])
                 sides[side]["skipped"] = {"count": 0, "reasons": {}, "examples": []}
+        if not any(info["count"] for info in sides.values()):
+            raise ValueError("the change would leave the index empty; build a new one instead")
         for side, info in sides.items():
             if rows[side] or gone[side]:
                 info.update(_measure(staging, sides, side))
-        if not any(info["count"] for info in sides.values()):
-            raise ValueError("the change would leave the index empty; build a new one instead")
         path = bundle_path or current.info.get("bundle_path")
         dataset = dataset or current.info.get("dataset") or {}
         write_info(
