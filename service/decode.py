@@ -27,6 +27,14 @@ from service.settings import Settings
 
 # Formats decoded by Pillow itself; EPS (Ghostscript) and friends are never opened.
 FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")
+EXTENSIONS = {
+    "PNG": "png",
+    "JPEG": "jpg",
+    "GIF": "gif",
+    "WEBP": "webp",
+    "BMP": "bmp",
+    "TIFF": "tiff",
+}
 _DATA_URL = re.compile(r"^data:([^;,]*)(;[^,]*)?,", re.IGNORECASE)
 
 
@@ -375,11 +383,11 @@ def _form_metas(value: Any, count: int) -> list[dict[str, Any]]:
 
 def check_upload(upload: Upload, settings: Settings) -> str:
     """Decode an uploaded image fully (a truncated file is refused here, not in the index
-    build); returns its format."""
+    build); returns the file extension of its format."""
     label = f"image {upload.id!r}"
     fmt = check_image(upload.data, settings.max_image_bytes, settings.max_image_pixels, label)
     try:
         load_image(upload.data)
     except ValueError:
         raise BadContent(f"{label}: the image data is truncated or corrupt") from None
-    return fmt
+    return EXTENSIONS[fmt]

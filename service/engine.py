@@ -20,13 +20,13 @@ from index_builder.bundle import Bundle
 from index_builder.collection import Change, ChangeResult, change
 from index_builder.encoders import Encoders
 from index_builder.search import Searcher
+from index_builder.sources import store_file
 from index_builder.store import IndexStore, check_bundle
 from service.batching import MicroBatcher
 from service.decode import Items
 from service.errors import Conflict, InvalidInput, NotFound, NotReady
 from service.metrics import Metrics
 from service.settings import Settings
-from service.uploads import store_upload
 
 log = logging.getLogger(__name__)
 Hits = list[dict[str, Any]]
@@ -255,10 +255,10 @@ class Engine:
 
     # -- changes to the collection ----------------------------------------------------------
 
-    async def add(self, items: Items, formats: list[str]) -> tuple[str, ChangeResult]:
-        """Add `items` (their images checked, of `formats`) to the served version as a new
-        version, and serve it; returns the version served before and the change."""
-        return await self._change(partial(self._add_items, items, formats))
+    async def add(self, items: Items, extensions: list[str]) -> tuple[str, ChangeResult]:
+        """Add `items` (their images checked, with file `extensions`) to the served version
+        as a new version, and serve it; returns the version served before and the change."""
+        return await self._change(partial(self._add_items, items, extensions))
 
     async def delete(self, ids: list[str], side: str | None) -> tuple[str, ChangeResult]:
         """Delete `ids` from `side` (or every side holding them) as a new version, and serve
@@ -282,13 +282,15 @@ class Engine:
             await self.reload(result.version)
             return gallery.version, result
 
-    def _add_items(self, items: Items, formats: list[str], gallery: Searcher) -> ChangeResult:
+    def _add_items(self, items: Items, extensions: list[str], gallery: Searcher) -> ChangeResult:
         rows: dict[str, list[dict[str, Any]]] = {"image": [], "text": []}
         vectors = {}
         if items.images:
+            # Kept under the index root by content (as WebDataset images are), so the files
+            # outlive the versions that point at them.
             paths = [
-                store_upload(self.store.root, upload.data, fmt)
-                for upload, fmt in zip(items.images, formats, strict=True)
+                store_file(self.store.root / "files", upload.data, extension)
+                for upload, extension in zip(items.images, extensions, strict=True)
             ]
             vectors["image"] = gallery.encoders.image.encode_paths(paths)
             rows["image"] = [

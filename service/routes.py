@@ -422,8 +422,8 @@ async def add_items(request: Request, engine: EngineDep, settings: SettingsDep) 
     `upsert`; uploaded files are kept under the index root (`files/`), by content."""
     engine.current()
     items = await read_items(request, settings)
-    formats = await run_in_threadpool(lambda: [check_upload(u, settings) for u in items.images])
-    previous, result = await engine.add(items, formats)
+    extensions = await run_in_threadpool(lambda: [check_upload(u, settings) for u in items.images])
+    previous, result = await engine.add(items, extensions)
     return _changed(previous, result, engine)
 
 
