@@ -185,9 +185,9 @@ def _cascade(current: LoadedIndex, rows: Rows, gone: dict[str, set[int]], delete
         images |= {str(current.images[r]["id"]) for r in gone["image"]}
     if not images:
         return
-    deleted = current.deleted.get("text")
+    dead = current.deleted.get("text")
     for i, row in enumerate(current.texts):
-        if row.get("image_id") in images and (deleted is None or not deleted[i]):
+        if row.get("image_id") in images and (dead is None or not dead[i]):
             gone["text"].add(i)
 
 
