@@ -59,6 +59,7 @@ class Change:
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
     delete: dict[str, set[str]] = field(default_factory=dict)
     upsert: bool = False
+    cascade: bool = True  # deleting an image deletes its captions
 
 
 @dataclass
@@ -115,7 +116,7 @@ def change(
         if not any(info["count"] for info in sides.values()):
             raise ValueError("the change would leave the index empty; build a new one instead")
         for side, info in sides.items():
-            if rows[side] or gone[side]:
+            if (rows[side] or gone[side]) and info["count"]:
                 info.update(_measure(staging, sides, side))
         path = bundle_path or current.info.get("bundle_path")
         dataset = dataset or current.info.get("dataset") or {}
@@ -164,7 +165,7 @@ def _plan(
                 counts["added"][side] += 1
             rows[side].append(row)
             keep[side].append(i)
-    _cascade(current, rows, gone)
+    _cascade(current, rows, gone, request.cascade)
     for side in SIDES:
         counts["deleted"][side] = len(gone[side]) - counts["replaced"][side]
     vectors = {
@@ -175,17 +176,18 @@ def _plan(
     return rows, vectors, gone, counts
 
 
-def _cascade(current: LoadedIndex, rows: Rows, gone: dict[str, set[int]]) -> None:
-    """Captions of removed or replaced images go with them."""
+def _cascade(current: LoadedIndex, rows: Rows, gone: dict[str, set[int]], deleted: bool) -> None:
+    """Captions of replaced images (and of removed ones, with `deleted`) go with them."""
     if not current.has("text") or not current.has("image"):
         return
-    images = {str(current.images[r]["id"]) for r in gone["image"]}
-    images |= {str(row["id"]) for row in rows["image"]}
+    images = {str(row["id"]) for row in rows["image"]}
+    if deleted:
+        images |= {str(current.images[r]["id"]) for r in gone["image"]}
     if not images:
         return
-    deleted = current.deleted.get("text")
+    dead = current.deleted.get("text")
     for i, row in enumerate(current.texts):
-        if row.get("image_id") in images and (deleted is None or not deleted[i]):
+        if row.get("image_id") in images and (dead is None or not dead[i]):
             gone["text"].add(i)
 
 
@@ -296,11 +298,16 @@ def _measure(staging: Path, sides: dict[str, Any], side: str) -> dict[str, Any]:
 
 
 def delete_ids(
-    store: IndexStore, ids: list[str], side: str | None = None, keep_bundle: Any = None
+    store: IndexStore,
+    ids: list[str],
+    side: str | None = None,
+    keep_bundle: Any = None,
+    current: LoadedIndex | None = None,
 ) -> ChangeResult:
-    """Remove items by id from one side, or from every side that holds them (an image's
-    captions go with it); an id found nowhere is a KeyError."""
-    current = store.open(bundle=keep_bundle)
+    """Remove items by id from one side, or from every side that holds them (then an image's
+    captions go with it); an id found nowhere is a KeyError. The change starts from `current`
+    (a service passes the version it serves), by default the store's CURRENT."""
+    current = current or store.open(bundle=keep_bundle)
     wanted = set(ids)
     if not wanted:
         raise ValueError("no ids to delete")
@@ -309,7 +316,7 @@ def delete_ids(
     missing = wanted - set().union(*delete.values())
     if missing:
         raise KeyError(f"{len(missing)} ids are not in the index, e.g. {sorted(missing)[0]!r}")
-    return change(store, current, Change(delete=delete))
+    return change(store, current, Change(delete=delete, cascade=side is None))
 
 
 def add_sources(

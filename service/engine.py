@@ -17,7 +17,7 @@ import numpy as np
 
 from index_builder import filters
 from index_builder.bundle import Bundle
-from index_builder.collection import Change, ChangeResult, change
+from index_builder.collection import Change, ChangeResult, change, delete_ids
 from index_builder.encoders import Encoders
 from index_builder.search import Searcher
 from index_builder.sources import store_file
@@ -263,7 +263,9 @@ class Engine:
     async def delete(self, ids: list[str], side: str | None) -> tuple[str, ChangeResult]:
         """Delete `ids` from `side` (or every side holding them) as a new version, and serve
         it; an unknown id changes nothing (404)."""
-        return await self._change(partial(_delete_ids, self.store, ids, side))
+        return await self._change(
+            lambda gallery: delete_ids(self.store, ids, side, current=gallery.index)
+        )
 
     async def _change(self, make: Callable[[Searcher], ChangeResult]) -> tuple[str, ChangeResult]:
         """One change at a time, built on the served version with its encoders in the thread
@@ -339,19 +341,6 @@ def _group(indices: Iterable[int], key: Callable[[int], Hashable]) -> list[list[
     for i in indices:
         groups.setdefault(key(i), []).append(i)
     return list(groups.values())
-
-
-def _delete_ids(
-    store: IndexStore, ids: list[str], side: str | None, gallery: Searcher
-) -> ChangeResult:
-    index = gallery.index
-    sides = [side] if side else list(index.sides)
-    delete = {s: {i for i in ids if index.has(s) and index.row_of(s, i) is not None} for s in sides}
-    missing = sorted(set(ids) - set().union(*delete.values()))
-    if missing:
-        where = f"the {side} side of " if side else ""
-        raise KeyError(f"{len(missing)} ids are not in {where}the index: {missing[:10]}")
-    return change(store, index, Change(delete=delete))
 
 
 def check_query(gallery: Searcher, side: str, filter: dict[str, Any] | None) -> None:

@@ -8,10 +8,10 @@ import json
 
 import numpy as np
 import pytest
-from conftest import caption_rows
 from test_api import I2I, I2T, T2I, T2T, assert_error, b64, png
 
 from index_builder.encoders import ImageEncoder, TextEncoder
+from index_builder.store import IndexStore
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def exact(assets):
     """`exact(side, vector, keep=None, exclude=None) -> (ids, scores)`: brute-force cosine
     ranking of one side's items whose metadata `keep` accepts, best first."""
     bundle, gallery = assets["bundle"], assets["gallery"]
-    texts = caption_rows(gallery)
+    texts = IndexStore(assets["index"]).open().texts
     sides = {
         "image": (
             [row["id"] for row in gallery],

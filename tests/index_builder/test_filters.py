@@ -1,0 +1,84 @@
+"""Metadata filters: field types, validation errors, masks against a naive evaluation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from index_builder.filters import Columns, FilterError, field_types, parse
+
+METAS = [
+    {"folder": "cats", "year": 2001, "tags": ["cute", "small"], "ok": True},
+    {"folder": "dogs", "year": 2010.5, "tags": ["big"], "ok": False},
+    {"folder": "cats", "year": 1999, "ok": True},
+    {"folder": "birds", "tags": ["small"]},
+    {},
+]
+FIELDS = field_types(METAS)
+
+
+def _mask(filter):
+    return Columns(METAS).mask(parse(filter, FIELDS)).tolist()
+
+
+def test_field_types():
+    assert FIELDS == {"folder": "string", "ok": "bool", "tags": "list", "year": "number"}
+    assert field_types([{"a": 1}, {"a": "x"}, {"a": None}]) == {"a": "mixed"}
+
+
+@pytest.mark.parametrize(
+    ("filter", "expected"),
+    [
+        ({"folder": "cats"}, [True, False, True, False, False]),
+        ({"folder": {"eq": "dogs"}}, [False, True, False, False, False]),
+        ({"folder": {"in": ["dogs", "birds"]}}, [False, True, False, True, False]),
+        ({"year": {"gte": 2001}}, [True, True, False, False, False]),
+        ({"year": {"gt": 1999, "lt": 2005}}, [True, False, False, False, False]),
+        ({"year": {"lte": 2001}, "folder": "cats"}, [True, False, True, False, False]),
+        ({"year": 2001}, [True, False, False, False, False]),
+        ({"tags": "small"}, [True, False, False, True, False]),
+        ({"tags": {"in": ["big", "cute"]}}, [True, True, False, False, False]),
+        ({"ok": True}, [True, False, True, False, False]),
+        ({"folder": "fish"}, [False] * 5),
+    ],
+)
+def test_masks(filter, expected):
+    assert _mask(filter) == expected
+
+
+def test_masks_match_a_naive_loop_on_random_metadata():
+    rng = np.random.default_rng(0)
+    metas = [
+        {"n": int(rng.integers(0, 50)), "c": str(rng.choice(list("abcde")))} for _ in range(500)
+    ]
+    columns, fields = Columns(metas), field_types(metas)
+    for lo, hi, letters in [(3, 17, ["a"]), (0, 49, ["b", "e"]), (40, 45, ["c", "d", "a"])]:
+        filter = {"n": {"gte": lo, "lt": hi}, "c": {"in": letters}}
+        naive = [lo <= m["n"] < hi and m["c"] in letters for m in metas]
+        assert columns.mask(parse(filter, fields)).tolist() == naive
+
+
+@pytest.mark.parametrize(
+    ("filter", "message"),
+    [
+        ({"colour": "red"}, "unknown filter field 'colour'"),
+        ({"folder": {"gt": 3}}, "gt needs a number field"),
+        ({"year": "recent"}, "the field holds number values, got string"),
+        ({"year": {"gte": "x"}}, "gte needs a finite number"),
+        ({"folder": {"like": "c%"}}, "unknown operator 'like'"),
+        ({"folder": {"in": []}}, "'in' needs a non-empty list"),
+        ({"folder": {"in": "cats"}}, "'in' needs a non-empty list"),
+        ({"folder": {}}, "no condition given"),
+        ({"folder": {"nested": 1}}, "unknown operator"),
+        ({"folder": ["cats"]}, "expected a string, number or boolean"),
+        (["folder"], "must be a JSON object"),
+        ({"year": {"lt": float("nan")}}, "finite number"),
+    ],
+)
+def test_bad_filters_are_refused(filter, message):
+    with pytest.raises(FilterError, match=message):
+        parse(filter, FIELDS)
+
+
+def test_no_filter():
+    assert parse(None, FIELDS) == [] and parse({}, FIELDS) == []
