@@ -270,9 +270,14 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
 
 
 def tune(
-    index: Any, queries: np.ndarray, truth: np.ndarray, target: float
+    index: Any,
+    queries: np.ndarray,
+    truth: np.ndarray,
+    target: float,
+    start: dict[str, int] | None = None,
 ) -> tuple[dict[str, int], float]:
-    """Smallest nprobe/efSearch reaching `target` recall@k, else the best tried.
+    """Smallest nprobe/efSearch reaching `target` recall@k, else the best tried; with `start`
+    (the setting before a small change), only settings from it upwards are tried.
 
     Returns the parameters (set on the index) and the recall they give."""
     k = truth.shape[1]
@@ -284,6 +289,8 @@ def tune(
     grid = [v for v in SEARCH_GRID[param] if v <= limit and (param == "nprobe" or v >= k)]
     if param == "nprobe" and grid[-1] < limit <= 4096:
         grid.append(limit)
+    floor = (start or {}).get(param, 0)
+    grid = [v for v in grid if v >= floor] or grid[-1:]
     best: tuple[dict[str, int], float] = ({}, -1.0)
     for value in grid:
         set_search_params(index, {param: value})
