@@ -22,7 +22,7 @@ from tqdm import tqdm
 from index_builder.atomic import atomic_open, atomic_write_json, read_json
 from index_builder.bundle import Bundle
 from index_builder.manifest import Record, image_path, manifest_path
-from index_builder.preprocess import load_image, preprocess_images, sha256_file
+from index_builder.preprocess import load_image_for, preprocess_images, sha256_file
 from index_builder.store import META_FILES, SIDES, read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ class ShardEmbedder:
         images = []
         for row in batch:
             try:
-                images.append(load_image(row["image"], self.spec.background))
+                images.append(load_image_for(row["image"], self.spec))
             except (ValueError, FileNotFoundError) as exc:
                 raise ValueError(f"gallery image {row['id']!r}: {exc}") from None
         return preprocess_images(images, self.spec)
