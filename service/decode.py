@@ -1,4 +1,5 @@
-"""Untrusted image input: base64, byte and pixel limits checked before decoding, safe formats."""
+"""Untrusted image input: base64, byte, pixel and shape limits checked before decoding, safe
+formats."""
 
 from __future__ import annotations
 
@@ -10,7 +11,12 @@ import re
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from index_builder.preprocess import ImageSpec, load_image, preprocess_image
+from index_builder.preprocess import (
+    ImageSpec,
+    check_aspect_ratio,
+    load_image_for,
+    preprocess_image,
+)
 from service.errors import BadContent, InvalidInput, TooLarge, UnsupportedMedia
 
 # Formats decoded by Pillow itself; EPS (Ghostscript) and friends are never opened.
@@ -40,8 +46,11 @@ def decode_base64(text: str, max_bytes: int, label: str) -> bytes:
     return data
 
 
-def check_image(data: bytes, max_bytes: int, max_pixels: int, label: str) -> None:
-    """Read only the header: refuse non-images, unsafe formats and oversized dimensions."""
+def check_image(
+    data: bytes, max_bytes: int, max_pixels: int, max_aspect_ratio: float, label: str
+) -> None:
+    """Read only the header: refuse non-images, unsafe formats, oversized dimensions and
+    extreme shapes."""
     if not data:
         raise InvalidInput(f"{label}: the image is empty")
     if len(data) > max_bytes:
@@ -65,15 +74,24 @@ def check_image(data: bytes, max_bytes: int, max_pixels: int, label: str) -> Non
             f"{label}: {width}x{height} is over the limit of {max_pixels} pixels",
             code="too_many_pixels",
         )
+    try:
+        check_aspect_ratio(width, height, max_aspect_ratio)
+    except ValueError as exc:
+        raise InvalidInput(f"{label}: {exc}", "extreme_aspect_ratio") from None
 
 
 def image_to_pixels(
-    data: bytes, spec: ImageSpec, max_bytes: int, max_pixels: int, label: str
+    data: bytes,
+    spec: ImageSpec,
+    max_bytes: int,
+    max_pixels: int,
+    max_aspect_ratio: float,
+    label: str,
 ) -> np.ndarray:
     """Checked bytes -> (3, S, S) float32 with the bundle's preprocessing."""
-    check_image(data, max_bytes, max_pixels, label)
+    check_image(data, max_bytes, max_pixels, max_aspect_ratio, label)
     try:
-        image = load_image(data, spec.background)
+        image = load_image_for(data, spec, max_aspect_ratio)
     except ValueError:
         raise BadContent(f"{label}: the image data is truncated or corrupt") from None
     return preprocess_image(image, spec)

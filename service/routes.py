@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import mimetypes
+import re
 import time
 from collections.abc import Callable, Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 from urllib.parse import quote
 
 import numpy as np
-from fastapi import APIRouter, Body, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
@@ -20,7 +22,7 @@ from starlette.datastructures import UploadFile
 from service.decode import decode_base64, image_to_pixels
 from service.deps import EngineDep, SettingsDep, require_admin_key, require_api_key, require_json
 from service.engine import Engine, Gallery, Hit
-from service.errors import BadContent, InvalidInput, NotFound, NotReady, UnsupportedMedia
+from service.errors import BadContent, InvalidInput, NotFound, NotReady, TooLarge, UnsupportedMedia
 from service.schemas import (
     CaptionHit,
     CaptionResults,
@@ -39,21 +41,40 @@ from service.schemas import (
 from service.settings import Settings
 
 THUMBNAIL_SIZE = 256
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody, "description": text}
-    for code, text in {
-        400: "undecodable input (malformed JSON or base64, corrupt image)",
-        401: "missing or wrong API key",
-        413: "an image or the request is over the size or pixel limit",
-        415: "wrong Content-Type, or an upload that is not an image",
-        422: "invalid request (empty or long text, k out of range, batch over the limit...)",
-        503: "the bundle and index are still loading",
-    }.items()
+RELOAD_BODY_BYTES = 16384
+_ERROR_TEXT = {
+    400: "undecodable input (malformed or too deeply nested JSON, malformed base64, corrupt image)",
+    401: "missing or wrong key",
+    403: "admin endpoints are disabled (no admin key is configured)",
+    404: "no such gallery image or index version",
+    408: "the request body stalled for longer than the read timeout",
+    409: "the index version was refused (built with another bundle, or unreadable); the old "
+    "one keeps serving",
+    413: "an image or the request is over the size or pixel limit",
+    415: "wrong Content-Type, or an upload that is not an image",
+    422: "invalid request (empty or long text, k or offset out of range, batch over the limit, "
+    "an image too thin, a malformed version name...)",
+    503: "the bundle and index are still loading, or failed to load (retried)",
 }
+M = TypeVar("M", bound=BaseModel)
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorBody, "description": _ERROR_TEXT[status]} for status in statuses}
+
+
+def _json_body(model: type[BaseModel], required: bool = True) -> dict[str, Any]:
+    """The OpenAPI request body of a route that reads and validates its JSON itself."""
+    schema = {"application/json": {"schema": model.model_json_schema()}}
+    return {"requestBody": {"required": required, "content": schema}}
+
 
 public = APIRouter()
-api = APIRouter(dependencies=[Depends(require_api_key)], responses=ERRORS)
-admin = APIRouter(prefix="/admin", dependencies=[Depends(require_admin_key)], responses=ERRORS)
+api = APIRouter(dependencies=[Depends(require_api_key)], responses=_errors(401))
+admin = APIRouter(
+    prefix="/admin", dependencies=[Depends(require_admin_key)], responses=_errors(401, 403)
+)
+_SEARCH_ERRORS = _errors(400, 408, 413, 415, 422, 503)
 
 
 # -- liveness and readiness (no key: probes must reach them) --------------------------------
@@ -65,9 +86,10 @@ async def health() -> Status:
     return Status(status="ok")
 
 
-@public.get("/ready", response_model=Status, tags=["status"], responses={503: {"model": ErrorBody}})
+@public.get("/ready", response_model=Status, tags=["status"], responses=_errors(503))
 async def ready(engine: EngineDep) -> Status:
-    """200 once the bundle and an index are loaded, 503 before."""
+    """200 once the bundle and an index are loaded; 503 before, with code `not_ready` while
+    loading and `load_failed` after a failed load (retried; the details are in the log)."""
     engine.current()
     return Status(status="ready")
 
@@ -194,17 +216,54 @@ async def _search(
     }
 
 
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) as soon as it passes `limit` bytes. Routes read their
+    own bodies so that the key (a dependency) is checked before any of it is read."""
+    length = request.headers.get("content-length", "")
+    if length.isascii() and length.isdigit() and (len(length) > 18 or int(length) > limit):
+        raise TooLarge(f"request body over the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(f"request body over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise BadContent("the request body is nested too deeply", "malformed_json") from None
+    except ValueError:  # JSONDecodeError, bad UTF-8, an integer of over 4300 digits
+        raise BadContent("the request body is not valid JSON", "malformed_json") from None
+
+
+def _validated(model: type[M], data: Any) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**err, "loc": ("body", *err["loc"])} for err in exc.errors()]
+        ) from None
+
+
 @api.post(
     "/search/text-to-image",
     response_model=TextToImageResponse,
     dependencies=[Depends(require_json)],
+    openapi_extra=_json_body(TextQuery),
+    responses=_SEARCH_ERRORS,
     tags=["search"],
 )
 async def text_to_image(
-    query: TextQuery, request: Request, engine: EngineDep, settings: SettingsDep
+    request: Request, engine: EngineDep, settings: SettingsDep
 ) -> TextToImageResponse:
     """Search gallery images with text: the text tower encodes, the image index answers."""
     start = time.perf_counter()
+    body = await _read_body(request, settings.max_text_body_bytes)
+    query = _validated(TextQuery, _parse_json(body))
     texts = [query.text] if query.text is not None else list(query.texts or [])
     _check_texts(texts, query.text is not None, settings)
     k, offset = _page(query.k, query.offset, settings)
@@ -243,6 +302,7 @@ _IMAGE_BODY = {
     "/search/image-to-text",
     response_model=ImageToTextResponse,
     openapi_extra=_IMAGE_BODY,
+    responses=_SEARCH_ERRORS,
     tags=["search"],
 )
 async def image_to_text(
@@ -270,7 +330,12 @@ def _decode_all(
         with engine.metrics.timed("decode", "image"):
             pixels.append(
                 image_to_pixels(
-                    data, spec, settings.max_image_bytes, settings.max_image_pixels, name
+                    data,
+                    spec,
+                    settings.max_image_bytes,
+                    settings.max_image_pixels,
+                    settings.max_aspect_ratio,
+                    name,
                 )
             )
     return pixels
@@ -293,16 +358,8 @@ async def _read_images(
 async def _read_json_images(
     request: Request, settings: Settings
 ) -> tuple[list[str], list[bytes], int | None, int]:
-    try:
-        body = await request.json()
-    except ValueError:
-        raise BadContent("the request body is not valid JSON", "malformed_json") from None
-    try:
-        query = ImageQuery.model_validate(body)
-    except ValidationError as exc:
-        raise RequestValidationError(
-            [{**err, "loc": ("body", *err["loc"])} for err in exc.errors()]
-        ) from None
+    body = await _read_body(request, settings.max_body_bytes)
+    query = _validated(ImageQuery, _parse_json(body))
     single = query.image is not None
     encoded = [query.image] if query.image is not None else list(query.images or [])
     _check_batch(len(encoded), "images", settings)
@@ -314,10 +371,13 @@ async def _read_json_images(
     return names, payloads, query.k, query.offset
 
 
+_FORM_INT = re.compile(r"[+-]?[0-9]{1,18}")  # ASCII digits only: int() reads '٣' too
+
+
 def _form_int(value: Any, name: str) -> int | None:
     if value is None:
         return None
-    if not isinstance(value, str) or not value.strip().lstrip("-").isdigit():
+    if not isinstance(value, str) or not _FORM_INT.fullmatch(value.strip()):
         raise InvalidInput(f"{name}: expected an integer, got {str(value)[:40]!r}")
     return int(value)
 
@@ -354,7 +414,7 @@ async def _read_multipart(
     "/images/{image_id:path}",
     tags=["gallery"],
     response_class=Response,
-    responses={200: {"content": {"image/jpeg": {}, "image/png": {}}}},
+    responses={200: {"content": {"image/jpeg": {}, "image/png": {}}}, **_errors(404, 422, 503)},
 )
 async def gallery_image(
     image_id: str,
@@ -417,6 +477,7 @@ async def info(engine: EngineDep, settings: SettingsDep) -> Info:
             "max_text_chars": settings.max_text_chars,
             "max_image_bytes": settings.max_image_bytes,
             "max_image_pixels": settings.max_image_pixels,
+            "max_aspect_ratio": settings.max_aspect_ratio,
         },
         ready=gallery is not None,
     )
@@ -433,16 +494,26 @@ async def metrics(request: Request) -> Response:
 # -- admin -----------------------------------------------------------------------------------
 
 
-@admin.post("/reload", response_model=ReloadResponse, tags=["admin"])
-async def reload(
-    engine: EngineDep, body: Annotated[ReloadRequest | None, Body()] = None
-) -> ReloadResponse:
-    """Load CURRENT (or `version`) in the background and swap to it; a version built with
-    another bundle is refused (409) and the old one keeps serving, unless the service follows
-    bundles (COTS_FOLLOW_BUNDLE): then the bundle the version records swaps in with it."""
+@admin.post(
+    "/reload",
+    response_model=ReloadResponse,
+    openapi_extra=_json_body(ReloadRequest, required=False),
+    responses=_errors(400, 404, 408, 409, 413, 415, 422, 503),
+    tags=["admin"],
+)
+async def reload(request: Request, engine: EngineDep) -> ReloadResponse:
+    """Load CURRENT (or `version`, which then becomes CURRENT: a rollback sticks) in the
+    background and swap to it; a version built with another bundle is refused (409) and the
+    old one keeps serving, unless the service follows bundles (COTS_FOLLOW_BUNDLE): then the
+    bundle the version records swaps in with it."""
+    body = await _read_body(request, RELOAD_BODY_BYTES)
+    version = None
+    if body.strip():
+        await require_json(request)
+        version = _validated(ReloadRequest, _parse_json(body)).version
     if engine.gallery is None and engine.load_error is None:
         raise NotReady("the service is still loading")
-    previous, served = await engine.reload(body.version if body else None)
+    previous, served = await engine.reload(version)
     return ReloadResponse(
         previous_version=previous, index_version=served, swapped=previous != served
     )

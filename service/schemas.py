@@ -12,6 +12,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.config import JsonDict
 
+from index_builder.store import VERSION_PATTERN
+
 SCORE_DOC = (
     "cosine similarity between the query and the hit embeddings, in [-1, 1] (inner product "
     "of unit vectors; approximate indexes may perturb it slightly); higher is closer"
@@ -205,7 +207,14 @@ class Status(BaseModel):
 
 class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    version: str | None = Field(None, description="version to serve (default: what CURRENT names)")
+    version: str | None = Field(
+        None,
+        max_length=24,
+        pattern=VERSION_PATTERN,
+        description="the name of a version under the index root to serve, which CURRENT then "
+        "names (default: what CURRENT names)",
+        examples=["v000001-20250101T120000Z"],
+    )
 
 
 class ReloadResponse(BaseModel):
@@ -218,5 +227,7 @@ class Info(BaseModel):
     bundle: dict[str, Any] = Field(description="bundle id, dimension, precision, preprocessing")
     index: dict[str, Any] = Field(description="version, metric, per side: factory, count, recall")
     gallery: dict[str, int] = Field(description="images and captions served")
-    limits: dict[str, int] = Field(description="request limits (k, batch, text, image)")
+    limits: dict[str, int | float] = Field(
+        description="request limits (k, offset, batch, text, image bytes, pixels and shape)"
+    )
     ready: bool
