@@ -109,7 +109,9 @@ def _levels(pixels: np.ndarray, spec: ImageSpec) -> np.ndarray:
 )
 def test_preprocessing_equals_resizing_the_whole_image_then_cropping(size, spec):
     image = _photo(size)
-    difference = np.abs(_levels(preprocess_image(image, spec), spec) - _resize_then_crop(image, spec))
+    difference = np.abs(
+        _levels(preprocess_image(image, spec), spec) - _resize_then_crop(image, spec)
+    )
     # Pillow may run its two passes in another order for a box: a rounding step or two.
     assert difference.max() <= 2.01 and difference.mean() < 0.5
 
@@ -117,7 +119,9 @@ def test_preprocessing_equals_resizing_the_whole_image_then_cropping(size, spec)
 def test_large_downscales_reduce_first_and_stay_close(tmp_path):
     spec = ImageSpec(size=64, resize=64)
     image = _photo((1600, 1200))  # 19x down to 64: reduced by 6 first
-    difference = np.abs(_levels(preprocess_image(image, spec), spec) - _resize_then_crop(image, spec))
+    difference = np.abs(
+        _levels(preprocess_image(image, spec), spec) - _resize_then_crop(image, spec)
+    )
     assert difference.mean() < 0.5 and difference.max() <= 3.01
     path = tmp_path / "big.jpg"
     image.save(path, quality=95)
