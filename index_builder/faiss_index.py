@@ -38,6 +38,10 @@ METRIC = faiss.METRIC_INNER_PRODUCT
 BLAS_THRESHOLD = 20
 faiss.cvar.distance_compute_blas_threshold = BLAS_THRESHOLD
 MAX_TRAIN = 200_000
+# Search parameters are tuned for recall@10 (build.py); deeper searches widen them (`search`).
+TUNE_K = 10
+# HNSW: efSearch may double up to this many times k before a short query is answered exactly.
+WIDEN_LIMIT = 4
 SEARCH_GRID = {
     "nprobe": (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
     "efSearch": (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024),
@@ -213,6 +217,65 @@ def set_search_params(index: Any, params: dict[str, int]) -> None:
         space.set_index_parameter(index, name, value)
 
 
+def search(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k by inner product, (scores, rows), every row filled when the index holds k vectors.
+
+    Parameters tuned for recall@10 do not reach deep pages: HNSW returns at most about efSearch
+    rows, IVF only what its probed lists hold, and deeper ranks are found less reliably
+    (issue 17: k=100, offset=900 came back with 64 hits). For this call only (per-call
+    SearchParameters: the shared index and concurrent searches keep theirs), efSearch is raised
+    to at least k and nprobe scaled by k / TUNE_K, up to nlist; queries still short search
+    again with the parameter doubled, and an HNSW query still short at WIDEN_LIMIT x k is
+    answered exactly from the graph's own vectors (its flat storage)."""
+    param = tunable_param(index)
+    if param is None:
+        return index.search(queries, k)
+    base = search_param(index)
+    if param == "efSearch":
+        value = max(base, k)
+        limit = value * WIDEN_LIMIT
+    else:
+        limit = faiss.extract_index_ivf(index).nlist
+        value = min(limit, max(base, -(-base * k // TUNE_K)))
+    scores, rows = _search_with(index, queries, k, param, value)
+    short = (rows < 0).any(axis=1)
+    while short.any() and value < limit:
+        value = min(limit, 2 * value)
+        scores[short], rows[short] = _search_with(index, queries[short], k, param, value)
+        short = (rows < 0).any(axis=1)
+    if short.any():
+        log.warning("%d queries short at efSearch %d: searching them exactly", short.sum(), value)
+        storage = faiss.downcast_index(_unwrapped(index)).storage
+        scores[short], rows[short] = storage.search(queries[short], k)
+    return scores, rows
+
+
+def _search_with(
+    index: Any, queries: np.ndarray, k: int, param: str, value: int
+) -> tuple[np.ndarray, np.ndarray]:
+    inner = faiss.SearchParametersHNSW() if param == "efSearch" else faiss.SearchParametersIVF()
+    setattr(inner, param, value)
+    params = inner
+    if isinstance(index, faiss.IndexPreTransform):  # OPQ in front of the IVF index
+        params = faiss.SearchParametersPreTransform()
+        params.index_params = inner  # a raw pointer: `inner` lives until this call returns
+    return index.search(queries, k, params=params)
+
+
+def _unwrapped(index: Any) -> Any:
+    return index.index if isinstance(index, faiss.IndexPreTransform) else index
+
+
+def search_param(index: Any) -> int | None:
+    """The index's own efSearch or nprobe (None for exact indexes)."""
+    param = tunable_param(index)
+    if param == "nprobe":
+        return int(faiss.extract_index_ivf(index).nprobe)
+    if param == "efSearch":
+        return int(faiss.downcast_index(_unwrapped(index)).hnsw.efSearch)
+    return None
+
+
 def tunable_param(index: Any) -> str | None:
     """`nprobe` for IVF indexes, `efSearch` for HNSW, None for exact ones."""
     try:
@@ -220,10 +283,7 @@ def tunable_param(index: Any) -> str | None:
         return "nprobe"
     except RuntimeError:
         pass
-    base = faiss.downcast_index(
-        index.index if isinstance(index, faiss.IndexPreTransform) else index
-    )
-    return "efSearch" if hasattr(base, "hnsw") else None
+    return "efSearch" if hasattr(faiss.downcast_index(_unwrapped(index)), "hnsw") else None
 
 
 def exact_knn(queries: np.ndarray, shards: Sequence[np.ndarray], k: int) -> np.ndarray:

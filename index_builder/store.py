@@ -102,7 +102,10 @@ class LoadedIndex:
 
     def search(self, side: str, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k by inner product on one side: (scores (Q, k), rows (Q, k)); k is capped
-        at the side's count, so every returned row is valid."""
+        at the side's count, and approximate indexes widen their search for deep k, so every
+        returned row is valid (`faiss_index.search`)."""
+        from index_builder import faiss_index
+
         if side not in SIDES:
             raise ValueError(f"side must be one of {SIDES}, got {side!r}")
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -113,8 +116,7 @@ class LoadedIndex:
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         index = self.indexes[side]
-        scores, rows = index.search(vectors, min(k, index.ntotal))
-        return scores, rows
+        return faiss_index.search(index, vectors, min(k, index.ntotal))
 
 
 class IndexStore:

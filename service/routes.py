@@ -206,9 +206,14 @@ async def _search(
         ]
         for hits in found
     ]
+    exhausted = [len(hits) < k + offset for hits in found]  # the gallery ends on this page
     return {
         "hits": pages[0],
-        "results": [group(query=q, hits=p) for q, p in zip(labels, pages, strict=True)],
+        "exhausted": exhausted[0],
+        "results": [
+            group(query=q, hits=p, exhausted=e)
+            for q, p, e in zip(labels, pages, exhausted, strict=True)
+        ],
         "k": k,
         "offset": offset,
         "bundle_id": gallery.bundle.bundle_id,

@@ -20,6 +20,10 @@ SCORE_DOC = (
 )
 _K_DOC = "results per query (default: the service's default_k; at most its max_k)"
 _OFFSET_DOC = "skip this many results first (paging; at most the service's max_offset)"
+_EXHAUSTED_DOC = (
+    "fewer than k hits: the gallery holds fewer than offset + k items, so no later page has "
+    "any (approximate indexes search deeper for deep pages, so a page is never short otherwise)"
+)
 
 
 def _refuse_keys(data: Any, keys: tuple[str, ...], message: str) -> Any:
@@ -119,16 +123,19 @@ class _Envelope(BaseModel):
     took_ms: float = Field(description="time spent in the service, decode to response")
     bundle_id: str = Field(description="the bundle (model) that encoded the query")
     index_version: str = Field(description="the index version that was searched")
+    exhausted: bool = Field(description="the first (or only) query's `exhausted`")
 
 
 class ImageResults(BaseModel):
     query: str = Field(description="the query text")
     hits: list[ImageHit]
+    exhausted: bool = Field(description=_EXHAUSTED_DOC)
 
 
 class CaptionResults(BaseModel):
     query: str = Field(description="the uploaded file name, or 'image[i]' for base64 input")
     hits: list[CaptionHit]
+    exhausted: bool = Field(description=_EXHAUSTED_DOC)
 
 
 _IMAGE_HIT: JsonDict = {
@@ -156,6 +163,7 @@ _ENVELOPE: JsonDict = {
     "took_ms": 4.2,
     "bundle_id": "3f2a9c1d0b7e6a55",
     "index_version": "v000001-20250101T120000Z",
+    "exhausted": False,
 }
 
 
@@ -165,7 +173,7 @@ class TextToImageResponse(_Envelope):
             "examples": [
                 {
                     "hits": [_IMAGE_HIT],
-                    "results": [{"query": "a red apple", "hits": [_IMAGE_HIT]}],
+                    "results": [{"query": "a red apple", "hits": [_IMAGE_HIT], "exhausted": False}],
                     **_ENVELOPE,
                 }
             ]
@@ -181,7 +189,7 @@ class ImageToTextResponse(_Envelope):
             "examples": [
                 {
                     "hits": [_CAPTION_HIT],
-                    "results": [{"query": "apple.png", "hits": [_CAPTION_HIT]}],
+                    "results": [{"query": "apple.png", "hits": [_CAPTION_HIT], "exhausted": False}],
                     **_ENVELOPE,
                 }
             ]

@@ -12,6 +12,7 @@ import socket
 import time
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -325,3 +326,63 @@ def test_the_key_is_checked_before_the_body_and_a_stalled_body_times_out(setting
         with httpx.Client(base_url=server.url) as http:  # the server still answers
             response = http.post(T2I, json={"text": "red"}, headers={"X-API-Key": "s3cret"})
             assert response.status_code == 200
+
+
+# -- deep pages: complete against exact search, and `exhausted` at the end of the gallery -----
+
+
+def _hnsw_root(root, bundle, n: int = 3000) -> np.ndarray:
+    """A version of n random unit vectors per side in an HNSW index, built for `bundle`."""
+    from index_builder.build import IndexOptions, publish
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((n, bundle.embed_dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = [f"s{i:05d}" for i in range(n)]
+    publish(
+        IndexStore(root),
+        bundle_id=bundle.bundle_id,
+        dim=bundle.embed_dim,
+        shards={"image": [vectors], "text": [vectors]},
+        rows={
+            "image": [
+                {"id": i, "image": f"/none/{i}.png", "captions": [], "meta": {}} for i in ids
+            ],
+            "text": [{"id": f"{i}#0", "image_id": i, "text": "synthetic"} for i in ids],
+        },
+        options=IndexOptions(factory="HNSW32", use_gpu=False, queries=64),
+        dataset={"name": "synthetic", "path": "synthetic", "fingerprint": "hnsw"},
+    )
+    return vectors
+
+
+def test_deep_pages_are_complete_and_match_exact_search(
+    tmp_path, assets, settings_for, open_client
+):
+    from index_builder.encoders import TextEncoder
+
+    vectors = _hnsw_root(tmp_path / "hnsw", assets["bundle"])
+    query = TextEncoder(assets["bundle"]).encode(["a red square"])[0]
+    exact = np.argsort(-(vectors @ query), kind="stable")
+    with open_client(settings_for(index=tmp_path / "hnsw")) as client:
+        sides = client.get("/info").json()["index"]["sides"]
+        assert sides["image"]["search_params"]["efSearch"] < 100  # tuned for k=10
+        for offset in (0, 400, 900, 1000):
+            body = client.post(T2I, json={"text": "a red square", "k": 100, "offset": offset})
+            body = body.json()
+            assert len(body["hits"]) == 100, (offset, len(body["hits"]))
+            assert body["exhausted"] is False
+            assert [h["rank"] for h in body["hits"]] == list(range(offset + 1, offset + 101))
+            found = {int(h["id"][1:]) for h in body["hits"]}
+            window = set(exact[max(0, offset - 10) : offset + 110].tolist())
+            assert len(found & window) >= 95, offset  # the same ranks as exact search
+
+
+def test_a_page_past_the_gallery_says_it_is_exhausted(client):
+    full = client.post(T2I, json={"texts": ["red", "blue"], "k": 5}).json()
+    assert full["exhausted"] is False and [r["exhausted"] for r in full["results"]] == [False] * 2
+    last = client.post(T2I, json={"texts": ["red", "blue"], "k": 5, "offset": 5}).json()
+    assert len(last["hits"]) == 3 and last["exhausted"] is True  # 8 images in the gallery
+    assert [r["exhausted"] for r in last["results"]] == [True, True]
+    image = client.post(I2T, files=[upload(png())], data={"k": "10", "offset": "10"}).json()
+    assert len(image["hits"]) == 6 and image["exhausted"] is True  # 16 captions
