@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import shutil
 import socket
 import time
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from index_builder.preprocess import sha256_file
 from index_builder.store import IndexStore
 
 T2I = "/search/text-to-image"
@@ -386,3 +388,23 @@ def test_a_page_past_the_gallery_says_it_is_exhausted(client):
     assert [r["exhausted"] for r in last["results"]] == [True, True]
     image = client.post(I2T, files=[upload(png())], data={"k": "10", "offset": "10"}).json()
     assert len(image["hits"]) == 6 and image["exhausted"] is True  # 16 captions
+
+
+def test_a_bundle_edited_after_export_is_refused_at_start(
+    assets, settings_for, open_client, tmp_path
+):
+    """A tokenizer swapped in with its sha256 updated and the bundle_id kept (issue 17)."""
+    edited = tmp_path / "bundle"
+    shutil.copytree(assets["bundle"].path, edited)
+    tokenizer = edited / "tokenizer.json"
+    vocab = json.loads(tokenizer.read_text())["model"]["vocab"]
+    vocab["red"], vocab["blue"] = vocab["blue"], vocab["red"]  # "red" now finds blue images
+    data = json.loads(tokenizer.read_text())
+    data["model"]["vocab"] = vocab
+    tokenizer.write_text(json.dumps(data))
+    info = json.loads((edited / "bundle.json").read_text())
+    info["files"]["tokenizer.json"] = sha256_file(tokenizer)
+    (edited / "bundle.json").write_text(json.dumps(info))
+    settings = settings_for(bundle=edited)
+    with pytest.raises(ValueError, match="does not follow from its content"), open_client(settings):
+        pass
