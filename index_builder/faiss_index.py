@@ -230,7 +230,7 @@ def search(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndar
     param = tunable_param(index)
     if param is None:
         return index.search(queries, k)
-    base = search_param(index)
+    base = search_param(index, param)
     if param == "efSearch":
         value = max(base, k)
         limit = value * WIDEN_LIMIT
@@ -245,7 +245,7 @@ def search(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndar
         short = (rows < 0).any(axis=1)
     if short.any():
         log.warning("%d queries short at efSearch %d: searching them exactly", short.sum(), value)
-        storage = faiss.downcast_index(_unwrapped(index)).storage
+        storage = _hnsw(index).storage
         scores[short], rows[short] = storage.search(queries[short], k)
     return scores, rows
 
@@ -253,7 +253,9 @@ def search(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndar
 def _search_with(
     index: Any, queries: np.ndarray, k: int, param: str, value: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    inner = faiss.SearchParametersHNSW() if param == "efSearch" else faiss.SearchParametersIVF()
+    # SearchParametersHNSW is missing from faiss's type stubs.
+    hnsw = faiss.SearchParametersHNSW  # type: ignore[attr-defined]
+    inner = hnsw() if param == "efSearch" else faiss.SearchParametersIVF()
     setattr(inner, param, value)
     params = inner
     if isinstance(index, faiss.IndexPreTransform):  # OPQ in front of the IVF index
@@ -266,14 +268,16 @@ def _unwrapped(index: Any) -> Any:
     return index.index if isinstance(index, faiss.IndexPreTransform) else index
 
 
-def search_param(index: Any) -> int | None:
-    """The index's own efSearch or nprobe (None for exact indexes)."""
-    param = tunable_param(index)
+def _hnsw(index: Any) -> Any:
+    """The HNSW index itself: its graph (`hnsw`) and its vectors (`storage`)."""
+    return faiss.downcast_index(_unwrapped(index))
+
+
+def search_param(index: Any, param: str) -> int:
+    """The index's own value of `param` (as `tunable_param` names it)."""
     if param == "nprobe":
         return int(faiss.extract_index_ivf(index).nprobe)
-    if param == "efSearch":
-        return int(faiss.downcast_index(_unwrapped(index)).hnsw.efSearch)
-    return None
+    return int(_hnsw(index).hnsw.efSearch)
 
 
 def tunable_param(index: Any) -> str | None:
@@ -283,7 +287,7 @@ def tunable_param(index: Any) -> str | None:
         return "nprobe"
     except RuntimeError:
         pass
-    return "efSearch" if hasattr(faiss.downcast_index(_unwrapped(index)), "hnsw") else None
+    return "efSearch" if hasattr(_hnsw(index), "hnsw") else None
 
 
 def exact_knn(queries: np.ndarray, shards: Sequence[np.ndarray], k: int) -> np.ndarray:

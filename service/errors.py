@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -79,7 +80,7 @@ class NotReady(ServiceError):
 
 
 def error_response(
-    status: int, detail: str, code: str, headers: dict[str, str] | None = None
+    status: int, detail: str, code: str, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
     headers = dict(headers or {})
     if status == 401:

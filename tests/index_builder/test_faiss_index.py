@@ -155,6 +155,6 @@ def test_deep_ivf_searches_probe_more_lists(data):
     _, rows = fi.search(index, queries[:20], 500)
     assert (rows >= 0).all()
     assert fi.recall_at_k(rows, fi.exact_knn(queries[:20], shards, 500)) >= 0.9
-    assert fi.search_param(index) == 1  # per call only
+    assert fi.search_param(index, "nprobe") == 1  # per call only
     _, plain_rows = fi.search(index, queries[:20], 5)
     np.testing.assert_array_equal(plain_rows, index.search(queries[:20], 5)[1])  # k <= 10: as is

@@ -209,7 +209,7 @@ def test_deep_pages_are_complete_and_match_exact_search(tmp_path, factory):
     # the widening is per call: the tuned parameters on the shared index are untouched
     index = loaded.indexes["image"]
     param = faiss_index.tunable_param(index)
-    assert faiss_index.search_param(index) == params[param]
+    assert faiss_index.search_param(index, param) == params[param]
 
 
 def test_version_names_are_never_paths(tmp_path):
