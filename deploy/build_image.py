@@ -204,12 +204,16 @@ def build_context(work: Path) -> Path:
 
 def build(context: Path, target: str, tag: str, pip_args: list[str]) -> dict[str, Any]:
     """One target on the local base, without the layer cache (podman 4.3 keys a RUN step's
-    cache on its text, not on the sources it bind-mounts). docker format keeps HEALTHCHECK."""
+    cache on its text, not on the sources it bind-mounts). docker format keeps HEALTHCHECK.
+    The image the tag named before is removed, unless a container still uses it."""
+    previous = podman("image", "inspect", "--format", "{{.Id}}", tag, check=False)
     seconds = timed(
         "podman", "build", "--no-cache", "--format", "docker", "--network", "host",
         "--build-arg", f"BASE_IMAGE={BASE}", *pip_args,
         "--target", target, "--tag", tag, "--file", str(context / "Dockerfile"), str(context),
     )  # fmt: skip
+    if previous and previous != podman("image", "inspect", "--format", "{{.Id}}", tag):
+        podman("rmi", previous, check=False)
     user = podman("image", "inspect", "--format", "{{.Config.User}}", tag)
     return {"image": tag, "build_s": seconds, "size_mb": size_mb(tag), "user": user}
 
@@ -407,7 +411,10 @@ def check_compose(bundle: Path, data: Path, query: str) -> dict[str, Any]:
         url = f"http://127.0.0.1:{port}"
         ready_s = wait_for(f"{project}_search_1", rebuilt, lambda: get(url + "/ready")[0] == 200)
         hits = len(search_text(url, query)["hits"])
-    finally:
+    finally:  # `down` leaves the containers' anonymous /data volumes: remove them first
+        label = f"label=io.podman.compose.project={project}"
+        for name in podman("ps", "--all", "--quiet", "--filter", label).split():
+            podman("rm", "--force", "--volumes", name, check=False)
         subprocess.run([*command, "down", "--volumes"], capture_output=True, env=env)
     if not hits:
         raise RuntimeError("the Compose service found nothing")
