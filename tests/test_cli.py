@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -81,6 +82,24 @@ def test_user_error_is_one_line(monkeypatch, capsys):
     assert main([]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "cots serve: error: no dataset manifest at /nowhere/manifest.jsonl"
+
+
+def test_permission_error_names_the_user_id(monkeypatch, capsys):
+    """A container user that cannot read a mounted file sees which user it runs as."""
+
+    def boom(args):
+        raise PermissionError(13, "Permission denied", "/data/bundles/default/bundle.json")
+
+    parser = build_parser()
+    monkeypatch.setattr("index_builder.cli.build_parser", lambda: parser)
+    args = parser.parse_args(["serve"])
+    args.func = boom
+    monkeypatch.setattr(parser, "parse_args", lambda argv=None: args)
+    assert main([]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "cots serve: error: [Errno 13] Permission denied: '/data/bundles/default/bundle.json' "
+        f"(running as user id {os.getuid()})"
+    )
 
 
 def test_cli_reference_is_current():
