@@ -90,11 +90,9 @@ def test_permission_error_names_the_user_id(monkeypatch, capsys):
     def boom(args):
         raise PermissionError(13, "Permission denied", "/data/bundles/default/bundle.json")
 
-    parser = build_parser()
-    monkeypatch.setattr("index_builder.cli.build_parser", lambda: parser)
-    args = parser.parse_args(["serve"])
+    args = build_parser().parse_args(["serve"])
     args.func = boom
-    monkeypatch.setattr(parser, "parse_args", lambda argv=None: args)
+    monkeypatch.setattr("index_builder.cli.parse", lambda parser, argv: args)
     assert main([]) == 2
     assert capsys.readouterr().err.strip() == (
         "cots serve: error: [Errno 13] Permission denied: '/data/bundles/default/bundle.json' "
