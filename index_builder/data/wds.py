@@ -1,8 +1,8 @@
 """WebDataset tar shards (img2dataset / open_clip layout), read and written with stdlib tarfile.
 
-A sample is the run of consecutive tar members sharing a key: `key.jpg|png|webp` plus
-`key.txt` (one caption per line) and/or `key.json` (`caption` or `captions`, optional `id`
-and `split`).
+A sample is the run of consecutive tar members sharing a key: `key.jpg|png|webp` (or a video,
+`key.mp4|webm|mkv|mov|avi`) plus `key.txt` (one caption per line) and/or `key.json` (`caption`
+or `captions`, optional `id` and `split`).
 """
 
 from __future__ import annotations
@@ -36,11 +36,13 @@ from index_builder.manifest import (
     read_manifest,
     split_of,
 )
+from index_builder.video import VIDEO_EXTENSIONS, VideoError, probe_video
 
 log = logging.getLogger(__name__)
 
 VERSION = 1
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
+VIDEO_EXTS = tuple(e.lstrip(".") for e in VIDEO_EXTENSIONS)
 SHARDS_INFO = "shards.json"
 _KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # WebDataset's base_plus_ext
 
@@ -124,24 +126,39 @@ def sample_captions(parts: dict[str, bytes]) -> tuple[list[str], dict[str, Any]]
 
 
 def _sample_record(key: str, parts: dict[str, bytes], shard: Path) -> Any:
-    """(record, image bytes, destination) for a usable sample, or the reason it is not."""
-    ext = next((e for e in IMAGE_EXTS if e in parts), None)
+    """(record, media bytes, destination) for a usable sample, or the reason it is not."""
+    ext = next((e for e in (*IMAGE_EXTS, *VIDEO_EXTS) if e in parts), None)
     if ext is None:
-        return "no image"
+        return "no image or video"
     captions, meta = sample_captions(parts)
     if not captions:
         return "empty caption"
-    try:
-        with Image.open(io.BytesIO(parts[ext])) as image:
-            image.size  # noqa: B018  (decodes the header)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        return "unreadable image"
+    problem = _media_problem(parts[ext], ext in VIDEO_EXTS)
+    if problem:
+        return problem
     safe = re.sub(r"[^A-Za-z0-9_.\-]+", "_", key.replace("/", "."))
     rid = meta["id"] if isinstance(meta.get("id"), str) and meta["id"] else f"wds.{safe}"
     split = meta["split"] if meta.get("split") in SPLITS else split_of(rid)
-    rel = f"images/{shard.stem}/{safe}.{ext}"
+    folder = "videos" if ext in VIDEO_EXTS else "images"
+    rel = f"{folder}/{shard.stem}/{safe}.{ext}"
     extra: dict[str, Any] = meta["meta"] if isinstance(meta.get("meta"), dict) else {}
     return Record(rid, rel, tuple(captions), split, {**extra, "key": key}), parts[ext], rel
+
+
+def _media_problem(data: bytes, video: bool) -> str | None:
+    """Header checks only: a video's container and stream, an image's header."""
+    if video:
+        try:
+            probe_video(data)
+        except VideoError as exc:
+            return f"unusable video ({exc.code})"
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.size  # noqa: B018  (decodes the header)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return "unreadable image"
+    return None
 
 
 def import_webdataset(cfg: ReadConfig, out: str | Path) -> ImportResult:
