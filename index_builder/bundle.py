@@ -5,6 +5,9 @@
       text_encoder.onnx    input_ids, attention_mask int64 (B, L) -> embedding (B, D), unit norm
       tokenizer.json       Hugging Face tokenizers file
       bundle.json          what a later stage needs to use the files (see `Bundle`)
+      video_pooling.onnx   video bundles only: frames float32 (B, N, D) unit frame embeddings
+                           from image_encoder.onnx, mask int64 (B, N) -> embedding (B, D);
+                           `video_spec` in bundle.json says N, the sampling and the pooling
 
 `training.export` writes bundles with `write_bundle`; indexing and serving read them with
 `Bundle.load`, which checks the description and the file hashes.
@@ -24,12 +27,14 @@ from typing import Any
 
 from index_builder.atomic import atomic_write_json, read_json
 from index_builder.preprocess import ImageSpec, TextSpec, sha256_file
+from index_builder.video import VideoSpec
 
 FORMAT_VERSION = 1
 BUNDLE_JSON = "bundle.json"
 IMAGE_ONNX = "image_encoder.onnx"
 TEXT_ONNX = "text_encoder.onnx"
 TOKENIZER_JSON = "tokenizer.json"
+VIDEO_ONNX = "video_pooling.onnx"
 FILES = (IMAGE_ONNX, TEXT_ONNX, TOKENIZER_JSON)
 PRECISIONS = ("fp32", "fp16", "int8")
 REQUIRED = ("format_version", "bundle_id", "embed_dim", "image_spec", "text_spec", "files")
@@ -47,6 +52,11 @@ class Bundle:
     opset: int
     precision: str
     info: dict[str, Any] = field(repr=False)
+    video_spec: VideoSpec | None = None  # a video bundle: frames, sampling, pooling
+
+    @property
+    def video_onnx(self) -> Path:
+        return self.path / VIDEO_ONNX
 
     @property
     def image_onnx(self) -> Path:
@@ -76,7 +86,7 @@ class Bundle:
                 f"{meta_path} has format_version {info['format_version']}, "
                 f"this version of cots reads {FORMAT_VERSION}"
             )
-        for name in FILES:
+        for name in (*FILES, VIDEO_ONNX) if "video_spec" in info else FILES:
             file = path / name
             if not file.is_file():
                 raise FileNotFoundError(f"bundle {path} is missing {name}")
@@ -94,6 +104,7 @@ class Bundle:
             opset=int(info.get("opset", 0)),
             precision=str(info.get("precision", "fp32")),
             info=info,
+            video_spec=VideoSpec.from_dict(info["video_spec"]) if "video_spec" in info else None,
         )
 
 
@@ -115,12 +126,14 @@ def write_bundle(
     opset: int,
     precision: str = "fp32",
     extra: dict[str, Any] | None = None,
+    video: tuple[str | Path, VideoSpec] | None = None,
 ) -> Bundle:
     """Copy the files into `out` with a `bundle.json` and return the loaded bundle.
 
     The bundle is assembled in a temporary directory beside `out` and renamed into place, so
     `out` is either the previous bundle or the complete new one. `extra` (source checkpoint,
-    parity error, recall effect of quantisation...) is stored as given.
+    parity error, recall effect of quantisation...) is stored as given. `video` (the
+    pooling graph and its `VideoSpec`) makes a video bundle.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -130,10 +143,14 @@ def write_bundle(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        for name, source in zip(FILES, (image_onnx, text_onnx, tokenizer_json), strict=True):
-            shutil.copyfile(source, tmp / name)
-        hashes = {name: sha256_file(tmp / name) for name in FILES}
+        sources = dict(zip(FILES, (image_onnx, text_onnx, tokenizer_json), strict=True))
         specs = {"image_spec": image_spec.to_dict(), "text_spec": text_spec.to_dict()}
+        if video is not None:
+            sources[VIDEO_ONNX] = video[0]
+            specs["video_spec"] = video[1].to_dict()
+        for name, source in sources.items():
+            shutil.copyfile(source, tmp / name)
+        hashes = {name: sha256_file(tmp / name) for name in sources}
         info = {
             **(extra or {}),
             "format_version": FORMAT_VERSION,

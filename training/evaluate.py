@@ -53,7 +53,8 @@ def retrieval_metrics(
     """Image-to-text: a hit at K when any of the image's captions ranks in the top K.
     Text-to-image: a hit when the caption's own image ranks in the top K. Percentages; with
     `median`, also the median 1-based rank each way (`i2t_medr`, `t2i_medr`)."""
-    ranks = dict(zip(("i2t", "t2i"), retrieval_ranks(image_emb, text_emb, text_to_image, chunk)))
+    i2t, t2i = retrieval_ranks(image_emb, text_emb, text_to_image, chunk)
+    ranks = {"i2t": i2t, "t2i": t2i}
     metrics: dict[str, float] = {}
     for name, rank in ranks.items():
         for k in ks:

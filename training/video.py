@@ -303,9 +303,7 @@ def _encode_captions(model: TwoTower, records: list[Record], batch: int):
 # -- evaluation --------------------------------------------------------------------------------
 
 
-def video_metrics(
-    video: torch.Tensor, text: torch.Tensor, owner: torch.Tensor
-) -> dict[str, float]:
+def video_metrics(video: torch.Tensor, text: torch.Tensor, owner: torch.Tensor) -> dict[str, float]:
     """R@1/5/10 both ways, median ranks and RSUM; `i2t` is video-to-text, `t2i` text-to-video
     (the keys every evaluator and checkpoint selection use)."""
     metrics = retrieval_metrics(video, text, owner, median=True)
@@ -366,3 +364,50 @@ def _encode_captions_online(model: TwoTower, records: list[Record], batch: int, 
         out = model.encode_text(torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device))
         texts.append(out.float().cpu())
     return torch.cat(texts), owner, None
+
+
+# -- export ------------------------------------------------------------------------------------
+
+
+class PoolingGraph(nn.Module):
+    """What `video_pooling.onnx` holds: unit frame embeddings (B, N, D) and the frame mask
+    (B, N) int64 -> the unit video embedding (B, D)."""
+
+    def __init__(self, model: VideoTwoTower) -> None:
+        super().__init__()
+        self.pool = model.video_pool
+
+    def forward(self, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.pool(frames, mask > 0)
+
+
+def pooling_feeds(model: VideoTwoTower, batches: tuple[int, ...], seed: int) -> list[dict]:
+    """Random unit frame embeddings with masks of 1..N frames, one feed per batch size."""
+    rng = np.random.default_rng(seed)
+    count, dim = model.video_spec.frames, model.config.embed_dim
+    feeds = []
+    for batch in batches:
+        frames = rng.standard_normal((batch, count, dim)).astype(np.float32)
+        frames /= np.linalg.norm(frames, axis=-1, keepdims=True)
+        lengths = rng.integers(1, count + 1, batch)
+        mask = (np.arange(count)[None, :] < lengths[:, None]).astype(np.int64)  # (B, N)
+        feeds.append({"frames": frames, "mask": mask})
+    return feeds
+
+
+def end_to_end_error(model: VideoTwoTower, image_onnx: Path, pooling_onnx: Path, seed: int):
+    """Max |ONNX - torch| for whole videos: random frames (one video padded) through the
+    image graph, then the pooling graph, against `VideoTwoTower.encode_image`."""
+    from training.export import run_onnx
+
+    rng = np.random.default_rng(seed)
+    count, size = model.video_spec.frames, model.image_spec.size
+    pixels = rng.standard_normal((2, count, 3, size, size)).astype(np.float32)
+    pixels[1, max(1, count // 2) :] = 0.0  # the second video is shorter
+    mask = pixels.reshape(2, count, -1).any(axis=-1)  # (2, N)
+    frames = np.zeros((2, count, model.config.embed_dim), np.float32)
+    frames[mask] = run_onnx(image_onnx, [{"pixels": pixels[mask]}])
+    got = run_onnx(pooling_onnx, [{"frames": frames, "mask": mask.astype(np.int64)}])
+    with torch.no_grad():
+        want = model.encode_image(torch.from_numpy(pixels)).numpy()
+    return float(np.abs(got - want).max())
