@@ -343,7 +343,7 @@ def encode_video(
     height, width = frames[0].shape[:2]
     buffer = io.BytesIO()
     with av.open(buffer, mode="w", format=container) as output:
-        stream = output.add_stream(codec, rate=fps)
+        stream: Any = output.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         if codec == "libx264":
             stream.options = {"preset": "ultrafast", "crf": "18"}
