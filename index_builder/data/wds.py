@@ -129,7 +129,7 @@ def _sample_record(key: str, parts: dict[str, bytes], shard: Path) -> Any:
     """(record, media bytes, destination) for a usable sample, or the reason it is not."""
     ext = next((e for e in (*IMAGE_EXTS, *VIDEO_EXTS) if e in parts), None)
     if ext is None:
-        return "no image or video"
+        return "no image"
     captions, meta = sample_captions(parts)
     if not captions:
         return "empty caption"
