@@ -160,7 +160,11 @@ def check_video_data(records: list[Record], video: bool, dataset: str | Path) ->
 
 
 def load_clip(
-    dataset: str | Path, record: Record, spec: ImageSpec, frames: int, limits: VideoLimits
+    dataset: str | Path,
+    record: Record,
+    spec: ImageSpec,
+    frames: int,
+    limits: VideoLimits = VideoLimits(),
 ) -> tuple[np.ndarray, np.ndarray]:
     """A record's video -> pixels (N, 3, S, S) (zeros past its last frame) and mask (N,)."""
     clip = decode_video(image_path(dataset, record), frames, limits)
