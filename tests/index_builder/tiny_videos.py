@@ -119,4 +119,3 @@ def video_bundle(out: Path, image_bundle: Bundle, frames: int = 4) -> Bundle:
         extra={"source": {"checkpoint": "tiny video bundle"}},
         video=(source, VideoSpec(frames=frames)),
     )
-

@@ -100,7 +100,7 @@ def _msrvtt(root):
     videos = root / "videos"
     videos.mkdir(parents=True)
     sentences = []
-    for i, split in enumerate(["train", "train", "validate", "test", "test"]):
+    for i in range(5):
         (videos / f"video{i}.mp4").write_bytes(colour_clip([RED if i % 2 else BLUE]))
         sentences += [{"video_id": f"video{i}", "caption": f"clip {i} caption {j}"} for j in (0, 1)]
     (videos / "video1.mp4").write_bytes(bad_videos()["truncated"])
