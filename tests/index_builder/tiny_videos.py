@@ -105,6 +105,7 @@ def video_bundle(out: Path, image_bundle: Bundle, frames: int = 4) -> Bundle:
     )
     model.ir_version = 8
     onnx.checker.check_model(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
     source = out.parent / f".{out.name}-pooling.onnx"
     onnx.save(model, source)
     return write_bundle(
