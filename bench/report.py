@@ -89,6 +89,11 @@ FIGURES = (
         ("service",),
     ),
     Figure(
+        "Text-to-video: meanP vs seqTransf, video indexing throughput",
+        "video*.json",
+        "python bench/video_bench.py --count 400 --threads 1",
+    ),
+    Figure(
         "Filtered search and live changes of a collection",
         "collection*.json",
         "python bench/collection_bench.py --size 100000 --threads 2",
