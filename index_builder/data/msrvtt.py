@@ -18,12 +18,13 @@ from typing import Any
 from index_builder.data.common import (
     ImportResult,
     Skips,
+    Splits,
     fingerprint,
     load_json_input,
     progress,
     run_import,
 )
-from index_builder.data.video_folder import video_problem
+from index_builder.data.video_folder import read_video
 from index_builder.manifest import Record
 
 VERSION = 1
@@ -71,7 +72,7 @@ def import_msrvtt(cfg: MsrvttConfig, out: str | Path) -> ImportResult:
     protocol = "1k-A" if test is not None else "official"
     info = {"name": Path(out).name, "source": "msrvtt", "media": "video", "protocol": protocol}
 
-    def produce(skips: Skips) -> Iterator[Record]:
+    def produce(skips: Skips, splits: Splits) -> Iterator[Record]:  # the splits are MSR-VTT's
         for video in progress(videos, "msrvtt", len(videos)):
             vid = str(video["video_id"])
             split, texts = _split_and_captions(video, captions.get(vid, []), test)
@@ -79,7 +80,7 @@ def import_msrvtt(cfg: MsrvttConfig, out: str | Path) -> ImportResult:
             problem = None if texts else "no caption"
             problem = problem or ("missing video" if not path.is_file() else None)
             problem = problem or (None if split else f"unknown split {video.get('split')!r}")
-            problem = problem or video_problem(path)
+            problem = problem or read_video(path)[1]
             if problem:
                 skips.add(problem, vid)
                 continue

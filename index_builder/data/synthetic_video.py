@@ -26,13 +26,15 @@ from index_builder.atomic import atomic_write_bytes, atomic_write_json, read_jso
 from index_builder.data.common import (
     ImportResult,
     Skips,
+    Splits,
     fingerprint,
     parallel_map,
     progress,
     run_import,
+    split_bucket,
 )
 from index_builder.data.synthetic import COLOURS, _polygon
-from index_builder.manifest import Record, split_of
+from index_builder.manifest import Record
 from index_builder.video import encode_video
 
 VERSION = 1
@@ -145,6 +147,13 @@ def _prepare_videos(videos: Path, params: dict) -> bool:
     return False
 
 
+def pair_split(key: str) -> str:
+    """Both clips of a pair share a split: 10 % test, 10 % val by the pair's hash bucket
+    (twice the usual held-out share: a small gallery still gets a test set of a few dozen)."""
+    bucket = split_bucket(key)
+    return "test" if bucket < 0.1 else "val" if bucket < 0.2 else "train"
+
+
 def import_synthetic_video(cfg: SyntheticVideoConfig, out: str | Path) -> ImportResult:
     if not 10 <= cfg.count <= MAX_COUNT or cfg.count % 2:
         raise ValueError(f"--count must be even and between 10 and {MAX_COUNT:,}, got {cfg.count}")
@@ -161,14 +170,14 @@ def import_synthetic_video(cfg: SyntheticVideoConfig, out: str | Path) -> Import
         **{k: v for k, v in options.items() if k in ("seed", "size", "frames", "fps")},
     }
 
-    def produce(skips: Skips) -> Iterator[Record]:
+    def produce(skips: Skips, splits: Splits) -> Iterator[Record]:  # splits: by pair, below
         root = Path(out)
         reuse = _prepare_videos(root / "videos", {**options, "count": None})
         jobs = ((cfg, i, str(root), reuse) for i in range(cfg.count))
         results = parallel_map(render_item, jobs, cfg.workers, chunksize=16)
         for index, texts in enumerate(progress(results, "synthetic-video", cfg.count)):
             rid = f"synv-{cfg.seed}-{index:06d}"
-            split = split_of(f"synv-{cfg.seed}-pair-{index // 2}", val=0.1, test=0.1)
+            split = pair_split(f"synv-{cfg.seed}-pair-{index // 2}")
             yield Record(rid, video_name(cfg.seed, index), texts, split, {"pair": index // 2})
 
     return run_import(out, info, fp, produce)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -10,13 +11,14 @@ from pathlib import Path
 from index_builder.data.common import (
     ImportResult,
     Skips,
+    Splits,
     fingerprint,
     path_id,
     progress,
     run_import,
 )
 from index_builder.data.folder import sidecar_captions
-from index_builder.manifest import Record, split_of
+from index_builder.manifest import Record
 from index_builder.video import VIDEO_EXTENSIONS, VideoError, probe_video
 
 VERSION = 1
@@ -38,15 +40,20 @@ def find_videos(root: Path) -> list[Path]:
     return sorted(found)
 
 
-def video_problem(path: Path) -> str | None:
-    """Why a video file cannot be used (its header checks), or None; nothing is decoded."""
+def read_video(path: Path) -> tuple[str, str | None]:
+    """(SHA-1 of the file's bytes: its split key, why it cannot be used or None). Only the
+    container is checked (`probe_video`): decoding every frame would dominate the import."""
+    if not path.is_file():
+        return "", "missing video"
     try:
-        probe_video(path)
-    except VideoError as exc:
-        return f"unusable video ({exc.code})"
+        data = path.read_bytes()
     except OSError:
-        return "unreadable video"
-    return None
+        return "", "unreadable video"
+    try:
+        probe_video(data)
+    except VideoError as exc:
+        return "", f"unusable video ({exc.code})"
+    return hashlib.sha1(data).hexdigest(), None
 
 
 def import_video_folder(cfg: VideoFolderConfig, out: str | Path) -> ImportResult:
@@ -60,22 +67,24 @@ def import_video_folder(cfg: VideoFolderConfig, out: str | Path) -> ImportResult
     fp = fingerprint("video-folder", {"root": str(root), "version": VERSION}, [*videos, *sidecars])
     info = {"name": Path(out).name, "source": "video-folder", "media": "video", "root": str(root)}
 
-    def produce(skips: Skips) -> Iterator[Record]:
+    def produce(skips: Skips, splits: Splits) -> Iterator[Record]:
         seen: set[str] = set()
         for video in progress(videos, "video-folder"):
             rel = video.relative_to(root).with_suffix("").as_posix()
             rid = path_id("video", rel)
             captions = sidecar_captions(video)
+            digest = ""
             if isinstance(captions, str):
                 problem: str | None = captions
             elif rid in seen:
                 problem = "another video with the same name"
             else:
-                problem = video_problem(video)
+                digest, problem = read_video(video)
             if problem:
                 skips.add(problem, str(video.relative_to(root)))
                 continue
             seen.add(rid)
-            yield Record(rid, str(video), tuple(captions), split_of(rel), {"file": rel})
+            split = splits.assign(rid, digest)
+            yield Record(rid, str(video), tuple(captions), split, {"file": rel})
 
     return run_import(out, info, fp, produce)
