@@ -131,3 +131,30 @@ def test_video_embedding_resumes_at_the_first_missing_shard(tmp_path, bundles):
     assert again[1].is_file()
     vectors = np.concatenate(embed.load_shards(again))
     np.testing.assert_allclose(vectors[0], _reference(bundle, folder / "gb.mp4"), atol=1e-5)
+
+
+def test_live_changes_add_and_delete_videos(tmp_path, bundles):
+    from index_builder.collection import add_sources, delete_ids
+
+    _, bundle = bundles
+    first, later = tmp_path / "first", tmp_path / "later"
+    for folder, names in ((first, ("rg", "gb")), (later, ("br",))):
+        folder.mkdir()
+        for name in names:
+            colours = {"rg": [RED, GREEN], "gb": [GREEN, BLUE], "br": [BLUE, RED]}[name]
+            (folder / f"{name}.mp4").write_bytes(colour_clip(colours, size=16, per=3))
+    root = tmp_path / "index"
+    index_sources(root, bundle, Sources(images=str(first)))
+    added = add_sources(root, bundle, Sources(images=str(later)))
+    assert added.added == {"image": 1, "text": 0}
+    searcher = Searcher.open(root)
+    row = searcher.index.images[searcher.index.row_of("image", "br")]
+    assert row["meta"]["media"] == "video" and len(row["keyframes"]) == FRAMES
+    np.testing.assert_allclose(
+        searcher.index.vector("image", searcher.index.row_of("image", "br")),
+        _reference(bundle, later / "br.mp4"),
+        atol=1e-5,
+    )
+    delete_ids(IndexStore(root), ["rg"])
+    hits = Searcher.open(root).text_to_video("red", k=10)
+    assert sorted(h["id"] for h in hits) == ["br", "gb"]
