@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from tiny_bundles import make_tiny_bundle
-from tiny_videos import bad_videos, colour_clip, video_bundle
+from tiny_videos import bad_videos, colour_clip, over_default_limits, video_bundle
 
 from index_builder import embed
 from index_builder.build import Sources, index_sources
@@ -35,7 +35,7 @@ def _gallery(root):
         (root / f"{name}.txt").write_text(f"{name} clip\n")
     (root / "short.mp4").write_bytes(colour_clip([BLUE], size=16, per=2))  # fewer than FRAMES
     Image.new("RGB", (16, 16), RED).save(root / "photo.png")
-    for name, data in bad_videos().items():
+    for name, data in {**bad_videos(), **over_default_limits()}.items():
         (root / f"bad-{name}.mp4").write_bytes(data)
     return root
 
@@ -67,8 +67,11 @@ def test_video_gallery_index(tmp_path, bundles):
         assert all(Image.open(p).format == "JPEG" for p in row["keyframes"])
     assert "video" not in rows["photo"][1] and "media" not in rows["photo"][1]["meta"]
     skipped = loaded.info["sides"]["image"]["skipped"]
-    assert skipped["count"] == len(bad_videos())
+    assert skipped["count"] == len(bad_videos()) + 2
     assert all(reason.startswith("unreadable video") for reason in skipped["reasons"])
+    named = " ".join(skipped["examples"])
+    for name in (*bad_videos(), "huge-resolution", "too-long"):
+        assert f"bad-{name}" in named
     assert loaded.info["sides"]["image"]["fields"]["media"] == "string"
 
     searcher = Searcher.open(root)

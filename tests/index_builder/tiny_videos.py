@@ -70,6 +70,14 @@ def bad_videos() -> dict[str, bytes]:
     }
 
 
+def over_default_limits() -> dict[str, bytes]:
+    """Videos the default `VideoLimits` refuse: 4096 x 2160 pixels, 610 s (tiny files)."""
+    return {
+        "huge-resolution": encode_video([np.zeros((2160, 4096, 3), np.uint8)], fps=1),
+        "too-long": encode_video([np.zeros((16, 16, 3), np.uint8)] * 610, fps=1),
+    }
+
+
 def pooling_graph(dim: int, frames: int):
     """meanP as ONNX: masked sum of the unit frame embeddings, L2-normalised."""
     from onnx import TensorProto, helper, numpy_helper

@@ -10,7 +10,7 @@ from collections import Counter
 import numpy as np
 import pytest
 from data_fixtures import run_cli
-from tiny_videos import bad_videos, colour_clip
+from tiny_videos import bad_videos, colour_clip, over_default_limits
 
 from index_builder.data.msrvtt import MsrvttConfig, import_msrvtt
 from index_builder.data.synthetic_video import (
@@ -69,7 +69,7 @@ def _video_folder(root):
     (root / "blue.webm").write_bytes(colour_clip([BLUE]))  # MP4 bytes, webm name: FFmpeg probes
     (root / "blue.txt").write_text("a blue clip\n")
     (root / "nocaption.mp4").write_bytes(colour_clip([RED]))
-    for name, data in bad_videos().items():
+    for name, data in {**bad_videos(), **over_default_limits()}.items():
         (root / f"bad-{name}.mp4").write_bytes(data)
         (root / f"bad-{name}.txt").write_text(f"a {name} file\n")
     return root
@@ -81,11 +81,13 @@ def test_video_folder_counts_bad_videos_as_skips(tmp_path):
     records = {r.id: r for r in load_records(tmp_path / "ds")}
     assert sorted(records) == ["video.blue", "video.trip.red"]
     assert records["video.trip.red"].captions == ("a red clip", "all red")
-    assert sum(result.skipped.values()) == 7
+    assert sum(result.skipped.values()) == 9
     assert result.skipped["no sidecar .txt"] == 1
-    reasons = " ".join(result.skipped)
-    for code in ("audio_only", "not_a_video", "unknown_codec", "empty_video", "corrupt_video"):
-        assert code in reasons
+    assert result.skipped["unusable video (corrupt_video)"] == 2  # corrupt, truncated
+    for code in ("audio_only", "not_a_video", "unknown_codec", "empty_video"):
+        assert result.skipped[f"unusable video ({code})"] == 1
+    for code in ("too_many_pixels", "video_too_long"):
+        assert result.skipped[f"unusable video ({code})"] == 1
     assert read_info(tmp_path / "ds")["media"] == "video"
 
 
@@ -93,7 +95,7 @@ def test_video_folder_cli(tmp_path):
     folder = _video_folder(tmp_path / "clips")
     done = run_cli("data", "video-folder", str(folder), "--out", str(tmp_path / "ds"))
     assert done.returncode == 0, done.stderr
-    assert "2 videos" in done.stdout and "7 skipped" in done.stdout
+    assert "2 videos" in done.stdout and "9 skipped" in done.stdout
 
 
 def _msrvtt(root):
