@@ -13,13 +13,12 @@ from __future__ import annotations
 import asyncio
 import time
 from functools import partial
-from typing import Annotated, Any
+from typing import Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, Response
 from pydantic import BaseModel, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.datastructures import UploadFile
 
 from index_builder.search import Searcher, SideMissing
@@ -31,41 +30,19 @@ from service.engine import Engine
 from service.errors import InvalidInput, NotFound, TooLarge, UnsupportedMedia
 from service.routes import ERRORS, _check_texts, _page, _text_hit
 from service.schemas import SCORE_DOC, TextQuery, TextResults, TextSearchResponse, _Envelope
+from service.settings import Settings
 
 ERROR_OF = {"too_large": TooLarge, "unsupported": UnsupportedMedia, "invalid": InvalidInput}
 
 
-class VideoSettings(BaseSettings):
-    """Video upload limits, from `COTS_*` environment variables like `Settings`."""
-
-    model_config = SettingsConfigDict(env_prefix="COTS_", extra="ignore", frozen=True)
-
-    max_video_bytes: int = Field(default=50 << 20, ge=1024, description="largest clip upload")
-    max_video_seconds: float = Field(default=120.0, gt=0, description="longest clip, seconds")
-    max_video_pixels: int = Field(
-        default=1920 * 1080, ge=1, description="largest frame (width x height) of a clip"
+def upload_limits(settings: Settings) -> VideoLimits:
+    """The decode limits of uploaded clips (`COTS_MAX_VIDEO_*`, `COTS_VIDEO_TIMEOUT_S`)."""
+    return VideoLimits(
+        max_bytes=settings.max_video_bytes,
+        max_pixels=settings.max_video_pixels,
+        max_seconds=settings.max_video_seconds,
+        timeout_s=settings.video_timeout_s,
     )
-    video_timeout_s: float = Field(
-        default=10.0, gt=0, description="time limit for decoding one uploaded clip"
-    )
-
-    def limits(self) -> VideoLimits:
-        return VideoLimits(
-            self.max_video_bytes,
-            self.max_video_pixels,
-            self.max_video_seconds,
-            self.video_timeout_s,
-        )
-
-
-async def get_video_settings(request: Request) -> VideoSettings:
-    state = request.app.state
-    if not hasattr(state, "video_settings"):
-        state.video_settings = VideoSettings()
-    return state.video_settings
-
-
-VideoSettingsDep = Annotated[VideoSettings, Depends(get_video_settings)]
 
 
 class VideoHit(BaseModel):
@@ -236,14 +213,12 @@ async def decode_clip(
 
 
 @router.post("/search/video-to-text", response_model=TextSearchResponse, openapi_extra=_UPLOAD)
-async def video_to_text(
-    request: Request, engine: EngineDep, settings: SettingsDep, video: VideoSettingsDep
-) -> Any:
+async def video_to_text(request: Request, engine: EngineDep, settings: SettingsDep) -> Any:
     """Search texts with a video clip (multipart `video`): its sampled frames go through the
     image tower and the temporal pooling, the text index answers."""
     start = time.perf_counter()
     gallery = _videos(engine)  # a 404 or 503 before reading a large body
-    limits = video.limits()
+    limits = upload_limits(settings)
     name, data, fields = await read_clip(request, limits)
     page = _page(fields["k"], fields["offset"], settings)
     query = await decode_clip(engine, gallery, data, limits, name)
@@ -289,7 +264,7 @@ def _video_row(engine: Engine, video_id: str) -> dict[str, Any]:
 
 
 @router.get("/info/video", response_model=VideoInfo)
-async def video_info(engine: EngineDep, video: VideoSettingsDep) -> VideoInfo:
+async def video_info(engine: EngineDep, settings: SettingsDep) -> VideoInfo:
     """How many videos the index serves, the bundle's video spec and the upload limits."""
     gallery = engine.current()
     index, spec = gallery.index, gallery.bundle.video_spec
@@ -299,7 +274,7 @@ async def video_info(engine: EngineDep, video: VideoSettingsDep) -> VideoInfo:
         deleted = index.deleted.get("image")
         if mask is not None:
             count = int((mask if deleted is None else mask & ~deleted).sum())
-    limits = video.limits()
+    limits = upload_limits(settings)
     return VideoInfo(
         videos=count,
         video_spec=spec.to_dict() if spec else None,

@@ -8,7 +8,6 @@ import pytest
 from tiny_videos import bad_videos, colour_clip
 
 from index_builder.video import encode_video
-from service.video import VideoSettings
 
 
 def _upload(client, data: bytes, name: str = "clip.mp4", **fields):
@@ -94,12 +93,13 @@ def test_bad_clips(video_client, name, status, code):
 def test_clip_limits(video_client, limits, status, code):
     frames = np.random.default_rng(0).integers(0, 255, (16, 48, 64, 3), np.uint8)
     clip = encode_video(list(frames))  # 2 s, 64 x 48, noisy: over 2 kB
-    app = video_client.app
-    app.state.video_settings = VideoSettings(**limits)
+    state = video_client.app.state
+    served = state.settings
+    state.settings = served.model_copy(update=limits)
     try:
         response = _upload(video_client, clip)
     finally:
-        app.state.video_settings = VideoSettings()
+        state.settings = served
     assert (response.status_code, response.json()["code"]) == (status, code)
     assert _upload(video_client, clip).status_code == 200
 
