@@ -66,6 +66,7 @@ if [ "$REPORT_ONLY" = 0 ]; then
     bench train_throughput --preset lite --steps 2
     bench objective_cost --preset tiny
     bench service_load --demo-images 2000 --requests 200 --max-seconds 10
+    bench soak --minutes 1
     noise_filter --set model.preset=tiny --steps 50
   else
     bench two_stream_vs_cross --presets tiny,lite,base --sample-images 64 --reps 7
@@ -75,6 +76,7 @@ if [ "$REPORT_ONLY" = 0 ]; then
     bench objective_cost --preset tiny
     bench objective_cost --base training/recipes/ablation/cpu.yaml --preset "" --queue 1024
     bench service_load --demo-images 2000 --requests 400
+    bench soak --minutes 10
     noise_filter --lam 2 --lam 1 --lam 0.5
   fi
 fi

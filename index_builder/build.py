@@ -33,7 +33,7 @@ from index_builder.video_index import finish_video_rows, is_video_row, video_row
 
 log = logging.getLogger(__name__)
 OTHER = {"image": "text", "text": "image"}
-K = 10
+K = faiss_index.TUNE_K  # search parameters are tuned for recall@K
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     info.add_argument("--version", help="show this version instead of the current one")
     info.add_argument("--json", action="store_true", help="print the version's index.json")
     info.set_defaults(func=_info)
+    switch = actions.add_parser(
+        "switch",
+        help="point CURRENT at an existing version (roll back or forward)",
+        description="Point CURRENT at an existing complete version (an atomic rename); running "
+        "services follow it within their watch interval. See `cots index info ROOT`.",
+    )
+    switch.add_argument("root", help="index root directory")
+    switch.add_argument("version", help="a version name under ROOT/versions")
+    switch.set_defaults(func=_switch)
 
 
 def _common_args(parser: argparse.ArgumentParser) -> None:
@@ -223,6 +232,14 @@ def _info(args: argparse.Namespace) -> int:
     for version in store.versions():
         print(f"  {'*' if version == current else ' '} {version}")
     _print_info(info)
+    return 0
+
+
+def _switch(args: argparse.Namespace) -> int:
+    from index_builder.store import IndexStore
+
+    IndexStore(args.root).switch(args.version)
+    print(f"CURRENT under {args.root} now names {args.version}")
     return 0
 
 

@@ -24,12 +24,12 @@ from starlette.datastructures import UploadFile
 from index_builder.search import Searcher, SideMissing
 from index_builder.video import VideoError, VideoLimits
 from index_builder.video_index import is_video_row
-from service.decode import form_int, parse_filter, request_kind
+from service.decode import form_int, parse_filter, read_json, request_kind, validate
 from service.deps import EngineDep, SettingsDep, require_api_key, require_json
 from service.engine import Engine
 from service.errors import InvalidInput, NotFound, TooLarge, UnsupportedMedia
-from service.routes import ERRORS, _check_texts, _page, _text_hit
-from service.schemas import SCORE_DOC, TextQuery, TextResults, TextSearchResponse, _Envelope
+from service.routes import _SEARCH_ERRORS, _check_texts, _errors, _json_body, _page, _respond
+from service.schemas import SCORE_DOC, TextQuery, TextSearchResponse, _Envelope
 from service.settings import Settings
 
 ERROR_OF = {"too_large": TooLarge, "unsupported": UnsupportedMedia, "invalid": InvalidInput}
@@ -60,6 +60,7 @@ class VideoHit(BaseModel):
 class VideoResults(BaseModel):
     query: str
     hits: list[VideoHit]
+    exhausted: bool = Field(description="fewer hits than k: no later page holds more")
 
 
 class VideoSearchResponse(_Envelope):
@@ -75,7 +76,7 @@ class VideoInfo(BaseModel):
     limits: dict[str, float] = Field(description="upload limits of video-to-text")
 
 
-router = APIRouter(dependencies=[Depends(require_api_key)], responses=ERRORS, tags=["video"])
+router = APIRouter(dependencies=[Depends(require_api_key)], responses=_errors(401), tags=["video"])
 
 
 def video_urls(request: Request, item: dict[str, Any]) -> dict[str, Any]:
@@ -104,31 +105,28 @@ def _videos(engine: Engine) -> Searcher:
     "/search/text-to-video",
     response_model=VideoSearchResponse,
     dependencies=[Depends(require_json)],
+    openapi_extra=_json_body(TextQuery),
+    responses=_SEARCH_ERRORS,
 )
-async def text_to_video(
-    query: TextQuery, request: Request, engine: EngineDep, settings: SettingsDep
-) -> Any:
+async def text_to_video(request: Request, engine: EngineDep, settings: SettingsDep) -> Any:
     """Search gallery videos with text: the text tower encodes, the videos' vectors answer."""
     start = time.perf_counter()
+    query = validate(TextQuery, await read_json(request, settings.max_text_body_bytes))
     gallery = _videos(engine)
     texts = [query.text] if query.text is not None else list(query.texts or [])
     _check_texts(texts, query.text is not None, settings)
     page = _page(query.k, query.offset, settings)
     where = gallery.video_filter(query.filter)
     gallery, found = await engine.search("text", "image", texts, *page, where, gallery)
-    index = gallery.index
-    pages = [
-        [
-            VideoHit(
-                **hit, **video_urls(request, index.images[index.row_of("image", hit["id"]) or 0])
-            )
-            for hit in hits
-        ]
-        for hits in found
-    ]
+    pages = [[_video_hit(request, gallery, hit) for hit in hits] for hits in found]
+    exhausted = [len(hits) < page[0] for hits in pages]  # the gallery ends on this page
     return VideoSearchResponse(
         hits=pages[0],
-        results=[VideoResults(query=q, hits=p) for q, p in zip(texts, pages, strict=True)],
+        exhausted=exhausted[0],
+        results=[
+            VideoResults(query=q, hits=p, exhausted=e)
+            for q, p, e in zip(texts, pages, exhausted, strict=True)
+        ],
         k=page[0],
         offset=page[1],
         bundle_id=gallery.bundle.bundle_id,
@@ -212,7 +210,12 @@ async def decode_clip(
         raise ERROR_OF[exc.kind](f"{label}: {exc}", exc.code) from None
 
 
-@router.post("/search/video-to-text", response_model=TextSearchResponse, openapi_extra=_UPLOAD)
+@router.post(
+    "/search/video-to-text",
+    response_model=TextSearchResponse,
+    openapi_extra=_UPLOAD,
+    responses=_SEARCH_ERRORS,
+)
 async def video_to_text(request: Request, engine: EngineDep, settings: SettingsDep) -> Any:
     """Search texts with a video clip (multipart `video`): its sampled frames go through the
     image tower and the temporal pooling, the text index answers."""
@@ -223,16 +226,7 @@ async def video_to_text(request: Request, engine: EngineDep, settings: SettingsD
     page = _page(fields["k"], fields["offset"], settings)
     query = await decode_clip(engine, gallery, data, limits, name)
     gallery, found = await engine_search_video(engine, gallery, query, page, fields["filter"])
-    hits = [_text_hit(request, gallery, hit, settings.expose_paths) for hit in found]
-    return TextSearchResponse(
-        hits=hits,
-        results=[TextResults(query=name, hits=hits)],
-        k=page[0],
-        offset=page[1],
-        bundle_id=gallery.bundle.bundle_id,
-        index_version=gallery.version,
-        took_ms=round((time.perf_counter() - start) * 1000, 3),
-    )
+    return _respond(request, settings, gallery, "text", [name], [found], page, start)
 
 
 async def engine_search_video(

@@ -224,6 +224,29 @@ def live(assets) -> Iterator[LiveServer]:
         yield server
 
 
+API_KEY, ADMIN_KEY = "fuzz-api-key", "fuzz-admin-key"
+
+
+@pytest.fixture(scope="session")
+def keyed_live(assets, tmp_path_factory) -> Iterator[LiveServer]:
+    """A live server with an API key and an admin key (API_KEY, ADMIN_KEY) over a private
+    copy of the index root, which /admin/reload may move."""
+    from service.app import create_app
+    from service.settings import Settings
+
+    root = tmp_path_factory.mktemp("keyed") / "index"
+    shutil.copytree(assets["index"], root)
+    settings = Settings(
+        bundle=assets["bundle"].path,
+        index=root,
+        api_key=API_KEY,
+        admin_key=ADMIN_KEY,
+        watch_interval_s=0.05,
+    )
+    with live_server(create_app(settings)) as server:
+        yield server
+
+
 @pytest.fixture
 def serve():
     """`with serve(app) as server:` runs an app on a live port (server.url)."""
