@@ -12,6 +12,7 @@ global pooling sees it.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import shutil
@@ -37,7 +38,7 @@ from index_builder.data.synthetic import COLOURS, _polygon
 from index_builder.manifest import Record
 from index_builder.video import encode_video
 
-VERSION = 1
+VERSION = 2  # 2: no repeated pairs
 MAX_COUNT = 100_000
 SHAPES = ("circle", "square", "triangle", "star")
 VERBS = ("grows", "shrinks", "appears", "disappears")
@@ -74,14 +75,20 @@ class Event:
         return (SMALL + LARGE) / 2 if shown else 0.0
 
 
+@functools.lru_cache(maxsize=4)
+def event_pairs(seed: int) -> tuple[tuple[Event, Event], ...]:
+    """Every pair of events in two colours (5,376), in an order shuffled by `seed`: pairs
+    repeat only past that many, so no two clips of a smaller gallery are the same."""
+    events = [Event(c, s, v) for c in sorted(COLOURS) for s in SHAPES for v in VERBS]
+    pairs = [(a, b) for i, a in enumerate(events) for b in events[i + 1 :] if a.colour != b.colour]
+    random.Random(f"cots-synthetic-video-{seed}").shuffle(pairs)
+    return tuple(pairs)
+
+
 def make_events(seed: int, pair: int) -> tuple[Event, Event]:
-    """The two events of pair `pair` (its own RNG: any pair can be made alone)."""
-    rng = random.Random(f"cots-synthetic-video-{seed}-{pair}")
-    colours = rng.sample(sorted(COLOURS), 2)
-    shapes = [rng.choice(SHAPES) for _ in range(2)]
-    verbs = [rng.choice(VERBS) for _ in range(2)]
-    first, second = (Event(colours[i], shapes[i], verbs[i]) for i in range(2))
-    return first, second
+    """The two events of pair `pair`."""
+    pairs = event_pairs(seed)
+    return pairs[pair % len(pairs)]
 
 
 def clip_events(seed: int, index: int) -> tuple[Event, Event]:

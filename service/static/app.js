@@ -343,9 +343,11 @@ async function loadInfo() {
       return;
     }
     const video = await call("info/video", { headers: headers() });
-    const videos = video.videos ? `${video.videos} videos · ` : "";
+    const images = info.gallery.images - video.videos; // videos are items of the image side
+    const counts = [images || !video.videos ? `${images} images` : "",
+      video.videos ? `${video.videos} videos` : "", `${info.gallery.texts} texts`];
     $("status").textContent =
-      `${info.gallery.images} images · ${videos}${info.gallery.texts} texts · ` +
+      `${counts.filter(Boolean).join(" · ")} · ` +
       `index ${info.index.version} · bundle ${info.bundle.bundle_id}`;
     for (const tab of document.querySelectorAll("#modes [role=tab]")) {
       const mode = MODES[tab.dataset.mode];

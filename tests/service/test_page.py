@@ -187,7 +187,7 @@ def test_video_tabs_in_chromium(video_live, live, page, video_assets, tmp_path):
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     page.goto(video_live.url + "/")
-    page.wait_for_selector("#status:has-text('5 images · 4 videos · 4 texts')")
+    page.wait_for_selector("#status:has-text('1 images · 4 videos · 4 texts')")
     page.click("[data-mode=text-to-video]")
     page.fill("#text-input", "blue")
     page.click("#search-submit")

@@ -17,6 +17,7 @@ from index_builder.data.synthetic_video import (
     SyntheticVideoConfig,
     captions,
     clip_events,
+    event_pairs,
     import_synthetic_video,
     render_clip,
 )
@@ -39,6 +40,9 @@ def test_synthetic_pairs_hold_the_same_frames_in_another_order():
         words = [Counter(captions(e)[1].split()) for e in (first, second)]
         assert words[0] == words[1]  # the same words: only their order differs
     assert captions(first)[0] == f"{first[0].phrase()}, then {first[1].phrase()}"
+    pairs = event_pairs(0)
+    assert len(pairs) == len(set(pairs)) == 5376  # 7 colours x 4 shapes x 4 verbs, 2 colours
+    assert len({frozenset(p) for p in pairs}) == len(pairs)  # never also as (B, A)
 
 
 def test_synthetic_gallery_is_deterministic_and_decodable(tmp_path):
