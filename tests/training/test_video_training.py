@@ -146,12 +146,18 @@ def test_train_eval_export_index(videos, tmp_path, pooling, cache):
     frozen = ["model.options.image_trainable_blocks=0", "model.options.text_trainable_blocks=0"]
     sets = [*VIDEO_OVERRIDES, f"model.options.video_pooling={pooling}"]
     sets += [*frozen, "data.cache_frozen_features=true"] if cache else []
+    if not cache:  # the other COTS units train video-caption pairs unchanged
+        sets += ["objectives.kl.enabled=true", "objectives.amf.enabled=true"]
+        sets += ["objectives.amf.warmup=1", "objectives.amf.min_history=4"]
     args = ["train", "cots", "--data", str(videos), "--out", str(out)]
     assert main(args + [f"--set={s}" for s in sets]) == 0
     val = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in val if r["kind"] == "val"]
     assert [r["step"] for r in val] == [2, 4] and val[0]["videos"] == 4
     assert {"i2t_medr", "t2i_medr", "rsum"} <= set(val[0])
+    if not cache:
+        train = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        assert all("loss/kl" in r for r in train if r["kind"] == "train")
 
     best = out / "checkpoints" / "best"
     metrics = tmp_path / "eval.json"
