@@ -332,7 +332,11 @@ class VideoSplitEvaluator:
     """Decodes and embeds a split's videos and captions with a model, then scores them."""
 
     def __init__(
-        self, dataset: str | Path, split: str, batch_size: int = 32, limits=VideoLimits()
+        self,
+        dataset: str | Path,
+        split: str,
+        batch_size: int = 32,
+        limits: VideoLimits = VideoLimits(),
     ) -> None:
         self.dataset, self.limits, self.batch_size = dataset, limits, batch_size
         self.records = load_records(dataset, split)
@@ -353,12 +357,15 @@ class VideoSplitEvaluator:
                 continue
             videos.append(model.encode_image(torch.from_numpy(pixels)[None].to(device)).cpu())
             kept.append(record)
-        text, owner, _ = _encode_captions_online(model, kept, self.batch_size, device)
+        text, owner = _encode_captions_online(model, kept, self.batch_size, device)
         model.train(was_training)
         return video_metrics(torch.cat(videos).float(), text, owner)
 
 
-def _encode_captions_online(model: TwoTower, records: list[Record], batch: int, device):
+def _encode_captions_online(
+    model: TwoTower, records: list[Record], batch: int, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit caption embeddings (M, D) and each caption's video (M,)."""
     captions = [c for r in records for c in r.captions]
     owner = torch.tensor([i for i, r in enumerate(records) for _ in r.captions])
     tokenizer = TextTokenizer(model.tokenizer_json, model.text_spec.context_length)
@@ -367,7 +374,7 @@ def _encode_captions_online(model: TwoTower, records: list[Record], batch: int, 
         ids, mask = tokenizer(captions[start : start + batch])
         out = model.encode_text(torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device))
         texts.append(out.float().cpu())
-    return torch.cat(texts), owner, None
+    return torch.cat(texts), owner
 
 
 # -- export ------------------------------------------------------------------------------------

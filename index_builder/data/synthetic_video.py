@@ -38,7 +38,7 @@ from index_builder.data.synthetic import COLOURS, _polygon
 from index_builder.manifest import Record
 from index_builder.video import encode_video
 
-VERSION = 2  # 2: no repeated pairs
+VERSION = 3  # 2: no repeated pairs; 3: "an orange"
 MAX_COUNT = 100_000
 SHAPES = ("circle", "square", "triangle", "star")
 VERBS = ("grows", "shrinks", "appears", "disappears")
@@ -63,7 +63,8 @@ class Event:
     verb: str
 
     def phrase(self) -> str:
-        return f"a {self.colour} {self.shape} {self.verb}"
+        article = "an" if self.colour[0] in "aeiou" else "a"
+        return f"{article} {self.colour} {self.shape} {self.verb}"
 
     def radius(self, t: float) -> float:
         """The shape's radius at time t in [0, 1] of its half (0: not drawn)."""
