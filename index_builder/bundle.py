@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from index_builder.atomic import atomic_write_json, read_json
+from index_builder.atomic import atomic_write_json, read_json, umask
 from index_builder.preprocess import ImageSpec, TextSpec, sha256_file
 from index_builder.video import VideoSpec
 
@@ -161,6 +161,8 @@ def write_bundle(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
+        # mkdtemp makes 0700: give the usual mode, so that a serving container's user reads it.
+        os.chmod(tmp, 0o777 & ~umask())
         sources = dict(zip(FILES, (image_onnx, text_onnx, tokenizer_json), strict=True))
         specs = {"image_spec": image_spec.to_dict(), "text_spec": text_spec.to_dict()}
         if video is not None:
