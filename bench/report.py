@@ -89,6 +89,11 @@ FIGURES = (
         ("service",),
     ),
     Figure(
+        "Text-to-video: meanP vs seqTransf, video indexing throughput",
+        "video*.json",
+        "python bench/video_bench.py --count 400 --threads 1",
+    ),
+    Figure(
         "Service soak",
         "soak*.json",
         "python bench/soak.py --minutes 3",

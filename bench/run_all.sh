@@ -67,6 +67,7 @@ if [ "$REPORT_ONLY" = 0 ]; then
     bench objective_cost --preset tiny
     bench service_load --demo-images 2000 --requests 200 --max-seconds 10
     bench soak --minutes 1
+    bench video_bench --home "$WORK/video" --count 200
     noise_filter --set model.preset=tiny --steps 50
   else
     bench two_stream_vs_cross --presets tiny,lite,base --sample-images 64 --reps 7
@@ -77,6 +78,7 @@ if [ "$REPORT_ONLY" = 0 ]; then
     bench objective_cost --base training/recipes/ablation/cpu.yaml --preset "" --queue 1024
     bench service_load --demo-images 2000 --requests 400
     bench soak --minutes 10
+    bench video_bench --home "$WORK/video" --count 400
     noise_filter --lam 2 --lam 1 --lam 0.5
   fi
 fi

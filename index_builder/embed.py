@@ -117,7 +117,7 @@ class ShardEmbedder:
 
         self.work, self.side, self.batch_size = Path(work), side, batch_size
         bundle = Bundle.load(bundle_path, verify=False)
-        self.spec = bundle.image_spec
+        self.bundle, self.spec = bundle, bundle.image_spec
         self.rows = read_jsonl(self.work / META_FILES[side])
         self.size = read_json(self.work / "plan.json")["shard_size"]
         self.encoder: Any = (ImageEncoder if side == "image" else TextEncoder)(
@@ -129,7 +129,10 @@ class ShardEmbedder:
         listed in `<side>-NNNNN.skips.json` (written first: a shard file implies its list)."""
         rows = self.rows[index * self.size : (index + 1) * self.size]
         self.skipped: list[dict[str, str]] = []
-        parts = [self._encode(batch) for batch in self._read(rows)]
+        if self.side == "image" and any("video" in row for row in rows):
+            parts = [self._media().embed(rows, self._skip)]
+        else:
+            parts = [self._encode(batch) for batch in self._read(rows)]
         atomic_write_json(self.work / f"{self.side}-{index:05d}.skips.json", self.skipped)
         with atomic_open(self.work / f"{self.side}-{index:05d}.npy", "wb") as handle:
             np.save(handle, np.concatenate(parts).astype(np.float32))
@@ -153,6 +156,17 @@ class ShardEmbedder:
                 pending = pool.submit(self._decode, nxt) if nxt is not None else None
                 yield current
 
+    def _media(self) -> Any:
+        """The embedder of a shard holding videos (index_builder/video_index.py)."""
+        from index_builder.video_index import MediaEmbedder
+
+        if not hasattr(self, "media"):
+            self.media = MediaEmbedder(self.bundle, self.encoder, self._decode)
+        return self.media
+
+    def _skip(self, item_id: str, reason: str) -> None:
+        self.skipped.append({"id": item_id, "reason": reason})
+
     def _decode(self, batch: list[dict]) -> np.ndarray:
         images: list[Image.Image | None] = []
         for row in batch:
@@ -161,7 +175,7 @@ class ShardEmbedder:
             except (ValueError, OSError) as exc:
                 log.warning("skipping gallery image %r: %s", row["id"], exc)
                 reason = str(exc).splitlines()[0].split(" <_io.")[0]  # PIL names its file object
-                self.skipped.append({"id": row["id"], "reason": reason})
+                self._skip(row["id"], reason)
                 images.append(None)
         size = self.spec.size
         out = np.zeros((len(batch), 3, size, size), np.float32)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -78,7 +79,9 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
 def check_architecture(meta: dict[str, Any], config: ModelConfig, where: str | Path) -> None:
     """ValueError naming the differing keys when a checkpoint cannot hold `config`'s model."""
-    stored = meta["model"]
+    # Keys added to ModelConfig since a checkpoint was written hold their defaults there.
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    stored = {**defaults, **meta["model"]}
     wanted = config.to_dict()
     keys = sorted(k for k in set(stored) | set(wanted) if k not in NOT_ARCHITECTURE)
     diff = [k for k in keys if _norm(stored.get(k)) != _norm(wanted.get(k))]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from index_builder import paths
 from training.config import add_data_argument, add_override_argument
@@ -68,7 +69,9 @@ def register_eval(sub: argparse._SubParsersAction) -> None:
         "eval",
         help="recall@1/5/10 both ways and RSUM of a checkpoint on a split",
         description="Image-to-text counts a hit when any of the image's captions is in the top "
-        "K; text-to-image when the caption's image is (Karpathy protocol).",
+        "K; text-to-image when the caption's image is (Karpathy protocol). A video checkpoint "
+        "scores videos the same way (i2t = video-to-text, t2i = text-to-video) and adds the "
+        "median rank each way (i2t_medr, t2i_medr).",
     )
     parser.add_argument(
         "--checkpoint",
@@ -94,8 +97,12 @@ def _eval(args: argparse.Namespace) -> int:
     from training.distributed import pick_device
     from training.evaluate import SplitEvaluator
 
-    read_meta(args.checkpoint)  # a bad checkpoint fails before the dataset is read
-    evaluator = SplitEvaluator(args.data, args.split, args.batch_size)
+    meta = read_meta(args.checkpoint)  # a bad checkpoint fails before the dataset is read
+    evaluator: Any = SplitEvaluator(args.data, args.split, args.batch_size)
+    if meta["model"].get("video_frames"):
+        from training.video import VideoSplitEvaluator
+
+        evaluator = VideoSplitEvaluator(args.data, args.split, args.batch_size)
     device = pick_device(args.device)
     model, meta = load_model(args.checkpoint, device)
     metrics = {

@@ -16,15 +16,14 @@ KS = (1, 5, 10)
 
 
 @torch.no_grad()
-def retrieval_metrics(
+def retrieval_ranks(
     image_emb: torch.Tensor,  # (N, D) normalised
     text_emb: torch.Tensor,  # (M, D) normalised
     text_to_image: torch.Tensor,  # (M,) index of each caption's image
-    ks: Sequence[int] = KS,
     chunk: int = 1024,
-) -> dict[str, float]:
-    """Image-to-text: a hit at K when any of the image's captions ranks in the top K.
-    Text-to-image: a hit when the caption's own image ranks in the top K. Percentages."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """0-based ranks: of each image's best-ranked own caption (N,), of each caption's own
+    image (M,)."""
     n_images = image_emb.shape[0]
     text_to_image = text_to_image.long()
     i2t_rank = torch.empty(n_images, dtype=torch.long)
@@ -39,11 +38,31 @@ def retrieval_metrics(
         own_image = text_to_image[start : start + sims.shape[0]]
         positive = sims.gather(1, own_image[:, None])  # (c, 1)
         t2i_rank[start : start + sims.shape[0]] = (sims > positive).sum(dim=1)
+    return i2t_rank, t2i_rank
+
+
+@torch.no_grad()
+def retrieval_metrics(
+    image_emb: torch.Tensor,  # (N, D) normalised
+    text_emb: torch.Tensor,  # (M, D) normalised
+    text_to_image: torch.Tensor,  # (M,) index of each caption's image
+    ks: Sequence[int] = KS,
+    chunk: int = 1024,
+    median: bool = False,
+) -> dict[str, float]:
+    """Image-to-text: a hit at K when any of the image's captions ranks in the top K.
+    Text-to-image: a hit when the caption's own image ranks in the top K. Percentages; with
+    `median`, also the median 1-based rank each way (`i2t_medr`, `t2i_medr`)."""
+    i2t, t2i = retrieval_ranks(image_emb, text_emb, text_to_image, chunk)
+    ranks = {"i2t": i2t, "t2i": t2i}
     metrics: dict[str, float] = {}
-    for name, ranks in (("i2t", i2t_rank), ("t2i", t2i_rank)):
+    for name, rank in ranks.items():
         for k in ks:
-            metrics[f"{name}_r{k}"] = 100.0 * float((ranks < k).float().mean())
+            metrics[f"{name}_r{k}"] = 100.0 * float((rank < k).float().mean())
     metrics["rsum"] = sum(metrics[f"{name}_r{k}"] for name in ("i2t", "t2i") for k in ks)
+    if median:
+        for name, rank in ranks.items():
+            metrics[f"{name}_medr"] = float(np.median(rank.numpy() + 1))
     return metrics
 
 

@@ -250,12 +250,13 @@ def export_bundle(
             if precision != "fp32":
                 final[side] = convert(fp32[side], precision, Path(tmp) / f"{side}.{precision}.onnx")
         errors = {s: parity(final[s], towers[s], getattr(fresh, s)) for s in final}
+        video = _export_video(model, final["image"], Path(tmp), errors, seed)
         worst = max(errors.values())
         log.info("ONNX vs torch max abs error: %s (tolerance %g)", errors, tolerance)
         if not worst <= tolerance:
             raise ValueError(
                 f"ONNX Runtime and torch disagree by {worst:.3g} (> tolerance {tolerance:g}, "
-                f"image {errors['image']:.3g}, text {errors['text']:.3g}); no bundle written"
+                f"{', '.join(f'{s} {e:.3g}' for s, e in errors.items())}); no bundle written"
             )
         extra: dict[str, Any] = {
             "source": {
@@ -293,4 +294,22 @@ def export_bundle(
             opset=OPSET,
             precision=precision,
             extra=extra,
+            video=video,
         )
+
+
+def _export_video(
+    model: Any, image_onnx: Path, tmp: Path, errors: dict[str, float], seed: int
+) -> tuple[Path, Any] | None:
+    """A video model's pooling graph (always fp32: it is tiny), with its parity on random
+    frame embeddings ("video_pooling") and on whole videos through both graphs ("video")."""
+    if getattr(model, "video_pool", None) is None:
+        return None
+    from training import video
+
+    graph = video.PoolingGraph(model).eval()
+    path = tmp / "video_pooling.onnx"
+    export_onnx(graph, video.pooling_feeds(model, (2,), seed)[0], path)
+    errors["video_pooling"] = parity(path, graph, video.pooling_feeds(model, PARITY_BATCHES, seed))
+    errors["video"] = video.end_to_end_error(model, image_onnx, path, seed + 3)
+    return path, model.video_spec

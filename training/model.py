@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from index_builder.preprocess import ImageSpec, TextSpec, TextTokenizer, default_tokenizer_json
+from index_builder.video import VideoSpec
 from training.towers import weights
 from training.towers.bert import BertTower
 from training.towers.efficientnet_lite import STRIDE as EFFICIENTNET_STRIDE
@@ -60,6 +61,12 @@ class ModelConfig:
     text_trainable_blocks: int = -1
     tokenizer: str | None = None  # tokenizer.json path; None = the all-MiniLM-L6-v2 one
     context_length: int = 32
+    # Video (training/video.py): 0 = an image model; N = videos of N uniformly sampled frames
+    # through the image tower, pooled over time by meanP or seqTransf (CLIP4Clip).
+    video_frames: int = 0
+    video_pooling: str = "meanP"
+    video_layers: int = 4  # seqTransf only
+    video_heads: int = 8  # seqTransf only
 
     def __post_init__(self) -> None:
         self.image_mean = tuple(self.image_mean)  # type: ignore[assignment]
@@ -83,6 +90,10 @@ class ModelConfig:
             )
         if self.embed_dim < 1:
             raise ValueError(f"embed_dim must be positive, got {self.embed_dim}")
+        if self.video_frames < 0:
+            raise ValueError(f"video_frames must be >= 0, got {self.video_frames}")
+        if self.video_frames:
+            self.video_spec()  # an unknown pooling is a ValueError here
 
     @classmethod
     def from_dict(cls, obj: dict[str, Any]) -> ModelConfig:
@@ -115,6 +126,9 @@ class ModelConfig:
 
     def text_spec(self) -> TextSpec:
         return TextSpec(context_length=self.context_length)
+
+    def video_spec(self) -> VideoSpec:
+        return VideoSpec(frames=self.video_frames, pooling=self.video_pooling)
 
 
 def _has_type(value: Any, annotation: str) -> bool:
@@ -224,6 +238,10 @@ def build_model(config: ModelConfig, load_weights: bool = True) -> TwoTower:
         _load_text_weights(text_tower, config.text_weights)
     set_trainable_blocks(image_tower, config.image_trainable_blocks)
     set_trainable_blocks(text_tower, config.text_trainable_blocks)
+    if config.video_frames:
+        from training.video import VideoTwoTower
+
+        return VideoTwoTower(config, image_tower, text_tower, tokenizer_json)
     return TwoTower(config, image_tower, text_tower, tokenizer_json)
 
 
