@@ -1,12 +1,12 @@
-"""Device speed options for a run: channels-last CNN on CUDA, activation checkpointing and
-`torch.compile` of the towers (the last two are config switches, off by default)."""
+"""Speed options for a run's towers: activation checkpointing and `torch.compile` (config
+switches, off by default). Always on elsewhere: the CNN's channels-last weights (the tower
+itself), fused AdamW on CUDA (`trainer.build_optimizer`)."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
 
-import torch
 from torch import nn
 
 from training.towers.bert import BertTower
@@ -19,20 +19,14 @@ TOWERS = (BertTower, VisionTransformer, EfficientNetLite0)
 
 
 def accelerate(
-    modules: Iterable[nn.Module], device: torch.device, checkpointing: bool, compile: bool
+    modules: Iterable[nn.Module], checkpointing: bool = False, compile_backend: str | None = None
 ) -> None:
     """Apply the options in place to every tower under `modules` (the online model and its
-    momentum copy); parameter names and the checkpoint format do not change."""
+    momentum copy); parameter names and the checkpoint format do not change.
+    `compile_backend`: None for eager towers, else a `torch.compile` backend ("inductor")."""
     for module in modules:
-        towers = [m for m in module.modules() if isinstance(m, TOWERS)]
-        if device.type == "cuda":
-            # cuDNN runs depthwise and 1x1 convolutions fastest in NHWC; a conv whose weight
-            # is channels-last makes its output so, and the rest of the CNN follows.
-            for tower in towers:
-                if isinstance(tower, EfficientNetLite0):
-                    tower.to(memory_format=torch.channels_last)
         if checkpointing:
             log.info("activation checkpointing in %s", set_checkpointing(module, True))
-        if compile:
-            for tower in towers:
-                tower.compile()  # in place: state_dict keys keep their names
+        if compile_backend:
+            for tower in [m for m in module.modules() if isinstance(m, TOWERS)]:
+                tower.compile(backend=compile_backend)  # in place: state_dict keys unchanged

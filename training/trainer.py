@@ -90,7 +90,8 @@ class Trainer:
             objectives.memory.to(self.device)
         momentum = [objectives.memory.encoder] if objectives.memory is not None else []
         t = cfg.train
-        accelerate([objectives, *momentum], self.device, t.checkpointing, t.compile)
+        backend = t.compile_backend if t.compile else None
+        accelerate([objectives, *momentum], t.checkpointing, backend)
         self.module: torch.nn.Module = objectives
         if self.dist.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
