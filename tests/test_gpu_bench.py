@@ -52,6 +52,18 @@ def test_flops_count_attention_on_every_backend():
     # to the counter on CPU.
     bench = _bench()
     q = torch.randn(2, 4, 16, 8)
-    with bench.sdpa_kernel(bench.SDPBackend.MATH), bench.FlopCounterMode(display=False) as f:
+    with bench.sdpa_kernel(bench.SDPBackend.MATH), bench.count_flops() as f:
         torch.nn.functional.scaled_dot_product_attention(q, q, q)
     assert f.get_total_flops() == 2 * (2 * 2 * 4 * 16 * 16 * 8)  # q k^T and (softmax) v
+
+
+@pytest.mark.parametrize("groups", [1, 8])
+def test_conv_backward_costs_two_forwards(groups):
+    conv = torch.nn.Conv2d(8, 16, 3, padding=1, groups=groups)
+    x = torch.randn(2, 8, 10, 10, requires_grad=True)
+    with _bench().count_flops() as f:
+        out = conv(x)
+        forward = f.get_total_flops()
+        out.sum().backward()
+    assert forward == 2 * 2 * 16 * 100 * (8 // groups) * 9
+    assert f.get_total_flops() == 3 * forward  # forward, grad input, grad weight
