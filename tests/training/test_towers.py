@@ -368,6 +368,7 @@ def _export(module: torch.nn.Module, args: tuple, names: list[str], path: Path) 
 @pytest.mark.parametrize("preset", ["tiny", "lite"])
 def test_towers_export_to_onnx(preset: str, tmp_path: Path) -> None:
     ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
     overrides = {"image_size": 96} if preset == "lite" else {}  # same graph, cheaper export
     model = build_model(_config(preset, **overrides)).eval()
     size = model.image_spec.size
@@ -391,3 +392,5 @@ def test_towers_export_to_onnx(preset: str, tmp_path: Path) -> None:
     with torch.no_grad():
         np.testing.assert_allclose(image, model.encode_image(pixels).numpy(), atol=1e-4)
         np.testing.assert_allclose(text, model.encode_text(ids, mask).numpy(), atol=1e-4)
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "i.onnx")).graph.node}
+    assert "Pad" not in ops  # SAME padding inside each Conv: ONNX Runtime keeps its layout
