@@ -88,7 +88,7 @@ def embed_work(
     bundle: Bundle,
     engine: str = "local",
     threads: int | None = None,
-    batch_size: int = 64,
+    batch_size: int = 16,
     workers: int = 1,
 ) -> dict[str, list[Path]]:
     """Embed every missing shard of both sides; returns the shard files per side."""
