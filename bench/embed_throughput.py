@@ -16,6 +16,8 @@ import argparse
 import json
 import os
 import platform
+import shlex
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -104,6 +106,7 @@ def main() -> None:
     out = Path(args.out or RESULTS / f"embed_throughput_{args.preset}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     report["load_average_1m_after"] = os.getloadavg()[0]
+    report["command"] = shlex.join(["python", "bench/embed_throughput.py", *sys.argv[1:]])
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
 
