@@ -44,7 +44,8 @@ class SameConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pads is not None and torch.onnx.is_in_onnx_export():
-            return _AsymmetricConv.apply(x, self.weight, self.stride[0], self.groups, self.pads)
+            kernel, stride = self.kernel_size[0], self.stride[0]
+            return _AsymmetricConv.apply(x, self.weight, kernel, stride, self.groups, self.pads)
         return super().forward(x if self.pads is None else F.pad(x, self.pads))
 
 
@@ -54,13 +55,16 @@ class _AsymmetricConv(torch.autograd.Function):
     and those copies took 30% of this tower's CPU time."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, stride: int, groups: int, pads: Any) -> Tensor:
+    def forward(
+        ctx: Any, x: Tensor, weight: Tensor, kernel: int, stride: int, groups: int, pads: Any
+    ) -> Tensor:
         return F.conv2d(F.pad(x, pads), weight, None, stride, 0, 1, groups)
 
     @staticmethod
-    def symbolic(g: Any, x: Any, weight: Any, stride: int, groups: int, pads: Any) -> Any:
-        left, right, top, bottom = pads
-        kernel = top + bottom + stride  # SAME: total padding = kernel - stride
+    def symbolic(
+        g: Any, x: Any, weight: Any, kernel: int, stride: int, groups: int, pads: Any
+    ) -> Any:
+        left, right, top, bottom = pads  # F.pad order: last dimension first
         return g.op(
             "Conv",
             x,
