@@ -258,7 +258,18 @@ def ratio_tables(data: dict) -> str:
     return "\n\n".join([table(shapes), table(costs), " ".join(notes).strip()])
 
 
-RENDERERS: dict[str, Callable[[Any], str]] = {"two_stream_vs_cross": ratio_tables}
+def variant_tables(data: dict) -> str:
+    """embed_throughput: the settings, then one row per bundle variant (fp32, int8, ...)."""
+    variants = {k: v for k, v in data.items() if isinstance(v, dict) and "images_per_s" in v}
+    rows = [{"variant": name, **flatten(row)} for name, row in variants.items()]
+    rest = generic({k: v for k, v in data.items() if k not in variants})
+    return f"{rest}\n\n{table(rows)}" if rows else rest
+
+
+RENDERERS: dict[str, Callable[[Any], str]] = {
+    "two_stream_vs_cross": ratio_tables,
+    "embed_throughput": variant_tables,
+}
 
 
 # -- plots -------------------------------------------------------------------------------------
@@ -482,7 +493,7 @@ def section(
         else:
             parts.append(f"Command (not recorded in the JSON; how to run it): `{figure.command}`\n")
         parts.append(_recorded_machine(data))
-        render = RENDERERS.get(path.stem.split("-")[0], generic)
+        render = next((fn for key, fn in RENDERERS.items() if path.stem.startswith(key)), generic)
         parts.append(render(data) + "\n")
         for plot in figure.plots:
             fn, caption = PLOTS[plot]
