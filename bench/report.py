@@ -34,7 +34,12 @@ class Figure:
     pattern: str  # glob under the results directory
     command: str  # how to produce it, when the JSON does not record its own
     plots: tuple[str, ...] = ()  # names of plot functions in PLOTS
+    note: str = ""  # what the figure means or still lacks, shown whether it has run or not
 
+
+GPU_COMMAND = "python bench/gpu_train.py --device cuda"
+EMBED_GALLERY_NOTE = (Path(__file__).parent / "notes" / "embed_gallery.md").read_text()
+GPU_NOTE = (Path(__file__).parent / "notes" / "gpu.md").read_text()
 
 FIGURES = (
     Figure(
@@ -75,6 +80,18 @@ FIGURES = (
         "Embedding throughput per bundle variant",
         "embed_throughput*.json",
         "python bench/embed_throughput.py",
+    ),
+    Figure(
+        "Gallery embedding on CPU, end to end",
+        "embed_gallery*.json",
+        "python bench/embed_gallery.py --bundle BUNDLE --data cots-data/datasets/openclipart",
+        note=EMBED_GALLERY_NOTE,
+    ),
+    Figure(
+        "Training and embedding on a GPU",
+        "gpu_train*.json",
+        GPU_COMMAND,
+        note=GPU_NOTE,
     ),
     Figure(
         "Index types: recall, latency, gallery size",
@@ -257,7 +274,18 @@ def ratio_tables(data: dict) -> str:
     return "\n\n".join([table(shapes), table(costs), " ".join(notes).strip()])
 
 
-RENDERERS: dict[str, Callable[[Any], str]] = {"two_stream_vs_cross": ratio_tables}
+def variant_tables(data: dict) -> str:
+    """embed_throughput: the settings, then one row per bundle variant (fp32, int8, ...)."""
+    variants = {k: v for k, v in data.items() if isinstance(v, dict) and "images_per_s" in v}
+    rows = [{"variant": name, **flatten(row)} for name, row in variants.items()]
+    rest = generic({k: v for k, v in data.items() if k not in variants})
+    return f"{rest}\n\n{table(rows)}" if rows else rest
+
+
+RENDERERS: dict[str, Callable[[Any], str]] = {
+    "two_stream_vs_cross": ratio_tables,
+    "embed_throughput": variant_tables,
+}
 
 
 # -- plots -------------------------------------------------------------------------------------
@@ -491,7 +519,7 @@ def section(
     figure: Figure, results: dict[Path, Any], img_dir: Path, md_dir: Path
 ) -> tuple[str, list[Path]]:
     mine = [p for p in results if p.match(figure.pattern)]
-    head = f"## {figure.name}\n"
+    head = f"## {figure.name}\n" + (f"\n{figure.note.strip()}\n" if figure.note else "")
     if not mine:
         return f"{head}\nnot run yet: `{figure.command}`\n", []
     parts, images = [head], []
@@ -505,7 +533,7 @@ def section(
         else:
             parts.append(f"Command (not recorded in the JSON; how to run it): `{figure.command}`\n")
         parts.append(_recorded_machine(data))
-        render = RENDERERS.get(path.stem.split("-")[0], generic)
+        render = next((fn for key, fn in RENDERERS.items() if path.stem.startswith(key)), generic)
         parts.append(render(data) + "\n")
         for plot in figure.plots:
             fn, caption = PLOTS[plot]

@@ -60,7 +60,7 @@ class EmbedOptions:
 
     engine: str = "local"
     shard_size: int = 4096
-    batch_size: int = 64
+    batch_size: int = 16  # small batches: less padding, warmer caches on a CPU
     threads: int | None = None
     workers: int = 1
 

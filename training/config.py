@@ -131,6 +131,9 @@ class LoopSection:
     seed: int = 0
     device: str = "auto"  # auto, cpu or cuda
     threads: int = 0  # torch CPU threads for the run; 0 = torch's default
+    compile: bool = False  # torch.compile the towers (first steps slower, later ones faster)
+    compile_backend: str = "inductor"  # the torch.compile backend when compile is on
+    checkpointing: bool = False  # recompute transformer blocks in backward: less memory
     best_metric: str = "rsum"  # the validation metric that picks the best checkpoint
 
 
