@@ -91,7 +91,7 @@ class UnitSection:
 
 @dataclass
 class AmfSection(UnitSection):
-    """Adaptive momentum filter (training/amf.py): per-sample weights, no loss of its own."""
+    """Adaptive momentum filter (training/objectives/amf.py): per-sample weights, no loss."""
 
     size: int = 4096  # FIFO of recent momentum positive similarities
     lam: float = 2.0  # keep a pair when s >= mean - lam * std
@@ -101,7 +101,7 @@ class AmfSection(UnitSection):
 
 @dataclass
 class MvlmSection(UnitSection):
-    """Masked vision-language modelling (training/mvlm.py): MLM and MVM, one weight."""
+    """Masked vision-language modelling (training/objectives/mvlm.py): MLM and MVM, one weight."""
 
     mlm: bool = True
     mvm: bool = True

@@ -178,16 +178,26 @@ class TwoTower(nn.Module):
         """(B, L) int64 ids and mask -> {"tokens": (B, L, W), "pooled": (B, W)}."""
         return self.text_tower(input_ids, attention_mask)
 
-    def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        embedding = self.image_proj(self.image_features(pixels)["pooled"])  # (B, D)
+    def embed_image(self, features: dict, normalize: bool = True) -> torch.Tensor:
+        """The image tower's output (`image_features`) -> embedding (B, D)."""
+        embedding = self.image_proj(features["pooled"])  # (B, D)
         return F.normalize(embedding, dim=-1) if normalize else embedding
+
+    def embed_text(
+        self, features: dict, attention_mask: torch.Tensor, normalize: bool = True
+    ) -> torch.Tensor:
+        """The text tower's output (`text_features`) and its mask -> embedding (B, D)."""
+        embedding = self.text_proj(features["pooled"])  # (B, D)
+        return F.normalize(embedding, dim=-1) if normalize else embedding
+
+    def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        return self.embed_image(self.image_features(pixels), normalize)
 
     def encode_text(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True
     ) -> torch.Tensor:
-        pooled = self.text_features(input_ids, attention_mask)["pooled"]
-        embedding = self.text_proj(pooled)  # (B, D)
-        return F.normalize(embedding, dim=-1) if normalize else embedding
+        features = self.text_features(input_ids, attention_mask)
+        return self.embed_text(features, attention_mask, normalize)
 
     def forward(
         self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor

@@ -10,8 +10,8 @@ from conftest import TINY_OVERRIDES
 from safetensors import safe_open
 
 from index_builder.cli import main
-from training.ablate import LADDER, markdown_table
 from training.model import build_model, load_preset
+from training.pipelines.ablate import LADDER, markdown_table
 
 
 @pytest.fixture(scope="module")
