@@ -61,9 +61,13 @@ def _train(args: argparse.Namespace) -> int:
 def register_eval(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "eval",
-        help="recall@1/5/10 both ways and RSUM of a checkpoint on a split",
+        help="recall@1/5/10 both ways and RSUM of a checkpoint on a split, and unimodal "
+        "retrieval (image-to-image, text-to-text) as mAP and R@K",
         description="Image-to-text counts a hit when any of the image's captions is in the top "
-        "K; text-to-image when the caption's image is (Karpathy protocol).",
+        "K; text-to-image when the caption's image is (Karpathy protocol). Image-to-image: "
+        "images of the query's category are relevant (Open Clip Art folders, emoji groups; "
+        "absent for galleries without categories). Text-to-text: the other captions of the "
+        "query's image are relevant.",
     )
     parser.add_argument(
         "--checkpoint",
@@ -73,12 +77,27 @@ def register_eval(sub: argparse._SubParsersAction) -> None:
     )
     add_data_argument(parser)
     parser.add_argument(
-        "--split", default="test", choices=("train", "val", "test"), help="split to score"
+        "--split",
+        default="test",
+        choices=("train", "val", "test", "all"),
+        help="split to score (all: every record, for a gallery the model never saw)",
     )
     parser.add_argument("--batch-size", type=int, default=128, help="encoding batch size")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument(
         "--out", type=Path, default=None, help="also write the metrics as JSON here"
+    )
+    parser.add_argument(
+        "--feature-cache",
+        type=Path,
+        default=None,
+        help="where tower outputs of frozen-tower checkpoints are cached "
+        "(default: $COTS_HOME/cache/features)",
+    )
+    parser.add_argument(
+        "--no-feature-cache",
+        action="store_true",
+        help="run the towers on every image and caption even when their outputs are cached",
     )
     parser.set_defaults(func=_eval)
 
@@ -87,14 +106,20 @@ def _eval(args: argparse.Namespace) -> int:
     from index_builder.atomic import atomic_write_json
     from training.checkpoint import load_model, read_meta
     from training.distributed import pick_device
-    from training.evaluate import SplitEvaluator
+    from training.evaluate import score_split, split_pairs
+    from training.feature_cache import FeatureStore, default_root
 
     read_meta(args.checkpoint)  # a bad checkpoint fails before the dataset is read
-    evaluator = SplitEvaluator(args.data, args.split, args.batch_size)
+    split_pairs(args.data, args.split)  # and so does an empty split
     device = pick_device(args.device)
     model, meta = load_model(args.checkpoint, device)
+    config = model.config
+    frozen = config.image_trainable_blocks == 0 and config.text_trainable_blocks == 0
+    store = None
+    if frozen and not args.no_feature_cache:  # pretrained towers: outputs shared by many runs
+        store = FeatureStore(args.feature_cache or default_root())
     metrics = {
-        **evaluator.evaluate(model, device),
+        **score_split(model, args.data, args.split, device, args.batch_size, store),
         "split": args.split,
         "checkpoint": str(args.checkpoint),
         "step": meta.get("step"),

@@ -1,4 +1,4 @@
-"""The training objective: one module per unit (clip, instance, kl, amf, mvlm), what they
+"""The training objective: one module per unit (clip, instance, kl, amf, mvlm, cookie), what they
 share (base.py: StepContext, Objective, the momentum memory) and their composition
 (compose.py: Objectives, build_objectives)."""
 

@@ -17,6 +17,7 @@ from training.config import TrainConfig
 from training.objectives.amf import AmfObjective
 from training.objectives.base import MomentumMemory, Objective, StepContext, Temperature
 from training.objectives.clip import ClipObjective
+from training.objectives.cookie import CookieObjective
 from training.objectives.instance import InstanceObjective
 from training.objectives.kl import KlObjective
 from training.objectives.momentum import MomentumEncoder
@@ -27,7 +28,14 @@ from training.objectives.queues import PairQueue
 # order the units run.
 UNITS: dict[str, type[Objective]] = {
     unit.name: unit
-    for unit in (AmfObjective, ClipObjective, InstanceObjective, KlObjective, MvlmObjective)
+    for unit in (
+        AmfObjective,
+        ClipObjective,
+        InstanceObjective,
+        KlObjective,
+        MvlmObjective,
+        CookieObjective,
+    )
 }
 
 
