@@ -3,6 +3,7 @@ drawing came from, the Unicode group of an emoji; None where a gallery has no ca
 
 from __future__ import annotations
 
+import re
 from functools import cache
 
 from index_builder.manifest import Record
@@ -20,14 +21,26 @@ def record_category(record: Record) -> str | None:
     return None
 
 
+# Skin-tone modifiers and the emoji variation selector: a variant belongs to its base's group.
+MODIFIERS = re.compile("[\U0001f3fb-\U0001f3ff\ufe0f]")
+REGIONAL = range(0x1F1E6, 0x1F200)  # flags are pairs of regional indicator letters
+
+
 @cache
 def emoji_group(char: str) -> str | None:
-    """The Unicode emoji group (emoji-test.txt's "# group:") from the `emojis` package's table,
-    trying the character without its variation selector too; None when it is not listed."""
+    """The Unicode emoji group (emoji-test.txt's "# group:") from the `emojis` package's table.
+
+    Sequences that table lacks (skin tones, newer ZWJ sequences) take their base emoji's
+    group, as Unicode files them; regional-indicator pairs are Flags; None when not listed.
+    """
     from emojis.db import get_emoji_by_code
 
-    for code in (char, char.replace("\ufe0f", "")):
+    plain = MODIFIERS.sub("", char)
+    base = plain.split("\u200d")[0]
+    for code in (char, char.replace("\ufe0f", ""), plain, base, base + "\ufe0f"):
         found = get_emoji_by_code(code)
         if found is not None:
             return str(found.category)
+    if plain and all(ord(c) in REGIONAL for c in plain):
+        return "Flags"
     return None
