@@ -63,7 +63,9 @@ def score(checkpoint: Path, dataset: str, split: str, cache: Path | None) -> dic
     config = model.config
     frozen = config.image_trainable_blocks == 0 and config.text_trainable_blocks == 0
     store = FeatureStore(cache or default_root()) if frozen else None
-    return {**score_split(model, dataset, split, store=store), "step": meta.get("step")}
+    # token sequences cached for every recipe: one entry per gallery serves them all
+    metrics = score_split(model, dataset, split, store=store, cache_tokens=True)
+    return {**metrics, "step": meta.get("step")}
 
 
 def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -55,6 +55,9 @@ class DataSection:
     # with COOKIE's shared transformer) and train what follows them on the cache (exact,
     # since frozen eval-mode towers are deterministic; implies no augmentation).
     cache_frozen_features: bool = False
+    # Also cache the token sequences when the model does not need them (a ladder whose first
+    # rung has no shared transformer fills the cache entry the later rungs read).
+    cache_tokens: bool = False
     # Where those outputs are kept between runs: "" = $COTS_HOME/cache/features, a directory,
     # or "memory" (computed for this run only).
     feature_store: str = ""

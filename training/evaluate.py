@@ -177,10 +177,12 @@ def score_split(
     device: torch.device | str = "cpu",
     batch_size: int = 128,
     store=None,
+    cache_tokens: bool = False,
 ) -> dict[str, float]:
     """Cross-modal and unimodal metrics of `model` on a split. With a `FeatureStore` the
     tower outputs come from (or go to) its cache: exact for any tower in eval mode, and
-    shared by every checkpoint whose towers kept their pretrained weights."""
+    shared by every checkpoint whose towers kept their pretrained weights (`cache_tokens`:
+    store the token sequences even if this model does not read them)."""
     from training.categories import record_category
     from training.feature_cache import embed_features
 
@@ -188,7 +190,8 @@ def score_split(
     if store is None:
         image_emb, text_emb = evaluator.embed(model, device)
     else:
-        feats = store.load(model, dataset, split, model.shared is not None, batch_size)
+        tokens = cache_tokens or model.shared is not None
+        feats = store.load(model, dataset, split, tokens, batch_size)
         image_emb, text_emb = embed_features(model.to(device), feats, device)
     categories = [record_category(r) for r in evaluator.records]
     return {

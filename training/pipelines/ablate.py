@@ -256,7 +256,9 @@ def run_rung(
     seconds = time.perf_counter() - start
     model, _ = load_model(out / "checkpoints" / "best", trainer.device)
     store = feature_store(cfg.data.feature_store) if cfg.data.cache_frozen_features else None
-    metrics = score_split(model, data, split, trainer.device, store=store)
+    metrics = score_split(
+        model, data, split, trainer.device, store=store, cache_tokens=cfg.data.cache_tokens
+    )
     result = {
         "rung": rung,
         "overrides": overrides,
