@@ -13,13 +13,15 @@ from training.config import add_data_argument, add_override_argument
 def register_train(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "train",
-        help="train the two towers (COTS or the CLIP baseline) on a gallery",
+        help="train the two towers (COTS, COOKIE or the CLIP baseline) on a gallery",
         description="Train with a run file or a named recipe plus dotted overrides; "
         "multi-GPU / multi-node through `torchrun ... -m index_builder.cli train ...`. "
         "`cots train tokenizer ...` trains the visual tokenizer (`cots tokenizer train`).",
     )
     parser.add_argument(
-        "run", help="a YAML/JSON run file, or a recipe name from training/recipes (e.g. cots, clip)"
+        "run",
+        help="a YAML/JSON run file, or a recipe name from training/recipes "
+        "(e.g. cots, cookie, clip)",
     )
     parser.add_argument(
         "overrides",
