@@ -9,8 +9,10 @@ Each `--run RECIPE:SEED=RUN_DIR` names a finished run (its checkpoints/best is s
 `--eval NAME:SPLIT=DATASET` a gallery and split (`all` for a gallery never trained on). Every
 checkpoint is scored on every gallery as `cots eval` does: recall@1/5/10 both ways and RSUM,
 image-to-image (same category relevant) and text-to-text (captions of the same image) mAP
-and R@K; frozen-tower checkpoints read their tower outputs from the feature cache. Writes all
-metrics and a mean ± std summary per recipe and gallery, and prints the table.
+and R@K; frozen-tower checkpoints read their tower outputs from the feature cache. With
+`--pretrained RECIPE` the unimodal metrics of that recipe's frozen pretrained towers (their
+pooled outputs, no projection) are added as a reference row. Writes all metrics and a
+mean ± std summary per recipe and gallery, and prints the table.
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, default=Path("bench/results/transfer.json"))
     parser.add_argument("--feature-cache", type=Path, default=None, help="feature cache root")
+    parser.add_argument(
+        "--pretrained",
+        default=None,
+        help="a recipe whose pretrained towers' own unimodal retrieval is the reference row",
+    )
     return parser.parse_args(argv)
 
 
@@ -68,6 +75,24 @@ def score(checkpoint: Path, dataset: str, split: str, cache: Path | None) -> dic
     return {**metrics, "step": meta.get("step")}
 
 
+def score_pretrained(recipe: str, dataset: str, split: str, cache: Path | None) -> dict:
+    """Unimodal metrics of the recipe's pretrained towers: pooled outputs, L2-normalised."""
+    import torch.nn.functional as F
+
+    from training.categories import record_category
+    from training.config import load_config
+    from training.evaluate import split_records, unimodal_metrics
+    from training.feature_cache import FeatureStore, default_root
+    from training.model import build_model
+    from training.run import model_config
+
+    model = build_model(model_config(load_config(recipe)))
+    feats = FeatureStore(cache or default_root()).load(model, dataset, split, tokens=True)
+    image, text = F.normalize(feats.image_pooled, dim=-1), F.normalize(feats.text_pooled, dim=-1)
+    categories = [record_category(r) for r in split_records(dataset, split)]
+    return unimodal_metrics(image, text, feats.owner, categories)
+
+
 def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean and sample std over seeds of each SUMMARY metric, per (recipe, gallery)."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
@@ -90,9 +115,17 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     head = "| gallery | recipe | " + " | ".join(SUMMARY) + " |"
     lines = [head, "|" + "---|" * (len(SUMMARY) + 2)]
     for row in sorted(rows, key=lambda r: (r["gallery"], r["recipe"])):
-        cells = [f"{row[k]:.1f} ± {row[f'{k}_std']:.1f}" if k in row else "-" for k in SUMMARY]
+        cells = [_cell(row, k) for k in SUMMARY]
         lines.append(f"| {row['gallery']} | {row['recipe']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _cell(row: dict[str, Any], key: str) -> str:
+    if key not in row:
+        return "-"
+    return (
+        f"{row[key]:.1f}" if len(row["seeds"]) < 2 else f"{row[key]:.1f} ± {row[f'{key}_std']:.1f}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
             print(f"{recipe} seed {seed} on {gallery}:{split}: RSUM {metrics['rsum']:.1f}")
+    for gallery, split, dataset in evals if args.pretrained else []:
+        metrics = score_pretrained(args.pretrained, dataset, split, args.feature_cache)
+        recipe = f"pretrained towers ({args.pretrained})"
+        records.append(
+            {"recipe": recipe, "seed": 0, "gallery": gallery, "split": split, "metrics": metrics}
+        )
     rows = summarize(records)
     command = "python bench/transfer.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])

@@ -47,3 +47,17 @@ def test_every_run_on_every_gallery_with_mean_and_std(gallery, tmp_path, capsys)
 def test_a_malformed_spec_is_refused():
     with pytest.raises(SystemExit, match="must look like NAME:X=PATH"):
         transfer.main(["--run=tiny=somewhere", "--eval=a:test=b"])
+
+
+def test_pretrained_towers_reference_row(gallery, tmp_path, capsys):
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "run" / "checkpoints" / "best", build_model(load_preset("tiny")), {})
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text("model: {preset: tiny}\n")
+    out = tmp_path / "transfer.json"
+    args = [f"--run=tiny:0={tmp_path / 'run'}", f"--eval=shapes:test={gallery}"]
+    assert transfer.main([*args, f"--pretrained={recipe}", f"--out={out}"]) == 0
+    rows = {r["recipe"]: r for r in json.loads(out.read_text())["summary"]}
+    reference = rows[f"pretrained towers ({recipe})"]
+    assert "t2t_map" in reference and "rsum" not in reference  # unimodal only
+    assert f"| shapes | pretrained towers ({recipe}) | - |" in capsys.readouterr().out
