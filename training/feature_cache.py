@@ -141,9 +141,12 @@ class FeatureStore:
         encode_split(model, dataset, split, tokens, batch, tmp)
         atomic_write_json(tmp / META, {"key": key, "tokens": tokens, "split": split})
         old = self.root / f".{name}.old-{os.getpid()}"
-        if entry.exists():
+        if entry.exists():  # an entry without the token sequences: replaced by this one
             os.replace(entry, old)
-        os.replace(tmp, entry)
+        try:
+            os.replace(tmp, entry)
+        except OSError:  # another process (a rank) put the same entry in place first
+            shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
         return read_entry(entry, tokens)
 

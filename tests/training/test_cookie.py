@@ -167,7 +167,9 @@ def test_each_knowledge_loss_matches_naive_infonce(gallery, tmp_path, pretrained
         for role, feature in (("source", source), ("target", target)):
             value = features[feature]
             proj = unit.projections[f"{name}-{role}"] if value.shape[1] != 24 else None
-            sides.append(F.normalize(value if proj is None else value @ proj.weight.T, dim=-1))
+            sides.append(
+                F.normalize(value if proj is None else value @ proj.weight.detach().T, dim=-1)
+            )
         expected = naive_infonce(*sides, tau)
         assert float(out[f"loss/{name}"]) == pytest.approx(expected, rel=1e-4)
         total += 0.5 * weight * expected
