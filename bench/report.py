@@ -70,6 +70,20 @@ FIGURES = (
         "&& cp cots-data/runs/ablation-cpu-300/ablation.json bench/results/ablation_cpu.json",
     ),
     Figure(
+        "COOKIE ablation ladder",
+        "cookie_ladder*.json",
+        "cots ablate --ladder cookie --data cots-data/datasets/openclipart "
+        "--out cots-data/runs/ladder-cookie --seeds 0,1 --set train.max_steps=300 "
+        "--set train.eval_every=100 "
+        "&& cp cots-data/runs/ladder-cookie/ablation.json bench/results/cookie_ladder_cpu.json",
+    ),
+    Figure(
+        "Transfer to galleries never trained on",
+        "transfer*.json",
+        "python bench/transfer.py --run RECIPE:SEED=RUN ... --eval NAME:SPLIT=DATASET ... "
+        "--out bench/results/transfer_cpu.json",
+    ),
+    Figure(
         "Adaptive momentum filter on noisy pairs",
         "noise_filter*.json",
         "python bench/noise_filter.py --data cots-data/datasets/openclipart "

@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from index_builder.bundle import PRECISIONS, Bundle, write_bundle
 from index_builder.preprocess import TextTokenizer, sha256_file
+from training.model import stream_embedding
 
 log = logging.getLogger(__name__)
 OPSET = 17
@@ -31,25 +31,33 @@ PARITY_BATCHES = (1, 5)
 
 
 class ImageEncoder(nn.Module):
-    """What the image bundle holds: tower -> projection -> L2 normalisation."""
+    """What the image bundle holds: tower -> [map -> shared transformer (COOKIE)] ->
+    projection -> L2 normalisation (`stream_embedding`, as in training)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.tower, self.proj = model.image_tower, model.image_proj
+        self.token_map, self.shared = model.image_map, model.shared
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.proj(self.tower(pixels)["pooled"]), dim=-1)  # (B, D)
+        features = self.tower(pixels)
+        return stream_embedding(features, self.proj, self.token_map, self.shared)  # (B, D)
 
 
 class TextEncoder(nn.Module):
-    """What the text bundle holds: tower -> projection -> L2 normalisation."""
+    """What the text bundle holds: tower -> [map -> shared transformer (COOKIE)] ->
+    projection -> L2 normalisation."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.tower, self.proj = model.text_tower, model.text_proj
+        self.token_map, self.shared = model.text_map, model.shared
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.proj(self.tower(input_ids, attention_mask)["pooled"]), dim=-1)
+        features = self.tower(input_ids, attention_mask)
+        return stream_embedding(
+            features, self.proj, self.token_map, self.shared, attention_mask
+        )  # (B, D)
 
 
 @dataclass(frozen=True)
@@ -264,6 +272,7 @@ def export_bundle(
                 "step": meta.get("step"),
                 "weights_sha256": sha256_file(Path(checkpoint) / WEIGHTS),
                 "model": meta.get("model", {}).get("name"),
+                "recipe": meta.get("recipe"),
             },
             "parity": {
                 "max_abs_error": {s: float(f"{e:.3g}") for s, e in errors.items()},

@@ -18,9 +18,16 @@ from training.checkpoint import check_architecture, read_meta
 from training.config import TrainConfig
 from training.datasets import PairDataset
 from training.evaluate import SplitEvaluator
-from training.feature_cache import CachedEvaluator, CachedPairDataset, cached_model, encode_split
+from training.feature_cache import (
+    CachedEvaluator,
+    CachedPairDataset,
+    FeatureStore,
+    cached_model,
+    default_root,
+)
 from training.model import ModelConfig, build_model, load_preset
 from training.objectives import build_objectives, needs_memory
+from training.objectives.cookie import check_pairs
 from training.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -55,6 +62,8 @@ def check_run(cfg: TrainConfig, data: str | Path, out: str | Path, resume: bool)
     from training.video import check_video_data
 
     check_video_data(load_records(data, "train")[:1], bool(model_cfg.video_frames), data)
+    if cfg.objectives.cookie.enabled:
+        check_pairs(cfg.objectives.cookie.pairs, model_cfg.image_weights, model_cfg.text_weights)
     if cfg.data.cache_frozen_features and (
         model_cfg.image_trainable_blocks != 0 or model_cfg.text_trainable_blocks != 0
     ):
@@ -74,6 +83,13 @@ def check_run(cfg: TrainConfig, data: str | Path, out: str | Path, resume: bool)
 
 def _suggest_queue(n_train: int, batch: int) -> int:
     return max(batch, (n_train // 2) // batch * batch)
+
+
+def feature_store(setting: str) -> FeatureStore:
+    """`data.feature_store`: "" the default directory, "memory" none, else that directory."""
+    if setting == "memory":
+        return FeatureStore(None)
+    return FeatureStore(setting or default_root())
 
 
 def seed_everything(seed: int) -> None:
@@ -112,12 +128,15 @@ def image_parts(
     d = cfg.data
     if d.cache_frozen_features:  # frozen towers = pretrained ones, so load them even on resume
         model = build_model(model_cfg)
-        image, text, _, rows = encode_split(model, data, "train", d.eval_batch_size)
-        objectives = build_objectives(cfg, cached_model(model, image, text))
-        dataset: PairDataset | CachedPairDataset = CachedPairDataset(rows, cfg.train.seed)
+        store = feature_store(d.feature_store)
+        tokens = model.shared is not None or d.cache_tokens  # the shared transformer reads them
+        feats = store.load(model, data, "train", tokens, d.eval_batch_size)
+        objectives = build_objectives(cfg, cached_model(model, feats))
+        dataset: PairDataset | CachedPairDataset = CachedPairDataset(feats, cfg.train.seed)
         evaluator: SplitEvaluator | CachedEvaluator | None = None
         if want_eval:
-            evaluator = CachedEvaluator(*encode_split(model, data, d.val_split)[:3])
+            val = store.load(model, data, d.val_split, tokens, d.eval_batch_size)
+            evaluator = CachedEvaluator(val)
         return objectives, dataset, evaluator
     model = build_model(model_cfg, load_weights=not resume)
     objectives = build_objectives(cfg, model)
