@@ -165,7 +165,7 @@ def video_parts(
         if want_eval:
             val = video.encode_video_split(model, data, d.val_split, d.eval_batch_size)
             evaluator = video.CachedVideoEvaluator(val)
-        return objectives, CachedPairDataset(train["rows"], cfg.train.seed), evaluator
+        return objectives, video.CachedVideoPairs(train["rows"], cfg.train.seed), evaluator
     model = build_model(model_cfg, load_weights=not resume)
     objectives = build_objectives(cfg, model)
     frames = model_cfg.video_frames

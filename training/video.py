@@ -136,9 +136,44 @@ class VideoTwoTower(TwoTower):
         frames = F.normalize(self.image_proj(features), dim=-1)  # (B, N, D)
         return self.video_pool(frames, mask)
 
-    def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """Videos -> (B, D); always unit vectors (pooling normalises)."""
-        return self.encode_frames(*self.frame_features(pixels))
+    def image_features(self, pixels: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
+        """Videos -> per-frame tower features `frames` (B, N, W) and their `mask` (B, N): what
+        the objectives' step context shares between units before `embed_image`."""
+        frames, frame_mask = self.frame_features(pixels)
+        return {"frames": frames, "mask": frame_mask}
+
+    def embed_image(self, features: dict, normalize: bool = True) -> torch.Tensor:
+        """`image_features` output -> (B, D); always unit vectors (pooling normalises)."""
+        return self.encode_frames(features["frames"], features["mask"])
+
+
+class CachedVideoPairs(Dataset):
+    """Item i: cached video row i and one of its caption rows, drawn afresh each epoch
+    (seeded by (seed, epoch, i) as in PairDataset)."""
+
+    def __init__(self, caption_rows: list[list[int]], seed: int = 0) -> None:
+        self.rows, self.seed, self.epoch = caption_rows, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> tuple[int, int]:
+        rng = np.random.default_rng((self.seed, self.epoch, index))
+        rows = self.rows[index]
+        return index, rows[int(rng.integers(len(rows)))]
+
+    @staticmethod
+    def collate(items: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+        video, caption = torch.tensor(items).T  # (B,), (B,)
+        return {
+            "pixels": video,  # row of the frame cache
+            "input_ids": caption[:, None],  # (B, 1) row of the caption cache
+            "attention_mask": torch.ones(len(items), 1, dtype=torch.long),
+            "index": video,
+        }
 
 
 # -- data ------------------------------------------------------------------------------------
