@@ -169,7 +169,9 @@ def _plan(current: Any, request: Change) -> tuple[Plan, dict[str, dict[str, int]
     skipped_images: set[str] = set()
     for side in SIDES:
         new = request.rows.get(side, [])
-        present = current.rows_of(side, [str(row["id"]) for row in new]) if current.has(side) else {}
+        present = (
+            current.rows_of(side, [str(row["id"]) for row in new]) if current.has(side) else {}
+        )
         for i, row in enumerate(new):
             existing = present.get(str(row["id"]))
             kept_image = side == "text" and row.get("image_id") in skipped_images

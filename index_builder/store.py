@@ -321,7 +321,9 @@ class IndexStore:
 
         return publish(self, **build)
 
-    def apply(self, current: LoadedIndex, plan: Any, dataset: dict[str, Any], bundle_path: Any) -> str:
+    def apply(
+        self, current: LoadedIndex, plan: Any, dataset: dict[str, Any], bundle_path: Any
+    ) -> str:
         """A new version: `current` with a planned change (`index_builder.collection`)."""
         from index_builder.collection import write_change
 

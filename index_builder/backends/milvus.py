@@ -16,11 +16,13 @@ The build lock is a file in the local working directory (one writer per host, as
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ from index_builder.backends import BackendConfig
 from index_builder.backends.milvus_client import (
     ID_LENGTH,
     OUTPUT,
+    add_index,
     choose_index,
     connect,
     create_collection,
@@ -52,6 +55,24 @@ RECORD_LENGTH = 65535
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,200}$")
 _COLLECTION = re.compile(r"^(?P<name>.+)_v(?P<n>\d{6})_(?P<t>\d{8}T\d{6}Z)$")
 Batch = tuple[list[dict[str, Any]], np.ndarray, np.ndarray]  # rows, row numbers, vectors
+
+
+@dataclass
+class Draft:
+    """What a new version is made of: its record's fields, each side's row count, batches of
+    rows and vectors, and the queries (with a recall target) its recall is measured with."""
+
+    bundle_id: str
+    bundle_path: Any
+    dim: int
+    dataset: dict[str, Any]
+    parent: str | None
+    next_row: int
+    counts: dict[str, int]
+    batches: dict[str, Iterator[Batch]]
+    queries: dict[str, np.ndarray]
+    target: float
+    skipped: dict[str, Any]
 
 
 class MilvusStore:
@@ -180,30 +201,32 @@ class MilvusStore:
         for side in present:
             if sum(len(s) for s in shards[side]) != len(rows[side]):
                 raise ValueError(f"{side} side: vector count does not match the metadata rows")
-        offsets = dict(zip(present, np.cumsum([0] + [len(rows[s]) for s in present]), strict=False))
+        counts = {side: len(rows[side]) for side in present}
+        starts = np.cumsum([0, *counts.values()])
         batches = {
-            side: _from_shards(rows[side], shards[side], int(offsets[side])) for side in present
+            side: _from_shards(rows[side], shards[side], int(start))
+            for side, start in zip(present, starts, strict=False)
         }
         queries = {
             side: faiss_index.sample_rows(
-                shards[OTHER[side] if OTHER[side] in present else side], options.queries, seed=1
+                shards[_query_side(side, counts)], options.queries, seed=1
             )
             for side in present
         }
-        counts = {side: len(rows[side]) for side in present}
-        record = {"parent": None, "next_row": sum(counts.values())}
-        return self._write(
-            bundle_id,
-            bundle_path,
-            dim,
-            dataset,
-            record,
-            counts,
-            batches,
-            queries,
-            options.target_recall,
-            skipped or {},
+        draft = Draft(
+            bundle_id=bundle_id,
+            bundle_path=bundle_path,
+            dim=dim,
+            dataset=dataset,
+            parent=None,
+            next_row=sum(counts.values()),
+            counts=counts,
+            batches=batches,
+            queries=queries,
+            target=options.target_recall,
+            skipped=skipped or {},
         )
+        return self._write(draft)
 
     def apply(
         self, current: MilvusVersion, plan: Plan, dataset: dict[str, Any], bundle_path: Any
@@ -223,40 +246,26 @@ class MilvusStore:
             start += len(plan.rows[side])
             new = _from_arrays(plan.rows[side], numbers, plan.vectors.get(side))
             old = _copy(current, side, plan.gone[side]) if current.has(side) else iter(())
-            batches[side] = _chain(old, new)
-        queries = {
-            side: _sample_queries(current, plan, OTHER[side] if OTHER[side] in counts else side)
-            for side in counts
-        }
-        record = {"parent": current.version, "next_row": start}
-        target = max(s.get("target_recall", 0.95) for s in current.info["sides"].values())
-        skipped = {side: current.info["sides"].get(side, {}).get("skipped") for side in counts}
-        return self._write(
-            current.bundle_id,
-            bundle_path,
-            current.embed_dim,
-            dataset,
-            record,
-            counts,
-            batches,
-            queries,
-            target,
-            skipped,
+            batches[side] = itertools.chain(old, new)
+        sides = current.info["sides"]
+        draft = Draft(
+            bundle_id=current.bundle_id,
+            bundle_path=bundle_path,
+            dim=current.embed_dim,
+            dataset=dataset,
+            parent=current.version,
+            next_row=start,
+            counts=counts,
+            batches=batches,
+            queries={
+                side: _sample_queries(current, plan, _query_side(side, counts)) for side in counts
+            },
+            target=max(side.get("target_recall", 0.95) for side in sides.values()),
+            skipped={side: sides.get(side, {}).get("skipped") for side in counts},
         )
+        return self._write(draft)
 
-    def _write(
-        self,
-        bundle_id: str,
-        bundle_path: Any,
-        dim: int,
-        dataset: dict[str, Any],
-        record: dict[str, Any],
-        counts: dict[str, int],
-        batches: dict[str, Iterator[Batch]],
-        queries: dict[str, np.ndarray],
-        target: float,
-        skipped: dict[str, Any],
-    ) -> str:
+    def _write(self, draft: Draft) -> str:
         """Fill, index, measure and record a new version's collection, then switch to it; a
         failure drops the collection and leaves the alias as it was."""
         with build_lock(self.root):
@@ -264,41 +273,18 @@ class MilvusStore:
             self._ensure_records()
             version = next_version_name(self.versions())
             collection = self.collection_of(version)
-            kind, params = choose_index(
-                self.config.milvus_index, self.config.milvus_params, sum(counts.values())
-            )
-            started = time.perf_counter()
             try:
-                with errors(self.uri, f"create collection {collection}"):
-                    create_collection(self.client, collection, dim, kind, params, list(counts))
-                sides = {}
-                for side, count in counts.items():
-                    truth, fields = self._fill(collection, side, batches[side], queries[side])
-                    sides[side] = {
-                        "factory": kind,
-                        "index_type": kind,
-                        "index_params": params,
-                        "count": count,
-                        "rows": count,
-                        "deleted": 0,
-                        "fields": fields,
-                        "skipped": skipped.get(side) or {"count": 0, "examples": []},
-                        "_truth": truth,
-                    }
-                with errors(self.uri, f"index collection {collection}"):
-                    self.client.flush(collection)
-                    wait_indexed(self.client, collection)
-                    self.client.load_collection(collection)
-                seconds = round(time.perf_counter() - started, 3)
-                for side, info in sides.items():
-                    truth = info.pop("_truth")
-                    info.update(self._tune(collection, side, info, queries[side], truth, target))
-                    info["build_seconds"] = seconds
-                    info["query_side"] = _query_side(side, counts)
+                info = self._build(collection, draft)
                 info = info_record(
-                    version, bundle_id, bundle_path, dim, dataset, record["parent"], sides
+                    version,
+                    draft.bundle_id,
+                    draft.bundle_path,
+                    draft.dim,
+                    draft.dataset,
+                    draft.parent,
+                    info,
                 )
-                info.update(backend="milvus", collection=collection, next_row=record["next_row"])
+                info.update(backend="milvus", collection=collection, next_row=draft.next_row)
                 self._write_record(version, info)
             except BaseException:
                 self._drop(collection)
@@ -306,6 +292,40 @@ class MilvusStore:
             self.switch(version)
             self._prune()
         return version
+
+    def _build(self, collection: str, draft: Draft) -> dict[str, Any]:
+        """The collection filled, indexed, loaded and tuned: its sides' records."""
+        total = sum(draft.counts.values())
+        kind, params = choose_index(self.config.milvus_index, self.config.milvus_params, total)
+        started = time.perf_counter()
+        with errors(self.uri, f"create collection {collection}"):
+            create_collection(self.client, collection, draft.dim, kind, params, list(draft.counts))
+        sides, truths = {}, {}
+        for side, count in draft.counts.items():
+            queries = draft.queries[side]
+            truths[side], fields = self._fill(collection, side, draft.batches[side], queries)
+            sides[side] = {
+                "factory": kind,
+                "index_type": kind,
+                "index_params": params,
+                "count": count,
+                "rows": count,
+                "deleted": 0,
+                "fields": fields,
+                "skipped": draft.skipped.get(side) or {"count": 0, "examples": []},
+                "query_side": _query_side(side, draft.counts),
+            }
+        with errors(self.uri, f"index collection {collection}"):
+            self.client.flush(collection)
+            wait_indexed(self.client, collection)
+            self.client.load_collection(collection)
+        seconds = round(time.perf_counter() - started, 3)
+        for side, info in sides.items():
+            info.update(
+                self._tune(collection, side, info, draft.queries[side], truths[side], draft.target)
+            )
+            info["build_seconds"] = seconds
+        return sides
 
     def _fill(
         self, collection: str, side: str, batches: Iterator[Batch], queries: np.ndarray
@@ -392,9 +412,9 @@ class MilvusStore:
             schema.add_field("version", DataType.VARCHAR, is_primary=True, max_length=64)
             schema.add_field("info", DataType.VARCHAR, max_length=RECORD_LENGTH)
             schema.add_field("vector", DataType.FLOAT_VECTOR, dim=2)  # Milvus needs one
-            index = self.client.prepare_index_params()
-            index.add_index("vector", index_type="FLAT", metric_type="IP")
-            self.client.create_collection(self.records, schema=schema, index_params=index)
+            self.client.create_collection(self.records, schema=schema)
+            add_index(self.client, self.records, "FLAT", {})
+            wait_indexed(self.client, self.records)
             self.client.load_collection(self.records)
 
     def _write_record(self, version: str, info: dict[str, Any]) -> None:
@@ -476,8 +496,10 @@ def _from_shards(
 def _from_arrays(
     rows: list[dict[str, Any]], numbers: np.ndarray, vectors: np.ndarray | None
 ) -> Iterator[Batch]:
+    if not rows:
+        return
+    assert vectors is not None, "new rows come with their vectors"
     for i in range(0, len(rows), BATCH):
-        assert vectors is not None
         yield (
             rows[i : i + BATCH],
             numbers[i : i + BATCH],
@@ -505,11 +527,6 @@ def _copy(current: MilvusVersion, side: str, gone: set[int]) -> Iterator[Batch]:
                     yield [stored_row(e) for e in kept], numbers, vectors
         finally:
             batches.close()
-
-
-def _chain(*parts: Iterator[Batch]) -> Iterator[Batch]:
-    for part in parts:
-        yield from part
 
 
 def _sample_queries(current: MilvusVersion, plan: Plan, side: str) -> np.ndarray:

@@ -75,11 +75,11 @@ def connect(uri: str, token: str | None, timeout: float = CONNECT_TIMEOUT_S) -> 
     from pymilvus import MilvusClient
     from pymilvus.exceptions import ConnectionConfigException
 
-    try:
-        client = MilvusClient(uri=uri, token=token or "", timeout=timeout)
-    except ConnectionConfigException as exc:
-        raise ValueError(f"bad Milvus URI {uri!r}: {exc.message}") from None
     with errors(uri, "connect"):
+        try:
+            client = MilvusClient(uri=uri, token=token or "", timeout=timeout)
+        except ConnectionConfigException as exc:
+            raise ValueError(f"bad Milvus URI {uri!r}: {exc.message}") from None
         try:
             client.list_collections(timeout=timeout)
         except Exception:
@@ -91,7 +91,8 @@ def connect(uri: str, token: str | None, timeout: float = CONNECT_TIMEOUT_S) -> 
 def create_collection(
     client: Any, name: str, dim: int, index_type: str, params: dict[str, Any], sides: list[str]
 ) -> None:
-    """An empty version collection with its vector index and one partition per side."""
+    """An empty version collection (not loaded) with its vector index and one partition per
+    side."""
     from pymilvus import DataType
 
     schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
@@ -101,11 +102,21 @@ def create_collection(
     schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
     schema.add_field("meta", DataType.JSON)
     schema.add_field("item", DataType.JSON)
-    index = client.prepare_index_params()
-    index.add_index("vector", index_type=index_type, metric_type="IP", params=params)
-    client.create_collection(name, schema=schema, index_params=index)
+    client.create_collection(name, schema=schema)
+    add_index(client, name, index_type, params)
     for side in sides:
         client.create_partition(name, side)
+
+
+def add_index(client: Any, name: str, index_type: str, params: dict[str, Any]) -> None:
+    """Create the vector index without waiting for it (`wait_indexed` does), and leave the
+    collection released: it is loaded once filled and indexed. (milvus-lite indexes a loaded
+    collection's new segments in the background and searches them exactly meanwhile, so
+    recall would be tuned on exact results; released, it builds every index at load.)"""
+    index = client.prepare_index_params()
+    index.add_index("vector", index_type=index_type, metric_type="IP", params=params)
+    client.create_index(name, index, sync=False)
+    client.release_collection(name)
 
 
 def choose_index(kind: str, params: dict[str, Any], n: int) -> tuple[str, dict[str, Any]]:

@@ -179,7 +179,9 @@ def test_one_sided_version_then_the_other_side(store):
     assert loaded.info["sides"]["image"]["query_side"] == "image"
     with pytest.raises(LookupError, match="has no text side"):
         loaded.search("text", vectors["image"][:1], 3)
-    change = collection.Change(rows={"text": rows["text"][:20]}, vectors={"text": vectors["text"][:20]})
+    change = collection.Change(
+        rows={"text": rows["text"][:20]}, vectors={"text": vectors["text"][:20]}
+    )
     assert collection.change(store, loaded, change).added == {"image": 0, "text": 20}
     loaded = store.open()
     assert loaded.sides == ("image", "text") and loaded.live_count("text") == 20
