@@ -508,25 +508,23 @@ def _from_arrays(
 
 
 def _copy(current: MilvusVersion, side: str, gone: set[int]) -> Iterator[Batch]:
-    """The current version's rows of a side but `gone`, in batches, with their vectors."""
+    """The current version's rows of a side but `gone`, with their vectors, in batches read
+    by windows of row numbers (a primary-key range: no iterator state on the server)."""
     fields = ["row", "vector", *OUTPUT]
-    with errors(current.uri, f"copy {current.collection}"):
-        batches = current.client.query_iterator(
-            current.collection,
-            batch_size=BATCH,
-            filter="row >= 0",
-            output_fields=fields,
-            partition_names=[side],
-        )
-        try:
-            while batch := batches.next():
-                kept = [e for e in batch if int(e["row"]) not in gone]
-                if kept:
-                    numbers = np.array([int(e["row"]) for e in kept], dtype=np.int64)
-                    vectors = np.array([e["vector"] for e in kept], dtype=np.float32)
-                    yield [stored_row(e) for e in kept], numbers, vectors
-        finally:
-            batches.close()
+    for low in range(0, int(current.info["next_row"]), BATCH):
+        with errors(current.uri, f"copy {current.collection}"):
+            found = current.client.query(
+                current.collection,
+                filter=f"row >= {low} and row < {low + BATCH}",
+                output_fields=fields,
+                partition_names=[side],
+                limit=BATCH,
+            )
+        kept = sorted((e for e in found if int(e["row"]) not in gone), key=lambda e: e["row"])
+        if kept:
+            numbers = np.array([int(e["row"]) for e in kept], dtype=np.int64)
+            vectors = np.array([e["vector"] for e in kept], dtype=np.float32)
+            yield [stored_row(e) for e in kept], numbers, vectors
 
 
 def _sample_queries(current: MilvusVersion, plan: Plan, side: str) -> np.ndarray:

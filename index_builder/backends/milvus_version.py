@@ -9,7 +9,7 @@ of rows a filter allows (to widen the search as the FAISS backend does) are cach
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -78,7 +78,7 @@ class MilvusVersion:
             return found
         for start in range(0, len(ids), CHUNK):
             values = ", ".join(literal(i) for i in ids[start : start + CHUNK])
-            for entity in self._scan(side, f"id in [{values}]", ["row", "id"]):
+            for entity in self._query(side, f"id in [{values}]", ["row", "id"]):
                 found[entity["id"]] = int(entity["row"])
         return found
 
@@ -106,9 +106,9 @@ class MilvusVersion:
         if not self.has("text"):
             return []
         ids, rows = sorted(image_ids), []
-        for start in range(0, len(ids), CHUNK):
-            values = ", ".join(literal(i) for i in ids[start : start + CHUNK])
-            rows += [int(e["row"]) for e in self._scan("text", f"image_id in [{values}]", ["row"])]
+        for start in range(0, len(ids), CHUNK // 10):  # room for many captions per image
+            values = ", ".join(literal(i) for i in ids[start : start + CHUNK // 10])
+            rows += [int(e["row"]) for e in self._query("text", f"image_id in [{values}]", ["row"])]
         return rows
 
     def vector(self, side: str, row: int) -> np.ndarray:
@@ -193,17 +193,17 @@ class MilvusVersion:
                 self._rows.clear()
             self._rows.update({(side, row): item for row, item in rows.items()})
 
-    def _scan(self, side: str, expr: str, fields: list[str]) -> Iterator[dict[str, Any]]:
+    def _query(self, side: str, expr: str, fields: list[str]) -> list[dict[str, Any]]:
+        """Every row of `side` matching `expr` (a query's limit reached is an error, not a
+        silent truncation)."""
         with errors(self.uri, "query rows"):
-            batches = self.client.query_iterator(
+            found = self.client.query(
                 self.collection,
-                batch_size=CHUNK * 4,
                 filter=expr,
                 output_fields=fields,
                 partition_names=[side],
+                limit=MAX_TOPK,
             )
-            try:
-                while batch := batches.next():
-                    yield from batch
-            finally:
-                batches.close()
+        if len(found) >= MAX_TOPK:
+            raise OSError(f"a lookup in {self.collection} matched {MAX_TOPK} rows or more")
+        return found
