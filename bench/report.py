@@ -88,6 +88,11 @@ FIGURES = (
         "python bench/service_load.py --demo-images 2000",
         ("service",),
     ),
+    Figure(
+        "Filtered search and live changes of a collection",
+        "collection*.json",
+        "python bench/collection_bench.py --size 100000 --threads 2",
+    ),
 )
 
 

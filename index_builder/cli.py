@@ -60,9 +60,26 @@ def expand_aliases(argv: Sequence[str]) -> list[str]:
     return argv
 
 
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """Parse `argv`; a command with an `overrides` list (KEY=VALUE words after its first
+    positional) also collects such words found anywhere else, e.g. after its flags."""
+    args, extra = parser.parse_known_args(expand_aliases(argv))
+    overrides = getattr(args, "overrides", None)
+    if extra and isinstance(overrides, list) and all(_is_override(word) for word in extra):
+        overrides.extend(extra)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def _is_override(word: str) -> bool:
+    key, sep, _ = word.partition("=")
+    return bool(sep and key) and not word.startswith("-")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(expand_aliases(sys.argv[1:] if argv is None else argv))
+    args = parse(parser, sys.argv[1:] if argv is None else argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

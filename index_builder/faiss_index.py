@@ -38,9 +38,11 @@ METRIC = faiss.METRIC_INNER_PRODUCT
 BLAS_THRESHOLD = 20
 faiss.cvar.distance_compute_blas_threshold = BLAS_THRESHOLD
 MAX_TRAIN = 200_000
-# A filtered search over at most this many rows is exact (a gather of their stored vectors and
-# one matrix product: ~2 ms at 256-d); larger ones search the index with a selector, widened.
+# A filtered search over a small subset (at most EXACT_ROWS rows and EXACT_FRACTION of the
+# side) is exact: a gather of the subset's stored vectors and one matrix product. Larger ones
+# search the index with a selector, its nprobe/efSearch widened by the fraction left out.
 EXACT_ROWS = 1 << 16
+EXACT_FRACTION = 0.1
 MAX_EF = 4096
 SEARCH_GRID = {
     "nprobe": (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
@@ -268,9 +270,14 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
 
 
 def tune(
-    index: Any, queries: np.ndarray, truth: np.ndarray, target: float
+    index: Any,
+    queries: np.ndarray,
+    truth: np.ndarray,
+    target: float,
+    start: dict[str, int] | None = None,
 ) -> tuple[dict[str, int], float]:
-    """Smallest nprobe/efSearch reaching `target` recall@k, else the best tried.
+    """Smallest nprobe/efSearch reaching `target` recall@k, else the best tried; with `start`
+    (the setting before a small change), only settings from it upwards are tried.
 
     Returns the parameters (set on the index) and the recall they give."""
     k = truth.shape[1]
@@ -282,6 +289,8 @@ def tune(
     grid = [v for v in SEARCH_GRID[param] if v <= limit and (param == "nprobe" or v >= k)]
     if param == "nprobe" and grid[-1] < limit <= 4096:
         grid.append(limit)
+    floor = (start or {}).get(param, 0)
+    grid = [v for v in grid if v >= floor] or grid[-1:]
     best: tuple[dict[str, int], float] = ({}, -1.0)
     for value in grid:
         set_search_params(index, {param: value})
@@ -303,7 +312,8 @@ def search_index(
 
     Small allowed sets are searched exactly from the stored vectors; otherwise the index is
     searched with an ID selector and nprobe/efSearch divided by the allowed fraction, so the
-    candidates a filter removes are made up for (and never fewer than k are looked at)."""
+    candidates a filter removes are made up for (and never fewer than k are looked at). Exact
+    (Flat) indexes always take the selector: it skips rows without copying any."""
     if mask is None:
         k = min(k, index.ntotal)
         return index.search(queries, k, params=_widened(index, k, 1.0, None))
@@ -312,7 +322,7 @@ def search_index(
     if k == 0:
         empty = np.zeros((len(queries), 0))
         return empty.astype(np.float32), empty.astype(np.int64)
-    if stored is not None and (len(allowed) <= EXACT_ROWS or tunable_param(index) is None):
+    if stored is not None and exact_subset(len(allowed), len(mask), tunable_param(index)):
         subset = np.ascontiguousarray(stored[allowed], dtype=np.float32)
         scores, local = faiss.knn(queries, subset, k, METRIC)
         return scores, np.where(local >= 0, allowed[np.maximum(local, 0)], -1)
@@ -320,6 +330,11 @@ def search_index(
     selector = faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bits))
     params = _widened(index, k, len(allowed) / index.ntotal, selector)
     return index.search(queries, k, params=params)
+
+
+def exact_subset(allowed: int, total: int, param: str | None) -> bool:
+    """Whether a filtered search over `allowed` of `total` rows gathers and scans them."""
+    return param is not None and allowed <= min(EXACT_ROWS, EXACT_FRACTION * total)
 
 
 def _widened(index: Any, k: int, fraction: float, selector: Any) -> Any:

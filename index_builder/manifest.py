@@ -12,7 +12,7 @@ split, and the fingerprint of the import that produced it.
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -148,17 +148,20 @@ def write_manifest(root: str | Path, records: Iterable[Record], info: dict[str, 
     return description
 
 
+def move_splits(root: str | Path, moves: dict[str, str]) -> dict[str, int]:
+    """Rewrite the manifest with the records named in `moves` in their new split (atomic);
+    returns the count per split."""
+    counts: Counter[str] = Counter()
+    with atomic_open(Path(root) / MANIFEST, "w") as handle:
+        for record in read_manifest(root):
+            if record.id in moves:
+                record = dataclasses.replace(record, split=moves[record.id])
+            counts[record.split] += 1
+            handle.write(record.to_json() + "\n")
+    return {s: counts.get(s, 0) for s in SPLITS}
+
+
 def read_info(dataset: str | Path) -> dict[str, Any]:
     """The dataset description, or {} for a bare manifest without one."""
     path = dataset_root(dataset) / INFO
     return read_json(path) if path.is_file() else {}
-
-
-def split_of(key: str, val: float = 0.05, test: float = 0.05) -> str:
-    """Deterministic split from a stable key (same key, same split, on every machine)."""
-    bucket = int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big") / 2**64
-    if bucket < test:
-        return "test"
-    if bucket < test + val:
-        return "val"
-    return "train"

@@ -1,20 +1,40 @@
-"""Untrusted image input: base64, byte and pixel limits checked before decoding, safe formats."""
+"""Untrusted input: image search requests (multipart or JSON base64) read into bytes, base64,
+byte and pixel limits checked before decoding, safe formats, and metadata filters."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import io
+import json
 import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
 from PIL import Image, UnidentifiedImageError
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
 
 from index_builder.preprocess import ImageSpec, load_image, preprocess_image
 from service.errors import BadContent, InvalidInput, TooLarge, UnsupportedMedia
+from service.metrics import Metrics
+from service.schemas import AddItems, ImageQuery, TextItem
+from service.settings import Settings
 
 # Formats decoded by Pillow itself; EPS (Ghostscript) and friends are never opened.
 FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF")
+EXTENSIONS = {
+    "PNG": "png",
+    "JPEG": "jpg",
+    "GIF": "gif",
+    "WEBP": "webp",
+    "BMP": "bmp",
+    "TIFF": "tiff",
+}
 _DATA_URL = re.compile(r"^data:([^;,]*)(;[^,]*)?,", re.IGNORECASE)
 
 
@@ -40,8 +60,9 @@ def decode_base64(text: str, max_bytes: int, label: str) -> bytes:
     return data
 
 
-def check_image(data: bytes, max_bytes: int, max_pixels: int, label: str) -> None:
-    """Read only the header: refuse non-images, unsafe formats and oversized dimensions."""
+def check_image(data: bytes, max_bytes: int, max_pixels: int, label: str) -> str:
+    """Read only the header: refuse non-images, unsafe formats and oversized dimensions;
+    returns the format ("PNG", "JPEG"...)."""
     if not data:
         raise InvalidInput(f"{label}: the image is empty")
     if len(data) > max_bytes:
@@ -49,6 +70,7 @@ def check_image(data: bytes, max_bytes: int, max_pixels: int, label: str) -> Non
     try:
         with Image.open(io.BytesIO(data), formats=FORMATS) as probe:
             width, height = probe.size
+            fmt = str(probe.format)
     except Image.DecompressionBombError:
         raise TooLarge(
             f"{label}: the image has too many pixels (limit {max_pixels})", code="too_many_pixels"
@@ -65,6 +87,7 @@ def check_image(data: bytes, max_bytes: int, max_pixels: int, label: str) -> Non
             f"{label}: {width}x{height} is over the limit of {max_pixels} pixels",
             code="too_many_pixels",
         )
+    return fmt
 
 
 def image_to_pixels(
@@ -77,3 +100,294 @@ def image_to_pixels(
     except ValueError:
         raise BadContent(f"{label}: the image data is truncated or corrupt") from None
     return preprocess_image(image, spec)
+
+
+def images_to_pixels(
+    names: list[str], payloads: list[bytes], spec: ImageSpec, settings: Settings, metrics: Metrics
+) -> list[np.ndarray]:
+    """Each upload checked and preprocessed with `spec` (the bundle that will encode it)."""
+    pixels = []
+    for name, data in zip(names, payloads, strict=True):
+        with metrics.timed("decode", "image"):
+            pixels.append(
+                image_to_pixels(
+                    data, spec, settings.max_image_bytes, settings.max_image_pixels, name
+                )
+            )
+    return pixels
+
+
+# -- search requests -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageSearch:
+    """An image search request: uploaded images (names and bytes) or the `id` of an indexed
+    item ('more like this'), the page and a metadata filter."""
+
+    names: list[str]
+    payloads: list[bytes]
+    k: int | None
+    offset: int
+    filter: dict[str, Any] | None = None
+    id: str | None = None
+
+
+def check_batch(count: int, name: str, settings: Settings) -> None:
+    if count == 0:
+        raise InvalidInput(f"{name}: the list is empty")
+    if count > settings.max_batch:
+        raise InvalidInput(
+            f"{name}: {count} queries is over the limit of {settings.max_batch} per request",
+            "batch_too_large",
+        )
+
+
+def request_kind(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def is_json(kind: str) -> bool:
+    return kind == "application/json" or kind.endswith("+json")
+
+
+async def read_image_search(
+    request: Request, settings: Settings, model: type[ImageQuery] = ImageQuery
+) -> ImageSearch:
+    """Multipart (`image` files, `k`, `offset`, `filter` as JSON text) or JSON `model`."""
+    kind = request_kind(request)
+    if kind == "multipart/form-data":
+        return await _read_multipart(request, settings)
+    if is_json(kind):
+        return await _read_json_images(request, settings, model)
+    raise UnsupportedMedia(
+        f"expected multipart/form-data or application/json, got {kind or 'none'}",
+        "wrong_content_type",
+    )
+
+
+async def read_json(request: Request) -> Any:
+    try:
+        return await request.json()
+    except ValueError:
+        raise BadContent("the request body is not valid JSON", "malformed_json") from None
+
+
+def validate(model: type[Any], body: Any) -> Any:
+    """`model` from a parsed body; errors read like FastAPI's own body validation."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**err, "loc": ("body", *err["loc"])} for err in exc.errors()]
+        ) from None
+
+
+async def _read_json_images(
+    request: Request, settings: Settings, model: type[ImageQuery]
+) -> ImageSearch:
+    query = validate(model, await read_json(request))
+    if getattr(query, "id", None) is not None:
+        return ImageSearch([], [], query.k, query.offset, query.filter, query.id)
+    single = query.image is not None
+    encoded = [query.image] if query.image is not None else list(query.images or [])
+    check_batch(len(encoded), "images", settings)
+    names = ["image"] if single else [f"images[{i}]" for i in range(len(encoded))]
+    payloads = [
+        decode_base64(text, settings.max_image_bytes, name)
+        for name, text in zip(names, encoded, strict=True)
+    ]
+    return ImageSearch(names, payloads, query.k, query.offset, query.filter)
+
+
+_INTEGER = re.compile(r"[0-9]{1,9}")
+
+
+def form_int(value: Any, name: str) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _INTEGER.fullmatch(value.strip()):
+        raise InvalidInput(f"{name}: expected an integer, got {str(value)[:40]!r}")
+    return int(value)
+
+
+def parse_filter(value: Any) -> dict[str, Any] | None:
+    """A `filter` form field: a JSON object (or empty: none)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        parsed = json.loads(value) if isinstance(value, str) else None
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise InvalidInput("filter: expected a JSON object", "invalid_filter")
+    return parsed
+
+
+async def _read_multipart(request: Request, settings: Settings) -> ImageSearch:
+    form = await request.form(max_files=settings.max_batch + 1, max_fields=8)
+    unknown = set(form.keys()) - {"image", "images", "k", "offset", "filter"}
+    if unknown & {"text", "texts"}:
+        raise InvalidInput(
+            "send either text or an image, not both: text queries go to /search/text-to-image "
+            "or /search/text-to-text",
+            "text_and_image",
+        )
+    if unknown:
+        raise InvalidInput(
+            f"unexpected form fields {sorted(unknown)} (use 'image', 'k', 'offset', 'filter')"
+        )
+    uploads = form.getlist("image") + form.getlist("images")
+    if any(not isinstance(item, UploadFile) for item in uploads):
+        raise InvalidInput("image: expected a file upload, got a plain form field")
+    check_batch(len(uploads), "image", settings)
+    names, payloads = [], []
+    for i, upload in enumerate(uploads):
+        assert isinstance(upload, UploadFile)
+        names.append(upload.filename or f"image[{i}]")
+        payloads.append(await upload.read(settings.max_image_bytes + 1))
+    offset = form_int(form.get("offset"), "offset")
+    return ImageSearch(
+        names,
+        payloads,
+        form_int(form.get("k"), "k"),
+        0 if offset is None else offset,
+        parse_filter(form.get("filter")),
+    )
+
+
+# -- admin uploads ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An image to add: its id, bytes and metadata."""
+
+    id: str
+    data: bytes
+    meta: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Items:
+    """What an add request carries: images (bytes, checked later) and texts."""
+
+    images: list[Upload]
+    texts: list[TextItem]
+    upsert: bool
+
+
+async def read_items(request: Request, settings: Settings) -> Items:
+    """JSON `AddItems` (images base64), or multipart: `image` files with optional `ids` (a JSON
+    list, default: the file names without extension), `meta` (a JSON object for every file or
+    a list, one per file) and `upsert` (true/false)."""
+    kind = request_kind(request)
+    if kind == "multipart/form-data":
+        items = await _read_item_form(request, settings)
+    elif is_json(kind):
+        body: AddItems = validate(AddItems, await read_json(request))
+        images = [
+            Upload(
+                item.id,
+                decode_base64(item.image, settings.max_image_bytes, f"images[{i}]"),
+                item.meta,
+            )
+            for i, item in enumerate(body.images)
+        ]
+        items = Items(images, body.texts, body.upsert)
+    else:
+        raise UnsupportedMedia(
+            f"expected multipart/form-data or application/json, got {kind or 'none'}",
+            "wrong_content_type",
+        )
+    _check_items(items, settings)
+    return items
+
+
+def _check_items(items: Items, settings: Settings) -> None:
+    count = len(items.images) + len(items.texts)
+    if count == 0:
+        raise InvalidInput("nothing to add: give images or texts", "empty")
+    if count > settings.max_admin_items:
+        raise InvalidInput(
+            f"{count} items is over the limit of {settings.max_admin_items} per request",
+            "batch_too_large",
+        )
+    for side, ids in (
+        ("images", [i.id for i in items.images]),
+        ("texts", [t.id for t in items.texts]),
+    ):
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        if repeated:
+            raise InvalidInput(f"{side}: repeated ids {repeated[:10]}", "duplicate_ids")
+
+
+def _json_field(value: Any, name: str) -> Any:
+    if not isinstance(value, str):
+        raise InvalidInput(f"{name}: expected a JSON text field")
+    try:
+        return json.loads(value)
+    except ValueError:
+        raise InvalidInput(f"{name}: not valid JSON") from None
+
+
+async def _read_item_form(request: Request, settings: Settings) -> Items:
+    form = await request.form(max_files=settings.max_admin_items + 1, max_fields=8)
+    unknown = set(form.keys()) - {"image", "ids", "meta", "upsert"}
+    if unknown:
+        raise InvalidInput(
+            f"unexpected form fields {sorted(unknown)} (use 'image', 'ids', 'meta', 'upsert')"
+        )
+    uploads = form.getlist("image")
+    if any(not isinstance(item, UploadFile) for item in uploads):
+        raise InvalidInput("image: expected a file upload, got a plain form field")
+    files = [item for item in uploads if isinstance(item, UploadFile)]
+    ids = _form_ids(form.get("ids"), files)
+    metas = _form_metas(form.get("meta"), len(files))
+    upsert = form.get("upsert", "false")
+    if upsert not in ("true", "false"):
+        raise InvalidInput(f"upsert: expected true or false, got {str(upsert)[:20]!r}")
+    images = [
+        Upload(item_id, await upload.read(settings.max_image_bytes + 1), meta)
+        for item_id, upload, meta in zip(ids, files, metas, strict=True)
+    ]
+    return Items(images, [], upsert == "true")
+
+
+def _form_ids(value: Any, files: list[UploadFile]) -> list[str]:
+    if value is None:
+        names = [Path(upload.filename or "").stem for upload in files]
+        if not all(names):
+            raise InvalidInput("ids: needed when an uploaded file has no name")
+        return names
+    ids = _json_field(value, "ids")
+    if not isinstance(ids, list) or not all(isinstance(i, str) and i for i in ids):
+        raise InvalidInput("ids: expected a JSON list of non-empty strings")
+    if len(ids) != len(files):
+        raise InvalidInput(f"ids: {len(ids)} ids for {len(files)} files")
+    return ids
+
+
+def _form_metas(value: Any, count: int) -> list[dict[str, Any]]:
+    if value is None:
+        return [{} for _ in range(count)]
+    meta = _json_field(value, "meta")
+    if isinstance(meta, dict):
+        return [dict(meta) for _ in range(count)]
+    if not isinstance(meta, list) or not all(isinstance(m, dict) for m in meta):
+        raise InvalidInput("meta: expected a JSON object (for every file) or a list of objects")
+    if len(meta) != count:
+        raise InvalidInput(f"meta: {len(meta)} objects for {count} files")
+    return meta
+
+
+def check_upload(upload: Upload, settings: Settings) -> str:
+    """Decode an uploaded image fully (a truncated file is refused here, not in the index
+    build); returns the file extension of its format."""
+    label = f"image {upload.id!r}"
+    fmt = check_image(upload.data, settings.max_image_bytes, settings.max_image_pixels, label)
+    try:
+        load_image(upload.data)
+    except ValueError:
+        raise BadContent(f"{label}: the image data is truncated or corrupt") from None
+    return EXTENSIONS[fmt]

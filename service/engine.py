@@ -1,79 +1,57 @@
-"""The search engine: the served (bundle, encoders, index) triple, micro-batches and hot swaps."""
+"""The search engine: the served `Searcher` (bundle, encoders, index), micro-batches, hot
+swaps and changes to the collection."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import cached_property, partial
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from index_builder import filters
 from index_builder.bundle import Bundle
+from index_builder.collection import Change, ChangeResult, change, delete_ids
 from index_builder.encoders import Encoders
-from index_builder.store import IndexStore, LoadedIndex, check_bundle
+from index_builder.search import Searcher
+from index_builder.sources import store_file
+from index_builder.store import IndexStore, check_bundle
 from service.batching import MicroBatcher
-from service.errors import Conflict, NotFound, NotReady
+from service.decode import Items
+from service.errors import Conflict, InvalidInput, NotFound, NotReady
 from service.metrics import Metrics
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Hit:
-    row: int
-    score: float
-
-
-class Gallery:
-    """What one request is served with: a loaded index version and the bundle's encoders
-    (the bundle the index was built with), plus the lookups the image route needs."""
-
-    def __init__(self, index: LoadedIndex, encoders: Encoders) -> None:
-        self.index = index
-        self.encoders = encoders
-
-    @property
-    def version(self) -> str:
-        return self.index.version
-
-    @property
-    def bundle(self) -> Bundle:
-        return self.encoders.bundle
-
-    @cached_property
-    def image_rows(self) -> dict[str, int]:
-        return {str(row["id"]): i for i, row in enumerate(self.index.images)}
-
-    def image_path(self, image_id: str) -> Path:
-        """The file behind a gallery id; ids come only from the index, never paths from clients."""
-        row = self.image_rows.get(image_id)
-        if row is None:
-            raise NotFound(f"no gallery image with id {image_id!r}")
-        path = Path(self.index.images[row]["image"])
-        if not path.is_file():
-            raise NotFound(f"the file of gallery image {image_id!r} is missing on the server")
-        return path
+Hits = list[dict[str, Any]]
 
 
 @dataclass(frozen=True)
 class Job:
-    """One query in a micro-batch: the input, the gallery (encoders + index) it started on
-    and how deep it searches."""
+    """One query in a micro-batch: the input, the searcher (encoders + index) it started on,
+    the side it searches, how deep and with which metadata filter."""
 
     query: Any  # str for text, (3, S, S) float32 pixels for an image
-    gallery: Gallery
+    searcher: Searcher
+    side: str
     depth: int
+    filter: dict[str, Any] | None = None
+
+    @property
+    def group(self) -> Hashable:
+        """Jobs that one index search can answer together."""
+        return id(self.searcher), self.side, json.dumps(self.filter, sort_keys=True)
 
 
 class Engine:
-    """Owns everything a search needs; `gallery` (index + encoders + bundle) is swapped
-    atomically by reference.
+    """Owns everything a search needs; `gallery` (a `Searcher`: index + encoders + bundle)
+    is swapped atomically by reference.
 
     A request takes `engine.gallery` once and keeps that object, so a swap never changes the
     index, the encoders or the bundle under a request in flight; the old ones are freed when
@@ -87,11 +65,12 @@ class Engine:
         # Refuse to start on a mismatch: checked on index.json before anything heavy loads.
         self.bundle, self._first = resolve_bundle(settings, self.store)
         self.executor = ThreadPoolExecutor(settings.batch_workers, thread_name_prefix="cots-encode")
-        self.gallery: Gallery | None = None
+        self.gallery: Searcher | None = None
         self.encoders: Encoders | None = None  # the served bundle's (ready before a gallery)
         self.load_error: str | None = None
         self._rejected: str | None = None
         self._swap_lock = asyncio.Lock()
+        self._change_lock = asyncio.Lock()
         wait = settings.batch_wait_ms / 1000
         self.batchers = {
             modality: MicroBatcher(
@@ -137,19 +116,20 @@ class Engine:
         threads = self.settings.intra_threads or None
         return Encoders.open(bundle, threads=threads, batch_size=self.settings.batch_size)
 
-    def _open_gallery(self, version: str | None, encoders: Encoders) -> Gallery:
-        gallery = Gallery(self.store.open(version, bundle=encoders.bundle), encoders)
-        _ = gallery.image_rows  # build the id map off the event loop
-        return gallery
+    def _open_gallery(self, version: str | None, encoders: Encoders) -> Searcher:
+        index = self.store.open(version, bundle=encoders.bundle)
+        for side in index.sides:
+            index.row_of(side, "")  # build the id maps off the event loop
+        return Searcher(index, encoders)
 
-    def _install(self, gallery: Gallery) -> None:
+    def _install(self, gallery: Searcher) -> None:
         self.gallery = gallery  # the one assignment requests see: the triple changes at once
         self.encoders, self.bundle = gallery.encoders, gallery.bundle
-        for side in ("image", "text"):
-            self.metrics.gallery_size.labels(side).set(len(gallery.index.rows(side)))
+        for side, count in counts(gallery).items():
+            self.metrics.gallery_size.labels(side).set(count)
         self.metrics.ready.set(1)
 
-    def current(self) -> Gallery:
+    def current(self) -> Searcher:
         gallery = self.gallery
         if gallery is None:
             reason = f": {self.load_error}" if self.load_error else " (loading)"
@@ -159,41 +139,74 @@ class Engine:
     # -- search ----------------------------------------------------------------------------
 
     async def search(
-        self, modality: str, queries: list[Any], depth: int, gallery: Gallery | None = None
-    ) -> tuple[Gallery, list]:
+        self,
+        modality: str,
+        side: str,
+        queries: list[Any],
+        k: int,
+        offset: int = 0,
+        filter: dict[str, Any] | None = None,
+        gallery: Searcher | None = None,
+    ) -> tuple[Searcher, list[Hits]]:
         """Encode `queries` ("text": strings, "image": pixel arrays) with one tower and search
-        the other side of `gallery` (default: the current one); returns the gallery used and
-        hits per query. Image routes pass the gallery whose bundle preprocessed the pixels."""
+        `side` of `gallery` (default: the current one) for the page (`k` from `offset`);
+        returns the searcher used and the hits per query. Image routes pass the searcher
+        whose bundle preprocessed the pixels."""
         gallery = gallery or self.current()
-        jobs = [Job(query, gallery, depth) for query in queries]
-        return gallery, await self.batchers[modality].submit(jobs)
+        check_query(gallery, side, filter)
+        jobs = [Job(query, gallery, side, k + offset, filter) for query in queries]
+        found = await self.batchers[modality].submit(jobs)
+        return gallery, [hits[offset:] for hits in found]
 
-    def _run_batch(self, modality: str, jobs: list[Job]) -> list[list[Hit]]:
+    async def similar(
+        self, side: str, item_id: str, k: int, offset: int = 0, filter: dict[str, Any] | None = None
+    ) -> tuple[Searcher, Hits]:
+        """'More like this': search `side` with the stored vector of item `item_id` (the item
+        itself is not a hit); no encoder runs."""
+        gallery = self.current()
+        check_query(gallery, side, filter)
+        if gallery.index.row_of(side, item_id) is None:
+            raise NotFound(f"no {side} with id {item_id!r} in the index", "unknown_id")
+        loop = asyncio.get_running_loop()
+        with self.metrics.timed("search", "id"):
+            hits = await loop.run_in_executor(
+                None, partial(gallery.similar, side, item_id, k, offset=offset, filter=filter)
+            )
+        return gallery, hits
+
+    def _run_batch(self, modality: str, jobs: list[Job]) -> list[Hits]:
         """One encoder call per bundle in the micro-batch (one, except around a bundle swap),
-        then one search per index version; a query never meets another bundle's encoder."""
+        then one search per (index version, side, filter); a query never meets another
+        bundle's encoder."""
         self.metrics.batch_size.labels(modality).observe(len(jobs))
-        side = "image" if modality == "text" else "text"
-        results: list[list[Hit]] = [[] for _ in jobs]
-        for members in _group(range(len(jobs)), lambda i: jobs[i].gallery.encoders):
-            encoders = jobs[members[0]].gallery.encoders
+        results: list[Hits] = [[] for _ in jobs]
+        for members in _group(range(len(jobs)), lambda i: id(jobs[i].searcher.encoders)):
+            encoders = jobs[members[0]].searcher.encoders
             with self.metrics.timed("encode", modality):
                 vectors = encoders.encode(modality, [jobs[i].query for i in members])
             vectors = np.nan_to_num(vectors, copy=False)  # a degenerate input must not reach FAISS
             position = {i: p for p, i in enumerate(members)}
             with self.metrics.timed("search", modality):
-                for part in _group(members, lambda i: jobs[i].gallery.index):
-                    index = jobs[part[0]].gallery.index
+                for part in _group(members, lambda i: jobs[i].group):
+                    job = jobs[part[0]]
                     depth = max(jobs[i].depth for i in part)
-                    scores, rows = index.search(side, vectors[[position[i] for i in part]], depth)
-                    for j, i in enumerate(part):
-                        results[i] = [
-                            Hit(int(r), min(1.0, max(-1.0, float(s))))
-                            for s, r in zip(
-                                scores[j, : jobs[i].depth], rows[j, : jobs[i].depth], strict=True
-                            )
-                            if r >= 0
-                        ]
+                    found = job.searcher.search(
+                        job.side, vectors[[position[i] for i in part]], depth, filter=job.filter
+                    )
+                    for i, hits in zip(part, found, strict=True):
+                        results[i] = hits[: jobs[i].depth]
         return results
+
+    def image_file(self, image_id: str) -> Path:
+        """The file behind a gallery image id; ids come only from the index, never paths
+        from clients."""
+        gallery = self.current()
+        if not gallery.index.has("image") or gallery.index.row_of("image", image_id) is None:
+            raise NotFound(f"no gallery image with id {image_id!r}")
+        path = Path(gallery.image_path(image_id))
+        if not path.is_file():
+            raise NotFound(f"the file of gallery image {image_id!r} is missing on the server")
+        return path
 
     # -- hot swap --------------------------------------------------------------------------
 
@@ -240,6 +253,60 @@ class Engine:
                 log.info("swapped bundle %s -> %s", old_bundle, gallery.bundle.bundle_id)
             return previous, target
 
+    # -- changes to the collection ----------------------------------------------------------
+
+    async def add(self, items: Items, extensions: list[str]) -> tuple[str, ChangeResult]:
+        """Add `items` (their images checked, with file `extensions`) to the served version
+        as a new version, and serve it; returns the version served before and the change."""
+        return await self._change(partial(self._add_items, items, extensions))
+
+    async def delete(self, ids: list[str], side: str | None) -> tuple[str, ChangeResult]:
+        """Delete `ids` from `side` (or every side holding them) as a new version, and serve
+        it; an unknown id changes nothing (404)."""
+        return await self._change(
+            lambda gallery: delete_ids(self.store, ids, side, current=gallery.index)
+        )
+
+    async def _change(self, make: Callable[[Searcher], ChangeResult]) -> tuple[str, ChangeResult]:
+        """One change at a time, built on the served version with its encoders in the thread
+        pool; requests keep being served from the old version until the swap."""
+        async with self._change_lock:
+            gallery = self.current()
+            loop = asyncio.get_running_loop()
+            try:
+                result = await loop.run_in_executor(None, make, gallery)
+            except KeyError as exc:
+                raise NotFound(str(exc.args[0]), "unknown_ids") from None
+            except RuntimeError as exc:  # another writer holds the index root's lock
+                raise Conflict(str(exc), "busy") from None
+            except ValueError as exc:
+                raise InvalidInput(str(exc), "invalid_change") from None
+            await self.reload(result.version)
+            return gallery.version, result
+
+    def _add_items(self, items: Items, extensions: list[str], gallery: Searcher) -> ChangeResult:
+        rows: dict[str, list[dict[str, Any]]] = {"image": [], "text": []}
+        vectors = {}
+        if items.images:
+            # Kept under the index root by content (as WebDataset images are), so the files
+            # outlive the versions that point at them.
+            paths = [
+                store_file(self.store.root / "files", upload.data, extension)
+                for upload, extension in zip(items.images, extensions, strict=True)
+            ]
+            vectors["image"] = gallery.encoders.image.encode_paths(paths)
+            rows["image"] = [
+                {"id": upload.id, "image": str(path), "captions": [], "meta": upload.meta}
+                for upload, path in zip(items.images, paths, strict=True)
+            ]
+        if items.texts:
+            vectors["text"] = gallery.encoders.text.encode([item.text for item in items.texts])
+            rows["text"] = [
+                {"id": item.id, "text": item.text, "meta": item.meta} for item in items.texts
+            ]
+        request = Change(rows=rows, vectors=vectors, upsert=items.upsert)
+        return change(self.store, gallery.index, request, bundle_path=gallery.bundle.path)
+
     def _refuse(self, version: str, result: str, exc: Exception) -> Conflict:
         self.metrics.swaps.labels(result).inc()
         self._rejected = version
@@ -268,12 +335,34 @@ class Engine:
                 log.warning("index watcher: %s", exc.detail)
 
 
-def _group(indices: Iterable[int], key: Callable[[int], object]) -> list[list[int]]:
-    """`indices` grouped by the identity of `key(i)`, in first-seen order."""
-    groups: dict[int, list[int]] = {}
+def _group(indices: Iterable[int], key: Callable[[int], Hashable]) -> list[list[int]]:
+    """`indices` grouped by `key(i)`, in first-seen order."""
+    groups: dict[Hashable, list[int]] = {}
     for i in indices:
-        groups.setdefault(id(key(i)), []).append(i)
+        groups.setdefault(key(i), []).append(i)
     return list(groups.values())
+
+
+def check_query(gallery: Searcher, side: str, filter: dict[str, Any] | None) -> None:
+    """Refuse a search of an absent side or with a filter that does not fit the side's
+    metadata fields, before any encoder runs."""
+    if not gallery.index.has(side):
+        present = " and ".join(gallery.index.sides) or "no"
+        raise NotFound(
+            f"this index has no {side} side (it holds {present} items): "
+            f"build one with `cots index build --{side}s ...`",
+            "side_absent",
+        )
+    try:
+        filters.parse(filter, gallery.index.info["sides"][side].get("fields", {}))
+    except filters.FilterError as exc:
+        raise InvalidInput(f"filter: {exc}", "invalid_filter") from None
+
+
+def counts(gallery: Searcher) -> dict[str, int]:
+    """Live items per side (0 for an absent side)."""
+    index = gallery.index
+    return {side: index.live_count(side) if index.has(side) else 0 for side in ("image", "text")}
 
 
 def resolve_bundle(settings: Settings, store: IndexStore) -> tuple[Bundle, str]:

@@ -85,6 +85,12 @@ def _validation_detail(exc: RequestValidationError) -> str:
     return "; ".join(parts)
 
 
+def _validation_code(exc: RequestValidationError) -> str:
+    """`invalid_filter` when only the `filter` field is wrong (for example not an object)."""
+    fields = {tuple(err.get("loc", ()))[1:2] for err in exc.errors()}
+    return "invalid_filter" if fields == {("filter",)} else "invalid_input"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Map every error to `{"detail": ..., "code": ...}`; nothing else reaches a client."""
 
@@ -96,7 +102,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         if any(err.get("type") == "json_invalid" for err in exc.errors()):
             return error_response(400, "the request body is not valid JSON", "malformed_json")
-        return error_response(422, _validation_detail(exc), "invalid_input")
+        return error_response(422, _validation_detail(exc), _validation_code(exc))
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:

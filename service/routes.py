@@ -4,37 +4,46 @@ from __future__ import annotations
 
 import mimetypes
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Annotated, Any
 from urllib.parse import quote
 
-import numpy as np
 from fastapi import APIRouter, Body, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ValidationError
-from starlette.datastructures import UploadFile
 
-from service.decode import decode_base64, image_to_pixels
+from index_builder.collection import ChangeResult
+from index_builder.search import Searcher
+from service.decode import (
+    check_batch,
+    check_upload,
+    images_to_pixels,
+    read_image_search,
+    read_items,
+)
 from service.deps import EngineDep, SettingsDep, require_admin_key, require_api_key, require_json
-from service.engine import Engine, Gallery, Hit
-from service.errors import BadContent, InvalidInput, NotFound, NotReady, UnsupportedMedia
+from service.engine import Engine, Hits, counts
+from service.errors import InvalidInput, NotFound, NotReady
 from service.schemas import (
-    CaptionHit,
-    CaptionResults,
+    AddItems,
+    ChangeResponse,
+    DeleteItems,
     ErrorBody,
     ImageHit,
     ImageQuery,
     ImageResults,
-    ImageToTextResponse,
+    ImageSearchResponse,
+    ImageToImageQuery,
     Info,
     ReloadRequest,
     ReloadResponse,
     Status,
+    TextHit,
     TextQuery,
-    TextToImageResponse,
+    TextResults,
+    TextSearchResponse,
+    TextToTextQuery,
 )
 from service.settings import Settings
 
@@ -44,9 +53,10 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     for code, text in {
         400: "undecodable input (malformed JSON or base64, corrupt image)",
         401: "missing or wrong API key",
+        404: "an unknown id, or a search of an index side this index does not hold",
         413: "an image or the request is over the size or pixel limit",
         415: "wrong Content-Type, or an upload that is not an image",
-        422: "invalid request (empty or long text, k out of range, batch over the limit...)",
+        422: "invalid request (empty or long text, k out of range, a bad filter...)",
         503: "the bundle and index are still loading",
     }.items()
 }
@@ -89,18 +99,8 @@ def _page(k: int | None, offset: int, settings: Settings) -> tuple[int, int]:
     return k, offset
 
 
-def _check_batch(count: int, name: str, settings: Settings) -> None:
-    if count == 0:
-        raise InvalidInput(f"{name}: the list is empty")
-    if count > settings.max_batch:
-        raise InvalidInput(
-            f"{name}: {count} queries is over the limit of {settings.max_batch} per request",
-            "batch_too_large",
-        )
-
-
 def _check_texts(texts: Sequence[str], single: bool, settings: Settings) -> None:
-    _check_batch(len(texts), "texts", settings)
+    check_batch(len(texts), "texts", settings)
     for i, text in enumerate(texts):
         label = "text" if single else f"texts[{i}]"
         if not text.strip():
@@ -116,235 +116,175 @@ def _check_texts(texts: Sequence[str], single: bool, settings: Settings) -> None
             raise InvalidInput(f"{label}: not valid Unicode (lone surrogate)") from None
 
 
-def _urls(request: Request, image_id: str) -> tuple[str, str]:
+def _urls(request: Request, image_id: str) -> dict[str, Any]:
     url = f"{request.scope.get('root_path', '')}/images/{quote(image_id, safe='')}"
-    return url, f"{url}?size={THUMBNAIL_SIZE}"
+    return {"url": url, "thumbnail_url": f"{url}?size={THUMBNAIL_SIZE}"}
 
 
-def _image_hit(request: Request, gallery: Gallery, hit: Hit, rank: int) -> ImageHit:
-    row = gallery.index.images[hit.row]
-    url, thumb = _urls(request, str(row["id"]))
-    return ImageHit(
-        id=str(row["id"]),
-        score=hit.score,
-        rank=rank,
-        captions=list(row.get("captions", [])),
-        image=str(row["image"]),
-        url=url,
-        thumbnail_url=thumb,
+def _image_hit(request: Request, gallery: Searcher, hit: dict[str, Any], paths: bool) -> ImageHit:
+    path = str(gallery.image_path(hit["id"])) if paths else None
+    return ImageHit(**hit, **_urls(request, hit["id"]), image_path=path)
+
+
+def _text_hit(request: Request, gallery: Searcher, hit: dict[str, Any], paths: bool) -> TextHit:
+    """A text hit; a caption also links the image it describes, when the index serves it."""
+    image_id = hit.get("image_id")
+    index = gallery.index
+    if image_id is None or not index.has("image") or index.row_of("image", image_id) is None:
+        return TextHit(**hit)
+    path = str(gallery.image_path(image_id)) if paths else None
+    return TextHit(**hit, **_urls(request, image_id), image_path=path)
+
+
+def _respond(
+    request: Request,
+    settings: Settings,
+    gallery: Searcher,
+    side: str,
+    labels: list[str],
+    found: list[Hits],
+    page: tuple[int, int],
+    start: float,
+) -> Any:
+    """The response envelope: per-query results, `hits` the first's, and the bundle and
+    index version of the searcher the request was served with."""
+    make_hit, group, response = _SHAPES[side]
+    pages = [
+        [make_hit(request, gallery, hit, settings.expose_paths) for hit in hits] for hits in found
+    ]
+    return response(
+        hits=pages[0],
+        results=[group(query=q, hits=p) for q, p in zip(labels, pages, strict=True)],
+        k=page[0],
+        offset=page[1],
+        bundle_id=gallery.bundle.bundle_id,
+        index_version=gallery.version,
+        took_ms=round((time.perf_counter() - start) * 1000, 3),
     )
 
 
-def _caption_hit(request: Request, gallery: Gallery, hit: Hit, rank: int) -> CaptionHit:
-    row = gallery.index.texts[hit.row]
-    image_id = str(row["image_id"])
-    image_row = gallery.image_rows.get(image_id)
-    image = str(gallery.index.images[image_row]["image"]) if image_row is not None else ""
-    url, thumb = _urls(request, image_id)
-    return CaptionHit(
-        id=str(row["id"]),
-        score=hit.score,
-        rank=rank,
-        text=str(row["text"]),
-        image_id=image_id,
-        image=image,
-        url=url,
-        thumbnail_url=thumb,
-    )
-
-
-def _took_ms(start: float) -> float:
-    return round((time.perf_counter() - start) * 1000, 3)
-
-
-_SHAPES: dict[str, tuple[Callable[[Request, Gallery, Hit, int], Any], type[BaseModel]]] = {
-    "text": (_image_hit, ImageResults),
-    "image": (_caption_hit, CaptionResults),
+_SHAPES: dict[str, Any] = {
+    "image": (_image_hit, ImageResults, ImageSearchResponse),
+    "text": (_text_hit, TextResults, TextSearchResponse),
 }
 
 
-async def _search(
-    request: Request,
-    engine: Engine,
-    modality: str,
-    labels: list[str],
-    queries: list[Any],
-    k: int,
-    offset: int,
-    gallery: Gallery | None = None,
-) -> dict[str, Any]:
-    """Search one page deep and shape it: per-query results, `hits` the first's, the envelope
-    (the bundle and index version are those of the gallery the request was served with)."""
-    gallery, found = await engine.search(modality, queries, k + offset, gallery)
-    make_hit, group = _SHAPES[modality]
-    pages = [
-        [
-            make_hit(request, gallery, hit, offset + rank)
-            for rank, hit in enumerate(hits[offset:], 1)
-        ]
-        for hits in found
-    ]
-    return {
-        "hits": pages[0],
-        "results": [group(query=q, hits=p) for q, p in zip(labels, pages, strict=True)],
-        "k": k,
-        "offset": offset,
-        "bundle_id": gallery.bundle.bundle_id,
-        "index_version": gallery.version,
-    }
+async def _text_search(
+    request: Request, engine: Engine, settings: Settings, query: TextQuery, side: str
+) -> Any:
+    start = time.perf_counter()
+    item_id = getattr(query, "id", None)
+    if item_id is not None:
+        page = _page(query.k, query.offset, settings)
+        gallery, hits = await engine.similar(side, item_id, *page, filter=query.filter)
+        return _respond(request, settings, gallery, side, [item_id], [hits], page, start)
+    texts = [query.text] if query.text is not None else list(query.texts or [])
+    _check_texts(texts, query.text is not None, settings)
+    page = _page(query.k, query.offset, settings)
+    gallery, found = await engine.search("text", side, texts, *page, filter=query.filter)
+    return _respond(request, settings, gallery, side, texts, found, page, start)
+
+
+async def _image_search(
+    request: Request, engine: Engine, settings: Settings, side: str, model: type[ImageQuery]
+) -> Any:
+    start = time.perf_counter()
+    gallery = engine.current()  # a 503 before reading a large body
+    query = await read_image_search(request, settings, model)
+    page = _page(query.k, query.offset, settings)
+    if query.id is not None:
+        gallery, hits = await engine.similar(side, query.id, *page, filter=query.filter)
+        return _respond(request, settings, gallery, side, [query.id], [hits], page, start)
+    # Preprocess with this searcher's bundle and encode with its encoders, even if a swap
+    # to another bundle happens meanwhile.
+    spec = gallery.bundle.image_spec
+    pixels = await run_in_threadpool(
+        images_to_pixels, query.names, query.payloads, spec, settings, engine.metrics
+    )
+    gallery, found = await engine.search(
+        "image", side, pixels, *page, filter=query.filter, gallery=gallery
+    )
+    return _respond(request, settings, gallery, side, query.names, found, page, start)
 
 
 @api.post(
     "/search/text-to-image",
-    response_model=TextToImageResponse,
+    response_model=ImageSearchResponse,
+    response_model_exclude_none=True,
     dependencies=[Depends(require_json)],
     tags=["search"],
 )
 async def text_to_image(
     query: TextQuery, request: Request, engine: EngineDep, settings: SettingsDep
-) -> TextToImageResponse:
+) -> Any:
     """Search gallery images with text: the text tower encodes, the image index answers."""
-    start = time.perf_counter()
-    texts = [query.text] if query.text is not None else list(query.texts or [])
-    _check_texts(texts, query.text is not None, settings)
-    k, offset = _page(query.k, query.offset, settings)
-    found = await _search(request, engine, "text", texts, texts, k, offset)
-    return TextToImageResponse(**found, took_ms=_took_ms(start))
+    return await _text_search(request, engine, settings, query, "image")
 
 
-_IMAGE_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["image"],
-                    "properties": {
-                        "image": {
-                            "type": "array",
-                            "items": {"type": "string", "format": "binary"},
-                            "description": "one or more image files (field 'image' or 'images')",
-                        },
-                        "k": {"type": "integer", "minimum": 1},
-                        "offset": {"type": "integer", "minimum": 0},
-                    },
-                }
-            },
-            "application/json": {
-                "schema": ImageQuery.model_json_schema(),
-            },
+@api.post(
+    "/search/text-to-text",
+    response_model=TextSearchResponse,
+    response_model_exclude_none=True,
+    dependencies=[Depends(require_json)],
+    tags=["search"],
+)
+async def text_to_text(
+    query: TextToTextQuery, request: Request, engine: EngineDep, settings: SettingsDep
+) -> Any:
+    """Search texts with text (the text tower encodes, the text index answers), or texts like
+    an indexed one (`id`: its stored vector, no encoding)."""
+    return await _text_search(request, engine, settings, query, "text")
+
+
+def _image_body(model: type[ImageQuery]) -> dict[str, Any]:
+    """The two request bodies of an image search, for the OpenAPI document."""
+    form = {
+        "image": {
+            "type": "array",
+            "items": {"type": "string", "format": "binary"},
+            "description": "one or more image files (field 'image' or 'images')",
         },
+        "k": {"type": "integer", "minimum": 1},
+        "offset": {"type": "integer", "minimum": 0},
+        "filter": {"type": "string", "description": "a metadata filter as JSON text"},
     }
-}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {"type": "object", "required": ["image"], "properties": form}
+                },
+                "application/json": {"schema": model.model_json_schema()},
+            },
+        }
+    }
 
 
 @api.post(
     "/search/image-to-text",
-    response_model=ImageToTextResponse,
-    openapi_extra=_IMAGE_BODY,
+    response_model=TextSearchResponse,
+    response_model_exclude_none=True,
+    openapi_extra=_image_body(ImageQuery),
     tags=["search"],
 )
-async def image_to_text(
-    request: Request, engine: EngineDep, settings: SettingsDep
-) -> ImageToTextResponse:
-    """Search gallery captions with images (multipart upload, or JSON with base64): the image
-    tower encodes, the caption index answers."""
-    start = time.perf_counter()
-    gallery = engine.current()  # a 503 before reading a large body
-    names, payloads, k, offset = await _read_images(request, settings)
-    k, offset = _page(k, offset, settings)
-    # Preprocess with this gallery's bundle and encode with its encoders, even if a swap
-    # to another bundle happens meanwhile.
-    pixels = await run_in_threadpool(_decode_all, names, payloads, gallery, engine, settings)
-    found = await _search(request, engine, "image", names, pixels, k, offset, gallery)
-    return ImageToTextResponse(**found, took_ms=_took_ms(start))
+async def image_to_text(request: Request, engine: EngineDep, settings: SettingsDep) -> Any:
+    """Search texts with images (multipart upload, or JSON with base64): the image tower
+    encodes, the text index answers."""
+    return await _image_search(request, engine, settings, "text", ImageQuery)
 
 
-def _decode_all(
-    names: list[str], payloads: list[bytes], gallery: Gallery, engine: Engine, settings: Settings
-) -> list[np.ndarray]:
-    spec = gallery.bundle.image_spec
-    pixels = []
-    for name, data in zip(names, payloads, strict=True):
-        with engine.metrics.timed("decode", "image"):
-            pixels.append(
-                image_to_pixels(
-                    data, spec, settings.max_image_bytes, settings.max_image_pixels, name
-                )
-            )
-    return pixels
-
-
-async def _read_images(
-    request: Request, settings: Settings
-) -> tuple[list[str], list[bytes], int | None, int]:
-    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if kind == "multipart/form-data":
-        return await _read_multipart(request, settings)
-    if kind == "application/json" or kind.endswith("+json"):
-        return await _read_json_images(request, settings)
-    raise UnsupportedMedia(
-        f"expected multipart/form-data or application/json, got {kind or 'none'}",
-        "wrong_content_type",
-    )
-
-
-async def _read_json_images(
-    request: Request, settings: Settings
-) -> tuple[list[str], list[bytes], int | None, int]:
-    try:
-        body = await request.json()
-    except ValueError:
-        raise BadContent("the request body is not valid JSON", "malformed_json") from None
-    try:
-        query = ImageQuery.model_validate(body)
-    except ValidationError as exc:
-        raise RequestValidationError(
-            [{**err, "loc": ("body", *err["loc"])} for err in exc.errors()]
-        ) from None
-    single = query.image is not None
-    encoded = [query.image] if query.image is not None else list(query.images or [])
-    _check_batch(len(encoded), "images", settings)
-    names = ["image"] if single else [f"images[{i}]" for i in range(len(encoded))]
-    payloads = [
-        decode_base64(text, settings.max_image_bytes, name)
-        for name, text in zip(names, encoded, strict=True)
-    ]
-    return names, payloads, query.k, query.offset
-
-
-def _form_int(value: Any, name: str) -> int | None:
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value.strip().lstrip("-").isdigit():
-        raise InvalidInput(f"{name}: expected an integer, got {str(value)[:40]!r}")
-    return int(value)
-
-
-async def _read_multipart(
-    request: Request, settings: Settings
-) -> tuple[list[str], list[bytes], int | None, int]:
-    form = await request.form(max_files=settings.max_batch + 1, max_fields=8)
-    unknown = set(form.keys()) - {"image", "images", "k", "offset"}
-    if unknown & {"text", "texts"}:
-        raise InvalidInput(
-            "send either text or an image, not both: use /search/text-to-image for text",
-            "text_and_image",
-        )
-    if unknown:
-        raise InvalidInput(f"unexpected form fields {sorted(unknown)} (use 'image', 'k', 'offset')")
-    uploads = form.getlist("image") + form.getlist("images")
-    if any(not isinstance(item, UploadFile) for item in uploads):
-        raise InvalidInput("image: expected a file upload, got a plain form field")
-    _check_batch(len(uploads), "image", settings)
-    names, payloads = [], []
-    for i, upload in enumerate(uploads):
-        assert isinstance(upload, UploadFile)
-        names.append(upload.filename or f"image[{i}]")
-        payloads.append(await upload.read(settings.max_image_bytes + 1))
-    offset = _form_int(form.get("offset"), "offset")
-    return names, payloads, _form_int(form.get("k"), "k"), 0 if offset is None else offset
+@api.post(
+    "/search/image-to-image",
+    response_model=ImageSearchResponse,
+    response_model_exclude_none=True,
+    openapi_extra=_image_body(ImageToImageQuery),
+    tags=["search"],
+)
+async def image_to_image(request: Request, engine: EngineDep, settings: SettingsDep) -> Any:
+    """Search gallery images with images (multipart upload, or JSON with base64: the image
+    tower encodes), or images like a gallery image (JSON `id`: its stored vector)."""
+    return await _image_search(request, engine, settings, "image", ImageToImageQuery)
 
 
 # -- gallery images, info, metrics -----------------------------------------------------------
@@ -366,7 +306,7 @@ async def gallery_image(
 ) -> Response:
     """A gallery image by id: the original file, or a thumbnail with `size`. Only ids that
     the index holds are served; no path from the request ever reaches the file system."""
-    path = engine.current().image_path(image_id)
+    path = engine.image_file(image_id)
     if size is None:
         media = mimetypes.guess_type(path.name)[0] or ""
         return FileResponse(path, media_type=media if media.startswith("image/") else None)
@@ -383,22 +323,18 @@ async def info(engine: EngineDep, settings: SettingsDep) -> Info:
     gallery = engine.gallery
     bundle = gallery.bundle if gallery is not None else engine.bundle
     index: dict[str, Any] = {}
-    counts = {"images": 0, "captions": 0}
+    served = {"image": 0, "text": 0}
     if gallery is not None:
         meta = gallery.index.info
+        keys = ("factory", "count", "deleted", "search_params", "recall_at_10", "fields")
         index = {
             "version": gallery.version,
             "metric": meta.get("metric"),
             "created": meta.get("created"),
             "dataset": meta.get("dataset"),
-            "sides": {
-                side: {
-                    key: s.get(key) for key in ("factory", "count", "search_params", "recall_at_10")
-                }
-                for side, s in meta.get("sides", {}).items()
-            },
+            "sides": {side: {key: s.get(key) for key in keys} for side, s in meta["sides"].items()},
         }
-        counts = {"images": len(gallery.index.images), "captions": len(gallery.index.texts)}
+        served = counts(gallery)
     return Info(
         bundle={
             "bundle_id": bundle.bundle_id,
@@ -408,7 +344,7 @@ async def info(engine: EngineDep, settings: SettingsDep) -> Info:
             "text_spec": bundle.text_spec.to_dict(),
         },
         index=index,
-        gallery=counts,
+        gallery={"images": served["image"], "texts": served["text"]},
         limits={
             "default_k": settings.default_k,
             "max_k": settings.max_k,
@@ -417,6 +353,7 @@ async def info(engine: EngineDep, settings: SettingsDep) -> Info:
             "max_text_chars": settings.max_text_chars,
             "max_image_bytes": settings.max_image_bytes,
             "max_image_pixels": settings.max_image_pixels,
+            "max_admin_items": settings.max_admin_items,
         },
         ready=gallery is not None,
     )
@@ -445,4 +382,70 @@ async def reload(
     previous, served = await engine.reload(body.version if body else None)
     return ReloadResponse(
         previous_version=previous, index_version=served, swapped=previous != served
+    )
+
+
+@admin.post(
+    "/items",
+    response_model=ChangeResponse,
+    tags=["admin"],
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": AddItems.model_json_schema()},
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["image"],
+                        "properties": {
+                            "image": {
+                                "type": "array",
+                                "items": {"type": "string", "format": "binary"},
+                            },
+                            "ids": {"type": "string", "description": "JSON list of ids"},
+                            "meta": {
+                                "type": "string",
+                                "description": "JSON object (every file) or list (one per file)",
+                            },
+                            "upsert": {"type": "boolean"},
+                        },
+                    }
+                },
+            },
+        }
+    },
+)
+async def add_items(request: Request, engine: EngineDep, settings: SettingsDep) -> ChangeResponse:
+    """Add images (multipart files, or JSON base64) and texts (JSON) to the collection as a
+    new index version, then serve it. Ids already present are skipped, or replaced with
+    `upsert`; uploaded files are kept under the index root (`files/`), by content."""
+    engine.current()
+    items = await read_items(request, settings)
+    extensions = await run_in_threadpool(lambda: [check_upload(u, settings) for u in items.images])
+    previous, result = await engine.add(items, extensions)
+    return _changed(previous, result, engine)
+
+
+@admin.post(
+    "/delete", response_model=ChangeResponse, dependencies=[Depends(require_json)], tags=["admin"]
+)
+async def delete_items(body: DeleteItems, engine: EngineDep) -> ChangeResponse:
+    """Delete items by id (from `side`, or from every side that holds them; an image's
+    captions go with it) as a new index version, then serve it. An unknown id is a 404 and
+    nothing changes."""
+    previous, result = await engine.delete(body.ids, body.side)
+    return _changed(previous, result, engine)
+
+
+def _changed(previous: str, result: ChangeResult, engine: Engine) -> ChangeResponse:
+    served = counts(engine.current())
+    return ChangeResponse(
+        previous_version=previous,
+        index_version=result.version,
+        added=result.added,
+        replaced=result.replaced,
+        skipped_existing=result.skipped_existing,
+        deleted=result.deleted,
+        gallery={"images": served["image"], "texts": served["text"]},
     )

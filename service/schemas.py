@@ -7,7 +7,7 @@ query's results and `results` one entry per query for batch requests.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.config import JsonDict
@@ -20,49 +20,90 @@ _K_DOC = "results per query (default: the service's default_k; at most its max_k
 _OFFSET_DOC = "skip this many results first (paging; at most the service's max_offset)"
 
 
+FILTER_DOC = (
+    'metadata filter, ANDed over fields: {"field": value} (equality; on a list field, '
+    'contains), {"field": {"in": [v, ...]}}, {"field": {"gte": 1, "lt": 5}} '
+    '(numeric ranges: gt, gte, lt, lte), {"field": {"eq": v}}; an unknown field or a '
+    "value of the wrong type is a 422 with code invalid_filter"
+)
+ID_DOC = "'more like this': the id of an indexed item, searched with its stored vector"
+_TEXT_ONLY = (
+    "send either text or an image, not both: this endpoint takes text queries; image queries "
+    "go to /search/image-to-text or /search/image-to-image"
+)
+_IMAGE_ONLY = (
+    "send either text or an image, not both: this endpoint takes image queries; text queries "
+    "go to /search/text-to-image or /search/text-to-text"
+)
+
+
 def _refuse_keys(data: Any, keys: tuple[str, ...], message: str) -> Any:
     if isinstance(data, dict) and any(key in data for key in keys):
         raise ValueError(message)
     return data
 
 
-class TextQuery(BaseModel):
+def _exactly_one(model: BaseModel, names: tuple[str, ...]) -> None:
+    if sum(getattr(model, name) is not None for name in names) != 1:
+        quoted = [f"'{name}'" for name in names]
+        raise ValueError(f"give exactly one of {', '.join(quoted[:-1])} or {quoted[-1]}")
+
+
+class _Search(BaseModel):
+    """What every search takes besides its queries: the page and a metadata filter."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    k: int | None = Field(None, ge=1, description=_K_DOC)
+    offset: int = Field(0, ge=0, description=_OFFSET_DOC)
+    filter: dict[str, Any] | None = Field(None, description=FILTER_DOC)
+
+
+class TextQuery(_Search):
     """A text-to-image search: one text or a batch of texts."""
 
     model_config = ConfigDict(
-        extra="forbid",
         json_schema_extra={
-            "examples": [{"text": "a red apple", "k": 5}, {"texts": ["a cat", "a car"], "k": 3}]
+            "examples": [
+                {"text": "a red apple", "k": 5},
+                {"texts": ["a cat", "a car"], "k": 3, "filter": {"year": {"gte": 2020}}},
+            ]
         },
     )
 
     text: str | None = Field(None, description="one query text")
     texts: list[str] | None = Field(None, description="several query texts (a batch)")
-    k: int | None = Field(None, ge=1, description=_K_DOC)
-    offset: int = Field(0, ge=0, description=_OFFSET_DOC)
 
     @model_validator(mode="before")
     @classmethod
     def _text_only(cls, data: Any) -> Any:
-        return _refuse_keys(
-            data,
-            ("image", "images"),
-            "send either text or an image, not both: this endpoint searches images with "
-            "text; use /search/image-to-text for image queries",
-        )
+        return _refuse_keys(data, ("image", "images"), _TEXT_ONLY)
 
     @model_validator(mode="after")
     def _one_of(self) -> TextQuery:
-        if (self.text is None) == (self.texts is None):
-            raise ValueError("give exactly one of 'text' or 'texts'")
+        _exactly_one(self, ("text", "texts"))
         return self
 
 
-class ImageQuery(BaseModel):
+class TextToTextQuery(TextQuery):
+    """A text-to-text search: texts, or the id of an indexed text ('more like this')."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"text": "a red apple", "k": 5}, {"id": "oca-00042#0"}]},
+    )
+
+    id: str | None = Field(None, description=ID_DOC)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> TextToTextQuery:
+        _exactly_one(self, ("text", "texts", "id"))
+        return self
+
+
+class ImageQuery(_Search):
     """An image-to-text search with base64 images (plain or `data:image/...;base64,` URLs)."""
 
     model_config = ConfigDict(
-        extra="forbid",
         json_schema_extra={
             "examples": [{"image": "data:image/png;base64,iVBORw0KGgo...", "k": 5}],
         },
@@ -70,45 +111,62 @@ class ImageQuery(BaseModel):
 
     image: str | None = Field(None, description="one image, base64 (a data: URL prefix is ok)")
     images: list[str] | None = Field(None, description="several images (a batch), base64")
-    k: int | None = Field(None, ge=1, description=_K_DOC)
-    offset: int = Field(0, ge=0, description=_OFFSET_DOC)
 
     @model_validator(mode="before")
     @classmethod
     def _image_only(cls, data: Any) -> Any:
-        return _refuse_keys(
-            data,
-            ("text", "texts"),
-            "send either text or an image, not both: this endpoint searches captions with "
-            "images; use /search/text-to-image for text queries",
-        )
+        return _refuse_keys(data, ("text", "texts"), _IMAGE_ONLY)
 
     @model_validator(mode="after")
     def _one_of(self) -> ImageQuery:
-        if (self.image is None) == (self.images is None):
-            raise ValueError("give exactly one of 'image' or 'images'")
+        _exactly_one(self, ("image", "images"))
         return self
+
+
+class ImageToImageQuery(ImageQuery):
+    """An image-to-image search: base64 images, or a gallery image id ('more like this')."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"image": "data:image/png;base64,iVBORw0KGgo...", "k": 5}, {"id": "red"}]
+        },
+    )
+
+    id: str | None = Field(None, description=ID_DOC)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ImageToImageQuery:
+        _exactly_one(self, ("image", "images", "id"))
+        return self
+
+
+_PATH_DOC = "the file on the server (only when the service sets COTS_EXPOSE_PATHS=true)"
+_META_DOC = "the item's metadata (arbitrary JSON, as indexed)"
 
 
 class ImageHit(BaseModel):
     id: str = Field(description="gallery image id")
     score: float = Field(description=SCORE_DOC)
     rank: int = Field(description="1-based rank (offset included)")
-    captions: list[str] = Field(description="the gallery captions of this image")
-    image: str = Field(description="path of the image file on the server")
-    url: str = Field(description="where this service serves the image")
+    captions: list[str] = Field(description="the gallery captions of this image (may be empty)")
+    meta: dict[str, Any] = Field(description=_META_DOC)
+    url: str = Field(description="where this service serves the image (by id)")
     thumbnail_url: str = Field(description="a small JPEG of the image")
+    image_path: str | None = Field(None, description=_PATH_DOC)
 
 
-class CaptionHit(BaseModel):
-    id: str = Field(description="caption id ('<image id>#<n>')")
+class TextHit(BaseModel):
+    id: str = Field(description="text id (a caption's is '<image id>#<n>')")
     score: float = Field(description=SCORE_DOC)
     rank: int = Field(description="1-based rank (offset included)")
-    text: str = Field(description="the caption")
-    image_id: str = Field(description="the gallery image this caption describes")
-    image: str = Field(description="path of that image on the server")
-    url: str = Field(description="where this service serves that image")
-    thumbnail_url: str = Field(description="a small JPEG of that image")
+    text: str = Field(description="the text")
+    meta: dict[str, Any] = Field(description=_META_DOC)
+    image_id: str | None = Field(
+        None, description="the gallery image this text describes (captions only)"
+    )
+    url: str | None = Field(None, description="where this service serves that image, if it does")
+    thumbnail_url: str | None = Field(None, description="a small JPEG of that image")
+    image_path: str | None = Field(None, description=_PATH_DOC)
 
 
 class _Envelope(BaseModel):
@@ -119,14 +177,20 @@ class _Envelope(BaseModel):
     index_version: str = Field(description="the index version that was searched")
 
 
+_QUERY_DOC = (
+    "the query text, the uploaded file name ('images[i]' for base64 input), or the id "
+    "searched for 'more like this'"
+)
+
+
 class ImageResults(BaseModel):
-    query: str = Field(description="the query text")
+    query: str = Field(description=_QUERY_DOC)
     hits: list[ImageHit]
 
 
-class CaptionResults(BaseModel):
-    query: str = Field(description="the uploaded file name, or 'image[i]' for base64 input")
-    hits: list[CaptionHit]
+class TextResults(BaseModel):
+    query: str = Field(description=_QUERY_DOC)
+    hits: list[TextHit]
 
 
 _IMAGE_HIT: JsonDict = {
@@ -134,17 +198,17 @@ _IMAGE_HIT: JsonDict = {
     "score": 0.3127,
     "rank": 1,
     "captions": ["a red apple"],
-    "image": "/data/gallery/images/oca-00042.png",
+    "meta": {"year": 2021, "tags": ["fruit"]},
     "url": "/images/oca-00042",
     "thumbnail_url": "/images/oca-00042?size=256",
 }
-_CAPTION_HIT: JsonDict = {
+_TEXT_HIT: JsonDict = {
     "id": "oca-00042#0",
     "score": 0.2981,
     "rank": 1,
     "text": "a red apple",
+    "meta": {},
     "image_id": "oca-00042",
-    "image": "/data/gallery/images/oca-00042.png",
     "url": "/images/oca-00042",
     "thumbnail_url": "/images/oca-00042?size=256",
 }
@@ -157,7 +221,9 @@ _ENVELOPE: JsonDict = {
 }
 
 
-class TextToImageResponse(_Envelope):
+class ImageSearchResponse(_Envelope):
+    """Hits from the image side: text-to-image and image-to-image."""
+
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
@@ -173,20 +239,22 @@ class TextToImageResponse(_Envelope):
     results: list[ImageResults] = Field(description="one entry per query, in request order")
 
 
-class ImageToTextResponse(_Envelope):
+class TextSearchResponse(_Envelope):
+    """Hits from the text side: image-to-text and text-to-text."""
+
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
                 {
-                    "hits": [_CAPTION_HIT],
-                    "results": [{"query": "apple.png", "hits": [_CAPTION_HIT]}],
+                    "hits": [_TEXT_HIT],
+                    "results": [{"query": "apple.png", "hits": [_TEXT_HIT]}],
                     **_ENVELOPE,
                 }
             ]
         }
     )
-    hits: list[CaptionHit] = Field(description="the hits of the first (or only) query")
-    results: list[CaptionResults] = Field(description="one entry per query, in request order")
+    hits: list[TextHit] = Field(description="the hits of the first (or only) query")
+    results: list[TextResults] = Field(description="one entry per query, in request order")
 
 
 class ErrorBody(BaseModel):
@@ -216,7 +284,69 @@ class ReloadResponse(BaseModel):
 
 class Info(BaseModel):
     bundle: dict[str, Any] = Field(description="bundle id, dimension, precision, preprocessing")
-    index: dict[str, Any] = Field(description="version, metric, per side: factory, count, recall")
-    gallery: dict[str, int] = Field(description="images and captions served")
+    index: dict[str, Any] = Field(
+        description="version, metric, per present side: factory, count, recall, metadata fields"
+    )
+    gallery: dict[str, int] = Field(description="images and texts served (0: side absent)")
     limits: dict[str, int] = Field(description="request limits (k, batch, text, image)")
     ready: bool
+
+
+# -- admin: a live collection ------------------------------------------------------------------
+
+_ITEM_ID = Field(min_length=1, max_length=512, description="the item's id (unique per side)")
+
+
+class TextItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str = _ITEM_ID
+    text: str = Field(min_length=1, description="the text")
+    meta: dict[str, Any] = Field(default_factory=dict, description=_META_DOC)
+
+
+class ImageItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str = _ITEM_ID
+    image: str = Field(description="the image, base64 (a data: URL prefix is ok)")
+    meta: dict[str, Any] = Field(default_factory=dict, description=_META_DOC)
+
+
+class AddItems(BaseModel):
+    """Images and texts to add (JSON; images may also come as a multipart upload)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"texts": [{"id": "t1", "text": "a red apple", "meta": {"lang": "en"}}]},
+                {"images": [{"id": "apple", "image": "iVBORw0KGgo...", "meta": {"year": 2024}}]},
+            ]
+        },
+    )
+    images: list[ImageItem] = Field(default_factory=list)
+    texts: list[TextItem] = Field(default_factory=list)
+    upsert: bool = Field(False, description="replace items whose id is present (else skipped)")
+
+
+class DeleteItems(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"ids": ["apple", "t1"]}]}
+    )
+    ids: list[str] = Field(min_length=1, description="ids to delete (all must exist)")
+    side: Literal["image", "text"] | None = Field(
+        None, description="delete from this side only (default: wherever the id is)"
+    )
+
+
+class ChangeResponse(BaseModel):
+    previous_version: str = Field(description="the version served before the change")
+    index_version: str = Field(description="the new version, now served (unchanged: no change)")
+    added: dict[str, int] = Field(description="new items per side")
+    replaced: dict[str, int] = Field(description="items replaced per side (upsert)")
+    skipped_existing: dict[str, int] = Field(
+        description="items per side whose id was present (kept as they were; upsert replaces)"
+    )
+    deleted: dict[str, int] = Field(
+        description="items deleted per side (with an image, the captions that describe it)"
+    )
+    gallery: dict[str, int] = Field(description="images and texts served now")

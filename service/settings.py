@@ -68,6 +68,14 @@ class Settings(BaseSettings):
         "its index.json records and swap bundle and index together (off: refuse the version)",
     )
     thumbnail_cache: int = Field(default=512, ge=0, description="thumbnails kept in memory")
+    max_admin_items: int = Field(
+        default=1000, ge=1, description="most images and texts in one /admin/items request"
+    )
+    expose_paths: bool = Field(
+        default=False,
+        description="add each hit's file path on the server (`image_path`); off: clients get "
+        "only ids and URLs served by id",
+    )
 
     @field_validator("cors_origins", mode="before")
     @classmethod

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from index_builder.cli import _stage_registrations, build_parser, expand_aliases, main
+from index_builder.cli import _stage_registrations, build_parser, expand_aliases, main, parse
 
 
 def run_cots(*args: str) -> subprocess.CompletedProcess:
@@ -47,6 +47,21 @@ def test_train_tokenizer_is_the_tokenizer_train_command():
     assert "usage: cots tokenizer train" in out.stdout and "--codebook-size" in out.stdout
 
 
+def test_training_overrides_anywhere_on_the_line(capsys):
+    parser = build_parser()
+    argv = ["train", "cots-cpu", "a.b=1", "--data", "D", "train.max_steps=3", "--out", "R", "c=d"]
+    args = parse(parser, argv)
+    assert args.overrides == ["a.b=1", "train.max_steps=3", "c=d"]
+    assert (str(args.data), str(args.out)) == ("D", "R")
+    for stray in (["stray"], ["--bogus"], ["=x"]):
+        with pytest.raises(SystemExit) as exc:
+            parse(parser, ["train", "cots", "--data", "D", *stray])
+        assert exc.value.code == 2
+        assert f"unrecognized arguments: {stray[0]}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # commands without overrides take no KEY=VALUE words
+        parse(parser, ["eval", "--checkpoint", "C", "x=1"])
+
+
 def test_unknown_command_is_a_usage_error():
     out = run_cots("frobnicate")
     assert out.returncode == 2
@@ -62,7 +77,7 @@ def test_user_error_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr("index_builder.cli.build_parser", lambda: parser)
     args = parser.parse_args(["serve"])
     args.func = boom
-    monkeypatch.setattr(parser, "parse_args", lambda argv=None: args)
+    monkeypatch.setattr(parser, "parse_known_args", lambda argv=None: (args, []))
     assert main([]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "cots serve: error: no dataset manifest at /nowhere/manifest.jsonl"

@@ -25,7 +25,7 @@ def register_train(sub: argparse._SubParsersAction) -> None:
         "overrides",
         nargs="*",
         metavar="KEY=VALUE",
-        help="config overrides right after RUN, e.g. optim.lr=1e-4 (or --set anywhere)",
+        help="config overrides, e.g. optim.lr=1e-4, anywhere on the line (or --set K=V)",
     )
     add_override_argument(parser, "a config override (repeatable), e.g. --set data.batch_size=32")
     add_data_argument(parser)
@@ -53,7 +53,12 @@ def _train(args: argparse.Namespace) -> int:
         distributed.destroy()
     if trainer.dist.is_main:
         print(f"run: {out}")
-        print(f"best validation {cfg.train.best_metric}: {trainer.best}")
+        if trainer.best is None:
+            print(
+                f"no {cfg.data.val_split!r} split in {data}: the best checkpoint is the last step"
+            )
+        else:
+            print(f"best validation {cfg.train.best_metric}: {trainer.best}")
         print(f"checkpoints: {out / 'checkpoints' / 'best'} {out / 'checkpoints' / 'last'}")
     return 0
 

@@ -30,6 +30,7 @@ from training.schedule import set_lr, warmup_cosine
 
 log = logging.getLogger(__name__)
 METRICS = "metrics.jsonl"
+NO_VALIDATION = "last step (no validation split)"  # how `best` was chosen without one
 
 
 def build_optimizer(module: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -207,7 +208,11 @@ class Trainer:
         return lr
 
     def validate_and_save(self) -> dict[str, float] | None:
-        """Validate (rank 0), keep the best checkpoint, always refresh `last` for --resume."""
+        """Validate (rank 0), keep the best checkpoint, always refresh `last` for --resume.
+
+        Without a validation split there is nothing to choose by: `best` is the last step,
+        and its metadata says so (`chosen_by`), so `checkpoints/best` always exists.
+        """
         state = self.trainer_state()  # collective (RNG of every rank): all ranks call it
         metrics = None
         if self.dist.is_main:
@@ -217,21 +222,28 @@ class Trainer:
                 score = metrics[self.cfg.train.best_metric]
                 if self.best is None or score > self.best:
                     self.best = score
-                    self._save("best", metrics)
+                    chosen = f"{self.cfg.data.val_split} {self.cfg.train.best_metric}"
+                    self._save("best", metrics, chosen_by=chosen)
             state["best"] = self.best
             self._save("last", metrics, state)
+            if self.evaluator is None:
+                self._save("best", None, chosen_by=NO_VALIDATION)
             plot_curves(self.run_dir / METRICS, self.run_dir)
         distributed.barrier()
         self._trigger("on_validation_end")
         return metrics
 
-    def _save(self, name: str, metrics: dict | None, state: dict | None = None) -> None:
+    def _save(
+        self, name: str, metrics: dict | None, state: dict | None = None, chosen_by: str = ""
+    ) -> None:
         meta = {
             "step": self.step,
             "recipe": self.cfg.name,
             "train_config": self.cfg.to_dict(),
             "metrics": metrics,
         }
+        if chosen_by:
+            meta["chosen_by"] = chosen_by
         save_checkpoint(self.run_dir / "checkpoints" / name, self.model, meta, state)
 
     def trainer_state(self) -> dict[str, Any]:

@@ -11,15 +11,16 @@ from typing import Any
 from index_builder.data.common import (
     ImportResult,
     Skips,
+    Splits,
     fingerprint,
-    image_problem,
     load_json_input,
     progress,
+    read_image,
     run_import,
 )
-from index_builder.manifest import SPLITS, Record, split_of
+from index_builder.manifest import SPLITS, Record
 
-VERSION = 1
+VERSION = 2  # 2: full decode, split by content, duplicate image ids refused
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
 
 
@@ -27,7 +28,7 @@ KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "
 class CocoConfig:
     annotations: str  # captions_*.json
     images: str  # the directory holding the file_name entries
-    split: str = "auto"  # train / val / test for every image, or auto: by a hash of the id
+    split: str = "auto"  # train / val / test for every image, or auto: the shared split rule
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,12 @@ def _images_dir(images: str) -> Path:
 
 
 def coco_captions(data: Any, path: Path, skips: Skips) -> dict[Any, tuple[str, list[str]]]:
-    """image id -> (file name, captions), with row-level problems counted in `skips`."""
+    """image id -> (file name, captions), with row-level problems counted in `skips`.
+
+    An image entry repeated with the same file is merged; an id given to different files
+    cannot say which file its captions describe, so all of its entries and captions are
+    skipped.
+    """
     if not (
         isinstance(data, dict)
         and isinstance(data.get("images"), list)
@@ -59,21 +65,44 @@ def coco_captions(data: Any, path: Path, skips: Skips) -> dict[Any, tuple[str, l
             f"{path} is not a COCO captions file (expected 'images' and 'annotations' lists)"
         )
     files: dict[Any, str] = {}
+    ambiguous: set[Any] = set()
     for n, entry in enumerate(data["images"]):
-        if not isinstance(entry, dict) or "id" not in entry or not entry.get("file_name"):
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("id"), int | str)
+            or not entry.get("file_name")
+        ):
             skips.add("malformed image entry", f"images[{n}]")
             continue
-        files[entry["id"]] = str(entry["file_name"])
+        image_id, name = entry["id"], str(entry["file_name"])
+        known = files.get(image_id)
+        if known is None:
+            files[image_id] = name
+            continue
+        if known == name:
+            skips.merge("repeated image entry")
+            continue
+        if image_id not in ambiguous:  # the first entry goes too
+            skips.add("image id shared by different files", f"image id {image_id!r}: {known}")
+            ambiguous.add(image_id)
+        skips.add("image id shared by different files", f"images[{n}]: {name}")
     captions: dict[Any, list[str]] = defaultdict(list)
     for n, ann in enumerate(data["annotations"]):
         text = ann.get("caption") if isinstance(ann, dict) else None
+        image_id = ann.get("image_id") if isinstance(ann, dict) else None
         if not isinstance(text, str) or not text.strip():
             skips.add("empty or malformed caption", f"annotations[{n}]")
-        elif ann.get("image_id") not in files:
+        elif not isinstance(image_id, int | str) or image_id not in files:
             skips.add("caption of an unknown image", f"annotations[{n}]")
+        elif image_id in ambiguous:
+            skips.add("caption of an image id shared by different files", f"annotations[{n}]")
         else:
-            captions[ann["image_id"]].append(" ".join(text.split()))
-    return {image_id: (name, captions.get(image_id, [])) for image_id, name in files.items()}
+            captions[image_id].append(" ".join(text.split()))
+    return {
+        image_id: (name, captions.get(image_id, []))
+        for image_id, name in files.items()
+        if image_id not in ambiguous
+    }
 
 
 def import_coco(cfg: CocoConfig, out: str | Path) -> ImportResult:
@@ -84,21 +113,24 @@ def import_coco(cfg: CocoConfig, out: str | Path) -> ImportResult:
     fp = fingerprint("coco", {"images": str(root), "split": cfg.split, "version": VERSION}, [path])
     info = {"name": Path(out).name, "source": "coco", "annotations": str(path.resolve())}
 
-    def produce(skips: Skips) -> Iterator[Record]:
+    def produce(skips: Skips, splits: Splits) -> Iterator[Record]:
         table = coco_captions(data, path, skips)
         for image_id, (name, captions) in progress(table.items(), "coco", len(table)):
             rid = f"coco.{image_id}"
-            yield from _record(rid, root / name, captions, cfg.split, skips)
+            yield from _record(rid, root / name, captions, cfg.split, skips, splits)
 
     return run_import(out, info, fp, produce)
 
 
-def _record(rid: str, image: Path, captions: list[str], split: str, skips: Skips) -> Iterator:
-    problem = "image without captions" if not captions else image_problem(image)
+def _record(
+    rid: str, image: Path, captions: list[str], split: str, skips: Skips, splits: Splits
+) -> Iterator[Record]:
+    """The record of one image, its split from the source or (`auto`) the shared rule."""
+    digest, problem = ("", "image without captions") if not captions else read_image(image)
     if problem:
         skips.add(problem, str(image))
         return
-    split = split_of(rid) if split == "auto" else split
+    split = splits.assign(rid, digest) if split == "auto" else split
     yield Record(rid, str(image), tuple(captions), split)
 
 
@@ -116,7 +148,7 @@ def import_karpathy(cfg: KarpathyConfig, out: str | Path) -> ImportResult:
     fp = fingerprint("karpathy", {"images": str(root), "version": VERSION}, [path])
     info = {"name": Path(out).name, "source": "karpathy", "dataset": dataset}
 
-    def produce(skips: Skips) -> Iterator[Record]:
+    def produce(skips: Skips, splits: Splits) -> Iterator[Record]:
         seen: set[str] = set()
         for n, row in enumerate(progress(rows, "karpathy")):
             parsed = _karpathy_row(row, root)
@@ -129,18 +161,19 @@ def import_karpathy(cfg: KarpathyConfig, out: str | Path) -> ImportResult:
                 skips.add("duplicate file name", f"images[{n}]")
                 continue
             seen.add(rid)
-            yield from _record(rid, image, captions, split, skips)
+            yield from _record(rid, image, captions, split, skips, splits)
 
     return run_import(out, info, fp, produce)
 
 
 def _karpathy_row(row: Any, root: Path) -> tuple[Path, list[str], str] | str:
-    """(image path, captions, split) or the reason the row is unusable."""
+    """(image path, captions, split: `auto` when the row has none) or why it is unusable."""
     if not isinstance(row, dict) or not row.get("filename"):
         return "malformed image entry"
-    split = KARPATHY_SPLITS.get(row.get("split", ""))
+    given = row.get("split")
+    split = KARPATHY_SPLITS.get(str(given)) if given else "auto"
     if split is None:
-        return f"unknown split {row.get('split')!r}"
+        return f"unknown split {given!r}"
     sentences = row.get("sentences") or []
     captions = [
         " ".join(s["raw"].split())

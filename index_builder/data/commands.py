@@ -27,8 +27,8 @@ def _report(result: Any) -> int:
     counts = info.get("splits", {})
     splits = " / ".join(f"{k} {counts.get(k, 0):,}" for k in SPLITS)
     state = "up to date" if result.up_to_date else "built"
-    skipped = sum(result.skipped.values())
-    note = f", {skipped:,} skipped" if skipped else ""
+    counted = {"skipped": result.skipped, "merged": result.merged}
+    note = "".join(f", {sum(c.values()):,} {what}" for what, c in counted.items() if c)
     print(
         f"{info.get('source')}: {state}: {info.get('count', 0):,} images ({splits}), "
         f"{info.get('captions', 0):,} captions{note} -> {result.out}"

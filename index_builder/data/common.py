@@ -1,4 +1,5 @@
-"""What every importer shares: fingerprints, skip counting, the import run, PNG canvases, pools."""
+"""What every importer shares: fingerprints, skip counting, the split rule, the import run,
+image checks, PNG canvases, pools."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import multiprocessing
 import os
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,7 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from index_builder.atomic import atomic_write_bytes, atomic_write_json, read_json
-from index_builder.manifest import INFO, MANIFEST, Record, write_manifest
+from index_builder.manifest import INFO, MANIFEST, Record, move_splits, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +28,23 @@ T = TypeVar("T")
 R = TypeVar("R")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 RENDER_MARKER = "RENDER.json"
+TEST_FRACTION = 0.05  # of the hash range [0, 1): test below it, val just above, train the rest
+VAL_FRACTION = 0.05
+HELD_OUT_MIN_ITEMS = 20  # from this many items on, val and test are never left empty
+SPLIT_RULE = {
+    "hash": "sha1",
+    "test": TEST_FRACTION,
+    "val": VAL_FRACTION,
+    "min_items": HELD_OUT_MIN_ITEMS,
+    "version": 2,
+}
 
 
 def fingerprint(source: str, options: dict[str, Any], files: Iterable[str | Path] = ()) -> str:
-    """Hash of the importer, its options and the (path, size, mtime) of its input files."""
-    digest = hashlib.sha256(json.dumps([source, options], sort_keys=True, default=str).encode())
+    """Hash of the importer, its options, the split rule and the (path, size, mtime) of its
+    input files."""
+    described = json.dumps([source, options, SPLIT_RULE], sort_keys=True, default=str)
+    digest = hashlib.sha256(described.encode())
     for path in files:
         stat = os.stat(path)
         digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
@@ -39,10 +52,12 @@ def fingerprint(source: str, options: dict[str, Any], files: Iterable[str | Path
 
 
 class Skips:
-    """Row-level problems: a count per reason and the first few examples for the log."""
+    """Row-level problems: a count per reason and the first few examples for the log; and
+    the rows merged into another (same image or id), counted per reason."""
 
     def __init__(self, examples: int = 5) -> None:
         self.counts: Counter[str] = Counter()
+        self.merged: Counter[str] = Counter()
         self.examples: list[str] = []
         self.max_examples = examples
 
@@ -50,6 +65,9 @@ class Skips:
         self.counts[reason] += 1
         if len(self.examples) < self.max_examples:
             self.examples.append(f"{example}: {reason}")
+
+    def merge(self, reason: str) -> None:
+        self.merged[reason] += 1
 
     @property
     def total(self) -> int:
@@ -59,6 +77,63 @@ class Skips:
         by_reason = ", ".join(f"{reason} {n}" for reason, n in self.counts.most_common())
         return f"skipped {self.total} ({by_reason}); e.g. " + "; ".join(self.examples)
 
+    def merge_summary(self) -> str:
+        by_reason = ", ".join(f"{reason} {n}" for reason, n in self.merged.most_common())
+        return f"merged {sum(self.merged.values())} ({by_reason})"
+
+
+def split_bucket(key: str) -> float:
+    """A stable position in [0, 1) for a key: the first 8 bytes of its SHA-1."""
+    return int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big") / 2**64
+
+
+def split_of(key: str) -> str:
+    """The split of one key by its bucket: test, then val, then train; every machine agrees."""
+    bucket = split_bucket(key)
+    if bucket < TEST_FRACTION:
+        return "test"
+    return "val" if bucket < TEST_FRACTION + VAL_FRACTION else "train"
+
+
+class Splits:
+    """The one split rule of every importer, for the items whose source gives no split.
+
+    An item's key (the image's content digest, or the id of a rendered item) picks its split
+    (`split_of`). When the dataset has at least HELD_OUT_MIN_ITEMS items and val or test is
+    still empty, the train key with the lowest bucket moves to val and the next one to test,
+    each with all of its items: the fewest moves, decided by the keys alone, so the same
+    images get the same splits whatever importer reads them.
+    """
+
+    def __init__(self) -> None:
+        self.nearest: dict[str, tuple[float, list[str]]] = {}  # the two lowest train keys
+
+    def assign(self, rid: str, key: str) -> str:
+        split = split_of(key)
+        if split != "train":
+            return split
+        if key in self.nearest:
+            self.nearest[key][1].append(rid)
+            return split
+        self.nearest[key] = (split_bucket(key), [rid])
+        if len(self.nearest) > 2:
+            del self.nearest[max(self.nearest, key=lambda k: self.nearest[k][0])]
+        return split
+
+    def moves(self, counts: Mapping[str, int]) -> dict[str, str]:
+        """id -> split for the train items that move so that val and test are not empty."""
+        if sum(counts.values()) < HELD_OUT_MIN_ITEMS:
+            return {}
+        empty = [split for split in ("val", "test") if not counts.get(split)]
+        train_left = counts.get("train", 0)
+        moves: dict[str, str] = {}
+        for split, (_, ids) in zip(empty, sorted(self.nearest.values()), strict=False):
+            if train_left - len(ids) < 1:  # never empty train
+                break
+            train_left -= len(ids)
+            moves.update(dict.fromkeys(ids, split))
+        return moves
+
 
 @dataclass
 class ImportResult:
@@ -66,6 +141,7 @@ class ImportResult:
     info: dict[str, Any]
     up_to_date: bool = False
     skipped: dict[str, int] = field(default_factory=dict)
+    merged: dict[str, int] = field(default_factory=dict)
 
 
 def up_to_date(out: Path, fp: str) -> dict[str, Any] | None:
@@ -83,27 +159,40 @@ def run_import(
     out: str | Path,
     info: dict[str, Any],
     fp: str,
-    produce: Callable[[Skips], Iterable[Record]],
+    produce: Callable[[Skips, Splits], Iterable[Record]],
 ) -> ImportResult:
-    """Write `produce`'s records as the dataset at `out`, unless it is already up to date."""
+    """Write `produce`'s records as the dataset at `out`, unless it is already up to date.
+
+    `produce` counts what it skips or merges in its Skips and takes the split of every item
+    without one from its Splits; the moves that keep val and test non-empty are applied
+    before the fingerprint is written, so an interrupted import is redone, never half-split.
+    """
     out = Path(out)
     previous = up_to_date(out, fp)
     if previous is not None:
         log.info("%s is up to date (fingerprint %s)", out, fp)
         return ImportResult(out, previous, up_to_date=True)
-    skips = Skips()
-    # write_manifest copies `info` after it has drained the records, so the skip
-    # counts that the generator fills in along the way land in dataset.json.
-    full_info = {**info, "fingerprint": fp, "skipped": skips.counts}
+    skips, splits = Skips(), Splits()
+    # write_manifest copies `info` after it has drained the records, so the counts that
+    # the generator fills in along the way land in dataset.json.
+    full_info = {**info, "split_rule": SPLIT_RULE, "skipped": skips.counts, "merged": skips.merged}
     try:
-        description = write_manifest(out, produce(skips), full_info)
+        description = write_manifest(out, produce(skips, splits), full_info)
     except ValueError as exc:
         if skips.total and str(exc).startswith("no usable records"):
             raise ValueError(f"{exc}; {skips.summary()}") from None
         raise
+    moves = splits.moves(description["splits"])
+    if moves:
+        description["splits"] = move_splits(out, moves)
+        log.info("moved %d item(s) out of train so that val and test are not empty", len(moves))
+    description = {**description, "fingerprint": fp, "moved": moves}
+    atomic_write_json(out / INFO, description)
     if skips.total:
         log.warning("%s", skips.summary())
-    return ImportResult(out, description, skipped=dict(skips.counts))
+    if skips.merged:
+        log.warning("%s", skips.merge_summary())
+    return ImportResult(out, description, skipped=dict(skips.counts), merged=dict(skips.merged))
 
 
 def progress(items: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
@@ -182,19 +271,44 @@ def prepare_render_dir(images: Path, params: dict[str, Any]) -> bool:
     return reusable
 
 
-def image_problem(path: Path) -> str | None:
-    """Why an image file cannot be used (missing, not an image), or None when it can.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
-    Only the header is read: a full decode of every image would dominate the import.
+
+def decode_problem(data: bytes) -> str | None:
+    """Why image bytes cannot be used, or None when they decode in full.
+
+    A header check alone passes a truncated file that later aborts indexing or training.
+    JPEGs decode at 1/8 scale (`draft`): that still reads the whole entropy-coded stream,
+    so truncation is caught, at about half the cost.
+    """
+    try:
+        image = Image.open(io.BytesIO(data))
+    except _DECODE_ERRORS:
+        return "unreadable image"
+    with image:
+        if not (image.width and image.height):
+            return "unreadable image"
+        try:
+            image.draft(None, (max(1, image.width // 8), max(1, image.height // 8)))
+            image.load()
+        except _DECODE_ERRORS:
+            return "truncated or corrupt image"
+    return None
+
+
+def read_image(path: Path) -> tuple[str, str | None]:
+    """(SHA-1 of the file's bytes, why it cannot be used or None): decoded in full.
+
+    The digest is the item's split key, so the same image gets the same split whatever
+    importer reads it, under whatever name.
     """
     if not path.is_file():
-        return "missing image"
+        return "", "missing image"
     try:
-        with Image.open(path) as image:
-            width, height = image.size
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        return "unreadable image"
-    return None if width and height else "unreadable image"
+        data = path.read_bytes()
+    except OSError:
+        return "", "unreadable image"
+    return hashlib.sha1(data).hexdigest(), decode_problem(data)
 
 
 def load_json_input(path: Path, what: str) -> Any:

@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw, ImageFont
 from index_builder.data.common import (
     ImportResult,
     Skips,
+    Splits,
     fingerprint,
     parallel_map,
     prepare_render_dir,
@@ -20,7 +21,7 @@ from index_builder.data.common import (
     run_import,
     save_square,
 )
-from index_builder.manifest import Record, split_of
+from index_builder.manifest import Record
 
 DEFAULT_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 BITMAP_SIZE = 109  # the one size of the CBDT bitmaps in Noto Color Emoji
@@ -108,7 +109,7 @@ def import_emoji(cfg: EmojiConfig, out: str | Path) -> ImportResult:
     fp = fingerprint("emoji", options, [font])
     info = {"name": Path(out).name, "source": "emoji", "font": str(font), "size": cfg.size}
 
-    def produce(skips: Skips) -> Iterator[Record]:
+    def produce(skips: Skips, splits: Splits) -> Iterator[Record]:
         images = Path(out) / "images"
         stat = font.stat()
         params = {"source": "emoji", "size": cfg.size, "version": VERSION, "font": stat.st_mtime_ns}
@@ -129,7 +130,7 @@ def import_emoji(cfg: EmojiConfig, out: str | Path) -> ImportResult:
                 id=rid,
                 image=f"images/{rid}.png",
                 captions=captions_for(name, aliases),
-                split=split_of(rid),
+                split=splits.assign(rid, rid),
                 meta={"char": char, "name": name},
             )
 

@@ -11,15 +11,16 @@ from index_builder.data.common import (
     IMAGE_EXTENSIONS,
     ImportResult,
     Skips,
+    Splits,
     fingerprint,
-    image_problem,
     path_id,
     progress,
+    read_image,
     run_import,
 )
-from index_builder.manifest import Record, split_of
+from index_builder.manifest import Record
 
-VERSION = 1
+VERSION = 2  # 2: full decode, split by content
 
 
 @dataclass(frozen=True)
@@ -62,22 +63,24 @@ def import_folder(cfg: FolderConfig, out: str | Path) -> ImportResult:
     fp = fingerprint("folder", {"root": str(root), "version": VERSION}, [*images, *sidecars])
     info = {"name": Path(out).name, "source": "folder", "root": str(root)}
 
-    def produce(skips: Skips) -> Iterator[Record]:
+    def produce(skips: Skips, splits: Splits) -> Iterator[Record]:
         seen: set[str] = set()
         for image in progress(images, "folder"):
             rel = image.relative_to(root).with_suffix("").as_posix()
             rid = path_id("folder", rel)
             captions = sidecar_captions(image)
+            digest = ""
             if isinstance(captions, str):
                 problem: str | None = captions
             elif rid in seen:
                 problem = "another image with the same name"
             else:
-                problem = image_problem(image)
+                digest, problem = read_image(image)
             if problem:
                 skips.add(problem, str(image.relative_to(root)))
                 continue
             seen.add(rid)
-            yield Record(rid, str(image), tuple(captions), split_of(rel), {"file": rel})
+            split = splits.assign(rid, digest)
+            yield Record(rid, str(image), tuple(captions), split, {"file": rel})
 
     return run_import(out, info, fp, produce)

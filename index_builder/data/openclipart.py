@@ -18,6 +18,7 @@ from typing import Any
 from index_builder.data.common import (
     ImportResult,
     Skips,
+    Splits,
     fingerprint,
     parallel_map,
     path_id,
@@ -26,7 +27,7 @@ from index_builder.data.common import (
     run_import,
     save_square,
 )
-from index_builder.manifest import Record, split_of
+from index_builder.manifest import Record
 
 log = logging.getLogger(__name__)
 
@@ -341,7 +342,7 @@ def import_openclipart(cfg: OpenClipArtConfig, out: str | Path) -> ImportResult:
     fp = fingerprint("openclipart", options, [real for _, real in files])
     info = {"name": Path(out).name, "source": "openclipart", "root": str(root), "size": cfg.size}
 
-    def produce(skips: Skips) -> Iterator[Record]:
+    def produce(skips: Skips, splits: Splits) -> Iterator[Record]:
         images = Path(out) / "images"
         reuse = prepare_render_dir(
             images, {"source": "openclipart", "size": cfg.size, "version": VERSION}
@@ -363,7 +364,7 @@ def import_openclipart(cfg: OpenClipArtConfig, out: str | Path) -> ImportResult:
                 id=rid,
                 image=f"images/{rid}.png",
                 captions=captions,
-                split=split_of(rid),
+                split=splits.assign(rid, rid),
                 meta={"file": cand.relpath, "title": cand.title, "category": cand.category},
             )
 

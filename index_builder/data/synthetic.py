@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw
 from index_builder.data.common import (
     ImportResult,
     Skips,
+    Splits,
     fingerprint,
     parallel_map,
     prepare_render_dir,
@@ -20,7 +21,7 @@ from index_builder.data.common import (
     run_import,
     write_png,
 )
-from index_builder.manifest import Record, split_of
+from index_builder.manifest import Record
 
 VERSION = 1
 MAX_COUNT = 1_000_000
@@ -162,7 +163,7 @@ def import_synthetic(cfg: SyntheticConfig, out: str | Path) -> ImportResult:
     fp = fingerprint("synthetic", options)
     info = {"name": Path(out).name, "source": "synthetic", "seed": cfg.seed, "size": cfg.size}
 
-    def produce(skips: Skips) -> Iterator[Record]:
+    def produce(skips: Skips, splits: Splits) -> Iterator[Record]:
         root = Path(out)
         params = {"source": "synthetic", "seed": cfg.seed, "size": cfg.size, "version": VERSION}
         reuse = prepare_render_dir(root / "images", params)
@@ -170,6 +171,6 @@ def import_synthetic(cfg: SyntheticConfig, out: str | Path) -> ImportResult:
         results = parallel_map(render_item, jobs, cfg.workers, chunksize=64)
         for index, captions in enumerate(progress(results, "synthetic", cfg.count)):
             rid = f"syn-{cfg.seed}-{index:07d}"
-            yield Record(rid, image_name(cfg.seed, index), captions, split_of(rid))
+            yield Record(rid, image_name(cfg.seed, index), captions, splits.assign(rid, rid))
 
     return run_import(out, info, fp, produce)

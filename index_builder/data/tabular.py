@@ -11,14 +11,15 @@ from pathlib import Path
 from index_builder.data.common import (
     ImportResult,
     Skips,
+    Splits,
     fingerprint,
-    image_problem,
     progress,
+    read_image,
     run_import,
 )
-from index_builder.manifest import SPLITS, Record, split_of
+from index_builder.manifest import SPLITS, Record
 
-VERSION = 1
+VERSION = 2  # 2: full decode, split by content, merges counted
 DELIMITERS = {"csv": ",", "tsv": "\t"}
 
 
@@ -27,7 +28,7 @@ class TableConfig:
     path: str
     image_column: str = "image"
     caption_column: str = "caption"
-    split_column: str = "split"  # used when the table has it; otherwise a hash of the image
+    split_column: str = "split"  # used when the table has it; otherwise the shared split rule
     format: str = "auto"  # csv, tsv, or auto: from the file extension
     images: str = ""  # directory relative image paths start from (default: the table's)
 
@@ -46,7 +47,11 @@ def table_format(cfg: TableConfig) -> str:
 
 
 def read_table(cfg: TableConfig, skips: Skips) -> dict[str, tuple[list[str], str]]:
-    """image path -> (captions, split from the table or ""), in first-seen order."""
+    """image path -> (captions, split from the table or ""), in first-seen order.
+
+    A later row of the same image adds its caption (counted as merged); a repeated row is
+    dropped (counted); a row that gives the image another split is skipped.
+    """
     path = Path(cfg.path)
     delimiter = DELIMITERS[table_format(cfg)]
     merged: dict[str, tuple[list[str], str]] = {}
@@ -70,11 +75,17 @@ def read_table(cfg: TableConfig, skips: Skips) -> dict[str, tuple[list[str], str
             if not image or not caption:
                 skips.add("empty image path or caption", where)
                 continue
-            captions, split = merged.setdefault(
-                image, ([], (row.get(cfg.split_column) or "").strip())
-            )
-            if caption not in captions:
-                captions.append(caption)
+            split = (row.get(cfg.split_column) or "").strip()
+            earlier = merged.get(image)
+            if earlier is None:
+                merged[image] = ([caption], split)
+            elif earlier[1] != split:
+                skips.add("split differs from an earlier row of the image", where)
+            elif caption in earlier[0]:
+                skips.merge("repeated row")
+            else:
+                earlier[0].append(caption)
+                skips.merge("caption row of an earlier image")
     return merged
 
 
@@ -88,20 +99,22 @@ def import_table(cfg: TableConfig, out: str | Path) -> ImportResult:
     fp = fingerprint("csv", options, [path])
     info = {"name": Path(out).name, "source": "csv", "table": str(path.resolve())}
 
-    def produce(skips: Skips) -> Iterator[Record]:
+    def produce(skips: Skips, splits: Splits) -> Iterator[Record]:
         try:
             table = read_table(cfg, skips)
         except (UnicodeDecodeError, csv.Error) as exc:
             raise ValueError(f"{path} is not a readable {table_format(cfg)} file: {exc}") from None
         for name, (captions, split) in progress(table.items(), "csv", len(table)):
+            if split and split not in SPLITS:
+                skips.add(f"unknown split {split!r}", name)
+                continue
             image = (base / name).resolve()
-            problem = image_problem(image) or (
-                f"unknown split {split!r}" if split and split not in SPLITS else None
-            )
+            digest, problem = read_image(image)
             if problem:
                 skips.add(problem, name)
                 continue
             rid = "csv." + hashlib.sha1(name.encode()).hexdigest()[:16]
-            yield Record(rid, str(image), tuple(captions), split or split_of(name), {"file": name})
+            split = split or splits.assign(rid, digest)
+            yield Record(rid, str(image), tuple(captions), split, {"file": name})
 
     return run_import(out, info, fp, produce)

@@ -7,6 +7,7 @@ and `split`).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -17,29 +18,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from index_builder.atomic import atomic_open, atomic_write_bytes, atomic_write_json, read_json
 from index_builder.data.common import (
     ImportResult,
     Skips,
+    Splits,
+    decode_problem,
     fingerprint,
     prepare_render_dir,
     progress,
     run_import,
 )
-from index_builder.manifest import (
-    SPLITS,
-    Record,
-    image_path,
-    manifest_path,
-    read_manifest,
-    split_of,
-)
+from index_builder.manifest import SPLITS, Record, image_path, manifest_path, read_manifest
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2  # 2: full decode, split by content
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
 SHARDS_INFO = "shards.json"
 _KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # WebDataset's base_plus_ext
@@ -123,22 +117,29 @@ def sample_captions(parts: dict[str, bytes]) -> tuple[list[str], dict[str, Any]]
     return [" ".join(c.split()) for c in captions if isinstance(c, str) and c.strip()], meta
 
 
-def _sample_record(key: str, parts: dict[str, bytes], shard: Path) -> Any:
-    """(record, image bytes, destination) for a usable sample, or the reason it is not."""
+def _sample_record(
+    key: str, parts: dict[str, bytes], shard: Path, seen: set[str], splits: Splits
+) -> Any:
+    """(record, image bytes, destination) for a usable sample, or the reason it is not.
+
+    The split is the json `split` when valid, else the shared rule on the image's digest.
+    """
     ext = next((e for e in IMAGE_EXTS if e in parts), None)
     if ext is None:
         return "no image"
     captions, meta = sample_captions(parts)
     if not captions:
         return "empty caption"
-    try:
-        with Image.open(io.BytesIO(parts[ext])) as image:
-            image.size  # noqa: B018  (decodes the header)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        return "unreadable image"
+    problem = decode_problem(parts[ext])
+    if problem:
+        return problem
     safe = re.sub(r"[^A-Za-z0-9_.\-]+", "_", key.replace("/", "."))
     rid = meta["id"] if isinstance(meta.get("id"), str) and meta["id"] else f"wds.{safe}"
-    split = meta["split"] if meta.get("split") in SPLITS else split_of(rid)
+    if rid in seen:
+        return "duplicate id"
+    split = meta.get("split")
+    if split not in SPLITS:
+        split = splits.assign(rid, hashlib.sha1(parts[ext]).hexdigest())
     rel = f"images/{shard.stem}/{safe}.{ext}"
     extra: dict[str, Any] = meta["meta"] if isinstance(meta.get("meta"), dict) else {}
     return Record(rid, rel, tuple(captions), split, {**extra, "key": key}), parts[ext], rel
@@ -149,17 +150,15 @@ def import_webdataset(cfg: ReadConfig, out: str | Path) -> ImportResult:
     fp = fingerprint("webdataset", {"version": VERSION}, [p.resolve() for p in shards])
     info = {"name": Path(out).name, "source": "webdataset", "shards": cfg.shards}
 
-    def produce(skips: Skips) -> Iterator[Record]:
+    def produce(skips: Skips, splits: Splits) -> Iterator[Record]:
         root = Path(out)
         reuse = prepare_render_dir(root / "images", {"source": "webdataset", "fingerprint": fp})
         seen: set[str] = set()
         for shard in progress(shards, "webdataset shards", len(shards)):
             for key, parts in iter_samples(shard, skips):
-                made = _sample_record(key, parts, shard)
-                if isinstance(made, str) or made[0].id in seen:
-                    skips.add(
-                        made if isinstance(made, str) else "duplicate id", f"{shard.name}:{key}"
-                    )
+                made = _sample_record(key, parts, shard, seen, splits)
+                if isinstance(made, str):
+                    skips.add(made, f"{shard.name}:{key}")
                     continue
                 record, data, rel = made
                 seen.add(record.id)

@@ -1,8 +1,21 @@
 // The cots search page: plain JavaScript over the public API (no build step, no framework).
+// The search (mode, query text or item id, page, results per page, filter) lives in the URL's
+// query string, so a search can be shared and the browser's back button steps through them.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const KEY = "cots-api-key";
+// Each mode: what the query is and which side of the index answers.
+const MODES = {
+  "text-to-image": { input: "text", side: "image" },
+  "text-to-text": { input: "text", side: "text" },
+  "image-to-image": { input: "image", side: "image" },
+  "image-to-text": { input: "image", side: "text" },
+};
+const THUMBNAIL = 256;
+
+const state = { mode: "text-to-image", q: "", id: "", page: 1, k: 12, filter: "" };
+let file = null; // an uploaded query image: searched, but not part of a shared URL
 
 function headers(extra) {
   const h = Object.assign({}, extra || {});
@@ -33,11 +46,73 @@ function el(tag, props, children) {
   return node;
 }
 
+// -- the URL <-> the state <-> the form --------------------------------------------------------
+
+function readUrl() {
+  const params = new URLSearchParams(location.search);
+  state.mode = MODES[params.get("mode")] ? params.get("mode") : "text-to-image";
+  state.q = params.get("q") || "";
+  state.id = params.get("id") || "";
+  state.page = Math.max(1, parseInt(params.get("page"), 10) || 1);
+  state.k = Math.max(1, parseInt(params.get("k"), 10) || 12);
+  state.filter = params.get("filter") || "";
+}
+
+function writeUrl(replace) {
+  const params = new URLSearchParams({ mode: state.mode });
+  if (state.id) params.set("id", state.id);
+  else if (MODES[state.mode].input === "text" && state.q) params.set("q", state.q);
+  if (state.page > 1) params.set("page", String(state.page));
+  params.set("k", String(state.k));
+  if (state.filter) params.set("filter", state.filter);
+  const url = `${location.pathname}?${params}`;
+  if (replace) history.replaceState(null, "", url); else history.pushState(null, "", url);
+}
+
+function readForm() {
+  state.q = $("text-input").value;
+  state.k = Math.max(1, parseInt($("k-input").value, 10) || 12);
+  state.filter = $("filter-input").value.trim();
+}
+
+function showState() {
+  for (const tab of document.querySelectorAll("#modes [role=tab]")) {
+    tab.setAttribute("aria-selected", String(tab.dataset.mode === state.mode));
+  }
+  const input = MODES[state.mode].input;
+  $("text-query").hidden = input !== "text" || Boolean(state.id);
+  $("image-query").hidden = input !== "image" || Boolean(state.id);
+  $("text-input").value = state.q;
+  $("k-input").value = state.k;
+  $("filter-input").value = state.filter;
+  showQuery();
+}
+
+// The query as searched: a preview of the uploaded image, or the item of "more like this".
+function showQuery() {
+  const preview = $("preview");
+  preview.hidden = true;
+  preview.removeAttribute("src");
+  if (state.id && MODES[state.mode].side === "image") {
+    setImage(preview, `images/${encodeURIComponent(state.id)}?size=${THUMBNAIL}`);
+    preview.hidden = false;
+  } else if (!state.id && MODES[state.mode].input === "image" && file) {
+    preview.src = URL.createObjectURL(file);
+    preview.hidden = false;
+  }
+  $("like").hidden = !state.id;
+  $("like-id").textContent = state.id;
+  $("query-shown").hidden = preview.hidden && !state.id;
+}
+
+// -- results -------------------------------------------------------------------------------------
+
 function clear() {
   $("error").hidden = true;
   $("grid").replaceChildren();
-  $("captions").replaceChildren();
+  $("texts").replaceChildren();
   $("summary").textContent = "";
+  $("pager").hidden = true;
 }
 
 function showError(err) {
@@ -45,79 +120,173 @@ function showError(err) {
   $("error").hidden = false;
 }
 
-function summarise(body) {
-  const count = body.results.reduce((n, r) => n + r.hits.length, 0);
-  $("summary").textContent =
-    `${count} results in ${body.took_ms.toFixed(1)} ms · index ${body.index_version}`;
+function moreLike(mode, id) {
+  return el("button", {
+    type: "button",
+    className: "link like",
+    textContent: "more like this",
+    onclick: () => {
+      Object.assign(state, { mode, id, page: 1 });
+      showState();
+      run("push");
+      window.scrollTo(0, 0);
+    },
+  });
 }
 
-function showImages(body) {
-  for (const hit of body.hits) {
+function metaLine(meta) {
+  const text = Object.keys(meta || {}).length ? JSON.stringify(meta) : "";
+  return el("div", { className: "meta", textContent: text, title: text });
+}
+
+function score(hit) {
+  return el("span", { className: "score", textContent: `#${hit.rank} · score ${hit.score.toFixed(3)}` });
+}
+
+function showImages(hits) {
+  for (const hit of hits) {
     const img = el("img", { alt: hit.captions[0] || hit.id, loading: "lazy" });
     setImage(img, hit.thumbnail_url);
     const caption = el("figcaption", {}, [
       el("div", { className: "caption", textContent: hit.captions[0] || hit.id }),
-      el("div", { className: "score", textContent: `#${hit.rank} · score ${hit.score.toFixed(3)}` }),
+      el("div", {}, [score(hit)]),
+      metaLine(hit.meta),
+      moreLike("image-to-image", hit.id),
     ]);
-    $("grid").append(el("figure", { className: "card", title: hit.captions.join("\n") }, [img, caption]));
+    const title = [hit.id, ...hit.captions].join("\n");
+    const card = el("figure", { className: "card", title }, [img, caption]);
+    card.dataset.id = hit.id;
+    $("grid").append(card);
   }
 }
 
-function showCaptions(body) {
-  for (const result of body.results) {
-    if (body.results.length > 1) $("captions").append(el("h3", { textContent: result.query }));
-    for (const hit of result.hits) {
+function showTexts(hits) {
+  for (const hit of hits) {
+    const parts = [];
+    if (hit.thumbnail_url) {
       const img = el("img", { alt: hit.image_id });
       setImage(img, hit.thumbnail_url);
-      $("captions").append(el("li", {}, [el("div", { className: "hit" }, [
-        img,
-        el("span", { className: "text", textContent: hit.text }),
-        el("span", { className: "score", textContent: `score ${hit.score.toFixed(3)}` }),
-      ])]));
+      parts.push(img);
     }
+    parts.push(
+      el("span", { className: "text", textContent: hit.text }),
+      score(hit),
+      moreLike("text-to-text", hit.id),
+    );
+    const item = el("li", { value: hit.rank }, [el("div", { className: "hit" }, parts), metaLine(hit.meta)]);
+    item.dataset.id = hit.id;
+    $("texts").append(item);
   }
 }
 
-async function busy(button, work) {
-  button.disabled = true;
-  clear();
-  try { await work(); } catch (err) { showError(err); } finally { button.disabled = false; }
+function showPage(body) {
+  const count = body.hits.length;
+  $("summary").textContent =
+    `${count} results in ${body.took_ms.toFixed(1)} ms · page ${state.page} · index ${body.index_version}`;
+  $("page-label").textContent = `page ${state.page}`;
+  $("prev").disabled = state.page <= 1;
+  $("next").disabled = count < state.k;
+  $("pager").hidden = state.page <= 1 && count < state.k;
 }
 
-function k() { return Math.max(1, parseInt($("k-input").value, 10) || 10); }
+// -- searching -----------------------------------------------------------------------------------
 
-$("text-form").addEventListener("submit", (event) => {
-  event.preventDefault();
-  busy($("text-submit"), async () => {
-    const body = await call("search/text-to-image", {
+function missingQuery() {
+  if (state.id) return "";
+  if (MODES[state.mode].input === "text") return state.q ? "" : "type a query first";
+  return file ? "" : "choose an image first";
+}
+
+function request() {
+  let filter;
+  if (state.filter) {
+    try { filter = JSON.parse(state.filter); } catch { throw new Error("filter: not valid JSON"); }
+  }
+  const page = { k: state.k, offset: (state.page - 1) * state.k };
+  if (state.id || MODES[state.mode].input === "text") {
+    const query = state.id ? { id: state.id } : { text: state.q };
+    return {
       method: "POST",
       headers: headers({ "Content-Type": "application/json" }),
-      body: JSON.stringify({ text: $("text-input").value, k: k() }),
-    });
-    summarise(body);
-    showImages(body);
-  });
-});
+      body: JSON.stringify(Object.assign(query, page, { filter })),
+    };
+  }
+  const form = new FormData();
+  form.append("image", file, file.name);
+  form.append("k", String(page.k));
+  form.append("offset", String(page.offset));
+  if (filter !== undefined) form.append("filter", JSON.stringify(filter));
+  return { method: "POST", headers: headers(), body: form };
+}
 
-$("image-form").addEventListener("submit", (event) => {
+let latest = 0; // the newest search: an older one answering late is not shown
+
+// Search with the state; `how` ("push", "replace" or null) records it in the URL first.
+async function run(how) {
+  const mine = ++latest;
+  clear();
+  const button = $("search-submit");
+  const missing = missingQuery();
+  button.disabled = !missing;
+  if (missing) {
+    if (how) showError(new Error(missing));
+    return;
+  }
+  if (how) writeUrl(how === "replace");
+  try {
+    const body = await call(`search/${state.mode}`, request());
+    if (mine !== latest) return;
+    if (MODES[state.mode].side === "image") showImages(body.hits); else showTexts(body.hits);
+    showPage(body);
+  } catch (err) {
+    if (mine === latest) showError(err);
+  } finally {
+    if (mine === latest) button.disabled = false;
+  }
+}
+
+// -- events --------------------------------------------------------------------------------------
+
+for (const tab of document.querySelectorAll("#modes [role=tab]")) {
+  tab.addEventListener("click", () => {
+    readForm();
+    Object.assign(state, { mode: tab.dataset.mode, id: "", page: 1 });
+    showState();
+    if (!missingQuery()) run("push"); else clear();
+  });
+}
+
+$("search-form").addEventListener("submit", (event) => {
   event.preventDefault();
-  busy($("image-submit"), async () => {
-    const form = new FormData();
-    for (const file of $("image-input").files) form.append("image", file, file.name);
-    form.append("k", String(k()));
-    const body = await call("search/image-to-text", { method: "POST", headers: headers(), body: form });
-    summarise(body);
-    showCaptions(body);
-  });
+  readForm();
+  state.page = 1;
+  run("push");
 });
 
-const drop = $("drop");
+$("prev").addEventListener("click", () => { state.page -= 1; run("push"); });
+$("next").addEventListener("click", () => { state.page += 1; run("push"); });
+$("like-clear").addEventListener("click", () => { state.id = ""; showState(); });
+
+$("image-input").addEventListener("change", () => {
+  file = $("image-input").files[0] || null;
+  state.id = "";
+  showQuery();
+});
+
+const drop = $("image-query");
 drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
 drop.addEventListener("dragleave", () => drop.classList.remove("over"));
 drop.addEventListener("drop", (e) => {
   e.preventDefault();
   drop.classList.remove("over");
   $("image-input").files = e.dataTransfer.files;
+  $("image-input").dispatchEvent(new Event("change"));
+});
+
+window.addEventListener("popstate", () => {
+  readUrl();
+  showState();
+  run(null);
 });
 
 $("key-input").value = localStorage.getItem(KEY) || "";
@@ -126,17 +295,28 @@ $("key-input").addEventListener("change", (e) => {
   loadInfo();
 });
 
+// Tabs whose side the index does not hold are disabled (the API would answer 404 side_absent).
 async function loadInfo() {
   try {
     const info = await call("info", { headers: headers() });
     $("k-input").max = info.limits.max_k;
-    $("status").textContent = info.ready
-      ? `${info.gallery.images} images · ${info.gallery.captions} captions · ` +
-        `index ${info.index.version} · bundle ${info.bundle.bundle_id}`
-      : "loading the index…";
-    if (!info.ready) setTimeout(loadInfo, 1000);
+    if (!info.ready) {
+      $("status").textContent = "loading the index…";
+      setTimeout(loadInfo, 1000);
+      return;
+    }
+    $("status").textContent =
+      `${info.gallery.images} images · ${info.gallery.texts} texts · ` +
+      `index ${info.index.version} · bundle ${info.bundle.bundle_id}`;
+    for (const tab of document.querySelectorAll("#modes [role=tab]")) {
+      tab.disabled = !(MODES[tab.dataset.mode].side in info.index.sides);
+    }
   } catch (err) {
     $("status").textContent = `not connected (${err.message})`;
   }
 }
+
+readUrl();
+showState();
+run(null);
 loadInfo();

@@ -10,7 +10,6 @@ from index_builder.manifest import (
     load_records,
     read_info,
     read_manifest,
-    split_of,
     write_manifest,
 )
 
@@ -76,13 +75,6 @@ def test_malformed_line_names_file_and_line(tmp_path):
 def test_missing_manifest(tmp_path):
     with pytest.raises(FileNotFoundError, match="cots data"):
         load_records(tmp_path)
-
-
-def test_split_is_deterministic_and_proportional():
-    splits = [split_of(f"key-{i}") for i in range(20000)]
-    assert splits == [split_of(f"key-{i}") for i in range(20000)]
-    assert 0.04 < splits.count("test") / len(splits) < 0.06
-    assert 0.04 < splits.count("val") / len(splits) < 0.06
 
 
 def test_atomic_writes_get_ordinary_permissions(tmp_path):

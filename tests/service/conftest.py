@@ -88,31 +88,63 @@ def make_bundle(out: Path, bias: float = 0.1) -> Bundle:
     )
 
 
+def colour_meta(rgb: tuple[int, int, int]) -> dict:
+    """Metadata to filter on: the lit channels (a list), how many (a number), pure or mixed."""
+    channels = [c for c, value in zip("rgb", rgb, strict=True) if value]
+    return {"channels": channels, "brightness": len(channels), "pure": len(channels) == 1}
+
+
 def make_gallery(out: Path) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name, rgb in COLOURS.items():
         path = out / f"{name}.png"
         Image.new("RGB", (32, 24), rgb).save(path)
-        rows.append({"id": name, "image": str(path), "captions": [f"a {name} square", name]})
+        rows.append(
+            {
+                "id": name,
+                "image": str(path),
+                "captions": [f"a {name} square", name],
+                "meta": colour_meta(rgb),
+            }
+        )
     return rows
 
 
-def build_version(root: Path, bundle: Bundle, gallery: list[dict]) -> str:
-    """Embed the gallery with the bundle and publish a version through index_builder."""
-    images = ImageEncoder(bundle, threads=1).encode_paths([row["image"] for row in gallery])
-    texts = [
-        {"id": f"{row['id']}#{n}", "image_id": row["id"], "text": caption}
+def caption_rows(gallery: list[dict]) -> list[dict]:
+    """The text side: each caption, with the image it describes and its style as metadata."""
+    return [
+        {
+            "id": f"{row['id']}#{n}",
+            "image_id": row["id"],
+            "text": caption,
+            "meta": {"style": "sentence" if " " in caption else "word"},
+        }
         for row in gallery
         for n, caption in enumerate(row["captions"])
     ]
-    captions = TextEncoder(bundle, threads=1).encode([row["text"] for row in texts])
+
+
+def build_version(root: Path, bundle: Bundle, gallery: list[dict], sides=("image", "text")) -> str:
+    """Embed the gallery with the bundle and publish a version through index_builder (only
+    `sides`: an uncaptioned photo folder has no text side)."""
+    texts = caption_rows(gallery)
+    shards = {}
+    if "image" in sides:
+        shards["image"] = [
+            ImageEncoder(bundle, threads=1).encode_paths([row["image"] for row in gallery])
+        ]
+    if "text" in sides:
+        shards["text"] = [TextEncoder(bundle, threads=1).encode([row["text"] for row in texts])]
     return publish(
         IndexStore(root),
         bundle_id=bundle.bundle_id,
         dim=bundle.embed_dim,
-        shards={"image": [images], "text": [captions]},
-        rows={"image": [{**row, "meta": {}} for row in gallery], "text": texts},
+        shards=shards,
+        rows={
+            "image": gallery if "image" in sides else [],
+            "text": texts if "text" in sides else [],
+        },
         options=IndexOptions(factory="Flat", use_gpu=False, queries=16),
         dataset={"name": "colours", "path": "synthetic", "fingerprint": "test"},
         bundle_path=bundle.path,
@@ -127,12 +159,14 @@ def assets(tmp_path_factory) -> dict:
     other = make_bundle(base / "other-bundle", bias=0.2)
     gallery = make_gallery(base / "gallery")
     build_version(base / "index", bundle, gallery)
+    build_version(base / "photos", bundle, gallery, sides=("image",))
     return {
         "base": base,
         "bundle": bundle,
         "other": other,
         "gallery": gallery,
         "index": base / "index",
+        "photos": base / "photos",  # the image side only: uncaptioned photos
     }
 
 

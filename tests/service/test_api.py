@@ -16,6 +16,8 @@ from index_builder.encoders import ImageEncoder, TextEncoder
 
 T2I = "/search/text-to-image"
 I2T = "/search/image-to-text"
+I2I = "/search/image-to-image"
+T2T = "/search/text-to-text"
 
 
 def png(rgb=(255, 0, 0), size=(20, 20)) -> bytes:
@@ -81,8 +83,10 @@ def test_text_to_image_ranks_like_exact_cosine(client, assets):
     assert [h["rank"] for h in body["hits"]] == list(range(1, 9))
     hit = body["hits"][0]
     assert hit["captions"] == ["a red square", "red"]
-    assert hit["image"].endswith("red.png")
+    assert hit["meta"] == {"channels": ["r"], "brightness": 1, "pure": True}
     assert hit["url"] == "/images/red" and hit["thumbnail_url"].startswith("/images/red?size=")
+    assert set(hit) == {"id", "score", "rank", "captions", "meta", "url", "thumbnail_url"}
+    assert str(assets["base"]) not in response.text  # no server path reaches a client
     assert body["results"][0]["query"] == "a red square"
     assert body["bundle_id"] == assets["bundle"].bundle_id
     assert body["index_version"].startswith("v000001-")
@@ -153,7 +157,8 @@ def test_image_to_text_multipart_ranks_like_exact_cosine(client, assets):
     np.testing.assert_allclose([h["score"] for h in body["hits"]], scores, atol=1e-5)
     hit = body["hits"][0]
     assert hit["image_id"] == "blue" and hit["text"] in ("blue", "a blue square")
-    assert hit["url"] == "/images/blue" and hit["image"].endswith("blue.png")
+    assert hit["url"] == "/images/blue" and "image_path" not in hit
+    assert hit["meta"]["style"] in ("word", "sentence")
     assert body["results"][0]["query"] == "blue.png"
 
 
@@ -275,7 +280,12 @@ def test_health_ready_info_metrics(client, assets):
     assert client.get("/health").json() == {"status": "ok"}
     assert client.get("/ready").json() == {"status": "ready"}
     info = client.get("/info").json()
-    assert info["ready"] and info["gallery"] == {"images": 8, "captions": 16}
+    assert info["ready"] and info["gallery"] == {"images": 8, "texts": 16}
+    assert info["index"]["sides"]["image"]["fields"] == {
+        "brightness": "number",
+        "channels": "list",
+        "pure": "bool",
+    }
     assert info["bundle"]["bundle_id"] == assets["bundle"].bundle_id
     assert info["index"]["sides"]["image"]["factory"] == "Flat"
     assert info["limits"]["max_k"] == 100
@@ -303,7 +313,11 @@ def test_openapi_documents_scores_and_examples(client):
     assert "cosine similarity" in hit["description"]
     body = schema["paths"][I2T]["post"]["requestBody"]["content"]
     assert set(body) == {"multipart/form-data", "application/json"}
-    assert schema["components"]["schemas"]["TextToImageResponse"]["examples"]
+    assert schema["components"]["schemas"]["ImageSearchResponse"]["examples"]
+    for path in (I2I, T2T, "/admin/items", "/admin/delete"):
+        assert path in schema["paths"]
+    form = schema["paths"][I2I]["post"]["requestBody"]["content"]["multipart/form-data"]
+    assert "filter" in form["schema"]["properties"]
     assert client.get("/").headers["content-type"].startswith("text/html")
 
 

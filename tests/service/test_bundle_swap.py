@@ -128,16 +128,18 @@ def test_one_micro_batch_calls_each_bundle_encoder_with_its_own_queries(
             monkeypatch.setattr(gallery.encoders.text, "encode", spy)
         texts = ["red", "a blue square", "green", "yellow"]
         galleries = [old, new, old, new]
-        jobs = [Job(text, gallery, 3) for text, gallery in zip(texts, galleries, strict=True)]
+        jobs = [
+            Job(text, gallery, "image", 3) for text, gallery in zip(texts, galleries, strict=True)
+        ]
         mixed = engine._run_batch("text", jobs)
         assert calls == [("old", ["red", "green"]), ("new", ["a blue square", "yellow"])]
         for text, gallery, hits in zip(texts, galleries, mixed, strict=True):
-            (alone,) = engine._run_batch("text", [Job(text, gallery, 3)])
+            (alone,) = engine._run_batch("text", [Job(text, gallery, "image", 3)])
             assert hits == alone
             vector = gallery.encoders.text.encode([text])
             scores, rows = gallery.index.search("image", vector, 3)
-            assert [h.row for h in hits] == rows[0].tolist()
-            np.testing.assert_allclose([h.score for h in hits], scores[0], atol=1e-6)
+            assert [h["id"] for h in hits] == [gallery.index.images[r]["id"] for r in rows[0]]
+            np.testing.assert_allclose([h["score"] for h in hits], scores[0], atol=1e-6)
 
 
 @pytest.mark.parametrize("damage", ["missing", "replaced", "corrupt", "unrecorded"])

@@ -6,6 +6,7 @@ import io
 import shutil
 from pathlib import Path
 
+import httpx
 import pytest
 from PIL import Image
 
@@ -47,10 +48,10 @@ def test_search_page_in_chromium(live, page, tmp_path):
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     page.goto(live.url + "/")
-    page.wait_for_selector("#status:has-text('8 images')")
+    page.wait_for_selector("#status:has-text('8 images · 16 texts')")
 
     page.fill("#text-input", "a red square")
-    page.click("#text-submit")
+    page.click("#search-submit")
     page.wait_for_selector("#grid .card")
     cards = page.locator("#grid .card")
     assert cards.count() == 8
@@ -62,20 +63,121 @@ def test_search_page_in_chromium(live, page, tmp_path):
     )
     page.screenshot(path=str(tmp_path / "text-to-image.png"), full_page=True)
 
+    assert "mode=text-to-image" in page.url and "q=a+red+square" in page.url
+
     upload = tmp_path / "query.png"
     Image.new("RGB", (40, 40), (0, 0, 255)).save(upload)
+    page.click("[data-mode=image-to-text]")
     page.set_input_files("#image-input", str(upload))
-    page.click("#image-submit")
-    page.wait_for_selector("#captions li")
+    page.wait_for_function("document.querySelector('#preview').naturalWidth === 40")
+    page.click("#search-submit")
+    page.wait_for_selector("#texts li")
     assert page.locator("#grid .card").count() == 0
-    first = page.locator("#captions li").first.locator(".text").inner_text()
+    first = page.locator("#texts li").first.locator(".text").inner_text()
     assert first in ("blue", "a blue square")
     page.screenshot(path=str(tmp_path / "image-to-text.png"), full_page=True)
 
+    page.click("[data-mode=image-to-image]")  # the same upload, searched against images
+    page.wait_for_selector("#grid .card")
+    assert page.locator("#grid .card").first.get_attribute("data-id") == "blue"
+
+    page.click("[data-mode=text-to-image]")
     page.fill("#text-input", "   ")
-    page.click("#text-submit")
+    page.click("#search-submit")
     page.wait_for_selector("#error:not([hidden])")
     assert "must not be empty" in page.inner_text("#error")
     assert errors == []
     shot = Image.open(io.BytesIO((tmp_path / "text-to-image.png").read_bytes()))
     assert shot.size[0] == 1000
+
+
+def _ids(page, selector: str = "#grid .card") -> list[str]:
+    return page.eval_on_selector_all(selector, "nodes => nodes.map(n => n.dataset.id)")
+
+
+def _wait_first_rank(page, rank: int) -> None:
+    page.wait_for_function(
+        "r => (document.querySelector('#grid .card .score') || {}).textContent"
+        "?.startsWith('#' + r)",
+        arg=rank,
+    )
+
+
+def test_modes_paging_filters_and_shared_urls(live, page):
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    # A shared URL runs its search when opened.
+    page.goto(live.url + "/?mode=text-to-image&q=a+red+square&k=3")
+    page.wait_for_selector("#grid .card")
+    assert _ids(page)[0] == "red" and len(_ids(page)) == 3
+    assert page.is_disabled("#prev") and not page.is_hidden("#pager")
+
+    page.click("#next")
+    _wait_first_rank(page, 4)
+    assert "page=2" in page.url and "q=a+red+square" in page.url
+    body = httpx.post(
+        f"{live.url}/search/text-to-image", json={"text": "a red square", "k": 3, "offset": 3}
+    ).json()
+    assert _ids(page) == [hit["id"] for hit in body["hits"]]
+    page.go_back()  # the browser's history steps through the searches
+    _wait_first_rank(page, 1)
+    assert _ids(page)[0] == "red"
+
+    page.fill("#k-input", "12")
+    page.fill("#filter-input", '{"channels": "r"}')
+    page.click("#search-submit")
+    page.wait_for_function("document.querySelectorAll('#grid .card').length === 4")
+    assert set(_ids(page)) == {"red", "yellow", "magenta", "white"}
+    assert "filter=%7B%22channels%22" in page.url
+    page.fill("#filter-input", '{"channels": ')
+    page.click("#search-submit")
+    page.wait_for_selector("#error:not([hidden])")
+    assert "filter: not valid JSON" in page.inner_text("#error")
+    page.fill("#filter-input", '{"colour": "red"}')
+    page.click("#search-submit")
+    page.wait_for_selector("#error:has-text('unknown filter field')")
+    page.fill("#filter-input", "")
+
+    # "More like this" on the top image: the image-to-image mode with its id, in the URL.
+    page.click("#search-submit")
+    page.wait_for_selector("#grid .card")
+    page.locator("#grid .card").first.locator("button.like").click()
+    page.wait_for_url("**mode=image-to-image**")
+    page.wait_for_selector("#grid .card")
+    assert "id=red" in page.url and page.inner_text("#like-id") == "red"
+    assert "red" not in _ids(page)
+    page.wait_for_function("document.querySelector('#preview').naturalWidth > 0")
+
+    page.click("[data-mode=text-to-text]")
+    page.fill("#text-input", "blue")
+    page.click("#search-submit")
+    page.wait_for_selector("#texts li")
+    assert _ids(page, "#texts li")[0] in ("blue#0", "blue#1")
+    page.locator("#texts li").first.locator("button.like").click()
+    page.wait_for_url("**id=blue%23**")
+    page.wait_for_selector("#texts li")
+    assert _ids(page, "#texts li")[0].startswith("blue#")
+
+    page.goto(live.url + "/?mode=image-to-image&id=cyan&k=2")  # opened fresh
+    page.wait_for_function("document.querySelectorAll('#grid .card').length === 2")
+    assert page.inner_text("#like-id") == "cyan" and "cyan" not in _ids(page)
+    assert errors == []
+
+
+def test_docs_work_offline(live, page):
+    """Swagger UI comes from the installed package: no request leaves the service."""
+    outside: list[str] = []
+
+    def only_local(route) -> None:
+        if route.request.url.startswith(live.url):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_local)
+    page.goto(live.url + "/docs")
+    page.wait_for_selector(".swagger-ui .info .title:has-text('cots search')")
+    for path in ("/search/image-to-image", "/search/text-to-text", "/admin/items"):
+        page.wait_for_selector(f".opblock-summary-path[data-path='{path}']")
+    assert outside == []

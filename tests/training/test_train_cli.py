@@ -6,11 +6,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-from conftest import TINY_OVERRIDES
+from conftest import TINY_OVERRIDES, make_gallery
 
 from index_builder.cli import main
+from training.checkpoint import read_meta
 
 
 def test_train_then_eval(gallery, tmp_path):
@@ -25,6 +27,7 @@ def test_train_then_eval(gallery, tmp_path):
         assert (out / name).is_file(), name
     assert (out / "checkpoints/best/model.safetensors").is_file()
     assert (out / "checkpoints/last/trainer.pt").is_file()
+    assert read_meta(out / "checkpoints/best")["chosen_by"] == "val rsum"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "val"] == [3, 6]
     assert all("loss/instance" in r and "pairs_per_s" in r for r in records if r["kind"] == "train")
@@ -39,6 +42,20 @@ def test_train_then_eval(gallery, tmp_path):
     result = json.loads(metrics.read_text())
     assert result["images"] == 6 and result["captions"] == 12
     assert 0.0 <= result["i2t_r1"] <= 100.0 and result["split"] == "test"
+
+
+def test_train_without_val_split_writes_best_as_the_last_step(tmp_path, capsys):
+    data = make_gallery(tmp_path / "no-val", per_split=(36, 0, 6))
+    out = tmp_path / "run"
+    args = ["train", "cots", "--data", str(data), "train.max_steps=2", "--out", str(out)]
+    assert main([*args, *TINY_OVERRIDES]) == 0
+    printed = capsys.readouterr().out
+    assert f"no 'val' split in {data}: the best checkpoint is the last step" in printed
+    [paths] = [line for line in printed.splitlines() if line.startswith("checkpoints: ")]
+    best, last = (Path(p) for p in paths.removeprefix("checkpoints: ").split())
+    assert read_meta(best)["chosen_by"] == "last step (no validation split)"
+    assert read_meta(best)["step"] == read_meta(last)["step"] == 2
+    assert "chosen_by" not in read_meta(last)
 
 
 def cli(*args, cwd=None):

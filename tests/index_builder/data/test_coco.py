@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
 from data_fixtures import run_cli, write_image
 
 from index_builder.data.coco import CocoConfig, KarpathyConfig, import_coco, import_karpathy
+from index_builder.data.common import split_of
 from index_builder.manifest import load_records
 
 
@@ -49,6 +51,37 @@ def test_coco_groups_captions_and_skips_bad_rows(tmp_path):
     }
 
 
+def test_coco_duplicate_image_ids_are_merged_or_refused_never_mixed(tmp_path):
+    for name in ("1.jpg", "2.jpg", "3.jpg"):
+        write_image(tmp_path / "imgs" / name, fmt="JPEG")
+    coco = {
+        "images": [
+            {"id": 1, "file_name": "1.jpg"},
+            {"id": 1, "file_name": "1.jpg"},  # the same entry twice: merged
+            {"id": 2, "file_name": "2.jpg"},
+            {"id": 2, "file_name": "3.jpg"},  # id 2 names two files: which one is "a cat"?
+        ],
+        "annotations": [
+            {"image_id": 1, "caption": "a dog"},
+            {"image_id": 2, "caption": "a cat"},
+        ],
+    }
+    path = tmp_path / "captions.json"
+    path.write_text(json.dumps(coco))
+    result = import_coco(CocoConfig(str(path), str(tmp_path / "imgs")), tmp_path / "ds")
+    [record] = load_records(tmp_path / "ds")
+    assert (record.id, record.image, record.captions) == (
+        "coco.1",
+        str(tmp_path / "imgs/1.jpg"),
+        ("a dog",),
+    )
+    assert result.merged == {"repeated image entry": 1}
+    assert result.skipped == {
+        "image id shared by different files": 2,
+        "caption of an image id shared by different files": 1,
+    }
+
+
 def test_coco_whole_input_errors(tmp_path):
     (tmp_path / "imgs").mkdir()
     bad = tmp_path / "bad.json"
@@ -71,6 +104,7 @@ def test_karpathy_splits_paths_and_restval(tmp_path):
     write_image(tmp_path / "coco/val2014/a.jpg", fmt="JPEG")
     write_image(tmp_path / "coco/b.jpg", fmt="JPEG")  # filepath given but flat folder
     write_image(tmp_path / "coco/c.jpg", fmt="JPEG")
+    write_image(tmp_path / "coco/d.jpg", fmt="JPEG")
     rows = [
         {
             "filename": "a.jpg",
@@ -87,6 +121,7 @@ def test_karpathy_splits_paths_and_restval(tmp_path):
         {"filename": "c.jpg", "split": "holdout", "sentences": [{"raw": "x"}]},
         {"filename": "c.jpg", "split": "val", "sentences": []},
         {"split": "train"},
+        {"filename": "d.jpg", "sentences": [{"raw": "no split given"}]},
     ]
     path = tmp_path / "dataset_coco.json"
     path.write_text(json.dumps({"dataset": "coco", "images": rows}))
@@ -95,6 +130,8 @@ def test_karpathy_splits_paths_and_restval(tmp_path):
     assert records["coco.a"].split == "test" and records["coco.a"].captions == ("a cat", "a kitten")
     assert records["coco.b"].split == "train"
     assert records["coco.b"].image == str(tmp_path / "coco/b.jpg")
+    digest = hashlib.sha1((tmp_path / "coco/d.jpg").read_bytes()).hexdigest()
+    assert records["coco.d"].split == split_of(digest)  # the shared rule where none is given
     assert result.skipped == {
         "unknown split 'holdout'": 1,
         "image without captions": 1,

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import pytest
-from data_fixtures import write_image
+from data_fixtures import write_image, write_truncated
 
 from index_builder.data.folder import FolderConfig, import_folder
 from index_builder.manifest import load_records
@@ -18,12 +18,19 @@ def test_sidecar_captions_one_per_line(tmp_path):
     (root / "empty.txt").write_text("\n \n")
     (root / "bad.png").write_bytes(b"xx")
     (root / "bad.txt").write_text("bad\n")
+    write_truncated(root / "cut.png")
+    (root / "cut.txt").write_text("a picture cut short\n")
     result = import_folder(FolderConfig(str(root)), tmp_path / "ds")
     records = {r.id: r for r in load_records(tmp_path / "ds")}
     assert set(records) == {"folder.a", "folder.trip.b"}
     assert records["folder.a"].captions == ("a red photo", "another caption")
     assert records["folder.trip.b"].image == str(root / "trip/b.png")
-    assert result.skipped == {"no sidecar .txt": 1, "empty caption": 1, "unreadable image": 1}
+    assert result.skipped == {
+        "no sidecar .txt": 1,
+        "empty caption": 1,
+        "unreadable image": 1,
+        "truncated or corrupt image": 1,
+    }
     assert import_folder(FolderConfig(str(root)), tmp_path / "ds").up_to_date
     (root / "trip/b.txt").write_text("a sandy beach\n")  # an edited caption is noticed
     import_folder(FolderConfig(str(root)), tmp_path / "ds")

@@ -3,7 +3,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from data_fixtures import run_cli, write_image
+from data_fixtures import run_cli, write_image, write_truncated
 
 from index_builder.data.tabular import TableConfig, import_table
 from index_builder.manifest import load_records
@@ -14,6 +14,7 @@ def images(tmp_path):
     for name in ("a.png", "b.png", "sub/c.png"):
         write_image(tmp_path / name)
     (tmp_path / "broken.png").write_bytes(b"nope")
+    write_truncated(tmp_path / "cut.png")
     return tmp_path
 
 
@@ -24,9 +25,11 @@ def test_csv_merges_rows_of_one_image_and_skips_bad_rows(images):
         'a.png,"a red square, small",test\n'
         "a.png,a red block,test\n"
         "a.png,a red block,test\n"
+        "a.png,a red tile,train\n"
         "b.png,  ,\n"
         "sub/c.png,another one,\n"
         "broken.png,unreadable,\n"
+        "cut.png,truncated,\n"
         "gone.png,missing,\n"
         "b.png,too,many,fields\n"
         "b.png,a tile,holdout\n"
@@ -41,9 +44,12 @@ def test_csv_merges_rows_of_one_image_and_skips_bad_rows(images):
         "empty image path or caption": 1,
         "wrong number of fields": 1,
         "unreadable image": 1,
+        "truncated or corrupt image": 1,
         "missing image": 1,
         "unknown split 'holdout'": 1,
+        "split differs from an earlier row of the image": 1,
     }
+    assert result.merged == {"caption row of an earlier image": 1, "repeated row": 1}
 
 
 def test_tsv_by_extension_or_flag_and_custom_columns(images):
@@ -93,10 +99,13 @@ def test_cli_whole_input_errors_are_one_line(images):
 
 def test_cli_builds_and_reports(images):
     table = images / "t.csv"
-    table.write_text("image,caption\na.png,a square\nb.png,another\n")
+    table.write_text("image,caption\na.png,a square\nb.png,another\nb.png,a tile\ncut.png,x\n")
     out = run_cli("data", "csv", str(table), "--out", str(images / "ds"))
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("csv: built: 2 images")
+    assert "3 captions, 1 skipped, 1 merged -> " in out.stdout
+    assert "merged 1 (caption row of an earlier image 1)" in out.stderr
+    assert "skipped 1 (truncated or corrupt image 1); e.g. cut.png" in out.stderr
     info = json.loads((images / "ds/dataset.json").read_text())
     assert info["count"] == 2 and info["source"] == "csv"
     again = run_cli("data", "csv", str(table), "--out", str(images / "ds"))

@@ -5,7 +5,7 @@ import json
 import tarfile
 
 import pytest
-from data_fixtures import run_cli, write_image
+from data_fixtures import run_cli, write_image, write_truncated
 
 from index_builder.data.tabular import TableConfig, import_table
 from index_builder.data.wds import (
@@ -51,6 +51,8 @@ def test_reads_img2dataset_style_shards(tmp_path):
         ("000000003.png", png),  # no caption
         ("000000004.txt", b"caption without image"),
         ("000000005.webp", b"not an image"), ("000000005.txt", b"x"),
+        ("000000006.png", write_truncated(tmp_path / "cut.png").read_bytes()),
+        ("000000006.txt", b"cut short"),
     ])  # fmt: skip
     _tar(
         tmp_path / "s-01.tar", [("dir/k.png", png), ("dir/k.json", b'{"captions": ["one", "two"]}')]
@@ -61,7 +63,12 @@ def test_reads_img2dataset_style_shards(tmp_path):
     assert records["wds.000000002"].captions == ("from json",)
     assert records["wds.dir.k"].captions == ("one", "two")
     assert (tmp_path / "ds" / records["wds.000000002"].image).read_bytes() == png
-    assert result.skipped == {"empty caption": 1, "no image": 1, "unreadable image": 1}
+    assert result.skipped == {
+        "empty caption": 1,
+        "no image": 1,
+        "unreadable image": 1,
+        "truncated or corrupt image": 1,
+    }
     assert import_webdataset(
         ReadConfig(str(tmp_path / "s-{00..01}.tar")), tmp_path / "ds"
     ).up_to_date
