@@ -4,9 +4,10 @@ swaps and changes to the collection."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -16,12 +17,13 @@ from typing import Any
 import numpy as np
 
 from index_builder import filters
+from index_builder.backends import Store, open_store
 from index_builder.bundle import Bundle
 from index_builder.collection import Change, ChangeResult, change, delete_ids
 from index_builder.encoders import Encoders
 from index_builder.search import Searcher
 from index_builder.sources import store_file
-from index_builder.store import IndexStore, check_bundle
+from index_builder.store import check_bundle
 from service.batching import MicroBatcher
 from service.decode import Items
 from service.errors import Conflict, InvalidInput, NotFound, NotReady
@@ -61,7 +63,7 @@ class Engine:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.store = IndexStore(settings.index)
+        self.store = open_store(settings.index, settings.backend_config())
         # Refuse to start on a mismatch: checked on index.json before anything heavy loads.
         self.bundle, self._first = resolve_bundle(settings, self.store)
         self.executor = ThreadPoolExecutor(settings.batch_workers, thread_name_prefix="cots-encode")
@@ -155,7 +157,8 @@ class Engine:
         gallery = gallery or self.current()
         check_query(gallery, side, filter)
         jobs = [Job(query, gallery, side, k + offset, filter) for query in queries]
-        found = await self.batchers[modality].submit(jobs)
+        with backend_errors():
+            found = await self.batchers[modality].submit(jobs)
         return gallery, [hits[offset:] for hits in found]
 
     async def similar(
@@ -165,13 +168,14 @@ class Engine:
         itself is not a hit); no encoder runs."""
         gallery = self.current()
         check_query(gallery, side, filter)
-        if gallery.index.row_of(side, item_id) is None:
-            raise NotFound(f"no {side} with id {item_id!r} in the index", "unknown_id")
         loop = asyncio.get_running_loop()
-        with self.metrics.timed("search", "id"):
-            hits = await loop.run_in_executor(
-                None, partial(gallery.similar, side, item_id, k, offset=offset, filter=filter)
-            )
+        with backend_errors():  # a lookup in Milvus is a round trip: off the event loop
+            if await loop.run_in_executor(None, gallery.index.row_of, side, item_id) is None:
+                raise NotFound(f"no {side} with id {item_id!r} in the index", "unknown_id")
+            with self.metrics.timed("search", "id"):
+                hits = await loop.run_in_executor(
+                    None, partial(gallery.similar, side, item_id, k, offset=offset, filter=filter)
+                )
         return gallery, hits
 
     def _run_batch(self, modality: str, jobs: list[Job]) -> list[Hits]:
@@ -201,9 +205,10 @@ class Engine:
         """The file behind a gallery image id; ids come only from the index, never paths
         from clients."""
         gallery = self.current()
-        if not gallery.index.has("image") or gallery.index.row_of("image", image_id) is None:
-            raise NotFound(f"no gallery image with id {image_id!r}")
-        path = Path(gallery.image_path(image_id))
+        with backend_errors():
+            if not gallery.index.has("image") or gallery.index.row_of("image", image_id) is None:
+                raise NotFound(f"no gallery image with id {image_id!r}")
+            path = Path(gallery.image_path(image_id))
         if not path.is_file():
             raise NotFound(f"the file of gallery image {image_id!r} is missing on the server")
         return path
@@ -224,11 +229,11 @@ class Engine:
             target = version or await loop.run_in_executor(None, self.store.current)
             previous = self.gallery.version if self.gallery else None
             if target is None:
-                raise NotFound(f"no index under {self.store.root}")
+                raise NotFound(f"no index in {self.store.location}")
             if target == previous:
                 return previous, target
-            if not (self.store.version_dir(target) / "index.json").is_file():
-                raise NotFound(f"index version {target} not found under {self.store.root}")
+            if target not in await loop.run_in_executor(None, self.store.versions):
+                raise NotFound(f"index version {target} not found in {self.store.location}")
             bundle = self.bundle
             try:
                 info = await loop.run_in_executor(None, self.store.read_info, target)
@@ -325,7 +330,7 @@ class Engine:
             try:
                 target = await loop.run_in_executor(None, self.store.current)
             except OSError as exc:
-                log.warning("cannot read CURRENT under %s: %s", self.store.root, exc)
+                log.warning("cannot read the current version in %s: %s", self.store.location, exc)
                 continue
             if target in (None, self.gallery.version, self._rejected):
                 continue
@@ -341,6 +346,15 @@ def _group(indices: Iterable[int], key: Callable[[int], Hashable]) -> list[list[
     for i in indices:
         groups.setdefault(key(i), []).append(i)
     return list(groups.values())
+
+
+@contextlib.contextmanager
+def backend_errors() -> Iterator[None]:
+    """An index backend that fails (Milvus unreachable, a collection gone) answers 503."""
+    try:
+        yield
+    except OSError as exc:
+        raise NotReady(f"the index backend failed: {exc}", "backend_unavailable") from None
 
 
 def check_query(gallery: Searcher, side: str, filter: dict[str, Any] | None) -> None:
@@ -365,7 +379,7 @@ def counts(gallery: Searcher) -> dict[str, int]:
     return {side: index.live_count(side) if index.has(side) else 0 for side in ("image", "text")}
 
 
-def resolve_bundle(settings: Settings, store: IndexStore) -> tuple[Bundle, str]:
+def resolve_bundle(settings: Settings, store: Store) -> tuple[Bundle, str]:
     """The bundle to start with and the CURRENT version it was checked against:
     `settings.bundle`, or with `follow_bundle` the bundle CURRENT's index.json records when
     they differ (a pod restarted after a bundle swap); a mismatch is refused."""

@@ -240,7 +240,7 @@ class MilvusStore:
         if not any(counts.values()):
             raise ValueError(EMPTIED)
         start = int(current.info["next_row"])
-        batches = {}
+        batches: dict[str, Iterator[Batch]] = {}
         for side in counts:
             numbers = np.arange(start, start + len(plan.rows[side]), dtype=np.int64)
             start += len(plan.rows[side])
@@ -365,7 +365,7 @@ class MilvusStore:
     ) -> dict[str, Any]:
         """The cheapest search parameters reaching `target` recall@10 (else the best tried)."""
         k = min(K, info["count"])
-        measured = {
+        measured: dict[str, Any] = {
             "search_params": {},
             "recall_at_10": None,
             "target_recall": target,

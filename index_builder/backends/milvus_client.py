@@ -15,6 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from index_builder.faiss_index import ivf_lists
@@ -71,7 +72,8 @@ def errors(uri: str, action: str) -> Iterator[None]:
 
 def connect(uri: str, token: str | None, timeout: float = CONNECT_TIMEOUT_S) -> Any:
     """A MilvusClient, checked with one round trip; a bad URI is a ValueError, an unreachable
-    server a ConnectionError, a refused token a PermissionError."""
+    server a ConnectionError, a refused token a PermissionError, a milvus-lite file held by
+    another process an OSError."""
     from pymilvus import MilvusClient
     from pymilvus.exceptions import ConnectionConfigException
 
@@ -79,6 +81,12 @@ def connect(uri: str, token: str | None, timeout: float = CONNECT_TIMEOUT_S) -> 
         try:
             client = MilvusClient(uri=uri, token=token or "", timeout=timeout)
         except ConnectionConfigException as exc:
+            if uri.endswith(".db") and Path(uri).exists():
+                raise OSError(
+                    f"cannot open the milvus-lite file {uri} (is another process using it? a "
+                    "milvus-lite file serves one process at a time: share an index through a "
+                    "Milvus server)"
+                ) from None
             raise ValueError(f"bad Milvus URI {uri!r}: {exc.message}") from None
         try:
             client.list_collections(timeout=timeout)
