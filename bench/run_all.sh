@@ -2,7 +2,7 @@
 # Run every bench script one after another, then write docs/benchmarks.md (bench/report.py).
 #
 #   bench/run_all.sh                 # quick: fewer repetitions, galleries up to 100k, a tiny
-#                                    #   noise-filter run (about 15 min on 2 cores)
+#                                    #   noise-filter run (about 20 min on 2 cores)
 #   bench/run_all.sh --full          # full settings, 1M gallery, base preset (an hour or more)
 #   bench/run_all.sh --only two_stream_vs_cross,index_bench
 #   bench/run_all.sh --report-only   # just rebuild the report from bench/results/*.json
@@ -66,6 +66,7 @@ if [ "$REPORT_ONLY" = 0 ]; then
     bench train_throughput --preset lite --steps 2
     bench objective_cost --preset tiny
     bench service_load --demo-images 2000 --requests 200 --max-seconds 10
+    bench backends --size 100000 --queries 100 --filtered 10
     noise_filter --set model.preset=tiny --steps 50
   else
     bench two_stream_vs_cross --presets tiny,lite,base --sample-images 64 --reps 7
@@ -75,6 +76,7 @@ if [ "$REPORT_ONLY" = 0 ]; then
     bench objective_cost --preset tiny
     bench objective_cost --base training/recipes/ablation/cpu.yaml --preset "" --queue 1024
     bench service_load --demo-images 2000 --requests 400
+    bench backends --size 100000 --threads 2
     noise_filter --lam 2 --lam 1 --lam 0.5
   fi
 fi

@@ -63,6 +63,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     delete.add_argument("--keep", type=int, default=3, help="versions to keep (default 3)")
     _backend_args(delete)
     delete.set_defaults(func=_delete)
+    switch = actions.add_parser(
+        "switch",
+        help="make an existing version current (roll back or forward)",
+        description="Point CURRENT (Milvus: the alias) at a complete version; services "
+        "watching the index swap to it. `cots index info` lists the versions kept.",
+    )
+    switch.add_argument("root", help="index root directory")
+    switch.add_argument("version", help="the version to serve, e.g. v000003-20250101T120000Z")
+    _backend_args(switch)
+    switch.set_defaults(func=_switch)
     info = actions.add_parser("info", help="show the versions under an index root")
     info.add_argument("root", help="index root directory")
     info.add_argument("--version", help="show this version instead of the current one")
@@ -277,6 +287,13 @@ def _delete(args: argparse.Namespace) -> int:
     result = delete_ids(store, ids, args.side)
     print(result.summary())
     _print_version(store, result.version)
+    return 0
+
+
+def _switch(args: argparse.Namespace) -> int:
+    store = _store(args, args.root)
+    store.switch(args.version)
+    _print_version(store, args.version)
     return 0
 
 

@@ -60,6 +60,8 @@ def test_explicit_factory_and_add(tmp_path, tiny_bundle, gallery, capsys):
     said = capsys.readouterr().out
     assert "already present (skipped; --upsert replaces): 4 images, 8 texts" in said
     assert IndexStore(out).current() == second
+    assert main(["index", "switch", str(out), first]) == 0  # roll back
+    assert IndexStore(out).current() == first
 
 
 def test_add_with_another_bundle_is_refused(tmp_path, tiny_bundle, gallery, capsys):
