@@ -89,6 +89,12 @@ FIGURES = (
         ("service",),
     ),
     Figure(
+        "Service soak",
+        "soak*.json",
+        "python bench/soak.py --minutes 3",
+        ("soak",),
+    ),
+    Figure(
         "Filtered search and live changes of a collection",
         "collection*.json",
         "python bench/collection_bench.py --size 100000 --threads 2",
@@ -363,6 +369,29 @@ def plot_service(data: Any, out: Path) -> Path | None:
     return _barh(labels, values, "p50 latency (ms)", out)
 
 
+def plot_soak(data: Any, out: Path) -> Path | None:
+    rows = data.get("minutes", []) if isinstance(data, dict) else []
+    rows = [r for r in rows if isinstance(r, dict) and isinstance(r.get("p99_ms"), int | float)]
+    if not rows:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    minutes = [r["minute"] for r in rows]
+    for key in ("p50_ms", "p99_ms"):
+        ax.plot(minutes, [r[key] for r in rows], "o-", label=key.replace("_ms", ""))
+    ax.set_xlabel("minute")
+    ax.set_ylabel("latency (ms)")
+    ax.legend(loc="upper left")
+    rss = [r.get("rss_max_mb") for r in rows]
+    if all(isinstance(v, int | float) for v in rss):
+        twin = ax.twinx()
+        twin.plot(minutes, rss, "k--", label="server RSS")
+        twin.set_ylabel("server RSS (MB)")
+        twin.set_ylim(0, max(rss) * 1.2)
+        twin.legend(loc="upper right")
+    return _save(fig, out)
+
+
 RECALL = re.compile(r"recall.*10|r@?10", re.I)
 LATENCY = re.compile(r"latency|_ms$|ms_|p50", re.I)
 SIZE_KEYS = ("gallery", "gallery_size", "size", "n", "count", "vectors", "ntotal", "images")
@@ -451,6 +480,7 @@ PLOTS: dict[str, tuple[Callable[[Any, Path], Path | None], str]] = {
     "train": (plot_train, "training throughput per recipe"),
     "objectives": (plot_objectives, "training throughput per objective"),
     "service": (plot_service, "service p50 latency per endpoint and concurrency"),
+    "soak": (plot_soak, "soak: p50/p99 latency and server RSS per minute"),
     "recall_latency": (plot_recall_latency, "recall@10 against latency per index type"),
     "latency_size": (plot_latency_size, "latency against gallery size per index type"),
 }

@@ -66,6 +66,7 @@ if [ "$REPORT_ONLY" = 0 ]; then
     bench train_throughput --preset lite --steps 2
     bench objective_cost --preset tiny
     bench service_load --demo-images 2000 --requests 200 --max-seconds 10
+    bench soak --minutes 1
     bench backends --size 100000 --queries 100 --filtered 10
     noise_filter --set model.preset=tiny --steps 50
   else
@@ -76,6 +77,7 @@ if [ "$REPORT_ONLY" = 0 ]; then
     bench objective_cost --preset tiny
     bench objective_cost --base training/recipes/ablation/cpu.yaml --preset "" --queue 1024
     bench service_load --demo-images 2000 --requests 400
+    bench soak --minutes 10
     bench backends --size 100000 --threads 2
     noise_filter --lam 2 --lam 1 --lam 0.5
   fi

@@ -32,7 +32,7 @@ from index_builder.store import (
 
 log = logging.getLogger(__name__)
 OTHER = {"image": "text", "text": "image"}
-K = 10
+K = faiss_index.TUNE_K  # search parameters are tuned for recall@K
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@
       bundle.json          what a later stage needs to use the files (see `Bundle`)
 
 `training.export` writes bundles with `write_bundle`; indexing and serving read them with
-`Bundle.load`, which checks the description and the file hashes.
+`Bundle.load`, which checks the description, that `bundle_id` is the content address of the
+recorded hashes and preprocessing, and the files against their hashes.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ class Bundle:
                 f"{meta_path} has format_version {info['format_version']}, "
                 f"this version of cots reads {FORMAT_VERSION}"
             )
+        _check_id(info, meta_path)
         for name in FILES:
             file = path / name
             if not file.is_file():
@@ -101,6 +103,20 @@ def bundle_id_of(hashes: dict[str, str], embed_dim: int, specs: dict[str, Any]) 
     """Content address: the same files and preprocessing always give the same id."""
     blob = json.dumps({"files": hashes, "embed_dim": embed_dim, **specs}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _check_id(info: dict[str, Any], meta_path: Path) -> None:
+    """The recorded id must be the content address of the recorded hashes, dimension and
+    preprocessing: a file replaced with its hash updated changes the id, so an index built
+    with the old bundle refuses the edited one (its hashes are checked against the files)."""
+    specs = {"image_spec": info["image_spec"], "text_spec": info["text_spec"]}
+    expected = bundle_id_of(info["files"], info["embed_dim"], specs)
+    if info["bundle_id"] != expected:
+        raise ValueError(
+            f"{meta_path}: bundle_id {info['bundle_id']} does not follow from its content "
+            f"(its files, dimension and preprocessing give {expected}); the bundle was edited "
+            "after export: export it again"
+        )
 
 
 def write_bundle(

@@ -65,12 +65,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     delete.set_defaults(func=_delete)
     switch = actions.add_parser(
         "switch",
-        help="make an existing version current (roll back or forward)",
-        description="Point CURRENT (Milvus: the alias) at a complete version; services "
-        "watching the index swap to it. `cots index info` lists the versions kept.",
+        help="point CURRENT at an existing version (roll back or forward)",
+        description="Point CURRENT (Milvus: the alias) at an existing complete version, "
+        "atomically; running services follow it within their watch interval. See `cots index "
+        "info ROOT`.",
     )
     switch.add_argument("root", help="index root directory")
-    switch.add_argument("version", help="the version to serve, e.g. v000003-20250101T120000Z")
+    switch.add_argument("version", help="a version name, e.g. v000003-20250101T120000Z")
     _backend_args(switch)
     switch.set_defaults(func=_switch)
     info = actions.add_parser("info", help="show the versions under an index root")
@@ -293,7 +294,8 @@ def _delete(args: argparse.Namespace) -> int:
 def _switch(args: argparse.Namespace) -> int:
     store = _store(args, args.root)
     store.switch(args.version)
-    _print_version(store, args.version)
+    print(f"the current version in {store.location} now names {args.version}")
+    _print_info(store.read_info(args.version))
     return 0
 
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from index_builder.atomic import atomic_open, atomic_write_json, read_json
 from index_builder.bundle import Bundle
-from index_builder.preprocess import load_image, preprocess_images
+from index_builder.preprocess import load_image_for, preprocess_images
 from index_builder.store import META_FILES, SIDES, read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ class ShardEmbedder:
         images: list[Image.Image | None] = []
         for row in batch:
             try:
-                images.append(load_image(row["image"], self.spec.background))
+                images.append(load_image_for(row["image"], self.spec))
             except (ValueError, OSError) as exc:
                 log.warning("skipping gallery image %r: %s", row["id"], exc)
                 self.skipped.append({"id": row["id"], "reason": str(exc).splitlines()[0]})

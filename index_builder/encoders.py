@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from index_builder.bundle import Bundle
-from index_builder.preprocess import TextTokenizer, load_image, preprocess_images
+from index_builder.preprocess import TextTokenizer, load_image_for, preprocess_images
 
 
 def default_providers() -> list[str]:
@@ -107,7 +107,7 @@ class ImageEncoder:
         """Image files -> (B, D); decoding happens per batch, so memory stays bounded."""
 
         def run(s: slice) -> np.ndarray:
-            images = [load_image(p, self.spec.background) for p in paths[s]]
+            images = [load_image_for(p, self.spec) for p in paths[s]]
             return self.session.run(None, {"pixels": preprocess_images(images, self.spec)})[0]
 
         return _batched(len(paths), self.batch_size, run, self.bundle.embed_dim)

@@ -44,6 +44,10 @@ MAX_TRAIN = 200_000
 EXACT_ROWS = 1 << 16
 EXACT_FRACTION = 0.1
 MAX_EF = 4096
+# Search parameters are tuned for recall@10 (build.py); deeper searches widen them (`search`).
+TUNE_K = 10
+# HNSW: efSearch may double up to this many times k before a short query is answered exactly.
+WIDEN_LIMIT = 4
 SEARCH_GRID = {
     "nprobe": (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
     "efSearch": (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024),
@@ -230,6 +234,69 @@ def set_search_params(index: Any, params: dict[str, int]) -> None:
         space.set_index_parameter(index, name, value)
 
 
+def search(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k by inner product, (scores, rows), every row filled when the index holds k vectors.
+
+    Parameters tuned for recall@10 do not reach deep pages: HNSW returns at most about efSearch
+    rows, IVF only what its probed lists hold, and deeper ranks are found less reliably
+    (issue 17: k=100, offset=900 came back with 64 hits). For this call only (per-call
+    SearchParameters: the shared index and concurrent searches keep theirs), efSearch is raised
+    to at least k and nprobe scaled by k / TUNE_K, up to nlist; queries still short search
+    again with the parameter doubled, and an HNSW query still short at WIDEN_LIMIT x k is
+    answered exactly from the graph's own vectors (its flat storage)."""
+    param = tunable_param(index)
+    if param is None:
+        return index.search(queries, k)
+    base = search_param(index, param)
+    if param == "efSearch":
+        value = max(base, k)
+        limit = value * WIDEN_LIMIT
+    else:
+        limit = faiss.extract_index_ivf(index).nlist
+        value = min(limit, max(base, -(-base * k // TUNE_K)))
+    scores, rows = _search_with(index, queries, k, param, value)
+    short = (rows < 0).any(axis=1)
+    while short.any() and value < limit:
+        value = min(limit, 2 * value)
+        scores[short], rows[short] = _search_with(index, queries[short], k, param, value)
+        short = (rows < 0).any(axis=1)
+    if short.any():
+        log.warning("%d queries short at efSearch %d: searching them exactly", short.sum(), value)
+        storage = _hnsw(index).storage
+        scores[short], rows[short] = storage.search(queries[short], k)
+    return scores, rows
+
+
+def _search_with(
+    index: Any, queries: np.ndarray, k: int, param: str, value: int
+) -> tuple[np.ndarray, np.ndarray]:
+    # SearchParametersHNSW is missing from faiss's type stubs.
+    hnsw = faiss.SearchParametersHNSW  # type: ignore[attr-defined]
+    inner = hnsw() if param == "efSearch" else faiss.SearchParametersIVF()
+    setattr(inner, param, value)
+    params = inner
+    if isinstance(index, faiss.IndexPreTransform):  # OPQ in front of the IVF index
+        params = faiss.SearchParametersPreTransform()
+        params.index_params = inner  # a raw pointer: `inner` lives until this call returns
+    return index.search(queries, k, params=params)
+
+
+def _unwrapped(index: Any) -> Any:
+    return index.index if isinstance(index, faiss.IndexPreTransform) else index
+
+
+def _hnsw(index: Any) -> Any:
+    """The HNSW index itself: its graph (`hnsw`) and its vectors (`storage`)."""
+    return faiss.downcast_index(_unwrapped(index))
+
+
+def search_param(index: Any, param: str) -> int:
+    """The index's own value of `param` (as `tunable_param` names it)."""
+    if param == "nprobe":
+        return int(faiss.extract_index_ivf(index).nprobe)
+    return int(_hnsw(index).hnsw.efSearch)
+
+
 def tunable_param(index: Any) -> str | None:
     """`nprobe` for IVF indexes, `efSearch` for HNSW, None for exact ones."""
     try:
@@ -237,10 +304,7 @@ def tunable_param(index: Any) -> str | None:
         return "nprobe"
     except RuntimeError:
         pass
-    base = faiss.downcast_index(
-        index.index if isinstance(index, faiss.IndexPreTransform) else index
-    )
-    return "efSearch" if hasattr(base, "hnsw") else None
+    return "efSearch" if hasattr(_hnsw(index), "hnsw") else None
 
 
 def exact_knn(queries: np.ndarray, shards: Sequence[np.ndarray], k: int) -> np.ndarray:
@@ -308,28 +372,39 @@ def search_index(
     index: Any, stored: np.ndarray | None, queries: np.ndarray, k: int, mask: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k among the rows where `mask` is True (all rows when None): (scores, rows), k capped
-    at the allowed count, -1 where the index returns fewer.
+    at the allowed count, -1 where fewer are found.
 
-    Small allowed sets are searched exactly from the stored vectors; otherwise the index is
-    searched with an ID selector and nprobe/efSearch divided by the allowed fraction, so the
-    candidates a filter removes are made up for (and never fewer than k are looked at). Exact
-    (Flat) indexes always take the selector: it skips rows without copying any."""
+    Without a mask this is `search` (widened for deep pages). Small allowed sets are searched
+    exactly from the stored vectors; otherwise the index is searched with an ID selector and
+    nprobe/efSearch divided by the allowed fraction, so the candidates a filter removes are
+    made up for (and never fewer than k are looked at); queries still short are answered
+    exactly when the vectors are stored. Exact (Flat) indexes always take the selector: it
+    skips rows without copying any."""
     if mask is None:
-        k = min(k, index.ntotal)
-        return index.search(queries, k, params=_widened(index, k, 1.0, None))
+        return search(index, queries, min(k, index.ntotal))
     allowed = np.flatnonzero(mask)
     k = min(k, len(allowed))
     if k == 0:
         empty = np.zeros((len(queries), 0))
         return empty.astype(np.float32), empty.astype(np.int64)
     if stored is not None and exact_subset(len(allowed), len(mask), tunable_param(index)):
-        subset = np.ascontiguousarray(stored[allowed], dtype=np.float32)
-        scores, local = faiss.knn(queries, subset, k, METRIC)
-        return scores, np.where(local >= 0, allowed[np.maximum(local, 0)], -1)
+        return _exact_among(stored, allowed, queries, k)
     bits = np.packbits(mask, bitorder="little")
     selector = faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bits))
     params = _widened(index, k, len(allowed) / index.ntotal, selector)
-    return index.search(queries, k, params=params)
+    scores, rows = index.search(queries, k, params=params)
+    short = (rows < 0).any(axis=1)
+    if short.any() and stored is not None:
+        scores[short], rows[short] = _exact_among(stored, allowed, queries[short], k)
+    return scores, rows
+
+
+def _exact_among(
+    stored: np.ndarray, allowed: np.ndarray, queries: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    subset = np.ascontiguousarray(stored[allowed], dtype=np.float32)
+    scores, local = faiss.knn(queries, subset, k, METRIC)
+    return scores, np.where(local >= 0, allowed[np.maximum(local, 0)], -1)
 
 
 def exact_subset(allowed: int, total: int, param: str | None) -> bool:
@@ -338,20 +413,27 @@ def exact_subset(allowed: int, total: int, param: str | None) -> bool:
 
 
 def _widened(index: Any, k: int, fraction: float, selector: Any) -> Any:
-    """Search parameters for a k-deep search over `fraction` of the rows."""
+    """Search parameters for a k-deep search over `fraction` of the rows, with `selector`."""
     param = tunable_param(index)
+    if param is None:
+        params = faiss.SearchParameters()
+        params.sel = selector
+        return params
+    inner: Any
     if param == "nprobe":
         ivf = faiss.extract_index_ivf(index)
         per_list = max(1.0, fraction * ivf.ntotal / ivf.nlist)
         wanted = max(ivf.nprobe / fraction, 2 * k / per_list)
-        params: Any = faiss.SearchParametersIVF()
-        params.nprobe = int(min(ivf.nlist, math.ceil(wanted)))
-    elif param == "efSearch":
-        ef = faiss.downcast_index(index).hnsw.efSearch  # type: ignore[attr-defined]
-        params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]
-        params.efSearch = int(max(k, min(MAX_EF, math.ceil(ef / fraction))))
+        value = int(min(ivf.nlist, math.ceil(wanted)))
+        inner = faiss.SearchParametersIVF()
     else:
-        params = faiss.SearchParameters()
-    if selector is not None:
-        params.sel = selector
-    return params
+        value = int(max(k, min(MAX_EF, math.ceil(search_param(index, param) / fraction))))
+        inner = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]
+    setattr(inner, param, value)
+    inner.sel = selector
+    if not isinstance(index, faiss.IndexPreTransform):
+        return inner
+    outer = faiss.SearchParametersPreTransform()  # OPQ in front of the IVF index
+    outer.index_params = inner  # a raw pointer: `inner` lives until the search returns
+    outer.sel = selector
+    return outer

@@ -19,6 +19,14 @@ from PIL import Image, ImageOps
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Long side over short side; past it a centre crop keeps almost nothing of the image, and
+# scaling the short side to the model's size scales the long side with it (issue 17: a
+# 1x20000 PNG of 100 bytes cost 2.8 GB). Gallery images past it are unreadable to the indexer.
+MAX_ASPECT_RATIO = 20.0
+# Large downscales first shrink by an integer factor (JPEG draft, Image.reduce) while at least
+# this many times the target size remains, then resample; Pillow's `thumbnail` does the same,
+# and 3 is where it calls the result indistinguishable from resampling the full image.
+REDUCING_GAP = 3.0
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 # Decompression-bomb guard for every decode (the service also checks bytes before this).
@@ -53,17 +61,36 @@ class ImageSpec:
         return cls(**obj)
 
 
+def check_aspect_ratio(width: int, height: int, limit: float) -> None:
+    """Refuse an image whose long side is over `limit` times its short side (ValueError)."""
+    if min(width, height) < 1:
+        raise ValueError(f"the image has no pixels ({width}x{height})")
+    if max(width, height) > limit * min(width, height):
+        raise ValueError(
+            f"{width}x{height} is too thin: the long side is over {limit:g} times the short one"
+        )
+
+
 def load_image(
-    source: str | Path | bytes, background: Sequence[int] = (255, 255, 255)
+    source: str | Path | bytes,
+    background: Sequence[int] = (255, 255, 255),
+    max_aspect_ratio: float | None = None,
+    min_side: int | None = None,
 ) -> Image.Image:
     """Decode a file or bytes to RGB; transparency is flattened onto `background`.
 
     Clip art and emoji are mostly transparent: dropping alpha would turn them black.
-    Raises ValueError for data that is not a decodable image.
+    With `max_aspect_ratio`, the shape is checked from the header before any pixel is decoded;
+    with `min_side`, a JPEG decodes at a reduced scale (1/2 to 1/8) whose short side is still
+    at least `min_side`. Raises ValueError for data that is not a decodable image.
     """
     try:
         handle = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")  # noqa: SIM115
         with handle, Image.open(handle) as opened:
+            if max_aspect_ratio is not None:
+                check_aspect_ratio(*opened.size, max_aspect_ratio)
+            if min_side is not None:
+                opened.draft(None, (min_side, min_side))
             opened.load()
             return _to_rgb(ImageOps.exif_transpose(opened), tuple(background))
     except Image.DecompressionBombError as exc:
@@ -72,6 +99,16 @@ def load_image(
         if isinstance(exc, FileNotFoundError):
             raise
         raise ValueError(f"not a readable image: {exc}") from None
+
+
+def load_image_for(
+    source: str | Path | bytes, spec: ImageSpec, max_aspect_ratio: float = MAX_ASPECT_RATIO
+) -> Image.Image:
+    """Decode an image that `preprocess_image(image, spec)` will take: extreme shapes are
+    refused before decoding, and large JPEGs decode at a reduced scale. The indexer and the
+    service read images through here; their work per image is bounded by the spec."""
+    min_side = round(spec.resize * REDUCING_GAP)
+    return load_image(source, spec.background, max_aspect_ratio, min_side)
 
 
 def _to_rgb(image: Image.Image, background: tuple[int, ...]) -> Image.Image:
@@ -84,14 +121,22 @@ def _to_rgb(image: Image.Image, background: tuple[int, ...]) -> Image.Image:
 
 
 def preprocess_image(image: Image.Image, spec: ImageSpec) -> np.ndarray:
-    """One RGB image -> (3, size, size) float32, normalised."""
+    """One RGB image -> (3, size, size) float32, normalised.
+
+    Only the source region that the centre crop keeps is resampled (Pillow's `box`): the same
+    pixels as resizing the whole image and cropping, at a cost bounded by size x size whatever
+    the aspect ratio; a large downscale first reduces by an integer factor (REDUCING_GAP).
+    """
     width, height = image.size
     scale = spec.resize / min(width, height)
     new_size = (max(spec.size, round(width * scale)), max(spec.size, round(height * scale)))
-    image = image.resize(new_size, _RESAMPLE[spec.interpolation])
     left = (new_size[0] - spec.size) // 2
     top = (new_size[1] - spec.size) // 2
-    image = image.crop((left, top, left + spec.size, top + spec.size))
+    sx, sy = width / new_size[0], height / new_size[1]  # source pixels per resized pixel
+    box = (left * sx, top * sy, (left + spec.size) * sx, (top + spec.size) * sy)
+    image = image.resize(
+        (spec.size, spec.size), _RESAMPLE[spec.interpolation], box=box, reducing_gap=REDUCING_GAP
+    )
     pixels = np.asarray(image, dtype=np.float32) / np.float32(255.0)  # (H, W, 3)
     mean = np.asarray(spec.mean, np.float32)
     std = np.asarray(spec.std, np.float32)

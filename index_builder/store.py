@@ -44,7 +44,14 @@ INDEX_FILES = {"image": "image.faiss", "text": "text.faiss"}
 # tombstoned row numbers (deleted or replaced items, skipped by every search).
 VECTOR_FILES = {"image": "image.npy", "text": "text.npy"}
 DELETED_FILES = {"image": "image.deleted.npy", "text": "text.deleted.npy"}
-_VERSION = re.compile(r"^v(\d{6})-\d{8}T\d{6}Z$")
+# A version name, e.g. v000042-20250101T120000Z (ASCII digits; whole string, no newline).
+VERSION_PATTERN = r"^v([0-9]{6})-[0-9]{8}T[0-9]{6}Z$"
+_VERSION = re.compile(VERSION_PATTERN.removeprefix("^").removesuffix("$"))
+
+
+def is_version_name(name: str) -> bool:
+    """A version's name as builds make them: never a path, so never outside the root."""
+    return _VERSION.fullmatch(name) is not None
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -263,7 +270,7 @@ class IndexStore:
         """Complete versions, oldest first."""
         if not self.versions_dir.is_dir():
             return []
-        return sorted(p.name for p in self.versions_dir.iterdir() if _VERSION.match(p.name))
+        return sorted(p.name for p in self.versions_dir.iterdir() if is_version_name(p.name))
 
     def current(self) -> str | None:
         pointer = self.root / CURRENT
@@ -273,6 +280,10 @@ class IndexStore:
         return name or None
 
     def version_dir(self, version: str) -> Path:
+        if not is_version_name(version):
+            raise ValueError(
+                f"{version[:40]!r} is not an index version name (vNNNNNN-YYYYMMDDTHHMMSSZ)"
+            )
         return self.versions_dir / version
 
     def read_info(self, version: str | None = None) -> dict[str, Any]:
@@ -363,7 +374,7 @@ class IndexStore:
 
 def next_version_name(existing: Iterable[str]) -> str:
     """The name after the highest of `existing`: v<number>-<UTC time>."""
-    numbers = [int(m.group(1)) for v in existing if (m := _VERSION.match(v))]
+    numbers = [int(m.group(1)) for v in existing if (m := _VERSION.fullmatch(v))]
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     return f"v{max(numbers, default=0) + 1:06d}-{stamp}"
 

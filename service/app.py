@@ -16,7 +16,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.engine import Engine
-from service.errors import TooLarge, error_response, install_error_handlers
+from service.errors import BodyTimeout, TooLarge, error_response, install_error_handlers
 from service.metrics import Metrics, MetricsMiddleware
 from service.routes import admin, api, public
 from service.settings import Settings
@@ -34,34 +34,45 @@ When the service has an API key, send it as `X-API-Key` or `Authorization: Beare
 
 
 class BodyLimitMiddleware:
-    """Refuses request bodies over `max_bytes` (413) before they are read into memory."""
+    """Guards request bodies on their way in: over `max_bytes` is 413 (at once by
+    Content-Length, else as the chunks arrive), and a body that stops short, no chunk for
+    `timeout_s`, is 408 instead of holding the connection until the client gives up."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         length = dict(scope["headers"]).get(b"content-length", b"")
-        if length.isdigit() and int(length) > self.max_bytes:
+        if length.isdigit() and (len(length) > 18 or int(length) > self.max_bytes):
             response = error_response(
                 413, f"request body over the limit of {self.max_bytes} bytes", "too_large"
             )
             await response(scope, receive, send)
             return
-        received = 0
+        received, complete = 0, False
 
-        async def limited() -> Message:
-            nonlocal received
-            message = await receive()
+        async def guarded() -> Message:
+            nonlocal received, complete
+            if complete:  # later calls wait for a disconnect: no timeout there
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout_s)
+            except TimeoutError:
+                raise BodyTimeout(
+                    f"the request body stalled: nothing arrived for {self.timeout_s:g} s"
+                ) from None
             received += len(message.get("body", b""))
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
             if received > self.max_bytes:
                 raise TooLarge(f"request body over the limit of {self.max_bytes} bytes")
             return message
 
-        await self.app(scope, limited, send)
+        await self.app(scope, guarded, send)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -102,9 +113,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.thumbnails = ThumbnailCache(settings.thumbnail_cache)
     install_error_handlers(app)
-    # Base64 inflates by 4/3; leave room for JSON and multipart framing.
-    body_limit = settings.max_batch * settings.max_image_bytes * 4 // 3 + (1 << 16)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=body_limit)
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
+    )
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

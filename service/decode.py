@@ -1,5 +1,5 @@
-"""Untrusted input: image search requests (multipart or JSON base64) read into bytes, base64,
-byte and pixel limits checked before decoding, safe formats, and metadata filters."""
+"""Untrusted input: image search requests (multipart or JSON base64) read into bytes; base64,
+byte, pixel and shape limits checked before decoding, safe formats; metadata filters."""
 
 from __future__ import annotations
 
@@ -19,7 +19,13 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from index_builder.preprocess import ImageSpec, load_image, preprocess_image
+from index_builder.preprocess import (
+    ImageSpec,
+    check_aspect_ratio,
+    load_image,
+    load_image_for,
+    preprocess_image,
+)
 from service.errors import BadContent, InvalidInput, TooLarge, UnsupportedMedia
 from service.metrics import Metrics
 from service.schemas import AddItems, ImageQuery, TextItem
@@ -60,9 +66,11 @@ def decode_base64(text: str, max_bytes: int, label: str) -> bytes:
     return data
 
 
-def check_image(data: bytes, max_bytes: int, max_pixels: int, label: str) -> str:
-    """Read only the header: refuse non-images, unsafe formats and oversized dimensions;
-    returns the format ("PNG", "JPEG"...)."""
+def check_image(
+    data: bytes, max_bytes: int, max_pixels: int, max_aspect_ratio: float, label: str
+) -> str:
+    """Read only the header: refuse non-images, unsafe formats, oversized dimensions and
+    extreme shapes; returns the format ("PNG", "JPEG"...)."""
     if not data:
         raise InvalidInput(f"{label}: the image is empty")
     if len(data) > max_bytes:
@@ -87,16 +95,25 @@ def check_image(data: bytes, max_bytes: int, max_pixels: int, label: str) -> str
             f"{label}: {width}x{height} is over the limit of {max_pixels} pixels",
             code="too_many_pixels",
         )
+    try:
+        check_aspect_ratio(width, height, max_aspect_ratio)
+    except ValueError as exc:
+        raise InvalidInput(f"{label}: {exc}", "extreme_aspect_ratio") from None
     return fmt
 
 
 def image_to_pixels(
-    data: bytes, spec: ImageSpec, max_bytes: int, max_pixels: int, label: str
+    data: bytes,
+    spec: ImageSpec,
+    max_bytes: int,
+    max_pixels: int,
+    max_aspect_ratio: float,
+    label: str,
 ) -> np.ndarray:
     """Checked bytes -> (3, S, S) float32 with the bundle's preprocessing."""
-    check_image(data, max_bytes, max_pixels, label)
+    check_image(data, max_bytes, max_pixels, max_aspect_ratio, label)
     try:
-        image = load_image(data, spec.background)
+        image = load_image_for(data, spec, max_aspect_ratio)
     except ValueError:
         raise BadContent(f"{label}: the image data is truncated or corrupt") from None
     return preprocess_image(image, spec)
@@ -111,7 +128,12 @@ def images_to_pixels(
         with metrics.timed("decode", "image"):
             pixels.append(
                 image_to_pixels(
-                    data, spec, settings.max_image_bytes, settings.max_image_pixels, name
+                    data,
+                    spec,
+                    settings.max_image_bytes,
+                    settings.max_image_pixels,
+                    settings.max_aspect_ratio,
+                    name,
                 )
             )
     return pixels
@@ -166,11 +188,33 @@ async def read_image_search(
     )
 
 
-async def read_json(request: Request) -> Any:
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) as soon as it passes `limit` bytes. Routes read their
+    own bodies so that the key (a dependency) is checked before any of it is read."""
+    length = request.headers.get("content-length", "")
+    if length.isascii() and length.isdigit() and (len(length) > 18 or int(length) > limit):
+        raise TooLarge(f"request body over the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(f"request body over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_json(body: bytes) -> Any:
     try:
-        return await request.json()
-    except ValueError:
+        return json.loads(body)
+    except RecursionError:
+        raise BadContent("the request body is nested too deeply", "malformed_json") from None
+    except ValueError:  # JSONDecodeError, bad UTF-8, an integer of over 4300 digits
         raise BadContent("the request body is not valid JSON", "malformed_json") from None
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The request body as JSON, read up to `limit` bytes."""
+    return parse_json(await read_body(request, limit))
 
 
 def validate(model: type[Any], body: Any) -> Any:
@@ -186,7 +230,7 @@ def validate(model: type[Any], body: Any) -> Any:
 async def _read_json_images(
     request: Request, settings: Settings, model: type[ImageQuery]
 ) -> ImageSearch:
-    query = validate(model, await read_json(request))
+    query = validate(model, await read_json(request, settings.max_body_bytes))
     if getattr(query, "id", None) is not None:
         return ImageSearch([], [], query.k, query.offset, query.filter, query.id)
     single = query.image is not None
@@ -200,7 +244,7 @@ async def _read_json_images(
     return ImageSearch(names, payloads, query.k, query.offset, query.filter)
 
 
-_INTEGER = re.compile(r"[0-9]{1,9}")
+_INTEGER = re.compile(r"[+-]?[0-9]{1,18}")  # ASCII digits only: int() reads '٣' too
 
 
 def form_int(value: Any, name: str) -> int | None:
@@ -285,7 +329,7 @@ async def read_items(request: Request, settings: Settings) -> Items:
     if kind == "multipart/form-data":
         items = await _read_item_form(request, settings)
     elif is_json(kind):
-        body: AddItems = validate(AddItems, await read_json(request))
+        body: AddItems = validate(AddItems, await read_json(request, settings.max_body_bytes))
         images = [
             Upload(
                 item.id,
@@ -385,7 +429,13 @@ def check_upload(upload: Upload, settings: Settings) -> str:
     """Decode an uploaded image fully (a truncated file is refused here, not in the index
     build); returns the file extension of its format."""
     label = f"image {upload.id!r}"
-    fmt = check_image(upload.data, settings.max_image_bytes, settings.max_image_pixels, label)
+    fmt = check_image(
+        upload.data,
+        settings.max_image_bytes,
+        settings.max_image_pixels,
+        settings.max_aspect_ratio,
+        label,
+    )
     try:
         load_image(upload.data)
     except ValueError:

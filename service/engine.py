@@ -23,10 +23,10 @@ from index_builder.collection import Change, ChangeResult, change, delete_ids
 from index_builder.encoders import Encoders
 from index_builder.search import Searcher
 from index_builder.sources import store_file
-from index_builder.store import check_bundle
+from index_builder.store import check_bundle, is_version_name
 from service.batching import MicroBatcher
 from service.decode import Items
-from service.errors import Conflict, InvalidInput, NotFound, NotReady
+from service.errors import Conflict, InvalidInput, NotFound, NotReady, ServiceError, without_paths
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -69,8 +69,13 @@ class Engine:
         self.executor = ThreadPoolExecutor(settings.batch_workers, thread_name_prefix="cots-encode")
         self.gallery: Searcher | None = None
         self.encoders: Encoders | None = None  # the served bundle's (ready before a gallery)
-        self.load_error: str | None = None
+        self.load_error: str | None = None  # why the first load failed (for the log only)
         self._rejected: str | None = None
+        # While no version is served after a failed first load: the version that failed,
+        # and when (event-loop time) and after how long a delay the watcher tries again.
+        self._failed: str | None = None
+        self._retry_at = 0.0
+        self._retry_delay = settings.watch_interval_s
         self._swap_lock = asyncio.Lock()
         self._change_lock = asyncio.Lock()
         wait = settings.batch_wait_ms / 1000
@@ -103,8 +108,11 @@ class Engine:
                 self.executor, self._open_gallery, self._first, self.encoders
             )
         except (OSError, ValueError, KeyError) as exc:
-            self.load_error = str(exc)
-            log.error("loading failed: %s", exc)
+            self.load_error, self._failed = str(exc), self._first
+            delay = self._schedule_retry(loop.time())
+            log.error(
+                "loading index version %s failed (retry in %.3g s): %s", self._first, delay, exc
+            )
             return
         self._install(gallery)
         log.info("ready: bundle %s, index version %s", self.bundle.bundle_id, gallery.version)
@@ -127,16 +135,23 @@ class Engine:
     def _install(self, gallery: Searcher) -> None:
         self.gallery = gallery  # the one assignment requests see: the triple changes at once
         self.encoders, self.bundle = gallery.encoders, gallery.bundle
+        self.load_error = None
         for side, count in counts(gallery).items():
             self.metrics.gallery_size.labels(side).set(count)
         self.metrics.ready.set(1)
 
     def current(self) -> Searcher:
+        """The searcher to serve with; NotReady (a code and a short reason, never the load
+        error, which may name server paths) while none is loaded."""
         gallery = self.gallery
-        if gallery is None:
-            reason = f": {self.load_error}" if self.load_error else " (loading)"
-            raise NotReady(f"the service is not ready{reason}")
-        return gallery
+        if gallery is not None:
+            return gallery
+        if self.load_error is not None:
+            raise NotReady(
+                "the service could not load its index and keeps retrying (details in the log)",
+                code="load_failed",
+            )
+        raise NotReady("the service is loading its bundle and index")
 
     # -- search ----------------------------------------------------------------------------
 
@@ -221,42 +236,72 @@ class Engine:
         Returns (previous version, served version). A version built with another bundle is
         refused (Conflict) unless `follow_bundle` is on; then the bundle its index.json records
         is loaded and verified, its encoders opened, and bundle, encoders and index swap
-        together. A version that cannot be read is refused; the old one keeps serving."""
+        together. A version that cannot be read is refused; the old one keeps serving. An
+        explicit `version` (a rollback, say) becomes CURRENT, through the store's atomic
+        switch, before it serves, so the watcher agrees with it."""
         if self.encoders is None:
             raise NotReady("the service is still loading its encoders")
+        if version is not None and not is_version_name(version):
+            raise InvalidInput(f"version: {version[:40]!r} is not an index version name")
         async with self._swap_lock:
             loop = asyncio.get_running_loop()
             target = version or await loop.run_in_executor(None, self.store.current)
             previous = self.gallery.version if self.gallery else None
             if target is None:
-                raise NotFound(f"no index in {self.store.location}")
-            if target == previous:
-                return previous, target
-            if target not in await loop.run_in_executor(None, self.store.versions):
-                raise NotFound(f"index version {target} not found in {self.store.location}")
-            bundle = self.bundle
-            try:
-                info = await loop.run_in_executor(None, self.store.read_info, target)
-                if self.settings.follow_bundle and info.get("bundle_id") != bundle.bundle_id:
-                    bundle = await loop.run_in_executor(None, load_recorded_bundle, info, target)
-                check_bundle(bundle, info, target)
-            except (OSError, ValueError) as exc:
-                raise self._refuse(target, "rejected", exc) from None
-            try:
-                encoders = self.encoders
-                if bundle is not self.bundle:  # new towers load while the old ones serve
-                    encoders = await loop.run_in_executor(None, self._open_encoders, bundle)
-                gallery = await loop.run_in_executor(None, self._open_gallery, target, encoders)
-            except (OSError, ValueError, KeyError) as exc:
-                raise self._refuse(target, "failed", exc) from None
-            old_bundle = self.bundle.bundle_id
-            self._install(gallery)
-            self._rejected = None
-            self.metrics.swaps.labels("swapped").inc()
-            log.info("swapped index version %s -> %s", previous, target)
-            if gallery.bundle.bundle_id != old_bundle:
-                log.info("swapped bundle %s -> %s", old_bundle, gallery.bundle.bundle_id)
+                raise NotFound("no index version is current (CURRENT is missing)")
+            if not is_version_name(target):
+                raise NotFound(f"CURRENT names no index version ({target[:40]!r})")
+            gallery = await self._prepare(target) if target != previous else None
+            if version is not None:
+                await loop.run_in_executor(None, self._point_current, version)
+            if gallery is not None:
+                self._swap(gallery, previous)
             return previous, target
+
+    async def _prepare(self, target: str) -> Searcher:
+        """Read, check and open a version (and its bundle's encoders when it swaps too)."""
+        loop = asyncio.get_running_loop()
+        if target not in await loop.run_in_executor(None, self.store.versions):
+            raise NotFound(f"index version {target} not found")
+        bundle = self.bundle
+        try:
+            info = await loop.run_in_executor(None, self.store.read_info, target)
+            if self.settings.follow_bundle and info.get("bundle_id") != bundle.bundle_id:
+                bundle = await loop.run_in_executor(None, load_recorded_bundle, info, target)
+            check_bundle(bundle, info, target)
+        except (OSError, ValueError) as exc:
+            raise self._refuse(target, "rejected", exc) from None
+        try:
+            encoders = self.encoders
+            assert encoders is not None
+            if bundle is not self.bundle:  # new towers load while the old ones serve
+                encoders = await loop.run_in_executor(None, self._open_encoders, bundle)
+            return await loop.run_in_executor(None, self._open_gallery, target, encoders)
+        except (OSError, ValueError, KeyError) as exc:
+            raise self._refuse(target, "failed", exc) from None
+
+    def _point_current(self, version: str) -> None:
+        if self.store.current() == version:
+            return
+        try:
+            self.store.switch(version)
+        except OSError as exc:
+            log.error("cannot point CURRENT at %s: %s", version, exc)
+            raise Conflict(
+                f"cannot point CURRENT at {version} (is the index root read-only?); not "
+                "swapping, since the watcher would follow CURRENT back",
+                code="current_not_writable",
+            ) from None
+        log.info("CURRENT now names %s (an explicit reload)", version)
+
+    def _swap(self, gallery: Searcher, previous: str | None) -> None:
+        old_bundle = self.bundle.bundle_id
+        self._install(gallery)
+        self._rejected = None
+        self.metrics.swaps.labels("swapped").inc()
+        log.info("swapped index version %s -> %s", previous, gallery.version)
+        if gallery.bundle.bundle_id != old_bundle:
+            log.info("swapped bundle %s -> %s", old_bundle, gallery.bundle.bundle_id)
 
     # -- changes to the collection ----------------------------------------------------------
 
@@ -313,31 +358,68 @@ class Engine:
         return change(self.store, gallery.index, request, bundle_path=gallery.bundle.path)
 
     def _refuse(self, version: str, result: str, exc: Exception) -> Conflict:
+        """Count and log a refused version; the client's reason names no server path, and an
+        unreadable version's (FAISS's own text included) stays in the log."""
         self.metrics.swaps.labels(result).inc()
         self._rejected = version
         log.error("not swapping to index version %s (%s): %s", version, result, exc)
-        return Conflict(f"not swapping to index version {version}: {exc}", code=f"swap_{result}")
+        reason = (
+            without_paths(str(exc))
+            if result == "rejected"
+            else "its files cannot be read (details in the log)"
+        )
+        return Conflict(f"not swapping to index version {version}: {reason}", code=f"swap_{result}")
 
     async def watch(self) -> None:
         """Poll CURRENT; swap when it names a new version (a refused one is not retried
-        until CURRENT moves again)."""
+        until CURRENT moves again). While a failed first load leaves nothing to serve, retry:
+        at once when CURRENT moves, else after a delay that doubles from the poll interval up
+        to `load_retry_max_s`."""
         interval = self.settings.watch_interval_s
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(interval)
-            if self.gallery is None:
-                continue
             try:
                 target = await loop.run_in_executor(None, self.store.current)
             except OSError as exc:
-                log.warning("cannot read the current version in %s: %s", self.store.location, exc)
+                log.warning("cannot read CURRENT: %s", exc)
+                continue
+            if self.gallery is None:
+                failed = self.load_error is not None
+                if failed and (target != self._failed or loop.time() >= self._retry_at):
+                    await self._recover(target)
                 continue
             if target in (None, self.gallery.version, self._rejected):
                 continue
             try:
-                await self.reload(target)
-            except (Conflict, NotFound) as exc:
+                await self.reload()  # what CURRENT names once the swap lock is held
+            except ServiceError as exc:
                 log.warning("index watcher: %s", exc.detail)
+
+    def _schedule_retry(self, now: float) -> float:
+        """The delay before the next retry of a failed first load; each one doubles it."""
+        delay = self._retry_delay
+        self._retry_delay = min(2 * delay, self.settings.load_retry_max_s)
+        self._retry_at = now + delay
+        return delay
+
+    async def _recover(self, target: str | None) -> None:
+        """Retry the failed first load with the version CURRENT names now."""
+        loop = asyncio.get_running_loop()
+        self._failed = target
+        try:
+            if self.encoders is None:
+                self.encoders = await loop.run_in_executor(
+                    self.executor, self._open_encoders, self.bundle
+                )
+            await self.reload()
+        except (OSError, ValueError, KeyError, ServiceError) as exc:
+            delay = self._schedule_retry(loop.time())
+            reason = exc.detail if isinstance(exc, ServiceError) else exc
+            log.warning("still no index to serve (next retry in %.3g s): %s", delay, reason)
+            return
+        assert self.gallery is not None
+        log.info("recovered: serving index version %s", self.gallery.version)
 
 
 def _group(indices: Iterable[int], key: Callable[[int], Hashable]) -> list[list[int]]:

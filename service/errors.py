@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -67,14 +69,37 @@ class Conflict(ServiceError):
     code = "conflict"
 
 
+class BodyTimeout(ServiceError):
+    status = 408
+    code = "body_timeout"
+
+
 class NotReady(ServiceError):
     status = 503
     code = "not_ready"
 
 
-def error_response(status: int, detail: str, code: str) -> JSONResponse:
-    headers = {"WWW-Authenticate": 'Bearer realm="cots"'} if status == 401 else None
+def error_response(
+    status: int, detail: str, code: str, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    headers = dict(headers or {})
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="cots"'
+    if status in (408, 413):  # the rest of the body is unread: the connection cannot be reused
+        headers["Connection"] = "close"
     return JSONResponse({"detail": detail, "code": code}, status_code=status, headers=headers)
+
+
+# An absolute path in a message: from a slash not inside a word, up to a space or quote.
+_PATH = re.compile(r"(?<![\w.~-])/[^\s'\":,()]*")
+
+
+def without_paths(message: str, limit: int = 300) -> str:
+    """A library error's message fit for a client: the first line, every absolute path cut to
+    its last component (the server's layout stays in the log), at most `limit` characters."""
+    line = message.strip().splitlines()[0] if message.strip() else ""
+    line = _PATH.sub(lambda m: m.group(0).rstrip("/").rsplit("/", 1)[-1] or "/", line)
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _validation_detail(exc: RequestValidationError) -> str:
@@ -107,7 +132,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
         codes = {404: "not_found", 405: "method_not_allowed"}
-        return error_response(exc.status_code, str(exc.detail), codes.get(exc.status_code, "http"))
+        code = codes.get(exc.status_code, "http")
+        return error_response(exc.status_code, str(exc.detail), code, exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -8,10 +8,11 @@ from collections.abc import Sequence
 from typing import Annotated, Any
 from urllib.parse import quote
 
-from fastapi import APIRouter, Body, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 
 from index_builder.collection import ChangeResult
 from index_builder.search import Searcher
@@ -19,8 +20,12 @@ from service.decode import (
     check_batch,
     check_upload,
     images_to_pixels,
+    parse_json,
+    read_body,
     read_image_search,
     read_items,
+    read_json,
+    validate,
 )
 from service.deps import EngineDep, SettingsDep, require_admin_key, require_api_key, require_json
 from service.engine import Engine, Hits, counts
@@ -48,22 +53,40 @@ from service.schemas import (
 from service.settings import Settings
 
 THUMBNAIL_SIZE = 256
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody, "description": text}
-    for code, text in {
-        400: "undecodable input (malformed JSON or base64, corrupt image)",
-        401: "missing or wrong API key",
-        404: "an unknown id, or a search of an index side this index does not hold",
-        413: "an image or the request is over the size or pixel limit",
-        415: "wrong Content-Type, or an upload that is not an image",
-        422: "invalid request (empty or long text, k out of range, a bad filter...)",
-        503: "the bundle and index are still loading",
-    }.items()
+RELOAD_BODY_BYTES = 16384
+_ERROR_TEXT = {
+    400: "undecodable input (malformed or too deeply nested JSON, malformed base64, corrupt image)",
+    401: "missing or wrong key",
+    403: "admin endpoints are disabled (no admin key is configured)",
+    404: "an unknown id, a search of a side this index does not hold, or no such gallery "
+    "image or index version",
+    408: "the request body stalled for longer than the read timeout",
+    409: "the index version was refused (built with another bundle, or unreadable); the old "
+    "one keeps serving",
+    413: "an image or the request is over the size or pixel limit",
+    415: "wrong Content-Type, or an upload that is not an image",
+    422: "invalid request (empty or long text, k or offset out of range, batch over the limit, "
+    "an image too thin, a malformed version name...)",
+    503: "the bundle and index are still loading, or failed to load (retried)",
 }
 
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorBody, "description": _ERROR_TEXT[status]} for status in statuses}
+
+
+def _json_body(model: type[BaseModel], required: bool = True) -> dict[str, Any]:
+    """The OpenAPI request body of a route that reads and validates its JSON itself."""
+    schema = {"application/json": {"schema": model.model_json_schema()}}
+    return {"requestBody": {"required": required, "content": schema}}
+
+
 public = APIRouter()
-api = APIRouter(dependencies=[Depends(require_api_key)], responses=ERRORS)
-admin = APIRouter(prefix="/admin", dependencies=[Depends(require_admin_key)], responses=ERRORS)
+api = APIRouter(dependencies=[Depends(require_api_key)], responses=_errors(401))
+admin = APIRouter(
+    prefix="/admin", dependencies=[Depends(require_admin_key)], responses=_errors(401, 403)
+)
+_SEARCH_ERRORS = _errors(400, 408, 413, 415, 422, 503)
 
 
 # -- liveness and readiness (no key: probes must reach them) --------------------------------
@@ -75,9 +98,10 @@ async def health() -> Status:
     return Status(status="ok")
 
 
-@public.get("/ready", response_model=Status, tags=["status"], responses={503: {"model": ErrorBody}})
+@public.get("/ready", response_model=Status, tags=["status"], responses=_errors(503))
 async def ready(engine: EngineDep) -> Status:
-    """200 once the bundle and an index are loaded, 503 before."""
+    """200 once the bundle and an index are loaded; 503 before, with code `not_ready` while
+    loading and `load_failed` after a failed load (retried; the details are in the log)."""
     engine.current()
     return Status(status="ready")
 
@@ -152,9 +176,14 @@ def _respond(
     pages = [
         [make_hit(request, gallery, hit, settings.expose_paths) for hit in hits] for hits in found
     ]
+    exhausted = [len(hits) < page[0] for hits in pages]  # the gallery ends on this page
     return response(
         hits=pages[0],
-        results=[group(query=q, hits=p) for q, p in zip(labels, pages, strict=True)],
+        exhausted=exhausted[0],
+        results=[
+            group(query=q, hits=p, exhausted=e)
+            for q, p, e in zip(labels, pages, exhausted, strict=True)
+        ],
         k=page[0],
         offset=page[1],
         bundle_id=gallery.bundle.bundle_id,
@@ -212,12 +241,13 @@ async def _image_search(
     response_model=ImageSearchResponse,
     response_model_exclude_none=True,
     dependencies=[Depends(require_json)],
+    openapi_extra=_json_body(TextQuery),
+    responses=_SEARCH_ERRORS,
     tags=["search"],
 )
-async def text_to_image(
-    query: TextQuery, request: Request, engine: EngineDep, settings: SettingsDep
-) -> Any:
+async def text_to_image(request: Request, engine: EngineDep, settings: SettingsDep) -> Any:
     """Search gallery images with text: the text tower encodes, the image index answers."""
+    query = validate(TextQuery, await read_json(request, settings.max_text_body_bytes))
     return await _text_search(request, engine, settings, query, "image")
 
 
@@ -226,13 +256,14 @@ async def text_to_image(
     response_model=TextSearchResponse,
     response_model_exclude_none=True,
     dependencies=[Depends(require_json)],
+    openapi_extra=_json_body(TextToTextQuery),
+    responses=_SEARCH_ERRORS,
     tags=["search"],
 )
-async def text_to_text(
-    query: TextToTextQuery, request: Request, engine: EngineDep, settings: SettingsDep
-) -> Any:
+async def text_to_text(request: Request, engine: EngineDep, settings: SettingsDep) -> Any:
     """Search texts with text (the text tower encodes, the text index answers), or texts like
     an indexed one (`id`: its stored vector, no encoding)."""
+    query = validate(TextToTextQuery, await read_json(request, settings.max_text_body_bytes))
     return await _text_search(request, engine, settings, query, "text")
 
 
@@ -266,6 +297,7 @@ def _image_body(model: type[ImageQuery]) -> dict[str, Any]:
     response_model=TextSearchResponse,
     response_model_exclude_none=True,
     openapi_extra=_image_body(ImageQuery),
+    responses=_SEARCH_ERRORS,
     tags=["search"],
 )
 async def image_to_text(request: Request, engine: EngineDep, settings: SettingsDep) -> Any:
@@ -279,6 +311,7 @@ async def image_to_text(request: Request, engine: EngineDep, settings: SettingsD
     response_model=ImageSearchResponse,
     response_model_exclude_none=True,
     openapi_extra=_image_body(ImageToImageQuery),
+    responses=_SEARCH_ERRORS,
     tags=["search"],
 )
 async def image_to_image(request: Request, engine: EngineDep, settings: SettingsDep) -> Any:
@@ -294,7 +327,7 @@ async def image_to_image(request: Request, engine: EngineDep, settings: Settings
     "/images/{image_id:path}",
     tags=["gallery"],
     response_class=Response,
-    responses={200: {"content": {"image/jpeg": {}, "image/png": {}}}},
+    responses={200: {"content": {"image/jpeg": {}, "image/png": {}}}, **_errors(404, 422, 503)},
 )
 async def gallery_image(
     image_id: str,
@@ -355,6 +388,7 @@ async def info(engine: EngineDep, settings: SettingsDep) -> Info:
             "max_image_bytes": settings.max_image_bytes,
             "max_image_pixels": settings.max_image_pixels,
             "max_admin_items": settings.max_admin_items,
+            "max_aspect_ratio": settings.max_aspect_ratio,
         },
         ready=gallery is not None,
     )
@@ -371,16 +405,26 @@ async def metrics(request: Request) -> Response:
 # -- admin -----------------------------------------------------------------------------------
 
 
-@admin.post("/reload", response_model=ReloadResponse, tags=["admin"])
-async def reload(
-    engine: EngineDep, body: Annotated[ReloadRequest | None, Body()] = None
-) -> ReloadResponse:
-    """Load CURRENT (or `version`) in the background and swap to it; a version built with
-    another bundle is refused (409) and the old one keeps serving, unless the service follows
-    bundles (COTS_FOLLOW_BUNDLE): then the bundle the version records swaps in with it."""
+@admin.post(
+    "/reload",
+    response_model=ReloadResponse,
+    openapi_extra=_json_body(ReloadRequest, required=False),
+    responses=_errors(400, 404, 408, 409, 413, 415, 422, 503),
+    tags=["admin"],
+)
+async def reload(request: Request, engine: EngineDep) -> ReloadResponse:
+    """Load CURRENT (or `version`, which then becomes CURRENT: a rollback sticks) in the
+    background and swap to it; a version built with another bundle is refused (409) and the
+    old one keeps serving, unless the service follows bundles (COTS_FOLLOW_BUNDLE): then the
+    bundle the version records swaps in with it."""
+    body = await read_body(request, RELOAD_BODY_BYTES)
+    version = None
+    if body.strip():
+        await require_json(request)
+        version = validate(ReloadRequest, parse_json(body)).version
     if engine.gallery is None and engine.load_error is None:
         raise NotReady("the service is still loading")
-    previous, served = await engine.reload(body.version if body else None)
+    previous, served = await engine.reload(version)
     return ReloadResponse(
         previous_version=previous, index_version=served, swapped=previous != served
     )
@@ -429,12 +473,17 @@ async def add_items(request: Request, engine: EngineDep, settings: SettingsDep) 
 
 
 @admin.post(
-    "/delete", response_model=ChangeResponse, dependencies=[Depends(require_json)], tags=["admin"]
+    "/delete",
+    response_model=ChangeResponse,
+    dependencies=[Depends(require_json)],
+    openapi_extra=_json_body(DeleteItems),
+    tags=["admin"],
 )
-async def delete_items(body: DeleteItems, engine: EngineDep) -> ChangeResponse:
+async def delete_items(request: Request, engine: EngineDep) -> ChangeResponse:
     """Delete items by id (from `side`, or from every side that holds them; an image's
     captions go with it) as a new index version, then serve it. An unknown id is a 404 and
     nothing changes."""
+    body = validate(DeleteItems, await read_json(request, RELOAD_BODY_BYTES * 64))
     previous, result = await engine.delete(body.ids, body.side)
     return _changed(previous, result, engine)
 

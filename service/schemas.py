@@ -12,12 +12,18 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.config import JsonDict
 
+from index_builder.store import VERSION_PATTERN
+
 SCORE_DOC = (
     "cosine similarity between the query and the hit embeddings, in [-1, 1] (inner product "
     "of unit vectors; approximate indexes may perturb it slightly); higher is closer"
 )
 _K_DOC = "results per query (default: the service's default_k; at most its max_k)"
 _OFFSET_DOC = "skip this many results first (paging; at most the service's max_offset)"
+_EXHAUSTED_DOC = (
+    "fewer than k hits: the gallery holds fewer than offset + k items, so no later page has "
+    "any (approximate indexes search deeper for deep pages, so a page is never short otherwise)"
+)
 
 
 FILTER_DOC = (
@@ -175,6 +181,7 @@ class _Envelope(BaseModel):
     took_ms: float = Field(description="time spent in the service, decode to response")
     bundle_id: str = Field(description="the bundle (model) that encoded the query")
     index_version: str = Field(description="the index version that was searched")
+    exhausted: bool = Field(description="the first (or only) query's `exhausted`")
 
 
 _QUERY_DOC = (
@@ -186,11 +193,13 @@ _QUERY_DOC = (
 class ImageResults(BaseModel):
     query: str = Field(description=_QUERY_DOC)
     hits: list[ImageHit]
+    exhausted: bool = Field(description=_EXHAUSTED_DOC)
 
 
 class TextResults(BaseModel):
     query: str = Field(description=_QUERY_DOC)
     hits: list[TextHit]
+    exhausted: bool = Field(description=_EXHAUSTED_DOC)
 
 
 _IMAGE_HIT: JsonDict = {
@@ -218,6 +227,7 @@ _ENVELOPE: JsonDict = {
     "took_ms": 4.2,
     "bundle_id": "3f2a9c1d0b7e6a55",
     "index_version": "v000001-20250101T120000Z",
+    "exhausted": False,
 }
 
 
@@ -229,7 +239,7 @@ class ImageSearchResponse(_Envelope):
             "examples": [
                 {
                     "hits": [_IMAGE_HIT],
-                    "results": [{"query": "a red apple", "hits": [_IMAGE_HIT]}],
+                    "results": [{"query": "a red apple", "hits": [_IMAGE_HIT], "exhausted": False}],
                     **_ENVELOPE,
                 }
             ]
@@ -247,7 +257,7 @@ class TextSearchResponse(_Envelope):
             "examples": [
                 {
                     "hits": [_TEXT_HIT],
-                    "results": [{"query": "apple.png", "hits": [_TEXT_HIT]}],
+                    "results": [{"query": "apple.png", "hits": [_TEXT_HIT], "exhausted": False}],
                     **_ENVELOPE,
                 }
             ]
@@ -273,7 +283,14 @@ class Status(BaseModel):
 
 class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    version: str | None = Field(None, description="version to serve (default: what CURRENT names)")
+    version: str | None = Field(
+        None,
+        max_length=24,
+        pattern=VERSION_PATTERN,
+        description="the name of a version under the index root to serve, which CURRENT then "
+        "names (default: what CURRENT names)",
+        examples=["v000001-20250101T120000Z"],
+    )
 
 
 class ReloadResponse(BaseModel):
@@ -288,7 +305,9 @@ class Info(BaseModel):
         description="version, metric, per present side: factory, count, recall, metadata fields"
     )
     gallery: dict[str, int] = Field(description="images and texts served (0: side absent)")
-    limits: dict[str, int] = Field(description="request limits (k, batch, text, image)")
+    limits: dict[str, int | float] = Field(
+        description="request limits (k, offset, batch, text, image bytes, pixels and shape)"
+    )
     ready: bool
 
 

@@ -65,6 +65,17 @@ class Settings(BaseSettings):
         ge=1,
         description="largest image (width x height), checked before decoding",
     )
+    max_aspect_ratio: float = Field(
+        default=20.0,
+        ge=1,
+        description="most times an image's long side may exceed its short side, checked "
+        "before decoding",
+    )
+    body_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="longest wait for the next part of a request body before a 408",
+    )
     batch_size: int = Field(
         default=32, ge=1, description="most queries the micro-batcher encodes at once"
     )
@@ -79,6 +90,12 @@ class Settings(BaseSettings):
     )
     watch_interval_s: float = Field(
         default=2.0, ge=0, description="how often to check the index CURRENT pointer (0: never)"
+    )
+    load_retry_max_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="when the first load fails, the watcher retries it, at once when CURRENT "
+        "moves, else after watch_interval_s doubling up to this many seconds",
     )
     follow_bundle: bool = Field(
         default=False,
@@ -104,6 +121,18 @@ class Settings(BaseSettings):
             milvus_token=token,
             milvus_collection=self.milvus_collection,
         )
+
+    @property
+    def max_body_bytes(self) -> int:
+        """The largest request body: a full batch of images in base64 (4/3), plus room for
+        JSON and multipart framing."""
+        return self.max_batch * self.max_image_bytes * 4 // 3 + (1 << 16)
+
+    @property
+    def max_text_body_bytes(self) -> int:
+        """The largest text-to-image body: a full batch of the longest texts, every character
+        a JSON escaped surrogate pair (12 bytes), plus room for the rest of the JSON."""
+        return self.max_batch * self.max_text_chars * 12 + (1 << 16)
 
     @field_validator("cors_origins", mode="before")
     @classmethod

@@ -45,7 +45,13 @@ from index_builder.backends.milvus_version import MilvusVersion, stored_row
 from index_builder.build import OTHER, info_record
 from index_builder.collection import EMPTIED, RECALL_QUERIES, Plan
 from index_builder.filters import field_types
-from index_builder.store import SIDES, build_lock, check_bundle, next_version_name
+from index_builder.store import (
+    SIDES,
+    build_lock,
+    check_bundle,
+    is_version_name,
+    next_version_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +111,10 @@ class MilvusStore:
         return f"Milvus {self.uri} (collection {self.name})"
 
     def collection_of(self, version: str) -> str:
+        if not is_version_name(version):
+            raise ValueError(
+                f"{version[:40]!r} is not an index version name (vNNNNNN-YYYYMMDDTHHMMSSZ)"
+            )
         return f"{self.name}_{version.replace('-', '_')}"
 
     # -- reading ---------------------------------------------------------------------------

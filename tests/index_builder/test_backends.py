@@ -201,8 +201,10 @@ def test_switch_rolls_back_and_bundles_are_checked(store):
     store.switch(first)
     assert store.current() == first and store.open(bundle=FakeBundle("b1")).version == first
     assert store.read_info(second)["bundle_id"] == "b2"
-    with pytest.raises(FileNotFoundError, match="index version v999999-x not found"):
-        store.switch("v999999-x")
+    with pytest.raises(FileNotFoundError, match="index version v999999-20000101T000000Z not"):
+        store.switch("v999999-20000101T000000Z")
+    with pytest.raises((ValueError, FileNotFoundError)):
+        store.switch("../elsewhere")
     assert store.current() == first
 
 

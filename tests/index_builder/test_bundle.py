@@ -5,9 +5,18 @@ from __future__ import annotations
 import json
 
 import pytest
-from tiny_bundles import make_tiny_bundle
+from tiny_bundles import WORDS, make_tiny_bundle, make_tokenizer
 
-from index_builder.bundle import BUNDLE_JSON, IMAGE_ONNX, TEXT_ONNX, Bundle
+from index_builder.bundle import (
+    BUNDLE_JSON,
+    IMAGE_ONNX,
+    TEXT_ONNX,
+    TOKENIZER_JSON,
+    Bundle,
+    bundle_id_of,
+)
+from index_builder.preprocess import sha256_file
+from index_builder.store import check_bundle
 
 
 def test_write_then_load_round_trips(tiny_bundle):
@@ -54,3 +63,55 @@ def test_wrong_format_version(tiny_bundle):
     path.write_text(json.dumps(info))
     with pytest.raises(ValueError, match="format_version 99"):
         Bundle.load(tiny_bundle.path)
+
+
+def _edit_info(bundle_dir, **changes) -> dict:
+    path = bundle_dir / BUNDLE_JSON
+    info = json.loads(path.read_text())
+    info.update(changes)
+    path.write_text(json.dumps(info))
+    return info
+
+
+def test_a_replaced_file_with_its_hash_updated_is_refused(tiny_bundle, tmp_path):
+    """Issue 17: swapping tokenizer.json and fixing its sha256 in bundle.json, bundle_id kept,
+    passed the start-up check. The id follows from the content, so it no longer matches."""
+    other = make_tokenizer(tmp_path / "other.json", list(reversed(WORDS)))
+    (tiny_bundle.path / TOKENIZER_JSON).write_bytes(other.read_bytes())
+    files = {**tiny_bundle.info["files"], TOKENIZER_JSON: sha256_file(other)}
+    _edit_info(tiny_bundle.path, files=files)
+    with pytest.raises(ValueError, match="bundle_id .* does not follow from its content"):
+        Bundle.load(tiny_bundle.path)
+    with pytest.raises(ValueError, match="does not follow from its content"):
+        Bundle.load(tiny_bundle.path, verify=False)  # cheap: no file is read
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"embed_dim": 9},
+        {"image_spec": {"size": 8, "resize": 9}},
+        {"text_spec": {"context_length": 9}},
+        {"bundle_id": "0123456789abcdef"},
+    ],
+)
+def test_every_described_field_is_covered_by_the_id(tiny_bundle, change):
+    info = json.loads((tiny_bundle.path / BUNDLE_JSON).read_text())
+    for key, value in change.items():
+        info[key] = {**info[key], **value} if isinstance(value, dict) else value
+    (tiny_bundle.path / BUNDLE_JSON).write_text(json.dumps(info))
+    with pytest.raises(ValueError, match="does not follow from its content"):
+        Bundle.load(tiny_bundle.path)
+
+
+def test_a_consistently_edited_bundle_gets_a_new_id_and_old_indexes_refuse_it(tiny_bundle):
+    other_spec = {**tiny_bundle.info["image_spec"], "interpolation": "bilinear"}
+    hashes = tiny_bundle.info["files"]
+    specs = {"image_spec": other_spec, "text_spec": tiny_bundle.info["text_spec"]}
+    new_id = bundle_id_of(hashes, tiny_bundle.embed_dim, specs)
+    _edit_info(tiny_bundle.path, image_spec=other_spec, bundle_id=new_id)
+    edited = Bundle.load(tiny_bundle.path)
+    assert edited.bundle_id == new_id != tiny_bundle.bundle_id
+    info = {"bundle_id": tiny_bundle.bundle_id, "embed_dim": tiny_bundle.embed_dim}
+    with pytest.raises(ValueError, match="was built with bundle"):
+        check_bundle(edited, info, "v000001-20250101T000000Z")

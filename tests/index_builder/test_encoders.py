@@ -66,3 +66,10 @@ def test_corrupt_onnx_is_a_clear_error(tiny_bundle):
     (tiny_bundle.path / IMAGE_ONNX).write_bytes(b"\x08\x07garbage")
     with pytest.raises(ValueError, match="not a loadable ONNX model"):
         ImageEncoder(tiny_bundle)
+
+
+def test_the_indexer_refuses_a_thin_image_by_its_header(tiny_bundle, tmp_path):
+    Image.new("L", (1, 20000)).save(tmp_path / "thin.png")
+    encoder = ImageEncoder(tiny_bundle, threads=1)
+    with pytest.raises(ValueError, match="1x20000 is too thin"):
+        encoder.encode_paths([tmp_path / "thin.png"])

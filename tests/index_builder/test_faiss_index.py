@@ -126,3 +126,35 @@ def test_bad_factory_and_untrainable_index(data):
         fi.build_index("IVF4096,Flat", [shards[0][:100]], DIM, use_gpu=False)
     with pytest.raises(ValueError, match="empty gallery"):
         fi.build_index("Flat", [shards[0][:0]], DIM)
+
+
+def test_short_hnsw_queries_widen_then_fall_back_to_exact_search(data, monkeypatch):
+    base, shards, queries, _ = data
+    index = fi.build_index("HNSW32", shards, DIM, use_gpu=False)
+    asked: list[int] = []
+    real = fi._search_with
+
+    def reaching_64(index, queries, k, param, value):  # a graph that yields no more than that
+        asked.append(value)
+        return real(index, queries, k, param, min(value, 64))
+
+    monkeypatch.setattr(fi, "_search_with", reaching_64)
+    scores, rows = fi.search(index, queries[:10], 1000)
+    assert asked == [1000, 2000, 4000]  # at least k, then doubled up to WIDEN_LIMIT x k
+    assert (rows >= 0).all()
+    exact = fi.exact_knn(queries[:10], shards, 1000)
+    assert fi.recall_at_k(rows, exact) == 1.0  # the short queries were answered exactly
+    best = -np.sort(-(queries[:10] @ base.T), axis=1)[:, :1000]
+    np.testing.assert_allclose(scores, best, atol=1e-5)
+
+
+def test_deep_ivf_searches_probe_more_lists(data):
+    base, shards, queries, _ = data
+    index = fi.build_index("IVF64,Flat", shards, DIM, use_gpu=False)
+    fi.set_search_params(index, {"nprobe": 1})  # one list of about 60 vectors
+    _, rows = fi.search(index, queries[:20], 500)
+    assert (rows >= 0).all()
+    assert fi.recall_at_k(rows, fi.exact_knn(queries[:20], shards, 500)) >= 0.9
+    assert fi.search_param(index, "nprobe") == 1  # per call only
+    _, plain_rows = fi.search(index, queries[:20], 5)
+    np.testing.assert_array_equal(plain_rows, index.search(queries[:20], 5)[1])  # k <= 10: as is

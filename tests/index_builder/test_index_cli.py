@@ -60,8 +60,6 @@ def test_explicit_factory_and_add(tmp_path, tiny_bundle, gallery, capsys):
     said = capsys.readouterr().out
     assert "already present (skipped; --upsert replaces): 4 images, 8 texts" in said
     assert IndexStore(out).current() == second
-    assert main(["index", "switch", str(out), first]) == 0  # roll back
-    assert IndexStore(out).current() == first
 
 
 def test_add_with_another_bundle_is_refused(tmp_path, tiny_bundle, gallery, capsys):
@@ -132,3 +130,18 @@ def test_rebuild_disk_full_exits_1_and_keeps_current(
 def test_bad_memory_budget(tmp_path, tiny_bundle, gallery, capsys):
     assert _build(tiny_bundle.path, gallery, tmp_path / "idx", "--memory-budget", "lots") == 2
     assert "not a size: 'lots'" in capsys.readouterr().err
+
+
+def test_switch_rolls_current_back_and_forth(tmp_path, tiny_bundle, gallery, capsys):
+    out = tmp_path / "idx"
+    assert _build(tiny_bundle.path, gallery, out) == 0
+    first = IndexStore(out).current()
+    assert _build(tiny_bundle.path, gallery, out) == 0
+    second = IndexStore(out).current()
+    assert main(["index", "switch", str(out), first]) == 0
+    assert IndexStore(out).current() == first and f"now names {first}" in capsys.readouterr().out
+    for bad in ("../elsewhere", "v999999-20990101T000000Z"):
+        assert main(["index", "switch", str(out), bad]) == 2
+        assert "cots index: error:" in capsys.readouterr().err
+    assert main(["index", "switch", str(out), second]) == 0
+    assert IndexStore(out).current() == second

@@ -58,8 +58,9 @@ def test_build_add_delete_info_and_the_same_hits_as_faiss(tmp_path, tiny_bundle,
     first = store.versions()[0]
     assert main(["index", "switch", str(tmp_path / "work"), first, *_milvus(uri)]) == 0
     assert store.current() == first and "12 items" in capsys.readouterr().out
-    assert main(["index", "switch", str(tmp_path / "work"), "v9", *_milvus(uri)]) == 2
-    assert "index version v9 not found in Milvus" in capsys.readouterr().err
+    absent = "v000009-20000101T000000Z"
+    assert main(["index", "switch", str(tmp_path / "work"), absent, *_milvus(uri)]) == 2
+    assert f"index version {absent} not found in Milvus" in capsys.readouterr().err
 
 
 def test_bad_milvus_input_is_one_line(tmp_path, tiny_bundle, gallery, capsys):

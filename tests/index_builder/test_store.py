@@ -182,3 +182,38 @@ def test_add_appends_as_a_new_version(tmp_path):
     again = collection.change(store, store.open(), change)  # the same ids: skipped
     assert again.version == second and again.skipped_existing == {"image": 20, "text": 20}
     assert store.current() == second and store.versions()[-1] == second
+
+
+@pytest.mark.parametrize("factory", ["HNSW32", "IVF32,Flat"])
+def test_deep_pages_are_complete_and_match_exact_search(tmp_path, factory):
+    """HNSW returns at most efSearch rows and IVF what its probed lists hold: a deep page
+    (k + offset past the tuned efSearch or nprobe) came back short (issue 17). The search
+    widens for that call and every row is filled, close to the exact ranking."""
+    store = IndexStore(tmp_path / "idx")
+    _publish(store, factory=factory, n=3000)
+    loaded = store.open()
+    params = dict(loaded.info["sides"]["image"]["search_params"])
+    assert params and max(params.values()) < 200  # tuned for k=10, far below the depth asked
+    shards, _ = _gallery(3000)
+    queries = shards["text"][0][:20]
+    for depth in (200, 1000, 3000):
+        scores, rows = loaded.search("image", queries, depth)
+        assert rows.shape == (20, depth) and (rows >= 0).all(), depth
+        assert (np.diff(scores, axis=1) <= 1e-6).all()  # ranked
+        exact = faiss_index.exact_knn(queries, shards["image"], depth)
+        assert faiss_index.recall_at_k(rows, exact) >= 0.97, depth
+    # the widening is per call: the tuned parameters on the shared index are untouched
+    index = loaded.indexes["image"]
+    param = faiss_index.tunable_param(index)
+    assert faiss_index.search_param(index, param) == params[param]
+
+
+def test_version_names_are_never_paths(tmp_path):
+    store = IndexStore(tmp_path / "idx")
+    version = _publish(store)
+    for name in ("../x", "/etc", f"{version}/..", f"{version}\n", "v1", ""):
+        with pytest.raises(ValueError, match="not an index version name"):
+            store.version_dir(name)
+        with pytest.raises(ValueError, match="not an index version name"):
+            store.switch(name)
+    assert store.current() == version

@@ -228,6 +228,29 @@ def live(assets) -> Iterator[LiveServer]:
         yield server
 
 
+API_KEY, ADMIN_KEY = "fuzz-api-key", "fuzz-admin-key"
+
+
+@pytest.fixture(scope="session")
+def keyed_live(assets, tmp_path_factory) -> Iterator[LiveServer]:
+    """A live server with an API key and an admin key (API_KEY, ADMIN_KEY) over a private
+    copy of the index root, which /admin/reload may move."""
+    from service.app import create_app
+    from service.settings import Settings
+
+    root = tmp_path_factory.mktemp("keyed") / "index"
+    shutil.copytree(assets["index"], root)
+    settings = Settings(
+        bundle=assets["bundle"].path,
+        index=root,
+        api_key=API_KEY,
+        admin_key=ADMIN_KEY,
+        watch_interval_s=0.05,
+    )
+    with live_server(create_app(settings)) as server:
+        yield server
+
+
 @pytest.fixture
 def serve():
     """`with serve(app) as server:` runs an app on a live port (server.url)."""
@@ -285,9 +308,10 @@ def root(tmp_path, assets):
 
 @pytest.fixture(scope="session")
 def build(assets):
-    """`build(root, bundle=None)` publishes a new version of the colour gallery under root."""
+    """`build(root, bundle=None, store=None)` publishes a new version of the colour gallery
+    under root, or into `store` (any backend's)."""
 
-    def make(root: Path, bundle: Bundle | None = None) -> str:
-        return build_version(root, bundle or assets["bundle"], assets["gallery"])
+    def make(root: Path, bundle: Bundle | None = None, store=None) -> str:
+        return build_version(root, bundle or assets["bundle"], assets["gallery"], store=store)
 
     return make

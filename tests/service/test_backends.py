@@ -4,15 +4,14 @@ refused at start with one line."""
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import build_version
 from test_api import I2I, I2T, T2I, T2T, png
 
 from index_builder.backends import BackendConfig, open_store
@@ -26,37 +25,46 @@ KEY = {"X-API-Key": "adm1n"}
 
 @dataclass
 class Served:
-    """An index of the colour gallery in one backend, and the settings that serve it."""
+    """An index of the colour gallery in one backend, the settings that serve it, and a
+    `build(bundle=None)` publishing one more version there."""
 
     backend: str
     root: Path
     overrides: dict
+    publish: Callable[..., str]
 
     @property
     def store(self):
         uri = self.overrides.get("milvus_uri")
         return open_store(self.root, BackendConfig(self.backend, milvus_uri=uri))
 
-    def build(self, assets, bundle=None) -> str:
-        return build_version(
-            self.root, bundle or assets["bundle"], assets["gallery"], store=self.store
+    def build(self, bundle=None) -> str:
+        return self.publish(self.root, bundle, store=self.store)
+
+
+@pytest.fixture
+def serve_from(tmp_path, build):
+    """`serve_from(backend, name)`: a Served index of the colour gallery in that backend."""
+
+    def make(backend: str, name: str = "index") -> Served:
+        if backend == "faiss":
+            root = tmp_path / name
+            build(root)
+            return Served(backend, root, {"index": root}, build)
+        uri = str(tmp_path / name / "milvus.db")
+        root = tmp_path / name / "work"
+        served = Served(
+            backend, root, {"index": root, "backend": "milvus", "milvus_uri": uri}, build
         )
+        served.build()
+        return served
 
-
-def _served(backend: str, tmp_path: Path, assets) -> Served:
-    if backend == "faiss":
-        shutil.copytree(assets["index"], tmp_path / "index")
-        return Served(backend, tmp_path / "index", {"index": tmp_path / "index"})
-    uri = str(tmp_path / "milvus" / "cots.db")
-    served = Served(backend, tmp_path / "work", {"index": tmp_path / "work", "backend": "milvus",
-                                                 "milvus_uri": uri})  # fmt: skip
-    served.build(assets)
-    return served
+    return make
 
 
 @pytest.fixture(params=["faiss", "milvus"])
-def served(request, tmp_path, assets) -> Served:
-    return _served(request.param, tmp_path, assets)
+def served(request, serve_from) -> Served:
+    return serve_from(request.param)
 
 
 def _metrics(url: str) -> str:
@@ -97,9 +105,9 @@ def test_swap_under_traffic_fails_no_request(served, assets, settings_for, serve
         for thread in threads:
             thread.start()
         time.sleep(0.2)
-        second = served.build(assets)  # moves CURRENT / the alias under traffic
+        second = served.build()  # moves CURRENT / the alias under traffic
         _wait_for(lambda: any(log and log[-1][1] == second for log in seen))
-        mismatched = served.build(assets, assets["other"])  # built with another bundle
+        mismatched = served.build(assets["other"])  # built with another bundle
         _wait_for(lambda: 'cots_index_swaps_total{result="rejected"} 1.0' in _metrics(server.url))
         time.sleep(0.2)
         stop.set()
@@ -114,7 +122,7 @@ def test_swap_under_traffic_fails_no_request(served, assets, settings_for, serve
     assert info["index"]["version"] == second and info["index"]["backend"] == served.backend
 
 
-def test_both_backends_answer_alike(tmp_path, assets, settings_for, open_client):
+def test_both_backends_answer_alike(serve_from, settings_for, open_client):
     requests = [  # every query returns all the items it allows: equal scores tie
         ("post", T2I, {"json": {"text": "a red square", "k": 8}}),
         ("post", T2I, {"json": {"text": "yellow", "filter": {"channels": "g", "pure": False}}}),
@@ -128,7 +136,7 @@ def test_both_backends_answer_alike(tmp_path, assets, settings_for, open_client)
     ]  # fmt: skip
     answers = []
     for backend in ("faiss", "milvus"):
-        served = _served(backend, tmp_path / backend, assets)
+        served = serve_from(backend, backend)
         with open_client(settings_for(**served.overrides)) as client:
             answers.append([_comparable(getattr(client, m)(url, **kw)) for m, url, kw in requests])
     assert answers[0] == answers[1]
@@ -150,8 +158,8 @@ def _comparable(response: httpx.Response) -> tuple[int, object]:
     return response.status_code, body
 
 
-def test_admin_changes_on_milvus(tmp_path, assets, settings_for, open_client):
-    served = _served("milvus", tmp_path, assets)
+def test_admin_changes_on_milvus(serve_from, settings_for, open_client):
+    served = serve_from("milvus")
     first = served.store.current()
     with open_client(settings_for(**served.overrides, admin_key="adm1n")) as client:
         files = {"image": ("p.png", png((128, 0, 128)), "image/png")}
@@ -171,12 +179,12 @@ def test_admin_changes_on_milvus(tmp_path, assets, settings_for, open_client):
 
 
 def test_a_bad_milvus_backend_is_refused_at_start(
-    tmp_path, assets, settings_for, capsys, monkeypatch
+    tmp_path, assets, serve_from, settings_for, capsys, monkeypatch
 ):
     for name in ("BUNDLE", "INDEX", "BACKEND", "MILVUS_URI"):  # `cots serve` sets them
         monkeypatch.setenv(f"COTS_{name}", "")  # recorded, so restored (or removed) after
         monkeypatch.delenv(f"COTS_{name}")
-    served = _served("milvus", tmp_path, assets)
+    served = serve_from("milvus")
     settings = settings_for(**served.overrides, bundle=assets["other"].path)
     with pytest.raises(ValueError, match="was built with bundle"):
         Engine(settings, Metrics())  # what the app's start-up does first
@@ -195,8 +203,8 @@ def test_a_bad_milvus_backend_is_refused_at_start(
     assert "needs a URI" in capsys.readouterr().err
 
 
-def test_a_failing_milvus_is_503_not_500(tmp_path, assets, settings_for, open_client):
-    served = _served("milvus", tmp_path, assets)
+def test_a_failing_milvus_is_503_not_500(serve_from, settings_for, open_client):
+    served = serve_from("milvus")
     with open_client(settings_for(**served.overrides)) as client:
         assert client.post(T2I, json={"text": "red"}).status_code == 200
         store = served.store

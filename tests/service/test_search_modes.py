@@ -160,7 +160,9 @@ def test_filters_on_every_endpoint_match_exact_filtered_search(client, exact):
     sentences = client.post(T2T, json={"text": "red", "filter": {"style": "sentence"}}).json()
     assert len(sentences["hits"]) == 8 and sentences["hits"][0]["id"] == "red#0"
     none = client.post(T2I, json={"text": "red", "filter": {"brightness": {"gt": 5}}}).json()
-    assert none["hits"] == [] and none["results"] == [{"query": "red", "hits": []}]
+    assert none["hits"] == [] and none["results"] == [
+        {"query": "red", "hits": [], "exhausted": True}
+    ]
 
 
 @pytest.mark.parametrize(

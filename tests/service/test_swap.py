@@ -131,8 +131,11 @@ def test_admin_reload_explicit_versions_and_refusals(
             client.post("/admin/reload", json={"version": second}, headers=key).json()["swapped"]
             is False
         )
-        missing = client.post("/admin/reload", json={"version": "v999999-x"}, headers=key)
+        missing = {"version": "v999999-20990101T000000Z"}
+        missing = client.post("/admin/reload", json=missing, headers=key)
         assert missing.status_code == 404 and missing.json()["code"] == "not_found"
+        malformed = client.post("/admin/reload", json={"version": "v999999-x"}, headers=key)
+        assert malformed.status_code == 422 and malformed.json()["code"] == "invalid_input"
         bad = build(root, assets["other"])
         refused = client.post("/admin/reload", json={"version": bad}, headers=key)
         assert refused.status_code == 409 and refused.json()["code"] == "swap_rejected"
@@ -163,12 +166,110 @@ def test_ready_is_503_until_loaded(settings_for, open_client, monkeypatch):
         assert client.post("/search/text-to-image", json={"text": "red"}).status_code == 200
 
 
-def test_an_unreadable_index_stays_not_ready_with_the_reason(root, settings_for, open_client):
-    version = IndexStore(root).current()
-    (root / "versions" / version / "image.faiss").write_bytes(b"not faiss")
-    with open_client(settings_for(index=root), ready=False) as client:
-        _wait_for(lambda: "not a readable FAISS index" in client.get("/ready").text)
+def _truncate(root, version: str, name: str = "text.faiss") -> bytes:
+    path = root / "versions" / version / name
+    data = path.read_bytes()
+    path.write_bytes(data[:100])
+    return data
+
+
+def test_a_failed_first_load_recovers_when_current_moves(root, settings_for, open_client, build):
+    first = IndexStore(root).current()
+    _truncate(root, first)
+    settings = settings_for(index=root, watch_interval_s=0.05, load_retry_max_s=3600)
+    with open_client(settings, ready=False) as client:
+        _wait_for(lambda: client.app.state.engine.load_error is not None)
         assert client.get("/ready").status_code == 503
+        second = build(root)  # a good version appears: no restart needed
+        _wait_for(lambda: client.get("/ready").status_code == 200, timeout=10)
+        body = client.post("/search/text-to-image", json={"text": "a red square"}).json()
+        assert body["index_version"] == second and body["hits"][0]["id"] == "red"
+        assert client.get("/info").json()["index"]["version"] == second
+
+
+def test_a_failed_first_load_is_retried_with_back_off(root, settings_for, open_client, caplog):
+    first = IndexStore(root).current()
+    good = _truncate(root, first)
+    settings = settings_for(index=root, watch_interval_s=0.05, load_retry_max_s=0.2)
+    with open_client(settings, ready=False) as client:
+        _wait_for(lambda: caplog.text.count("still no index to serve") >= 3)  # 0.05 + 0.1 + 0.2 s
+        assert client.get("/ready").json()["code"] == "load_failed"
+        (root / "versions" / first / "text.faiss").write_bytes(good)  # repaired in place
+        _wait_for(lambda: client.get("/ready").status_code == 200, timeout=10)
+        body = client.post("/search/image-to-text", files={"image": ("r.png", _png((255, 0, 0)))})
+        assert body.status_code == 200 and body.json()["index_version"] == first
+    delays = re.findall(r"retry in ([0-9.e-]+) s", caplog.text)
+    assert [float(d) for d in delays[:4]] == [0.05, 0.1, 0.2, 0.2]  # doubling, then capped
+
+
+def test_a_rollback_under_traffic_moves_current_and_sticks(root, settings_for, serve, build):
+    settings = settings_for(index=root, watch_interval_s=0.05, batch_wait_ms=1, admin_key="k")
+    store = IndexStore(root)
+    first = store.current()
+    stop = threading.Event()
+    seen: list[list[tuple[int, str]]] = []
+
+    def traffic(url: str, use_image: bool) -> None:
+        log: list[tuple[int, str]] = []
+        seen.append(log)
+        image = _png((255, 0, 0))
+        with httpx.Client(base_url=url, timeout=10) as http:
+            while not stop.is_set():
+                if use_image:
+                    files = {"image": ("r.png", image, "image/png")}
+                    response = http.post("/search/image-to-text", files=files)
+                else:
+                    response = http.post("/search/text-to-image", json={"text": "a red square"})
+                ok = response.status_code == 200
+                log.append((response.status_code, response.json()["index_version"] if ok else ""))
+
+    with serve(create_app(settings)) as server:
+        threads = [
+            threading.Thread(target=traffic, args=(server.url, i % 2 == 1)) for i in range(4)
+        ]
+        for thread in threads:
+            thread.start()
+        second = build(root)
+        _wait_for(lambda: all(log and log[-1][1] == second for log in seen))
+        rollback = httpx.post(
+            f"{server.url}/admin/reload", json={"version": first}, headers={"X-API-Key": "k"}
+        )
+        assert rollback.json() == {
+            "previous_version": second,
+            "index_version": first,
+            "swapped": True,
+        }
+        assert store.current() == first  # CURRENT moved with it, through the atomic switch
+        time.sleep(0.5)  # ten watcher polls: it agrees, so it does not swap back
+        info = httpx.get(f"{server.url}/info").json()
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert info["index"]["version"] == first
+    requests = [entry for log in seen for entry in log]
+    assert len(requests) > 40 and {status for status, _ in requests} == {200}
+    for log in seen:  # per client: first, then second, then first again, never back and forth
+        phases = [v for i, (_, v) in enumerate(log) if i == 0 or v != log[i - 1][1]]
+        assert phases in ([first, second, first], [second, first]), phases
+
+
+def test_a_rollback_on_a_read_only_root_is_refused(
+    root, settings_for, open_client, build, monkeypatch
+):
+    store = IndexStore(root)
+    first = store.current()
+    second = build(root)
+    settings = settings_for(index=root, admin_key="k")
+    with open_client(settings) as client:
+
+        def read_only(self, version):
+            raise OSError(30, "Read-only file system")
+
+        monkeypatch.setattr(IndexStore, "switch", read_only)
+        refused = client.post("/admin/reload", json={"version": first}, headers={"X-API-Key": "k"})
+        assert refused.status_code == 409 and refused.json()["code"] == "current_not_writable"
+        assert client.get("/info").json()["index"]["version"] == second
+    assert store.current() == second
 
 
 def test_refuses_to_start_on_a_mismatched_bundle(assets, settings_for, open_client, capsys):
