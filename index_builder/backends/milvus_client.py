@@ -42,6 +42,8 @@ SEARCH_GRID = {
     "nprobe": (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
     "itopk_size": (32, 64, 96, 128, 192, 256, 384, 512, 1024),
 }
+TUNE_K = 10  # recall is tuned at depth 10; deeper searches widen the search parameter
+WIDEN_LIMIT = 4  # a graph search parameter widens up to this many times k
 AUTH_WORDS = ("auth", "credential", "password", "token", "permission", "denied")
 
 
@@ -157,18 +159,23 @@ def search_grid(index_type: str, params: dict[str, Any], k: int) -> list[dict[st
     return [{name: v} for v in values]
 
 
-def search_params(info: dict[str, Any], k: int, fraction: float = 1.0) -> dict[str, Any]:
-    """Parameters of a k-deep search over `fraction` of a side's rows: the tuned value,
-    widened by 1/fraction when a filter removes candidates (as the FAISS backend does) and
-    never below k where the index needs that."""
-    params = dict(info.get("search_params") or {})
-    for name, value in params.items():
-        wanted = value / max(fraction, 1e-6)
-        if name == "nprobe":
-            params[name] = int(min(info["index_params"]["nlist"], math.ceil(wanted)))
-        else:
-            params[name] = int(max(k, min(SEARCH_GRID[name][-1] * 4, math.ceil(wanted))))
-    return {"metric_type": "IP", "params": params}
+def search_params(info: dict[str, Any], k: int, fraction: float = 1.0) -> dict[str, int]:
+    """The tuned parameter for a k-deep search over `fraction` of a side's rows, widened as
+    the FAISS backend widens: nprobe by k / TUNE_K (deep pages) and by 1 / fraction (the
+    candidates a filter removes), ef and itopk_size to at least k and by 1 / fraction."""
+    params = {}
+    for name, value in (info.get("search_params") or {}).items():
+        scale = max(1.0, k / TUNE_K) if name == "nprobe" else 1.0
+        wanted = math.ceil(value * scale / max(fraction, 1e-6))
+        params[name] = min(param_limit(info, name, k), max(k if name != "nprobe" else 1, wanted))
+    return params
+
+
+def param_limit(info: dict[str, Any], name: str, k: int) -> int:
+    """The widest setting a search may use: every list (nprobe), else WIDEN_LIMIT x k."""
+    if name == "nprobe":
+        return int(info["index_params"]["nlist"])
+    return max(SEARCH_GRID[name][-1], WIDEN_LIMIT * k)
 
 
 def wait_indexed(client: Any, name: str, timeout: float = INDEX_TIMEOUT_S) -> None:

@@ -15,7 +15,13 @@ from typing import Any
 import numpy as np
 
 from index_builder import filters
-from index_builder.backends.milvus_client import MAX_TOPK, OUTPUT, errors, search_params
+from index_builder.backends.milvus_client import (
+    MAX_TOPK,
+    OUTPUT,
+    errors,
+    param_limit,
+    search_params,
+)
 from index_builder.backends.milvus_expr import expression, literal
 from index_builder.store import SIDES, check_bundle, check_query
 
@@ -133,13 +139,14 @@ class MilvusVersion:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k by inner product among the side's rows whose metadata satisfies `filter`
         (other than `exclude`): (scores (Q, k'), rows (Q, k')), k' = min(k, allowed rows),
-        -1 padding; the tuned search parameter is widened by the fraction a filter allows."""
+        -1 padding. The tuned search parameter is widened for deep pages and by the fraction a
+        filter allows, and doubled (to its limit) for queries that still come back short."""
         vectors = check_query(self, side, vectors, k)
         fields = self.info["sides"][side].get("fields", {})
         expr = expression(filters.parse(filter, fields), fields)
         live = self.live_count(side)
         allowed = live if expr is None else self._count(side, expr)
-        k = min(k, allowed)
+        k = max(0, min(k, allowed - (exclude is not None)))  # as if the excluded row were allowed
         if k > MAX_TOPK:
             raise ValueError(f"Milvus returns at most {MAX_TOPK} results per query, asked {k}")
         scores = np.full((len(vectors), k), -np.inf, dtype=np.float32)
@@ -148,7 +155,30 @@ class MilvusVersion:
             return scores, rows
         if exclude is not None:
             expr = f"row != {int(exclude)}" + (f" and ({expr})" if expr else "")
-        params = search_params(self.info["sides"][side], k, allowed / max(live, 1))
+        info = self.info["sides"][side]
+        params = search_params(info, k, allowed / max(live, 1))
+        todo = np.arange(len(vectors))
+        while True:  # queries still short (deep pages, selective filters) search wider
+            self._search(side, vectors[todo], k, expr, params, scores, rows, todo)
+            todo = todo[(rows[todo] < 0).any(axis=1)]
+            wider = {n: min(param_limit(info, n, k), 2 * v) for n, v in params.items()}
+            if not len(todo) or wider == params:
+                return scores, rows
+            params = wider
+
+    def _search(
+        self,
+        side: str,
+        vectors: np.ndarray,
+        k: int,
+        expr: str | None,
+        params: dict[str, int],
+        scores: np.ndarray,
+        rows: np.ndarray,
+        at: np.ndarray,
+    ) -> None:
+        """One Milvus search; hits go into `scores` and `rows` at the query positions `at`."""
+        scores[at], rows[at] = -np.inf, -1
         with errors(self.uri, "search"):
             results = self.client.search(
                 self.collection,
@@ -156,18 +186,17 @@ class MilvusVersion:
                 limit=k,
                 filter=expr or "",
                 output_fields=OUTPUT,
-                search_params=params,
+                search_params={"metric_type": "IP", "params": params},
                 partition_names=[side],
                 anns_field="vector",
             )
         found: dict[int, dict[str, Any]] = {}
-        for q, hits in enumerate(results):
+        for q, hits in zip(at, results, strict=True):
             for j, hit in enumerate(hits[:k]):
                 row = int(hit["row"])
                 scores[q, j], rows[q, j] = hit["distance"], row
                 found[row] = stored_row(hit["entity"])
         self._remember(side, found)
-        return scores, rows
 
     # -- internals -------------------------------------------------------------------------
 

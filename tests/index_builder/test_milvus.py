@@ -141,6 +141,22 @@ def test_ann_recall_is_measured_and_held(tmp_path, kind):
         assert recall >= 0.9 and all(allowed[f].all() for f in ids)
 
 
+def test_deep_pages_and_short_queries_widen_the_search(tmp_path):
+    store = _store(tmp_path, milvus_index="IVF_FLAT")
+    _, vectors = _publish(store, n=3000, target=0.8)
+    loaded = store.open()
+    tuned = loaded.info["sides"]["image"]["search_params"]["nprobe"]
+    queries = vectors["text"][:20]
+    _, found = loaded.search("image", queries, 600)  # deeper than the tuned lists hold
+    assert (found >= 0).all()
+    truth = np.argsort(-(queries @ vectors["image"].T), axis=1)[:, :600]
+    ids = [[int(r["id"][1:]) for r in loaded.rows_at("image", q)] for q in found]
+    recall = np.mean([len(set(f) & set(t)) / 600 for f, t in zip(ids, truth, strict=True)])
+    assert recall >= 0.9 and tuned < 128
+    _, found = loaded.search("image", queries, 600, filter={"n": 2})  # 429 allowed
+    assert found.shape == (20, 429) and (found >= 0).all()
+
+
 def test_index_choice_and_search_grid():
     assert choose_index("AUTO", {}, 5_000) == ("FLAT", {})
     assert choose_index("AUTO", {}, 40_000) == ("HNSW", {"M": 32, "efConstruction": 200})
