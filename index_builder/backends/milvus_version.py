@@ -146,7 +146,11 @@ class MilvusVersion:
         expr = expression(filters.parse(filter, fields), fields)
         live = self.live_count(side)
         allowed = live if expr is None else self._count(side, expr)
-        k = max(0, min(k, allowed - (exclude is not None)))  # as if the excluded row were allowed
+        if exclude is not None:  # one row fewer if the filter allows the excluded one
+            allowed -= self._count(
+                side, f"row == {int(exclude)}" + (f" and ({expr})" if expr else "")
+            )
+        k = min(k, allowed)
         if k > MAX_TOPK:
             raise ValueError(f"Milvus returns at most {MAX_TOPK} results per query, asked {k}")
         scores = np.full((len(vectors), k), -np.inf, dtype=np.float32)
