@@ -12,7 +12,9 @@ pip_install() { python3 -m pip install --disable-pip-version-check -q "$@"; }
 
 apt_packages=(libcairo2)
 case "$profile" in
-  dev) apt_packages+=(openclipart-svg fonts-noto-color-emoji chromium) ;;
+  # podman and the rest: tests/test_image.py builds and runs the images (deploy/build_image.py).
+  dev) apt_packages+=(openclipart-svg fonts-noto-color-emoji chromium
+                      podman mmdebstrap runc uidmap fuse-overlayfs slirp4netns) ;;
   train) apt_packages+=(openclipart-svg fonts-noto-color-emoji) ;;
   serve|gpu) ;;
   *) echo "install.sh: unknown profile '$profile' (dev, train, serve, gpu)" >&2; exit 2 ;;

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from index_builder.atomic import atomic_write_json, read_json
+from index_builder.atomic import atomic_write_json, read_json, umask
 from index_builder.preprocess import ImageSpec, TextSpec, sha256_file
 
 FORMAT_VERSION = 1
@@ -146,6 +146,8 @@ def write_bundle(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
+        # mkdtemp makes 0700: give the usual mode, so that a serving container's user reads it.
+        os.chmod(tmp, 0o777 & ~umask())
         for name, source in zip(FILES, (image_onnx, text_onnx, tokenizer_json), strict=True):
             shutil.copyfile(source, tmp / name)
         hashes = {name: sha256_file(tmp / name) for name in FILES}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
@@ -103,14 +104,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         # as one readable line; the library raises built-in exceptions with exact messages.
         if args.verbose:
             raise
-        print(f"cots {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"cots {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
+    """An error as one line; a permission error names the user id the process runs as (in a
+    container, often not the owner of the mounted files)."""
     text = str(exc) if not isinstance(exc, KeyError) else str(exc.args[0] if exc.args else exc)
     if isinstance(exc, FileNotFoundError) and exc.filename and str(exc.filename) not in text:
         text = f"{text}: {exc.filename}"
+    if isinstance(exc, PermissionError):
+        text = f"{text} (running as user id {os.getuid()})"
     return " ".join(text.split()) or type(exc).__name__
 
 

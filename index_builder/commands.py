@@ -259,7 +259,9 @@ def _rebuild(args: argparse.Namespace) -> int:
     except (Exception, KeyboardInterrupt) as exc:  # a scheduler needs a code, not a traceback
         code = 1
         message = exc
-    text = " ".join(str(message).split()) or type(message).__name__
+    from index_builder.cli import one_line
+
+    text = one_line(message)
     print(f"cots index rebuild: {'error' if code == 2 else 'failed'}: {text}", file=sys.stderr)
     return code
 

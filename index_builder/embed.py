@@ -160,7 +160,8 @@ class ShardEmbedder:
                 images.append(load_image_for(row["image"], self.spec))
             except (ValueError, OSError) as exc:
                 log.warning("skipping gallery image %r: %s", row["id"], exc)
-                self.skipped.append({"id": row["id"], "reason": str(exc).splitlines()[0]})
+                reason = str(exc).splitlines()[0].split(" <_io.")[0]  # PIL names its file object
+                self.skipped.append({"id": row["id"], "reason": reason})
                 images.append(None)
         size = self.spec.size
         out = np.zeros((len(batch), 3, size, size), np.float32)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -81,6 +82,22 @@ def test_user_error_is_one_line(monkeypatch, capsys):
     assert main([]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "cots serve: error: no dataset manifest at /nowhere/manifest.jsonl"
+
+
+def test_permission_error_names_the_user_id(monkeypatch, capsys):
+    """A container user that cannot read a mounted file sees which user it runs as."""
+
+    def boom(args):
+        raise PermissionError(13, "Permission denied", "/data/bundles/default/bundle.json")
+
+    args = build_parser().parse_args(["serve"])
+    args.func = boom
+    monkeypatch.setattr("index_builder.cli.parse", lambda parser, argv: args)
+    assert main([]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "cots serve: error: [Errno 13] Permission denied: '/data/bundles/default/bundle.json' "
+        f"(running as user id {os.getuid()})"
+    )
 
 
 def test_cli_reference_is_current():

@@ -238,19 +238,26 @@ def routes() -> dict[str, Any]:
     return app_routes()
 
 
-def test_dockerfile_targets_and_variants(dockerfile):
+def serve_profiles(args: dict[str, str], stages: dict[str, Stage]) -> dict[str, str]:
+    """Base kind ("cuda" or "other") -> the install profile the serving image gets on it."""
+    runs = " ".join(run for stage in chain(stages, "serve", args) for run in stage.all("RUN"))
+    picked = re.search(
+        r'if \[ -n "\$\{CUDA_VERSION:-\}" \]; then profile=(\w+); else profile=(\w+); fi', runs
+    )
+    assert picked and 'deploy/install.sh "$profile"' in runs, "the profile follows the base"
+    return {"cuda": picked.group(1), "other": picked.group(2)}
+
+
+def test_dockerfile_targets_and_base_image(dockerfile):
     args, stages = dockerfile
     assert {"serve", "trainer"} <= set(stages)
     assert list(stages)[-1] == "serve", "the default target (the last stage) is the service"
-    assert args["VARIANT"] == "gpu"
-    for variant in ("cpu", "gpu"):
-        bases = [s.base for s in chain(stages, "serve", {**args, "VARIANT": variant})]
-        image = args["CUDA_IMAGE"] if variant == "gpu" else args["CPU_IMAGE"]
-        assert bases[0] == ("${CUDA_IMAGE}" if variant == "gpu" else "${CPU_IMAGE}"), bases
-        if variant == "gpu":
-            assert re.fullmatch(r"nvidia/cuda:12\.[\d.]+-cudnn-runtime-ubuntu[\d.]+", image)
-        else:
-            assert image.startswith("python:3.11-slim")
+    # One build argument, the base image: the GPU and CPU images differ by nothing else.
+    assert list(args) == ["BASE_IMAGE"]
+    assert re.fullmatch(r"nvidia/cuda:12\.[\d.]+-cudnn-runtime-ubuntu[\d.]+", args["BASE_IMAGE"])
+    for target in ("serve", "trainer"):
+        assert chain(stages, target, args)[0].base == "${BASE_IMAGE}"
+    assert serve_profiles(args, stages) == {"cuda": "gpu", "other": "serve"}
 
 
 def test_every_install_step_is_install_sh_with_a_real_profile(dockerfile):
@@ -265,15 +272,14 @@ def test_every_install_step_is_install_sh_with_a_real_profile(dockerfile):
         assert set(extras) <= set(PYPROJECT["project"]["optional-dependencies"])
 
 
-@pytest.mark.parametrize("variant", ["cpu", "gpu"])
-def test_serving_image_has_no_torch(dockerfile, variant):
+@pytest.mark.parametrize("base", ["cuda", "other"])
+def test_serving_image_has_no_torch(dockerfile, base):
     args, stages = dockerfile
-    serve = chain(stages, "serve", {**args, "VARIANT": variant})
-    profiles = installed_profiles(serve)
-    assert profiles == ["gpu" if variant == "gpu" else "serve"]
-    dists = dist_names(install_profiles()[profiles[0]])
+    serve = chain(stages, "serve", args)
+    assert installed_profiles(serve) == []  # only the profile the base picks
+    dists = dist_names(install_profiles()[serve_profiles(args, stages)[base]])
     assert "torch" not in dists
-    if variant == "gpu":
+    if base == "cuda":
         assert {"onnxruntime-gpu", "faiss-gpu"} <= dists
         assert not {"onnxruntime", "faiss-cpu"} & dists
     else:
@@ -318,10 +324,9 @@ def test_serve_stage_runs_the_real_service(dockerfile, routes):
 
 def test_bundle_and_index_are_volumes_not_baked_in(dockerfile):
     args, stages = dockerfile
-    for variant in ("cpu", "gpu"):
-        for stage in chain(stages, "serve", {**args, "VARIANT": variant}):
-            for step in stage.all("COPY") + stage.all("ADD"):
-                raise AssertionError(f"{stage.name} copies files into the image: {step}")
+    for stage in stages.values():
+        for step in stage.all("COPY") + stage.all("ADD"):
+            raise AssertionError(f"{stage.name} copies files into the image: {step}")
     env = {k: v for s in chain(stages, "serve", args) for k, v in env_of(s).items()}
     check_settings({k: v for k, v in env.items() if k in settings_env()})
     mounts = volumes(stages["serve"])
@@ -420,7 +425,7 @@ def test_compose_service_matches_the_image_and_app(compose, dockerfile, routes):
     _, stages = dockerfile
     search = compose["services"]["search"]
     assert search["build"]["target"] in stages and search["build"]["context"] == ".."
-    assert search["build"]["args"]["VARIANT"] == "gpu"
+    assert "args" not in search["build"], "the Dockerfile's default base: CUDA"
     args = parse_cli(search["command"])
     assert args.command == "serve" and args.host == "0.0.0.0"
     assert [p.split(":")[-1] for p in search["ports"]] == [str(args.port)]
@@ -440,6 +445,7 @@ def test_compose_rebuild_job_writes_what_the_service_reads(compose, dockerfile):
     _, stages = dockerfile
     job, search = compose["services"]["index-rebuild"], compose["services"]["search"]
     assert job["build"]["target"] == "trainer" and "trainer" in stages
+    assert job["build"]["args"] == {"BASE_IMAGE": "debian:bookworm-slim"}, "a CPU job"
     assert job["profiles"], "a one-shot job, not started by `up`"
     rebuild = parse_rebuild(job["command"])
     assert str(rebuild.bundle) == search["environment"]["COTS_BUNDLE"]
@@ -459,7 +465,8 @@ def test_compose_rebuild_job_writes_what_the_service_reads(compose, dockerfile):
 
 def test_compose_milvus_profile_serves_and_rebuilds_from_milvus(compose):
     """`--profile milvus` starts Milvus standalone (pinned images, health-checked, on etcd and
-    MinIO) and, with COTS_BACKEND=milvus, the service and the job both use it."""
+    MinIO) and, with COTS_BACKEND=milvus, the service and the job both use it. They do not
+    depend on it: a dependency on a service of an inactive profile fails podman-compose."""
     services = compose["services"]
     milvus_profile = {n for n, s in services.items() if "milvus" in s.get("profiles", [])}
     assert milvus_profile == {"milvus", "milvus-etcd", "milvus-minio"}
@@ -480,8 +487,7 @@ def test_compose_milvus_profile_serves_and_rebuilds_from_milvus(compose):
     assert env["ETCD_ENDPOINTS"].split(":")[0] == "milvus-etcd"
     assert env["MINIO_ADDRESS"].split(":")[0] == "milvus-minio"
     for name in ("search", "index-rebuild"):
-        wait = services[name]["depends_on"]["milvus"]
-        assert wait == {"condition": "service_healthy", "required": False}
+        assert "milvus" not in services[name].get("depends_on", {}), "podman-compose: optional"
         chosen = {k: v for k, v in services[name]["environment"].items() if v is not None}
         settings = check_settings({**chosen, "COTS_BACKEND": "milvus"})
         uri = urlparse(settings.milvus_uri)
@@ -511,6 +517,25 @@ def parse_with_env(argv: list[str], env: dict[str, Any]) -> Any:
         for key in env:
             os.environ.pop(key, None)
         os.environ.update(saved)
+
+
+def test_compose_cpu_override_drops_only_the_gpu(compose):
+    """docker-compose.cpu.yml: the CPU image on the Debian base, the GPU reservation reset."""
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("!reset", lambda loader, node: "!reset")
+    text = (ROOT / "deploy" / "docker-compose.cpu.yml").read_text()
+    (name, cpu), *others = yaml.load(text, Loader)["services"].items()
+    assert name == "search" and others == []
+    assert cpu["deploy"] == "!reset" and "deploy" in compose["services"]["search"]
+    assert cpu["build"] == {
+        **compose["services"]["search"]["build"],
+        "args": {"BASE_IMAGE": "debian:bookworm-slim"},
+    }
+    assert cpu["image"] == "cots:cpu"
+    assert set(cpu) == {"image", "build", "deploy"}
 
 
 # -- Kubernetes manifests -----------------------------------------------------------------------
@@ -694,7 +719,10 @@ def test_guide_documents_every_setting_and_real_targets(dockerfile, routes):
     table = set(re.findall(r"^\| `(COTS_\w+)` \|", text, re.M))
     assert table == set(settings_env())
     mentioned = set(re.findall(r"\b(COTS_[A-Z_]+)\b", text))
-    assert mentioned - set(settings_env()) <= set(NON_SETTINGS_ENV) | {"COTS_MODEL"}
+    compose_variables = set(
+        re.findall(r"\$\{(COTS_\w+)", (ROOT / "deploy" / "docker-compose.yml").read_text())
+    )
+    assert mentioned - set(settings_env()) <= set(NON_SETTINGS_ENV) | compose_variables
     assert set(re.findall(r"--target (\w+)", text)) <= set(stages)
     switches = serve_switches()
     for flag in re.findall(r"`(--[a-z-]+)`", text):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 from tiny_bundles import WORDS, make_tiny_bundle, make_tokenizer
@@ -26,6 +28,17 @@ def test_write_then_load_round_trips(tiny_bundle):
     assert loaded.text_spec.context_length == 8 and loaded.opset == 17
     assert loaded.info["source"] == {"checkpoint": "synthetic"}
     assert not list(tiny_bundle.path.parent.glob(".bundle.*.tmp"))
+
+
+def test_bundle_is_readable_by_other_users(tmp_path):
+    """A serving container runs as its own user (uid 10001), not as the one who exported."""
+    old = os.umask(0o022)
+    try:
+        bundle = make_tiny_bundle(tmp_path / "b")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(bundle.path.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in bundle.path.iterdir()} == {0o644}
 
 
 def test_bundle_id_is_a_content_hash(tmp_path):
