@@ -4,13 +4,20 @@ Exports a preset's towers (pretrained package weights where the preset names the
 and int8 bundles, then times ONNX Runtime through `index_builder.encoders` on this machine.
 
     python bench/embed_throughput.py --preset lite --threads 2
+
+Random pixels, the towers alone: no decoding (bench/embed_gallery.py times that too). The
+load average is recorded: with threads > 1, ONNX Runtime's spinning worker threads lose much
+of their speed when another process takes a core.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import shlex
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -63,6 +70,7 @@ def main() -> None:
         "--preset", default="lite", help="model preset to export (tiny, lite, base)"
     )
     parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--image-size", type=int, help="input resolution (default: the preset's)")
     parser.add_argument("--images", type=int, default=128, help="images per timed pass")
     parser.add_argument("--captions", type=int, default=1024, help="captions per timed pass")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -74,12 +82,16 @@ def main() -> None:
 
     from training.checkpoint import save_checkpoint
     from training.export import export_bundle
-    from training.model import build_model, load_preset
+    from training.model import ModelConfig, build_model, load_preset
 
     torch.manual_seed(0)
+    config = load_preset(args.preset).to_dict()
+    config["image_size"] = args.image_size or config["image_size"]
     report: dict = {"preset": args.preset, "threads": args.threads, "host": platform.machine()}
+    report |= {"image_size": config["image_size"], "load_average_1m": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(Path(tmp) / "ckpt", build_model(load_preset(args.preset)).eval(), {})
+        model = build_model(ModelConfig.from_dict(config)).eval()
+        save_checkpoint(Path(tmp) / "ckpt", model, {})
         texts = captions(args.captions)
         for variant in args.variants:
             bundle = export_bundle(Path(tmp) / "ckpt", Path(tmp) / variant, variant)
@@ -93,6 +105,8 @@ def main() -> None:
             )
     out = Path(args.out or RESULTS / f"embed_throughput_{args.preset}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
+    report["load_average_1m_after"] = os.getloadavg()[0]
+    report["command"] = shlex.join(["python", "bench/embed_throughput.py", *sys.argv[1:]])
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
 

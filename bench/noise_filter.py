@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from index_builder.manifest import image_path, load_records, write_manifest  # noqa: E402
-from training.ablate import switches  # noqa: E402
+from training.pipelines.ablate import switches  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

@@ -31,13 +31,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from index_builder.preprocess import TextTokenizer  # noqa: E402
-from training.ablate import switches  # noqa: E402
 from training.config import load_config  # noqa: E402
 from training.model import build_model  # noqa: E402
 from training.objectives import build_objectives  # noqa: E402
+from training.pipelines.ablate import switches  # noqa: E402
 from training.run import model_config  # noqa: E402
 from training.trainer import build_optimizer  # noqa: E402
-from training.visual_tokenizer import TokenizerConfig, VisualTokenizer, save_tokenizer  # noqa: E402
+from training.visual_tokenizer.model import TokenizerConfig, VisualTokenizer, save_tokenizer  # noqa: E402
 
 CONFIGS = {
     "clip": switches("clip"),

@@ -34,7 +34,12 @@ class Figure:
     pattern: str  # glob under the results directory
     command: str  # how to produce it, when the JSON does not record its own
     plots: tuple[str, ...] = ()  # names of plot functions in PLOTS
+    note: str = ""  # what the figure means or still lacks, shown whether it has run or not
 
+
+GPU_COMMAND = "python bench/gpu_train.py --device cuda"
+EMBED_GALLERY_NOTE = (Path(__file__).parent / "notes" / "embed_gallery.md").read_text()
+GPU_NOTE = (Path(__file__).parent / "notes" / "gpu.md").read_text()
 
 FIGURES = (
     Figure(
@@ -65,6 +70,20 @@ FIGURES = (
         "&& cp cots-data/runs/ablation-cpu-300/ablation.json bench/results/ablation_cpu.json",
     ),
     Figure(
+        "COOKIE ablation ladder",
+        "cookie_ladder*.json",
+        "cots ablate --ladder cookie --data cots-data/datasets/openclipart "
+        "--out cots-data/runs/ladder-cookie --seeds 0,1 --set train.max_steps=300 "
+        "--set train.eval_every=100 "
+        "&& cp cots-data/runs/ladder-cookie/ablation.json bench/results/cookie_ladder_cpu.json",
+    ),
+    Figure(
+        "Transfer to galleries never trained on",
+        "transfer*.json",
+        "python bench/transfer.py --run RECIPE:SEED=RUN ... --eval NAME:SPLIT=DATASET ... "
+        "--out bench/results/transfer_cpu.json",
+    ),
+    Figure(
         "Adaptive momentum filter on noisy pairs",
         "noise_filter*.json",
         "python bench/noise_filter.py --data cots-data/datasets/openclipart "
@@ -77,6 +96,18 @@ FIGURES = (
         "python bench/embed_throughput.py",
     ),
     Figure(
+        "Gallery embedding on CPU, end to end",
+        "embed_gallery*.json",
+        "python bench/embed_gallery.py --bundle BUNDLE --data cots-data/datasets/openclipart",
+        note=EMBED_GALLERY_NOTE,
+    ),
+    Figure(
+        "Training and embedding on a GPU",
+        "gpu_train*.json",
+        GPU_COMMAND,
+        note=GPU_NOTE,
+    ),
+    Figure(
         "Index types: recall, latency, gallery size",
         "index_bench*.json",
         "python bench/index_bench.py",
@@ -87,6 +118,11 @@ FIGURES = (
         "service_load*.json",
         "python bench/service_load.py --demo-images 2000",
         ("service",),
+    ),
+    Figure(
+        "Text-to-video: meanP vs seqTransf, video indexing throughput",
+        "video*.json",
+        "python bench/video_bench.py --count 400 --threads 1",
     ),
     Figure(
         "Service soak",
@@ -282,9 +318,18 @@ def backend_tables(data: dict) -> str:
     return note + size + table(rows)
 
 
+def variant_tables(data: dict) -> str:
+    """embed_throughput: the settings, then one row per bundle variant (fp32, int8, ...)."""
+    variants = {k: v for k, v in data.items() if isinstance(v, dict) and "images_per_s" in v}
+    rows = [{"variant": name, **flatten(row)} for name, row in variants.items()]
+    rest = generic({k: v for k, v in data.items() if k not in variants})
+    return f"{rest}\n\n{table(rows)}" if rows else rest
+
+
 RENDERERS: dict[str, Callable[[Any], str]] = {
     "two_stream_vs_cross": ratio_tables,
     "backends": backend_tables,
+    "embed_throughput": variant_tables,
 }
 
 
@@ -519,7 +564,7 @@ def section(
     figure: Figure, results: dict[Path, Any], img_dir: Path, md_dir: Path
 ) -> tuple[str, list[Path]]:
     mine = [p for p in results if p.match(figure.pattern)]
-    head = f"## {figure.name}\n"
+    head = f"## {figure.name}\n" + (f"\n{figure.note.strip()}\n" if figure.note else "")
     if not mine:
         return f"{head}\nnot run yet: `{figure.command}`\n", []
     parts, images = [head], []
@@ -533,7 +578,7 @@ def section(
         else:
             parts.append(f"Command (not recorded in the JSON; how to run it): `{figure.command}`\n")
         parts.append(_recorded_machine(data))
-        render = RENDERERS.get(path.stem.split("-")[0], generic)
+        render = next((fn for key, fn in RENDERERS.items() if path.stem.startswith(key)), generic)
         parts.append(render(data) + "\n")
         for plot in figure.plots:
             fn, caption = PLOTS[plot]

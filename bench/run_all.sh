@@ -9,7 +9,9 @@
 #
 # A failing script is reported at the end and does not stop the others; its figure stays
 # "not run yet" (or keeps its previous JSON) in the report. Environment: PYTHON (default
-# python), DATA (the Open Clip Art dataset for noise_filter; skipped when absent).
+# python), DATA (the Open Clip Art dataset for noise_filter and embed_gallery; skipped when
+# absent), BUNDLE (a bundle for embed_gallery; skipped when unset). gpu_train runs when torch
+# sees a CUDA device.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -57,6 +59,22 @@ noise_filter() {  # writes under its --out directory; the report reads bench/res
     && cp "$WORK/noise-filter/noise_filter.json" bench/results/noise_filter.json
 }
 
+embed_gallery() {
+  if [ -z "${BUNDLE:-}" ] || [ ! -f "$DATA/manifest.jsonl" ]; then
+    echo "== embed_gallery skipped: set BUNDLE and DATA (a bundle from cots export, a gallery)"
+    return 0
+  fi
+  bench embed_gallery --bundle "$BUNDLE" --data "$DATA" "$@"
+}
+
+gpu_train() {
+  if ! "$PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+    echo "== gpu_train skipped: no CUDA device"
+    return 0
+  fi
+  bench gpu_train --device cuda "$@"
+}
+
 if [ "$REPORT_ONLY" = 0 ]; then
   mkdir -p bench/results
   if [ "$MODE" = quick ]; then
@@ -67,8 +85,11 @@ if [ "$REPORT_ONLY" = 0 ]; then
     bench objective_cost --preset tiny
     bench service_load --demo-images 2000 --requests 200 --max-seconds 10
     bench soak --minutes 1
+    bench video_bench --home "$WORK/video" --count 200
     bench backends --size 100000 --queries 100 --filtered 10
     noise_filter --set model.preset=tiny --steps 50
+    embed_gallery --limit 1000 --repeats 2
+    gpu_train --presets lite --steps 5
   else
     bench two_stream_vs_cross --presets tiny,lite,base --sample-images 64 --reps 7
     bench embed_throughput --preset lite
@@ -78,8 +99,11 @@ if [ "$REPORT_ONLY" = 0 ]; then
     bench objective_cost --base training/recipes/ablation/cpu.yaml --preset "" --queue 1024
     bench service_load --demo-images 2000 --requests 400
     bench soak --minutes 10
+    bench video_bench --home "$WORK/video" --count 400
     bench backends --size 100000 --threads 2
     noise_filter --lam 2 --lam 1 --lam 0.5
+    embed_gallery --captions
+    gpu_train
   fi
 fi
 

@@ -257,14 +257,15 @@ def free_port() -> int:
 
 
 def start_server(
-    bundle: Path, index: Path, port: int, args: argparse.Namespace
+    bundle: Path, index: Path, port: int, args: argparse.Namespace, env: dict[str, str]
 ) -> subprocess.Popen:
+    """`cots serve` in a subprocess with `args.server_threads` threads and the `COTS_*`
+    settings in `env`, once it answers /ready (within `args.ready_seconds`)."""
     env = {
         **os.environ,
         "COTS_INTRA_THREADS": str(args.server_threads),
-        "COTS_BATCH_WAIT_MS": str(args.batch_wait_ms),
-        "COTS_WATCH_INTERVAL_S": "0",
         "OMP_NUM_THREADS": str(args.server_threads),
+        **env,
     }
     command = [sys.executable, "-m", "index_builder.cli", "serve", "--bundle", str(bundle)]
     command += ["--index", str(index), "--port", str(port), "--log-level", "warning"]
@@ -383,7 +384,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             source = f"demo: colour towers (tests/service/conftest.py), {args.demo_images} images"
         reference = floor(bundle, index, args.k, args.floor_reps, args.server_threads)
         port = free_port()
-        server = start_server(bundle, index, port, args)
+        settings = {"COTS_BATCH_WAIT_MS": str(args.batch_wait_ms), "COTS_WATCH_INTERVAL_S": "0"}
+        server = start_server(bundle, index, port, args, settings)
         url = f"http://127.0.0.1:{port}"
         try:
             info = httpx.get(f"{url}/info").json()

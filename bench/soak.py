@@ -24,7 +24,6 @@ import os
 import platform
 import random
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -179,32 +178,6 @@ def _service_load() -> Any:
     return module
 
 
-def start_server(
-    bundle: Path, index: Path, port: int, args: argparse.Namespace
-) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "COTS_API_KEY": KEY,
-        "COTS_INTRA_THREADS": str(args.server_threads),
-        "OMP_NUM_THREADS": str(args.server_threads),
-    }
-    command = [sys.executable, "-m", "index_builder.cli", "serve", "--bundle", str(bundle)]
-    command += ["--index", str(index), "--port", str(port), "--log-level", "warning"]
-    server = subprocess.Popen(command, env=env)
-    deadline = time.monotonic() + args.ready_seconds
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"the server exited with code {server.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    server.terminate()
-    raise RuntimeError(f"the server did not become ready in {args.ready_seconds:g} s")
-
-
 def rss_mb(pid: int) -> float:
     """Resident memory of a process, from /proc (Linux)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -313,7 +286,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             source = f"demo: colour towers (tests/service/conftest.py), {args.demo_images} images"
         port = helpers.free_port()
         url = f"http://127.0.0.1:{port}"
-        server = start_server(bundle, index, port, args)
+        server = helpers.start_server(bundle, index, port, args, {"COTS_API_KEY": KEY})
         try:
             rss_start = rss_mb(server.pid)
             info = httpx.get(f"{url}/info", headers={"X-API-Key": KEY}).json()

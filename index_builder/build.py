@@ -29,6 +29,7 @@ from index_builder.store import (
     IndexStore,
     write_jsonl,
 )
+from index_builder.video_index import finish_video_rows, is_video_row, video_rows
 
 log = logging.getLogger(__name__)
 OTHER = {"image": "text", "text": "image"}
@@ -59,7 +60,7 @@ class EmbedOptions:
 
     engine: str = "local"
     shard_size: int = 4096
-    batch_size: int = 64
+    batch_size: int = 16  # small batches: less padding, warmer caches on a CPU
     threads: int | None = None
     workers: int = 1
 
@@ -249,19 +250,24 @@ def read_sources(root: Path, sources: Sources) -> tuple[Rows, dict[str, Skips]]:
 def embed_rows(
     root: Path, bundle: Bundle, rows: Rows, embedding: EmbedOptions, skips: dict[str, Skips]
 ) -> tuple[Path, Rows, dict[str, list[np.ndarray]]]:
-    """Embed every row (resumably); images that cannot be decoded are dropped with their
-    captions and counted in `skips`. Returns the work directory, kept rows and shards."""
+    """Embed every row (resumably); images and videos that cannot be decoded are dropped with
+    their captions and counted in `skips`. Returns the work directory, kept rows and shards.
+    Video files become video rows with keyframes (index_builder/video_index.py)."""
+    rows = {**rows, "image": video_rows(rows["image"], root / "files", bundle)}
     work = embed.work_dir_for(root, bundle, rows)
     embed.prepare(work, bundle, rows, embedding.shard_size)
     paths = embed.embed_work(
         work, bundle, embedding.engine, embedding.threads, embedding.batch_size, embedding.workers
     )
     shards = {side: embed.load_shards(paths[side]) for side in SIDES}
+    finish_video_rows(rows["image"])
     bad = embed.skipped_ids(paths["image"])
     if not bad:
         return work, rows, shards
+    videos = {row["id"] for row in rows["image"] if is_video_row(row)}
     for item in bad:
-        skips["image"].add(f"unreadable image ({item['reason'][:60]})", item["id"])
+        what = "video" if item["id"] in videos else "image"
+        skips["image"].add(f"unreadable {what} ({item['reason'][:60]})", item["id"])
     gone = {item["id"] for item in bad}
     keep = {
         "image": [row["id"] not in gone for row in rows["image"]],

@@ -5,6 +5,9 @@
       text_encoder.onnx    input_ids, attention_mask int64 (B, L) -> embedding (B, D), unit norm
       tokenizer.json       Hugging Face tokenizers file
       bundle.json          what a later stage needs to use the files (see `Bundle`)
+      video_pooling.onnx   video bundles only: frames float32 (B, N, D) unit frame embeddings
+                           from image_encoder.onnx, mask int64 (B, N) -> embedding (B, D);
+                           `video_spec` in bundle.json says N, the sampling and the pooling
 
 `training.export` writes bundles with `write_bundle`; indexing and serving read them with
 `Bundle.load`, which checks the description, that `bundle_id` is the content address of the
@@ -25,12 +28,14 @@ from typing import Any
 
 from index_builder.atomic import atomic_write_json, read_json, umask
 from index_builder.preprocess import ImageSpec, TextSpec, sha256_file
+from index_builder.video import VideoSpec
 
 FORMAT_VERSION = 1
 BUNDLE_JSON = "bundle.json"
 IMAGE_ONNX = "image_encoder.onnx"
 TEXT_ONNX = "text_encoder.onnx"
 TOKENIZER_JSON = "tokenizer.json"
+VIDEO_ONNX = "video_pooling.onnx"
 FILES = (IMAGE_ONNX, TEXT_ONNX, TOKENIZER_JSON)
 PRECISIONS = ("fp32", "fp16", "int8")
 REQUIRED = ("format_version", "bundle_id", "embed_dim", "image_spec", "text_spec", "files")
@@ -48,6 +53,11 @@ class Bundle:
     opset: int
     precision: str
     info: dict[str, Any] = field(repr=False)
+    video_spec: VideoSpec | None = None  # a video bundle: frames, sampling, pooling
+
+    @property
+    def video_onnx(self) -> Path:
+        return self.path / VIDEO_ONNX
 
     @property
     def image_onnx(self) -> Path:
@@ -78,7 +88,7 @@ class Bundle:
                 f"this version of cots reads {FORMAT_VERSION}"
             )
         _check_id(info, meta_path)
-        for name in FILES:
+        for name in (*FILES, VIDEO_ONNX) if "video_spec" in info else FILES:
             file = path / name
             if not file.is_file():
                 raise FileNotFoundError(f"bundle {path} is missing {name}")
@@ -96,6 +106,7 @@ class Bundle:
             opset=int(info.get("opset", 0)),
             precision=str(info.get("precision", "fp32")),
             info=info,
+            video_spec=VideoSpec.from_dict(info["video_spec"]) if "video_spec" in info else None,
         )
 
 
@@ -110,6 +121,8 @@ def _check_id(info: dict[str, Any], meta_path: Path) -> None:
     preprocessing: a file replaced with its hash updated changes the id, so an index built
     with the old bundle refuses the edited one (its hashes are checked against the files)."""
     specs = {"image_spec": info["image_spec"], "text_spec": info["text_spec"]}
+    if "video_spec" in info:
+        specs["video_spec"] = info["video_spec"]
     expected = bundle_id_of(info["files"], info["embed_dim"], specs)
     if info["bundle_id"] != expected:
         raise ValueError(
@@ -131,12 +144,14 @@ def write_bundle(
     opset: int,
     precision: str = "fp32",
     extra: dict[str, Any] | None = None,
+    video: tuple[str | Path, VideoSpec] | None = None,
 ) -> Bundle:
     """Copy the files into `out` with a `bundle.json` and return the loaded bundle.
 
     The bundle is assembled in a temporary directory beside `out` and renamed into place, so
     `out` is either the previous bundle or the complete new one. `extra` (source checkpoint,
-    parity error, recall effect of quantisation...) is stored as given.
+    parity error, recall effect of quantisation...) is stored as given. `video` (the
+    pooling graph and its `VideoSpec`) makes a video bundle.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -148,10 +163,14 @@ def write_bundle(
     try:
         # mkdtemp makes 0700: give the usual mode, so that a serving container's user reads it.
         os.chmod(tmp, 0o777 & ~umask())
-        for name, source in zip(FILES, (image_onnx, text_onnx, tokenizer_json), strict=True):
-            shutil.copyfile(source, tmp / name)
-        hashes = {name: sha256_file(tmp / name) for name in FILES}
+        sources = dict(zip(FILES, (image_onnx, text_onnx, tokenizer_json), strict=True))
         specs = {"image_spec": image_spec.to_dict(), "text_spec": text_spec.to_dict()}
+        if video is not None:
+            sources[VIDEO_ONNX] = video[0]
+            specs["video_spec"] = video[1].to_dict()
+        for name, source in sources.items():
+            shutil.copyfile(source, tmp / name)
+        hashes = {name: sha256_file(tmp / name) for name in sources}
         info = {
             **(extra or {}),
             "format_version": FORMAT_VERSION,

@@ -13,6 +13,7 @@ from importlib.metadata import entry_points
 EXTRA_OF = {
     **dict.fromkeys(["torch", "safetensors", "onnx", "onnxscript", "matplotlib"], "train"),
     **dict.fromkeys(["cairosvg", "emoji", "defusedxml"], "data"),
+    "av": "serve",
     "ray": "ray",
 }
 # Other spellings of a command: `cots train tokenizer ...` runs `cots tokenizer train ...`.
@@ -24,8 +25,8 @@ cots: cross-modal retrieval (search images with text, text with images) on the
 COTS two-stream vision-language model.
 
 The pipeline runs as stages, each a subcommand:
-  data    build a gallery (image + captions manifest) from Open Clip Art, emoji,
-          synthetic scenes, COCO/Karpathy JSON, CSV/TSV, folders or WebDataset shards
+  data    build a gallery (image or video + captions manifest) from Open Clip Art, emoji,
+          synthetic scenes or clips, COCO/Karpathy, MSR-VTT, CSV/TSV, folders or WebDataset
   train   train the two towers (COTS or the CLIP baseline) on a gallery
   eval    recall@1/5/10 both ways on a split
   export  turn a checkpoint into an ONNX bundle of the two towers

@@ -139,8 +139,18 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
         "--engine", choices=("local", "ray"), default="local", help="embedding engine"
     )
     parser.add_argument("--workers", type=int, default=1, help="Ray embedding actors (ray engine)")
-    parser.add_argument("--threads", type=int, help="ONNX Runtime and FAISS threads per process")
-    parser.add_argument("--batch-size", type=int, default=64, help="encoder batch size")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="ONNX Runtime threads per embedding lane (cores / threads lanes run side by side; "
+        "default 1 thread, one lane per core) and FAISS threads",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="encoder batch size per lane (16: fastest on a CPU; a GPU wants hundreds)",
+    )
     parser.add_argument("--shard-size", type=int, default=4096, help="rows per embedding shard")
     _backend_args(parser)
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from index_builder.store import META_FILES, SIDES, read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
 ENGINES = ("local", "ray")
+MAX_LANES = 8  # each lane holds one batch's activations in the encoder
 
 
 def work_dir_for(root: Path, bundle: Bundle, rows: dict[str, list[dict[str, Any]]]) -> Path:
@@ -70,7 +72,7 @@ def embed_work(
     bundle: Bundle,
     engine: str = "local",
     threads: int | None = None,
-    batch_size: int = 64,
+    batch_size: int = 16,
     workers: int = 1,
 ) -> dict[str, list[Path]]:
     """Embed every missing shard of both sides; returns the shard files per side."""
@@ -85,7 +87,8 @@ def embed_work(
         if todo and engine == "ray":
             _embed_ray(work, bundle.path, side, todo, threads, batch_size, workers)
         elif todo:
-            embedder = ShardEmbedder(work, bundle.path, side, threads, batch_size)
+            lanes, lane_threads = local_lanes(threads)
+            embedder = ShardEmbedder(work, bundle.path, side, lane_threads, batch_size, lanes)
             for i in tqdm(todo, desc=f"embed {side}s", unit="shard"):
                 embedder.embed_shard(i)
         done[side] = paths
@@ -102,22 +105,40 @@ def skipped_ids(paths: Sequence[Path]) -> list[dict[str, str]]:
     return found
 
 
+def local_lanes(threads: int | None) -> tuple[int, int]:
+    """(lanes, ONNX Runtime threads per lane) for this host: a lane decodes and encodes one
+    batch at a time, and lanes run side by side. One thread per lane by default: on a small
+    CPU, independent batches use the cores better than one session's threads, which wait on
+    each other (and collapse when another process takes a core)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    lanes = min(MAX_LANES, max(1, cores // (threads or 1)))
+    return lanes, threads or max(1, cores // lanes)
+
+
 def load_shards(paths: Sequence[Path]) -> list[np.ndarray]:
     """Memory-mapped shards: indexing reads them without loading the gallery at once."""
     return [np.load(p, mmap_mode="r") for p in paths]
 
 
 class ShardEmbedder:
-    """The mapper: one side's encoder; `embed_shard(i)` reads, encodes and writes shard i."""
+    """The mapper: one side's encoder; `embed_shard(i)` reads, encodes and writes shard i,
+    `lanes` batches at a time (decoding one batch overlaps encoding another)."""
 
     def __init__(
-        self, work: Path, bundle_path: Path, side: str, threads: int | None, batch_size: int
+        self,
+        work: Path,
+        bundle_path: Path,
+        side: str,
+        threads: int | None,
+        batch_size: int,
+        lanes: int = 2,
     ) -> None:
         from index_builder.encoders import ImageEncoder, TextEncoder
 
-        self.work, self.side, self.batch_size = Path(work), side, batch_size
+        self.work, self.side, self.batch_size, self.lanes = Path(work), side, batch_size, lanes
         bundle = Bundle.load(bundle_path, verify=False)
-        self.spec = bundle.image_spec
+        self.bundle, self.spec = bundle, bundle.image_spec
         self.rows = read_jsonl(self.work / META_FILES[side])
         self.size = read_json(self.work / "plan.json")["shard_size"]
         self.encoder: Any = (ImageEncoder if side == "image" else TextEncoder)(
@@ -129,7 +150,14 @@ class ShardEmbedder:
         listed in `<side>-NNNNN.skips.json` (written first: a shard file implies its list)."""
         rows = self.rows[index * self.size : (index + 1) * self.size]
         self.skipped: list[dict[str, str]] = []
-        parts = [self._encode(batch) for batch in self._read(rows)]
+        if self.side == "image" and any("video" in row for row in rows):
+            parts = [self._media().embed(rows, self._skip)]
+        else:
+            batches = [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+            with ThreadPoolExecutor(self.lanes) as pool:  # decoding and ONNX Runtime free the GIL
+                parts = list(pool.map(self._embed_batch, batches))
+        order = {row["id"]: i for i, row in enumerate(rows)}  # lanes finish in any order
+        self.skipped.sort(key=lambda item: order[item["id"]])
         atomic_write_json(self.work / f"{self.side}-{index:05d}.skips.json", self.skipped)
         with atomic_open(self.work / f"{self.side}-{index:05d}.npy", "wb") as handle:
             np.save(handle, np.concatenate(parts).astype(np.float32))
@@ -139,19 +167,22 @@ class ShardEmbedder:
         """Ray Data entry point: a batch of shard numbers -> their row counts."""
         return {"rows": np.array([self.embed_shard(int(i)) for i in batch["shard"]])}
 
-    def _read(self, rows: list[dict]) -> Iterator[Any]:
-        """The reader: decodes the next batch in a thread while the current one encodes."""
-        batches = [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+    def _embed_batch(self, batch: list[dict]) -> np.ndarray:
+        """One lane's work: read (decode) and encode one batch."""
         if self.side == "text":
-            yield from ([row["text"] for row in batch] for batch in batches)
-            return
-        with ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(self._decode, batches[0]) if batches else None
-            for nxt in [*batches[1:], None]:
-                assert pending is not None
-                current = pending.result()
-                pending = pool.submit(self._decode, nxt) if nxt is not None else None
-                yield current
+            return self.encoder.encode([row["text"] for row in batch])
+        return self.encoder.encode_pixels(self._decode(batch))
+
+    def _media(self) -> Any:
+        """The embedder of a shard holding videos (index_builder/video_index.py)."""
+        from index_builder.video_index import MediaEmbedder
+
+        if not hasattr(self, "media"):
+            self.media = MediaEmbedder(self.bundle, self.encoder, self._decode)
+        return self.media
+
+    def _skip(self, item_id: str, reason: str) -> None:
+        self.skipped.append({"id": item_id, "reason": reason})
 
     def _decode(self, batch: list[dict]) -> np.ndarray:
         images: list[Image.Image | None] = []
@@ -161,7 +192,7 @@ class ShardEmbedder:
             except (ValueError, OSError) as exc:
                 log.warning("skipping gallery image %r: %s", row["id"], exc)
                 reason = str(exc).splitlines()[0].split(" <_io.")[0]  # PIL names its file object
-                self.skipped.append({"id": row["id"], "reason": reason})
+                self._skip(row["id"], reason)
                 images.append(None)
         size = self.spec.size
         out = np.zeros((len(batch), 3, size, size), np.float32)
@@ -169,11 +200,6 @@ class ShardEmbedder:
         if good:
             out[good] = preprocess_images([im for im in images if im is not None], self.spec)
         return out
-
-    def _encode(self, batch: Any) -> np.ndarray:
-        if self.side == "text":
-            return self.encoder.encode(batch)
-        return self.encoder.encode_pixels(batch)
 
 
 def _embed_ray(

@@ -139,24 +139,73 @@ class TextEncoder:
         return _batched(len(texts), self.batch_size, run, self.bundle.embed_dim)
 
 
+class VideoEncoder:
+    """Videos -> (B, D) unit vectors: every sampled frame through the image encoder, then the
+    bundle's temporal pooling graph (`video_pooling.onnx`)."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        image: ImageEncoder,
+        threads: int | None = None,
+        providers: Sequence[str] | None = None,
+    ) -> None:
+        if bundle.video_spec is None:
+            raise ValueError(f"bundle {bundle.bundle_id} is not a video bundle (no video_spec)")
+        self.bundle, self.image, self.spec = bundle, image, bundle.video_spec
+        self.session = open_session(bundle.video_onnx, threads, providers)
+        _check_io(self.session, bundle.video_onnx, ("frames", "mask"), bundle.embed_dim)
+
+    def encode_pixels(self, pixels: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Frames (B, N, 3, S, S) and their mask (B, N) bool (`video_pixels`) -> (B, D)."""
+        count, dim = self.spec.frames, self.bundle.embed_dim
+        if pixels.ndim != 5 or pixels.shape[1] != count or mask.shape != pixels.shape[:2]:
+            raise ValueError(f"videos must be (B, {count}, 3, S, S) with a (B, {count}) mask")
+        mask = np.asarray(mask, dtype=bool)
+        frames = np.zeros((len(pixels), count, dim), np.float32)  # (B, N, D)
+        frames[mask] = self.image.encode_pixels(pixels[mask])
+        feed = {"frames": frames, "mask": mask.astype(np.int64)}
+        return _normalise(self.session.run(None, feed)[0])
+
+    def encode_clips(self, clips: Sequence[Sequence[Image.Image]]) -> np.ndarray:
+        """Sampled frames of each video (`decode_video(...).frames`) -> (B, D)."""
+        from index_builder.video import video_pixels
+
+        made = [video_pixels(frames, self.image.spec, self.spec.frames) for frames in clips]
+        if not made:
+            return np.zeros((0, self.bundle.embed_dim), np.float32)
+        pixels, mask = (np.stack(part) for part in zip(*made, strict=True))
+        return self.encode_pixels(pixels, mask)
+
+
 @dataclass(frozen=True)
 class Encoders:
-    """Both towers of one bundle, opened with ONNX Runtime."""
+    """Both towers of one bundle, opened with ONNX Runtime (and, for a video bundle, the
+    video encoder over the image tower)."""
 
     bundle: Bundle
     text: TextEncoder
     image: ImageEncoder
+    video: VideoEncoder | None = None
 
     @classmethod
     def open(cls, bundle: Bundle, threads: int | None = None, batch_size: int = 32) -> Encoders:
+        image = ImageEncoder(bundle, threads=threads, batch_size=batch_size)
         return cls(
             bundle,
             text=TextEncoder(bundle, threads=threads, batch_size=batch_size),
-            image=ImageEncoder(bundle, threads=threads, batch_size=batch_size),
+            image=image,
+            video=VideoEncoder(bundle, image, threads) if bundle.video_spec else None,
         )
 
     def encode(self, modality: str, queries: list[Any]) -> np.ndarray:
-        """(Q, D) unit vectors: "text" queries are strings, "image" ones (3, S, S) pixels."""
+        """(Q, D) unit vectors: "text" queries are strings, "image" ones (3, S, S) pixels,
+        "video" ones (pixels (N, 3, S, S), mask (N,)) pairs."""
         if modality == "text":
             return self.text.encode(queries)
+        if modality == "video":
+            if self.video is None:
+                raise ValueError(f"bundle {self.bundle.bundle_id} cannot encode videos")
+            pixels, mask = (np.stack(part) for part in zip(*queries, strict=True))
+            return self.video.encode_pixels(pixels, mask)
         return self.image.encode_pixels(np.stack(queries))

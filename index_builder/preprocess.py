@@ -92,7 +92,8 @@ def load_image(
             if min_side is not None:
                 opened.draft(None, (min_side, min_side))
             opened.load()
-            return _to_rgb(ImageOps.exif_transpose(opened), tuple(background))
+            ImageOps.exif_transpose(opened, in_place=True)
+            return _to_rgb(opened, tuple(background))  # a new image: it outlives `opened`
     except Image.DecompressionBombError as exc:
         raise ValueError(f"image too large: {exc}") from None
     except (OSError, SyntaxError) as exc:
@@ -137,10 +138,13 @@ def preprocess_image(image: Image.Image, spec: ImageSpec) -> np.ndarray:
     image = image.resize(
         (spec.size, spec.size), _RESAMPLE[spec.interpolation], box=box, reducing_gap=REDUCING_GAP
     )
-    pixels = np.asarray(image, dtype=np.float32) / np.float32(255.0)  # (H, W, 3)
-    mean = np.asarray(spec.mean, np.float32)
-    std = np.asarray(spec.std, np.float32)
-    return np.ascontiguousarray(((pixels - mean) / std).transpose(2, 0, 1))  # (3, H, W)
+    # Channels first while still uint8, then in place: the same float32 operations as
+    # ((x / 255) - mean) / std elementwise (bit for bit), in a third of the time.
+    pixels = np.asarray(image).transpose(2, 0, 1).astype(np.float32, order="C")  # (3, H, W)
+    pixels /= np.float32(255.0)
+    pixels -= np.asarray(spec.mean, np.float32)[:, None, None]
+    pixels /= np.asarray(spec.std, np.float32)[:, None, None]
+    return pixels
 
 
 def preprocess_images(images: Sequence[Image.Image], spec: ImageSpec) -> np.ndarray:

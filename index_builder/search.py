@@ -7,7 +7,9 @@ this with micro-batching and hot swaps).
         print(hit["id"], hit["score"], hit["meta"])
 
 Every query costs one tower pass and one index search: text-to-image and image-to-image
-search the image side, image-to-text and text-to-text the text side.
+search the image side, image-to-text and text-to-text the text side. Videos are items of the
+image side (`index_builder.video_index`): text-to-video searches it for rows whose `media` is
+"video", and video-to-text encodes the video's sampled frames and pools them (a video bundle).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from index_builder.bundle import Bundle
 from index_builder.encoders import Encoders
 from index_builder.preprocess import load_image, preprocess_image
 from index_builder.store import IndexStore
+from index_builder.video import VideoLimits, decode_video, video_pixels
+from index_builder.video_index import MEDIA
 
 ImageInput = bytes | str | Path | Image.Image | np.ndarray
 
@@ -75,6 +79,27 @@ class Searcher:
         if not self.index.has(side):
             what = "images" if side == "image" else "texts"
             raise SideMissing(f"index version {self.version} holds no {what}")
+
+    def require_videos(self) -> None:
+        """The index holds videos and the bundle can encode them, else SideMissing."""
+        fields = self.index.info["sides"].get("image", {}).get("fields", {})
+        if "media" not in fields or self.bundle.video_spec is None:
+            raise SideMissing(f"index version {self.version} holds no videos")
+
+    def video_filter(self, filter: dict[str, Any] | None) -> dict[str, Any]:
+        """`filter` restricted to the image side's videos."""
+        return {**(filter or {}), "media": MEDIA}
+
+    def video_query(
+        self, video: bytes | str | Path, limits: VideoLimits = VideoLimits()
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """A video file or bytes -> (pixels (N, 3, S, S), mask (N,)) with the bundle's video
+        and image specs (a `VideoError` for a video that cannot be used)."""
+        self.require_videos()
+        spec = self.bundle.video_spec
+        assert spec is not None
+        clip = decode_video(video, spec.frames, limits)
+        return video_pixels(clip.frames, self.bundle.image_spec, spec.frames)
 
     def pixels(self, image: ImageInput) -> np.ndarray:
         """Any image input -> (3, S, S) pixels with the bundle's preprocessing."""
@@ -166,12 +191,22 @@ class Searcher:
     def text_to_text(self, text: str | list[str], k: int = 10, offset: int = 0, filter=None):
         return self._run("text", "text", text, k, offset, filter)
 
+    def text_to_video(self, text: str | list[str], k: int = 10, offset: int = 0, filter=None):
+        self.require_videos()
+        return self._run("text", "image", text, k, offset, self.video_filter(filter))
+
+    def video_to_text(self, video: Any, k: int = 10, offset: int = 0, filter=None):
+        """A video file path or bytes (or a list of them) -> caption hits."""
+        return self._run("video", "text", video, k, offset, filter)
+
     def _run(self, modality: str, side: str, query: Any, k: int, offset: int, filter: Any):
         self.require(side)
         single = not isinstance(query, list)
         queries = [query] if single else query
         if modality == "image":
             queries = [self.pixels(q) for q in queries]
+        if modality == "video":
+            queries = [self.video_query(q) for q in queries]
         vectors = self.encoders.encode(modality, queries)
         found = self.search(side, vectors, k, offset, filter)
         return found[0] if single else found

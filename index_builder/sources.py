@@ -2,12 +2,14 @@
 
 Image sources (rows `{"id", "image", "captions", "meta"}`, captions optional):
   - a dataset directory (`manifest.jsonl`): its images, with their captions;
-  - any other directory: every image under it, recursively; the id is the relative path
-    without extension; a sidecar `<stem>.txt` adds captions, a sidecar `<stem>.json` metadata;
+  - any other directory: every image (and video) under it, recursively; the id is the
+    relative path without extension; a sidecar `<stem>.txt` adds captions, `<stem>.json`
+    metadata;
   - a table (`.csv`, `.tsv`, `.jsonl`, `.parquet`) with an image path column; other columns
     become metadata (CSV cells that all read as numbers become numbers);
-  - WebDataset shards (`.tar`, a brace pattern, or a directory of them): images are stored
-    under the index root by content hash.
+  - WebDataset shards (`.tar`, a brace pattern, or a directory of them): images (and videos)
+    are stored under the index root by content hash.
+A row whose file is a video becomes a video row when embedded (index_builder/video_index.py).
 Text sources (rows `{"id", "text", "meta"}`, plus `image_id` for a dataset's captions):
   - a `.txt` file, one text per line; a table with a text column; a dataset's captions.
 
@@ -27,6 +29,7 @@ from typing import Any
 from index_builder.data.common import IMAGE_EXTENSIONS, Skips
 from index_builder.data.folder import find_images
 from index_builder.manifest import MANIFEST, image_path, load_records
+from index_builder.video import VIDEO_EXTENSIONS
 
 TABLES = (".csv", ".tsv", ".jsonl", ".parquet")
 IMAGE_COLUMNS = ("image", "path", "filepath", "file", "url")
@@ -135,8 +138,10 @@ def _unique(rows: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
 
 
 def _folder_rows(root: Path) -> list[dict[str, Any]]:
+    from index_builder.data.video_folder import find_videos
+
     rows = []
-    for image in find_images(root):
+    for image in sorted([*find_images(root), *find_videos(root)]):
         relative = image.relative_to(root)
         meta: dict[str, Any] = {"path": relative.as_posix(), "folder": relative.parent.as_posix()}
         sidecar = image.with_suffix(".json")
@@ -311,9 +316,10 @@ def _webdataset_rows(source: str, files_dir: Path, skips: Skips) -> list[dict[st
     rows = []
     for shard in shards:
         for key, parts in iter_samples(shard, skips):
-            extension = next((e for e in parts if f".{e}" in IMAGE_EXTENSIONS), None)
+            media = (*IMAGE_EXTENSIONS, *VIDEO_EXTENSIONS)
+            extension = next((e for e in parts if f".{e}" in media), None)
             if extension is None:
-                skips.add("sample without an image", f"{shard.name}:{key}")
+                skips.add("sample without an image or video", f"{shard.name}:{key}")
                 continue
             captions, meta = sample_captions(parts)
             rows.append(

@@ -182,6 +182,14 @@ class LoadedIndex:
         """Refuse a bundle other than the one that embedded this index."""
         check_bundle(bundle, self.info, self.version)
 
+    def count(self, side: str, filter: dict[str, Any] | None = None) -> int:
+        """Live rows of `side` whose metadata satisfies `filter`."""
+        mask = self.filter_mask(side, filter)
+        if mask is None:
+            return self.live_count(side)
+        deleted = self.deleted.get(side)
+        return int((mask if deleted is None else mask & ~deleted).sum())
+
     def filter_mask(self, side: str, filter: dict[str, Any] | None) -> np.ndarray | None:
         """Rows of `side` whose metadata satisfies `filter` (None: no filter); a filter that
         does not fit the side's fields is a FilterError."""

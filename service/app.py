@@ -21,6 +21,7 @@ from service.metrics import Metrics, MetricsMiddleware
 from service.routes import admin, api, public
 from service.settings import Settings
 from service.thumbnails import ThumbnailCache
+from service.video import router as video
 
 STATIC = Path(__file__).parent / "static"
 DESCRIPTION = """\
@@ -126,6 +127,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.include_router(public)
     app.include_router(api)
+    app.include_router(video)
     app.include_router(admin)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.mount("/docs/assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs")

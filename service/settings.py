@@ -76,6 +76,16 @@ class Settings(BaseSettings):
         gt=0,
         description="longest wait for the next part of a request body before a 408",
     )
+    max_video_bytes: int = Field(
+        default=50 << 20, ge=1024, description="largest video clip upload, in bytes"
+    )
+    max_video_pixels: int = Field(
+        default=1920 * 1080, ge=1, description="largest clip frame (width x height)"
+    )
+    max_video_seconds: float = Field(default=120.0, gt=0, description="longest clip, in seconds")
+    video_timeout_s: float = Field(
+        default=10.0, gt=0, description="time limit for decoding one uploaded clip, in seconds"
+    )
     batch_size: int = Field(
         default=32, ge=1, description="most queries the micro-batcher encodes at once"
     )

@@ -135,6 +135,19 @@ def test_plots_are_written_and_linked(built):
         assert f"](img/{path.name})" in text
 
 
+def test_embed_throughput_has_one_row_per_variant():
+    data = {
+        "preset": "lite",
+        "threads": 1,
+        "fp32": {"images_per_s": 57.9, "parity_max_abs_error": {"image": 4e-07}},
+        "int8": {"images_per_s": 55.1, "parity_max_abs_error": {"image": 0.0033}},
+    }
+    text = report.variant_tables(data)
+    assert "| preset | lite |" in text
+    assert "| variant | images_per_s | parity_max_abs_error.image |" in text
+    assert "| int8 | 55.1 | 0.0033 |" in text
+
+
 def test_index_points_found_by_key_names():
     points = report.index_points(INDEX)
     flat = sorted((p["size"], p["latency"]) for p in points if p["type"] == "Flat")

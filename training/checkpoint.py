@@ -78,7 +78,9 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
 def check_architecture(meta: dict[str, Any], config: ModelConfig, where: str | Path) -> None:
     """ValueError naming the differing keys when a checkpoint cannot hold `config`'s model."""
-    stored = meta["model"]
+    # Keys added since a checkpoint was written (e.g. shared_*) take their defaults, which
+    # build what that checkpoint held.
+    stored = {**ModelConfig.defaults(), **meta["model"]}
     wanted = config.to_dict()
     keys = sorted(k for k in set(stored) | set(wanted) if k not in NOT_ARCHITECTURE)
     diff = [k for k in keys if _norm(stored.get(k)) != _norm(wanted.get(k))]

@@ -51,9 +51,16 @@ class DataSection:
     val_split: str = "val"
     eval_batch_size: int = 128
     max_val_images: int = 0  # 0 = the whole validation split
-    # Frozen towers only: compute their pooled features once and train the projections on the
-    # cache (exact, since frozen eval-mode towers are deterministic; implies no augmentation).
+    # Frozen towers only: compute their outputs once (pooled; token sequences too for a model
+    # with COOKIE's shared transformer) and train what follows them on the cache (exact,
+    # since frozen eval-mode towers are deterministic; implies no augmentation).
     cache_frozen_features: bool = False
+    # Also cache the token sequences when the model does not need them (a ladder whose first
+    # rung has no shared transformer fills the cache entry the later rungs read).
+    cache_tokens: bool = False
+    # Where those outputs are kept between runs: "" = $COTS_HOME/cache/features, a directory,
+    # or "memory" (computed for this run only).
+    feature_store: str = ""
 
 
 @dataclass
@@ -91,7 +98,7 @@ class UnitSection:
 
 @dataclass
 class AmfSection(UnitSection):
-    """Adaptive momentum filter (training/amf.py): per-sample weights, no loss of its own."""
+    """Adaptive momentum filter (training/objectives/amf.py): per-sample weights, no loss."""
 
     size: int = 4096  # FIFO of recent momentum positive similarities
     lam: float = 2.0  # keep a pair when s >= mean - lam * std
@@ -101,7 +108,7 @@ class AmfSection(UnitSection):
 
 @dataclass
 class MvlmSection(UnitSection):
-    """Masked vision-language modelling (training/mvlm.py): MLM and MVM, one weight."""
+    """Masked vision-language modelling (training/objectives/mvlm.py): MLM and MVM, one weight."""
 
     mlm: bool = True
     mvm: bool = True
@@ -112,6 +119,24 @@ class MvlmSection(UnitSection):
     head_hidden: int = 0  # hidden width of the prediction MLPs; 0 = the token width
 
 
+# COOKIE's three contrastive losses in our default reading (METHOD.md): image vs text after
+# the shared transformer; each embedding vs a frozen copy of its pretrained tower.
+COOKIE_PAIRS = (
+    ("image", "text", 1.0),
+    ("image", "image_teacher", 1.0),
+    ("text", "text_teacher", 1.0),
+)
+
+
+@dataclass
+class CookieSection(UnitSection):
+    """COOKIE's contrastive knowledge sharing (training/objectives/cookie.py): one symmetric
+    in-batch InfoNCE per (source, target, weight) pair of named features (image, text,
+    image_tower, text_tower, image_teacher, text_teacher)."""
+
+    pairs: list[tuple[str, str, float]] = field(default_factory=lambda: list(COOKIE_PAIRS))
+
+
 @dataclass
 class ObjectivesSection:
     # Units run in this order each step (a sample filter must come before the losses it weights).
@@ -120,6 +145,7 @@ class ObjectivesSection:
     instance: UnitSection = field(default_factory=lambda: UnitSection(enabled=True))
     kl: UnitSection = field(default_factory=UnitSection)  # task-level KL (COTS), after instance
     mvlm: MvlmSection = field(default_factory=MvlmSection)  # token level (COTS)
+    cookie: CookieSection = field(default_factory=CookieSection)  # knowledge sharing (COOKIE)
 
 
 @dataclass
@@ -131,6 +157,9 @@ class LoopSection:
     seed: int = 0
     device: str = "auto"  # auto, cpu or cuda
     threads: int = 0  # torch CPU threads for the run; 0 = torch's default
+    compile: bool = False  # torch.compile the towers (first steps slower, later ones faster)
+    compile_backend: str = "inductor"  # the torch.compile backend when compile is on
+    checkpointing: bool = False  # recompute transformer blocks in backward: less memory
     best_metric: str = "rsum"  # the validation metric that picks the best checkpoint
 
 
@@ -223,6 +252,8 @@ def _coerce(kind: Any, value: Any, key: str) -> Any:
     if dataclasses.is_dataclass(kind):
         return _build(kind, value, key + ".")
     origin = typing.get_origin(kind)
+    if origin is list:
+        return _coerce_list(kind, value, key)
     try:
         if kind is bool:
             if not isinstance(value, bool):
@@ -249,6 +280,15 @@ def _coerce(kind: Any, value: Any, key: str) -> Any:
     except (TypeError, ValueError):
         raise ValueError(f"config key {key!r}: {value!r} is not a valid {_name(kind)}") from None
     raise AssertionError(f"unsupported config type {kind} for {key}")
+
+
+def _coerce_list(kind: Any, value: Any, key: str) -> list[Any]:
+    """A list (or its JSON/YAML text); each item is checked on its own, named key[i]."""
+    items = _parse_value(value) if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        raise ValueError(f"config key {key!r}: {value!r} is not a valid {_name(kind)}")
+    (item,) = typing.get_args(kind)
+    return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(items)]
 
 
 def _name(kind: Any) -> str:

@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from index_builder.bundle import PRECISIONS, Bundle, write_bundle
 from index_builder.preprocess import TextTokenizer, sha256_file
+from training.model import stream_embedding
 
 log = logging.getLogger(__name__)
 OPSET = 17
@@ -31,25 +31,33 @@ PARITY_BATCHES = (1, 5)
 
 
 class ImageEncoder(nn.Module):
-    """What the image bundle holds: tower -> projection -> L2 normalisation."""
+    """What the image bundle holds: tower -> [map -> shared transformer (COOKIE)] ->
+    projection -> L2 normalisation (`stream_embedding`, as in training)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.tower, self.proj = model.image_tower, model.image_proj
+        self.token_map, self.shared = model.image_map, model.shared
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.proj(self.tower(pixels)["pooled"]), dim=-1)  # (B, D)
+        features = self.tower(pixels)
+        return stream_embedding(features, self.proj, self.token_map, self.shared)  # (B, D)
 
 
 class TextEncoder(nn.Module):
-    """What the text bundle holds: tower -> projection -> L2 normalisation."""
+    """What the text bundle holds: tower -> [map -> shared transformer (COOKIE)] ->
+    projection -> L2 normalisation."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.tower, self.proj = model.text_tower, model.text_proj
+        self.token_map, self.shared = model.text_map, model.shared
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.proj(self.tower(input_ids, attention_mask)["pooled"]), dim=-1)
+        features = self.tower(input_ids, attention_mask)
+        return stream_embedding(
+            features, self.proj, self.token_map, self.shared, attention_mask
+        )  # (B, D)
 
 
 @dataclass(frozen=True)
@@ -250,12 +258,13 @@ def export_bundle(
             if precision != "fp32":
                 final[side] = convert(fp32[side], precision, Path(tmp) / f"{side}.{precision}.onnx")
         errors = {s: parity(final[s], towers[s], getattr(fresh, s)) for s in final}
+        video = _export_video(model, final["image"], Path(tmp), errors, seed)
         worst = max(errors.values())
         log.info("ONNX vs torch max abs error: %s (tolerance %g)", errors, tolerance)
         if not worst <= tolerance:
             raise ValueError(
                 f"ONNX Runtime and torch disagree by {worst:.3g} (> tolerance {tolerance:g}, "
-                f"image {errors['image']:.3g}, text {errors['text']:.3g}); no bundle written"
+                f"{', '.join(f'{s} {e:.3g}' for s, e in errors.items())}); no bundle written"
             )
         extra: dict[str, Any] = {
             "source": {
@@ -263,6 +272,7 @@ def export_bundle(
                 "step": meta.get("step"),
                 "weights_sha256": sha256_file(Path(checkpoint) / WEIGHTS),
                 "model": meta.get("model", {}).get("name"),
+                "recipe": meta.get("recipe"),
             },
             "parity": {
                 "max_abs_error": {s: float(f"{e:.3g}") for s, e in errors.items()},
@@ -293,4 +303,22 @@ def export_bundle(
             opset=OPSET,
             precision=precision,
             extra=extra,
+            video=video,
         )
+
+
+def _export_video(
+    model: Any, image_onnx: Path, tmp: Path, errors: dict[str, float], seed: int
+) -> tuple[Path, Any] | None:
+    """A video model's pooling graph (always fp32: it is tiny), with its parity on random
+    frame embeddings ("video_pooling") and on whole videos through both graphs ("video")."""
+    if getattr(model, "video_pool", None) is None:
+        return None
+    from training import video
+
+    graph = video.PoolingGraph(model).eval()
+    path = tmp / "video_pooling.onnx"
+    export_onnx(graph, video.pooling_feeds(model, (2,), seed)[0], path)
+    errors["video_pooling"] = parity(path, graph, video.pooling_feeds(model, PARITY_BATCHES, seed))
+    errors["video"] = video.end_to_end_error(model, image_onnx, path, seed + 3)
+    return path, model.video_spec

@@ -1,67 +1,195 @@
-"""Frozen towers computed once: pooled features cached per image and per caption (CPU recipe).
+"""Frozen towers computed once: per-image and per-caption tower outputs, kept on disk.
 
-With both towers frozen (trainable_blocks = 0) and in eval mode, a tower's pooled output for an
+With both towers frozen (trainable_blocks = 0) and in eval mode, a tower's output for an
 image or caption never changes, so computing it once is exact, provided the image is seen
-without augmentation (the cache holds the deterministic preprocessing's view). Only the
-projections (online and momentum) then train, on rows of the cache. The checkpoint still holds
-the whole model: the projections are shared with it, and exporting needs no cache.
+without augmentation (the cache holds the deterministic preprocessing's view). Only what
+follows the towers then trains on rows of the cache: the projections (CPU recipes of COTS and
+CLIP, which need the pooled outputs) or COOKIE's maps, shared transformer and projections
+(which need the token sequences). The checkpoint still holds the whole model: those modules
+are shared with it, and exporting needs no cache.
+
+`FeatureStore` keeps each split's outputs under a key made of the dataset's fingerprint
+(manifest bytes, image file sizes and times), the towers' weights (a digest of every tensor),
+their architecture and the preprocessing (image spec, tokenizer, context length), so reruns,
+ladder rungs and `cots eval` of frozen-tower checkpoints reuse them and anything else that
+changes is a new entry. Token sequences are stored as float32 `.npy` files and memory-mapped.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from index_builder.manifest import image_path, load_records
-from index_builder.preprocess import TextTokenizer, load_image, preprocess_image
-from training.evaluate import retrieval_metrics
+from index_builder import paths
+from index_builder.atomic import atomic_write_json
+from index_builder.manifest import image_path, manifest_path
+from index_builder.preprocess import TextTokenizer, load_image, preprocess_image, sha256_file
+from training.evaluate import retrieval_metrics, split_records
 from training.model import TwoTower
 
 log = logging.getLogger(__name__)
+VERSION = 1
+META = "meta.json"
+ARRAYS = ("image_pooled", "text_pooled", "text_lengths", "owner")
+TOKEN_ARRAYS = ("image_tokens", "text_tokens")
+# Model config keys that do not change what the towers output (the weights count through
+# their digest, the tokenizer through its file's hash; the rest follows the towers).
+NOT_TOWER = ("name", "embed_dim", "tokenizer", "image_weights", "text_weights")
 
 
-class CachedTower(nn.Module):
-    """Stands in for a frozen tower: row `index` of precomputed pooled features."""
-
-    def __init__(self, features: torch.Tensor) -> None:
-        super().__init__()
-        # A plain attribute, not a buffer: no copy in every momentum update or checkpoint.
-        self.features = features  # (N, W)
-        self.width = features.shape[1]
-
-    def forward(self, index: torch.Tensor, *_: object) -> dict[str, torch.Tensor]:
-        rows = index.reshape(index.shape[0], -1)[:, 0].cpu()  # (B,)
-        return {"pooled": self.features[rows].to(index.device)}  # (B, W)
+def default_root() -> Path:
+    return paths.home() / "cache" / "features"
 
 
-def cached_model(model: TwoTower, image_feats: torch.Tensor, text_feats: torch.Tensor) -> TwoTower:
-    """A TwoTower over cached features sharing `model`'s projections; `.source` is `model`."""
-    cached = TwoTower(
-        model.config, CachedTower(image_feats), CachedTower(text_feats), model.tokenizer_json
+@dataclass
+class SplitFeatures:
+    """Tower outputs of one split: row i of the image arrays is record i, row j of the text
+    arrays is caption j (captions in record order)."""
+
+    image_pooled: torch.Tensor  # (N, Wi)
+    text_pooled: torch.Tensor  # (M, Wt)
+    text_lengths: np.ndarray  # (M,) real tokens per caption
+    owner: torch.Tensor  # (M,) record index of each caption
+    image_tokens: np.ndarray | None = None  # (N, n, Wi), memory-mapped when on disk
+    text_tokens: np.ndarray | None = None  # (M, L, Wt), L = the split's longest caption
+
+    def caption_rows(self) -> list[list[int]]:
+        """The caption rows of each record."""
+        rows: list[list[int]] = [[] for _ in range(len(self.image_pooled))]
+        for row, record in enumerate(self.owner.tolist()):
+            rows[record].append(row)
+        return rows
+
+    def text_mask(self, rows: np.ndarray) -> torch.Tensor:
+        """(len(rows), L) int64 attention mask of those caption rows."""
+        width = self.text_tokens.shape[1] if self.text_tokens is not None else 1
+        length = torch.from_numpy(self.text_lengths[rows])[:, None]
+        return (torch.arange(width)[None, :] < length).long()
+
+
+def tensor_digest(module: nn.Module) -> str:
+    """sha256 over every tensor of `module` (names, dtypes, shapes, bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def dataset_fingerprint(dataset: str | Path, split: str) -> str:
+    """sha256 of the manifest's bytes, the split name and each of its images' size and mtime."""
+    digest = hashlib.sha256(manifest_path(dataset).read_bytes())
+    digest.update(split.encode())
+    for record in split_records(dataset, split):
+        stat = image_path(dataset, record).stat()
+        digest.update(f"{record.id}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def cache_key(model: TwoTower, dataset: str | Path, split: str) -> dict[str, Any]:
+    """Everything the cached outputs depend on."""
+    config = model.config.to_dict()
+    towers = {k: v for k, v in config.items() if k not in NOT_TOWER and not k.startswith("shared_")}
+    towers = {k: v for k, v in towers.items() if not k.endswith("_trainable_blocks")}
+    return {
+        "version": VERSION,
+        "dataset": dataset_fingerprint(dataset, split),
+        "image_tower": tensor_digest(model.image_tower),
+        "text_tower": tensor_digest(model.text_tower),
+        "towers": json.loads(json.dumps(towers)),
+        "image_spec": model.image_spec.to_dict(),
+        "tokenizer": sha256_file(model.tokenizer_json),
+    }
+
+
+class FeatureStore:
+    """Split features by `cache_key`, computed once; `root=None` keeps them in memory only."""
+
+    def __init__(self, root: str | Path | None) -> None:
+        self.root = None if root is None else Path(root)
+
+    def load(
+        self, model: TwoTower, dataset: str | Path, split: str, tokens: bool, batch: int = 64
+    ) -> SplitFeatures:
+        """The split's tower outputs (token sequences too when `tokens`)."""
+        if self.root is None:
+            return encode_split(model, dataset, split, tokens, batch, None)
+        key = cache_key(model, dataset, split)
+        name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+        entry = self.root / name
+        if (entry / META).is_file():
+            meta = json.loads((entry / META).read_text(encoding="utf-8"))
+            if meta["tokens"] or not tokens:
+                log.info("feature cache hit: %s %s (%s)", dataset, split, entry)
+                return read_entry(entry, tokens)
+        tmp = self.root / f".{name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        encode_split(model, dataset, split, tokens, batch, tmp)
+        atomic_write_json(tmp / META, {"key": key, "tokens": tokens, "split": split})
+        old = self.root / f".{name}.old-{os.getpid()}"
+        if entry.exists():  # an entry without the token sequences: replaced by this one
+            os.replace(entry, old)
+        try:
+            os.replace(tmp, entry)
+        except OSError:  # another process (a rank) put the same entry in place first
+            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+        return read_entry(entry, tokens)
+
+
+def read_entry(entry: Path, tokens: bool) -> SplitFeatures:
+    arrays = {name: np.load(entry / f"{name}.npy") for name in ARRAYS}
+    feats = SplitFeatures(
+        image_pooled=torch.from_numpy(arrays["image_pooled"]),
+        text_pooled=torch.from_numpy(arrays["text_pooled"]),
+        text_lengths=arrays["text_lengths"],
+        owner=torch.from_numpy(arrays["owner"]),
     )
-    cached.image_proj, cached.text_proj = model.image_proj, model.text_proj
-    object.__setattr__(cached, "source", model)  # not a submodule: never saved twice
-    return cached
+    if tokens:
+        feats.image_tokens = np.load(entry / "image_tokens.npy", mmap_mode="r")
+        feats.text_tokens = np.load(entry / "text_tokens.npy", mmap_mode="r")
+    return feats
+
+
+def _array(out: Path | None, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A float32 array to fill: an .npy file mapped into memory, or plain memory."""
+    if out is None:
+        return np.empty(shape, dtype=np.float32)
+    return np.lib.format.open_memmap(out / f"{name}.npy", mode="w+", dtype=np.float32, shape=shape)
 
 
 @torch.no_grad()
-def encode_split(model: TwoTower, dataset: str | Path, split: str, batch: int = 64):
-    """Pooled tower features of a split -> (image (N, Wi), text (M, Wt), caption owner (M,),
-    captions per record as lists of caption rows)."""
-    if model.config.image_trainable_blocks != 0 or model.config.text_trainable_blocks != 0:
-        raise ValueError("feature caching needs both towers frozen (trainable_blocks=0)")
+def encode_split(
+    model: TwoTower,
+    dataset: str | Path,
+    split: str,
+    tokens: bool,
+    batch: int = 64,
+    out: Path | None = None,
+) -> SplitFeatures:
+    """Run both (eval-mode) towers over a split; with `out`, write the arrays there."""
+    was_training = model.training
     model.eval()
-    records = load_records(dataset, split)
-    spec = model.image_spec
-    images = []
-    for start in tqdm(range(0, len(records), batch), desc=f"cache {split} images", leave=False):
+    records = split_records(dataset, split)
+    if not records:
+        raise ValueError(f"split {split!r} of {dataset} has no records")
+    spec, n = model.image_spec, len(records)
+    image_pooled = image_tokens = None
+    for start in tqdm(range(0, n, batch), desc=f"encode {split} images", leave=False):
         chunk = records[start : start + batch]
         pixels = np.stack(
             [
@@ -69,29 +197,87 @@ def encode_split(model: TwoTower, dataset: str | Path, split: str, batch: int = 
                 for r in chunk
             ]
         )
-        images.append(model.image_features(torch.from_numpy(pixels))["pooled"])
+        feats = model.image_features(torch.from_numpy(pixels))
+        if image_pooled is None:
+            image_pooled = _array(out, "image_pooled", (n, feats["pooled"].shape[-1]))
+            if tokens:
+                image_tokens = _array(out, "image_tokens", (n, *feats["tokens"].shape[1:]))
+        image_pooled[start : start + len(chunk)] = feats["pooled"].float().numpy()
+        if image_tokens is not None:
+            image_tokens[start : start + len(chunk)] = feats["tokens"].float().numpy()
     captions = [c for r in records for c in r.captions]
-    owner = torch.tensor([i for i, r in enumerate(records) for _ in r.captions])
-    tokenizer = TextTokenizer(model.tokenizer_json, model.text_spec.context_length)
-    texts = []
-    for start in tqdm(
-        range(0, len(captions), batch * 2), desc=f"cache {split} captions", leave=False
-    ):
-        ids, mask = tokenizer(captions[start : start + batch * 2])
-        texts.append(model.text_features(torch.from_numpy(ids), torch.from_numpy(mask))["pooled"])
-    rows, offset = [], 0
-    for r in records:
-        rows.append(list(range(offset, offset + len(r.captions))))
-        offset += len(r.captions)
-    return torch.cat(images), torch.cat(texts), owner, rows
+    owner = np.array([i for i, r in enumerate(records) for _ in r.captions], dtype=np.int64)
+    ids, mask = TextTokenizer(model.tokenizer_json, model.text_spec.context_length)(captions)
+    lengths = mask.sum(1).astype(np.int64)  # (M,)
+    longest = int(lengths.max())  # padding beyond it is masked out: dropping it is exact
+    ids, mask = torch.from_numpy(ids[:, :longest]), torch.from_numpy(mask[:, :longest])
+    width = model.text_tower.width
+    text_pooled = _array(out, "text_pooled", (len(captions), width))
+    text_tokens = _array(out, "text_tokens", (len(captions), longest, width)) if tokens else None
+    step = batch * 2
+    for start in tqdm(range(0, len(captions), step), desc=f"encode {split} captions", leave=False):
+        part = slice(start, start + step)
+        feats = model.text_features(ids[part], mask[part])
+        text_pooled[part] = feats["pooled"].float().numpy()
+        if text_tokens is not None:
+            text_tokens[part] = feats["tokens"].float().numpy()
+    model.train(was_training)
+    if out is not None:
+        np.save(out / "text_lengths.npy", lengths)
+        np.save(out / "owner.npy", owner)
+        for array in (image_pooled, image_tokens, text_pooled, text_tokens):
+            if isinstance(array, np.memmap):
+                array.flush()
+    return SplitFeatures(
+        torch.from_numpy(np.array(image_pooled)),
+        torch.from_numpy(np.array(text_pooled)),
+        lengths,
+        torch.from_numpy(owner),
+        image_tokens,
+        text_tokens,
+    )
+
+
+class CachedTower(nn.Module):
+    """Stands in for a frozen tower: row `index` of precomputed outputs (pooled, and the
+    token sequence when cached)."""
+
+    def __init__(self, pooled: torch.Tensor, tokens: np.ndarray | None = None) -> None:
+        super().__init__()
+        # Plain attributes, not buffers: no copy in every momentum update or checkpoint.
+        self.pooled, self.tokens = pooled, tokens  # (N, W), (N, n, W)
+        self.width = pooled.shape[1]
+
+    def forward(self, index: torch.Tensor, *_: object) -> dict[str, torch.Tensor]:
+        rows = index.reshape(index.shape[0], -1)[:, 0].cpu()  # (B,)
+        out = {"pooled": self.pooled[rows].to(index.device)}  # (B, W)
+        if self.tokens is not None:  # fancy indexing copies the rows out of the memory map
+            out["tokens"] = torch.from_numpy(self.tokens[rows.numpy()]).to(index.device)
+        return out
+
+
+def cached_model(model: TwoTower, feats: SplitFeatures) -> TwoTower:
+    """A TwoTower over cached outputs sharing every trainable module of `model` (projections,
+    and COOKIE's maps and shared transformer); `.source` is `model`."""
+    cached = TwoTower(
+        model.config,
+        CachedTower(feats.image_pooled, feats.image_tokens),
+        CachedTower(feats.text_pooled, feats.text_tokens),
+        model.tokenizer_json,
+    )
+    cached.image_proj, cached.text_proj = model.image_proj, model.text_proj
+    cached.image_map, cached.text_map, cached.shared = model.image_map, model.text_map, model.shared
+    object.__setattr__(cached, "source", model)  # not a submodule: never saved twice
+    return cached
 
 
 class CachedPairDataset(Dataset):
     """Item i: image row i and one of its caption rows, drawn afresh each epoch (seeded by
     (seed, epoch, i) as in PairDataset)."""
 
-    def __init__(self, caption_rows: list[list[int]], seed: int = 0) -> None:
-        self.rows, self.seed, self.epoch = caption_rows, seed, 0
+    def __init__(self, feats: SplitFeatures, seed: int = 0) -> None:
+        self.feats, self.rows = feats, feats.caption_rows()
+        self.seed, self.epoch = seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -104,26 +290,49 @@ class CachedPairDataset(Dataset):
         rows = self.rows[index]
         return index, rows[int(rng.integers(len(rows)))]
 
-    @staticmethod
-    def collate(items: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+    def collate(self, items: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
         image, caption = torch.tensor(items).T  # (B,), (B,)
         return {
             "pixels": image,  # row of the image cache
             "input_ids": caption[:, None],  # (B, 1) row of the caption cache
-            "attention_mask": torch.ones(len(items), 1, dtype=torch.long),
+            "attention_mask": self.feats.text_mask(caption.numpy()),  # (B, L) its real tokens
             "index": image,
         }
+
+
+@torch.no_grad()
+def embed_features(
+    model: TwoTower, feats: SplitFeatures, device: torch.device | str = "cpu", batch: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings (image (N, D), text (M, D)) of cached tower outputs through `model`'s
+    trainable part: what `model.encode_image` / `encode_text` give on the raw inputs."""
+    was_training = model.training
+    model.eval()
+    images, texts = [], []
+    for start in range(0, len(feats.image_pooled), batch):
+        rows = np.arange(start, min(start + batch, len(feats.image_pooled)))
+        out = {"pooled": feats.image_pooled[rows].to(device)}
+        if feats.image_tokens is not None:
+            out["tokens"] = torch.from_numpy(feats.image_tokens[rows]).to(device)
+        images.append(model.embed_image(out).float().cpu())
+    for start in range(0, len(feats.text_pooled), batch):
+        rows = np.arange(start, min(start + batch, len(feats.text_pooled)))
+        out = {"pooled": feats.text_pooled[rows].to(device)}
+        if feats.text_tokens is not None:
+            out["tokens"] = torch.from_numpy(feats.text_tokens[rows]).to(device)
+        mask = feats.text_mask(rows).to(device)
+        texts.append(model.embed_text(out, mask).float().cpu())
+    model.train(was_training)
+    return torch.cat(images), torch.cat(texts)
 
 
 class CachedEvaluator:
     """SplitEvaluator's interface over cached validation features (same metrics)."""
 
-    def __init__(self, image_feats: torch.Tensor, text_feats: torch.Tensor, owner: torch.Tensor):
-        self.image_feats, self.text_feats, self.text_to_image = image_feats, text_feats, owner
+    def __init__(self, feats: SplitFeatures) -> None:
+        self.feats = feats
 
-    @torch.no_grad()
     def evaluate(self, model: TwoTower, device: torch.device | str = "cpu") -> dict[str, float]:
-        image = F.normalize(model.image_proj(self.image_feats.to(device)), dim=-1).cpu()
-        text = F.normalize(model.text_proj(self.text_feats.to(device)), dim=-1).cpu()
-        metrics = retrieval_metrics(image, text, self.text_to_image)
+        image, text = embed_features(model, self.feats, device)
+        metrics = retrieval_metrics(image, text, self.feats.owner)
         return {**metrics, "images": len(image), "captions": len(text)}

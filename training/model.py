@@ -13,6 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from index_builder.preprocess import ImageSpec, TextSpec, TextTokenizer, default_tokenizer_json
+from index_builder.video import VideoSpec
+from training.shared_transformer import POOLING as SHARED_POOLING
+from training.shared_transformer import SharedTransformer
 from training.towers import weights
 from training.towers.bert import BertTower
 from training.towers.efficientnet_lite import STRIDE as EFFICIENTNET_STRIDE
@@ -33,6 +36,8 @@ class ModelConfig:
     package) or a file path (safetensors or torch pickle; timm ViT / Hugging Face BERT naming).
     `*_trainable_blocks`: -1 all trainable, 0 frozen, N the last N blocks; the projections
     always train.
+    `shared_*`: COOKIE's weight-sharing transformer (training/shared_transformer.py) between
+    the towers' token sequences and the projections; `shared_layers=0` (COTS, CLIP) has none.
     """
 
     name: str = "custom"
@@ -60,6 +65,17 @@ class ModelConfig:
     text_trainable_blocks: int = -1
     tokenizer: str | None = None  # tokenizer.json path; None = the all-MiniLM-L6-v2 one
     context_length: int = 32
+    # Video (training/video.py): 0 = an image model; N = videos of N uniformly sampled frames
+    # through the image tower, pooled over time by meanP or seqTransf (CLIP4Clip).
+    video_frames: int = 0
+    video_pooling: str = "meanP"
+    video_layers: int = 4  # seqTransf only
+    video_heads: int = 8  # seqTransf only
+    shared_layers: int = 0
+    shared_width: int = 256
+    shared_heads: int = 4
+    shared_mlp_ratio: float = 4.0
+    shared_pooling: str = "mean"  # mean over the real tokens, or cls (a learned query token)
 
     def __post_init__(self) -> None:
         self.image_mean = tuple(self.image_mean)  # type: ignore[assignment]
@@ -83,6 +99,30 @@ class ModelConfig:
             )
         if self.embed_dim < 1:
             raise ValueError(f"embed_dim must be positive, got {self.embed_dim}")
+        if self.video_frames < 0:
+            raise ValueError(f"video_frames must be >= 0, got {self.video_frames}")
+        if self.video_frames:
+            self.video_spec()  # an unknown pooling is a ValueError here
+        self._check_shared()
+
+    def _check_shared(self) -> None:
+        if self.shared_layers < 0:
+            raise ValueError(f"shared_layers must be >= 0, got {self.shared_layers}")
+        if self.shared_width < 1 or self.shared_heads < 1:
+            raise ValueError(
+                f"shared_width and shared_heads must be positive, got "
+                f"{self.shared_width} and {self.shared_heads}"
+            )
+        if self.shared_width % self.shared_heads:
+            raise ValueError(
+                f"shared_width {self.shared_width} is not divisible by "
+                f"shared_heads {self.shared_heads}"
+            )
+        if self.shared_pooling not in SHARED_POOLING:
+            raise ValueError(
+                f"shared_pooling must be one of {', '.join(SHARED_POOLING)}, "
+                f"got {self.shared_pooling!r}"
+            )
 
     @classmethod
     def from_dict(cls, obj: dict[str, Any]) -> ModelConfig:
@@ -96,6 +136,11 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every key's default value."""
+        return {f.name: f.default for f in dataclasses.fields(cls)}
 
     @property
     def image_stride(self) -> int:
@@ -115,6 +160,9 @@ class ModelConfig:
 
     def text_spec(self) -> TextSpec:
         return TextSpec(context_length=self.context_length)
+
+    def video_spec(self) -> VideoSpec:
+        return VideoSpec(frames=self.video_frames, pooling=self.video_pooling)
 
 
 def _has_type(value: Any, annotation: str) -> bool:
@@ -138,8 +186,30 @@ def load_preset(name: str) -> ModelConfig:
     return ModelConfig.from_dict({"name": name, **json.loads(path.read_text())})
 
 
+def stream_embedding(
+    features: dict,
+    proj: nn.Module,
+    token_map: nn.Module | None = None,
+    shared: nn.Module | None = None,
+    mask: torch.Tensor | None = None,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """One stream's tower output -> its embedding (B, D): the pooled state, or with COOKIE's
+    shared transformer the token sequence mapped to the shared width, run through it and
+    pooled; then the projection and L2 normalisation. Training and export both call this."""
+    if shared is None:
+        pooled = features["pooled"]  # (B, W)
+    else:
+        assert token_map is not None
+        pooled = shared(token_map(features["tokens"]), mask)  # (B, N, W) -> (B, C)
+    embedding = proj(pooled)  # (B, D)
+    return F.normalize(embedding, dim=-1) if normalize else embedding
+
+
 class TwoTower(nn.Module):
-    """Image tower + text tower, each followed by a linear projection to the shared space.
+    """Image tower + text tower, each followed by a linear projection to the shared space;
+    with `shared_layers > 0` (COOKIE) a weight-sharing transformer sits between each tower's
+    token sequence (after a per-stream linear map to its width) and the projection.
 
     No cross-stream module: each side encodes alone, so a gallery is embedded once offline.
     """
@@ -158,8 +228,24 @@ class TwoTower(nn.Module):
         self.tokenizer_json = tokenizer_json
         self.image_tower = image_tower
         self.text_tower = text_tower
-        self.image_proj = nn.Linear(image_tower.width, config.embed_dim, bias=False)
-        self.text_proj = nn.Linear(text_tower.width, config.embed_dim, bias=False)
+        self.image_map: nn.Linear | None = None
+        self.text_map: nn.Linear | None = None
+        self.shared: SharedTransformer | None = None
+        image_width, text_width = image_tower.width, text_tower.width
+        if config.shared_layers > 0:
+            width = config.shared_width
+            self.image_map = nn.Linear(image_tower.width, width)
+            self.text_map = nn.Linear(text_tower.width, width)
+            self.shared = SharedTransformer(
+                width,
+                config.shared_layers,
+                config.shared_heads,
+                config.shared_mlp_ratio,
+                config.shared_pooling,
+            )
+            image_width = text_width = width
+        self.image_proj = nn.Linear(image_width, config.embed_dim, bias=False)
+        self.text_proj = nn.Linear(text_width, config.embed_dim, bias=False)
         for proj in (self.image_proj, self.text_proj):
             nn.init.normal_(proj.weight, std=proj.in_features**-0.5)
 
@@ -178,16 +264,28 @@ class TwoTower(nn.Module):
         """(B, L) int64 ids and mask -> {"tokens": (B, L, W), "pooled": (B, W)}."""
         return self.text_tower(input_ids, attention_mask)
 
+    def embed_image(self, features: dict, normalize: bool = True) -> torch.Tensor:
+        """The image tower's output (`image_features`) -> embedding (B, D)."""
+        return stream_embedding(
+            features, self.image_proj, self.image_map, self.shared, None, normalize
+        )
+
+    def embed_text(
+        self, features: dict, attention_mask: torch.Tensor, normalize: bool = True
+    ) -> torch.Tensor:
+        """The text tower's output (`text_features`) and its mask -> embedding (B, D)."""
+        return stream_embedding(
+            features, self.text_proj, self.text_map, self.shared, attention_mask, normalize
+        )
+
     def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        embedding = self.image_proj(self.image_features(pixels)["pooled"])  # (B, D)
-        return F.normalize(embedding, dim=-1) if normalize else embedding
+        return self.embed_image(self.image_features(pixels), normalize)
 
     def encode_text(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True
     ) -> torch.Tensor:
-        pooled = self.text_features(input_ids, attention_mask)["pooled"]
-        embedding = self.text_proj(pooled)  # (B, D)
-        return F.normalize(embedding, dim=-1) if normalize else embedding
+        features = self.text_features(input_ids, attention_mask)
+        return self.embed_text(features, attention_mask, normalize)
 
     def forward(
         self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -207,10 +305,41 @@ def build_model(config: ModelConfig, load_weights: bool = True) -> TwoTower:
     """Build the towers, load pretrained weights (unless `load_weights=False`, e.g. when a
     checkpoint will overwrite them) and apply the freezing options."""
     tokenizer_json = Path(config.tokenizer) if config.tokenizer else default_tokenizer_json()
-    vocab_size = TextTokenizer(tokenizer_json, config.context_length).vocab_size
-    image_tower = _build_image_tower(config)
-    text_tower = BertTower(
-        vocab_size=vocab_size,
+    image_tower = build_image_tower(config, load_weights)
+    text_tower = build_text_tower(config, load_weights)
+    set_trainable_blocks(image_tower, config.image_trainable_blocks)
+    set_trainable_blocks(text_tower, config.text_trainable_blocks)
+    if config.video_frames:
+        from training.video import VideoTwoTower
+
+        return VideoTwoTower(config, image_tower, text_tower, tokenizer_json)
+    return TwoTower(config, image_tower, text_tower, tokenizer_json)
+
+
+def build_image_tower(config: ModelConfig, load_weights: bool = True) -> nn.Module:
+    """The image tower with its pretrained weights (when configured and `load_weights`)."""
+    tower: nn.Module
+    if config.image_tower == "efficientnet_lite0":
+        tower = EfficientNetLite0(config.image_size)
+    else:
+        tower = VisionTransformer(
+            image_size=config.image_size,
+            patch_size=config.vit_patch_size,
+            width=config.vit_width,
+            layers=config.vit_layers,
+            heads=config.vit_heads,
+            mlp_ratio=config.vit_mlp_ratio,
+        )
+    if load_weights and config.image_weights:
+        _load_image_weights(tower, config.image_weights)
+    return tower
+
+
+def build_text_tower(config: ModelConfig, load_weights: bool = True) -> BertTower:
+    """The text tower with its pretrained weights (when configured and `load_weights`)."""
+    tokenizer_json = Path(config.tokenizer) if config.tokenizer else default_tokenizer_json()
+    tower = BertTower(
+        vocab_size=TextTokenizer(tokenizer_json, config.context_length).vocab_size,
         width=config.text_width,
         layers=config.text_layers,
         heads=config.text_heads,
@@ -218,26 +347,9 @@ def build_model(config: ModelConfig, load_weights: bool = True) -> TwoTower:
         max_positions=config.text_max_positions,
         pooling=config.text_pooling,
     )
-    if load_weights and config.image_weights:
-        _load_image_weights(image_tower, config.image_weights)
     if load_weights and config.text_weights:
-        _load_text_weights(text_tower, config.text_weights)
-    set_trainable_blocks(image_tower, config.image_trainable_blocks)
-    set_trainable_blocks(text_tower, config.text_trainable_blocks)
-    return TwoTower(config, image_tower, text_tower, tokenizer_json)
-
-
-def _build_image_tower(config: ModelConfig) -> nn.Module:
-    if config.image_tower == "efficientnet_lite0":
-        return EfficientNetLite0(config.image_size)
-    return VisionTransformer(
-        image_size=config.image_size,
-        patch_size=config.vit_patch_size,
-        width=config.vit_width,
-        layers=config.vit_layers,
-        heads=config.vit_heads,
-        mlp_ratio=config.vit_mlp_ratio,
-    )
+        _load_text_weights(tower, config.text_weights)
+    return tower
 
 
 def _load_image_weights(tower: nn.Module, spec: str) -> None:

@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import random
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,9 +18,16 @@ from training.checkpoint import check_architecture, read_meta
 from training.config import TrainConfig
 from training.datasets import PairDataset
 from training.evaluate import SplitEvaluator
-from training.feature_cache import CachedEvaluator, CachedPairDataset, cached_model, encode_split
+from training.feature_cache import (
+    CachedEvaluator,
+    CachedPairDataset,
+    FeatureStore,
+    cached_model,
+    default_root,
+)
 from training.model import ModelConfig, build_model, load_preset
 from training.objectives import build_objectives, needs_memory
+from training.objectives.cookie import check_pairs
 from training.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -49,6 +57,13 @@ def check_run(cfg: TrainConfig, data: str | Path, out: str | Path, resume: bool)
     for name in cfg.enabled_units():
         if cfg.unit(name).weight < 0:
             raise ValueError(f"objectives.{name}.weight must be >= 0")
+    if model_cfg.video_frames and cfg.unit("mvlm").enabled:
+        raise ValueError("objectives.mvlm (masked image tokens) does not apply to video")
+    from training.video import check_video_data
+
+    check_video_data(load_records(data, "train")[:1], bool(model_cfg.video_frames), data)
+    if cfg.objectives.cookie.enabled:
+        check_pairs(cfg.objectives.cookie.pairs, model_cfg.image_weights, model_cfg.text_weights)
     if cfg.data.cache_frozen_features and (
         model_cfg.image_trainable_blocks != 0 or model_cfg.text_trainable_blocks != 0
     ):
@@ -70,6 +85,13 @@ def _suggest_queue(n_train: int, batch: int) -> int:
     return max(batch, (n_train // 2) // batch * batch)
 
 
+def feature_store(setting: str) -> FeatureStore:
+    """`data.feature_store`: "" the default directory, "memory" none, else that directory."""
+    if setting == "memory":
+        return FeatureStore(None)
+    return FeatureStore(setting or default_root())
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -87,23 +109,9 @@ def prepare(cfg: TrainConfig, data: str | Path, out: str | Path, resume: bool = 
     has_val = bool(load_records(data, d.val_split))
     if not has_val and dist.is_main:
         log.warning("no %r split in %s: the last checkpoint doubles as the best", d.val_split, data)
-    if d.cache_frozen_features:  # frozen towers = pretrained ones, so load them even on resume
-        model = build_model(model_cfg)
-        image, text, _, rows = encode_split(model, data, "train", d.eval_batch_size)
-        objectives = build_objectives(cfg, cached_model(model, image, text))
-        dataset: PairDataset | CachedPairDataset = CachedPairDataset(rows, cfg.train.seed)
-        evaluator: SplitEvaluator | CachedEvaluator | None = None
-        if dist.is_main and has_val:
-            evaluator = CachedEvaluator(*encode_split(model, data, d.val_split)[:3])
-    else:
-        model = build_model(model_cfg, load_weights=not resume)
-        objectives = build_objectives(cfg, model)
-        dataset = PairDataset(
-            data, "train", model.image_spec, d.augment, d.crop_scale, d.crop_ratio, cfg.train.seed
-        )
-        evaluator = None
-        if dist.is_main and has_val:
-            evaluator = SplitEvaluator(data, d.val_split, d.eval_batch_size, d.max_val_images)
+    want_eval = dist.is_main and has_val
+    parts = video_parts if model_cfg.video_frames else image_parts
+    objectives, dataset, evaluator = parts(cfg, model_cfg, data, resume, want_eval)
     trainer = Trainer(cfg, objectives, dataset, out, dist, evaluator)
     if resume:
         trainer.resume(Path(out) / LAST)
@@ -111,3 +119,58 @@ def prepare(cfg: TrainConfig, data: str | Path, out: str | Path, resume: bool = 
         resolved = {**cfg.to_dict(), "model_config": dataclasses.asdict(model_cfg)}
         atomic_write_json(Path(out) / "config.json", resolved)
     return trainer
+
+
+def image_parts(
+    cfg: TrainConfig, model_cfg: ModelConfig, data: str | Path, resume: bool, want_eval: bool
+) -> tuple[Any, Any, Any]:
+    """Objectives, training set and evaluator of an image-caption run."""
+    d = cfg.data
+    if d.cache_frozen_features:  # frozen towers = pretrained ones, so load them even on resume
+        model = build_model(model_cfg)
+        store = feature_store(d.feature_store)
+        tokens = model.shared is not None or d.cache_tokens  # the shared transformer reads them
+        feats = store.load(model, data, "train", tokens, d.eval_batch_size)
+        objectives = build_objectives(cfg, cached_model(model, feats))
+        dataset: PairDataset | CachedPairDataset = CachedPairDataset(feats, cfg.train.seed)
+        evaluator: SplitEvaluator | CachedEvaluator | None = None
+        if want_eval:
+            val = store.load(model, data, d.val_split, tokens, d.eval_batch_size)
+            evaluator = CachedEvaluator(val)
+        return objectives, dataset, evaluator
+    model = build_model(model_cfg, load_weights=not resume)
+    objectives = build_objectives(cfg, model)
+    dataset = PairDataset(
+        data, "train", model.image_spec, d.augment, d.crop_scale, d.crop_ratio, cfg.train.seed
+    )
+    evaluator = None
+    if want_eval:
+        evaluator = SplitEvaluator(data, d.val_split, d.eval_batch_size, d.max_val_images)
+    return objectives, dataset, evaluator
+
+
+def video_parts(
+    cfg: TrainConfig, model_cfg: ModelConfig, data: str | Path, resume: bool, want_eval: bool
+) -> tuple[Any, Any, Any]:
+    """Objectives, training set and evaluator of a video-caption run (training/video.py)."""
+    from training import video
+
+    d = cfg.data
+    if d.cache_frozen_features:
+        model = build_model(model_cfg)
+        train = video.encode_video_split(model, data, "train", d.eval_batch_size)
+        cached = video.cached_video_model(model, train["frames"], train["mask"], train["text"])
+        objectives = build_objectives(cfg, cached)
+        evaluator: Any = None
+        if want_eval:
+            val = video.encode_video_split(model, data, d.val_split, d.eval_batch_size)
+            evaluator = video.CachedVideoEvaluator(val)
+        return objectives, CachedPairDataset(train["rows"], cfg.train.seed), evaluator
+    model = build_model(model_cfg, load_weights=not resume)
+    objectives = build_objectives(cfg, model)
+    frames = model_cfg.video_frames
+    dataset = video.VideoPairDataset(data, "train", model.image_spec, frames, cfg.train.seed)
+    evaluator = None
+    if want_eval:
+        evaluator = video.VideoSplitEvaluator(data, d.val_split, d.eval_batch_size)
+    return objectives, dataset, evaluator

@@ -8,7 +8,7 @@ import logging
 import random
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from training import distributed
+from training.acceleration import accelerate
 from training.checkpoint import load_trainer_state, load_weights, save_checkpoint
 from training.config import TrainConfig
 from training.datasets import Collate, EpochSampler, PairDataset
@@ -34,7 +35,9 @@ NO_VALIDATION = "last step (no validation split)"  # how `best` was chosen witho
 
 
 def build_optimizer(module: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; no weight decay on biases, norm parameters and scalars (the temperature)."""
+    """AdamW; no weight decay on biases, norm parameters and scalars (the temperature).
+
+    On CUDA the fused kernel updates every parameter in one launch; on CPU the plain one."""
     decay, no_decay = [], []
     for param in module.parameters():
         if param.requires_grad:
@@ -44,7 +47,8 @@ def build_optimizer(module: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ad
         {"params": decay, "weight_decay": o.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
+    fused = bool(decay + no_decay) and all(p.is_cuda for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=fused or None)
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
@@ -85,6 +89,10 @@ class Trainer:
         objectives.to(self.device)
         if objectives.memory is not None:
             objectives.memory.to(self.device)
+        momentum = [objectives.memory.encoder] if objectives.memory is not None else []
+        t = cfg.train
+        backend = t.compile_backend if t.compile else None
+        accelerate([objectives, *momentum], t.checkpointing, backend)
         self.module: torch.nn.Module = objectives
         if self.dist.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -103,7 +111,6 @@ class Trainer:
         self.steps_per_epoch = self.sampler.per_rank // cfg.data.batch_size // cfg.optim.grad_accum
         if self.steps_per_epoch < 1:
             raise ValueError("one epoch is shorter than one optimiser step; lower optim.grad_accum")
-        t = cfg.train
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
         self.eval_every = t.eval_every or self.steps_per_epoch
         self.step = 0
@@ -146,25 +153,37 @@ class Trainer:
         )
         window: list[float] = []
         tick = time.perf_counter()
+        wait = 0.0  # seconds this optimiser step spent waiting for the loader
         while self.step < self.total_steps:
             epoch, offset = divmod(self.step, self.steps_per_epoch)
             micro = 0
-            for batch in self._loader(epoch, offset):
+            for batch, waited in _timed(self._loader(epoch, offset)):
+                wait += waited
                 losses = self._micro_step(batch, sync=(micro + 1) % accum == 0)
-                window.append(float(losses["loss"]))
+                window.append(float(losses["loss"]))  # also waits for the device
                 micro += 1
                 if micro % accum:
                     continue
                 lr = self._optimizer_step()
                 now = time.perf_counter()
-                rate = self.global_batch / max(now - tick, 1e-9)
-                tick = now
-                self.last_logs = {"epoch": epoch, "lr": lr, "pairs_per_s": rate}
+                seconds = max(now - tick, 1e-9)
+                rate = self.global_batch / seconds
+                self.last_logs = {
+                    "epoch": epoch,
+                    "lr": lr,
+                    "pairs_per_s": rate,
+                    "data_wait_s": wait,
+                    "data_wait_frac": min(wait / seconds, 1.0),
+                }
+                tick, wait = now, 0.0
                 self.last_logs.update({k: float(v) for k, v in losses.items()})
                 self.last_logs.update(self.objectives.logs())
                 bar.update(1)
                 bar.set_postfix(
-                    loss=f"{np.mean(window):.3f}", pairs_s=f"{rate:.1f}", lr=f"{lr:.2e}"
+                    loss=f"{np.mean(window):.3f}",
+                    pairs_s=f"{rate:.1f}",
+                    wait=f"{self.last_logs['data_wait_frac']:.0%}",
+                    lr=f"{lr:.2e}",
                 )
                 if self.step % self.cfg.train.log_every == 0:
                     self._log({"kind": "train", **self.last_logs, "loss": float(np.mean(window))})
@@ -172,6 +191,7 @@ class Trainer:
                 if self.step % self.eval_every == 0 or self.step == self.total_steps:
                     self.validate_and_save()
                     tick = time.perf_counter()  # throughput counts training time only
+                    wait = 0.0
                 self._trigger("on_step_end")
                 if self.step >= self.total_steps or self.step % self.steps_per_epoch == 0:
                     break
@@ -296,6 +316,17 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with (self.run_dir / METRICS).open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
+
+
+def _timed(loader: Iterable[Any]) -> Iterator[tuple[Any, float]]:
+    """(batch, seconds spent waiting for it): a starved device shows as a large wait."""
+    batches = iter(loader)
+    while True:
+        start = time.perf_counter()
+        batch = next(batches, None)
+        if batch is None:
+            return
+        yield batch, time.perf_counter() - start
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

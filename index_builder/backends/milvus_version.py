@@ -126,6 +126,12 @@ class MilvusVersion:
             raise KeyError(f"no {side} row {row} in index version {self.version}")
         return np.asarray(found[0]["vector"], dtype=np.float32)
 
+    def count(self, side: str, filter: dict[str, Any] | None = None) -> int:
+        """Rows of `side` whose metadata satisfies `filter` (counted once per version)."""
+        fields = self.info["sides"][side].get("fields", {})
+        expr = expression(filters.parse(filter, fields), fields)
+        return self.live_count(side) if expr is None else self._count(side, expr)
+
     # -- search ----------------------------------------------------------------------------
 
     def search(

@@ -27,10 +27,11 @@ def _report(result: Any) -> int:
     counts = info.get("splits", {})
     splits = " / ".join(f"{k} {counts.get(k, 0):,}" for k in SPLITS)
     state = "up to date" if result.up_to_date else "built"
+    items = "videos" if info.get("media") == "video" else "images"
     counted = {"skipped": result.skipped, "merged": result.merged}
     note = "".join(f", {sum(c.values()):,} {what}" for what, c in counted.items() if c)
     print(
-        f"{info.get('source')}: {state}: {info.get('count', 0):,} images ({splits}), "
+        f"{info.get('source')}: {state}: {info.get('count', 0):,} {items} ({splits}), "
         f"{info.get('captions', 0):,} captions{note} -> {result.out}"
     )
     return 0
@@ -88,6 +89,28 @@ def _folder(args: argparse.Namespace) -> int:
     from index_builder.data.folder import FolderConfig, import_folder
 
     return _report(import_folder(FolderConfig(args.folder), _out(args)))
+
+
+def _synthetic_video(args: argparse.Namespace) -> int:
+    from index_builder.data.synthetic_video import SyntheticVideoConfig, import_synthetic_video
+
+    cfg = SyntheticVideoConfig(
+        args.count, args.seed, args.size, args.frames, args.fps, args.workers
+    )
+    return _report(import_synthetic_video(cfg, _out(args)))
+
+
+def _video_folder(args: argparse.Namespace) -> int:
+    from index_builder.data.video_folder import VideoFolderConfig, import_video_folder
+
+    return _report(import_video_folder(VideoFolderConfig(args.folder), _out(args)))
+
+
+def _msrvtt(args: argparse.Namespace) -> int:
+    from index_builder.data.msrvtt import MsrvttConfig, import_msrvtt
+
+    cfg = MsrvttConfig(args.annotations, args.videos, args.test_list)
+    return _report(import_msrvtt(cfg, _out(args)))
 
 
 def _webdataset(args: argparse.Namespace) -> int:
@@ -242,8 +265,47 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = _source(
         sources,
+        "synthetic-video",
+        "short clips of two shape events in sequence, captioned in time order",
+        _synthetic_video,
+        "cots data synthetic-video --count 400 --seed 0",
+    )
+    p.add_argument("--count", type=int, default=400, help="number of clips (even), 10 to 100,000")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same clips and captions")
+    p.add_argument("--size", type=int, default=96, help="square frame side in pixels, even (96)")
+    p.add_argument("--frames", type=int, default=16, help="frames per clip (16)")
+    p.add_argument("--fps", type=int, default=8, help="frames per second (8)")
+    p.add_argument("--workers", type=int, default=2, help="rendering processes (2)")
+
+    p = _source(
+        sources,
+        "video-folder",
+        "folder of videos with sidecar .txt captions (one per line)",
+        _video_folder,
+        "cots data video-folder ./clips --name clips",
+    )
+    p.add_argument("folder", help="searched recursively for videos with <stem>.txt beside them")
+
+    p = _source(
+        sources,
+        "msrvtt",
+        "MSR-VTT annotation JSON and its video folder (official or 1k-A split)",
+        _msrvtt,
+        "cots data msrvtt MSRVTT_data.json --videos MSRVTT/videos/all "
+        "--test-list MSRVTT_JSFUSION_test.csv",
+    )
+    p.add_argument("annotations", help="MSRVTT_data.json (videos[] with split, sentences[])")
+    p.add_argument("--videos", required=True, help="folder of <video_id>.mp4")
+    p.add_argument(
+        "--test-list",
+        default="",
+        help="MSRVTT_JSFUSION_test.csv: 1k-A test split (one caption each), the rest train (9k)",
+    )
+
+    p = _source(
+        sources,
         "webdataset",
-        "WebDataset tar shards (key.jpg|png|webp + key.txt|json)",
+        "WebDataset tar shards (key.jpg|png|webp|mp4 + key.txt|json)",
         _webdataset,
         "cots data webdataset 'shards/{00000..00009}.tar'",
     )

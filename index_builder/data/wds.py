@@ -1,8 +1,8 @@
 """WebDataset tar shards (img2dataset / open_clip layout), read and written with stdlib tarfile.
 
-A sample is the run of consecutive tar members sharing a key: `key.jpg|png|webp` plus
-`key.txt` (one caption per line) and/or `key.json` (`caption` or `captions`, optional `id`
-and `split`).
+A sample is the run of consecutive tar members sharing a key: `key.jpg|png|webp` (or a video,
+`key.mp4|webm|mkv|mov|avi`) plus `key.txt` (one caption per line) and/or `key.json` (`caption`
+or `captions`, optional `id` and `split`).
 """
 
 from __future__ import annotations
@@ -30,11 +30,13 @@ from index_builder.data.common import (
     run_import,
 )
 from index_builder.manifest import SPLITS, Record, image_path, manifest_path, read_manifest
+from index_builder.video import VIDEO_EXTENSIONS, VideoError, probe_video
 
 log = logging.getLogger(__name__)
 
 VERSION = 2  # 2: full decode, split by content
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
+VIDEO_EXTS = tuple(e.lstrip(".") for e in VIDEO_EXTENSIONS)
 SHARDS_INFO = "shards.json"
 _KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # WebDataset's base_plus_ext
 
@@ -117,20 +119,29 @@ def sample_captions(parts: dict[str, bytes]) -> tuple[list[str], dict[str, Any]]
     return [" ".join(c.split()) for c in captions if isinstance(c, str) and c.strip()], meta
 
 
+def video_problem(data: bytes) -> str | None:
+    """Why video bytes cannot be used (the container checks, no decoding), or None."""
+    try:
+        probe_video(data)
+    except VideoError as exc:
+        return f"unusable video ({exc.code})"
+    return None
+
+
 def _sample_record(
     key: str, parts: dict[str, bytes], shard: Path, seen: set[str], splits: Splits
 ) -> Any:
-    """(record, image bytes, destination) for a usable sample, or the reason it is not.
+    """(record, media bytes, destination) for a usable sample, or the reason it is not.
 
     The split is the json `split` when valid, else the shared rule on the image's digest.
     """
-    ext = next((e for e in IMAGE_EXTS if e in parts), None)
+    ext = next((e for e in (*IMAGE_EXTS, *VIDEO_EXTS) if e in parts), None)
     if ext is None:
         return "no image"
     captions, meta = sample_captions(parts)
     if not captions:
         return "empty caption"
-    problem = decode_problem(parts[ext])
+    problem = video_problem(parts[ext]) if ext in VIDEO_EXTS else decode_problem(parts[ext])
     if problem:
         return problem
     safe = re.sub(r"[^A-Za-z0-9_.\-]+", "_", key.replace("/", "."))
@@ -140,7 +151,8 @@ def _sample_record(
     split = meta.get("split")
     if split not in SPLITS:
         split = splits.assign(rid, hashlib.sha1(parts[ext]).hexdigest())
-    rel = f"images/{shard.stem}/{safe}.{ext}"
+    folder = "videos" if ext in VIDEO_EXTS else "images"
+    rel = f"{folder}/{shard.stem}/{safe}.{ext}"
     extra: dict[str, Any] = meta["meta"] if isinstance(meta.get("meta"), dict) else {}
     return Record(rid, rel, tuple(captions), split, {**extra, "key": key}), parts[ext], rel
 

@@ -11,11 +11,15 @@ const MODES = {
   "text-to-text": { input: "text", side: "text" },
   "image-to-image": { input: "image", side: "image" },
   "image-to-text": { input: "image", side: "text" },
+  // Videos are items of the image side (media "video"): the video endpoints answer these.
+  "text-to-video": { input: "text", side: "video" },
+  "video-to-text": { input: "video", side: "text" },
 };
 const THUMBNAIL = 256;
 
 const state = { mode: "text-to-image", q: "", id: "", page: 1, k: 12, filter: "" };
 let file = null; // an uploaded query image: searched, but not part of a shared URL
+let clip = null; // an uploaded query video, likewise
 
 function headers(extra) {
   const h = Object.assign({}, extra || {});
@@ -82,6 +86,7 @@ function showState() {
   const input = MODES[state.mode].input;
   $("text-query").hidden = input !== "text" || Boolean(state.id);
   $("image-query").hidden = input !== "image" || Boolean(state.id);
+  $("video-query").hidden = input !== "video" || Boolean(state.id);
   $("text-input").value = state.q;
   $("k-input").value = state.k;
   $("filter-input").value = state.filter;
@@ -111,6 +116,7 @@ function clear() {
   $("error").hidden = true;
   $("grid").replaceChildren();
   $("texts").replaceChildren();
+  $("videos").replaceChildren();
   $("summary").textContent = "";
   $("pager").hidden = true;
 }
@@ -160,6 +166,24 @@ function showImages(hits) {
   }
 }
 
+// A video hit: its keyframe strip (the sampled frames in time order), captions, score, meta.
+function showVideos(hits) {
+  for (const hit of hits) {
+    const strip = el("img", { className: "strip", alt: hit.captions[0] || hit.id, loading: "lazy" });
+    setImage(strip, hit.url);
+    const link = el("a", { href: hit.video_url, textContent: "video", target: "_blank" });
+    const item = el("li", { value: hit.rank, className: "video-card", title: hit.id }, [
+      strip,
+      el("div", { className: "caption", textContent: hit.captions[0] || hit.id }),
+      el("div", {}, [score(hit), el("span", { className: "muted" }, [" · ", link,
+        ` · ${hit.keyframe_urls.length} keyframes`])]),
+      metaLine(hit.meta),
+    ]);
+    item.dataset.id = hit.id;
+    $("videos").append(item);
+  }
+}
+
 function showTexts(hits) {
   for (const hit of hits) {
     const parts = [];
@@ -194,6 +218,7 @@ function showPage(body) {
 function missingQuery() {
   if (state.id) return "";
   if (MODES[state.mode].input === "text") return state.q ? "" : "type a query first";
+  if (MODES[state.mode].input === "video") return clip ? "" : "choose a video first";
   return file ? "" : "choose an image first";
 }
 
@@ -212,7 +237,8 @@ function request() {
     };
   }
   const form = new FormData();
-  form.append("image", file, file.name);
+  if (MODES[state.mode].input === "video") form.append("video", clip, clip.name);
+  else form.append("image", file, file.name);
   form.append("k", String(page.k));
   form.append("offset", String(page.offset));
   if (filter !== undefined) form.append("filter", JSON.stringify(filter));
@@ -236,7 +262,10 @@ async function run(how) {
   try {
     const body = await call(`search/${state.mode}`, request());
     if (mine !== latest) return;
-    if (MODES[state.mode].side === "image") showImages(body.hits); else showTexts(body.hits);
+    const side = MODES[state.mode].side;
+    if (side === "image") showImages(body.hits);
+    else if (side === "video") showVideos(body.hits);
+    else showTexts(body.hits);
     showPage(body);
   } catch (err) {
     if (mine === latest) showError(err);
@@ -273,15 +302,23 @@ $("image-input").addEventListener("change", () => {
   showQuery();
 });
 
-const drop = $("image-query");
-drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
-drop.addEventListener("dragleave", () => drop.classList.remove("over"));
-drop.addEventListener("drop", (e) => {
-  e.preventDefault();
-  drop.classList.remove("over");
-  $("image-input").files = e.dataTransfer.files;
-  $("image-input").dispatchEvent(new Event("change"));
+$("video-input").addEventListener("change", () => {
+  clip = $("video-input").files[0] || null;
+  state.id = "";
+  showQuery();
 });
+
+for (const [zone, input] of [["image-query", "image-input"], ["video-query", "video-input"]]) {
+  const drop = $(zone);
+  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    drop.classList.remove("over");
+    $(input).files = e.dataTransfer.files;
+    $(input).dispatchEvent(new Event("change"));
+  });
+}
 
 window.addEventListener("popstate", () => {
   readUrl();
@@ -305,11 +342,18 @@ async function loadInfo() {
       setTimeout(loadInfo, 1000);
       return;
     }
+    const video = await call("info/video", { headers: headers() });
+    const images = info.gallery.images - video.videos; // videos are items of the image side
+    const counts = [images || !video.videos ? `${images} images` : "",
+      video.videos ? `${video.videos} videos` : "", `${info.gallery.texts} texts`];
     $("status").textContent =
-      `${info.gallery.images} images · ${info.gallery.texts} texts · ` +
+      `${counts.filter(Boolean).join(" · ")} · ` +
       `index ${info.index.version} · bundle ${info.bundle.bundle_id}`;
     for (const tab of document.querySelectorAll("#modes [role=tab]")) {
-      tab.disabled = !(MODES[tab.dataset.mode].side in info.index.sides);
+      const mode = MODES[tab.dataset.mode];
+      const needsVideo = mode.side === "video" || mode.input === "video";
+      const side = mode.side === "video" ? "image" : mode.side;
+      tab.disabled = !(side in info.index.sides) || (needsVideo && !video.videos);
     }
   } catch (err) {
     $("status").textContent = `not connected (${err.message})`;

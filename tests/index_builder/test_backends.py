@@ -99,6 +99,7 @@ def test_search_and_filters_match_exact_search(store):
         ({"tags": {"in": ["even", "none"]}}, lambda m: m["n"] % 2 == 0),
     ]:
         allowed = np.array([wanted(m) for m in metas])
+        assert loaded.count("image", filter) == allowed.sum()
         scores, found = loaded.search("image", queries, 10, filter=filter)
         truth = _exact(vectors["image"], queries, allowed, 10)
         for q in range(len(queries)):
@@ -137,6 +138,7 @@ def test_add_upsert_and_delete(store):
     assert loaded.info["parent"] == first
     assert loaded.row_of("image", "i5") is None and loaded.row_of("text", "i5#0") is None
     assert loaded.live_count("image") == 99 and loaded.live_count("text") == 98
+    assert loaded.count("image", {"group": "g5"}) == 9 and before.count("image") == 100
     _, found = loaded.search("image", vectors["image"][5:6], 100)
     assert "i5" not in _ids(loaded, "image", found[0]) and (found[0] >= 0).sum() == 99
     _, found = before.search("image", vectors["image"][5:6], 1)  # the old version is untouched

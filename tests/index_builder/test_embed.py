@@ -39,6 +39,15 @@ def test_shards_equal_one_pass_encoding(tmp_path, tiny_bundle, gallery):
     }
 
 
+@pytest.mark.parametrize(
+    ("cores", "threads", "expected"),
+    [(2, None, (2, 1)), (2, 2, (1, 2)), (16, None, (8, 2)), (16, 4, (4, 4)), (1, None, (1, 1))],
+)
+def test_local_lanes_share_the_cores(monkeypatch, cores, threads, expected):
+    monkeypatch.setattr(embed.os, "sched_getaffinity", lambda pid: set(range(cores)))
+    assert embed.local_lanes(threads) == expected
+
+
 def test_killed_run_resumes_from_the_first_missing_shard(
     tmp_path, tiny_bundle, gallery, monkeypatch
 ):

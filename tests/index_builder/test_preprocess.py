@@ -42,6 +42,19 @@ def test_resize_crop_normalise_matches_hand_computation():
     assert preprocess_images([Image.fromarray(array)] * 3, spec).shape == (3, 3, 4, 4)
 
 
+def test_normalisation_is_bit_identical_to_the_plain_formula():
+    rng = np.random.default_rng(0)
+    array = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
+    array[0, :3] = [[0, 0, 0], [255, 255, 255], [1, 128, 254]]
+    spec = ImageSpec(size=24, resize=24)  # no resize, no crop: only the normalisation
+    pixels = np.asarray(array, dtype=np.float32) / np.float32(255.0)
+    mean, std = np.asarray(spec.mean, np.float32), np.asarray(spec.std, np.float32)
+    expected = ((pixels - mean) / std).transpose(2, 0, 1)  # the formula as first written
+    out = preprocess_image(Image.fromarray(array), spec)
+    assert out.flags.c_contiguous and out.dtype == np.float32
+    np.testing.assert_array_equal(out, expected)
+
+
 def test_spec_round_trip_and_validation():
     spec = ImageSpec(size=128, resize=146)
     assert ImageSpec.from_dict(spec.to_dict()) == spec

@@ -315,3 +315,57 @@ def build(assets):
         return build_version(root, bundle or assets["bundle"], assets["gallery"], store=store)
 
     return make
+
+
+# -- videos: the colour towers over clips (meanP pooling graph), a mixed gallery ---------------
+
+VIDEO_COLOURS = {"red": [(255, 0, 0)], "blue": [(0, 0, 255)], "green": [(0, 255, 0)]}
+
+
+@pytest.fixture(scope="session")
+def video_assets(assets) -> dict:
+    """A video bundle (the colour towers + meanP) and an index of three one-colour clips, a
+    red-then-blue clip and a photo, with the colour words as the text side."""
+    from tiny_videos import colour_clip, video_bundle
+
+    from index_builder.build import Sources, index_sources
+
+    base = assets["base"] / "video"
+    bundle = video_bundle(base / "bundle", assets["bundle"], frames=4)
+    folder = base / "clips"
+    folder.mkdir(parents=True)
+    for name, colours in {**VIDEO_COLOURS, "redblue": [(255, 0, 0), (0, 0, 255)]}.items():
+        (folder / f"{name}.mp4").write_bytes(colour_clip(colours, size=32, per=4))
+        (folder / f"{name}.txt").write_text(f"a {name} clip\n")
+    Image.new("RGB", (16, 16), (255, 0, 0)).save(folder / "photo.png")
+    texts = base / "texts.txt"
+    texts.write_text("red\nblue\ngreen\nyellow\n")
+    index_sources(base / "index", bundle, Sources(images=str(folder), texts=str(texts)))
+    return {"bundle": bundle, "index": base / "index", "clips": folder}
+
+
+@pytest.fixture(scope="session")
+def video_client(video_assets) -> Iterator:
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    settings = Settings(
+        bundle=video_assets["bundle"].path, index=video_assets["index"], watch_interval_s=0
+    )
+    with TestClient(create_app(settings)) as test_client:
+        wait_ready(test_client)
+        yield test_client
+
+
+@pytest.fixture(scope="session")
+def video_live(video_assets) -> Iterator[LiveServer]:
+    from service.app import create_app
+    from service.settings import Settings
+
+    settings = Settings(
+        bundle=video_assets["bundle"].path, index=video_assets["index"], watch_interval_s=0
+    )
+    with live_server(create_app(settings)) as server:
+        yield server

@@ -181,3 +181,37 @@ def test_docs_work_offline(live, page):
     for path in ("/search/image-to-image", "/search/text-to-text", "/admin/items"):
         page.wait_for_selector(f".opblock-summary-path[data-path='{path}']")
     assert outside == []
+
+
+def test_video_tabs_in_chromium(video_live, live, page, video_assets, tmp_path):
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(video_live.url + "/")
+    page.wait_for_selector("#status:has-text('1 images · 4 videos · 4 texts')")
+    page.click("[data-mode=text-to-video]")
+    page.fill("#text-input", "blue")
+    page.click("#search-submit")
+    page.wait_for_selector("#videos .video-card")
+    assert _ids(page, "#videos .video-card")[0] == "blue"
+    assert set(_ids(page, "#videos .video-card")) == {"red", "blue", "green", "redblue"}
+    assert page.locator("#grid .card").count() == 0
+    page.wait_for_function(
+        "Array.from(document.querySelectorAll('#videos img.strip'))"
+        ".every(i => i.complete && i.naturalWidth === 4 * 96)"  # four keyframes side by side
+    )
+    assert "4 keyframes" in page.locator("#videos .video-card").first.inner_text()
+    assert "mode=text-to-video" in page.url and "q=blue" in page.url
+    page.screenshot(path=str(tmp_path / "text-to-video.png"), full_page=True)
+
+    page.click("[data-mode=video-to-text]")
+    page.set_input_files("#video-input", str(video_assets["clips"] / "green.mp4"))
+    page.click("#search-submit")
+    page.wait_for_selector("#texts li")
+    assert page.locator("#texts li").first.locator(".text").inner_text() == "green"
+    assert errors == []
+
+    page.goto(live.url + "/")  # an index without videos: the video tabs are disabled
+    page.wait_for_selector("#status:has-text('8 images · 16 texts')")
+    assert page.is_disabled("[data-mode=text-to-video]")
+    assert page.is_disabled("[data-mode=video-to-text]")
+    assert not page.is_disabled("[data-mode=text-to-image]")

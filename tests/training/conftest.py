@@ -77,3 +77,9 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _cots_home(tmp_path_factory, monkeypatch):
+    """Default artifact paths ($COTS_HOME: runs, the feature cache) under pytest's temp dir."""
+    monkeypatch.setenv("COTS_HOME", str(tmp_path_factory.getbasetemp() / "cots-home"))

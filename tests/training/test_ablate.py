@@ -10,8 +10,11 @@ from conftest import TINY_OVERRIDES
 from safetensors import safe_open
 
 from index_builder.cli import main
-from training.ablate import LADDER, markdown_table
+from training.config import COOKIE_PAIRS
 from training.model import build_model, load_preset
+from training.pipelines.ablate import LADDERS, markdown_table
+
+LADDER = LADDERS["cots"].rungs
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +108,43 @@ def test_bad_seeds_are_a_one_line_error(gallery, tmp_path, capsys):
 
 def per_seed_rung(per_seed, rung):
     return [next(r for r in results if r["rung"] == rung) for results in per_seed]
+
+
+def test_cookie_ladder_adds_one_part_per_rung(gallery, tmp_path, capsys):
+    """clip, +shared, +image-knowledge, +text-knowledge over cached frozen towers; the rungs
+    differ only in the objectives and, for clip, in the shared transformer."""
+    from safetensors.torch import save_file
+
+    model = build_model(load_preset("tiny"))
+    for side in ("image", "text"):
+        state = {k: v.contiguous() for k, v in getattr(model, f"{side}_tower").state_dict().items()}
+        save_file(state, tmp_path / f"{side}.safetensors")
+    sets = [*TINY_OVERRIDES, "train.max_steps=2", "data.cache_frozen_features=true"]
+    sets += [f"data.feature_store={tmp_path / 'features'}", "model.options.shared_width=16"]
+    sets += [
+        f"model.options.{side}_weights={tmp_path / side}.safetensors" for side in ("image", "text")
+    ]
+    sets += [f"model.options.{side}_trainable_blocks=0" for side in ("image", "text")]
+    sets += ["model.options.shared_layers=1", "model.options.shared_heads=2"]
+    out = tmp_path / "ladder"
+    args = ["ablate", "--ladder", "cookie", "--base", "cots", "--data", str(gallery), "--out"]
+    assert main([*args, str(out), *[f"--set={s}" for s in sets]]) == 0
+    rungs = list(LADDERS["cookie"].rungs)
+    assert rungs == ["clip", "+shared", "+image-knowledge", "+text-knowledge"]
+    results = json.loads((out / "ablation.json").read_text())
+    assert [r["rung"] for r in results] == rungs and all("t2t_map" in r for r in results)
+    configs = {
+        r: json.loads((out / r.replace("+", "plus-") / "config.json").read_text()) for r in rungs
+    }
+    assert configs["clip"]["model_config"]["shared_layers"] == 0
+    assert configs["+shared"]["model_config"]["shared_layers"] == 1
+    pairs = [configs[r]["objectives"]["cookie"]["pairs"] for r in rungs[1:]]
+    assert [len(p) for p in pairs] == [1, 2, 3] and pairs[2] == [list(p) for p in COOKIE_PAIRS]
+    assert configs["clip"]["objectives"]["clip"]["enabled"]
+    assert not configs["clip"]["objectives"]["cookie"]["enabled"]
+    same = [
+        {k: v for k, v in c.items() if k not in ("name", "objectives", "model", "model_config")}
+        for c in configs.values()
+    ]
+    assert all(c == same[0] for c in same)
+    assert "| +text-knowledge |" in capsys.readouterr().out

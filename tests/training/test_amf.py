@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.amf import AdaptiveMomentumFilter
+from training.objectives.amf import AdaptiveMomentumFilter
 
 
 def _stream(steps: int, batch: int = 32, noisy_every: int = 0, seed: int = 0):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from training.config import list_recipes, load_config
+from training.config import from_dict, list_recipes, load_config
 
 
 def test_recipes_load_and_differ():
@@ -47,6 +49,12 @@ def test_overrides_coerce_to_field_types(tmp_path):
         ("objectives.clip.enabled=maybe", "is not a valid bool"),
         ("data.crop_scale=[1]", "is not a valid"),
         ("optim.lr", "must look like section.key=value"),
+        ("objectives.cookie.pairs=image", "config key 'objectives.cookie.pairs': 'image' is not"),
+        (
+            "objectives.cookie.pairs=[[image,text]]",
+            "config key 'objectives.cookie.pairs[0]': ['image', 'text'] is not a valid tuple",
+        ),
+        ("objectives.cookie.pairs=[[image,text,x]]", "'objectives.cookie.pairs[0]'"),
     ],
 )
 def test_bad_overrides(override, message):
@@ -57,3 +65,9 @@ def test_bad_overrides(override, message):
 def test_missing_run_file():
     with pytest.raises(FileNotFoundError, match="no run file or recipe 'nope'"):
         load_config("nope")
+
+
+def test_a_list_of_pairs_from_the_command_line_and_back():
+    cfg = load_config("cots", ["objectives.cookie.pairs=[[image,text,1],[text,text_tower,0.5]]"])
+    assert cfg.objectives.cookie.pairs == [("image", "text", 1.0), ("text", "text_tower", 0.5)]
+    assert from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # as saved with a run

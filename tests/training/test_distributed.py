@@ -34,7 +34,7 @@ def worker(rank: int, world: int, port: int, gallery: str, out: str) -> None:
 
     from training import distributed
     from training.config import load_config
-    from training.losses import ClipLoss
+    from training.objectives.clip import ClipLoss
     from training.run import prepare
 
     cfg = load_config("cots", [*TINY_OVERRIDES, "train.max_steps=3", "contrast.queue_size=24"])
@@ -76,7 +76,7 @@ def test_two_process_ddp_training(gallery, tmp_path):
     for name in r0["momentum"]:
         assert torch.allclose(r0["momentum"][name], r1["momentum"][name], atol=1e-6), name
     # gather path: mean of the per-rank losses == single-process loss on the whole batch
-    from training.losses import ClipLoss
+    from training.objectives.clip import ClipLoss
 
     full = torch.nn.functional.normalize(
         torch.randn(8, 5, generator=torch.Generator().manual_seed(0)), dim=-1

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.evaluate import retrieval_metrics
+from training.evaluate import retrieval_metrics, unimodal_metrics
 
 
 def naive_recall(sims: list[list[float]], owner: list[int], k: int) -> tuple[float, float]:
@@ -56,3 +56,63 @@ def test_random_case_matches_naive(seed):
         assert got[f"i2t_r{k}"] == pytest.approx(i2t)
         assert got[f"t2i_r{k}"] == pytest.approx(t2i)
     assert 0 < got["i2t_r1"] < 100  # the case is neither trivial nor hopeless
+
+
+def naive_ranking(sims: list[list[float]], relevant: list[list[bool]], k: int):
+    """(mAP, R@K) in percent by explicit sorting of each query's gallery (self excluded)."""
+    aps, hits = [], []
+    for q, row in enumerate(sims):
+        gallery = [g for g in range(len(row)) if g != q]
+        if not any(relevant[q][g] for g in gallery):
+            continue
+        order = sorted(gallery, key=lambda g: (-row[g], g))
+        found, precisions = 0, []
+        for rank, g in enumerate(order, 1):
+            if relevant[q][g]:
+                found += 1
+                precisions.append(found / rank)
+        aps.append(sum(precisions) / len(precisions))
+        hits.append(any(relevant[q][g] for g in order[:k]))
+    return 100.0 * sum(aps) / len(aps), 100.0 * sum(hits) / len(hits), len(aps)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_unimodal_metrics_match_naive(seed):
+    gen = torch.Generator().manual_seed(seed)
+    n_images = 24
+    owner = torch.repeat_interleave(
+        torch.arange(n_images), torch.randint(1, 4, (n_images,), generator=gen)
+    )
+    categories = [["cat", "dog", "sun", None][i % 4] for i in range(n_images)]
+    centres = torch.randn(4, 16, generator=gen)
+    image = F.normalize(
+        centres[torch.arange(n_images) % 4] + torch.randn(n_images, 16, generator=gen), dim=-1
+    )
+    text = F.normalize(image[owner] + 0.8 * torch.randn(len(owner), 16, generator=gen), dim=-1)
+    got = unimodal_metrics(image, text, owner, categories)
+    known = [i for i, c in enumerate(categories) if c is not None]
+    sims = (image[known] @ image[known].T).tolist()
+    relevant = [[categories[a] == categories[b] for b in known] for a in known]
+    for k in (1, 5, 10):
+        mean_ap, recall, queries = naive_ranking(sims, relevant, k)
+        assert got["i2i_map"] == pytest.approx(mean_ap) and got[f"i2i_r{k}"] == pytest.approx(
+            recall
+        )
+    assert got["i2i_queries"] == queries == 18 and got["i2i_categories"] == 3
+    sims = (text @ text.T).tolist()
+    relevant = [[int(a) == int(b) for b in owner] for a in owner]
+    for k in (1, 5, 10):
+        mean_ap, recall, queries = naive_ranking(sims, relevant, k)
+        assert got["t2t_map"] == pytest.approx(mean_ap) and got[f"t2t_r{k}"] == pytest.approx(
+            recall
+        )
+    assert got["t2t_queries"] == queries == sum(int((owner == o).sum()) > 1 for o in owner)
+    assert 0 < got["t2t_map"] < 100 and 0 < got["i2i_map"] < 100
+
+
+def test_unimodal_without_categories_reports_text_only():
+    image = torch.eye(3)
+    text = torch.eye(3)[[0, 0, 1]]
+    got = unimodal_metrics(image, text, torch.tensor([0, 0, 1]), [None, None, None])
+    assert not any(k.startswith("i2i") for k in got)
+    assert got["t2t_map"] == 100.0 and got["t2t_queries"] == 2

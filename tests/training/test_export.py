@@ -17,7 +17,7 @@ from index_builder.store import IndexStore
 from training.checkpoint import save_checkpoint
 from training.datasets import Collate, PairDataset
 from training.export import export_bundle
-from training.model import build_model, load_preset
+from training.model import ModelConfig, build_model, load_preset
 
 CAPTIONS = ["a red square", "a blue circle", "green grass", "the yellow sun", "black night"]
 
@@ -148,3 +148,41 @@ def test_cli_export_then_index(work, tmp_path, capsys):
         main(["export", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "c")]) == 2
     )
     assert "no checkpoint at" in capsys.readouterr().err
+
+
+def test_cookie_model_exports_with_its_shared_transformer_in_each_tower(work, tmp_path):
+    """The shared transformer (and each stream's map) is part of both exported towers; the
+    bundle, the torch-free encoders and the index need nothing new."""
+    root, _, _ = work
+    torch.manual_seed(1)
+    options = {"shared_layers": 2, "shared_width": 16, "shared_heads": 2, "shared_pooling": "cls"}
+    config = ModelConfig.from_dict({**load_preset("tiny").to_dict(), **options})
+    model = build_model(config).eval()
+    save_checkpoint(tmp_path / "ckpt", model, {"step": 3, "recipe": "cookie"})
+    bundle = export_bundle(tmp_path / "ckpt", tmp_path / "bundle")
+    assert max(bundle.info["parity"]["max_abs_error"].values()) <= 1e-4
+    assert bundle.info["source"]["recipe"] == "cookie"
+    records = load_records(root / "data")
+    images = [load_image(image_path(root / "data", r)) for r in records]
+    with torch.no_grad():
+        pixels = torch.from_numpy(preprocess_images(images, model.image_spec))
+        ref_images = model.encode_image(pixels).numpy()
+        batch = Collate(model.tokenizer_json, model.text_spec.context_length)(
+            [(np.zeros(1), c, 0) for c in CAPTIONS]
+        )
+        ref_texts = model.encode_text(batch["input_ids"], batch["attention_mask"]).numpy()
+    got = ImageEncoder(bundle, threads=1, batch_size=3).encode_images(images)
+    np.testing.assert_allclose(got, ref_images, atol=1e-4)
+    np.testing.assert_allclose(TextEncoder(bundle).encode(CAPTIONS), ref_texts, atol=1e-4)
+    from onnx import numpy_helper
+
+    shared = {n: p.detach().numpy() for n, p in model.named_parameters() if n.startswith("shared.")}
+    for side in ("image", "text"):
+        graph = onnx.load(str(getattr(bundle, f"{side}_onnx"))).graph
+        stored = [numpy_helper.to_array(t) for t in graph.initializer]
+        for name, value in shared.items():  # every shared weight, as is or transposed
+            assert any(
+                a.shape in (value.shape, value.T.shape)
+                and (np.array_equal(a, value) or np.array_equal(a, value.T))
+                for a in stored
+            ), (side, name)

@@ -8,7 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.losses import ClipLoss, MomentumContrastLoss, Temperature
+from training.objectives.base import Temperature
+from training.objectives.clip import ClipLoss
+from training.objectives.instance import MomentumContrastLoss
 
 
 def unit(n, d, seed):
@@ -58,7 +60,7 @@ def test_clip_loss_matches_naive_loop():
 
 def test_clip_loss_fake_two_rank_gather(monkeypatch):
     """Rank 1 of 2 scores its rows against every rank's rows, positives offset by rank * B."""
-    import training.losses as losses
+    import training.objectives.clip as losses
 
     v, t = unit(6, 8, 8), unit(6, 8, 9)
     local = slice(3, 6)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.masking import IGNORE_INDEX, block_mask, mask_patches, mask_text
+from training.objectives.masking import IGNORE_INDEX, block_mask, mask_patches, mask_text
 
 CLS, SEP, PAD, MASK, VOCAB = 101, 102, 0, 103, 30522
 

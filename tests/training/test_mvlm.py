@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.masking import IGNORE_INDEX
-from training.mvlm import MaskedTokenHead
+from training.objectives.masking import IGNORE_INDEX
+from training.objectives.mvlm import MaskedTokenHead
 
 
 def _naive(head, tokens, global_feature, labels, weights=None):
@@ -78,7 +78,7 @@ def tiny_unit(tmp_path):
     from training.config import load_config
     from training.model import build_model, load_preset
     from training.objectives import build_objectives
-    from training.visual_tokenizer import TokenizerConfig, VisualTokenizer, save_tokenizer
+    from training.visual_tokenizer.model import TokenizerConfig, VisualTokenizer, save_tokenizer
 
     torch.manual_seed(0)
     model = build_model(load_preset("tiny"), load_weights=False)
@@ -119,8 +119,8 @@ def test_mvlm_unit_trains_heads_and_towers_but_not_the_tokenizer(tiny_unit):
 
 
 def test_mvlm_unit_rejects_a_misaligned_or_misnormalised_tokenizer(tiny_unit, tmp_path):
-    from training.mvlm import MvlmObjective
-    from training.visual_tokenizer import TokenizerConfig, VisualTokenizer, save_tokenizer
+    from training.objectives.mvlm import MvlmObjective
+    from training.visual_tokenizer.model import TokenizerConfig, VisualTokenizer, save_tokenizer
 
     cfg, model, _ = tiny_unit
     wrong = tmp_path / "stride16"
@@ -147,7 +147,7 @@ def test_mvlm_unit_rejects_a_misaligned_or_misnormalised_tokenizer(tiny_unit, tm
 
 
 def test_masked_pass_leaves_batchnorm_statistics_alone():
-    from training.mvlm import frozen_norm_statistics
+    from training.objectives.mvlm import frozen_norm_statistics
 
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4)).train()
     before = net[1].running_mean.clone()

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from training.task_alignment import symmetric_kl
+from training.objectives.kl import symmetric_kl
 
 
 def _naive(logits_a, logits_b, weights=None):

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from training.momentum import MomentumEncoder
-from training.queues import PairQueue
+from training.objectives.momentum import MomentumEncoder
+from training.objectives.queues import PairQueue
 from training.schedule import warmup_cosine
 
 

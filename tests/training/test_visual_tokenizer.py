@@ -10,13 +10,7 @@ import torch.nn.functional as F
 
 from index_builder.preprocess import ImageSpec
 from training.model import build_model, load_preset
-from training.tokenizer_training import (
-    TokenizerTraining,
-    evaluate_tokenizer,
-    save_reconstructions,
-    train_tokenizer,
-)
-from training.visual_tokenizer import (
+from training.visual_tokenizer.model import (
     EPS,
     TokenizerConfig,
     VectorQuantizer,
@@ -25,6 +19,12 @@ from training.visual_tokenizer import (
     load_tokenizer,
     save_tokenizer,
     stride_factors,
+)
+from training.visual_tokenizer.training import (
+    TokenizerTraining,
+    evaluate_tokenizer,
+    save_reconstructions,
+    train_tokenizer,
 )
 
 SMALL = {"width": 8, "max_width": 16, "code_dim": 8, "codebook_size": 16, "res_blocks": 1}
@@ -270,7 +270,7 @@ def test_tokenizer_commands_train_then_eval(gallery, tmp_path, capsys):
     import argparse
     import json
 
-    from training.tokenizer_commands import register
+    from training.visual_tokenizer.commands import register
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from training.towers.checkpointing import run_block
 
 
 class BertEmbeddings(nn.Module):
@@ -32,15 +32,17 @@ class BertSelfAttention(nn.Module):
         self.key = nn.Linear(width, width)
         self.value = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """x (B, L, W), keep (B, 1, 1, L) bool: the keys each query may attend to."""
         batch, length, width = x.shape
 
         def split(t: torch.Tensor) -> torch.Tensor:  # (B, L, W) -> (B, H, L, W/H)
             return t.view(batch, length, self.heads, width // self.heads).transpose(1, 2)
 
         q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
-        scores = q @ k.transpose(-1, -2) / math.sqrt(width // self.heads) + bias  # (B, H, L, L)
-        out = F.softmax(scores, dim=-1) @ v  # (B, H, L, W/H)
+        # softmax(q k^T / sqrt(d) masked) v in one fused kernel (flash / memory-efficient on
+        # CUDA); a bool mask works in every dtype, where an fp32 additive bias broke fp16.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)  # (B, H, L, W/H)
         return out.transpose(1, 2).reshape(batch, length, width)
 
 
@@ -62,8 +64,8 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(width, heads)
         self.output = BertDenseNorm(width, width)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        return self.output(self.self(x, bias), x)
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        return self.output(self.self(x, keep), x)
 
 
 class BertIntermediate(nn.Module):
@@ -82,8 +84,8 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(width, intermediate)
         self.output = BertDenseNorm(intermediate, width)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        x = self.attention(x, bias)
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        x = self.attention(x, keep)
         return self.output(self.intermediate(x), x)
 
 
@@ -97,8 +99,11 @@ class BertTower(nn.Module):
     """BERT encoder: (input_ids, attention_mask) -> per-token states and a pooled state.
 
     `pooling="mean"` averages the states over the attention mask (sentence-transformers'
-    all-MiniLM recipe); `pooling="cls"` takes the first token's state.
+    all-MiniLM recipe); `pooling="cls"` takes the first token's state. `checkpointing`
+    recomputes each layer in the backward pass instead of storing its activations.
     """
+
+    checkpointing = False
 
     def __init__(
         self,
@@ -124,17 +129,16 @@ class BertTower(nn.Module):
         return list(self.encoder.layer)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
-        keep = attention_mask.to(torch.float32)  # (B, L)
-        # Additive bias: padded keys get the most negative float, as Hugging Face does.
-        bias = (1.0 - keep)[:, None, None, :] * torch.finfo(torch.float32).min  # (B, 1, 1, L)
+        keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L): padded keys masked
         x = self.embeddings(input_ids)  # (B, L, W)
         for layer in self.encoder.layer:
-            x = layer(x, bias)
+            x = run_block(layer, self.checkpointing, x, keep)
         if self.pooling == "cls":
             pooled = x[:, 0]
         else:
-            weights = keep[:, :, None]  # (B, L, 1)
-            pooled = (x * weights).sum(1) / weights.sum(1).clamp(min=1e-9)  # (B, W)
+            # The average in fp32 (fp16 cannot hold the clamp), returned in the tower's dtype.
+            weights = attention_mask.to(torch.float32)[:, :, None]  # (B, L, 1)
+            pooled = ((x * weights).sum(1) / weights.sum(1).clamp(min=1e-9)).to(x.dtype)  # (B, W)
         return {"tokens": x, "pooled": pooled}
 
 

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.towers.checkpointing import run_block
+
 
 class Attention(nn.Module):
     def __init__(self, width: int, heads: int) -> None:
@@ -18,8 +20,8 @@ class Attention(nn.Module):
         batch, length, width = x.shape
         qkv = self.qkv(x).view(batch, length, 3, self.heads, width // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, L, W/H)
-        scores = (q @ k.transpose(-1, -2)) * (width // self.heads) ** -0.5  # (B, H, L, L)
-        out = F.softmax(scores, dim=-1) @ v  # (B, H, L, W/H)
+        # softmax(q k^T / sqrt(d)) v in one fused kernel (flash attention on CUDA).
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, L, W/H)
         return self.proj(out.transpose(1, 2).reshape(batch, length, width))
 
 
@@ -61,9 +63,11 @@ class VisionTransformer(nn.Module):
     """ViT: pixels (B, 3, S, S) -> patch states (B, N, W) and the class-token state (B, W).
 
     `mask` (B, N) bool swaps masked patch embeddings for a learned `mask_token` before the
-    position embeddings are added (BEiT's masked image modelling).
+    position embeddings are added (BEiT's masked image modelling). `checkpointing`
+    recomputes each block in the backward pass instead of storing its activations.
     """
 
+    checkpointing = False
     new_parameters = ("mask_token",)  # not in pretrained checkpoints
 
     def __init__(
@@ -109,7 +113,7 @@ class VisionTransformer(nn.Module):
             x = torch.where(mask[:, :, None], self.mask_token.to(x.dtype), x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         for block in self.blocks:
-            x = block(x)
+            x = run_block(block, self.checkpointing, x)
         x = self.norm(x)  # (B, 1 + N, W)
         return {"tokens": x[:, 1:], "pooled": x[:, 0]}
 

@@ -1,10 +1,12 @@
-"""COTS adaptive momentum filter (AMF): drop likely-noisy pairs using the running
+"""The `amf` unit: COTS adaptive momentum filter (AMF): drop likely-noisy pairs using the running
 distribution of momentum positive-pair similarities."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from training.objectives.base import Objective, StepContext
 
 
 class AdaptiveMomentumFilter(nn.Module):
@@ -71,8 +73,8 @@ class AdaptiveMomentumFilter(nn.Module):
         self.count += similarity.numel()
 
 
-class AmfObjective(nn.Module):
-    """The filter as an objective unit (training/objectives.py protocol): it adds no loss,
+class AmfObjective(Objective):
+    """The filter as an objective unit: it adds no loss,
     it sets the step's per-sample weights from s = v'.t' for the units that follow, and logs
     the fraction filtered. Must run before the losses it weights (config order)."""
 
@@ -93,7 +95,7 @@ class AmfObjective(nn.Module):
         c = cfg.objectives.amf
         return cls(c.size, c.lam, c.warmup, c.min_history)
 
-    def forward(self, ctx) -> dict[str, torch.Tensor]:
+    def forward(self, ctx: StepContext) -> dict[str, torch.Tensor]:
         similarity = (ctx.image_key() * ctx.text_key()).sum(-1)  # (B,) momentum s = v'.t'
         keep = self.filter(similarity)  # (B,)
         ctx.weights = keep if ctx.weights is None else ctx.weights * keep

@@ -1,5 +1,5 @@
-"""COTS task-level interaction: symmetric KL between the image-to-text and text-to-image
-distributions over {positive, K queued pairs}."""
+"""The `kl` unit: COTS task-level interaction, symmetric KL between the image-to-text and
+text-to-image distributions over {positive, K queued pairs}."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.losses import weighted_mean
+from training.objectives.base import Objective, StepContext, weighted_mean
 
 
 def symmetric_kl(
@@ -31,9 +31,9 @@ def symmetric_kl(
     return weighted_mean(per_pair, weights)
 
 
-class KlObjective(nn.Module):
-    """The KL term as an objective unit (training/objectives.py protocol); it reads the
-    queued logits that the instance unit leaves in the step context, so it runs after it."""
+class KlObjective(Objective):
+    """The KL term as an objective unit; it reads the queued logits that the instance unit
+    leaves in the step context, so it runs after it."""
 
     name = "kl"
     needs_memory = True
@@ -46,5 +46,7 @@ class KlObjective(nn.Module):
             )
         return cls()
 
-    def forward(self, ctx) -> dict[str, torch.Tensor]:
-        return {"kl": symmetric_kl(ctx.cache["logits_i2t"], ctx.cache["logits_t2i"], ctx.weights)}
+    def forward(self, ctx: StepContext) -> dict[str, torch.Tensor]:
+        logits = ctx.queued_logits
+        assert logits is not None, "the instance unit runs before kl (config order)"
+        return {"kl": symmetric_kl(logits.i2t, logits.t2i, ctx.weights)}

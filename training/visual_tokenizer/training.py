@@ -18,7 +18,7 @@ from tqdm import tqdm
 from index_builder.atomic import atomic_write_json
 from index_builder.manifest import image_path, load_records
 from index_builder.preprocess import ImageSpec, load_image, preprocess_image
-from training.visual_tokenizer import TokenizerConfig, VisualTokenizer, save_tokenizer
+from training.visual_tokenizer.model import TokenizerConfig, VisualTokenizer, save_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,6 @@
-"""COTS token level (MVLM) prediction heads: masked words and masked visual tokens, each
-predicted from its own stream's token state joined with the other stream's global feature.
+"""The `mvlm` unit: COTS token level (masked vision-language modelling). Masked words and
+masked visual tokens, each predicted from its own stream's token state joined with the other
+stream's global feature.
 
 The heads live beside the model, never inside it: the towers that `cots export` writes carry
 no trace of them, so query time stays two independent towers (METHOD.md).
@@ -17,8 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from index_builder.preprocess import TextTokenizer
-from training.masking import IGNORE_INDEX, mask_patches, mask_text
-from training.visual_tokenizer import VisualTokenizer, load_tokenizer
+from training.objectives.base import Objective, StepContext
+from training.objectives.masking import IGNORE_INDEX, mask_patches, mask_text
+from training.visual_tokenizer.model import VisualTokenizer, load_tokenizer
 
 
 class MaskedTokenHead(nn.Module):
@@ -70,8 +72,8 @@ class MaskedTokenHead(nn.Module):
         return (per_token * token_weights).sum() / token_weights.sum().clamp_min(1e-6)
 
 
-class MvlmObjective(nn.Module):
-    """MLM + MVM as an objective unit (training/objectives.py protocol).
+class MvlmObjective(Objective):
+    """MLM + MVM as an objective unit.
 
     MLM: mask the caption (BERT 80/10/10), run the text tower on it, predict each masked word
     from [h_word ; v]. MVM: mask ~40% of the patch grid block-wise (BEiT), run the image tower
@@ -145,7 +147,7 @@ class MvlmObjective(nn.Module):
             self.tokenizer.eval()  # frozen: its codebook must not follow the EMA updates
         return self
 
-    def forward(self, ctx) -> dict[str, torch.Tensor]:
+    def forward(self, ctx: StepContext) -> dict[str, torch.Tensor]:
         model, batch, losses = ctx.model, ctx.batch, {}
         if self.mlm_head is not None:
             ids, labels = mask_text(
@@ -194,7 +196,7 @@ def frozen_norm_statistics(module: nn.Module) -> Iterator[None]:
             norm.momentum = momentum
 
 
-def _log_accuracy(ctx, name: str, head: MaskedTokenHead) -> None:
+def _log_accuracy(ctx: StepContext, name: str, head: MaskedTokenHead) -> None:
     """Top-1 accuracy at the masked positions of this step (a training diagnostic)."""
     if head.last_accuracy is not None:
         ctx.logs[name] = float(head.last_accuracy)

@@ -60,8 +60,8 @@ def _train(args: argparse.Namespace) -> int:
     import dataclasses
 
     from training.model import load_preset
-    from training.tokenizer_training import TokenizerTraining, run_tokenizer_training
-    from training.visual_tokenizer import TokenizerConfig
+    from training.visual_tokenizer.model import TokenizerConfig
+    from training.visual_tokenizer.training import TokenizerTraining, run_tokenizer_training
 
     model = load_preset(args.preset)
     spec = model.image_spec()
@@ -91,8 +91,12 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from index_builder.preprocess import ImageSpec
-    from training.tokenizer_training import evaluate_tokenizer, load_pixels, save_reconstructions
-    from training.visual_tokenizer import load_tokenizer
+    from training.visual_tokenizer.model import load_tokenizer
+    from training.visual_tokenizer.training import (
+        evaluate_tokenizer,
+        load_pixels,
+        save_reconstructions,
+    )
 
     tokenizer, meta = load_tokenizer(args.tokenizer)
     spec = ImageSpec.from_dict(meta["image_spec"])
