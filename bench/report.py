@@ -135,6 +135,11 @@ FIGURES = (
         "collection*.json",
         "python bench/collection_bench.py --size 100000 --threads 2",
     ),
+    Figure(
+        "Search backends: FAISS files and Milvus (milvus-lite)",
+        "backends*.json",
+        "python bench/backends.py --size 100000 --threads 2",
+    ),
 )
 
 
@@ -288,6 +293,31 @@ def ratio_tables(data: dict) -> str:
     return "\n\n".join([table(shapes), table(costs), " ".join(notes).strip()])
 
 
+def backend_tables(data: dict) -> str:
+    """One row per backend run: index, build, recall (recorded and measured), latency,
+    filtered search and the cost of a change; the result's own caveat first."""
+    rows = [
+        {
+            "backend": run["backend"],
+            "index": run["index"],
+            "search params": run["search_params"],
+            "build s": run["build_seconds"],
+            "recall@10 recorded": run["recorded_recall_at_10"],
+            "recall@10": run["search"]["recall_at_10"],
+            "p50 ms": run["search"]["p50_ms"],
+            "p99 ms": run["search"]["p99_ms"],
+            "batch 32, ms/query": run["search"]["batch32_ms_per_query"],
+            "filtered 10%: recall@10": run["filtered_10pct"]["recall_at_10"],
+            "filtered 10%: p50 ms": run["filtered_10pct"]["p50_ms"],
+            "add 1%, s": run["add_1pct_seconds"],
+        }
+        for run in data.get("runs", [])
+    ]
+    note = f"{data['note'][0].upper()}{data['note'][1:]}.\n\n" if data.get("note") else ""
+    size = f"{data.get('size')} items of dimension {data.get('dim')}.\n\n"
+    return note + size + table(rows)
+
+
 def variant_tables(data: dict) -> str:
     """embed_throughput: the settings, then one row per bundle variant (fp32, int8, ...)."""
     variants = {k: v for k, v in data.items() if isinstance(v, dict) and "images_per_s" in v}
@@ -298,6 +328,7 @@ def variant_tables(data: dict) -> str:
 
 RENDERERS: dict[str, Callable[[Any], str]] = {
     "two_stream_vs_cross": ratio_tables,
+    "backends": backend_tables,
     "embed_throughput": variant_tables,
 }
 

@@ -2,7 +2,7 @@
 # Run every bench script one after another, then write docs/benchmarks.md (bench/report.py).
 #
 #   bench/run_all.sh                 # quick: fewer repetitions, galleries up to 100k, a tiny
-#                                    #   noise-filter run (about 15 min on 2 cores)
+#                                    #   noise-filter run (about 20 min on 2 cores)
 #   bench/run_all.sh --full          # full settings, 1M gallery, base preset (an hour or more)
 #   bench/run_all.sh --only two_stream_vs_cross,index_bench
 #   bench/run_all.sh --report-only   # just rebuild the report from bench/results/*.json
@@ -86,6 +86,7 @@ if [ "$REPORT_ONLY" = 0 ]; then
     bench service_load --demo-images 2000 --requests 200 --max-seconds 10
     bench soak --minutes 1
     bench video_bench --home "$WORK/video" --count 200
+    bench backends --size 100000 --queries 100 --filtered 10
     noise_filter --set model.preset=tiny --steps 50
     embed_gallery --limit 1000 --repeats 2
     gpu_train --presets lite --steps 5
@@ -99,6 +100,7 @@ if [ "$REPORT_ONLY" = 0 ]; then
     bench service_load --demo-images 2000 --requests 400
     bench soak --minutes 10
     bench video_bench --home "$WORK/video" --count 400
+    bench backends --size 100000 --threads 2
     noise_filter --lam 2 --lam 1 --lam 0.5
     embed_gallery --captions
     gpu_train

@@ -180,21 +180,32 @@ def write_info(
     parent: str | None,
     sides: dict[str, Any],
 ) -> None:
-    atomic_write_json(
-        staging / INDEX_JSON,
-        {
-            "format_version": FORMAT_VERSION,
-            "version": staging.name,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "bundle_id": bundle_id,
-            "bundle_path": str(Path(bundle_path).resolve()) if bundle_path else None,
-            "embed_dim": dim,
-            "metric": "inner_product",
-            "dataset": dataset,
-            "parent": parent,
-            "sides": sides,
-        },
-    )
+    info = info_record(staging.name, bundle_id, bundle_path, dim, dataset, parent, sides)
+    atomic_write_json(staging / INDEX_JSON, info)
+
+
+def info_record(
+    version: str,
+    bundle_id: str,
+    bundle_path: str | Path | None,
+    dim: int,
+    dataset: dict[str, Any],
+    parent: str | None,
+    sides: dict[str, Any],
+) -> dict[str, Any]:
+    """What a version records about itself (index.json; a Milvus version's record)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "version": version,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "bundle_id": bundle_id,
+        "bundle_path": str(Path(bundle_path).resolve()) if bundle_path else None,
+        "embed_dim": dim,
+        "metric": "inner_product",
+        "dataset": dataset,
+        "parent": parent,
+        "sides": sides,
+    }
 
 
 @dataclass(frozen=True)
@@ -287,16 +298,19 @@ def index_sources(
     options: IndexOptions | None = None,
     embedding: EmbedOptions | None = None,
     keep: int = 3,
+    store: Any = None,
 ) -> str:
-    """Read the sources, embed them (resumably) and publish a new version built from them."""
+    """Read the sources, embed them (resumably) and publish a new version built from them
+    into `store` (default: the FAISS versions under `root`; any backend's store works, and
+    `root` then holds only the embedding work files and copied images)."""
     root = Path(root)
     options = options or IndexOptions()
+    store = store or IndexStore(root, keep)
     if options.factory:  # fail before the embedding pass, not after it
         faiss_index.make_index(options.factory, bundle.embed_dim)
     rows, skips = read_sources(root, sources)
     work, rows, shards = embed_rows(root, bundle, rows, embedding or EmbedOptions(), skips)
-    version = publish(
-        IndexStore(root, keep),
+    version = store.publish(
         bundle_id=bundle.bundle_id,
         dim=bundle.embed_dim,
         shards=shards,

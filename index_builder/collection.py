@@ -47,6 +47,7 @@ from index_builder.store import (
 )
 
 COMPACT_AT = 0.2
+EMPTIED = "the change would leave the index empty; build a new one instead"
 RECALL_QUERIES = 200  # recall@10 to within ~0.01, in a second at 100k
 _CHUNK = 65536
 
@@ -84,18 +85,44 @@ class ChangeResult:
         return "; ".join(parts) or "no change"
 
 
+@dataclass
+class Plan:
+    """A change resolved against a version: rows to append (with their vectors) and rows to
+    drop, per side."""
+
+    rows: Rows
+    vectors: dict[str, np.ndarray]
+    gone: dict[str, set[int]]
+
+
 def change(
-    store: IndexStore,
-    current: LoadedIndex,
+    store: Any,
+    current: Any,
     request: Change,
     dataset: dict[str, Any] | None = None,
     bundle_path: str | Path | None = None,
 ) -> ChangeResult:
-    """Apply `request` to `current` as a new version of `store` and make it current.
-    The current version's objects are never modified (a service may be searching them)."""
-    rows, vectors, gone, counts = _plan(current, request)
-    if not any(rows.values()) and not any(gone.values()):
+    """Apply `request` to `current` (a loaded version of `store`, any backend) as a new
+    version of `store` and make it current. The current version is never modified (a
+    service may be searching it)."""
+    plan, counts = _plan(current, request)
+    if not any(plan.rows.values()) and not any(plan.gone.values()):
         return ChangeResult(version=current.version, **counts)  # idempotent: nothing published
+    dataset = dataset or current.info.get("dataset") or {}
+    path = bundle_path or current.info.get("bundle_path")
+    return ChangeResult(version=store.apply(current, plan, dataset, path), **counts)
+
+
+def write_change(
+    store: IndexStore,
+    current: LoadedIndex,
+    plan: Plan,
+    dataset: dict[str, Any],
+    bundle_path: str | Path | None,
+) -> str:
+    """The FAISS backend's change: a staged version whose changed sides append vectors and
+    tombstone rows, and whose unchanged sides are hard links; returns its name."""
+    rows, vectors, gone = plan.rows, plan.vectors, plan.gone
     with store.new_version() as staging:
         sides = {}
         for side in SIDES:
@@ -114,23 +141,17 @@ def change(
                 sides[side]["fields"] = field_types(r.get("meta") or {} for r in rows[side])
                 sides[side]["skipped"] = {"count": 0, "reasons": {}, "examples": []}
         if not any(info["count"] for info in sides.values()):
-            raise ValueError("the change would leave the index empty; build a new one instead")
+            raise ValueError(EMPTIED)
         for side, info in sides.items():
             if (rows[side] or gone[side]) and info["count"]:
                 info.update(_measure(staging, sides, side))
-        path = bundle_path or current.info.get("bundle_path")
-        dataset = dataset or current.info.get("dataset") or {}
-        write_info(
-            staging, current.bundle_id, path, current.embed_dim, dataset, current.version, sides
-        )
-        version = staging.name
-    return ChangeResult(version=version, **counts)
+        dim, parent = current.embed_dim, current.version
+        write_info(staging, current.bundle_id, bundle_path, dim, dataset, parent, sides)
+        return staging.name
 
 
-def _plan(
-    current: LoadedIndex, request: Change
-) -> tuple[Rows, dict[str, np.ndarray], dict[str, set[int]], dict[str, dict[str, int]]]:
-    """Which new rows to append and which current rows to tombstone, per side."""
+def _plan(current: Any, request: Change) -> tuple[Plan, dict[str, dict[str, int]]]:
+    """Which new rows to append and which current rows to drop, per side."""
     counts: dict[str, dict[str, int]] = {
         key: {side: 0 for side in SIDES}
         for key in ("added", "replaced", "skipped_existing", "deleted")
@@ -138,20 +159,21 @@ def _plan(
     gone: dict[str, set[int]] = {side: set() for side in SIDES}
     missing = []
     for side, ids in request.delete.items():
-        for item_id in ids:
-            found = current.row_of(side, item_id)
-            if found is None:
-                missing.append(item_id)
-            else:
-                gone[side].add(found)
+        found = current.rows_of(side, ids) if current.has(side) else {}
+        missing += [item_id for item_id in ids if item_id not in found]
+        gone[side].update(found.values())
     if missing:
         raise KeyError(f"{len(missing)} ids are not in the index, e.g. {sorted(missing)[0]!r}")
     rows: Rows = {side: [] for side in SIDES}
     keep: dict[str, list[int]] = {side: [] for side in SIDES}
     skipped_images: set[str] = set()
     for side in SIDES:
-        for i, row in enumerate(request.rows.get(side, [])):
-            existing = current.row_of(side, str(row["id"]))
+        new = request.rows.get(side, [])
+        present = (
+            current.rows_of(side, [str(row["id"]) for row in new]) if current.has(side) else {}
+        )
+        for i, row in enumerate(new):
+            existing = present.get(str(row["id"]))
             kept_image = side == "text" and row.get("image_id") in skipped_images
             if kept_image or (existing is not None and not request.upsert):
                 counts["skipped_existing"][side] += 1  # an image kept keeps its captions
@@ -173,22 +195,18 @@ def _plan(
         for side in SIDES
         if keep[side]
     }
-    return rows, vectors, gone, counts
+    return Plan(rows, vectors, gone), counts
 
 
-def _cascade(current: LoadedIndex, rows: Rows, gone: dict[str, set[int]], deleted: bool) -> None:
+def _cascade(current: Any, rows: Rows, gone: dict[str, set[int]], deleted: bool) -> None:
     """Captions of replaced images (and of removed ones, with `deleted`) go with them."""
     if not current.has("text") or not current.has("image"):
         return
     images = {str(row["id"]) for row in rows["image"]}
     if deleted:
-        images |= {str(current.images[r]["id"]) for r in gone["image"]}
-    if not images:
-        return
-    dead = current.deleted.get("text")
-    for i, row in enumerate(current.texts):
-        if row.get("image_id") in images and (dead is None or not dead[i]):
-            gone["text"].add(i)
+        images |= {str(row["id"]) for row in current.rows_at("image", sorted(gone["image"]))}
+    if images:
+        gone["text"].update(current.caption_rows(images))
 
 
 def _change_side(
@@ -300,21 +318,22 @@ def _measure(staging: Path, sides: dict[str, Any], side: str) -> dict[str, Any]:
 
 
 def delete_ids(
-    store: IndexStore,
+    store: Any,
     ids: list[str],
     side: str | None = None,
     keep_bundle: Any = None,
-    current: LoadedIndex | None = None,
+    current: Any = None,
 ) -> ChangeResult:
     """Remove items by id from one side, or from every side that holds them (then an image's
-    captions go with it); an id found nowhere is a KeyError. The change starts from `current`
-    (a service passes the version it serves), by default the store's CURRENT."""
+    captions go with it); an id found nowhere is a KeyError. `store`: any backend's; the
+    change starts from `current` (a service passes the version it serves), by default the
+    store's current version."""
     current = current or store.open(bundle=keep_bundle)
     wanted = set(ids)
     if not wanted:
         raise ValueError("no ids to delete")
     sides = [side] if side else list(current.sides)
-    delete = {s: {i for i in wanted if current.row_of(s, i) is not None} for s in sides}
+    delete = {s: set(current.rows_of(s, wanted)) if current.has(s) else set() for s in sides}
     missing = wanted - set().union(*delete.values())
     if missing:
         raise KeyError(f"{len(missing)} ids are not in the index, e.g. {sorted(missing)[0]!r}")
@@ -328,11 +347,13 @@ def add_sources(
     embedding: EmbedOptions | None = None,
     keep: int = 3,
     upsert: bool = False,
+    store: Any = None,
 ) -> ChangeResult:
     """Add the sources' items to the current version (same bundle) as a new version: ids
-    already present are skipped, or replaced with `upsert`."""
+    already present are skipped, or replaced with `upsert`. `store` (default: the FAISS
+    versions under `root`) may be any backend's; `root` holds the embedding work files."""
     root = Path(root)
-    store = IndexStore(root, keep)
+    store = store or IndexStore(root, keep)
     current = store.open(bundle=bundle)
     rows, skips = read_sources(root, sources)
     work, rows, shards = embed_rows(root, bundle, rows, embedding or EmbedOptions(), skips)

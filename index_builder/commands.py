@@ -1,25 +1,32 @@
-"""`cots index ...`: embed a gallery with a bundle and build versioned FAISS indexes."""
+"""`cots index ...`: embed a gallery with a bundle and build versioned indexes (FAISS files
+under an index root, or collections in Milvus with `--backend milvus`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 
 REBUILD_HELP = """\
 The batch job for a scheduler (cron, a Kubernetes CronJob): re-embed the gallery with the
-given bundle, build both indexes and switch CURRENT only when the new version is complete.
+given bundle, build both indexes and switch CURRENT (Milvus: the alias) only when the new
+version is complete. The backend flags default to the service's variables (COTS_BACKEND,
+COTS_MILVUS_URI, COTS_MILVUS_COLLECTION, COTS_MILVUS_TOKEN), so the job and the service it
+feeds share one configuration.
 Exit codes: 0 success; 2 bad input (missing or mismatched bundle, empty or malformed gallery,
-a factory string FAISS rejects); 1 failure (disk full, another build running, anything else).
-A failed or killed run leaves CURRENT on the previous version; run it again to resume."""
+a factory string FAISS rejects, a bad Milvus URI or refused token); 1 failure (disk full,
+Milvus unreachable, another build running, anything else).
+A failed or killed run leaves the serving version as it was; run it again to resume."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "index",
-        help="embed a gallery with a bundle and build FAISS indexes",
-        description="Build, extend and inspect versioned FAISS indexes (see docs/architecture.md).",
+        help="embed a gallery with a bundle and build FAISS (or Milvus) indexes",
+        description="Build, extend and inspect versioned indexes: FAISS files under an index "
+        "root, or collections in Milvus with --backend milvus (see docs/architecture.md).",
     )
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     build = actions.add_parser("build", help="embed a gallery and build a new index version")
@@ -54,21 +61,51 @@ def register(sub: argparse._SubParsersAction) -> None:
     delete.add_argument("--ids-file", help="a file of ids, one per line ('-' for stdin)")
     delete.add_argument("--side", choices=("image", "text"), help="only this side (default: all)")
     delete.add_argument("--keep", type=int, default=3, help="versions to keep (default 3)")
+    _backend_args(delete)
     delete.set_defaults(func=_delete)
+    switch = actions.add_parser(
+        "switch",
+        help="point CURRENT at an existing version (roll back or forward)",
+        description="Point CURRENT (Milvus: the alias) at an existing complete version, "
+        "atomically; running services follow it within their watch interval. See `cots index "
+        "info ROOT`.",
+    )
+    switch.add_argument("root", help="index root directory")
+    switch.add_argument("version", help="a version name, e.g. v000003-20250101T120000Z")
+    _backend_args(switch)
+    switch.set_defaults(func=_switch)
     info = actions.add_parser("info", help="show the versions under an index root")
     info.add_argument("root", help="index root directory")
     info.add_argument("--version", help="show this version instead of the current one")
     info.add_argument("--json", action="store_true", help="print the version's index.json")
+    _backend_args(info)
     info.set_defaults(func=_info)
-    switch = actions.add_parser(
-        "switch",
-        help="point CURRENT at an existing version (roll back or forward)",
-        description="Point CURRENT at an existing complete version (an atomic rename); running "
-        "services follow it within their watch interval. See `cots index info ROOT`.",
+
+
+def _backend_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "backend",
+        "Where the versions live: FAISS files under the index root (default), or a Milvus "
+        "server or milvus-lite file (the index root then holds only work files and copied "
+        "images). A Milvus token is read only from COTS_MILVUS_TOKEN.",
     )
-    switch.add_argument("root", help="index root directory")
-    switch.add_argument("version", help="a version name under ROOT/versions")
-    switch.set_defaults(func=_switch)
+    group.add_argument(
+        "--backend",
+        choices=("faiss", "milvus"),
+        default=os.environ.get("COTS_BACKEND", "faiss"),
+        help="faiss or milvus (env COTS_BACKEND, default faiss)",
+    )
+    group.add_argument(
+        "--milvus-uri",
+        default=os.environ.get("COTS_MILVUS_URI"),
+        help="a milvus-lite file PATH.db or http://host:19530 (env COTS_MILVUS_URI)",
+    )
+    group.add_argument(
+        "--milvus-collection",
+        default=os.environ.get("COTS_MILVUS_COLLECTION", "cots"),
+        help="alias of the current version and prefix of its collections "
+        "(env COTS_MILVUS_COLLECTION, default cots)",
+    )
 
 
 def _common_args(parser: argparse.ArgumentParser) -> None:
@@ -115,6 +152,7 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
         help="encoder batch size per lane (16: fastest on a CPU; a GPU wants hundreds)",
     )
     parser.add_argument("--shard-size", type=int, default=4096, help="rows per embedding shard")
+    _backend_args(parser)
 
 
 def _build_args(parser: argparse.ArgumentParser) -> None:
@@ -133,6 +171,19 @@ def _build_args(parser: argparse.ArgumentParser) -> None:
         "--on-disk", action="store_true", help="IVF only: merge per-shard indexes on disk"
     )
     parser.add_argument("--cpu", action="store_true", help="do not use a GPU for FAISS")
+    parser.add_argument(
+        "--milvus-index",
+        type=str.upper,
+        default="AUTO",
+        help="Milvus index type: AUTO (as FAISS: exact, HNSW, IVF by size), FLAT, HNSW, IVF_FLAT, "
+        "GPU_CAGRA or GPU_IVF_FLAT (GPU Milvus images)",
+    )
+    parser.add_argument(
+        "--milvus-params",
+        type=json.loads,
+        default={},
+        help="Milvus index build parameters as JSON, over the defaults (e.g. '{\"M\": 48}')",
+    )
 
 
 def parse_bytes(text: str) -> int:
@@ -171,6 +222,22 @@ def _setup(args: argparse.Namespace):  # -> (Bundle, EmbedOptions)
     return Bundle.load(args.bundle), embedding
 
 
+def _store(args: argparse.Namespace, root: str, keep: int = 3):  # -> Store
+    """The versions the flags name: FAISS under `root`, or Milvus (connected now, so that a
+    bad URI or token fails before any embedding)."""
+    from index_builder.backends import BackendConfig, open_store
+
+    config = BackendConfig(
+        name=args.backend,
+        milvus_uri=args.milvus_uri,
+        milvus_token=os.environ.get("COTS_MILVUS_TOKEN"),
+        milvus_collection=args.milvus_collection,
+        milvus_index=getattr(args, "milvus_index", "AUTO"),
+        milvus_params=getattr(args, "milvus_params", {}),
+    )
+    return open_store(root, config, keep)
+
+
 def _build(args: argparse.Namespace) -> int:
     from index_builder.build import IndexOptions, index_sources
 
@@ -183,9 +250,12 @@ def _build(args: argparse.Namespace) -> int:
         on_disk=args.on_disk,
         use_gpu=not args.cpu,
     )
+    if args.backend == "milvus" and (args.factory or args.on_disk):
+        raise ValueError("--factory and --on-disk are FAISS options; use --milvus-index")
     sources = _sources(args)
-    version = index_sources(args.out, bundle, sources, options, embedding, args.keep)
-    _print_version(args.out, version)
+    store = _store(args, args.out, args.keep)
+    version = index_sources(args.out, bundle, sources, options, embedding, args.keep, store)
+    _print_version(store, version)
     return 0
 
 
@@ -193,7 +263,7 @@ def _rebuild(args: argparse.Namespace) -> int:
     message: BaseException
     try:
         return _build(args)
-    except (ValueError, LookupError, FileNotFoundError, NotADirectoryError) as exc:
+    except (ValueError, LookupError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
         code = 2
         message = exc
     except (Exception, KeyboardInterrupt) as exc:  # a scheduler needs a code, not a traceback
@@ -210,56 +280,54 @@ def _add(args: argparse.Namespace) -> int:
     from index_builder.collection import add_sources
 
     bundle, embedding = _setup(args)
-    result = add_sources(args.out, bundle, _sources(args), embedding, args.keep, args.upsert)
+    sources = _sources(args)
+    store = _store(args, args.out, args.keep)
+    result = add_sources(args.out, bundle, sources, embedding, args.keep, args.upsert, store)
     print(result.summary())
-    _print_version(args.out, result.version)
+    _print_version(store, result.version)
     return 0
 
 
 def _delete(args: argparse.Namespace) -> int:
     from index_builder.collection import delete_ids
-    from index_builder.store import IndexStore
 
     ids = list(args.ids)
     if args.ids_file:
         handle = sys.stdin if args.ids_file == "-" else open(args.ids_file, encoding="utf-8")  # noqa: SIM115
         with handle:
             ids += [line.strip() for line in handle if line.strip()]
-    result = delete_ids(IndexStore(args.root, args.keep), ids, args.side)
+    store = _store(args, args.root, args.keep)
+    result = delete_ids(store, ids, args.side)
     print(result.summary())
-    _print_version(args.root, result.version)
+    _print_version(store, result.version)
+    return 0
+
+
+def _switch(args: argparse.Namespace) -> int:
+    store = _store(args, args.root)
+    store.switch(args.version)
+    print(f"the current version in {store.location} now names {args.version}")
+    _print_info(store.read_info(args.version))
     return 0
 
 
 def _info(args: argparse.Namespace) -> int:
-    from index_builder.store import IndexStore
-
-    store = IndexStore(args.root)
+    store = _store(args, args.root)
     info = store.read_info(args.version)
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
         return 0
     current = store.current()
-    print(f"root {store.root}  current {current}")
+    print(f"index {store.location}  current {current}")
     for version in store.versions():
         print(f"  {'*' if version == current else ' '} {version}")
     _print_info(info)
     return 0
 
 
-def _switch(args: argparse.Namespace) -> int:
-    from index_builder.store import IndexStore
-
-    IndexStore(args.root).switch(args.version)
-    print(f"CURRENT under {args.root} now names {args.version}")
-    return 0
-
-
-def _print_version(root: str, version: str) -> None:
-    from index_builder.store import IndexStore
-
-    print(f"index version {version} is current under {root}")
-    _print_info(IndexStore(root).read_info(version))
+def _print_version(store, version: str) -> None:  # store: Store
+    print(f"index version {version} is current under {store.location}")
+    _print_info(store.read_info(version))
 
 
 def _print_info(info: dict) -> None:
@@ -272,9 +340,10 @@ def _print_info(info: dict) -> None:
             continue
         recall = "n/a" if s["recall_at_10"] is None else f"{s['recall_at_10']:.3f}"
         queries = s.get("query_side", "text" if side == "image" else "image")
+        size = f"  {s['bytes'] / 2**20:.1f} MiB" if "bytes" in s else ""  # Milvus: server-side
         print(
             f"  {side:5s} {s['factory']:20s} {s['count']:>9d} items  recall@10 {recall} "
-            f"({queries} queries)  params {s['search_params']}  {s['bytes'] / 2**20:.1f} MiB"
+            f"({queries} queries)  params {s['search_params']}{size}"
         )
         fields = ", ".join(f"{k}:{v}" for k, v in s.get("fields", {}).items())
         if fields:

@@ -20,10 +20,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from index_builder.backends import Store, Version
 from index_builder.bundle import Bundle
 from index_builder.encoders import Encoders
 from index_builder.preprocess import load_image, preprocess_image
-from index_builder.store import IndexStore, LoadedIndex
+from index_builder.store import IndexStore
 from index_builder.video import VideoLimits, decode_video, video_pixels
 from index_builder.video_index import MEDIA
 
@@ -37,7 +38,7 @@ class SideMissing(LookupError):
 class Searcher:
     """An index version and the encoders of the bundle that built it."""
 
-    def __init__(self, index: LoadedIndex, encoders: Encoders) -> None:
+    def __init__(self, index: Version, encoders: Encoders) -> None:
         index.check_bundle(encoders.bundle)
         self.index = index
         self.encoders = encoders
@@ -45,14 +46,15 @@ class Searcher:
     @classmethod
     def open(
         cls,
-        root: str | Path,
+        root: str | Path | Store,
         bundle: str | Path | Bundle | None = None,
         version: str | None = None,
         threads: int | None = None,
     ) -> Searcher:
-        """The version CURRENT names (or `version`) under an index root, with `bundle` or else
-        the bundle the version records; a bundle that did not build the index is refused."""
-        store = IndexStore(root)
+        """The version CURRENT names (or `version`) under an index root or in a store of any
+        backend (`index_builder.backends.open_store`), with `bundle` or else the bundle the
+        version records; a bundle that did not build the index is refused."""
+        store = IndexStore(root) if isinstance(root, str | Path) else root
         info = store.read_info(version)
         if bundle is None:
             if not info.get("bundle_path"):
@@ -121,24 +123,23 @@ class Searcher:
         self.require(side)
         if offset < 0:
             raise ValueError(f"offset must be at least 0, got {offset}")
-        mask = self.index.filter_mask(side, filter)
-        if exclude is not None:
-            mask = np.ones(len(self.index.rows(side)), bool) if mask is None else mask.copy()
-            mask[exclude] = False
-        scores, rows = self.index.search(side, vectors, k + offset, mask)
+        scores, rows = self.index.search(side, vectors, k + offset, filter=filter, exclude=exclude)
+        found = sorted({int(r) for r in rows[:, offset:].ravel() if r >= 0})
+        items = dict(zip(found, self.index.rows_at(side, found), strict=True))
         return [
             [
-                self.hit(side, int(r), float(s), offset + rank)
+                self.hit(side, items[int(r)], float(s), offset + rank)
                 for rank, (s, r) in enumerate(zip(qs[offset:], qr[offset:], strict=True), 1)
                 if r >= 0
             ]
             for qs, qr in zip(scores, rows, strict=True)
         ]
 
-    def hit(self, side: str, row: int, score: float, rank: int) -> dict[str, Any]:
-        """One hit: id, score (cosine, clipped to [-1, 1]), rank, metadata and the side's
-        content (captions of an image; the text, and the image it describes, of a text)."""
-        item = self.index.rows(side)[row]
+    @staticmethod
+    def hit(side: str, item: dict[str, Any], score: float, rank: int) -> dict[str, Any]:
+        """One hit from a stored row: id, score (cosine, clipped to [-1, 1]), rank, metadata
+        and the side's content (captions of an image; the text, and the image it describes,
+        of a text)."""
         hit: dict[str, Any] = {
             "id": str(item["id"]),
             "score": min(1.0, max(-1.0, score)),
@@ -158,7 +159,7 @@ class Searcher:
         row = self.index.row_of("image", image_id) if self.index.has("image") else None
         if row is None:
             raise KeyError(f"no gallery image with id {image_id!r}")
-        return Path(self.index.images[row]["image"])
+        return Path(self.index.rows_at("image", [row])[0]["image"])
 
     def similar(
         self,

@@ -20,7 +20,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,6 +80,21 @@ def check_bundle(bundle: Any, info: dict[str, Any], version: str) -> None:
         )
 
 
+def check_query(index: Any, side: str, vectors: np.ndarray, k: int) -> np.ndarray:
+    """The query vectors as a contiguous float32 (Q, D) array; an absent side, a wrong shape
+    or k < 1 is refused (every backend's search starts here)."""
+    if not index.has(side):
+        raise LookupError(f"index version {index.version} has no {side} side")
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or vectors.shape[1] != index.embed_dim:
+        raise ValueError(
+            f"query vectors must have shape (Q, {index.embed_dim}), got {vectors.shape}"
+        )
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    return vectors
+
+
 @dataclass
 class LoadedIndex:
     """One version in memory: the FAISS index, rows, stored vectors and tombstones of each
@@ -137,6 +152,25 @@ class LoadedIndex:
             }
         return self._ids[side].get(item_id)
 
+    def rows_of(self, side: str, item_ids: Iterable[str]) -> dict[str, int]:
+        """The live rows of those of `item_ids` present on `side` (id -> row)."""
+        found = {item_id: self.row_of(side, item_id) for item_id in item_ids}
+        return {item_id: row for item_id, row in found.items() if row is not None}
+
+    def rows_at(self, side: str, rows: Sequence[int]) -> list[dict[str, Any]]:
+        """The stored rows (id, content, meta) at row numbers `rows`."""
+        stored = self.rows(side)
+        return [stored[int(row)] for row in rows]
+
+    def caption_rows(self, image_ids: set[str]) -> list[int]:
+        """Live text rows that describe one of `image_ids` (their `image_id`)."""
+        dead = self.deleted.get("text")
+        return [
+            i
+            for i, row in enumerate(self.rows("text"))
+            if row.get("image_id") in image_ids and (dead is None or not dead[i])
+        ]
+
     def vector(self, side: str, row: int) -> np.ndarray:
         """The stored unit vector of one row."""
         stored = self.vectors.get(side)
@@ -147,6 +181,14 @@ class LoadedIndex:
     def check_bundle(self, bundle: Any) -> None:
         """Refuse a bundle other than the one that embedded this index."""
         check_bundle(bundle, self.info, self.version)
+
+    def count(self, side: str, filter: dict[str, Any] | None = None) -> int:
+        """Live rows of `side` whose metadata satisfies `filter`."""
+        mask = self.filter_mask(side, filter)
+        if mask is None:
+            return self.live_count(side)
+        deleted = self.deleted.get(side)
+        return int((mask if deleted is None else mask & ~deleted).sum())
 
     def filter_mask(self, side: str, filter: dict[str, Any] | None) -> np.ndarray | None:
         """Rows of `side` whose metadata satisfies `filter` (None: no filter); a filter that
@@ -159,19 +201,25 @@ class LoadedIndex:
         return self._columns[side].mask(clauses)
 
     def search(
-        self, side: str, vectors: np.ndarray, k: int, mask: np.ndarray | None = None
+        self,
+        side: str,
+        vectors: np.ndarray,
+        k: int,
+        mask: np.ndarray | None = None,
+        *,
+        filter: dict[str, Any] | None = None,
+        exclude: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k by inner product on one side among live rows (and where `mask` is True):
-        (scores (Q, k'), rows (Q, k')) with k' = min(k, live rows); -1 pads missing rows."""
-        if side not in self.indexes:
-            raise LookupError(f"index version {self.version} has no {side} side")
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        if vectors.ndim != 2 or vectors.shape[1] != self.embed_dim:
-            raise ValueError(
-                f"query vectors must have shape (Q, {self.embed_dim}), got {vectors.shape}"
-            )
-        if k < 1:
-            raise ValueError(f"k must be at least 1, got {k}")
+        """Top-k by inner product on one side among live rows (and where `mask` is True, the
+        metadata satisfies `filter`, and the row is not `exclude`): (scores (Q, k'), rows
+        (Q, k')) with k' = min(k, live rows); -1 pads missing rows."""
+        vectors = check_query(self, side, vectors, k)
+        wanted = self.filter_mask(side, filter)
+        if wanted is not None:
+            mask = wanted if mask is None else mask & wanted
+        if exclude is not None:
+            mask = np.ones(len(self.rows(side)), bool) if mask is None else mask.copy()
+            mask[exclude] = False
         deleted = self.deleted.get(side)
         if deleted is not None:
             mask = ~deleted if mask is None else mask & ~deleted
@@ -221,6 +269,11 @@ class IndexStore:
     def versions_dir(self) -> Path:
         return self.root / "versions"
 
+    @property
+    def location(self) -> str:
+        """Where the versions live, for messages."""
+        return str(self.root)
+
     def versions(self) -> list[str]:
         """Complete versions, oldest first."""
         if not self.versions_dir.is_dir():
@@ -269,10 +322,10 @@ class IndexStore:
         the next build clears.
         """
         self.root.mkdir(parents=True, exist_ok=True)
-        with self._lock():
+        with build_lock(self.root):
             staging_root = self.root / "staging"
             shutil.rmtree(staging_root, ignore_errors=True)
-            version = self._next_name()
+            version = next_version_name(self.versions())
             staging = staging_root / version
             staging.mkdir(parents=True)
             try:
@@ -280,6 +333,20 @@ class IndexStore:
                 self._publish(staging, version)
             finally:
                 shutil.rmtree(staging_root, ignore_errors=True)
+
+    def publish(self, **build: Any) -> str:
+        """A new version built from rows and vectors (`index_builder.build.publish`)."""
+        from index_builder.build import publish
+
+        return publish(self, **build)
+
+    def apply(
+        self, current: LoadedIndex, plan: Any, dataset: dict[str, Any], bundle_path: Any
+    ) -> str:
+        """A new version: `current` with a planned change (`index_builder.collection`)."""
+        from index_builder.collection import write_change
+
+        return write_change(self, current, plan, dataset, bundle_path)
 
     def switch(self, version: str) -> None:
         """Point CURRENT at an existing complete version (roll back or forward)."""
@@ -304,11 +371,6 @@ class IndexStore:
             shutil.rmtree(self.version_dir(version), ignore_errors=True)
             log.info("removed old index version %s", version)
 
-    def _next_name(self) -> str:
-        existing = [int(m.group(1)) for v in self.versions() if (m := _VERSION.fullmatch(v))]
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        return f"v{max(existing, default=0) + 1:06d}-{stamp}"
-
     def _require_current(self) -> str:
         current = self.current()
         if current is None:
@@ -317,14 +379,24 @@ class IndexStore:
             )
         return current
 
-    @contextlib.contextmanager
-    def _lock(self) -> Iterator[None]:
-        with open(self.root / ".lock", "w") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise RuntimeError(f"another build is writing to {self.root}") from None
-            yield
+
+def next_version_name(existing: Iterable[str]) -> str:
+    """The name after the highest of `existing`: v<number>-<UTC time>."""
+    numbers = [int(m.group(1)) for v in existing if (m := _VERSION.fullmatch(v))]
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    return f"v{max(numbers, default=0) + 1:06d}-{stamp}"
+
+
+@contextlib.contextmanager
+def build_lock(root: Path) -> Iterator[None]:
+    """One writer at a time per index root (an advisory lock on `root/.lock`)."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"another build is writing to {root}") from None
+        yield
 
 
 def _fsync_tree(path: Path) -> None:

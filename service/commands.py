@@ -24,6 +24,11 @@ FLAGS = {
     "watch_interval_s": "seconds between CURRENT checks, 0 = off (env COTS_WATCH_INTERVAL_S)",
     "follow_bundle": "serve the bundle each index version records: a version built with another "
     "bundle swaps in with it instead of being refused (env COTS_FOLLOW_BUNDLE=true)",
+    "backend": "where index versions live: faiss (files under --index, the default) or milvus "
+    "(env COTS_BACKEND)",
+    "milvus_uri": "Milvus: a milvus-lite file PATH.db or http://host:19530 (env COTS_MILVUS_URI)",
+    "milvus_collection": "Milvus: the alias naming the served version's collection "
+    "(env COTS_MILVUS_COLLECTION, default cots)",
 }
 # Flags that take no value: present means "true".
 SWITCHES = {"follow_bundle"}
@@ -34,8 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "serve",
         help="run the search API and web page",
         description="Serve text-to-image and image-to-text search over a bundle and the CURRENT "
-        "version of an index root. Every setting is also an environment variable COTS_<NAME> "
-        "(COTS_API_KEY and COTS_ADMIN_KEY only from the environment, never on the command line).",
+        "version of an index root (or the version a Milvus alias names). Every setting is also an "
+        "environment variable COTS_<NAME> (COTS_API_KEY, COTS_ADMIN_KEY and COTS_MILVUS_TOKEN "
+        "only from the environment, never on the command line).",
     )
     for name, text in FLAGS.items():
         flag = f"--{name.replace('_', '-')}"
@@ -66,6 +72,9 @@ def serve(args: argparse.Namespace) -> int:
         if value is not None:
             os.environ[f"COTS_{name.upper()}"] = str(value)
     settings = load_settings()
+    lite = settings.backend == "milvus" and str(settings.milvus_uri).endswith(".db")
+    if lite and args.workers > 1:
+        raise ValueError("a milvus-lite file serves one process: --workers 1, or a Milvus server")
     preflight(settings)
     uvicorn.run(
         "service.app:create_app",
@@ -100,7 +109,7 @@ def load_settings() -> Settings:
 
 def preflight(settings: Settings) -> None:
     """Refuse to start on a missing or mismatched bundle/index, with one clear line."""
-    from index_builder.store import IndexStore
+    from index_builder.backends import open_store
     from service.engine import resolve_bundle
 
-    resolve_bundle(settings, IndexStore(settings.index))
+    resolve_bundle(settings, open_store(settings.index, settings.backend_config()))

@@ -4,9 +4,10 @@ swaps and changes to the collection."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -16,12 +17,13 @@ from typing import Any
 import numpy as np
 
 from index_builder import filters
+from index_builder.backends import Store, open_store
 from index_builder.bundle import Bundle
 from index_builder.collection import Change, ChangeResult, change, delete_ids
 from index_builder.encoders import Encoders
 from index_builder.search import Searcher
 from index_builder.sources import store_file
-from index_builder.store import IndexStore, check_bundle, is_version_name
+from index_builder.store import check_bundle, is_version_name
 from service.batching import MicroBatcher
 from service.decode import Items
 from service.errors import Conflict, InvalidInput, NotFound, NotReady, ServiceError, without_paths
@@ -61,7 +63,7 @@ class Engine:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.store = IndexStore(settings.index)
+        self.store = open_store(settings.index, settings.backend_config())
         # Refuse to start on a mismatch: checked on index.json before anything heavy loads.
         self.bundle, self._first = resolve_bundle(settings, self.store)
         self.executor = ThreadPoolExecutor(settings.batch_workers, thread_name_prefix="cots-encode")
@@ -170,7 +172,8 @@ class Engine:
         gallery = gallery or self.current()
         check_query(gallery, side, filter)
         jobs = [Job(query, gallery, side, k + offset, filter) for query in queries]
-        found = await self.batchers[modality].submit(jobs)
+        with backend_errors():
+            found = await self.batchers[modality].submit(jobs)
         return gallery, [hits[offset:] for hits in found]
 
     async def similar(
@@ -180,13 +183,14 @@ class Engine:
         itself is not a hit); no encoder runs."""
         gallery = self.current()
         check_query(gallery, side, filter)
-        if gallery.index.row_of(side, item_id) is None:
-            raise NotFound(f"no {side} with id {item_id!r} in the index", "unknown_id")
         loop = asyncio.get_running_loop()
-        with self.metrics.timed("search", "id"):
-            hits = await loop.run_in_executor(
-                None, partial(gallery.similar, side, item_id, k, offset=offset, filter=filter)
-            )
+        with backend_errors():  # a lookup in Milvus is a round trip: off the event loop
+            if await loop.run_in_executor(None, gallery.index.row_of, side, item_id) is None:
+                raise NotFound(f"no {side} with id {item_id!r} in the index", "unknown_id")
+            with self.metrics.timed("search", "id"):
+                hits = await loop.run_in_executor(
+                    None, partial(gallery.similar, side, item_id, k, offset=offset, filter=filter)
+                )
         return gallery, hits
 
     def _run_batch(self, modality: str, jobs: list[Job]) -> list[Hits]:
@@ -216,9 +220,10 @@ class Engine:
         """The file behind a gallery image id; ids come only from the index, never paths
         from clients."""
         gallery = self.current()
-        if not gallery.index.has("image") or gallery.index.row_of("image", image_id) is None:
-            raise NotFound(f"no gallery image with id {image_id!r}")
-        path = Path(gallery.image_path(image_id))
+        with backend_errors():
+            if not gallery.index.has("image") or gallery.index.row_of("image", image_id) is None:
+                raise NotFound(f"no gallery image with id {image_id!r}")
+            path = Path(gallery.image_path(image_id))
         if not path.is_file():
             raise NotFound(f"the file of gallery image {image_id!r} is missing on the server")
         return path
@@ -256,7 +261,7 @@ class Engine:
     async def _prepare(self, target: str) -> Searcher:
         """Read, check and open a version (and its bundle's encoders when it swaps too)."""
         loop = asyncio.get_running_loop()
-        if not (self.store.version_dir(target) / "index.json").is_file():
+        if target not in await loop.run_in_executor(None, self.store.versions):
             raise NotFound(f"index version {target} not found")
         bundle = self.bundle
         try:
@@ -425,6 +430,15 @@ def _group(indices: Iterable[int], key: Callable[[int], Hashable]) -> list[list[
     return list(groups.values())
 
 
+@contextlib.contextmanager
+def backend_errors() -> Iterator[None]:
+    """An index backend that fails (Milvus unreachable, a collection gone) answers 503."""
+    try:
+        yield
+    except OSError as exc:
+        raise NotReady(f"the index backend failed: {exc}", "backend_unavailable") from None
+
+
 def check_query(gallery: Searcher, side: str, filter: dict[str, Any] | None) -> None:
     """Refuse a search of an absent side or with a filter that does not fit the side's
     metadata fields, before any encoder runs."""
@@ -447,7 +461,7 @@ def counts(gallery: Searcher) -> dict[str, int]:
     return {side: index.live_count(side) if index.has(side) else 0 for side in ("image", "text")}
 
 
-def resolve_bundle(settings: Settings, store: IndexStore) -> tuple[Bundle, str]:
+def resolve_bundle(settings: Settings, store: Store) -> tuple[Bundle, str]:
     """The bundle to start with and the CURRENT version it was checked against:
     `settings.bundle`, or with `follow_bundle` the bundle CURRENT's index.json records when
     they differ (a pod restarted after a bundle swap); a mismatch is refused."""

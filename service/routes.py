@@ -339,7 +339,7 @@ async def gallery_image(
 ) -> Response:
     """A gallery image by id: the original file, or a thumbnail with `size`. Only ids that
     the index holds are served; no path from the request ever reaches the file system."""
-    path = engine.image_file(image_id)
+    path = await run_in_threadpool(engine.image_file, image_id)  # Milvus: a round trip
     if size is None:
         media = mimetypes.guess_type(path.name)[0] or ""
         return FileResponse(path, media_type=media if media.startswith("image/") else None)
@@ -362,6 +362,7 @@ async def info(engine: EngineDep, settings: SettingsDep) -> Info:
         keys = ("factory", "count", "deleted", "search_params", "recall_at_10", "fields")
         index = {
             "version": gallery.version,
+            "backend": meta.get("backend", "faiss"),
             "metric": meta.get("metric"),
             "created": meta.get("created"),
             "dataset": meta.get("dataset"),

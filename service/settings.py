@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from index_builder.backends import BackendConfig
 
 
 class Settings(BaseSettings):
@@ -18,7 +20,23 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="COTS_", extra="ignore", frozen=True)
 
     bundle: Path = Field(description="bundle directory (from `cots export`)")
-    index: Path = Field(description="index root (from `cots index build`); serves its CURRENT")
+    index: Path = Field(
+        description="index root (from `cots index build`); serves its CURRENT (with the milvus "
+        "backend: the working directory of uploads and copied images)"
+    )
+    backend: Literal["faiss", "milvus"] = Field(
+        default="faiss",
+        description="where index versions live: FAISS files under the index root, or Milvus",
+    )
+    milvus_uri: str | None = Field(
+        default=None, description="Milvus: a milvus-lite file PATH.db or http://host:19530"
+    )
+    milvus_token: SecretStr | None = Field(
+        default=None, description="Milvus: the token (user:password or an API key)"
+    )
+    milvus_collection: str = Field(
+        default="cots", description="Milvus: the alias naming the served version's collection"
+    )
     api_key: SecretStr | None = Field(
         default=None, description="if set, every API call needs this key"
     )
@@ -103,6 +121,16 @@ class Settings(BaseSettings):
         description="add each hit's file path on the server (`image_path`); off: clients get "
         "only ids and URLs served by id",
     )
+
+    def backend_config(self) -> BackendConfig:
+        """The index backend these settings name (a milvus backend without a URI is refused)."""
+        token = self.milvus_token.get_secret_value() if self.milvus_token else None
+        return BackendConfig(
+            name=self.backend,
+            milvus_uri=self.milvus_uri,
+            milvus_token=token,
+            milvus_collection=self.milvus_collection,
+        )
 
     @property
     def max_body_bytes(self) -> int:

@@ -19,6 +19,7 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, Response
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from index_builder.search import Searcher, SideMissing
@@ -138,7 +139,7 @@ async def text_to_video(request: Request, engine: EngineDep, settings: SettingsD
 def _video_hit(request: Request, gallery: Searcher, hit: dict[str, Any]) -> VideoHit:
     row = gallery.index.row_of("image", hit["id"])
     assert row is not None  # hits are live rows
-    return VideoHit(**hit, **video_urls(request, gallery.index.images[row]))
+    return VideoHit(**hit, **video_urls(request, gallery.index.rows_at("image", [row])[0]))
 
 
 _UPLOAD = {
@@ -252,9 +253,10 @@ def _video_row(engine: Engine, video_id: str) -> dict[str, Any]:
     gallery = engine.current()
     index = gallery.index
     row = index.row_of("image", video_id) if index.has("image") else None
-    if row is None or not is_video_row(index.images[row]):
+    item = index.rows_at("image", [row])[0] if row is not None else None
+    if item is None or not is_video_row(item):
         raise NotFound(f"no gallery video with id {video_id!r}")
-    return index.images[row]
+    return item
 
 
 @router.get("/info/video", response_model=VideoInfo)
@@ -264,10 +266,7 @@ async def video_info(engine: EngineDep, settings: SettingsDep) -> VideoInfo:
     index, spec = gallery.index, gallery.bundle.video_spec
     count = 0
     if index.has("image") and spec is not None and _has_media(index):
-        mask = index.filter_mask("image", gallery.video_filter(None))
-        deleted = index.deleted.get("image")
-        if mask is not None:
-            count = int((mask if deleted is None else mask & ~deleted).sum())
+        count = await run_in_threadpool(index.count, "image", gallery.video_filter(None))
     limits = upload_limits(settings)
     return VideoInfo(
         videos=count,

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlparse
 
 import pytest
 import yaml
@@ -462,6 +463,62 @@ def test_compose_rebuild_job_writes_what_the_service_reads(compose, dockerfile):
     assert {"bundles", "indexes"} <= shared
 
 
+def test_compose_milvus_profile_serves_and_rebuilds_from_milvus(compose):
+    """`--profile milvus` starts Milvus standalone (pinned images, health-checked, on etcd and
+    MinIO) and, with COTS_BACKEND=milvus, the service and the job both use it. They do not
+    depend on it: a dependency on a service of an inactive profile fails podman-compose."""
+    services = compose["services"]
+    milvus_profile = {n for n, s in services.items() if "milvus" in s.get("profiles", [])}
+    assert milvus_profile == {"milvus", "milvus-etcd", "milvus-minio"}
+    for name in milvus_profile:
+        image = services[name]["image"]
+        repository, _, tag = image.rpartition(":")
+        assert repository and re.search(r"\d", tag) and tag != "latest", f"{name}: pin {image}"
+        assert services[name]["healthcheck"]["test"][0] == "CMD"
+        for spec in services[name]["volumes"]:
+            assert spec.split(":")[0] in compose["volumes"]
+    milvus = services["milvus"]
+    assert milvus["image"].startswith("milvusdb/milvus:v2.")
+    assert {d: c["condition"] for d, c in milvus["depends_on"].items()} == {
+        "milvus-etcd": "service_healthy",
+        "milvus-minio": "service_healthy",
+    }
+    env = milvus["environment"]
+    assert env["ETCD_ENDPOINTS"].split(":")[0] == "milvus-etcd"
+    assert env["MINIO_ADDRESS"].split(":")[0] == "milvus-minio"
+    for name in ("search", "index-rebuild"):
+        assert "milvus" not in services[name].get("depends_on", {}), "podman-compose: optional"
+        chosen = {k: v for k, v in services[name]["environment"].items() if v is not None}
+        settings = check_settings({**chosen, "COTS_BACKEND": "milvus"})
+        uri = urlparse(settings.milvus_uri)
+        assert (uri.hostname, uri.port) == ("milvus", 19530)  # the service name, Milvus's port
+        assert settings.backend_config().milvus_collection == settings.milvus_collection
+    assert check_settings(env_of_search(compose)).backend == "faiss"  # without the profile
+    job = services["index-rebuild"]
+    rebuild = parse_with_env(job["command"], {**job["environment"], "COTS_BACKEND": "milvus"})
+    served = check_settings({**env_of_search(compose), "COTS_BACKEND": "milvus"})
+    assert (rebuild.backend, rebuild.milvus_uri) == ("milvus", served.milvus_uri)
+    assert rebuild.milvus_collection == served.milvus_collection
+
+
+def env_of_search(compose: dict[str, Any]) -> dict[str, str]:
+    env = compose["services"]["search"]["environment"]
+    return {k: v for k, v in env.items() if v is not None}
+
+
+def parse_with_env(argv: list[str], env: dict[str, Any]) -> Any:
+    """`cots ...` parsed as a container with `env` parses it (`cots index` takes defaults
+    from COTS_* variables)."""
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("COTS_")}
+    try:
+        os.environ.update({k: str(v) for k, v in env.items() if v is not None})
+        return parse_rebuild(argv)
+    finally:
+        for key in env:
+            os.environ.pop(key, None)
+        os.environ.update(saved)
+
+
 def test_compose_cpu_override_drops_only_the_gpu(compose):
     """docker-compose.cpu.yml: the CPU image on the Debian base, the GPU reservation reset."""
 
@@ -622,6 +679,35 @@ def test_cronjob_rebuilds_the_index_the_service_serves(k8s, compose):
     rules = cronjob["spec"]["jobTemplate"]["spec"]["podFailurePolicy"]["rules"]
     assert rules[0]["action"] == "FailJob" and rules[0]["onExitCodes"]["values"] == [2]
     assert rules[0]["onExitCodes"]["containerName"] == container["name"]
+
+
+def test_milvus_overlay_points_service_and_cronjob_at_milvus(k8s):
+    """deploy/k8s/milvus: the base plus a ConfigMap patch; the service and the CronJob read
+    the same variables and the token from the Secret (optional in the base)."""
+    overlay = K8S / "milvus"
+    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == [".."]
+    (patch_file,) = [p["path"] for p in kustomization["patches"]]
+    patch = yaml.safe_load((overlay / patch_file).read_text())
+    base = k8s["ConfigMap"]
+    assert (patch["kind"], patch["metadata"]["name"]) == ("ConfigMap", base["metadata"]["name"])
+    assert base["data"]["COTS_BACKEND"] == "faiss"
+    patched = {**k8s, "ConfigMap": {**base, "data": {**base["data"], **patch["data"]}}}
+    (service,) = pod_spec(k8s["Deployment"])["containers"]
+    settings = check_settings(container_env(service, patched))
+    assert settings.backend == "milvus" and settings.milvus_token is not None
+    host = urlparse(settings.milvus_uri).hostname or ""
+    assert urlparse(settings.milvus_uri).port == 19530
+    assert re.fullmatch(r"[a-z0-9-]+-milvus\.[a-z0-9-]+\.svc\.cluster\.local", host), host
+    cronjob = k8s["CronJob"]
+    (container,) = pod_spec(cronjob)["containers"]
+    env = container_env(container, patched)
+    rebuild = parse_with_env(expand(container.get("command", [])[1:] + container["args"], env), env)
+    assert (rebuild.backend, rebuild.milvus_uri) == ("milvus", settings.milvus_uri)
+    assert rebuild.milvus_collection == settings.milvus_collection
+    for obj in (service, container):
+        (token,) = [e for e in obj["env"] if e["name"] == "COTS_MILVUS_TOKEN"]
+        assert token["valueFrom"]["secretKeyRef"]["optional"] is True
 
 
 # -- docs/deploy.md -----------------------------------------------------------------------------

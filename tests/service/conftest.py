@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from index_builder.build import IndexOptions, publish
+from index_builder.build import IndexOptions
 from index_builder.bundle import Bundle
 from index_builder.encoders import ImageEncoder, TextEncoder
 from index_builder.preprocess import ImageSpec, TextSpec
@@ -125,9 +125,12 @@ def caption_rows(gallery: list[dict]) -> list[dict]:
     ]
 
 
-def build_version(root: Path, bundle: Bundle, gallery: list[dict], sides=("image", "text")) -> str:
+def build_version(
+    root: Path, bundle: Bundle, gallery: list[dict], sides=("image", "text"), store=None
+) -> str:
     """Embed the gallery with the bundle and publish a version through index_builder (only
-    `sides`: an uncaptioned photo folder has no text side)."""
+    `sides`: an uncaptioned photo folder has no text side) under root, or into `store` (any
+    backend's)."""
     texts = caption_rows(gallery)
     shards = {}
     if "image" in sides:
@@ -136,8 +139,9 @@ def build_version(root: Path, bundle: Bundle, gallery: list[dict], sides=("image
         ]
     if "text" in sides:
         shards["text"] = [TextEncoder(bundle, threads=1).encode([row["text"] for row in texts])]
-    return publish(
-        IndexStore(root),
+    store = store or IndexStore(root)
+    exact = "Flat" if isinstance(store, IndexStore) else None  # Milvus: exact below 10k
+    return store.publish(
         bundle_id=bundle.bundle_id,
         dim=bundle.embed_dim,
         shards=shards,
@@ -145,7 +149,7 @@ def build_version(root: Path, bundle: Bundle, gallery: list[dict], sides=("image
             "image": gallery if "image" in sides else [],
             "text": texts if "text" in sides else [],
         },
-        options=IndexOptions(factory="Flat", use_gpu=False, queries=16),
+        options=IndexOptions(factory=exact, use_gpu=False, queries=16),
         dataset={"name": "colours", "path": "synthetic", "fingerprint": "test"},
         bundle_path=bundle.path,
     )
@@ -304,10 +308,11 @@ def root(tmp_path, assets):
 
 @pytest.fixture(scope="session")
 def build(assets):
-    """`build(root, bundle=None)` publishes a new version of the colour gallery under root."""
+    """`build(root, bundle=None, store=None)` publishes a new version of the colour gallery
+    under root, or into `store` (any backend's)."""
 
-    def make(root: Path, bundle: Bundle | None = None) -> str:
-        return build_version(root, bundle or assets["bundle"], assets["gallery"])
+    def make(root: Path, bundle: Bundle | None = None, store=None) -> str:
+        return build_version(root, bundle or assets["bundle"], assets["gallery"], store=store)
 
     return make
 

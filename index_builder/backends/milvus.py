@@ -1,0 +1,575 @@
+"""The Milvus backend's store: one collection per version, an alias naming the current one.
+
+    <name>                        alias of the current version's collection (alter_alias)
+    <name>_v000003_20250101T...   a version: partitions "image" and "text" (milvus_client)
+    <name>_versions               one record per complete version: its info (index.json's
+                                  keys: bundle id and path, dimension, recall, fields...)
+
+The FAISS store's contract, in Milvus terms: a build or a change fills a new collection,
+waits for its index, measures recall@10 against exact search (tuning ef / nprobe /
+itopk_size to the target), writes the version's record, and only then moves the alias, in
+one atomic `alter_alias`; a failure drops the new collection and leaves the alias where it
+was. A change copies the current version's rows it keeps into the new collection (Milvus
+cannot clone a collection server-side), so it costs a pass over the gallery: batch changes.
+The build lock is a file in the local working directory (one writer per host, as FAISS).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import re
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from index_builder import faiss_index
+from index_builder.backends import BackendConfig
+from index_builder.backends.milvus_client import (
+    ID_LENGTH,
+    OUTPUT,
+    add_index,
+    choose_index,
+    connect,
+    create_collection,
+    errors,
+    search_grid,
+    wait_indexed,
+)
+from index_builder.backends.milvus_version import MilvusVersion, stored_row
+from index_builder.build import OTHER, info_record
+from index_builder.collection import EMPTIED, RECALL_QUERIES, Plan
+from index_builder.filters import field_types
+from index_builder.store import (
+    SIDES,
+    build_lock,
+    check_bundle,
+    is_version_name,
+    next_version_name,
+)
+
+log = logging.getLogger(__name__)
+
+K = 10
+BATCH = 2000  # rows per insert and per copied batch
+RECORD_LENGTH = 65535
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,200}$")
+_COLLECTION = re.compile(r"^(?P<name>.+)_v(?P<n>\d{6})_(?P<t>\d{8}T\d{6}Z)$")
+Batch = tuple[list[dict[str, Any]], np.ndarray, np.ndarray]  # rows, row numbers, vectors
+
+
+@dataclass
+class Draft:
+    """What a new version is made of: its record's fields, each side's row count, batches of
+    rows and vectors, and the queries (with a recall target) its recall is measured with."""
+
+    bundle_id: str
+    bundle_path: Any
+    dim: int
+    dataset: dict[str, Any]
+    parent: str | None
+    next_row: int
+    counts: dict[str, int]
+    batches: dict[str, Iterator[Batch]]
+    queries: dict[str, np.ndarray]
+    target: float
+    skipped: dict[str, Any]
+
+
+class MilvusStore:
+    """The versions of one index in a Milvus server or milvus-lite file."""
+
+    def __init__(self, root: str | Path, config: BackendConfig, keep: int = 3) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1, got {keep}")
+        if not _NAME.match(config.milvus_collection):
+            raise ValueError(
+                f"bad Milvus collection name {config.milvus_collection!r}: letters, digits "
+                "and underscores, not starting with a digit"
+            )
+        choose_index(config.milvus_index, config.milvus_params, 1)  # an unknown type fails here
+        self.root = Path(root)
+        self.config = config
+        self.keep = keep
+        self.uri = str(config.milvus_uri)
+        self.name = config.milvus_collection
+        self.records = f"{self.name}_versions"
+        if self.uri.endswith(".db"):  # a milvus-lite file: made on first use, as an index root
+            Path(self.uri).parent.mkdir(parents=True, exist_ok=True)
+        self.client = connect(self.uri, config.milvus_token)
+        with errors(self.uri, "load the version records"):
+            if self.client.has_collection(self.records):
+                self.client.load_collection(self.records)
+
+    @property
+    def location(self) -> str:
+        return f"Milvus {self.uri} (collection {self.name})"
+
+    def collection_of(self, version: str) -> str:
+        if not is_version_name(version):
+            raise ValueError(
+                f"{version[:40]!r} is not an index version name (vNNNNNN-YYYYMMDDTHHMMSSZ)"
+            )
+        return f"{self.name}_{version.replace('-', '_')}"
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def versions(self) -> list[str]:
+        """Complete versions (a record and a collection), oldest first."""
+        if not self.client.has_collection(self.records):
+            return []
+        with errors(self.uri, "list versions"):
+            records = self.client.query(
+                self.records, filter='version != ""', output_fields=["version"]
+            )
+            collections = set(self.client.list_collections())
+        names = (str(r["version"]) for r in records)
+        return sorted(v for v in names if self.collection_of(v) in collections)
+
+    def current(self) -> str | None:
+        """The version the alias names (None: no alias yet)."""
+        with errors(self.uri, "read the alias"):
+            if self.name not in self.client.list_aliases().get("aliases", []):
+                return None
+            collection = self.client.describe_alias(self.name)["collection_name"]
+        match = _COLLECTION.match(collection)
+        if not match or match["name"] != self.name:
+            raise ValueError(
+                f"the alias {self.name!r} at {self.uri} names collection {collection!r}, "
+                "which `cots index` did not build"
+            )
+        return f"v{match['n']}-{match['t']}"
+
+    def read_info(self, version: str | None = None) -> dict[str, Any]:
+        version = version or self._require_current()
+        found = []
+        if self.client.has_collection(self.records):
+            with errors(self.uri, "read a version record"):
+                found = self.client.get(self.records, ids=[version], output_fields=["info"])
+        if not found:
+            raise FileNotFoundError(f"index version {version} not found in {self.location}")
+        return json.loads(found[0]["info"])
+
+    def open(self, version: str | None = None, bundle: Any = None) -> MilvusVersion:
+        """A version (default: the alias's); with `bundle`, a mismatched one is refused, and
+        so is a collection whose vectors do not have the recorded dimension."""
+        version = version or self._require_current()
+        info = self.read_info(version)
+        if bundle is not None:
+            check_bundle(bundle, info, version)
+        collection = self.collection_of(version)
+        if not self.client.has_collection(collection):
+            raise FileNotFoundError(f"index version {version}: collection {collection} is gone")
+        with errors(self.uri, f"open collection {collection}"):
+            fields = self.client.describe_collection(collection)["fields"]
+            dim = next(int(f["params"]["dim"]) for f in fields if f["name"] == "vector")
+            if dim != int(info["embed_dim"]):
+                raise ValueError(
+                    f"collection {collection} holds {dim}-dimensional vectors but index version "
+                    f"{version} records {info['embed_dim']}"
+                )
+            self.client.load_collection(collection)
+        return MilvusVersion(self.client, self.uri, collection, info)
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def switch(self, version: str) -> None:
+        """Point the alias at a complete version (roll back or forward), atomically."""
+        if version not in self.versions():
+            raise FileNotFoundError(f"index version {version} not found in {self.location}")
+        collection = self.collection_of(version)
+        with errors(self.uri, f"point alias {self.name} at {collection}"):
+            if self.name in self.client.list_aliases().get("aliases", []):
+                self.client.alter_alias(collection, self.name)
+            else:
+                self.client.create_alias(collection, self.name)
+        log.info("index version %s is now current in %s", version, self.location)
+
+    def publish(
+        self,
+        *,
+        bundle_id: str,
+        dim: int,
+        shards: Mapping[str, Sequence[np.ndarray]],
+        rows: dict[str, list[dict[str, Any]]],
+        options: Any,
+        dataset: dict[str, Any],
+        bundle_path: str | Path | None = None,
+        skipped: dict[str, dict[str, Any]] | None = None,
+    ) -> str:
+        """Build the sides that have rows into a new version and make it current."""
+        if options.factory or options.on_disk:
+            raise ValueError("--factory and --on-disk are FAISS options; use --milvus-index")
+        present = [side for side in SIDES if rows.get(side)]
+        if not present:
+            raise ValueError("empty gallery: no images and no texts to index")
+        for side in present:
+            if sum(len(s) for s in shards[side]) != len(rows[side]):
+                raise ValueError(f"{side} side: vector count does not match the metadata rows")
+        counts = {side: len(rows[side]) for side in present}
+        starts = np.cumsum([0, *counts.values()])
+        batches = {
+            side: _from_shards(rows[side], shards[side], int(start))
+            for side, start in zip(present, starts, strict=False)
+        }
+        queries = {
+            side: faiss_index.sample_rows(
+                shards[_query_side(side, counts)], options.queries, seed=1
+            )
+            for side in present
+        }
+        draft = Draft(
+            bundle_id=bundle_id,
+            bundle_path=bundle_path,
+            dim=dim,
+            dataset=dataset,
+            parent=None,
+            next_row=sum(counts.values()),
+            counts=counts,
+            batches=batches,
+            queries=queries,
+            target=options.target_recall,
+            skipped=skipped or {},
+        )
+        return self._write(draft)
+
+    def apply(
+        self, current: MilvusVersion, plan: Plan, dataset: dict[str, Any], bundle_path: Any
+    ) -> str:
+        """A new version holding `current`'s rows but the dropped ones, plus the new rows."""
+        counts = {
+            side: current.live_count(side) - len(plan.gone[side]) + len(plan.rows[side])
+            for side in SIDES
+            if current.has(side) or plan.rows[side]
+        }
+        if not any(counts.values()):
+            raise ValueError(EMPTIED)
+        start = int(current.info["next_row"])
+        batches: dict[str, Iterator[Batch]] = {}
+        for side in counts:
+            numbers = np.arange(start, start + len(plan.rows[side]), dtype=np.int64)
+            start += len(plan.rows[side])
+            new = _from_arrays(plan.rows[side], numbers, plan.vectors.get(side))
+            old = _copy(current, side, plan.gone[side]) if current.has(side) else iter(())
+            batches[side] = itertools.chain(old, new)
+        sides = current.info["sides"]
+        draft = Draft(
+            bundle_id=current.bundle_id,
+            bundle_path=bundle_path,
+            dim=current.embed_dim,
+            dataset=dataset,
+            parent=current.version,
+            next_row=start,
+            counts=counts,
+            batches=batches,
+            queries={
+                side: _sample_queries(current, plan, _query_side(side, counts)) for side in counts
+            },
+            target=max(side.get("target_recall", 0.95) for side in sides.values()),
+            skipped={side: sides.get(side, {}).get("skipped") for side in counts},
+        )
+        return self._write(draft)
+
+    def _write(self, draft: Draft) -> str:
+        """Fill, index, measure and record a new version's collection, then switch to it; a
+        failure drops the collection and leaves the alias as it was."""
+        with build_lock(self.root):
+            self._clear_debris()
+            self._ensure_records()
+            version = next_version_name(self.versions())
+            collection = self.collection_of(version)
+            try:
+                info = self._build(collection, draft)
+                info = info_record(
+                    version,
+                    draft.bundle_id,
+                    draft.bundle_path,
+                    draft.dim,
+                    draft.dataset,
+                    draft.parent,
+                    info,
+                )
+                info.update(backend="milvus", collection=collection, next_row=draft.next_row)
+                self._write_record(version, info)
+            except BaseException:
+                self._drop(collection)
+                raise
+            self.switch(version)
+            self._prune()
+        return version
+
+    def _build(self, collection: str, draft: Draft) -> dict[str, Any]:
+        """The collection filled, indexed, loaded and tuned: its sides' records."""
+        total = sum(draft.counts.values())
+        kind, params = choose_index(self.config.milvus_index, self.config.milvus_params, total)
+        started = time.perf_counter()
+        with errors(self.uri, f"create collection {collection}"):
+            create_collection(self.client, collection, draft.dim, kind, params, list(draft.counts))
+        sides, truths = {}, {}
+        for side, count in draft.counts.items():
+            queries = draft.queries[side]
+            truths[side], fields = self._fill(collection, side, draft.batches[side], queries)
+            sides[side] = {
+                "factory": kind,
+                "index_type": kind,
+                "index_params": params,
+                "count": count,
+                "rows": count,
+                "deleted": 0,
+                "fields": fields,
+                "skipped": draft.skipped.get(side) or {"count": 0, "examples": []},
+                "query_side": _query_side(side, draft.counts),
+            }
+        with errors(self.uri, f"index collection {collection}"):
+            self.client.flush(collection)
+            wait_indexed(self.client, collection)
+            self.client.load_collection(collection)
+        seconds = round(time.perf_counter() - started, 3)
+        for side, info in sides.items():
+            info.update(
+                self._tune(collection, side, info, draft.queries[side], truths[side], draft.target)
+            )
+            info["build_seconds"] = seconds
+        return sides
+
+    def _fill(
+        self, collection: str, side: str, batches: Iterator[Batch], queries: np.ndarray
+    ) -> tuple[np.ndarray, dict[str, str]]:
+        """Insert a side's batches; returns the exact top-k row numbers of `queries` among
+        them (recall's reference, computed while streaming) and the metadata field types."""
+        import faiss
+
+        heap = faiss.ResultHeap(len(queries), K, keep_max=True)
+        kinds: dict[str, str] = {}
+        for rows, numbers, vectors in batches:
+            entities = [
+                _entity(row, int(n), v) for row, n, v in zip(rows, numbers, vectors, strict=True)
+            ]
+            with errors(self.uri, f"insert into {collection}"):
+                self.client.insert(collection, entities, partition_name=side)
+            kinds = _merge_kinds(kinds, field_types(row.get("meta") or {} for row in rows))
+            if len(queries):
+                scores, local = faiss.knn(
+                    queries, vectors, min(K, len(vectors)), faiss_index.METRIC
+                )
+                pad = K - local.shape[1]
+                scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+                found = np.pad(numbers[local], ((0, 0), (0, pad)), constant_values=-1)
+                heap.add_result(scores, found)
+        heap.finalize()
+        return heap.I, dict(sorted(kinds.items()))
+
+    def _tune(
+        self,
+        collection: str,
+        side: str,
+        info: dict[str, Any],
+        queries: np.ndarray,
+        truth: np.ndarray,
+        target: float,
+    ) -> dict[str, Any]:
+        """The cheapest search parameters reaching `target` recall@10 (else the best tried)."""
+        k = min(K, info["count"])
+        measured: dict[str, Any] = {
+            "search_params": {},
+            "recall_at_10": None,
+            "target_recall": target,
+            "queries": len(queries),
+        }
+        if k == 0 or not len(queries):
+            return measured
+        best: tuple[dict[str, int], float] = ({}, -1.0)
+        for params in search_grid(info["index_type"], info["index_params"], k):
+            with errors(self.uri, f"search {collection}"):
+                results = self.client.search(
+                    collection,
+                    data=list(queries),
+                    limit=k,
+                    partition_names=[side],
+                    search_params={"metric_type": "IP", "params": params},
+                    anns_field="vector",
+                    consistency_level="Strong",
+                )
+            found = np.array(
+                [[int(h["row"]) for h in hits] + [-1] * (k - len(hits)) for hits in results]
+            )
+            recall = faiss_index.recall_at_k(found, truth[:, :k])
+            if recall > best[1]:
+                best = (params, recall)
+            if recall >= target:
+                break
+        else:
+            log.warning(
+                "%s never reached recall %.3f (best %.3f at %s)", side, target, best[1], best[0]
+            )
+        log.info("%s side in %s: recall@10 %.3f with %s", side, collection, best[1], best[0])
+        return {**measured, "search_params": best[0], "recall_at_10": round(best[1], 4)}
+
+    # -- records, debris and retention -----------------------------------------------------
+
+    def _ensure_records(self) -> None:
+        from pymilvus import DataType
+
+        if self.client.has_collection(self.records):
+            return
+        with errors(self.uri, f"create collection {self.records}"):
+            schema = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
+            schema.add_field("version", DataType.VARCHAR, is_primary=True, max_length=64)
+            schema.add_field("info", DataType.VARCHAR, max_length=RECORD_LENGTH)
+            schema.add_field("vector", DataType.FLOAT_VECTOR, dim=2)  # Milvus needs one
+            self.client.create_collection(self.records, schema=schema)
+            add_index(self.client, self.records, "FLAT", {})
+            wait_indexed(self.client, self.records)
+            self.client.load_collection(self.records)
+
+    def _write_record(self, version: str, info: dict[str, Any]) -> None:
+        text = json.dumps(info, ensure_ascii=False)
+        if len(text.encode()) > RECORD_LENGTH:  # keep the counts, drop the named examples
+            for side in info["sides"].values():
+                side["skipped"] = {**side["skipped"], "examples": []}
+            text = json.dumps(info, ensure_ascii=False)
+        with errors(self.uri, f"record version {version}"):
+            record = {"version": version, "info": text, "vector": [1.0, 0.0]}
+            self.client.upsert(self.records, [record])
+            self.client.flush(self.records)
+
+    def _clear_debris(self) -> None:
+        """Collections of builds that never completed (no record), from a killed writer."""
+        complete = set(self.versions())
+        with errors(self.uri, "list collections"):
+            for collection in self.client.list_collections():
+                match = _COLLECTION.match(collection)
+                if match and match["name"] == self.name:
+                    version = f"v{match['n']}-{match['t']}"
+                    if version not in complete:
+                        log.warning("dropping %s, left by a build that did not finish", collection)
+                        self.client.drop_collection(collection)
+
+    def _prune(self) -> None:
+        live = self.current()
+        old = [v for v in self.versions() if v != live]
+        for version in old[: max(0, len(old) - (self.keep - 1))]:
+            with errors(self.uri, f"drop version {version}"):
+                self.client.drop_collection(self.collection_of(version))
+                self.client.delete(self.records, ids=[version])
+            log.info("removed old index version %s", version)
+
+    def _drop(self, collection: str) -> None:
+        try:
+            self.client.drop_collection(collection)
+        except Exception as exc:  # the build's own error matters more; the next build retries
+            log.warning("could not drop %s (the next build will): %s", collection, exc)
+
+    def _require_current(self) -> str:
+        current = self.current()
+        if current is None:
+            raise FileNotFoundError(
+                f"no index in {self.location}: the alias {self.name!r} does not exist "
+                "(build one with `cots index build --backend milvus`)"
+            )
+        return current
+
+
+def _entity(row: dict[str, Any], number: int, vector: np.ndarray) -> dict[str, Any]:
+    item_id = str(row["id"])
+    if len(item_id.encode()) > ID_LENGTH:
+        raise ValueError(f"item id longer than {ID_LENGTH} bytes: {item_id[:60]!r}...")
+    item = {key: value for key, value in row.items() if key not in ("id", "meta")}
+    return {
+        "row": number,
+        "id": item_id,
+        "image_id": str(row.get("image_id") or ""),
+        "vector": vector,
+        "meta": row.get("meta") or {},
+        "item": item,
+    }
+
+
+def _from_shards(
+    rows: list[dict[str, Any]], shards: Sequence[np.ndarray], start: int
+) -> Iterator[Batch]:
+    """Batches of a side built from embedding shards; row numbers from `start`."""
+    done = 0
+    for shard in shards:
+        for i in range(0, len(shard), BATCH):
+            vectors = np.ascontiguousarray(shard[i : i + BATCH], dtype=np.float32)
+            numbers = np.arange(start + done, start + done + len(vectors), dtype=np.int64)
+            yield rows[done : done + len(vectors)], numbers, vectors
+            done += len(vectors)
+
+
+def _from_arrays(
+    rows: list[dict[str, Any]], numbers: np.ndarray, vectors: np.ndarray | None
+) -> Iterator[Batch]:
+    if not rows:
+        return
+    assert vectors is not None, "new rows come with their vectors"
+    for i in range(0, len(rows), BATCH):
+        yield (
+            rows[i : i + BATCH],
+            numbers[i : i + BATCH],
+            np.ascontiguousarray(vectors[i : i + BATCH], dtype=np.float32),
+        )
+
+
+def _copy(current: MilvusVersion, side: str, gone: set[int]) -> Iterator[Batch]:
+    """The current version's rows of a side but `gone`, with their vectors, in batches read
+    by windows of row numbers (a primary-key range: no iterator state on the server)."""
+    fields = ["row", "vector", *OUTPUT]
+    for low in range(0, int(current.info["next_row"]), BATCH):
+        with errors(current.uri, f"copy {current.collection}"):
+            found = current.client.query(
+                current.collection,
+                filter=f"row >= {low} and row < {low + BATCH}",
+                output_fields=fields,
+                partition_names=[side],
+                limit=BATCH,
+            )
+        kept = sorted((e for e in found if int(e["row"]) not in gone), key=lambda e: e["row"])
+        if kept:
+            numbers = np.array([int(e["row"]) for e in kept], dtype=np.int64)
+            vectors = np.array([e["vector"] for e in kept], dtype=np.float32)
+            yield [stored_row(e) for e in kept], numbers, vectors
+
+
+def _sample_queries(current: MilvusVersion, plan: Plan, side: str) -> np.ndarray:
+    """Up to RECALL_QUERIES vectors of `side` for measuring recall after a change: stored
+    ones fetched by random row number (sides share the numbering), then the new ones."""
+    rng = np.random.default_rng(1)
+    total = int(current.info["next_row"])
+    picked: list[np.ndarray] = []
+    if current.has(side):
+        size = min(total, 4 * RECALL_QUERIES)
+        numbers = rng.choice(total, size, replace=False) if total > size else np.arange(total)
+        with errors(current.uri, "sample query vectors"):
+            found = current.client.get(
+                current.collection,
+                ids=[int(n) for n in numbers],
+                output_fields=["vector"],
+                partition_names=[side],
+            )
+        gone = plan.gone[side]
+        picked += [np.asarray(e["vector"], np.float32) for e in found if int(e["row"]) not in gone]
+    if side in plan.vectors:
+        picked += list(plan.vectors[side])
+    if not picked:
+        return np.zeros((0, current.embed_dim), np.float32)
+    stack = np.stack(picked[: 4 * RECALL_QUERIES])
+    return faiss_index.sample_rows([stack], RECALL_QUERIES, seed=1)
+
+
+def _query_side(side: str, counts: dict[str, int]) -> str:
+    return OTHER[side] if counts.get(OTHER[side]) else side
+
+
+def _merge_kinds(a: dict[str, str], b: dict[str, str]) -> dict[str, str]:
+    """Field types of two groups of rows together (field_types' rule: two kinds -> mixed)."""
+    merged = dict(a)
+    for name, kind in b.items():
+        merged[name] = kind if merged.get(name, kind) == kind else "mixed"
+    return merged
