@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,28 +59,44 @@ def import_folder(cfg: FolderConfig, out: str | Path) -> ImportResult:
     images = find_images(root)
     if not images:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
-    sidecars = [p.with_suffix(".txt") for p in images if p.with_suffix(".txt").is_file()]
-    fp = fingerprint("folder", {"root": str(root), "version": VERSION}, [*images, *sidecars])
-    info = {"name": Path(out).name, "source": "folder", "root": str(root)}
+    return import_files(root, images, read_image, out, ("folder", "folder", "image"), VERSION)
+
+
+def import_files(
+    root: Path,
+    files: list[Path],
+    read: Callable[[Path], tuple[str, str | None]],
+    out: str | Path,
+    names: tuple[str, str, str],
+    version: int,
+    info: dict[str, str] | None = None,
+) -> ImportResult:
+    """The files under `root` with their sidecar captions as records: `read(file)` gives the
+    file's split key (a hash of its bytes) or why it cannot be used. `names`: the source's name,
+    the prefix of its ids (`<prefix>.<path>`) and what a file is ("image", "video")."""
+    source, prefix, noun = names
+    sidecars = [p.with_suffix(".txt") for p in files if p.with_suffix(".txt").is_file()]
+    fp = fingerprint(source, {"root": str(root), "version": version}, [*files, *sidecars])
+    described = {"name": Path(out).name, "source": source, "root": str(root), **(info or {})}
 
     def produce(skips: Skips, splits: Splits) -> Iterator[Record]:
         seen: set[str] = set()
-        for image in progress(images, "folder"):
-            rel = image.relative_to(root).with_suffix("").as_posix()
-            rid = path_id("folder", rel)
-            captions = sidecar_captions(image)
+        for file in progress(files, source):
+            rel = file.relative_to(root).with_suffix("").as_posix()
+            rid = path_id(prefix, rel)
+            captions = sidecar_captions(file)
             digest = ""
             if isinstance(captions, str):
                 problem: str | None = captions
             elif rid in seen:
-                problem = "another image with the same name"
+                problem = f"another {noun} with the same name"
             else:
-                digest, problem = read_image(image)
+                digest, problem = read(file)
             if problem:
-                skips.add(problem, str(image.relative_to(root)))
+                skips.add(problem, str(file.relative_to(root)))
                 continue
             seen.add(rid)
             split = splits.assign(rid, digest)
-            yield Record(rid, str(image), tuple(captions), split, {"file": rel})
+            yield Record(rid, str(file), tuple(captions), split, {"file": rel})
 
-    return run_import(out, info, fp, produce)
+    return run_import(out, described, fp, produce)

@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from index_builder.data.common import (
     ImportResult,
-    Skips,
-    Splits,
-    fingerprint,
-    path_id,
-    progress,
-    run_import,
 )
-from index_builder.data.folder import sidecar_captions
-from index_builder.manifest import Record
+from index_builder.data.folder import import_files
 from index_builder.video import VIDEO_EXTENSIONS, VideoError, probe_video
 
 VERSION = 1
@@ -63,28 +55,5 @@ def import_video_folder(cfg: VideoFolderConfig, out: str | Path) -> ImportResult
     videos = find_videos(root)
     if not videos:
         raise ValueError(f"no videos ({', '.join(VIDEO_EXTENSIONS)}) under {root}")
-    sidecars = [p.with_suffix(".txt") for p in videos if p.with_suffix(".txt").is_file()]
-    fp = fingerprint("video-folder", {"root": str(root), "version": VERSION}, [*videos, *sidecars])
-    info = {"name": Path(out).name, "source": "video-folder", "media": "video", "root": str(root)}
-
-    def produce(skips: Skips, splits: Splits) -> Iterator[Record]:
-        seen: set[str] = set()
-        for video in progress(videos, "video-folder"):
-            rel = video.relative_to(root).with_suffix("").as_posix()
-            rid = path_id("video", rel)
-            captions = sidecar_captions(video)
-            digest = ""
-            if isinstance(captions, str):
-                problem: str | None = captions
-            elif rid in seen:
-                problem = "another video with the same name"
-            else:
-                digest, problem = read_video(video)
-            if problem:
-                skips.add(problem, str(video.relative_to(root)))
-                continue
-            seen.add(rid)
-            split = splits.assign(rid, digest)
-            yield Record(rid, str(video), tuple(captions), split, {"file": rel})
-
-    return run_import(out, info, fp, produce)
+    names = ("video-folder", "video", "video")
+    return import_files(root, videos, read_video, out, names, VERSION, {"media": "video"})
