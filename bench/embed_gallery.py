@@ -28,8 +28,8 @@ from index_builder import embed
 from index_builder.atomic import atomic_write_json
 from index_builder.bundle import Bundle
 from index_builder.encoders import ImageEncoder
-from index_builder.manifest import load_records
 from index_builder.preprocess import load_image, preprocess_images
+from index_builder.sources import dataset_rows
 
 RESULTS = Path(__file__).parent / "results"
 SETTINGS = ("auto", "2x1x64", "1x2x64")  # lanes x threads x batch; auto: 2x1x16 here
@@ -107,9 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     bundle = Bundle.load(args.bundle)
-    records = load_records(args.data)
-    records = records[: args.limit] if args.limit else records
-    rows = embed.gallery_rows(args.data, records)
+    rows = dataset_rows(args.data, None)
+    if args.limit:
+        kept = {row["id"] for row in rows["image"][: args.limit]}
+        rows = {
+            "image": rows["image"][: args.limit],
+            "text": [row for row in rows["text"] if row["image_id"] in kept],
+        }
     report: dict[str, Any] = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "bundle": {"id": bundle.bundle_id, "image_size": bundle.image_spec.size},
