@@ -176,20 +176,32 @@ def _respond(
     pages = [
         [make_hit(request, gallery, hit, settings.expose_paths) for hit in hits] for hits in found
     ]
+    return response(**_envelope(labels, pages, group, page, gallery, start))
+
+
+def _envelope(
+    labels: list[str],
+    pages: list[list[Any]],
+    group: Any,
+    page: tuple[int, int],
+    gallery: Searcher,
+    start: float,
+) -> dict[str, Any]:
+    """The fields every search response shares, around one page of shaped hits per query."""
     exhausted = [len(hits) < page[0] for hits in pages]  # the gallery ends on this page
-    return response(
-        hits=pages[0],
-        exhausted=exhausted[0],
-        results=[
+    return {
+        "hits": pages[0],
+        "exhausted": exhausted[0],
+        "results": [
             group(query=q, hits=p, exhausted=e)
             for q, p, e in zip(labels, pages, exhausted, strict=True)
         ],
-        k=page[0],
-        offset=page[1],
-        bundle_id=gallery.bundle.bundle_id,
-        index_version=gallery.version,
-        took_ms=round((time.perf_counter() - start) * 1000, 3),
-    )
+        "k": page[0],
+        "offset": page[1],
+        "bundle_id": gallery.bundle.bundle_id,
+        "index_version": gallery.version,
+        "took_ms": round((time.perf_counter() - start) * 1000, 3),
+    }
 
 
 _SHAPES: dict[str, Any] = {

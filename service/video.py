@@ -29,7 +29,15 @@ from service.decode import form_int, parse_filter, read_json, request_kind, vali
 from service.deps import EngineDep, SettingsDep, require_api_key, require_json
 from service.engine import Engine
 from service.errors import InvalidInput, NotFound, TooLarge, UnsupportedMedia
-from service.routes import _SEARCH_ERRORS, _check_texts, _errors, _json_body, _page, _respond
+from service.routes import (
+    _SEARCH_ERRORS,
+    _check_texts,
+    _envelope,
+    _errors,
+    _json_body,
+    _page,
+    _respond,
+)
 from service.schemas import SCORE_DOC, TextQuery, TextSearchResponse, _Envelope
 from service.settings import Settings
 
@@ -120,20 +128,7 @@ async def text_to_video(request: Request, engine: EngineDep, settings: SettingsD
     where = gallery.video_filter(query.filter)
     gallery, found = await engine.search("text", "image", texts, *page, where, gallery)
     pages = [[_video_hit(request, gallery, hit) for hit in hits] for hits in found]
-    exhausted = [len(hits) < page[0] for hits in pages]  # the gallery ends on this page
-    return VideoSearchResponse(
-        hits=pages[0],
-        exhausted=exhausted[0],
-        results=[
-            VideoResults(query=q, hits=p, exhausted=e)
-            for q, p, e in zip(texts, pages, exhausted, strict=True)
-        ],
-        k=page[0],
-        offset=page[1],
-        bundle_id=gallery.bundle.bundle_id,
-        index_version=gallery.version,
-        took_ms=round((time.perf_counter() - start) * 1000, 3),
-    )
+    return VideoSearchResponse(**_envelope(texts, pages, VideoResults, page, gallery, start))
 
 
 def _video_hit(request: Request, gallery: Searcher, hit: dict[str, Any]) -> VideoHit:
