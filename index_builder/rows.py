@@ -19,7 +19,7 @@ from typing import Any, overload
 
 import numpy as np
 
-_SCAN = 1 << 24  # bytes per numpy pass when finding lines (bounds the temporaries)
+_SCAN = 1 << 22  # bytes per numpy pass when finding lines (bounds the temporaries)
 _BATCH = 65536  # rows per batch of offsets turned into Python ints while iterating
 
 
@@ -49,16 +49,19 @@ def line_spans(data: bytes | mmap.mmap) -> np.ndarray:
         return np.zeros((0, 2), np.int64)
     buf = np.frombuffer(data, np.uint8)
     breaks = _breaks(buf)
-    starts = np.concatenate([[0], breaks + 1])
-    ends = np.concatenate([breaks, [len(buf)]])
+    spans = np.empty((len(breaks) + 1, 2), np.int64)  # filled in place: few temporaries
+    spans[0, 0], spans[-1, 1] = 0, len(buf)
+    np.add(breaks, 1, out=spans[1:, 0])
+    spans[:-1, 1] = breaks
+    del breaks
     # A line can be blank only if it is empty or starts with a byte that may begin
     # whitespace (ASCII, or a UTF-8 lead byte such as U+00A0's); a JSON row starts with "{".
-    first = buf[np.minimum(starts, len(buf) - 1)]
-    maybe_blank = (starts == ends) | (first <= 32) | (first >= 128)
-    keep = ~maybe_blank
-    for i in np.flatnonzero(maybe_blank).tolist():
-        keep[i] = bool(data[starts[i] : ends[i]].decode("utf-8").strip())
-    return np.stack([starts[keep], ends[keep]], axis=1)
+    first = buf[np.minimum(spans[:, 0], len(buf) - 1)]
+    keep = (spans[:, 0] < spans[:, 1]) & (first > 32) & (first < 128)
+    for i in np.flatnonzero(~keep).tolist():
+        start, end = spans[i].tolist()
+        keep[i] = bool(data[start:end].decode("utf-8").strip())
+    return spans if keep.all() else spans[keep]
 
 
 class JsonlRows(Sequence[dict[str, Any]]):

@@ -57,6 +57,14 @@ def test_rows_match_read_jsonl(tmp_path, monkeypatch, trailing, scan):
             lazy[bad]
 
 
+@pytest.mark.parametrize("end", ["", "\n"])
+def test_plain_rows_with_and_without_a_final_newline(tmp_path, end):
+    lines = [json.dumps(row, ensure_ascii=False) for row in ROWS]
+    path = _write(tmp_path / "rows.jsonl", "\n".join(lines) + end)
+    assert list(JsonlRows(path)) == read_jsonl(path) == ROWS
+    assert [JsonlRows(path).line(i) for i in range(-4, 0)] == lines
+
+
 @pytest.mark.parametrize("text", ["", "\n", " \n\r\n\t", "\u00a0"])
 def test_blank_files_have_no_rows(tmp_path, text):
     path = _write(tmp_path / "rows.jsonl", text)
