@@ -135,7 +135,7 @@ class KeyIndex:
     """Rows by the value of one field, through the sorted hashes of the values (16 bytes a
     row; a dict of a million ids takes about 120 MB). `find` gives the candidate rows, which
     the caller confirms by reading them: hashes may collide, and are Python's (salted per
-    process), so an index is never stored."""
+    process), so a KeyIndex is never written to disk."""
 
     def __init__(self, rows: np.ndarray, hashes: np.ndarray) -> None:
         order = np.argsort(hashes, kind="stable")  # equal hashes keep their row order
