@@ -35,6 +35,7 @@ from index_builder.build import (
 )
 from index_builder.bundle import Bundle
 from index_builder.filters import field_types
+from index_builder.rows import JsonlRows, write_rows
 from index_builder.store import (
     DELETED_FILES,
     INDEX_FILES,
@@ -227,33 +228,35 @@ def _change_side(
     old = current.vectors.get(side)
     old = old if old is not None else index.reconstruct_n(0, index.ntotal)
     added = new_vectors if new_vectors is not None else np.zeros((0, old.shape[1]), np.float32)
-    rows = current.rows(side) + new_rows
-    deleted = np.zeros(len(rows), dtype=bool)
+    deleted = np.zeros(len(old) + len(new_rows), dtype=bool)
     if current.deleted.get(side) is not None:
-        deleted[: len(current.rows(side))] = current.deleted[side]
+        deleted[: len(old)] = current.deleted[side]
     deleted[list(gone)] = True
+    kept = np.ones(len(deleted), dtype=bool)  # the rows the new version holds
     started = time.perf_counter()
     updated = faiss.clone_index(index)
     if deleted.mean() > COMPACT_AT:
-        rows = [row for row, dead in zip(rows, deleted, strict=True) if not dead]
-        vectors = np.concatenate(
-            [np.asarray(old)[~deleted[: len(old)]], added[~deleted[len(old) :]]]
-        )
+        kept = ~deleted
+        vectors = np.concatenate([np.asarray(old)[kept[: len(old)]], added[kept[len(old) :]]])
         updated.reset()
-        deleted = np.zeros(len(rows), dtype=bool)
+        deleted = np.zeros(len(vectors), dtype=bool)
         _add(updated, vectors)
         np.save(staging / VECTOR_FILES[side], vectors)
     else:
         _add(updated, added)
         _append_vectors(staging / VECTOR_FILES[side], old, added)
     faiss_index.write_index(updated, staging / INDEX_FILES[side])
-    write_jsonl(staging / META_FILES[side], rows)
+    new = [row for row, keep in zip(new_rows, kept[len(old) :], strict=True) if keep]
+    write_rows(
+        staging / META_FILES[side], current.row_files[side], np.flatnonzero(kept[: len(old)]), new
+    )
     info = {**current.info["sides"][side]}
     info.pop("deleted_file", None)
     if deleted.any():
         np.save(staging / DELETED_FILES[side], np.flatnonzero(deleted))
         info["deleted_file"] = DELETED_FILES[side]
-    live = [row.get("meta") or {} for row, dead in zip(rows, deleted, strict=True) if not dead]
+    rows = JsonlRows(staging / META_FILES[side])  # the written rows, read back
+    live = (row.get("meta") or {} for row, dead in zip(rows, deleted, strict=True) if not dead)
     info.update(
         count=int((~deleted).sum()),
         rows=len(rows),

@@ -16,7 +16,7 @@ index (value -> rows) for equality and `in`, a float array (NaN where absent) fo
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -125,9 +125,10 @@ def _key(value: Any) -> tuple[str, Any]:
 
 
 class Columns:
-    """Per-field lookups over one side's rows, built on first use of each field."""
+    """Per-field lookups over one side's rows, built on first use of each field (one pass over
+    `metas`, which may be read lazily from the rows)."""
 
-    def __init__(self, metas: list[dict[str, Any]]) -> None:
+    def __init__(self, metas: Sequence[dict[str, Any]]) -> None:
         self.metas = metas
         self._inverted: dict[str, dict[tuple[str, Any], np.ndarray]] = {}
         self._numbers: dict[str, np.ndarray] = {}

@@ -30,6 +30,7 @@ import numpy as np
 from index_builder import filters
 from index_builder.atomic import atomic_write_text, read_json
 from index_builder.filters import Columns
+from index_builder.rows import JsonlRows, KeyIndex, Metas, key_indexes
 
 log = logging.getLogger(__name__)
 
@@ -97,18 +98,19 @@ def check_query(index: Any, side: str, vectors: np.ndarray, k: int) -> np.ndarra
 
 @dataclass
 class LoadedIndex:
-    """One version in memory: the FAISS index, rows, stored vectors and tombstones of each
-    present side, and `index.json`. Either side may be absent (a photo folder has no texts)."""
+    """One version in memory: the FAISS index, rows (memory-mapped, parsed when read),
+    stored vectors and tombstones of each present side, and `index.json`. Either side may be
+    absent (a photo folder has no texts)."""
 
     version: str
     path: Path
     info: dict[str, Any]
-    row_lists: dict[str, list[dict[str, Any]]]
+    row_files: dict[str, JsonlRows]
     indexes: dict[str, Any] = field(repr=False)
     vectors: dict[str, np.ndarray | None] = field(repr=False)
     deleted: dict[str, np.ndarray | None] = field(repr=False)
     _columns: dict[str, Columns] = field(default_factory=dict, repr=False)
-    _ids: dict[str, dict[str, int]] = field(default_factory=dict, repr=False)
+    _keys: dict[str, dict[str, KeyIndex]] = field(default_factory=dict, repr=False)
 
     @property
     def embed_dim(self) -> int:
@@ -126,31 +128,29 @@ class LoadedIndex:
         return side in self.indexes
 
     @property
-    def images(self) -> list[dict[str, Any]]:
+    def images(self) -> Sequence[dict[str, Any]]:
         return self.rows("image")
 
     @property
-    def texts(self) -> list[dict[str, Any]]:
+    def texts(self) -> Sequence[dict[str, Any]]:
         return self.rows("text")
 
-    def rows(self, side: str) -> list[dict[str, Any]]:
-        """Every row of a side, tombstoned ones included (row numbers are stable)."""
-        return self.row_lists.get(side, [])
+    def rows(self, side: str) -> Sequence[dict[str, Any]]:
+        """Every row of a side, tombstoned ones included (row numbers are stable); read-only,
+        each row parsed when read."""
+        return self.row_files.get(side, ())
 
     def live_count(self, side: str) -> int:
         deleted = self.deleted.get(side)
         return len(self.rows(side)) - (0 if deleted is None else int(deleted.sum()))
 
     def row_of(self, side: str, item_id: str) -> int | None:
-        """The live row holding `item_id`, or None."""
-        if side not in self._ids:
-            deleted = self.deleted.get(side)
-            self._ids[side] = {
-                str(row["id"]): i
-                for i, row in enumerate(self.rows(side))
-                if deleted is None or not deleted[i]
-            }
-        return self._ids[side].get(item_id)
+        """The live row holding `item_id` (the last, should several), or None."""
+        stored = self.rows(side)
+        found = [
+            i for i in self._keyed(side, "id").find(item_id) if str(stored[i]["id"]) == item_id
+        ]
+        return found[-1] if found else None
 
     def rows_of(self, side: str, item_ids: Iterable[str]) -> dict[str, int]:
         """The live rows of those of `item_ids` present on `side` (id -> row)."""
@@ -164,12 +164,19 @@ class LoadedIndex:
 
     def caption_rows(self, image_ids: set[str]) -> list[int]:
         """Live text rows that describe one of `image_ids` (their `image_id`)."""
-        dead = self.deleted.get("text")
-        return [
-            i
-            for i, row in enumerate(self.rows("text"))
-            if row.get("image_id") in image_ids and (dead is None or not dead[i])
-        ]
+        keyed, stored = self._keyed("text", "image_id"), self.rows("text")
+        found = {i for image_id in image_ids for i in keyed.find(image_id)}
+        return [i for i in sorted(found) if stored[i].get("image_id") in image_ids]
+
+    def _keyed(self, side: str, name: str) -> KeyIndex:
+        """The live rows of `side` by `name` ("id"; a text's "image_id"), built on first use
+        in one pass over the side's rows."""
+        if side not in self._keys:
+            names = ("id", "image_id") if side == "text" else ("id",)
+            deleted = self.deleted.get(side)
+            live = None if deleted is None else ~deleted
+            self._keys[side] = key_indexes(self.rows(side), live, names)
+        return self._keys[side][name]
 
     def vector(self, side: str, row: int) -> np.ndarray:
         """The stored unit vector of one row."""
@@ -197,7 +204,7 @@ class LoadedIndex:
         if not clauses:
             return None
         if side not in self._columns:
-            self._columns[side] = Columns([row.get("meta") or {} for row in self.rows(side)])
+            self._columns[side] = Columns(Metas(self.rows(side)))
         return self._columns[side].mask(clauses)
 
     def search(
@@ -234,7 +241,7 @@ def load_side(loaded: LoadedIndex, side: str, side_info: dict[str, Any]) -> None
 
     path, version = loaded.path, loaded.version
     index = read_index(path / side_info["file"], side_info["search_params"])
-    rows = read_jsonl(path / side_info["meta"])
+    rows = JsonlRows(path / side_info["meta"])
     if index.ntotal != len(rows):
         raise ValueError(
             f"index version {version} is inconsistent: {side} index holds "
@@ -252,7 +259,7 @@ def load_side(loaded: LoadedIndex, side: str, side_info: dict[str, Any]) -> None
     if side_info.get("deleted_file"):
         deleted = np.zeros(len(rows), dtype=bool)
         deleted[np.load(path / side_info["deleted_file"])] = True
-    loaded.indexes[side], loaded.row_lists[side] = index, rows
+    loaded.indexes[side], loaded.row_files[side] = index, rows
     loaded.vectors[side], loaded.deleted[side] = vectors, deleted
 
 

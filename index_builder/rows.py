@@ -1,0 +1,179 @@
+"""A version's rows read in place: a memory-mapped JSONL file parsed a line at a time.
+
+A loaded version holds, per row, 16 bytes of line offsets (plus 16 per looked-up field)
+instead of a parsed dict (about 800 bytes for an image row with one caption): a million rows
+a side fit the memory budget of issue 13. Row numbers are the file's non-blank lines, as
+`store.read_jsonl` counts them.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import operator
+import os
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, overload
+
+import numpy as np
+
+_SCAN = 1 << 22  # bytes per numpy pass when finding lines (bounds the temporaries)
+_BATCH = 65536  # rows per batch of offsets turned into Python ints while iterating
+
+
+def _map(path: Path) -> bytes | mmap.mmap:
+    """The file's bytes, memory-mapped (an empty file cannot be mapped)."""
+    with path.open("rb") as handle:
+        if os.fstat(handle.fileno()).st_size == 0:
+            return b""
+        return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def _breaks(data: np.ndarray) -> np.ndarray:
+    """Offsets of the line breaks text-mode reading splits on: \\n, and \\r not before \\n."""
+    found = [np.zeros(0, np.int64)]
+    for start in range(0, len(data), _SCAN):
+        chunk, after = data[start : start + _SCAN], data[start + 1 : start + _SCAN + 1]
+        lone_cr = chunk == 13
+        lone_cr[: len(after)] &= after != 10  # a \r at the end of the file is a break
+        found.append(np.flatnonzero((chunk == 10) | lone_cr) + start)
+    return np.concatenate(found)
+
+
+def line_spans(data: bytes | mmap.mmap) -> np.ndarray:
+    """(start, end) byte offsets, shape (N, 2), of the lines of `data` that are not blank
+    (all whitespace to `str.strip`), without their line breaks."""
+    if not len(data):
+        return np.zeros((0, 2), np.int64)
+    buf = np.frombuffer(data, np.uint8)
+    breaks = _breaks(buf)
+    spans = np.empty((len(breaks) + 1, 2), np.int64)  # filled in place: few temporaries
+    spans[0, 0], spans[-1, 1] = 0, len(buf)
+    np.add(breaks, 1, out=spans[1:, 0])
+    spans[:-1, 1] = breaks
+    del breaks
+    # A line can be blank only if it is empty or starts with a byte that may begin
+    # whitespace (ASCII, or a UTF-8 lead byte such as U+00A0's); a JSON row starts with "{".
+    first = buf[np.minimum(spans[:, 0], len(buf) - 1)]
+    keep = (spans[:, 0] < spans[:, 1]) & (first > 32) & (first < 128)
+    for i in np.flatnonzero(~keep).tolist():
+        start, end = spans[i].tolist()
+        keep[i] = bool(data[start:end].decode("utf-8").strip())
+    return spans if keep.all() else spans[keep]
+
+
+class JsonlRows(Sequence[dict[str, Any]]):
+    """The rows of a JSONL file as a read-only sequence of dicts: the file memory-mapped, the
+    offsets of its non-blank lines found once with numpy, and a line parsed (a new dict each
+    time) only when its row is read. The file must not change while it is mapped (versions
+    are immutable; a removed version's file stays readable until the mapping goes)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._data = _map(self.path)
+        self._spans = line_spans(self._data)
+
+    def __repr__(self) -> str:
+        return f"JsonlRows({str(self.path)!r}, rows={len(self)})"
+
+    def __len__(self) -> int:
+        return len(self._spans)
+
+    @overload
+    def __getitem__(self, index: int) -> dict[str, Any]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[dict[str, Any]]: ...
+
+    def __getitem__(self, index: int | slice) -> dict[str, Any] | list[dict[str, Any]]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return json.loads(self.line(index))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in range(0, len(self), _BATCH):
+            for start, end in self._spans[batch : batch + _BATCH].tolist():
+                yield json.loads(self._data[start:end].decode("utf-8"))
+
+    def line(self, index: int) -> str:
+        """Row `index`'s line as stored (negative counts from the end, as for a list)."""
+        i = operator.index(index)
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"row {i} out of range for {len(self)} rows of {self.path.name}")
+        start, end = self._spans[i].tolist()
+        return self._data[start:end].decode("utf-8")
+
+
+class Metas(Sequence[dict[str, Any]]):
+    """The `meta` of each of `rows` ({} where absent), read when asked for: filter columns
+    are built from it a field at a time, so the metas of a side are never all held."""
+
+    def __init__(self, rows: Sequence[dict[str, Any]]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @overload
+    def __getitem__(self, index: int) -> dict[str, Any]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[dict[str, Any]]: ...
+
+    def __getitem__(self, index: int | slice) -> dict[str, Any] | list[dict[str, Any]]:
+        if isinstance(index, slice):
+            return [row.get("meta") or {} for row in self.rows[index]]
+        return self.rows[index].get("meta") or {}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return (row.get("meta") or {} for row in self.rows)
+
+
+class KeyIndex:
+    """Rows by the value of one field, through the sorted hashes of the values (16 bytes a
+    row; a dict of a million ids takes about 120 MB). `find` gives the candidate rows, which
+    the caller confirms by reading them: hashes may collide, and are Python's (salted per
+    process), so a KeyIndex is never written to disk."""
+
+    def __init__(self, rows: np.ndarray, hashes: np.ndarray) -> None:
+        order = np.argsort(hashes, kind="stable")  # equal hashes keep their row order
+        self.rows, self.hashes = rows[order], hashes[order]
+
+    def find(self, key: str) -> list[int]:
+        """Rows whose value may be `key`, in row order."""
+        hashed = hash(key)
+        low = int(np.searchsorted(self.hashes, hashed, side="left"))
+        high = int(np.searchsorted(self.hashes, hashed, side="right"))
+        return self.rows[low:high].tolist()
+
+
+def key_indexes(
+    rows: Iterable[dict[str, Any]], live: np.ndarray | None, fields: tuple[str, ...]
+) -> dict[str, KeyIndex]:
+    """A KeyIndex per field over the live rows (`live[i]`, or all rows), in one pass; rows
+    whose field is absent or null are left out, other values are keyed as `str(value)`."""
+    found = {name: (array("q"), array("q")) for name in fields}
+    for i, row in enumerate(rows):
+        if live is not None and not live[i]:
+            continue
+        for name in fields:
+            value = row.get(name)
+            if value is not None:
+                found[name][0].append(i)
+                found[name][1].append(hash(str(value)))
+    return {
+        name: KeyIndex(np.frombuffer(numbers, np.int64), np.frombuffer(hashes, np.int64))
+        for name, (numbers, hashes) in found.items()
+    }
+
+
+def write_rows(
+    path: Path, old: JsonlRows, keep: Iterable[int], new: Iterable[dict[str, Any]]
+) -> None:
+    """A version's rows: the lines of `old` at `keep` copied as stored, then `new`
+    serialised as `store.write_jsonl` does."""
+    with path.open("w", encoding="utf-8") as handle:
+        handle.writelines(old.line(i) + "\n" for i in keep)
+        handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in new)
