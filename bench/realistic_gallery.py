@@ -24,7 +24,9 @@ bench/results/realistic_gallery.json, pictures in docs/img/realistic_gallery.png
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import shlex
 import sys
 import time
@@ -37,6 +39,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench/results"
+CACHE = ROOT / "cots-data/cache/realistic"
 CHUNK = 100_000
 
 
@@ -186,7 +189,9 @@ def fit(real: Real, clusters: int, rank: int, seed: int = 0) -> Model:
     labels = kmeans.index.search(real.images, 1)[1][:, 0]
     weights = np.bincount(labels, minlength=clusters).astype(np.float64)
     pairs = np.hstack([real.images[real.caption_image], real.captions])
-    return Model(weights / weights.sum(), fit_gaussians(pairs, labels[real.caption_image], clusters, rank))
+    return Model(
+        weights / weights.sum(), fit_gaussians(pairs, labels[real.caption_image], clusters, rank)
+    )
 
 
 # -- statistics ----------------------------------------------------------------------------------
@@ -226,7 +231,10 @@ def compare(real: Real, queries: Real, model: Model, seed: int = 1) -> dict[str,
     gen_images, gen_captions = model.sample(n, seed)
     stats: dict[str, Any] = {}
     arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {
-        "image nearest-neighbour similarity": (nn_similarity(real_images), nn_similarity(gen_images)),
+        "image nearest-neighbour similarity": (
+            nn_similarity(real_images),
+            nn_similarity(gen_images),
+        ),
         "caption nearest-neighbour similarity": (
             nn_similarity(real_captions),
             nn_similarity(gen_captions),
@@ -289,9 +297,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--real", type=Path, nargs="+", required=True, help="index roots")
-    parser.add_argument("--clusters", type=int, default=0, help="image clusters (0: N/20)")
-    parser.add_argument("--rank", type=int, default=16, help="principal directions per cluster")
+    add_model_args(parser)
     parser.add_argument("--size", type=int, default=1_000_000, help="items per generated side")
     parser.add_argument("--out", type=Path, default=RESULTS / "realistic_gallery.json")
     parser.add_argument("--picture", type=Path, default=ROOT / "docs/img/realistic_gallery.png")
@@ -303,6 +309,37 @@ def fitted(args: argparse.Namespace) -> tuple[Real, Real, Model]:
     real, queries = split_real(load_real(args.real))
     clusters = args.clusters or max(8, len(real.images) // 20)
     return real, queries, fit(real, clusters, args.rank)
+
+
+def generated(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, Real]:
+    """A generated gallery of `args.size` (images, captions), memory-mapped from the cache
+    (sampled once per size, model and real roots), and the held-out real queries."""
+    _, queries, model = fitted(args)
+    roots = "|".join(f"{p.resolve()}:{(p / 'CURRENT').read_text().strip()}" for p in args.real)
+    key = f"{roots}|{args.clusters}|{args.rank}|{args.size}"
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    CACHE.mkdir(parents=True, exist_ok=True)
+    paths = [CACHE / f"{side}-{args.size}-{digest}.npy" for side in ("image", "text")]
+    if not all(p.is_file() for p in paths):
+        for path, vectors in zip(paths, model.sample(args.size), strict=True):
+            np.save(path.with_suffix(".tmp.npy"), vectors)
+            os.replace(path.with_suffix(".tmp.npy"), path)
+    images, captions = (np.load(p, mmap_mode="r") for p in paths)
+    return images, captions, queries
+
+
+def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """The options that choose the real embeddings and the model fitted to them."""
+    parser.add_argument(
+        "--real",
+        type=Path,
+        nargs="+",
+        required=required,
+        help="index roots of real galleries embedded by the bundle (`cots index build "
+        "--factory Flat`)",
+    )
+    parser.add_argument("--clusters", type=int, default=0, help="image clusters (0: N/20)")
+    parser.add_argument("--rank", type=int, default=16, help="principal directions per cluster")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -327,7 +364,11 @@ def main(argv: list[str] | None = None) -> int:
             "query_images": len(queries.images),
             "query_captions": len(queries.captions),
         },
-        "model": {"clusters": len(model.weights), "rank": args.rank, "fit_seconds": round(fit_s, 1)},
+        "model": {
+            "clusters": len(model.weights),
+            "rank": args.rank,
+            "fit_seconds": round(fit_s, 1),
+        },
         "same_size_comparison": compared["stats"],
         "generated": {"size": args.size, "sample_seconds": round(sample_s, 1), **big},
         "picture": str(args.picture),

@@ -12,6 +12,11 @@ the server's /metrics the mean time per stage (decode, encode, search) and micro
 The floor is one tower pass plus one index search measured in-process (no HTTP, no batching);
 HTTP overhead = p50 at concurrency 1 minus the floor's p50.
 
+--realistic-gallery N --real ROOTS... publishes N items per side sampled from
+bench/realistic_gallery.py's model of the real embeddings under ROOTS; the queries are the
+held-out real captions (text-to-image) and images (image-to-text), and each run also reports
+the recall@10 of the hits served over HTTP against exact search of the same gallery.
+
 --synthetic-gallery N publishes, through index_builder's own publish path and with the
 bundle's id, a temporary index version of N clustered random unit vectors per side (each
 caption vector a noisy copy of its image's, so recall tuning is meaningful) with synthetic
@@ -33,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +46,9 @@ import httpx
 import numpy as np
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from realistic_gallery import add_model_args, generated  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 QUERIES = ["a red square", "a photo of a blue square", "green", "the yellow colour", "black"]
@@ -63,8 +72,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "captions) with synthetic rows in a temporary index root",
     )
     parser.add_argument(
+        "--realistic-gallery",
+        type=int,
+        metavar="N",
+        help="with --bundle, --real and no --index: index N items per side sampled from the "
+        "model of the real embeddings (bench/realistic_gallery.py); held-out real queries",
+    )
+    add_model_args(parser, required=False)
+    parser.add_argument(
         "--synthetic-factory",
-        help="FAISS factory string for the synthetic gallery, {nlist} filled in for N "
+        help="FAISS factory string for a synthetic or realistic gallery, {nlist} filled in for N "
         "(default: index_builder's automatic choice, HNSW32 from 10k to 1M items; "
         "IVF{nlist},Flat builds far faster at 1M)",
     )
@@ -143,16 +160,40 @@ def synthetic_vectors(n: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.n
 
 def synthetic_assets(work: Path, bundle_dir: Path, n: int, factory: str | None) -> Path:
     """An index root whose current version holds n synthetic items, built for the bundle."""
+    from index_builder.bundle import Bundle
+
+    check_factory(factory, n, Bundle.load(bundle_dir).embed_dim)
+    images, captions = synthetic_vectors(n, Bundle.load(bundle_dir).embed_dim)
+    return publish_vectors(work, bundle_dir, images, captions, factory, f"synthetic-{n}")
+
+
+def check_factory(factory: str | None, n: int, dim: int) -> None:
+    """Fail on a factory FAISS rejects before any vectors are made."""
+    from index_builder import faiss_index
+
+    if factory:
+        faiss_index.make_index(factory.format(nlist=faiss_index.ivf_lists(n)), dim)
+
+
+def publish_vectors(
+    work: Path,
+    bundle_dir: Path,
+    images: np.ndarray,
+    captions: np.ndarray,
+    factory: str | None,
+    name: str,
+) -> Path:
+    """An index root whose current version holds the given image and caption vectors with
+    synthetic rows (item i: id syn<i>, one caption), published with the bundle's id."""
     from index_builder import faiss_index
     from index_builder.build import IndexOptions, publish
     from index_builder.bundle import Bundle
     from index_builder.store import IndexStore
 
     bundle = Bundle.load(bundle_dir)
-    if factory:  # fail before the vectors are made
+    n = len(images)
+    if factory:
         factory = factory.format(nlist=faiss_index.ivf_lists(n))
-        faiss_index.make_index(factory, bundle.embed_dim)
-    images, captions = synthetic_vectors(n, bundle.embed_dim)
     ids = [f"syn{i:07d}" for i in range(n)]
     texts = [f"synthetic caption {i}" for i in range(n)]
     rows = {
@@ -177,9 +218,63 @@ def synthetic_assets(work: Path, bundle_dir: Path, n: int, factory: str | None) 
         },
         rows=rows,
         options=IndexOptions(factory=factory),
-        dataset={"name": f"synthetic-{n}", "path": "synthetic", "fingerprint": f"seed0-{n}"},
+        dataset={"name": name, "path": "synthetic", "fingerprint": f"seed0-{n}"},
     )
     return work / "index"
+
+
+@dataclass
+class Queries:
+    """What the load sends: caption texts and image files, and for a realistic gallery the
+    exact top-10 item numbers of each (text-to-image: over the images; image-to-text: over
+    the captions), to score the served hits."""
+
+    texts: list[str]
+    images: list[bytes]
+    text_truth: np.ndarray | None = None
+    image_truth: np.ndarray | None = None
+
+    def recall(self, endpoint: str, served: list[tuple[int, list[str]]]) -> float | None:
+        """Recall@10 of the served hits (query number, hit ids) against exact search."""
+        truth = self.text_truth if endpoint.endswith("text-to-image") else self.image_truth
+        if truth is None or not served:
+            return None
+        hits = [
+            len(
+                {int(h.removeprefix("syn").split("#")[0]) for h in ids} & set(truth[i % len(truth)])
+            )
+            for i, ids in served
+        ]
+        return round(sum(hits) / (len(served) * truth.shape[1]), 4)
+
+
+def realistic_assets(work: Path, args: argparse.Namespace) -> tuple[Path, Queries]:
+    """An index of a realistic gallery (bench/realistic_gallery.py) and held-out real queries:
+    up to 1000 captions and 200 images, with their exact top 10."""
+    import faiss
+
+    from index_builder.bundle import Bundle
+
+    check_factory(
+        args.synthetic_factory, args.realistic_gallery, Bundle.load(args.bundle).embed_dim
+    )
+    model_args = argparse.Namespace(
+        real=args.real, clusters=args.clusters, rank=args.rank, size=args.realistic_gallery
+    )
+    images, captions, held_out = generated(model_args)
+    index = publish_vectors(
+        work, args.bundle, images, captions, args.synthetic_factory, f"realistic-{len(images)}"
+    )
+    rng = np.random.default_rng(0)
+    texts = rng.permutation(len(held_out.texts))[:1000]
+    files = rng.permutation(len(held_out.image_files))[:200]
+    exact = lambda q, g: faiss.knn(q, np.asarray(g), 10, faiss.METRIC_INNER_PRODUCT)[1]  # noqa: E731
+    return index, Queries(
+        texts=[held_out.texts[i] for i in texts],
+        images=[Path(held_out.image_files[i]).read_bytes() for i in files],
+        text_truth=exact(held_out.captions[texts], images),
+        image_truth=exact(held_out.images[files], captions),
+    )
 
 
 def query_image() -> bytes:
@@ -193,8 +288,13 @@ def query_image() -> bytes:
 # -- in-process floor ----------------------------------------------------------------------------
 
 
-def floor(bundle_dir: Path, index_root: Path, k: int, reps: int, threads: int) -> dict[str, Any]:
-    """One tower pass plus one index search per query, no HTTP and no batching."""
+def floor(
+    bundle_dir: Path, index_root: Path, queries: Queries, k: int, reps: int, threads: int
+) -> dict[str, Any]:
+    """One tower pass plus one index search per query, no HTTP and no batching, on `threads`
+    ONNX Runtime and FAISS threads."""
+    import faiss
+
     from index_builder.bundle import Bundle
     from index_builder.encoders import ImageEncoder, TextEncoder
     from index_builder.preprocess import load_image, preprocess_images
@@ -203,17 +303,18 @@ def floor(bundle_dir: Path, index_root: Path, k: int, reps: int, threads: int) -
     bundle = Bundle.load(bundle_dir)
     index = IndexStore(index_root).open(bundle=bundle)
     text, image = TextEncoder(bundle, threads=threads), ImageEncoder(bundle, threads=threads)
-    data = query_image()
+    faiss.omp_set_num_threads(threads)
 
     def t2i(i: int) -> dict[str, float]:
         t0 = time.perf_counter()
-        vector = text.encode([QUERIES[i % len(QUERIES)]])
+        vector = text.encode([queries.texts[i % len(queries.texts)]])
         t1 = time.perf_counter()
         index.search("image", vector, k)
         return {"encode": t1 - t0, "search": time.perf_counter() - t1}
 
     def i2t(i: int) -> dict[str, float]:
         t0 = time.perf_counter()
+        data = queries.images[i % len(queries.images)]
         pixels = preprocess_images(
             [load_image(data, bundle.image_spec.background)], bundle.image_spec
         )
@@ -318,10 +419,16 @@ def stage_breakdown(before: dict, after: dict, endpoint: str) -> dict[str, Any]:
 
 
 async def load(
-    url: str, endpoint: str, concurrency: int, requests: int, seconds: float, k: int
+    url: str,
+    endpoint: str,
+    concurrency: int,
+    requests: int,
+    seconds: float,
+    k: int,
+    queries: Queries,
 ) -> dict:
-    image = query_image()
     latencies: list[float] = []
+    served: list[tuple[int, list[str]]] = []
     errors: dict[str, int] = {}
     issued = 0
     deadline = time.monotonic() + seconds
@@ -333,14 +440,15 @@ async def load(
             issued += 1
             start = time.perf_counter()
             if endpoint == "/search/text-to-image":
-                response = await client.post(
-                    endpoint, json={"text": QUERIES[i % len(QUERIES)], "k": k}
-                )
+                text = queries.texts[i % len(queries.texts)]
+                response = await client.post(endpoint, json={"text": text, "k": k})
             else:
+                image = queries.images[i % len(queries.images)]
                 files = {"image": ("q.png", image, "image/png")}
                 response = await client.post(endpoint, files=files, data={"k": str(k)})
             if response.status_code == 200:
                 latencies.append(time.perf_counter() - start)
+                served.append((i, [hit["id"] for hit in response.json()["hits"]]))
             else:
                 errors[str(response.status_code)] = errors.get(str(response.status_code), 0) + 1
 
@@ -361,12 +469,24 @@ async def load(
         "p90_ms": round(float(np.percentile(ms, 90)), 3),
         "p99_ms": round(float(np.percentile(ms, 99)), 3),
         "mean_ms": round(float(ms.mean()), 3),
+        "recall_at_10": queries.recall(endpoint, served),
     }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    queries = Queries(QUERIES, [query_image()])
     with tempfile.TemporaryDirectory(prefix="cots-bench-") as tmp:
-        if args.synthetic_gallery:
+        if args.realistic_gallery:
+            started = time.perf_counter()
+            bundle = args.bundle
+            index, queries = realistic_assets(Path(tmp), args)
+            source = (
+                f"realistic gallery: {args.realistic_gallery} items per side modelled on "
+                f"{', '.join(str(p) for p in args.real)} (bench/realistic_gallery.py), factory "
+                f"asked {args.synthetic_factory or 'automatic'}, published in "
+                f"{time.perf_counter() - started:.1f} s; held-out real queries"
+            )
+        elif args.synthetic_gallery:
             started = time.perf_counter()
             bundle = args.bundle
             index = synthetic_assets(
@@ -382,7 +502,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         else:
             bundle, index = demo_assets(Path(tmp), args.demo_images)
             source = f"demo: colour towers (tests/service/conftest.py), {args.demo_images} images"
-        reference = floor(bundle, index, args.k, args.floor_reps, args.server_threads)
+        reference = floor(bundle, index, queries, args.k, args.floor_reps, args.server_threads)
         port = free_port()
         settings = {"COTS_BATCH_WAIT_MS": str(args.batch_wait_ms), "COTS_WATCH_INTERVAL_S": "0"}
         server = start_server(bundle, index, port, args, settings)
@@ -394,7 +514,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for concurrency in [int(c) for c in args.concurrency.split(",")]:
                     before = scrape(url)
                     result = asyncio.run(
-                        load(url, endpoint, concurrency, args.requests, args.max_seconds, args.k)
+                        load(
+                            url,
+                            endpoint,
+                            concurrency,
+                            args.requests,
+                            args.max_seconds,
+                            args.k,
+                            queries,
+                        )
                     )
                     result["server"] = stage_breakdown(before, scrape(url), endpoint)
                     endpoints.setdefault(endpoint, []).append(result)
@@ -436,7 +564,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.synthetic_gallery is not None:
+    if args.realistic_gallery is not None:
+        if not args.bundle or args.index or not args.real:
+            raise SystemExit("--realistic-gallery needs --bundle and --real, and no --index")
+    elif args.synthetic_gallery is not None:
         if not args.bundle or args.index:
             raise SystemExit("--synthetic-gallery needs --bundle and no --index")
         if args.synthetic_gallery < 1:

@@ -97,9 +97,9 @@ def index_side(
     seconds = time.perf_counter() - started
     query_side = OTHER[side] if query_shards else side
     queries = faiss_index.sample_rows(query_shards or shards, options.queries, seed=1)
-    params, recall = faiss_index.tune(
-        index, queries, faiss_index.exact_knn(queries, shards, min(K, count)), options.target_recall
-    )
+    truth = faiss_index.exact_knn(queries, shards, min(K, count))
+    stored = np.load(out / VECTOR_FILES[side], mmap_mode="r")
+    params, recall = faiss_index.tune(index, queries, truth, options.target_recall, stored=stored)
     log.info(
         "%s index %s: %d vectors, recall@10 %.3f with %s", side, factory, count, recall, params
     )

@@ -312,7 +312,12 @@ def _measure(staging: Path, sides: dict[str, Any], side: str) -> dict[str, Any]:
     queries = faiss_index.sample_rows([source], RECALL_QUERIES, seed=1)
     truth = faiss_index.exact_knn(queries, [base], min(10, len(base)))
     params, recall = faiss_index.tune(
-        index, queries, truth, sides[side]["target_recall"], start=sides[side]["search_params"]
+        index,
+        queries,
+        truth,
+        sides[side]["target_recall"],
+        start=sides[side]["search_params"],
+        stored=base,
     )
     if params != sides[side]["search_params"]:
         faiss_index.write_index(index, staging / INDEX_FILES[side])

@@ -46,6 +46,9 @@ EXACT_FRACTION = 0.1
 MAX_EF = 4096
 # Search parameters are tuned for recall@10 (build.py); deeper searches widen them (`search`).
 TUNE_K = 10
+# Indexes with compressed codes (scalar or product quantizers) rank approximately: their
+# search returns RERANK x k candidates, re-scored exactly from the stored float vectors.
+RERANK = {"SQ": 2, "PQ": 8}
 # HNSW: efSearch may double up to this many times k before a short query is answered exactly.
 WIDEN_LIMIT = 4
 SEARCH_GRID = {
@@ -229,13 +232,29 @@ def read_index(path: Path, search_params: dict[str, int] | None = None) -> Any:
 
 
 def set_search_params(index: Any, params: dict[str, int]) -> None:
+    """Apply FAISS search parameters (`rerank` is ours, applied at search time)."""
     space = faiss.ParameterSpace()
     for name, value in params.items():
-        space.set_index_parameter(index, name, value)
+        if name != "rerank":
+            space.set_index_parameter(index, name, value)
 
 
-def search(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k by inner product, (scores, rows), every row filled when the index holds k vectors.
+def default_rerank(index: Any) -> int:
+    """Candidates per result to re-score exactly: RERANK for compressed codes, else 1."""
+    inner = faiss.downcast_index(_unwrapped(index))
+    if isinstance(inner, faiss.IndexIVF | faiss.IndexHNSW):
+        inner = faiss.downcast_index(inner.storage) if isinstance(inner, faiss.IndexHNSW) else inner
+    name = type(inner).__name__
+    if "ScalarQuantizer" in name:
+        return RERANK["SQ"]
+    return RERANK["PQ"] if "PQ" in name else 1
+
+
+def search(
+    index: Any, queries: np.ndarray, k: int, candidates: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k by inner product, (scores, rows), every row filled when the index holds k vectors;
+    with `candidates` (> k, for an exact re-rank), that many rows, searched as deep as for k.
 
     Parameters tuned for recall@10 do not reach deep pages: HNSW returns at most about efSearch
     rows, IVF only what its probed lists hold, and deeper ranks are found less reliably
@@ -245,8 +264,9 @@ def search(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndar
     again with the parameter doubled, and an HNSW query still short at WIDEN_LIMIT x k is
     answered exactly from the graph's own vectors (its flat storage)."""
     param = tunable_param(index)
+    n = max(k, candidates or k)
     if param is None:
-        return index.search(queries, k)
+        return index.search(queries, n)
     base = search_param(index, param)
     if param == "efSearch":
         value = max(base, k)
@@ -254,17 +274,31 @@ def search(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndar
     else:
         limit = faiss.extract_index_ivf(index).nlist
         value = min(limit, max(base, -(-base * k // TUNE_K)))
-    scores, rows = _search_with(index, queries, k, param, value)
+    scores, rows = _search_with(index, queries, n, param, value)
     short = (rows < 0).any(axis=1)
     while short.any() and value < limit:
         value = min(limit, 2 * value)
-        scores[short], rows[short] = _search_with(index, queries[short], k, param, value)
+        scores[short], rows[short] = _search_with(index, queries[short], n, param, value)
         short = (rows < 0).any(axis=1)
     if short.any():
         log.warning("%d queries short at efSearch %d: searching them exactly", short.sum(), value)
         storage = _hnsw(index).storage
-        scores[short], rows[short] = storage.search(queries[short], k)
+        scores[short], rows[short] = storage.search(queries[short], n)
     return scores, rows
+
+
+def rerank(
+    stored: np.ndarray, queries: np.ndarray, rows: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The exact top-k among candidate `rows` (Q, C; -1 for none) of compressed-code search:
+    (scores, rows) from the stored float vectors (memory-mapped, so only the candidates'
+    pages are read; faiss's IndexRefineFlat would hold a second float copy in memory)."""
+    picked = np.asarray(stored[np.maximum(rows, 0).ravel()], dtype=np.float32)
+    scores = np.einsum("qd,qcd->qc", queries, picked.reshape(*rows.shape, -1))
+    scores[rows < 0] = -np.inf
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    top = np.take_along_axis(scores, order, axis=1)
+    return top, np.where(np.isfinite(top), np.take_along_axis(rows, order, axis=1), -1)
 
 
 def _search_with(
@@ -339,16 +373,26 @@ def tune(
     truth: np.ndarray,
     target: float,
     start: dict[str, int] | None = None,
+    stored: np.ndarray | None = None,
 ) -> tuple[dict[str, int], float]:
     """Smallest nprobe/efSearch reaching `target` recall@k, else the best tried; with `start`
-    (the setting before a small change), only settings from it upwards are tried.
+    (the setting before a small change), only settings from it upwards are tried. An index
+    with compressed codes and `stored` vectors is measured as it serves: its candidates
+    re-ranked exactly (`rerank` in the parameters, `default_rerank` deep).
 
     Returns the parameters (set on the index) and the recall they give."""
     k = truth.shape[1]
     k_search = min(k, index.ntotal)
+    depth = default_rerank(index) if stored is not None else 1
+    extra = {"rerank": depth} if depth > 1 else {}
     param = tunable_param(index)
+
+    def measured() -> float:
+        scores, rows = index.search(queries, k_search * depth)
+        return recall_at_k(_refined(stored, queries, scores, rows, k_search)[1], truth)
+
     if param is None:
-        return {}, recall_at_k(index.search(queries, k_search)[1], truth)
+        return extra, measured()
     limit = faiss.extract_index_ivf(index).nlist if param == "nprobe" else 1 << 30
     grid = [v for v in SEARCH_GRID[param] if v <= limit and (param == "nprobe" or v >= k)]
     if param == "nprobe" and grid[-1] < limit <= 4096:
@@ -358,18 +402,23 @@ def tune(
     best: tuple[dict[str, int], float] = ({}, -1.0)
     for value in grid:
         set_search_params(index, {param: value})
-        recall = recall_at_k(index.search(queries, k_search)[1], truth)
+        recall = measured()
         if recall > best[1]:
-            best = ({param: value}, recall)
+            best = ({param: value, **extra}, recall)
         if recall >= target:
-            return {param: value}, recall
+            return {param: value, **extra}, recall
     log.warning("%s never reached recall %.3f (best %.3f at %s)", param, target, best[1], best[0])
     set_search_params(index, best[0])
     return best
 
 
 def search_index(
-    index: Any, stored: np.ndarray | None, queries: np.ndarray, k: int, mask: np.ndarray | None
+    index: Any,
+    stored: np.ndarray | None,
+    queries: np.ndarray,
+    k: int,
+    mask: np.ndarray | None,
+    rerank: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k among the rows where `mask` is True (all rows when None): (scores, rows), k capped
     at the allowed count, -1 where fewer are found.
@@ -379,9 +428,13 @@ def search_index(
     nprobe/efSearch divided by the allowed fraction, so the candidates a filter removes are
     made up for (and never fewer than k are looked at); queries still short are answered
     exactly when the vectors are stored. Exact (Flat) indexes always take the selector: it
-    skips rows without copying any."""
+    skips rows without copying any. With `rerank` > 1 and stored vectors, the index returns
+    rerank x k candidates and the top k of them are re-scored exactly (`rerank`)."""
+    depth = k * rerank if stored is not None else k
     if mask is None:
-        return search(index, queries, min(k, index.ntotal))
+        k = min(k, index.ntotal)
+        scores, rows = search(index, queries, k, min(depth, index.ntotal))
+        return _refined(stored, queries, scores, rows, k)
     allowed = np.flatnonzero(mask)
     k = min(k, len(allowed))
     if k == 0:
@@ -389,14 +442,25 @@ def search_index(
         return empty.astype(np.float32), empty.astype(np.int64)
     if stored is not None and exact_subset(len(allowed), len(mask), tunable_param(index)):
         return _exact_among(stored, allowed, queries, k)
+    depth = min(k * rerank if stored is not None else k, len(allowed))
     bits = np.packbits(mask, bitorder="little")
     selector = faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bits))
-    params = _widened(index, k, len(allowed) / index.ntotal, selector)
-    scores, rows = index.search(queries, k, params=params)
+    params = _widened(index, depth, len(allowed) / index.ntotal, selector)
+    scores, rows = index.search(queries, depth, params=params)
+    scores, rows = _refined(stored, queries, scores, rows, k)
     short = (rows < 0).any(axis=1)
     if short.any() and stored is not None:
         scores[short], rows[short] = _exact_among(stored, allowed, queries[short], k)
     return scores, rows
+
+
+def _refined(
+    stored: np.ndarray | None, queries: np.ndarray, scores: np.ndarray, rows: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The top k of candidate lists, re-scored from `stored` when there are more than k."""
+    if stored is None or rows.shape[1] <= k:
+        return scores, rows
+    return rerank(stored, queries, rows, k)
 
 
 def _exact_among(

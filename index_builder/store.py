@@ -232,7 +232,8 @@ class LoadedIndex:
             mask = ~deleted if mask is None else mask & ~deleted
         from index_builder.faiss_index import search_index
 
-        return search_index(self.indexes[side], self.vectors.get(side), vectors, k, mask)
+        rerank = int(self.info["sides"][side]["search_params"].get("rerank", 1))
+        return search_index(self.indexes[side], self.vectors.get(side), vectors, k, mask, rerank)
 
 
 def load_side(loaded: LoadedIndex, side: str, side_info: dict[str, Any]) -> None:

@@ -65,7 +65,7 @@ def _recall(found, truth):
     )
 
 
-@pytest.mark.parametrize("factory", ["Flat", "HNSW16", "IVF16,Flat"])
+@pytest.mark.parametrize("factory", ["Flat", "HNSW16", "IVF16,Flat", "IVF16,SQ4"])
 @pytest.mark.parametrize("selective", [False, True])
 def test_filtered_search_matches_exact_filtered_search(tmp_path, factory, selective, monkeypatch):
     from index_builder import faiss_index
@@ -81,6 +81,29 @@ def test_filtered_search_matches_exact_filtered_search(tmp_path, factory, select
         _, found = loaded.search("image", queries, 10, mask)
         assert all(mask[r] for r in found[found >= 0])
         assert _recall(found, _exact(vectors["image"], queries, mask, 10)) >= 0.95
+
+
+def test_compressed_codes_serve_exact_scores_through_changes(tmp_path):
+    """An index with compressed codes records its re-rank depth; searches of the version (and
+    of the versions changes make from it) return exact scores in exact order."""
+    store = IndexStore(tmp_path / "idx")
+    vectors, rows = _publish(store, factory="IVF16,SQ4")
+    queries = vectors["text"][:40]
+    for step in range(2):
+        loaded = store.open()
+        side = loaded.info["sides"]["image"]
+        assert side["search_params"]["rerank"] == 2 and side["recall_at_10"] >= 0.99
+        scores, found = loaded.search("image", queries, 10)
+        base = loaded.vectors["image"]
+        np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", queries, base[found]), atol=1e-6)
+        live = (
+            np.ones(len(base), bool)
+            if loaded.deleted["image"] is None
+            else ~loaded.deleted["image"]
+        )
+        assert _recall(found, _exact(np.asarray(base), queries, live, 10)) >= 0.95
+        if step == 0:
+            collection.delete_ids(store, ["i1", "i2"])
 
 
 def test_delete_upsert_and_add(tmp_path):
