@@ -98,9 +98,9 @@ def test_choose_factory_by_size_and_budget():
     gib = 1 << 30
     assert fi.choose_factory(5000, 256, gib) == "Flat"
     assert fi.choose_factory(30_000, 256, gib) == "HNSW32"
-    assert fi.choose_factory(100_000, 256, gib) == "IVF1024,Flat"
-    assert fi.choose_factory(1_000_000, 256, 4 * gib) == "IVF4096,Flat"
-    assert fi.choose_factory(5_000_000, 256, 8 * gib) == "IVF8192,Flat"
+    assert fi.choose_factory(100_000, 256, gib) == "IVF1024,SQ8"
+    assert fi.choose_factory(1_000_000, 256, 4 * gib) == "IVF4096,SQ8"
+    assert fi.choose_factory(5_000_000, 256, 8 * gib) == "IVF8192,SQ8"
     assert fi.choose_factory(5_000_000, 256, gib) == "IVF8192,PQ64"
     assert fi.choose_factory(5_000_000, 256, 150 << 20) == "IVF8192,PQ16"
     with pytest.raises(ValueError, match="no index type fits"):
@@ -112,7 +112,7 @@ def test_choose_factory_by_size_and_budget():
 
 def test_estimates_are_close_to_real_sizes(data, tmp_path):
     base, shards, _, _ = data
-    for factory in ("Flat", "HNSW32", "IVF64,Flat", "IVF64,PQ16x4"):
+    for factory in ("Flat", "HNSW32", "IVF64,Flat", "IVF64,SQ8", "IVF64,PQ16x4"):
         fi.write_index(fi.build_index(factory, shards, DIM, use_gpu=False), tmp_path / "x")
         real = (tmp_path / "x").stat().st_size
         assert 0.5 < fi.estimate_bytes(factory, len(base), DIM) / real < 2, factory
