@@ -34,10 +34,13 @@ from index_builder import faiss_index as fi  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 10
-# name: (factory with {nlist}, what the coarse quantizer trains on, re-rank depths)
+# name: (factory with {nlist}, how the coarse quantizer is made query-aware, re-rank depths):
+# "gallery" (not at all: trained on the gallery), "both" (trained on both modalities), "gap"
+# (lists probed with the query moved across the modality gap, mean(gallery) - mean(other)).
 VARIANTS: dict[str, tuple[str, str, tuple[int, ...]]] = {
     "IVF-Flat": ("IVF{nlist},Flat", "gallery", (1,)),
     "IVF-Flat, both modalities": ("IVF{nlist},Flat", "both", (1,)),
+    "IVF-Flat, gap-shifted probes": ("IVF{nlist},Flat", "gap", (1,)),
     "IVF-SQ8 + re-rank": ("IVF{nlist},SQ8", "gallery", (1, 2, 4)),
     "IVF-HNSW-SQ8 + re-rank": ("IVF{many}_HNSW32,SQ8", "gallery", (2,)),
     "IVF-PQ64x4fs + re-rank": ("IVF{nlist},PQ64x4fs", "gallery", (4, 16)),
@@ -60,12 +63,26 @@ def build(factory: str, train_on: str, base: np.ndarray, other: np.ndarray) -> t
 
 
 def search(
-    index: Any, base: np.ndarray, queries: np.ndarray, *, param: str | None, value: int, rerank: int
+    index: Any,
+    base: np.ndarray,
+    queries: np.ndarray,
+    *,
+    param: str | None,
+    value: int,
+    rerank: int,
+    shift: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Rows of the top K, re-ranked exactly from `base` over rerank * K candidates."""
+    """Rows of the top K, re-ranked exactly from `base` over rerank * K candidates; with
+    `shift`, the IVF lists probed are those nearest the query moved by `shift`."""
     if param is not None:
         fi.set_search_params(index, {param: value})
-    rows = index.search(queries, K * rerank)[1]
+    if shift is None:
+        rows = index.search(queries, K * rerank)[1]
+    else:
+        moved = queries + shift
+        moved /= np.linalg.norm(moved, axis=1, keepdims=True)
+        scores, lists = index.quantizer.search(moved, value)
+        rows = index.search_preassigned(queries, K * rerank, lists, scores)[1]
     if rerank == 1:
         return rows
     return fi.rerank(base, queries, rows, K)[1]
@@ -90,15 +107,20 @@ def measure(
     index, seconds = build(factory, train_on, base, other)
     truth = fi.exact_knn(queries, [base], K)
     param = fi.tunable_param(index)
+    shift = None
+    if train_on == "gap":
+        shift = (np.mean(base[::10], 0) - np.mean(other[::10], 0)).astype(np.float32)
     values = NPROBES if param == "nprobe" else EFS if param else (0,)
     points = []
     for value in values:
         for rerank in depths:
             faiss.omp_set_num_threads(os.cpu_count() or 1)
-            rows = search(index, base, queries, param=param, value=value, rerank=rerank)
+            rows = search(
+                index, base, queries, param=param, value=value, rerank=rerank, shift=shift
+            )
             faiss.omp_set_num_threads(1)
             ms = latency_ms(
-                partial(search, index, base, param=param, value=value, rerank=rerank),
+                partial(search, index, base, param=param, value=value, rerank=rerank, shift=shift),
                 queries[:single],
             )
             recall = fi.recall_at_k(rows, truth)
@@ -154,6 +176,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--queries", type=int, default=1000, help="held-out queries per side")
     parser.add_argument("--single", type=int, default=200, help="queries timed one at a time")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="add the variants measured to those already in --out (same size and queries)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/realistic_index.json")
     parser.add_argument("--picture", type=Path, default=ROOT / "docs/img/realistic_index.png")
     return parser.parse_args(argv)
@@ -168,12 +195,18 @@ def main(argv: list[str] | None = None) -> int:
         "text-to-image (caption queries, image side)": (images, captions, pick(held_out.captions)),
         "image-to-text (image queries, caption side)": (captions, images, pick(held_out.images)),
     }
-    results: dict[str, Any] = {}
+    before = json.loads(args.out.read_text()) if args.merge and args.out.is_file() else {}
+    if before and (before["size"], before["queries"]) != (args.size, args.queries):
+        raise SystemExit(f"--merge: {args.out} holds another size or query count")
+    results: dict[str, Any] = before.get("results", {})
+    command = shlex.join(["python", "bench/realistic_index.py", *sys.argv[1:]])
+    if before.get("command"):
+        command = f"{before['command']} && {command}"
     for direction, (base, other, queries) in sides.items():
         print(direction, flush=True)
-        results[direction] = {
-            name: measure(name, base, other, queries, args.single) for name in args.variants
-        }
+        measured = results.setdefault(direction, {})
+        for name in args.variants:
+            measured[name] = measure(name, base, other, queries, args.single)
     picture(results, args.picture)
     out = {
         "size": args.size,
@@ -182,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpus": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2)},
         "results": results,
         "picture": str(args.picture),
-        "command": shlex.join(["python", "bench/realistic_index.py", *sys.argv[1:]]),
+        "command": command,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
