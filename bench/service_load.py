@@ -469,9 +469,9 @@ async def load(
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
         await client.get("/health")
-        began = time.perf_counter()
+        began, cpu = time.perf_counter(), time.process_time()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
-        wall = time.perf_counter() - began
+        wall, cpu = time.perf_counter() - began, time.process_time() - cpu
     ms = np.asarray(latencies) * 1000
     return {
         "concurrency": concurrency,
@@ -484,6 +484,8 @@ async def load(
         "p99_ms": round(float(np.percentile(ms, 99)), 3),
         "mean_ms": round(float(ms.mean()), 3),
         "recall_at_10": queries.recall(endpoint, served),
+        # the load generator shares the machine's cores with the server
+        "client_cpu_ms_per_request": round(1000 * cpu / max(1, len(latencies)), 3),
     }
 
 
