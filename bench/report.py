@@ -38,6 +38,9 @@ class Figure:
 
 
 GPU_COMMAND = "python bench/gpu_train.py --device cuda"
+REAL_EMBEDDINGS = " ".join(
+    f"cots-data/real-embeddings/{name}" for name in ("openclipart", "emoji", "synthetic")
+)
 EMBED_GALLERY_NOTE = (Path(__file__).parent / "notes" / "embed_gallery.md").read_text()
 GPU_NOTE = (Path(__file__).parent / "notes" / "gpu.md").read_text()
 
@@ -112,6 +115,18 @@ FIGURES = (
         "index_bench*.json",
         "python bench/index_bench.py",
         ("recall_latency", "latency_size"),
+    ),
+    Figure(
+        "Realistic 1M gallery: real against generated embeddings",
+        "realistic_gallery*.json",
+        f"python bench/realistic_gallery.py --real {REAL_EMBEDDINGS} --size 1000000",
+    ),
+    Figure(
+        "Index types on a realistic gallery, cross-modal queries",
+        "realistic_index*.json",
+        f"python bench/realistic_index.py --real {REAL_EMBEDDINGS} --size 1000000",
+        note="Latency is one query at a time on one thread (p50), the service's case at "
+        "concurrency 1.",
     ),
     Figure(
         "Service load",
@@ -326,10 +341,142 @@ def variant_tables(data: dict) -> str:
     return f"{rest}\n\n{table(rows)}" if rows else rest
 
 
+def _quantiles(value: Any) -> str:
+    """A p5 / p50 / p95 cell from a mapping of quantiles; a scalar as it is."""
+    if isinstance(value, dict):
+        return " / ".join(fmt(value.get(q)) for q in ("p5", "p50", "p95"))
+    return fmt(value)
+
+
+def gallery_tables(data: dict) -> str:
+    """realistic_gallery: the real and the generated gallery at the same size, statistic by
+    statistic (p5 / p50 / p95), the model and its counts, then the full-size gallery."""
+    real, model, big = data.get("real", {}), data.get("model", {}), data.get("generated", {})
+    counts = (
+        f"Model: {fmt(model.get('clusters'))} image clusters of rank {fmt(model.get('rank'))}, "
+        f"fitted in {fmt(model.get('fit_seconds'))} s on {fmt(real.get('fit_images'))} real "
+        f"images and {fmt(real.get('fit_captions'))} captions; held out as queries: "
+        f"{fmt(real.get('query_images'))} images, {fmt(real.get('query_captions'))} captions "
+        f"(real embeddings: {', '.join(f'`{r}`' for r in real.get('roots', []))})."
+    )
+    same = [
+        {"statistic": name, "real p5 / p50 / p95": _quantiles(pair.get("real"))}
+        | {"generated p5 / p50 / p95": _quantiles(pair.get("generated"))}
+        for name, pair in data.get("same_size_comparison", {}).items()
+    ]
+    size = f"{fmt(big.get('size'))} items per side, sampled in {fmt(big.get('sample_seconds'))} s"
+    full = [
+        {"statistic": name, "generated p5 / p50 / p95": _quantiles(value)}
+        for name, value in big.items()
+        if isinstance(value, dict)
+    ]
+    parts = [counts, "Real against generated, both at the real gallery's size:", table(same)]
+    parts += [f"The generated gallery at full size ({size}):", table(full)] if full else []
+    return "\n\n".join(parts)
+
+
+RECALL_GOAL = 0.95
+
+
+def _setting(point: dict) -> str:
+    """`nprobe=64, rerank 2` from a point of realistic_index (`exact` for a flat index)."""
+    param = next(k for k in point if k not in ("rerank", "recall", "p50_ms"))
+    name = param if param == "exact" else f"{param}={fmt(point[param])}"
+    return f"{name}, rerank {fmt(point.get('rerank'))}"
+
+
+def index_type_row(name: str, variant: dict) -> dict[str, Any]:
+    """One index type: its size and build time, the lowest-latency setting that reaches
+    RECALL_GOAL, and the best recall it reaches at all (the faster setting on a tie)."""
+    points = variant.get("points", [])
+    reaching = [p for p in points if p["recall"] >= RECALL_GOAL]
+    cheapest: dict = min(reaching, key=lambda p: p["p50_ms"], default={})
+    best: dict = min(points, key=lambda p: (-p["recall"], p["p50_ms"]), default={})
+    setting = _setting(cheapest) if cheapest else "not reached"
+    return {
+        "variant": name,
+        "factory": variant.get("factory"),
+        "build s": variant.get("build_seconds"),
+        "MB": variant["bytes"] / 1e6 if isinstance(variant.get("bytes"), int) else None,
+        f"cheapest setting to recall {RECALL_GOAL}": setting,
+        "its recall": cheapest.get("recall"),
+        "its p50 ms": cheapest.get("p50_ms"),
+        "best recall": best.get("recall"),
+        "best recall's p50 ms": best.get("p50_ms"),
+    }
+
+
+def index_type_tables(data: dict) -> str:
+    """realistic_index: per query direction, one row per index type (index_type_row)."""
+    head = (
+        f"{fmt(data.get('size'))} items per side, {fmt(data.get('queries'))} held-out real "
+        f"queries per direction; recall@{fmt(data.get('k'))} against exact search."
+    )
+    parts = [head]
+    for direction, variants in data.get("results", {}).items():
+        rows = [index_type_row(name, variant) for name, variant in variants.items()]
+        parts += [f"**{direction}**", table(rows)]
+    return "\n\n".join(parts)
+
+
+def _params(value: Any) -> str:
+    return ", ".join(f"{k}={fmt(v)}" for k, v in value.items()) if isinstance(value, dict) else ""
+
+
+def service_tables(data: Any) -> str:
+    """service_load: issue 13's goals first when the run checked them, then the index each
+    side served and the server's memory when recorded, then everything else (generic)."""
+    if not isinstance(data, dict):
+        return generic(data)
+    parts, shown = [], {"goals"}
+    if data.get("goals"):
+        rows = [{**goal, "met": "yes" if goal.get("met") else "no"} for goal in data["goals"]]
+        parts.append(
+            "#### Goals (issue 13)\n\n" + table(rows, ["goal", "measured", "met", "held by"])
+        )
+    index = data.get("index", {})
+    if isinstance(index.get("build_seconds"), dict):
+        parts.append("Index served, tuned at build:\n\n" + table(served_index_rows(index)))
+        shown.add("index")
+    memory = data.get("server_memory_bytes")
+    if isinstance(memory, dict):
+        parts.append(memory_line(data, memory))
+        shown |= {"server_memory_bytes", "raw_vectors_bytes", "server_memory_over_raw_vectors"}
+    parts.append(generic({k: v for k, v in data.items() if k not in shown}))
+    return "\n\n".join(parts)
+
+
+def served_index_rows(index: dict) -> list[dict[str, Any]]:
+    """One row per side of a service_load index: factory, tuned setting, recall, build time."""
+    sides = index.get("factories", {})
+    return [
+        {
+            "side": side,
+            "factory": factory,
+            "search params": _params(index.get("search_params", {}).get(side)),
+            "recall@10 at build": index.get("recall_at_10", {}).get(side),
+            "build s": index["build_seconds"].get(side),
+        }
+        for side, factory in sides.items()
+    ]
+
+
+def memory_line(data: dict, memory: dict) -> str:
+    sizes = ", ".join(f"{key} {fmt(value / 1e6)} MB" for key, value in memory.items())
+    raw = data.get("raw_vectors_bytes")
+    raw_text = f"; raw vectors {fmt(raw / 1e6)} MB" if isinstance(raw, int) else ""
+    ratio = data.get("server_memory_over_raw_vectors")
+    ratio_text = f", server memory / raw vectors = {fmt(ratio)}" if ratio is not None else ""
+    return f"Server memory: {sizes}{raw_text}{ratio_text}."
+
+
 RENDERERS: dict[str, Callable[[Any], str]] = {
     "two_stream_vs_cross": ratio_tables,
     "backends": backend_tables,
     "embed_throughput": variant_tables,
+    "realistic_gallery": gallery_tables,
+    "realistic_index": index_type_tables,
+    "service_load": service_tables,
 }
 
 
@@ -586,7 +733,20 @@ def section(
             if png is not None:
                 images.append(png)
                 parts.append(f"![{caption}]({os.path.relpath(png, md_dir)})\n")
+        picture = recorded_picture(data, img_dir)
+        if picture is not None:
+            parts.append(f"![{figure.name}]({os.path.relpath(picture, md_dir)})\n")
     return "\n".join(p for p in parts if p), images
+
+
+def recorded_picture(data: Any, img_dir: Path) -> Path | None:
+    """The picture a bench script drew itself (its `picture` field) when the file is here: at
+    the recorded path (a relative one from the repository root), else under the same name in
+    the report's image directory (a result recorded in another checkout)."""
+    if not isinstance(data, dict) or not isinstance(data.get("picture"), str):
+        return None
+    recorded = ROOT / data["picture"]
+    return next((p for p in (recorded, img_dir / recorded.name) if p.is_file()), None)
 
 
 def _recorded_machine(data: Any) -> str:

@@ -2,7 +2,7 @@
 # Run every bench script one after another, then write docs/benchmarks.md (bench/report.py).
 #
 #   bench/run_all.sh                 # quick: fewer repetitions, galleries up to 100k, a tiny
-#                                    #   noise-filter run (about 20 min on 2 cores)
+#                                    #   noise-filter run (about 30 min on 2 cores)
 #   bench/run_all.sh --full          # full settings, 1M gallery, base preset (an hour or more)
 #   bench/run_all.sh --only two_stream_vs_cross,index_bench
 #   bench/run_all.sh --report-only   # just rebuild the report from bench/results/*.json
@@ -10,8 +10,11 @@
 # A failing script is reported at the end and does not stop the others; its figure stays
 # "not run yet" (or keeps its previous JSON) in the report. Environment: PYTHON (default
 # python), DATA (the Open Clip Art dataset for noise_filter and embed_gallery; skipped when
-# absent), BUNDLE (a bundle for embed_gallery; skipped when unset). gpu_train runs when torch
-# sees a CUDA device.
+# absent), BUNDLE (a bundle for embed_gallery and the realistic-gallery benches; skipped when
+# unset). The realistic benches model the real galleries openclipart, emoji and synthetic
+# embedded by BUNDLE under cots-data/real-embeddings/ (built once, with their datasets when
+# absent; delete that folder after changing BUNDLE). gpu_train runs when torch sees a CUDA
+# device.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -26,7 +29,7 @@ while [ $# -gt 0 ]; do
     --full) MODE=full ;;
     --only) ONLY=",$2,"; shift ;;
     --report-only) REPORT_ONLY=1 ;;
-    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "run_all.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -36,9 +39,13 @@ FAILED=()
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
+wanted() {  # wanted NAME: whether --only (if given) names NAME
+  [ -z "$ONLY" ] || [[ "$ONLY" == *",$1,"* ]]
+}
+
 bench() {  # bench NAME ARGS...: run bench/NAME.py with ARGS unless --only excludes it
   local name=$1; shift
-  if [ -n "$ONLY" ] && [[ "$ONLY" != *",$name,"* ]]; then return 0; fi
+  if ! wanted "$name"; then return 0; fi
   echo "== $name ($MODE): $PYTHON bench/$name.py $*"
   local start=$SECONDS
   if "$PYTHON" "bench/$name.py" "$@"; then
@@ -67,6 +74,38 @@ embed_gallery() {
   bench embed_gallery --bundle "$BUNDLE" --data "$DATA" "$@"
 }
 
+REAL=(cots-data/real-embeddings/openclipart cots-data/real-embeddings/emoji
+      cots-data/real-embeddings/synthetic)
+
+real_embeddings() {  # embed each real gallery of REAL with BUNDLE once, building it if absent
+  local root name count
+  for root in "${REAL[@]}"; do
+    name=$(basename "$root")
+    [ -f "$root/CURRENT" ] && continue
+    if [ ! -f "cots-data/datasets/$name/manifest.jsonl" ]; then
+      count=(); [ "$name" = synthetic ] && count=(--count 5000)
+      "$PYTHON" -m index_builder.cli data "$name" "${count[@]}" || return 1
+    fi
+    "$PYTHON" -m index_builder.cli index build --bundle "$BUNDLE" \
+      --data "cots-data/datasets/$name" --out "$root" --factory Flat || return 1
+  done
+}
+
+realistic() {  # realistic NAME ARGS...: bench NAME on the model of the real embeddings
+  local name=$1; shift
+  if ! wanted "$name"; then return 0; fi
+  if [ -z "${BUNDLE:-}" ]; then
+    echo "== $name (realistic) skipped: set BUNDLE (a bundle from cots export)"
+    return 0
+  fi
+  if ! real_embeddings; then
+    echo "== $name (realistic) FAILED: could not embed the real galleries" >&2
+    FAILED+=("$name")
+    return 0
+  fi
+  bench "$name" --real "${REAL[@]}" "$@"
+}
+
 gpu_train() {
   if ! "$PYTHON" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
     echo "== gpu_train skipped: no CUDA device"
@@ -84,6 +123,10 @@ if [ "$REPORT_ONLY" = 0 ]; then
     bench train_throughput --preset lite --steps 2
     bench objective_cost --preset tiny
     bench service_load --demo-images 2000 --requests 200 --max-seconds 10
+    realistic realistic_gallery --size 100000
+    realistic realistic_index --size 100000 --queries 500 --single 100
+    realistic service_load --bundle "${BUNDLE:-}" --realistic-gallery 100000 --requests 200 \
+      --max-seconds 10 --out bench/results/service_load-realistic.json
     bench soak --minutes 1
     bench video_bench --home "$WORK/video" --count 200
     bench backends --size 100000 --queries 100 --filtered 10
@@ -98,6 +141,10 @@ if [ "$REPORT_ONLY" = 0 ]; then
     bench objective_cost --preset tiny
     bench objective_cost --base training/recipes/ablation/cpu.yaml --preset "" --queue 1024
     bench service_load --demo-images 2000 --requests 400
+    realistic realistic_gallery --size 1000000
+    realistic realistic_index --size 1000000
+    realistic service_load --bundle "${BUNDLE:-}" --realistic-gallery 1000000 --requests 400 \
+      --ready-seconds 300 --out bench/results/service_load-1m-realistic.json
     bench soak --minutes 10
     bench video_bench --home "$WORK/video" --count 400
     bench backends --size 100000 --threads 2
