@@ -176,6 +176,12 @@ class Model:
         return images, captions
 
 
+def shown(path: Path) -> str:
+    """A path as recorded in results: relative to the repository when inside it."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
@@ -371,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "same_size_comparison": compared["stats"],
         "generated": {"size": args.size, "sample_seconds": round(sample_s, 1), **big},
-        "picture": str(args.picture),
+        "picture": shown(args.picture),
         "command": shlex.join(["python", "bench/realistic_gallery.py", *sys.argv[1:]]),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from realistic_gallery import add_model_args, generated  # noqa: E402
+from realistic_gallery import add_model_args, generated, shown  # noqa: E402
 
 from index_builder import faiss_index as fi  # noqa: E402
 
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         "k": K,
         "machine": {"cpus": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2)},
         "results": results,
-        "picture": str(args.picture),
+        "picture": shown(args.picture),
         "command": command,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
