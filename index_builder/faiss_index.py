@@ -51,8 +51,11 @@ TUNE_K = 10
 RERANK = {"SQ": 2, "PQ": 8}
 # HNSW: efSearch may double up to this many times k before a short query is answered exactly.
 WIDEN_LIMIT = 4
+# Steps of about 1.4x: a tuned nprobe costs at most that much more than it needs (between 128
+# and 256 lists, image queries of a realistic 1M caption index go from recall 0.948 to 0.973).
 SEARCH_GRID = {
-    "nprobe": (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
+    "nprobe": (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024,
+               1536, 2048, 3072, 4096),  # fmt: skip
     "efSearch": (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024),
 }
 _FLAT = re.compile(r"^Flat$")
