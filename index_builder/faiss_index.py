@@ -54,8 +54,31 @@ WIDEN_LIMIT = 4
 # Steps of about 1.4x: a tuned nprobe costs at most that much more than it needs (between 128
 # and 256 lists, image queries of a realistic 1M caption index go from recall 0.948 to 0.973).
 SEARCH_GRID = {
-    "nprobe": (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024,
-               1536, 2048, 3072, 4096),  # fmt: skip
+    "nprobe": (
+        1,
+        2,
+        4,
+        6,
+        8,
+        12,
+        16,
+        24,
+        32,
+        48,
+        64,
+        96,
+        128,
+        192,
+        256,
+        384,
+        512,
+        768,
+        1024,
+        1536,
+        2048,
+        3072,
+        4096,
+    ),  # fmt: skip
     "efSearch": (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024),
 }
 _FLAT = re.compile(r"^Flat$")

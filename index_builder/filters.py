@@ -135,26 +135,36 @@ class Columns:
 
     def inverted(self, name: str) -> dict[tuple[str, Any], np.ndarray]:
         if name not in self._inverted:
-            postings: dict[tuple[str, Any], list[int]] = {}
-            for row, meta in enumerate(self.metas):
-                value = meta.get(name)
-                for item in value if isinstance(value, list) else [value]:
-                    if _scalar(item):
-                        postings.setdefault(_key(item), []).append(row)
-            self._inverted[name] = {k: np.array(v, dtype=np.int64) for k, v in postings.items()}
+            self.build({name: "string"})
         return self._inverted[name]
 
     def numbers(self, name: str) -> np.ndarray:
         if name not in self._numbers:
-            values = [meta.get(name) for meta in self.metas]
-            self._numbers[name] = np.array(
-                [
-                    float(v) if isinstance(v, int | float) and not isinstance(v, bool) else np.nan
-                    for v in values
-                ],
-                dtype=np.float64,
-            )
+            self.build({name: "number"})
         return self._numbers[name]
+
+    def build(self, fields: dict[str, str]) -> None:
+        """The columns of `fields` (name -> type, as `field_types` records) in one pass over
+        the metadata: the inverted index of each, and the float array of each number (or
+        mixed) field. A service builds them all when it loads a version, so that no request
+        waits for a pass over a million rows."""
+        names = [name for name in fields if name not in self._inverted]
+        numeric = [n for n in fields if fields[n] in ("number", "mixed") and n not in self._numbers]
+        postings: dict[str, dict[tuple[str, Any], list[int]]] = {name: {} for name in names}
+        numbers = {name: np.full(len(self.metas), np.nan) for name in numeric}
+        for row, meta in enumerate(self.metas):
+            for name in names:
+                value = meta.get(name)
+                for item in value if isinstance(value, list) else [value]:
+                    if _scalar(item):
+                        postings[name].setdefault(_key(item), []).append(row)
+            for name in numeric:
+                value = meta.get(name)
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    numbers[name][row] = float(value)
+        for name, found in postings.items():
+            self._inverted[name] = {k: np.array(v, dtype=np.int64) for k, v in found.items()}
+        self._numbers.update(numbers)
 
     def mask(self, clauses: list[tuple[str, str, Any]]) -> np.ndarray:
         """Rows satisfying every clause."""

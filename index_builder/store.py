@@ -203,9 +203,16 @@ class LoadedIndex:
         clauses = filters.parse(filter, self.info["sides"][side].get("fields", {}))
         if not clauses:
             return None
+        return self._columns_of(side).mask(clauses)
+
+    def build_filters(self, side: str) -> None:
+        """Build the filter columns of every metadata field of `side` now, in one pass."""
+        self._columns_of(side).build(self.info["sides"][side].get("fields", {}))
+
+    def _columns_of(self, side: str) -> Columns:
         if side not in self._columns:
             self._columns[side] = Columns(Metas(self.rows(side)))
-        return self._columns[side].mask(clauses)
+        return self._columns[side]
 
     def search(
         self,

@@ -58,6 +58,26 @@ def test_masks_match_a_naive_loop_on_random_metadata():
         assert columns.mask(parse(filter, fields)).tolist() == naive
 
 
+def test_columns_built_in_one_pass_equal_those_built_per_field():
+    rng = np.random.default_rng(1)
+    metas = [
+        {"n": int(rng.integers(0, 9)), "c": str(rng.choice(list("abc"))), "t": ["x", "y"][: i % 3]}
+        for i in range(300)
+    ]
+    metas[7] = {"n": 2.5, "c": True}  # mixed kinds and absent fields
+    fields = field_types(metas)
+    lazy, built = Columns(metas), Columns(metas)
+    built.build(fields)
+    for filter in ({"n": {"gt": 2, "lte": 6}}, {"c": {"in": ["a", True]}}, {"t": "y", "n": 2.5}):
+        clauses = parse(filter, fields)
+        assert built.mask(clauses).tolist() == lazy.mask(clauses).tolist()
+    for name in fields:
+        assert built.inverted(name).keys() == lazy.inverted(name).keys()
+        for key, rows in built.inverted(name).items():
+            assert rows.tolist() == lazy.inverted(name)[key].tolist()
+    np.testing.assert_array_equal(built.numbers("n"), lazy.numbers("n"))
+
+
 @pytest.mark.parametrize(
     ("filter", "message"),
     [
