@@ -111,6 +111,95 @@ def test_the_event_loop_runs_while_a_batch_computes():
     assert run(main()) >= 10
 
 
+def test_an_idle_batcher_dispatches_a_lone_query_at_once():
+    """No batch runs, so the query goes without waiting out the (long) window."""
+
+    async def main():
+        batcher, executor = make(list, max_wait_s=1.0)
+        batcher.start()
+        start = time.perf_counter()
+        out = await batcher.submit([7])
+        took = time.perf_counter() - start
+        await batcher.stop()
+        executor.shutdown()
+        return out, took
+
+    out, took = run(main())
+    assert out == [7] and took < 0.2
+
+
+def gate(calls: list[list[int]]):
+    """A batch function whose first call blocks until `release` is set (`started` once it
+    runs), so that tests can queue queries while a batch is in flight."""
+    started, release = threading.Event(), threading.Event()
+
+    def fn(items):
+        calls.append(list(items))
+        if len(calls) == 1:
+            started.set()
+            release.wait(5)
+        return list(items)
+
+    return fn, started, release
+
+
+async def wait_for(event: threading.Event) -> None:
+    while not event.is_set():
+        await asyncio.sleep(0.001)
+
+
+def test_queries_queued_behind_a_running_batch_form_the_next_batch():
+    calls: list[list[int]] = []
+    fn, started, release = gate(calls)
+
+    async def main():
+        batcher, executor = make(fn, max_wait_s=1.0)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit([0]))
+        await wait_for(started)
+        rest = [asyncio.ensure_future(batcher.submit([i])) for i in range(1, 6)]
+        await asyncio.sleep(0.02)
+        release.set()
+        start = time.perf_counter()
+        results = await asyncio.gather(first, *rest)
+        took = time.perf_counter() - start
+        await batcher.stop()
+        executor.shutdown()
+        return results, took
+
+    results, took = run(main())
+    assert results == [[i] for i in range(6)]
+    assert calls == [[0], [1, 2, 3, 4, 5]] and took < 0.5
+
+
+def test_a_second_worker_gathers_until_the_running_batch_ends():
+    """With two workers, queries arriving one by one while a batch runs join one batch,
+    which goes as soon as the running batch ends (not after the 10 s window)."""
+    calls: list[list[int]] = []
+    fn, started, release = gate(calls)
+
+    async def main():
+        batcher, executor = make(fn, max_wait_s=10.0, workers=2)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit([0]))
+        await wait_for(started)
+        rest = []
+        for i in range(1, 4):
+            rest.append(asyncio.ensure_future(batcher.submit([i])))
+            await asyncio.sleep(0.01)
+        release.set()
+        start = time.perf_counter()
+        results = await asyncio.gather(first, *rest)
+        took = time.perf_counter() - start
+        await batcher.stop()
+        executor.shutdown()
+        return results, took
+
+    results, took = run(main())
+    assert results == [[i] for i in range(4)]
+    assert calls == [[0], [1, 2, 3]] and took < 1.0
+
+
 def test_invalid_parameters():
     with pytest.raises(ValueError, match="max_batch"):
         MicroBatcher(list, ThreadPoolExecutor(1), max_batch=0, max_wait_s=0)
