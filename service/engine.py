@@ -14,6 +14,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 
 from index_builder import filters
@@ -66,7 +67,12 @@ class Engine:
         self.store = open_store(settings.index, settings.backend_config())
         # Refuse to start on a mismatch: checked on index.json before anything heavy loads.
         self.bundle, self._first = resolve_bundle(settings, self.store)
-        self.executor = ThreadPoolExecutor(settings.batch_workers, thread_name_prefix="cots-encode")
+        self.executor = ThreadPoolExecutor(
+            settings.batch_workers,
+            thread_name_prefix="cots-encode",
+            initializer=faiss.omp_set_num_threads,
+            initargs=(settings.search_threads,),
+        )
         self.gallery: Searcher | None = None
         self.encoders: Encoders | None = None  # the served bundle's (ready before a gallery)
         self.load_error: str | None = None  # why the first load failed (for the log only)
@@ -187,11 +193,16 @@ class Engine:
         with backend_errors():  # a lookup in Milvus is a round trip: off the event loop
             if await loop.run_in_executor(None, gallery.index.row_of, side, item_id) is None:
                 raise NotFound(f"no {side} with id {item_id!r} in the index", "unknown_id")
+            search = partial(gallery.similar, side, item_id, k, offset=offset, filter=filter)
             with self.metrics.timed("search", "id"):
-                hits = await loop.run_in_executor(
-                    None, partial(gallery.similar, side, item_id, k, offset=offset, filter=filter)
-                )
+                hits = await loop.run_in_executor(None, self._in_search_threads, search)
         return gallery, hits
+
+    def _in_search_threads(self, search: Callable[[], Hits]) -> Hits:
+        """`search()` with `search_threads` OpenMP threads: the setting is per thread, and
+        this runs in the event loop's default pool, not the engine's."""
+        faiss.omp_set_num_threads(self.settings.search_threads)
+        return search()
 
     def _run_batch(self, modality: str, jobs: list[Job]) -> list[Hits]:
         """One encoder call per bundle in the micro-batch (one, except around a bundle swap),

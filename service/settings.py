@@ -98,6 +98,12 @@ class Settings(BaseSettings):
     intra_threads: int = Field(
         default=0, ge=0, description="ONNX Runtime threads per call (0: default)"
     )
+    search_threads: int = Field(
+        default=1,
+        ge=1,
+        description="FAISS (OpenMP) threads per index search; requests run in parallel across "
+        "batch_workers instead",
+    )
     watch_interval_s: float = Field(
         default=2.0, ge=0, description="how often to check the index CURRENT pointer (0: never)"
     )

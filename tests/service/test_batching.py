@@ -231,3 +231,24 @@ def test_concurrent_http_queries_share_encoder_calls(settings_for, serve):
     calls = float(re.search(r'cots_batch_size_count\{modality="text"\} (\S+)', metrics).group(1))
     total = float(re.search(r'cots_batch_size_sum\{modality="text"\} (\S+)', metrics).group(1))
     assert total == 12 and calls < 12
+
+
+def test_searches_run_with_search_threads_openmp_threads(settings_for, open_client, monkeypatch):
+    """COTS_SEARCH_THREADS reaches every thread that searches (the setting is per thread):
+    the encoder pool's batches and 'more like this' in the default pool."""
+    import faiss
+
+    from index_builder.search import Searcher
+
+    seen: list[int] = []
+    search = Searcher.search
+
+    def recording(self, *args, **kwargs):
+        seen.append(faiss.omp_get_max_threads())
+        return search(self, *args, **kwargs)
+
+    monkeypatch.setattr(Searcher, "search", recording)
+    with open_client(settings_for(search_threads=3, batch_workers=2)) as c:
+        assert c.post("/search/text-to-image", json={"text": "red"}).status_code == 200
+        assert c.post("/search/image-to-image", json={"id": "red"}).status_code == 200
+    assert seen == [3, 3]
