@@ -96,7 +96,10 @@ class Settings(BaseSettings):
     )
     batch_workers: int = Field(default=1, ge=1, description="encoder batches that may run at once")
     intra_threads: int = Field(
-        default=0, ge=0, description="ONNX Runtime threads per call (0: default)"
+        default=1,
+        ge=0,
+        description="ONNX Runtime threads per encoder call (0: its default, one per core); "
+        "requests run in parallel across batch_workers instead",
     )
     search_threads: int = Field(
         default=1,
