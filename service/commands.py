@@ -19,7 +19,8 @@ FLAGS = {
     "max_image_bytes": "largest image upload in bytes (env COTS_MAX_IMAGE_BYTES, default 10 MiB)",
     "max_image_pixels": "largest image in pixels (env COTS_MAX_IMAGE_PIXELS, default 40M)",
     "batch_size": "most queries per encoder call (env COTS_BATCH_SIZE, default 32)",
-    "batch_wait_ms": "micro-batch wait in ms (env COTS_BATCH_WAIT_MS, default 2)",
+    "batch_wait_ms": "micro-batch wait in ms while another batch runs; an idle service sends "
+    "a query at once (env COTS_BATCH_WAIT_MS, default 2)",
     "intra_threads": "ONNX Runtime threads per encoder call, 0 = one per core (env "
     "COTS_INTRA_THREADS, default 1)",
     "batch_workers": "encoder batches that may run at once (env COTS_BATCH_WORKERS, default 1)",

@@ -92,7 +92,8 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(
         default=2.0,
         ge=0,
-        description="how long the micro-batcher waits for more queries to join a batch",
+        description="how long a micro-batch waits for more queries while another batch runs "
+        "(an idle service sends a query at once)",
     )
     batch_workers: int = Field(default=1, ge=1, description="encoder batches that may run at once")
     intra_threads: int = Field(
