@@ -82,26 +82,35 @@ class MicroBatcher(Generic[T, R]):
         assert self._queue is not None
         batch = [await self._queue.get()]
         self._take_queued(batch)
+        try:
+            await self._gather_more(batch)
+        except asyncio.CancelledError:  # stop() while waiting: the held queries fail too
+            for entry in batch:
+                if not entry.future.done():
+                    entry.future.set_exception(RuntimeError("the service is shutting down"))
+            raise
+        return batch
+
+    async def _gather_more(self, batch: list[_Pending[T, R]]) -> None:
+        assert self._queue is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_wait_s
         while len(batch) < self.max_batch and self._running:
             remaining = deadline - loop.time()
             if remaining <= 0:
-                break
+                return
             if self._idle is None or self._idle.done():
                 self._idle = loop.create_future()
             getter = asyncio.ensure_future(self._queue.get())
-            await asyncio.wait(
-                (getter, self._idle), timeout=remaining, return_when=asyncio.FIRST_COMPLETED
-            )
-            if not getter.done():  # a cancelled get leaves its item in the queue
-                getter.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await getter
-                continue
-            batch.append(getter.result())
-            self._take_queued(batch)
-        return batch
+            try:
+                await asyncio.wait(
+                    (getter, self._idle), timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                getter.cancel()  # no-op once it holds an item; else the queue keeps its items
+            if getter.done() and not getter.cancelled():
+                batch.append(getter.result())
+                self._take_queued(batch)
 
     def _take_queued(self, batch: list[_Pending[T, R]]) -> None:
         assert self._queue is not None

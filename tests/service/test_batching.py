@@ -200,6 +200,30 @@ def test_a_second_worker_gathers_until_the_running_batch_ends():
     assert calls == [[0], [1, 2, 3]] and took < 1.0
 
 
+def test_stop_fails_every_query_a_worker_holds():
+    """stop() while one batch runs and a second worker gathers: both callers get an error,
+    none waits forever."""
+    calls: list[list[int]] = []
+    fn, started, release = gate(calls)
+
+    async def main():
+        batcher, executor = make(fn, max_wait_s=10.0, workers=2)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit([0]))
+        await wait_for(started)
+        second = asyncio.ensure_future(batcher.submit([1]))
+        await asyncio.sleep(0.02)  # the second worker holds it, waiting for more
+        await asyncio.wait_for(batcher.stop(), 1)
+        release.set()
+        results = await asyncio.wait_for(asyncio.gather(first, second, return_exceptions=True), 1)
+        executor.shutdown()
+        return results
+
+    first, second = run(main())
+    assert isinstance(first, RuntimeError) and isinstance(second, RuntimeError)
+    assert "shutting down" in str(second)
+
+
 def test_invalid_parameters():
     with pytest.raises(ValueError, match="max_batch"):
         MicroBatcher(list, ThreadPoolExecutor(1), max_batch=0, max_wait_s=0)
