@@ -20,11 +20,14 @@ class _Pending(Generic[T, R]):
 
 
 class MicroBatcher(Generic[T, R]):
-    """Collects items until `max_batch` are waiting or `max_wait_s` has passed since the first,
-    then runs `fn(items) -> results` (same length, same order) in `executor`.
+    """Runs `fn(items) -> results` (same length, same order) in `executor` on batches of at
+    most `max_batch` queued items.
 
-    `workers` batches may run at once; while they run, new items queue up and form the next
-    batch, so under load batches grow by themselves and the event loop never blocks.
+    An idle batcher dispatches at once: a lone query never waits. While another batch runs,
+    a worker that took a query waits up to `max_wait_s` (or until no batch runs any more) for
+    others to join it. `workers` batches may run at once; while they run, new items queue up
+    and form the next batch, so under load batches grow by themselves and the event loop
+    never blocks.
     """
 
     def __init__(
@@ -44,6 +47,8 @@ class MicroBatcher(Generic[T, R]):
         self.workers = workers
         self._queue: asyncio.Queue[_Pending[T, R]] | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._running = 0  # batches in the executor now
+        self._idle: asyncio.Future[None] | None = None  # resolved when _running drops to 0
 
     def start(self) -> None:
         self._queue = asyncio.Queue()
@@ -72,22 +77,45 @@ class MicroBatcher(Generic[T, R]):
         return list(await asyncio.gather(*(entry.future for entry in pending)))
 
     async def _collect(self) -> list[_Pending[T, R]]:
+        """The next batch: the first queued item and what is queued behind it, plus, while
+        another batch runs, what arrives before it ends or `max_wait_s` passes."""
         assert self._queue is not None
         batch = [await self._queue.get()]
+        self._take_queued(batch)
+        try:
+            await self._gather_more(batch)
+        except asyncio.CancelledError:  # stop() while waiting: the held queries fail too
+            for entry in batch:
+                if not entry.future.done():
+                    entry.future.set_exception(RuntimeError("the service is shutting down"))
+            raise
+        return batch
+
+    async def _gather_more(self, batch: list[_Pending[T, R]]) -> None:
+        assert self._queue is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_wait_s
-        while len(batch) < self.max_batch:
-            if not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-                continue
+        while len(batch) < self.max_batch and self._running:
             remaining = deadline - loop.time()
             if remaining <= 0:
-                break
+                return
+            if self._idle is None or self._idle.done():
+                self._idle = loop.create_future()
+            getter = asyncio.ensure_future(self._queue.get())
             try:
-                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-            except TimeoutError:
-                break
-        return batch
+                await asyncio.wait(
+                    (getter, self._idle), timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                getter.cancel()  # no-op once it holds an item; else the queue keeps its items
+            if getter.done() and not getter.cancelled():
+                batch.append(getter.result())
+                self._take_queued(batch)
+
+    def _take_queued(self, batch: list[_Pending[T, R]]) -> None:
+        assert self._queue is not None
+        while len(batch) < self.max_batch and not self._queue.empty():
+            batch.append(self._queue.get_nowait())
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
@@ -95,6 +123,7 @@ class MicroBatcher(Generic[T, R]):
             batch = [entry for entry in await self._collect() if not entry.future.done()]
             if not batch:
                 continue
+            self._running += 1
             try:
                 results = await loop.run_in_executor(
                     self.executor, self.fn, [entry.item for entry in batch]
@@ -108,6 +137,13 @@ class MicroBatcher(Generic[T, R]):
                 if not isinstance(exc, Exception):
                     raise
                 continue
+            finally:
+                self._finished()
             for entry, result in zip(batch, results, strict=True):
                 if not entry.future.done():
                     entry.future.set_result(result)
+
+    def _finished(self) -> None:
+        self._running -= 1
+        if not self._running and self._idle is not None and not self._idle.done():
+            self._idle.set_result(None)

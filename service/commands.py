@@ -19,8 +19,12 @@ FLAGS = {
     "max_image_bytes": "largest image upload in bytes (env COTS_MAX_IMAGE_BYTES, default 10 MiB)",
     "max_image_pixels": "largest image in pixels (env COTS_MAX_IMAGE_PIXELS, default 40M)",
     "batch_size": "most queries per encoder call (env COTS_BATCH_SIZE, default 32)",
-    "batch_wait_ms": "micro-batch wait in ms (env COTS_BATCH_WAIT_MS, default 2)",
-    "intra_threads": "ONNX Runtime threads per call, 0 = all cores (env COTS_INTRA_THREADS)",
+    "batch_wait_ms": "micro-batch wait in ms while another batch runs; an idle service sends "
+    "a query at once (env COTS_BATCH_WAIT_MS, default 2)",
+    "intra_threads": "ONNX Runtime threads per encoder call, 0 = one per core (env "
+    "COTS_INTRA_THREADS, default 1)",
+    "batch_workers": "encoder batches that may run at once (env COTS_BATCH_WORKERS, default 1)",
+    "search_threads": "FAISS threads per index search (env COTS_SEARCH_THREADS, default 1)",
     "watch_interval_s": "seconds between CURRENT checks, 0 = off (env COTS_WATCH_INTERVAL_S)",
     "follow_bundle": "serve the bundle each index version records: a version built with another "
     "bundle swaps in with it instead of being refused (env COTS_FOLLOW_BUNDLE=true)",

@@ -92,11 +92,21 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(
         default=2.0,
         ge=0,
-        description="how long the micro-batcher waits for more queries to join a batch",
+        description="how long a micro-batch waits for more queries while another batch runs "
+        "(an idle service sends a query at once)",
     )
     batch_workers: int = Field(default=1, ge=1, description="encoder batches that may run at once")
     intra_threads: int = Field(
-        default=0, ge=0, description="ONNX Runtime threads per call (0: default)"
+        default=1,
+        ge=0,
+        description="ONNX Runtime threads per encoder call (0: its default, one per core); "
+        "requests run in parallel across batch_workers instead",
+    )
+    search_threads: int = Field(
+        default=1,
+        ge=1,
+        description="FAISS (OpenMP) threads per index search; requests run in parallel across "
+        "batch_workers instead",
     )
     watch_interval_s: float = Field(
         default=2.0, ge=0, description="how often to check the index CURRENT pointer (0: never)"

@@ -128,7 +128,7 @@ async def text_to_video(request: Request, engine: EngineDep, settings: SettingsD
     where = gallery.video_filter(query.filter)
     gallery, found = await engine.search("text", "image", texts, *page, where, gallery)
     pages = [[_video_hit(request, gallery, hit) for hit in hits] for hits in found]
-    return VideoSearchResponse(**_envelope(texts, pages, VideoResults, page, gallery, start))
+    return VideoSearchResponse(**_envelope(texts, pages, page, gallery, start))
 
 
 def _video_hit(request: Request, gallery: Searcher, hit: dict[str, Any]) -> VideoHit:

@@ -227,3 +227,29 @@ def test_server_paths_only_when_the_operator_opts_in(assets, settings_for, open_
         files = {"image": ("b.png", png((0, 0, 255)), "image/png")}
         caption = exposing.post(I2T, files=files).json()["hits"][0]
         assert caption["image_path"].endswith("blue.png")
+
+
+# -- response bodies ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("expose_paths", [False, True])
+def test_search_bodies_are_their_response_models(settings_for, open_client, expose_paths):
+    """The routes write their JSON from plain dicts: each body is exactly what its documented
+    response model would write (fields, order, None fields left out)."""
+    from service.schemas import ImageSearchResponse, TextSearchResponse
+
+    files = {"image": ("b.png", png((0, 0, 255)), "image/png")}
+    with open_client(settings_for(expose_paths=expose_paths)) as c:
+        responses = [
+            (ImageSearchResponse, c.post(T2I, json={"texts": ["red", "a blue square"], "k": 3})),
+            (ImageSearchResponse, c.post(I2I, json={"id": "red", "k": 2, "offset": 1})),
+            (TextSearchResponse, c.post(I2T, files=files)),
+            (TextSearchResponse, c.post(T2T, json={"text": "cyan", "k": 20})),
+        ]
+    for model, response in responses:
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"] == "application/json"
+        body = response.json()
+        dumped = model.model_validate(body).model_dump(mode="json", exclude_none=True)
+        assert body == dumped and json.dumps(body) == json.dumps(dumped)  # the order too
+        assert all(("image_path" in hit) == expose_paths for hit in body["hits"])
