@@ -205,8 +205,10 @@ class LoadedIndex:
             return None
         return self._columns_of(side).mask(clauses)
 
-    def build_filters(self, side: str) -> None:
-        """Build the filter columns of every metadata field of `side` now, in one pass."""
+    def warm(self, side: str) -> None:
+        """Build the id lookups and, in one pass, the filter columns of every metadata field
+        of `side` now (a service does, off the event loop, when it loads a version)."""
+        self.row_of(side, "")
         self._columns_of(side).build(self.info["sides"][side].get("fields", {}))
 
     def _columns_of(self, side: str) -> Columns:

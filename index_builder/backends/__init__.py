@@ -59,6 +59,10 @@ class Version(Protocol):
 
     def check_bundle(self, bundle: Any) -> None: ...
 
+    def warm(self, side: str) -> None:
+        """Build what searches of `side` need (id lookups, filter columns) now, so that no
+        request pays for a pass over every row."""
+
     def search(
         self,
         side: str,

@@ -72,6 +72,9 @@ class MilvusVersion:
     def check_bundle(self, bundle: Any) -> None:
         check_bundle(bundle, self.info, self.version)
 
+    def warm(self, side: str) -> None:
+        """Nothing to build: Milvus looks ids up and filters on its side."""
+
     # -- lookups ---------------------------------------------------------------------------
 
     def row_of(self, side: str, item_id: str) -> int | None:

@@ -197,3 +197,21 @@ def test_empty_result_is_refused(tmp_path):
     with pytest.raises(ValueError, match="leave the index empty"):
         collection.delete_ids(store, [f"i{i}" for i in range(5)])
     assert store.open().live_count("image") == 5
+
+
+def test_warm_builds_every_filter_column_in_one_pass(tmp_path, monkeypatch):
+    from index_builder import filters
+
+    store = IndexStore(tmp_path / "idx")
+    vectors, _ = _publish(store, n=60)
+    loaded = store.open()
+    passes = []
+    build = filters.Columns.build
+    monkeypatch.setattr(
+        filters.Columns, "build", lambda self, f: passes.append(f) or build(self, f)
+    )
+    loaded.warm("image")
+    assert passes == [{"group": "string", "n": "number"}]
+    mask = loaded.filter_mask("image", {"group": "g3", "n": {"lt": 30}})
+    assert len(passes) == 1  # searches find the columns built
+    assert np.flatnonzero(mask).tolist() == [3, 13, 23]
