@@ -42,6 +42,7 @@ REAL_EMBEDDINGS = " ".join(
     f"cots-data/real-embeddings/{name}" for name in ("openclipart", "emoji", "synthetic")
 )
 EMBED_GALLERY_NOTE = (Path(__file__).parent / "notes" / "embed_gallery.md").read_text()
+REALISTIC_NOTE = (Path(__file__).parent / "notes" / "realistic.md").read_text()
 GPU_NOTE = (Path(__file__).parent / "notes" / "gpu.md").read_text()
 
 FIGURES = (
@@ -120,6 +121,7 @@ FIGURES = (
         "Realistic 1M gallery: real against generated embeddings",
         "realistic_gallery*.json",
         f"python bench/realistic_gallery.py --real {REAL_EMBEDDINGS} --size 1000000",
+        note=REALISTIC_NOTE,
     ),
     Figure(
         "Index types on a realistic gallery, cross-modal queries",
