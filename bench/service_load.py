@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.util
 import io
 import json
@@ -91,6 +92,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1000,
         help="without --bundle/--index: build the test suite's colour towers and a synthetic "
         "gallery of this many images in a temporary directory",
+    )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        help="keep the realistic gallery's index here and reuse it on the next run with the "
+        "same gallery, factory and bundle (default: a temporary directory)",
     )
     parser.add_argument("--requests", type=int, default=400, help="requests per run")
     parser.add_argument("--max-seconds", type=float, default=20.0, help="time limit per run")
@@ -248,6 +255,17 @@ class Queries:
         return round(sum(hits) / (len(served) * truth.shape[1]), 4)
 
 
+def reusable(index: Path, name: str, bundle_id: str) -> bool:
+    """Whether `index` (a kept --work directory's) already serves this gallery for this bundle."""
+    from index_builder.store import IndexStore
+
+    try:
+        info = IndexStore(index).read_info()
+    except FileNotFoundError:
+        return False
+    return info["dataset"].get("name") == name and info["bundle_id"] == bundle_id
+
+
 def realistic_assets(work: Path, args: argparse.Namespace) -> tuple[Path, Queries]:
     """An index of a realistic gallery (bench/realistic_gallery.py) and held-out real queries:
     up to 1000 captions and 200 images, with their exact top 10."""
@@ -262,9 +280,12 @@ def realistic_assets(work: Path, args: argparse.Namespace) -> tuple[Path, Querie
         real=args.real, clusters=args.clusters, rank=args.rank, size=args.realistic_gallery
     )
     images, captions, held_out = generated(model_args)
-    index = publish_vectors(
-        work, args.bundle, images, captions, args.synthetic_factory, f"realistic-{len(images)}"
-    )
+    name = f"realistic-{len(images)}-{args.synthetic_factory or 'automatic'}"
+    index = work / "index"
+    if reusable(index, name, Bundle.load(args.bundle).bundle_id):
+        print(f"reusing the index under {index}", flush=True)
+    else:
+        publish_vectors(work, args.bundle, images, captions, args.synthetic_factory, name)
     rng = np.random.default_rng(0)
     texts = rng.permutation(len(held_out.texts))[:1000]
     files = rng.permutation(len(held_out.image_files))[:200]
@@ -536,7 +557,8 @@ async def load(
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     queries = Queries(QUERIES, [query_image()])
-    with tempfile.TemporaryDirectory(prefix="cots-bench-") as tmp:
+    with contextlib.ExitStack() as stack:
+        tmp = args.work or stack.enter_context(tempfile.TemporaryDirectory(prefix="cots-bench-"))
         if args.realistic_gallery:
             started = time.perf_counter()
             bundle = args.bundle
