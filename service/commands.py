@@ -23,7 +23,7 @@ FLAGS = {
     "a query at once (env COTS_BATCH_WAIT_MS, default 2)",
     "intra_threads": "ONNX Runtime threads per encoder call, 0 = one per core (env "
     "COTS_INTRA_THREADS, default 1)",
-    "batch_workers": "encoder batches that may run at once (env COTS_BATCH_WORKERS, default 1)",
+    "batch_workers": "encoder batches that may run at once (env COTS_BATCH_WORKERS, default 2)",
     "search_threads": "FAISS threads per index search (env COTS_SEARCH_THREADS, default 1)",
     "watch_interval_s": "seconds between CURRENT checks, 0 = off (env COTS_WATCH_INTERVAL_S)",
     "follow_bundle": "serve the bundle each index version records: a version built with another "

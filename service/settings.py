@@ -95,7 +95,12 @@ class Settings(BaseSettings):
         description="how long a micro-batch waits for more queries while another batch runs "
         "(an idle service sends a query at once)",
     )
-    batch_workers: int = Field(default=1, ge=1, description="encoder batches that may run at once")
+    batch_workers: int = Field(
+        default=2,
+        ge=1,
+        description="encoder batches that may run at once (2: one per core of a 2-core host, "
+        "+37% text-to-image throughput at 1M items over 1)",
+    )
     intra_threads: int = Field(
         default=1,
         ge=0,

@@ -4,6 +4,7 @@ the version they started with."""
 
 from __future__ import annotations
 
+import gc
 import io
 import re
 import threading
@@ -270,6 +271,15 @@ def test_a_rollback_on_a_read_only_root_is_refused(
         assert refused.status_code == 409 and refused.json()["code"] == "current_not_writable"
         assert client.get("/info").json()["index"]["version"] == second
     assert store.current() == second
+
+
+def test_a_served_version_is_frozen_out_of_the_collector(settings_for, open_client):
+    """What a load leaves alive is moved out of the collector's generations, so that no full
+    collection walks it during requests; the collector itself stays on."""
+    with open_client(settings_for()) as c:
+        gallery = c.app.state.engine.gallery
+        assert gc.isenabled() and gc.get_freeze_count() > 0
+        assert gc.is_tracked(gallery) and not any(obj is gallery for obj in gc.get_objects())
 
 
 def test_refuses_to_start_on_a_mismatched_bundle(assets, settings_for, open_client, capsys):
