@@ -154,7 +154,7 @@ def picture(results: dict[str, Any], path: Path) -> None:
                 best.setdefault(p["rerank"], []).append((p["p50_ms"], p["recall"]))
             for rerank, curve in best.items():
                 xs, ys = zip(*sorted(curve), strict=True)
-                label = name if rerank == 1 else f"{name} x{rerank}"
+                label = name if len(best) == 1 else f"{name}, {rerank * K} candidates"
                 ax.plot(xs, ys, marker="o", markersize=3, label=label)
         ax.axhline(0.95, color="grey", linestyle="--", linewidth=1)
         ax.set_xscale("log")

@@ -266,9 +266,10 @@ def reusable(index: Path, name: str, bundle_id: str) -> bool:
     return info["dataset"].get("name") == name and info["bundle_id"] == bundle_id
 
 
-def realistic_assets(work: Path, args: argparse.Namespace) -> tuple[Path, Queries]:
+def realistic_assets(work: Path, args: argparse.Namespace) -> tuple[Path, bool, Queries]:
     """An index of a realistic gallery (bench/realistic_gallery.py) and held-out real queries:
-    up to 1000 captions and 200 images, with their exact top 10."""
+    up to 1000 captions and 200 images, with their exact top 10; and whether the index was
+    reused from an earlier run's --work."""
     import faiss
 
     from index_builder.bundle import Bundle
@@ -282,7 +283,8 @@ def realistic_assets(work: Path, args: argparse.Namespace) -> tuple[Path, Querie
     images, captions, held_out = generated(model_args)
     name = f"realistic-{len(images)}-{args.synthetic_factory or 'automatic'}"
     index = work / "index"
-    if reusable(index, name, Bundle.load(args.bundle).bundle_id):
+    reused = reusable(index, name, Bundle.load(args.bundle).bundle_id)
+    if reused:
         print(f"reusing the index under {index}", flush=True)
     else:
         publish_vectors(work, args.bundle, images, captions, args.synthetic_factory, name)
@@ -290,11 +292,15 @@ def realistic_assets(work: Path, args: argparse.Namespace) -> tuple[Path, Querie
     texts = rng.permutation(len(held_out.texts))[:1000]
     files = rng.permutation(len(held_out.image_files))[:200]
     exact = lambda q, g: faiss.knn(q, np.asarray(g), 10, faiss.METRIC_INNER_PRODUCT)[1]  # noqa: E731
-    return index, Queries(
-        texts=[held_out.texts[i] for i in texts],
-        images=[Path(held_out.image_files[i]).read_bytes() for i in files],
-        text_truth=exact(held_out.captions[texts], images),
-        image_truth=exact(held_out.images[files], captions),
+    return (
+        index,
+        reused,
+        Queries(
+            texts=[held_out.texts[i] for i in texts],
+            images=[Path(held_out.image_files[i]).read_bytes() for i in files],
+            text_truth=exact(held_out.captions[texts], images),
+            image_truth=exact(held_out.images[files], captions),
+        ),
     )
 
 
@@ -562,11 +568,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.realistic_gallery:
             started = time.perf_counter()
             bundle = args.bundle
-            index, queries = realistic_assets(Path(tmp), args)
+            index, reused, queries = realistic_assets(Path(tmp), args)
+            built = "reused from --work" if reused else "published in"
             source = (
                 f"realistic gallery: {args.realistic_gallery} items per side modelled on "
                 f"{', '.join(str(p) for p in args.real)} (bench/realistic_gallery.py), factory "
-                f"asked {args.synthetic_factory or 'automatic'}, published in "
+                f"asked {args.synthetic_factory or 'automatic'}, {built} "
                 f"{time.perf_counter() - started:.1f} s; held-out real queries"
             )
         elif args.synthetic_gallery:
