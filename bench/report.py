@@ -43,6 +43,8 @@ REAL_EMBEDDINGS = " ".join(
 )
 EMBED_GALLERY_NOTE = (Path(__file__).parent / "notes" / "embed_gallery.md").read_text()
 REALISTIC_NOTE = (Path(__file__).parent / "notes" / "realistic.md").read_text()
+REALISTIC_INDEX_NOTE = (Path(__file__).parent / "notes" / "realistic_index.md").read_text()
+SERVICE_LOAD_NOTE = (Path(__file__).parent / "notes" / "service_load.md").read_text()
 GPU_NOTE = (Path(__file__).parent / "notes" / "gpu.md").read_text()
 
 FIGURES = (
@@ -127,14 +129,14 @@ FIGURES = (
         "Index types on a realistic gallery, cross-modal queries",
         "realistic_index*.json",
         f"python bench/realistic_index.py --real {REAL_EMBEDDINGS} --size 1000000",
-        note="Latency is one query at a time on one thread (p50), the service's case at "
-        "concurrency 1.",
+        note=REALISTIC_INDEX_NOTE,
     ),
     Figure(
         "Service load",
         "service_load*.json",
         "python bench/service_load.py --demo-images 2000",
         ("service",),
+        note=SERVICE_LOAD_NOTE,
     ),
     Figure(
         "Text-to-video: meanP vs seqTransf, video indexing throughput",
