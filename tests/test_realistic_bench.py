@@ -1,0 +1,136 @@
+"""bench/realistic_gallery.py's model against the embeddings it was fitted to, and
+bench/service_load.py's client and served-recall arithmetic on a real (tiny) server."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DIM = 32
+
+
+def _load(name: str, path: Path):
+    sys.path.insert(0, str(path.parent))  # service_load imports realistic_gallery
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+gallery = _load("realistic_gallery", ROOT / "bench/realistic_gallery.py")
+service_load = _load("bench_service_load", ROOT / "bench/service_load.py")
+
+
+def _unit(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def real():
+    """Clustered 'images', two 'captions' each: the image moved by a common gap and noise."""
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((12, DIM))
+    images = _unit(centres[rng.integers(0, 12, 1500)] + 0.35 * rng.standard_normal((1500, DIM)))
+    gap = 0.8 * _unit(rng.standard_normal((1, DIM)))
+    owner = np.repeat(np.arange(1500), 2)
+    captions = _unit(images[owner] + gap + 0.3 * rng.standard_normal((3000, DIM)))
+    return gallery.Real(
+        images, captions, owner, [f"t{i}" for i in range(3000)], [f"f{i}" for i in range(1500)]
+    )
+
+
+def test_split_keeps_captions_with_their_images(real):
+    fit, held = gallery.split_real(real, held_out=0.2)
+    assert (len(fit.images), len(held.images)) == (1200, 300)
+    assert len(fit.captions) + len(held.captions) == 3000
+    for part in (fit, held):  # each caption still points at its own image
+        owners = [part.image_files[i] for i in part.caption_image]
+        assert owners == [f"f{int(t[1:]) // 2}" for t in part.texts]
+        np.testing.assert_array_equal(
+            part.captions, real.captions[[int(t[1:]) for t in part.texts]]
+        )
+
+
+def test_samples_reproduce_the_real_statistics(real):
+    fit, held = gallery.split_real(real)
+    model = gallery.fit(fit, clusters=24, rank=4)
+    images, captions = model.sample(1200, seed=3)
+    assert images.shape == captions.shape == (1200, DIM)
+    np.testing.assert_allclose(np.linalg.norm(images, axis=1), 1, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(captions, axis=1), 1, atol=1e-5)
+    again = model.sample(1200, seed=3)
+    assert np.array_equal(again[0], images) and np.array_equal(again[1], captions)
+    stats = gallery.compare(fit, held, model)["stats"]
+    gap = stats["modality gap (distance of the means)"]
+    assert abs(gap["real"] - gap["generated"]) < 0.1 * gap["real"]
+    for name in (
+        "matched image-caption similarity",
+        "image nearest-neighbour similarity",
+        "held-out caption -> top-1 image similarity",
+    ):
+        real_p50, generated_p50 = stats[name]["real"]["p50"], stats[name]["generated"]["p50"]
+        assert abs(real_p50 - generated_p50) < 0.1, name
+
+
+def test_load_real_reads_index_roots(tmp_path, real):
+    from index_builder import build
+    from index_builder.store import IndexStore
+
+    roots = []
+    for part, (lo, hi) in enumerate(((0, 10), (10, 25))):
+        rows = {
+            "image": [
+                {"id": f"i{i}", "image": f"/g/{i}.png", "captions": []} for i in range(lo, hi)
+            ],
+            "text": [
+                {"id": f"i{j // 2}#{j % 2}", "image_id": f"i{j // 2}", "text": real.texts[j]}
+                for j in range(2 * lo, 2 * hi)
+            ],
+        }
+        build.publish(
+            IndexStore(tmp_path / f"r{part}"),
+            bundle_id="b",
+            dim=DIM,
+            shards={"image": [real.images[lo:hi]], "text": [real.captions[2 * lo : 2 * hi]]},
+            rows=rows,
+            options=build.IndexOptions(factory="Flat", queries=5),
+            dataset={},
+        )
+        roots.append(tmp_path / f"r{part}")
+    loaded = gallery.load_real(roots)
+    np.testing.assert_allclose(loaded.images, real.images[:25])
+    np.testing.assert_allclose(loaded.captions, real.captions[:50])
+    assert loaded.caption_image.tolist() == real.caption_image[:50].tolist()
+    assert loaded.texts == real.texts[:50] and loaded.image_files[12] == "/g/12.png"
+
+
+def test_served_recall_counts_hits_against_the_truth():
+    truth = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+    queries = service_load.Queries(["a", "b"], [b""], text_truth=truth)
+    served = [(0, ["syn0000001", "syn0000002", "syn0000009", "syn0000004"]), (3, ["syn0000005"])]
+    assert queries.recall("/search/text-to-image", served) == round(4 / 8, 4)
+    caption_hits = [(0, ["syn0000001#0", "syn0000003#0"])]
+    assert service_load.Queries(["a"], [b""], image_truth=truth).recall(
+        "/search/image-to-text", caption_hits
+    ) == round(2 / 4, 4)
+    assert queries.recall("/search/image-to-text", served) is None
+
+
+def test_a_short_load_over_raw_http(tmp_path):
+    out = tmp_path / "load.json"
+    args = ["--demo-images", "60", "--requests", "30", "--concurrency", "1,4"]
+    assert service_load.main([*args, "--floor-reps", "5", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for runs in result["endpoints"].values():
+        for run in runs:
+            assert run["requests"] == 30 and run["errors"] == {}
+            assert 0 < run["p50_ms"] <= run["p99_ms"] and run["client_cpu_ms_per_request"] > 0
+    assert result["server_memory_bytes"]["VmRSS"] > 0 and result["raw_vectors_bytes"] > 0
+    assert "goals" not in result  # goals are issue 13's, for a realistic gallery
