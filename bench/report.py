@@ -132,6 +132,13 @@ FIGURES = (
         note=REALISTIC_INDEX_NOTE,
     ),
     Figure(
+        "FAISS exact search: SIMD loop or BLAS, by query batch",
+        "blas_threshold*.json",
+        "python bench/blas_threshold.py",
+        note="index_builder.faiss_index.BLAS_THRESHOLD (queries x dimension) switches to BLAS "
+        "from 4 queries at d=256: below that, BLAS costs up to 5x more per query.",
+    ),
+    Figure(
         "Service load",
         "service_load*.json",
         "python bench/service_load.py --demo-images 2000",

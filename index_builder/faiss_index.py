@@ -30,12 +30,14 @@ import numpy as np  # noqa: E402
 log = logging.getLogger(__name__)
 
 METRIC = faiss.METRIC_INNER_PRODUCT
-# Query batches at least this large use BLAS for exact distances; smaller ones the SIMD loop.
-# This faiss build defaults to 128000, which sends k-means (thousands of points against a few
-# hundred centroids) down the SIMD loop: 7x slower for IVF training and minutes instead of
-# seconds for PQ codebooks. One query is ~10x faster without BLAS, 64 or more are faster with
-# it (bench/index_bench.py measures both); 20 is faiss's long-standing default.
-BLAS_THRESHOLD = 20
+# Exact distances (flat indexes, IVF coarse quantizers, k-means) go through BLAS when queries x
+# dimension reaches this, else through the SIMD loop. This faiss build defaults to 128000,
+# which sends k-means (thousands of points against a few hundred centroids) down the SIMD loop:
+# 7x slower for IVF training and minutes instead of seconds for PQ codebooks. BLAS costs more
+# for one or two queries (one thread, d=256: 0.26 against 0.05 ms to probe 4096 centroids,
+# 7.0 against 3.7 ms over 100k vectors) and wins from four (bench/blas_threshold.py), so at
+# d=256 the switch comes at 4 queries.
+BLAS_THRESHOLD = 4 * 256
 faiss.cvar.distance_compute_blas_threshold = BLAS_THRESHOLD
 MAX_TRAIN = 200_000
 # A filtered search over a small subset (at most EXACT_ROWS rows and EXACT_FRACTION of the
