@@ -131,7 +131,7 @@ def choose_factory(n: int, dim: int, memory_budget: int) -> str:
     bench/index_bench.py measured HNSW32 recall@10 0.97 at 10k but 0.925 at 100k and 0.57 at 1M
     (efSearch 1024), where IVF-Flat reached 0.98 and 0.96 (docs/benchmarks.md). IVF-SQ8 with a
     re-rank of twice k reaches IVF-Flat's recall at every nprobe in a quarter of the memory and
-    about 2/3 of the time (bench/realistic_index.py: a realistic 1M gallery, held-out real
+    1/1.6 to 1/1.3 of the time (bench/realistic_index.py: a realistic 1M gallery, held-out real
     queries of the other modality)."""
     if n < 1:
         raise ValueError("cannot choose an index for an empty gallery")
