@@ -42,6 +42,7 @@ VARIANTS: dict[str, tuple[str, str, tuple[int, ...]]] = {
     "IVF-Flat, both modalities": ("IVF{nlist},Flat", "both", (1,)),
     "IVF-Flat, gap-shifted probes": ("IVF{nlist},Flat", "gap", (1,)),
     "IVF-SQ8 + re-rank": ("IVF{nlist},SQ8", "gallery", (1, 2, 4)),
+    "IVF-SQfp16 + re-rank": ("IVF{nlist},SQfp16", "gallery", (1, 2)),
     "IVF-HNSW-SQ8 + re-rank": ("IVF{many}_HNSW32,SQ8", "gallery", (2,)),
     "IVF-PQ64x4fs + re-rank": ("IVF{nlist},PQ64x4fs", "gallery", (4, 16)),
     "HNSW32": ("HNSW32", "gallery", (1,)),
