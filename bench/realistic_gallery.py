@@ -37,6 +37,8 @@ from typing import Any
 import faiss
 import numpy as np
 
+from index_builder.store import IndexStore
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench/results"
 CACHE = ROOT / "cots-data/cache/realistic"
@@ -72,17 +74,15 @@ def load_real(roots: list[Path]) -> Real:
     """The current version of each index root (built with `--factory Flat`), concatenated."""
     parts = []
     for root in roots:
-        version = root / "versions" / (root / "CURRENT").read_text().strip()
-        images = [json.loads(line) for line in (version / "images.jsonl").open()]
-        texts = [json.loads(line) for line in (version / "texts.jsonl").open()]
-        row = {item["id"]: i for i, item in enumerate(images)}
+        index = IndexStore(root).open()
+        texts = index.rows("text")
         parts.append(
             (
-                np.load(version / "image.npy"),
-                np.load(version / "text.npy"),
-                np.array([row[t["image_id"]] for t in texts]),
+                index.vectors["image"],
+                index.vectors["text"],
+                np.array([index.row_of("image", t["image_id"]) for t in texts]),
                 [t["text"] for t in texts],
-                [item["image"] for item in images],
+                [item["image"] for item in index.rows("image")],
             )
         )
     offsets = np.cumsum([0] + [len(p[0]) for p in parts])
@@ -321,7 +321,7 @@ def generated(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, Real]:
     """A generated gallery of `args.size` (images, captions), memory-mapped from the cache
     (sampled once per size, model and real roots), and the held-out real queries."""
     _, queries, model = fitted(args)
-    roots = "|".join(f"{p.resolve()}:{(p / 'CURRENT').read_text().strip()}" for p in args.real)
+    roots = "|".join(f"{p.resolve()}:{IndexStore(p).current()}" for p in args.real)
     key = f"{roots}|{args.clusters}|{args.rank}|{args.size}"
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
     CACHE.mkdir(parents=True, exist_ok=True)

@@ -169,9 +169,10 @@ def synthetic_assets(work: Path, bundle_dir: Path, n: int, factory: str | None) 
     """An index root whose current version holds n synthetic items, built for the bundle."""
     from index_builder.bundle import Bundle
 
-    check_factory(factory, n, Bundle.load(bundle_dir).embed_dim)
-    images, captions = synthetic_vectors(n, Bundle.load(bundle_dir).embed_dim)
-    return publish_vectors(work, bundle_dir, images, captions, factory, f"synthetic-{n}")
+    bundle = Bundle.load(bundle_dir)
+    check_factory(factory, n, bundle.embed_dim)
+    images, captions = synthetic_vectors(n, bundle.embed_dim)
+    return publish_vectors(work, bundle, images, captions, factory, f"synthetic-{n}")
 
 
 def check_factory(factory: str | None, n: int, dim: int) -> None:
@@ -184,7 +185,7 @@ def check_factory(factory: str | None, n: int, dim: int) -> None:
 
 def publish_vectors(
     work: Path,
-    bundle_dir: Path,
+    bundle: Any,
     images: np.ndarray,
     captions: np.ndarray,
     factory: str | None,
@@ -194,10 +195,8 @@ def publish_vectors(
     synthetic rows (item i: id syn<i>, one caption), published with the bundle's id."""
     from index_builder import faiss_index
     from index_builder.build import IndexOptions, publish
-    from index_builder.bundle import Bundle
     from index_builder.store import IndexStore
 
-    bundle = Bundle.load(bundle_dir)
     n = len(images)
     if factory:
         factory = factory.format(nlist=faiss_index.ivf_lists(n))
@@ -270,36 +269,33 @@ def realistic_assets(work: Path, args: argparse.Namespace) -> tuple[Path, bool, 
     """An index of a realistic gallery (bench/realistic_gallery.py) and held-out real queries:
     up to 1000 captions and 200 images, with their exact top 10; and whether the index was
     reused from an earlier run's --work."""
-    import faiss
-
     from index_builder.bundle import Bundle
+    from index_builder.faiss_index import exact_knn
 
-    check_factory(
-        args.synthetic_factory, args.realistic_gallery, Bundle.load(args.bundle).embed_dim
-    )
+    bundle = Bundle.load(args.bundle)
+    check_factory(args.synthetic_factory, args.realistic_gallery, bundle.embed_dim)
     model_args = argparse.Namespace(
         real=args.real, clusters=args.clusters, rank=args.rank, size=args.realistic_gallery
     )
     images, captions, held_out = generated(model_args)
     name = f"realistic-{len(images)}-{args.synthetic_factory or 'automatic'}"
     index = work / "index"
-    reused = reusable(index, name, Bundle.load(args.bundle).bundle_id)
+    reused = reusable(index, name, bundle.bundle_id)
     if reused:
         print(f"reusing the index under {index}", flush=True)
     else:
-        publish_vectors(work, args.bundle, images, captions, args.synthetic_factory, name)
+        publish_vectors(work, bundle, images, captions, args.synthetic_factory, name)
     rng = np.random.default_rng(0)
     texts = rng.permutation(len(held_out.texts))[:1000]
     files = rng.permutation(len(held_out.image_files))[:200]
-    exact = lambda q, g: faiss.knn(q, np.asarray(g), 10, faiss.METRIC_INNER_PRODUCT)[1]  # noqa: E731
     return (
         index,
         reused,
         Queries(
             texts=[held_out.texts[i] for i in texts],
             images=[Path(held_out.image_files[i]).read_bytes() for i in files],
-            text_truth=exact(held_out.captions[texts], images),
-            image_truth=exact(held_out.images[files], captions),
+            text_truth=exact_knn(held_out.captions[texts], [images], 10),
+            image_truth=exact_knn(held_out.images[files], [captions], 10),
         ),
     )
 

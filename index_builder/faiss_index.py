@@ -463,10 +463,10 @@ def search_index(
     exactly when the vectors are stored. Exact (Flat) indexes always take the selector: it
     skips rows without copying any. With `rerank` > 1 and stored vectors, the index returns
     rerank x k candidates and the top k of them are re-scored exactly (`rerank`)."""
-    depth = k * rerank if stored is not None else k
+    per_hit = rerank if stored is not None else 1  # candidates per hit
     if mask is None:
         k = min(k, index.ntotal)
-        scores, rows = search(index, queries, k, min(depth, index.ntotal))
+        scores, rows = search(index, queries, k, min(k * per_hit, index.ntotal))
         return _refined(stored, queries, scores, rows, k)
     allowed = np.flatnonzero(mask)
     k = min(k, len(allowed))
@@ -475,7 +475,7 @@ def search_index(
         return empty.astype(np.float32), empty.astype(np.int64)
     if stored is not None and exact_subset(len(allowed), len(mask), tunable_param(index)):
         return _exact_among(stored, allowed, queries, k)
-    depth = min(k * rerank if stored is not None else k, len(allowed))
+    depth = min(k * per_hit, len(allowed))
     bits = np.packbits(mask, bitorder="little")
     selector = faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bits))
     params = _widened(index, depth, len(allowed) / index.ntotal, selector)

@@ -137,20 +137,12 @@ def _check_texts(texts: Sequence[str], single: bool, settings: Settings) -> None
             raise InvalidInput(f"{label}: not valid Unicode (lone surrogate)") from None
 
 
-def _urls(request: Request, image_id: str) -> dict[str, Any]:
-    url = f"{request.scope.get('root_path', '')}/images/{quote(image_id, safe='')}"
-    return {"url": url, "thumbnail_url": f"{url}?size={THUMBNAIL_SIZE}"}
-
-
 def _image_hit(
     request: Request, gallery: Searcher, hit: dict[str, Any], paths: bool
 ) -> dict[str, Any]:
     """An `ImageHit`: its fields in order, a None one left out."""
     shaped = {key: hit[key] for key in _IMAGE_HIT_KEYS}
-    shaped.update(_urls(request, hit["id"]))
-    if paths:
-        shaped["image_path"] = str(gallery.image_path(hit["id"]))
-    return shaped
+    return {**shaped, **_links(request, gallery, hit["id"], paths)}
 
 
 def _text_hit(
@@ -165,10 +157,16 @@ def _text_hit(
     index = gallery.index
     if not index.has("image") or index.row_of("image", image_id) is None:
         return shaped
-    shaped.update(_urls(request, image_id))
+    return {**shaped, **_links(request, gallery, image_id, paths)}
+
+
+def _links(request: Request, gallery: Searcher, image_id: str, paths: bool) -> dict[str, Any]:
+    """The URLs of a gallery image, and its server path when paths are exposed."""
+    url = f"{request.scope.get('root_path', '')}/images/{quote(image_id, safe='')}"
+    links = {"url": url, "thumbnail_url": f"{url}?size={THUMBNAIL_SIZE}"}
     if paths:
-        shaped["image_path"] = str(gallery.image_path(image_id))
-    return shaped
+        links["image_path"] = str(gallery.image_path(image_id))
+    return links
 
 
 _IMAGE_HIT_KEYS = ("id", "score", "rank", "captions", "meta")
