@@ -38,10 +38,14 @@ class ImageEncoder(nn.Module):
         super().__init__()
         self.tower, self.proj = model.image_tower, model.image_proj
         self.token_map, self.shared = model.image_map, model.shared
+        self.semantic, self.semantic_proj = model.semantic, model.semantic_proj
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         features = self.tower(pixels)
-        return stream_embedding(features, self.proj, self.token_map, self.shared)  # (B, D)
+        branch = None if self.semantic is None else (self.semantic, self.semantic_proj)
+        return stream_embedding(
+            features, self.proj, self.token_map, self.shared, semantic=branch
+        )  # (B, D)
 
 
 class TextEncoder(nn.Module):

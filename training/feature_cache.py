@@ -47,6 +47,7 @@ TOKEN_ARRAYS = ("image_tokens", "text_tokens")
 # Model config keys that do not change what the towers output (the weights count through
 # their digest, the tokenizer through its file's hash; the rest follows the towers).
 NOT_TOWER = ("name", "embed_dim", "tokenizer", "image_weights", "text_weights")
+NOT_TOWER += ("semantic_classes", "semantic_temperature", "semantic_top")  # after the towers
 
 
 def default_root() -> Path:
@@ -267,6 +268,7 @@ def cached_model(model: TwoTower, feats: SplitFeatures) -> TwoTower:
     )
     cached.image_proj, cached.text_proj = model.image_proj, model.text_proj
     cached.image_map, cached.text_map, cached.shared = model.image_map, model.text_map, model.shared
+    cached.semantic, cached.semantic_proj = model.semantic, model.semantic_proj
     object.__setattr__(cached, "source", model)  # not a submodule: never saved twice
     return cached
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from index_builder.preprocess import ImageSpec, TextSpec, TextTokenizer, default_tokenizer_json
 from index_builder.video import VideoSpec
+from training.semantic import SemanticHead, class_texts, conse_start, embed_class_texts
 from training.shared_transformer import POOLING as SHARED_POOLING
 from training.shared_transformer import SharedTransformer
 from training.towers import weights
@@ -76,6 +77,12 @@ class ModelConfig:
     shared_heads: int = 4
     shared_mlp_ratio: float = 4.0
     shared_pooling: str = "mean"  # mean over the real tokens, or cls (a learned query token)
+    # The semantic branch (training/semantic.py): None = none; "imagenet" (or a class TSV) =
+    # the image tower's pretrained classifier read through the text tower (ConSE), projected
+    # beside the visual projection; the model then starts as ConSE (`conse_start`).
+    semantic_classes: str | None = None
+    semantic_temperature: float = 1.0  # of the classifier's softmax
+    semantic_top: int = 5  # classes kept and renormalised (ConSE's T); 0 = all
 
     def __post_init__(self) -> None:
         self.image_mean = tuple(self.image_mean)  # type: ignore[assignment]
@@ -104,6 +111,23 @@ class ModelConfig:
         if self.video_frames:
             self.video_spec()  # an unknown pooling is a ValueError here
         self._check_shared()
+        self._check_semantic()
+
+    def _check_semantic(self) -> None:
+        if self.semantic_classes is None:
+            return
+        if self.image_tower != "efficientnet_lite0" or self.video_frames:
+            raise ValueError(
+                "semantic_classes needs the efficientnet_lite0 image tower on images "
+                "(its classifier head); set semantic_classes=null"
+            )
+        if self.shared_layers:
+            raise ValueError("semantic_classes does not combine with shared_layers (COOKIE)")
+        if self.semantic_temperature <= 0 or self.semantic_top < 0:
+            raise ValueError(
+                f"semantic_temperature must be > 0 and semantic_top >= 0, got "
+                f"{self.semantic_temperature} and {self.semantic_top}"
+            )
 
     def _check_shared(self) -> None:
         if self.shared_layers < 0:
@@ -193,16 +217,22 @@ def stream_embedding(
     shared: nn.Module | None = None,
     mask: torch.Tensor | None = None,
     normalize: bool = True,
+    semantic: tuple[nn.Module, nn.Module] | None = None,
 ) -> torch.Tensor:
     """One stream's tower output -> its embedding (B, D): the pooled state, or with COOKIE's
     shared transformer the token sequence mapped to the shared width, run through it and
-    pooled; then the projection and L2 normalisation. Training and export both call this."""
+    pooled; then the projection, plus (image side, `semantic` = (head, projection)) the
+    projected ConSE vector of the pooled state; then L2 normalisation. Training and export
+    both call this."""
     if shared is None:
         pooled = features["pooled"]  # (B, W)
     else:
         assert token_map is not None
         pooled = shared(token_map(features["tokens"]), mask)  # (B, N, W) -> (B, C)
     embedding = proj(pooled)  # (B, D)
+    if semantic is not None:
+        head, semantic_proj = semantic
+        embedding = embedding + semantic_proj(head(features["pooled"]))  # (B, D)
     return F.normalize(embedding, dim=-1) if normalize else embedding
 
 
@@ -248,6 +278,25 @@ class TwoTower(nn.Module):
         self.text_proj = nn.Linear(text_width, config.embed_dim, bias=False)
         for proj in (self.image_proj, self.text_proj):
             nn.init.normal_(proj.weight, std=proj.in_features**-0.5)
+        self.semantic: SemanticHead | None = None
+        self.semantic_proj: nn.Linear | None = None
+        if config.semantic_classes is not None:
+            classes = len(class_texts(config.semantic_classes))
+            self.semantic = SemanticHead(
+                image_tower.width,
+                classes,
+                text_tower.width,
+                config.semantic_temperature,
+                config.semantic_top,
+            )
+            self.semantic_proj = nn.Linear(text_tower.width, config.embed_dim, bias=False)
+
+    @property
+    def semantic_branch(self) -> tuple[nn.Module, nn.Module] | None:
+        """(head, projection) of the semantic branch, or None."""
+        if self.semantic is None or self.semantic_proj is None:
+            return None
+        return self.semantic, self.semantic_proj
 
     @property
     def image_grid(self) -> tuple[int, int]:
@@ -267,7 +316,13 @@ class TwoTower(nn.Module):
     def embed_image(self, features: dict, normalize: bool = True) -> torch.Tensor:
         """The image tower's output (`image_features`) -> embedding (B, D)."""
         return stream_embedding(
-            features, self.image_proj, self.image_map, self.shared, None, normalize
+            features,
+            self.image_proj,
+            self.image_map,
+            self.shared,
+            None,
+            normalize,
+            self.semantic_branch,
         )
 
     def embed_text(
@@ -313,7 +368,25 @@ def build_model(config: ModelConfig, load_weights: bool = True) -> TwoTower:
         from training.video import VideoTwoTower
 
         return VideoTwoTower(config, image_tower, text_tower, tokenizer_json)
-    return TwoTower(config, image_tower, text_tower, tokenizer_json)
+    model = TwoTower(config, image_tower, text_tower, tokenizer_json)
+    if load_weights and model.semantic is not None and model.semantic_proj is not None:
+        start_semantic(model, config)
+    return model
+
+
+def start_semantic(model: TwoTower, config: ModelConfig) -> None:
+    """The semantic branch from the pretrained towers: the image classifier's weights, the
+    text tower's class embeddings, and the ConSE start of the projections."""
+    assert model.semantic is not None and model.semantic_proj is not None
+    if not config.image_weights:
+        raise ValueError("semantic_classes needs image_weights (the pretrained classifier)")
+    state = weights.read_state_dict(weights.resolve_weights(config.image_weights))
+    head = {k.removeprefix("_fc."): v for k, v in state.items() if k.startswith("_fc.")}
+    weights.load_strict(model.semantic.classifier, head, f"{config.image_weights} _fc")
+    texts = class_texts(config.semantic_classes or "")
+    embeddings = embed_class_texts(model.text_tower, model.tokenizer_json, texts)
+    model.semantic.class_embeddings.copy_(embeddings)
+    conse_start(model.semantic_proj, model.text_proj, model.image_proj, embeddings)
 
 
 def build_image_tower(config: ModelConfig, load_weights: bool = True) -> nn.Module:
