@@ -58,6 +58,9 @@ class DataSection:
     # Also cache the token sequences when the model does not need them (a ladder whose first
     # rung has no shared transformer fills the cache entry the later rungs read).
     cache_tokens: bool = False
+    # A merged dataset (`cots data merge`): sampling weight per gallery (unlisted: 1); the
+    # weight multiplies how many of that gallery's pairs one epoch draws.
+    gallery_weights: dict[str, float] = field(default_factory=dict)
     # Where those outputs are kept between runs: "" = $COTS_HOME/cache/features, a directory,
     # or "memory" (computed for this run only).
     feature_store: str = ""

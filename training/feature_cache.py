@@ -38,6 +38,7 @@ from index_builder.manifest import image_path, manifest_path
 from index_builder.preprocess import TextTokenizer, load_image, preprocess_image, sha256_file
 from training.evaluate import retrieval_metrics, split_records
 from training.model import TwoTower
+from training.sources import per_gallery_metrics
 
 log = logging.getLogger(__name__)
 VERSION = 1
@@ -329,12 +330,15 @@ def embed_features(
 
 
 class CachedEvaluator:
-    """SplitEvaluator's interface over cached validation features (same metrics)."""
+    """SplitEvaluator's interface over cached validation features (same metrics; with the
+    records' `galleries` of a merged dataset, each gallery's too)."""
 
-    def __init__(self, feats: SplitFeatures) -> None:
-        self.feats = feats
+    def __init__(self, feats: SplitFeatures, galleries: np.ndarray | None = None) -> None:
+        self.feats, self.galleries = feats, galleries
 
     def evaluate(self, model: TwoTower, device: torch.device | str = "cpu") -> dict[str, float]:
         image, text = embed_features(model, self.feats, device)
         metrics = retrieval_metrics(image, text, self.feats.owner)
+        if self.galleries is not None:
+            metrics |= per_gallery_metrics(image, text, self.feats.owner, self.galleries)
         return {**metrics, "images": len(image), "captions": len(text)}

@@ -28,6 +28,7 @@ from training.feature_cache import (
 from training.model import ModelConfig, build_model, load_preset
 from training.objectives import build_objectives, needs_memory
 from training.objectives.cookie import check_pairs
+from training.sources import WeightedGalleries, record_galleries
 from training.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,9 @@ def prepare(cfg: TrainConfig, data: str | Path, out: str | Path, resume: bool = 
     want_eval = dist.is_main and has_val
     parts = video_parts if model_cfg.video_frames else image_parts
     objectives, dataset, evaluator = parts(cfg, model_cfg, data, resume, want_eval)
+    galleries = record_galleries(load_records(data, "train"))
+    if d.gallery_weights or len(set(galleries.tolist())) > 1:
+        dataset = WeightedGalleries(dataset, galleries, d.gallery_weights, cfg.train.seed)
     trainer = Trainer(cfg, objectives, dataset, out, dist, evaluator)
     if resume:
         trainer.resume(Path(out) / LAST)
@@ -136,7 +140,8 @@ def image_parts(
         evaluator: SplitEvaluator | CachedEvaluator | None = None
         if want_eval:
             val = store.load(model, data, d.val_split, tokens, d.eval_batch_size)
-            evaluator = CachedEvaluator(val)
+            galleries = record_galleries(load_records(data, d.val_split))
+            evaluator = CachedEvaluator(val, galleries)
         return objectives, dataset, evaluator
     model = build_model(model_cfg, load_weights=not resume)
     objectives = build_objectives(cfg, model)

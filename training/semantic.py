@@ -126,7 +126,7 @@ def conse_start(
         q = torch.eye(dim)
     elif dim < width:
         centred = class_embeddings - class_embeddings.mean(0)
-        q = torch.linalg.svd(centred, full_matrices=False).Vh[:dim]  # (D, Dt) orthonormal rows
+        q = torch.linalg.svd(centred, full_matrices=True).Vh[:dim]  # (D, Dt) orthonormal rows
     else:
         raise ValueError(f"embed_dim {dim} exceeds the text width {width}: no ConSE start")
     semantic_proj.weight.copy_(q)

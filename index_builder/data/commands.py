@@ -119,6 +119,12 @@ def _webdataset(args: argparse.Namespace) -> int:
     return _report(import_webdataset(ReadConfig(args.shards), _out(args)))
 
 
+def _merge(args: argparse.Namespace) -> int:
+    from index_builder.data.merge import MergeConfig, import_merge, parse_galleries
+
+    return _report(import_merge(MergeConfig(parse_galleries(args.galleries)), _out(args)))
+
+
 def _to_webdataset(args: argparse.Namespace) -> int:
     from index_builder.data.wds import WriteConfig, write_webdataset
 
@@ -311,6 +317,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "shards", help="a shard or brace pattern such as shards-{000..009}.tar (quote it)"
+    )
+
+    p = _source(
+        sources,
+        "merge",
+        "several galleries as one, each record tagged with its gallery (meta.gallery)",
+        _merge,
+        "cots data merge openclipart=cots-data/datasets/openclipart "
+        "emoji=cots-data/datasets/emoji --name mixed",
+    )
+    p.add_argument(
+        "galleries",
+        nargs="+",
+        metavar="NAME=DIR",
+        help="dataset directories (NAME= optional: the folder's name by default)",
     )
 
     p = _source(

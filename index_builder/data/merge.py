@@ -1,0 +1,76 @@
+"""`cots data merge`: one gallery made of several, each record tagged with its gallery.
+
+The merged manifest points at the source galleries' images in place (relative paths when the
+galleries sit side by side, absolute otherwise): nothing is copied. Each record keeps its
+split and gains `meta.gallery`, which training reads for per-gallery sampling weights and
+per-gallery metrics (training/sources.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from index_builder.data.common import ImportResult, Skips, fingerprint, run_import
+from index_builder.manifest import Record, image_path, manifest_path, read_manifest
+
+GALLERY_KEY = "gallery"
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    galleries: tuple[tuple[str, Path], ...]  # (name, dataset directory)
+
+    def __post_init__(self) -> None:
+        names = [name for name, _ in self.galleries]
+        if len(self.galleries) < 2:
+            raise ValueError("merge needs at least two galleries (NAME=DIR ...)")
+        if len(set(names)) != len(names):
+            raise ValueError(f"gallery names must differ, got {', '.join(names)}")
+        for name, path in self.galleries:
+            manifest_path(path)  # FileNotFoundError naming the missing dataset
+
+
+def parse_galleries(specs: list[str]) -> tuple[tuple[str, Path], ...]:
+    """["NAME=DIR", ...] or plain directories (named by their folder)."""
+    out = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        out.append((name, Path(path)) if sep else (Path(spec).name, Path(spec)))
+    return tuple(out)
+
+
+def import_merge(cfg: MergeConfig, out: Path) -> ImportResult:
+    out = Path(out)
+    manifests = [manifest_path(path) for _, path in cfg.galleries]
+    options = {"galleries": [name for name, _ in cfg.galleries], "out": str(out.resolve())}
+    fp = fingerprint("merge", options, manifests)
+    info = {"name": out.name, "source": "merge", "galleries": options["galleries"]}
+    return run_import(out, info, fp, lambda skips, splits: _records(cfg, out, skips))
+
+
+def _records(cfg: MergeConfig, out: Path, skips: Skips) -> Iterator[Record]:
+    out.mkdir(parents=True, exist_ok=True)
+    seen: set[str] = set()
+    for name, path in cfg.galleries:
+        for record in read_manifest(path):
+            if record.id in seen:
+                skips.add("id already taken by an earlier gallery", record.id)
+                continue
+            seen.add(record.id)
+            yield dataclasses.replace(
+                record,
+                image=_relative(image_path(path, record), out),
+                meta={**record.meta, GALLERY_KEY: name},
+            )
+
+
+def _relative(image: Path, out: Path) -> str:
+    image = image.resolve()
+    try:
+        return os.path.relpath(image, out.resolve())
+    except ValueError:  # another drive
+        return str(image)

@@ -1,0 +1,138 @@
+"""The semantic branch: ConSE from the image tower's classifier, read through the text tower."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from index_builder.preprocess import TextTokenizer, load_image, preprocess_image
+from training.model import ModelConfig, build_model, load_preset
+from training.semantic import SemanticHead, class_texts
+from training.towers.efficientnet_lite import EfficientNetLite0
+
+CLASSES = ["cat", "dog", "rocket", "apple", "flower", "clock", "mountain", "boat"]
+
+
+def small_config(tmp_path: Path, **options) -> ModelConfig:
+    """EfficientNet-Lite0 (random weights saved in lukemelas naming, with a `_fc` head over
+    the classes of a small TSV) and a tiny random text tower."""
+    torch.manual_seed(0)
+    state = {k: v for k, v in EfficientNetLite0(64).state_dict().items() if "mask" not in k}
+    state["_fc.weight"] = torch.randn(len(CLASSES), 1280) * 0.05
+    state["_fc.bias"] = torch.zeros(len(CLASSES))
+    torch.save(state, tmp_path / "lite.pth")
+    tsv = tmp_path / "classes.tsv"
+    tsv.write_text("".join(f"c{i}\t{name}\ta {name}\n" for i, name in enumerate(CLASSES)))
+    tiny = load_preset("tiny").to_dict()
+    return ModelConfig.from_dict(
+        {
+            **tiny,
+            "image_tower": "efficientnet_lite0",
+            "image_weights": str(tmp_path / "lite.pth"),
+            "semantic_classes": str(tsv),
+            **options,
+        }
+    )
+
+
+def test_head_is_conse_top_t_renormalised():
+    torch.manual_seed(1)
+    head = SemanticHead(6, 5, 4, temperature=2.0, top=2)
+    head.class_embeddings.copy_(F.normalize(torch.randn(5, 4), dim=-1))
+    pooled = torch.randn(3, 6)
+    logits = (pooled @ head.classifier.weight.T + head.classifier.bias) / 2.0
+    expected = []
+    for row in logits:
+        top = row.argsort(descending=True)[:2]
+        p = torch.exp(row[top]) / torch.exp(row[top]).sum()
+        expected.append((p[:, None] * head.class_embeddings[top]).sum(0))
+    assert torch.allclose(head(pooled), torch.stack(expected), atol=1e-6)
+    head.top = 0  # every class
+    full = torch.softmax(logits, -1) @ head.class_embeddings
+    assert torch.allclose(head(pooled), full, atol=1e-6)
+
+
+def test_step_zero_is_conse(tmp_path):
+    """At step 0 an image embeds as its ConSE vector and a caption as its text-tower
+    embedding (embed_dim = text width: the identity start), so rankings are ConSE's."""
+    model = build_model(small_config(tmp_path)).eval()
+    assert model.semantic is not None
+    pixels = torch.randn(4, 3, 64, 64)
+    ids, mask = TextTokenizer(model.tokenizer_json, 32)(["a cat", "a rocket at night"])
+    ids, mask = torch.from_numpy(ids), torch.from_numpy(mask)
+    with torch.no_grad():
+        pooled = model.image_tower(pixels)["pooled"]
+        logits = pooled @ model.semantic.classifier.weight.T + model.semantic.classifier.bias
+        texts = [f"{name}: a {name}" for name in CLASSES]
+        cid, cmask = TextTokenizer(model.tokenizer_json, 128)(texts)
+        classes = model.text_tower(torch.from_numpy(cid), torch.from_numpy(cmask))["pooled"]
+        classes = F.normalize(classes, dim=-1)
+        values, top = logits.topk(5, -1)
+        conse = (torch.softmax(values, -1)[..., None] * classes[top]).sum(1)
+        caption = model.text_tower(ids, mask)["pooled"]
+        reference = F.normalize(caption, dim=-1) @ F.normalize(conse, dim=-1).T
+        got = model.encode_text(ids, mask) @ model.encode_image(pixels).T
+    assert torch.allclose(got, reference, atol=1e-5)
+
+
+def test_narrow_joint_space_starts_near_conse(tmp_path):
+    """embed_dim below the text width: Q is the class texts' top principal directions, and
+    the semantic and text projections share it."""
+    model = build_model(small_config(tmp_path, embed_dim=16))
+    assert model.semantic_proj is not None
+    q = model.text_proj.weight
+    assert torch.equal(q, model.semantic_proj.weight)
+    assert torch.allclose(q @ q.T, torch.eye(16), atol=1e-5)
+    assert not model.image_proj.weight.any()
+
+
+def test_classifier_and_class_embeddings_are_frozen_and_saved(tmp_path):
+    model = build_model(small_config(tmp_path))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "semantic_proj.weight" in trainable
+    assert not any(n.startswith("semantic.") for n in trainable)
+    state = model.state_dict()
+    assert state["semantic.class_embeddings"].abs().sum() > 0
+    fresh = build_model(model.config, load_weights=False)
+    fresh.load_state_dict(state)  # a checkpoint restores the branch without the weights
+    assert torch.equal(fresh.semantic.class_embeddings, model.semantic.class_embeddings)
+
+
+def test_config_refuses_what_has_no_classifier():
+    tiny = load_preset("tiny").to_dict()
+    with pytest.raises(ValueError, match="efficientnet_lite0"):
+        ModelConfig.from_dict({**tiny, "semantic_classes": "imagenet"})
+    with pytest.raises(ValueError, match="semantic_top"):
+        ModelConfig.from_dict(
+            {**tiny, "image_tower": "efficientnet_lite0", "semantic_classes": "imagenet",
+             "semantic_top": -1}
+        )
+
+
+def test_shipped_imagenet_class_texts():
+    texts = class_texts("imagenet")
+    assert len(texts) == 1000
+    assert texts[0].startswith("tench, Tinca tinca: freshwater")
+    assert texts[281].startswith("tabby, tabby cat: ")  # class 281 of ImageNet-1k
+
+
+def test_pretrained_step_zero_reads_a_photo(tmp_path):
+    """The shipped weights: a portrait of a naval officer embeds nearest the caption of a
+    uniformed person among unrelated ones, with no training."""
+    import matplotlib
+
+    config = load_preset("lite").to_dict()
+    config |= {"semantic_classes": "imagenet", "image_size": 192, "embed_dim": 384}
+    model = build_model(ModelConfig.from_dict(config)).eval()
+    photo = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    pixels = preprocess_image(load_image(photo, model.image_spec.background), model.image_spec)
+    captions = ["a red apple", "a woman in a military uniform", "a cat", "mountains"]
+    ids, mask = TextTokenizer(model.tokenizer_json, 32)(captions)
+    with torch.no_grad():
+        image = model.encode_image(torch.from_numpy(np.stack([pixels])))
+        text = model.encode_text(torch.from_numpy(ids), torch.from_numpy(mask))
+    assert captions[int((text @ image[0]).argmax())] == "a woman in a military uniform"
