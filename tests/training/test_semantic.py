@@ -136,3 +136,28 @@ def test_pretrained_step_zero_reads_a_photo(tmp_path):
         image = model.encode_image(torch.from_numpy(np.stack([pixels])))
         text = model.encode_text(torch.from_numpy(ids), torch.from_numpy(mask))
     assert captions[int((text @ image[0]).argmax())] == "a woman in a military uniform"
+
+
+def test_branch_exports_inside_the_image_encoder(tmp_path):
+    """The ONNX image encoder holds the whole branch (parity checked at export), so the
+    bundle, index and service need nothing new; a perturbed branch changes the bundle's
+    output, so it is really in the graph."""
+    from index_builder.bundle import Bundle
+    from index_builder.encoders import ImageEncoder
+    from training.checkpoint import save_checkpoint
+    from training.export import export_bundle
+
+    model = build_model(small_config(tmp_path, embed_dim=16)).eval()
+    torch.nn.init.normal_(model.image_proj.weight, std=0.05)  # both parts matter
+    save_checkpoint(tmp_path / "ckpt", model, {"step": 0})
+    export_bundle(tmp_path / "ckpt", tmp_path / "bundle")
+    bundle = Bundle.load(tmp_path / "bundle")
+    assert bundle.info["parity"]["max_abs_error"]["image"] <= 1e-4
+    pixels = np.random.default_rng(0).standard_normal((3, 3, 64, 64)).astype(np.float32)
+    onnx_out = ImageEncoder(bundle).encode_pixels(pixels)
+    with torch.no_grad():
+        torch_out = model.encode_image(torch.from_numpy(pixels)).numpy()
+        assert np.abs(onnx_out - torch_out).max() <= 1e-4
+        model.semantic_proj.weight.zero_()
+        without = model.encode_image(torch.from_numpy(pixels)).numpy()
+    assert np.abs(onnx_out - without).max() > 1e-2
