@@ -141,6 +141,13 @@ class CookieSection(UnitSection):
 
 
 @dataclass
+class AnchorSection(UnitSection):
+    """Distillation toward the step-0 model (training/objectives/anchor.py)."""
+
+    teacher_temperature: float = 0.05  # of the step-0 model's in-batch similarities
+
+
+@dataclass
 class ObjectivesSection:
     # Units run in this order each step (a sample filter must come before the losses it weights).
     amf: AmfSection = field(default_factory=AmfSection)  # noisy-pair filter (COTS)
@@ -149,6 +156,7 @@ class ObjectivesSection:
     kl: UnitSection = field(default_factory=UnitSection)  # task-level KL (COTS), after instance
     mvlm: MvlmSection = field(default_factory=MvlmSection)  # token level (COTS)
     cookie: CookieSection = field(default_factory=CookieSection)  # knowledge sharing (COOKIE)
+    anchor: AnchorSection = field(default_factory=AnchorSection)  # keep step 0's knowledge
 
 
 @dataclass

@@ -19,9 +19,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from index_builder import paths
 from index_builder.bundle import PRECISIONS, Bundle, write_bundle
 from index_builder.preprocess import TextTokenizer, sha256_file
-from training.model import stream_embedding
+from training.checkpoint import save_checkpoint
+from training.config import load_config
+from training.model import build_model, stream_embedding
+from training.run import model_config
 
 log = logging.getLogger(__name__)
 OPSET = 17
@@ -231,6 +235,15 @@ def retrieval_effect(
             effect[name] = {k: round(v, 2) for k, v in metrics.items()}
         effect["rsum_change"] = round(effect["variant"]["rsum"] - effect["fp32"]["rsum"], 2)
     return effect
+
+
+def step_zero_checkpoint(recipe: str, sets: list[str]) -> Path:
+    """The recipe's model as built, before any training, saved as a checkpoint under
+    $COTS_HOME/runs/<name>-step0 (what a run's step 0 is)."""
+    cfg = load_config(recipe, sets)
+    model = build_model(model_config(cfg)).eval()
+    out = paths.home() / "runs" / f"{cfg.name}-step0"
+    return save_checkpoint(out, model, {"step": 0, "recipe": cfg.name, "overrides": sets})
 
 
 def export_bundle(

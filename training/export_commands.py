@@ -14,7 +14,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Export the two towers of a checkpoint to an ONNX bundle, checked against "
         "torch (refused above a tolerance).",
     )
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="checkpoint directory")
+    source.add_argument(
+        "--recipe",
+        help="a recipe's model before any training (its pretrained towers; with the semantic "
+        "branch, ConSE): its step-0 checkpoint is written to $COTS_HOME/runs/RECIPE-step0",
+    )
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --recipe: override a recipe value (e.g. model.options.embed_dim=384)",
+    )
     parser.add_argument("--out", required=True, help="bundle directory to write")
     parser.add_argument(
         "--precision", choices=PRECISIONS, default="fp32", help="fp32, fp16 (GPU), int8 (CPU)"
@@ -29,10 +43,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from training.export import export_bundle
+    from training.export import export_bundle, step_zero_checkpoint
 
+    checkpoint = args.checkpoint
+    if args.recipe:
+        checkpoint = step_zero_checkpoint(args.recipe, args.sets)
+        print(f"step-0 checkpoint of {args.recipe}: {checkpoint}")
+    elif args.sets:
+        raise ValueError("--set applies to --recipe only")
     bundle = export_bundle(
-        args.checkpoint,
+        checkpoint,
         args.out,
         args.precision,
         args.tolerance,

@@ -1,4 +1,4 @@
-"""The image tower's semantic branch: what its ImageNet classifier knows, read through the text tower.
+"""The image tower's semantic branch: its ImageNet classifier read through the text tower.
 
 ConSE (Norouzi et al., ICLR 2014, "Zero-Shot Learning by Convex Combination of Semantic
 Embeddings"): the classifier's probabilities over the 1,000 ImageNet classes, kept for the top
@@ -75,7 +75,9 @@ class SemanticHead(nn.Module):
 
 
 @torch.no_grad()
-def embed_class_texts(text_tower: nn.Module, tokenizer_json: Path, texts: list[str]) -> torch.Tensor:
+def embed_class_texts(
+    text_tower: nn.Module, tokenizer_json: Path, texts: list[str]
+) -> torch.Tensor:
     """(C, Dt) unit embeddings of the class texts by the (pretrained) text tower, cached on
     disk by the tower's weights, the tokenizer and the texts: computing them takes seconds."""
     key = _cache_key(text_tower, tokenizer_json, texts)

@@ -30,7 +30,7 @@ class MergeConfig:
             raise ValueError("merge needs at least two galleries (NAME=DIR ...)")
         if len(set(names)) != len(names):
             raise ValueError(f"gallery names must differ, got {', '.join(names)}")
-        for name, path in self.galleries:
+        for _, path in self.galleries:
             manifest_path(path)  # FileNotFoundError naming the missing dataset
 
 

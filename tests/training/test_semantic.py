@@ -108,8 +108,12 @@ def test_config_refuses_what_has_no_classifier():
         ModelConfig.from_dict({**tiny, "semantic_classes": "imagenet"})
     with pytest.raises(ValueError, match="semantic_top"):
         ModelConfig.from_dict(
-            {**tiny, "image_tower": "efficientnet_lite0", "semantic_classes": "imagenet",
-             "semantic_top": -1}
+            {
+                **tiny,
+                "image_tower": "efficientnet_lite0",
+                "semantic_classes": "imagenet",
+                "semantic_top": -1,
+            }
         )
 
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from training.config import TrainConfig
 from training.objectives.amf import AmfObjective
+from training.objectives.anchor import AnchorObjective
 from training.objectives.base import MomentumMemory, Objective, StepContext, Temperature
 from training.objectives.clip import ClipObjective
 from training.objectives.cookie import CookieObjective
@@ -35,6 +36,7 @@ UNITS: dict[str, type[Objective]] = {
         KlObjective,
         MvlmObjective,
         CookieObjective,
+        AnchorObjective,
     )
 }
 
