@@ -19,7 +19,17 @@ EXTRA_OF = {
 }
 # Other spellings of a command: `cots train tokenizer ...` runs `cots tokenizer train ...`.
 ALIASES: dict[tuple[str, ...], tuple[str, ...]] = {("train", "tokenizer"): ("tokenizer", "train")}
-COMMAND_ORDER = ("data", "train", "eval", "eval-zero-shot", "export", "index", "serve", "demo", "ablate")
+COMMAND_ORDER = (
+    "data",
+    "train",
+    "eval",
+    "eval-zero-shot",
+    "export",
+    "index",
+    "serve",
+    "demo",
+    "ablate",
+)
 
 DESCRIPTION = """\
 cots: cross-modal retrieval (search images with text, text with images) on the

@@ -43,8 +43,12 @@ def evaluate_bundles(
             start = time.perf_counter()
             results[name][suite.name] = suite.score(encoders)
             seconds[name][suite.name] = round(time.perf_counter() - start, 2)
-            log.info("%s on %s: %s", name, suite.name, suite.format(suite.headline,
-                     results[name][suite.name]))  # fmt: skip
+            log.info(
+                "%s on %s: %s",
+                name,
+                suite.name,
+                suite.format(suite.headline, results[name][suite.name]),
+            )
     return {
         "bundles": {
             name: {

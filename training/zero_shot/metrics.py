@@ -1,5 +1,10 @@
 """Ranking metrics on NumPy similarity matrices: mAP, precision@K, first-hit ranks, hits@K,
-MRR, and recall@K both ways with several captions per image (Karpathy protocol)."""
+MRR, and recall@K both ways with several captions per image (Karpathy protocol).
+
+Ties count against the query: an item that scores the same as a right one ranks ahead of
+it. A collapsed model (every embedding alike) then scores zero rather than everything (the
+optimistic convention of `training.evaluate`, harmless for trained checkpoints, flatters a
+broken bundle); real models rarely tie."""
 
 from __future__ import annotations
 
@@ -9,34 +14,37 @@ import numpy as np
 
 
 def first_relevant_rank(sims: np.ndarray, relevant: np.ndarray) -> np.ndarray:
-    """0-based rank of each query's best-ranked relevant item (Q,): how many items score
-    strictly higher (ties go to the relevant item, as in `training.evaluate`). A query with
-    no relevant item is a ValueError."""
+    """0-based rank of each query's best-ranked relevant item (Q,): how many irrelevant items
+    score as high or higher. A query with no relevant item is a ValueError."""
     sims, relevant = np.asarray(sims, np.float64), np.asarray(relevant, bool)  # (Q, G)
     if sims.shape != relevant.shape:
         raise ValueError(f"sims {sims.shape} and relevant {relevant.shape} differ in shape")
     if not relevant.any(axis=1).all():
         raise ValueError("every query needs at least one relevant item")
     best = np.where(relevant, sims, -np.inf).max(axis=1, keepdims=True)  # (Q, 1)
-    return (sims > best).sum(axis=1)
+    return ((sims >= best) & ~relevant).sum(axis=1)
+
+
+def _pessimistic_order(sims: np.ndarray, relevant: np.ndarray) -> np.ndarray:
+    """Each row's gallery indices best first; among equal scores the irrelevant come first."""
+    return np.lexsort((relevant, -sims), axis=1)  # the last key sorts first
 
 
 def average_precision(sims: np.ndarray, relevant: np.ndarray) -> np.ndarray:
-    """Average precision of each query over its whole ranking (Q,), in [0, 1]; ties are
-    broken by gallery order (a stable sort)."""
+    """Average precision of each query over its whole ranking (Q,), in [0, 1]."""
     sims, relevant = np.asarray(sims, np.float64), np.asarray(relevant, bool)  # (Q, G)
     if not relevant.any(axis=1).all():
         raise ValueError("every query needs at least one relevant item")
-    order = np.argsort(-sims, axis=1, kind="stable")  # (Q, G) best first
+    order = _pessimistic_order(sims, relevant)  # (Q, G) best first
     hits = np.take_along_axis(relevant, order, axis=1).astype(np.float64)  # (Q, G)
     precision = hits.cumsum(axis=1) / np.arange(1, hits.shape[1] + 1)  # precision at each rank
     return (precision * hits).sum(axis=1) / hits.sum(axis=1)
 
 
 def precision_at_k(sims: np.ndarray, relevant: np.ndarray, k: int) -> np.ndarray:
-    """Fraction of each query's top K that is relevant (Q,), ties broken by gallery order."""
+    """Fraction of each query's top K that is relevant (Q,)."""
     sims, relevant = np.asarray(sims, np.float64), np.asarray(relevant, bool)
-    top = np.argsort(-sims, axis=1, kind="stable")[:, :k]  # (Q, K)
+    top = _pessimistic_order(sims, relevant)[:, :k]  # (Q, K)
     return np.take_along_axis(relevant, top, axis=1).sum(axis=1) / k
 
 
@@ -58,7 +66,7 @@ def owner_ranks(
 ) -> tuple[np.ndarray, np.ndarray]:
     """0-based ranks of each image's best-ranked own caption (N,) and of each caption's own
     image (M,); in chunks of queries, so memory stays at chunk x gallery. The NumPy twin of
-    `training.evaluate.retrieval_ranks`."""
+    `training.evaluate.retrieval_ranks`, with ties counted against the query."""
     owner = np.asarray(text_to_image, np.int64)
     n_images, n_texts = len(image_emb), len(text_emb)
     if owner.shape != (n_texts,) or (n_texts and not 0 <= owner.min() <= owner.max() < n_images):
@@ -72,7 +80,7 @@ def owner_ranks(
     for start in range(0, n_texts, chunk):
         sims = text_emb[start : start + chunk] @ image_emb.T  # (c, N)
         positive = np.take_along_axis(sims, owner[start : start + len(sims), None], axis=1)
-        t2i[start : start + len(sims)] = (sims > positive).sum(axis=1)
+        t2i[start : start + len(sims)] = (sims >= positive).sum(axis=1) - 1  # not itself
     return i2t, t2i
 
 

@@ -30,28 +30,34 @@ def render_markdown(report: dict[str, Any], suites: list[Suite]) -> str:
     head = ["bundle", *(f"{s.name} ({s.columns[s.headline]})" for s in suites)]
     lines += _table(
         head,
-        [[name, *(s.format(s.headline, results[name][s.name]) for s in suites)]
-         for name in results],
-    )  # fmt: skip
+        [
+            [name, *(s.format(s.headline, results[name][s.name]) for s in suites)]
+            for name in results
+        ],
+    )
     for suite in suites:
         lines += ["", f"## {suite.name}", "", suite.description, ""]
         lines += _table(
             ["bundle", *suite.columns.values()],
-            [[name, *(suite.format(k, results[name][suite.name]) for k in suite.columns)]
-             for name in results],
-        )  # fmt: skip
+            [
+                [name, *(suite.format(k, results[name][suite.name]) for k in suite.columns)]
+                for name in results
+            ],
+        )
     lines += ["", "## Bundles", ""]
     lines += _table(
         ["bundle", "bundle_id", "path"],
         [[name, b["bundle_id"], b["path"]] for name, b in report["bundles"].items()],
+        numbers=False,
     )
     return "\n".join(lines) + "\n"
 
 
-def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+def _table(head: list[str], rows: list[list[str]], numbers: bool = True) -> list[str]:
+    """A Markdown table; with `numbers`, every column after the first is right-aligned."""
     return [
         "| " + " | ".join(head) + " |",
-        "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|",
+        "|" + "|".join(["---"] + ["---:" if numbers else "---"] * (len(head) - 1)) + "|",
         *("| " + " | ".join(row) + " |" for row in rows),
     ]
 
@@ -77,7 +83,7 @@ def render_png(report: dict[str, Any], suites: list[Suite]) -> bytes:
             ax.bar(xs, values, width, label=name)
         ax.set_xticks(range(len(keys)), [suite.columns[k] for k in keys], rotation=30, ha="right")
         ax.set_ylim(0, 100)
-        ax.set_ylabel("percent")
+        ax.set_ylabel("percent (MRR x 100)" if "mrr" in keys else "percent")
         ax.set_title(suite.name)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize="small")

@@ -46,12 +46,12 @@ def package_dir(source: str) -> Path:
     if source in APT:
         folder = APT[source]
         if not folder.is_dir():
-            raise MissingData(f"{folder} is missing: the package {source} is not installed; "
-                              f"{apt_hint(source)}")
+            raise MissingData(
+                f"{folder} is missing: the package {source} is not installed; {apt_hint(source)}"
+            )
         return folder
     if source not in PIP:
-        raise ValueError(f"unknown photo source {source!r}, expected one of "
-                         f"{sorted([*APT, *PIP])}")
+        raise ValueError(f"unknown photo source {source!r}, expected one of {sorted([*APT, *PIP])}")
     module, inside = PIP[source]
     spec = importlib.util.find_spec(module)  # locate without importing it
     if spec is None or not spec.submodule_search_locations:
@@ -81,19 +81,24 @@ def read_idx(path: Path) -> np.ndarray:
     return body.reshape(shape)
 
 
-def fashion_mnist_test(root: Path = FASHION_MNIST) -> tuple[np.ndarray, np.ndarray]:
+def fashion_mnist_test(root: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The 10,000 test images (N, 28, 28) uint8 and their labels (N,) from the Debian
-    package dataset-fashion-mnist."""
+    package dataset-fashion-mnist (in `root`, by default where it installs them)."""
+    root = FASHION_MNIST if root is None else root
     files = [root / "t10k-images-idx3-ubyte.gz", root / "t10k-labels-idx1-ubyte.gz"]
     for file in files:
         if not file.is_file():
-            raise MissingData(f"{file} is missing: the Fashion-MNIST test split comes from "
-                              f"the Debian package dataset-fashion-mnist; "
-                              f"{apt_hint('dataset-fashion-mnist')}")
+            raise MissingData(
+                f"{file} is missing: the Fashion-MNIST test split comes from "
+                f"the Debian package dataset-fashion-mnist; "
+                f"{apt_hint('dataset-fashion-mnist')}"
+            )
     images, labels = (read_idx(file) for file in files)
     if images.shape[1:] != (28, 28) or len(images) != len(labels):
-        raise ValueError(f"{root}: expected (N, 28, 28) images with N labels, got "
-                         f"{images.shape} and {labels.shape}")
+        raise ValueError(
+            f"{root}: expected (N, 28, 28) images with N labels, got "
+            f"{images.shape} and {labels.shape}"
+        )
     return images, labels
 
 
@@ -127,7 +132,9 @@ def photo_folder() -> tuple[list[Path], list[str], list[list[int]]]:
     for query in spec["queries"]:
         unknown = [name for name in query["answers"] if name not in index]
         if unknown or not query["answers"]:
-            raise ValueError(f"{PHOTO_QUERIES}: query {query['text']!r} names photos not in "
-                             f"the folder: {unknown}")
+            raise ValueError(
+                f"{PHOTO_QUERIES}: query {query['text']!r} names photos not in "
+                f"the folder: {unknown}"
+            )
         answers.append([index[name] for name in query["answers"]])
     return paths, [query["text"] for query in spec["queries"]], answers
