@@ -39,8 +39,8 @@ The pipeline runs as stages, each a subcommand:
   data    build a gallery (image or video + captions manifest) from Open Clip Art, emoji,
           synthetic scenes or clips, COCO/Karpathy, MSR-VTT, CSV/TSV, folders or WebDataset
   train   train the two towers (COTS or the CLIP baseline) on a gallery
-  eval    recall@1/5/10 both ways on a split
-  eval-zero-shot  score exported bundles on collections they never trained on
+  eval    recall@1/5/10 both ways on a split; `eval-zero-shot` scores exported bundles
+          on collections they never trained on
   export  turn a checkpoint into an ONNX bundle of the two towers
   index   embed a gallery with a bundle and build FAISS indexes
   serve   run the search API and web page
