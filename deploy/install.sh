@@ -11,11 +11,13 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 pip_install() { python3 -m pip install --disable-pip-version-check -q "$@"; }
 
 apt_packages=(libcairo2)
+# The zero-shot suites' data (`cots eval-zero-shot`): Fashion-MNIST and two wallpaper sets.
+zero_shot=(dataset-fashion-mnist lomiri-wallpapers-16.04 mate-backgrounds)
 case "$profile" in
   # podman and the rest: tests/test_image.py builds and runs the images (deploy/build_image.py).
-  dev) apt_packages+=(openclipart-svg fonts-noto-color-emoji chromium
+  dev) apt_packages+=(openclipart-svg fonts-noto-color-emoji chromium "${zero_shot[@]}"
                       podman mmdebstrap runc uidmap fuse-overlayfs slirp4netns) ;;
-  train) apt_packages+=(openclipart-svg fonts-noto-color-emoji) ;;
+  train) apt_packages+=(openclipart-svg fonts-noto-color-emoji "${zero_shot[@]}") ;;
   serve|gpu) ;;
   *) echo "install.sh: unknown profile '$profile' (dev, train, serve, gpu)" >&2; exit 2 ;;
 esac

@@ -14,11 +14,22 @@ EXTRA_OF = {
     **dict.fromkeys(["torch", "safetensors", "onnx", "onnxscript", "matplotlib"], "train"),
     **dict.fromkeys(["cairosvg", "emoji", "defusedxml"], "data"),
     "av": "serve",
+    **dict.fromkeys(["skimage", "sklearn"], "eval"),
     "ray": "ray",
 }
 # Other spellings of a command: `cots train tokenizer ...` runs `cots tokenizer train ...`.
 ALIASES: dict[tuple[str, ...], tuple[str, ...]] = {("train", "tokenizer"): ("tokenizer", "train")}
-COMMAND_ORDER = ("data", "train", "eval", "export", "index", "serve", "demo", "ablate")
+COMMAND_ORDER = (
+    "data",
+    "train",
+    "eval",
+    "eval-zero-shot",
+    "export",
+    "index",
+    "serve",
+    "demo",
+    "ablate",
+)
 
 DESCRIPTION = """\
 cots: cross-modal retrieval (search images with text, text with images) on the
@@ -28,7 +39,8 @@ The pipeline runs as stages, each a subcommand:
   data    build a gallery (image or video + captions manifest) from Open Clip Art, emoji,
           synthetic scenes or clips, COCO/Karpathy, MSR-VTT, CSV/TSV, folders or WebDataset
   train   train the two towers (COTS or the CLIP baseline) on a gallery
-  eval    recall@1/5/10 both ways on a split
+  eval    recall@1/5/10 both ways on a split; `eval-zero-shot` scores exported bundles
+          on collections they never trained on
   export  turn a checkpoint into an ONNX bundle of the two towers
   index   embed a gallery with a bundle and build FAISS indexes
   serve   run the search API and web page
