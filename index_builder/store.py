@@ -30,7 +30,7 @@ import numpy as np
 from index_builder import filters
 from index_builder.atomic import atomic_write_text, read_json
 from index_builder.filters import Columns
-from index_builder.rows import JsonlRows, KeyIndex, Metas, key_indexes
+from index_builder.rows import CorruptIndex, JsonlRows, KeyIndex, Metas, key_indexes
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +178,24 @@ class LoadedIndex:
             self._keys[side] = key_indexes(self.rows(side), live, names)
         return self._keys[side][name]
 
+    def check_files(self) -> None:
+        """Refuse (CorruptIndex) to read memory-mapped files truncated since they were loaded
+        (SIGBUS otherwise): a few fstat calls, before every search."""
+        for side in self.sides:
+            rows = self.row_files.get(side)
+            if isinstance(rows, JsonlRows):
+                rows.check()
+            vectors = self.vectors.get(side)
+            mapped = getattr(vectors, "_mmap", None)
+            if mapped is not None and mapped.size() < vectors.offset + vectors.nbytes:  # type: ignore[union-attr]
+                name = self.info["sides"][side].get("vectors")
+                raise CorruptIndex(
+                    f"index version {self.version}: {name} was truncated after it was loaded"
+                )
+
     def vector(self, side: str, row: int) -> np.ndarray:
         """The stored unit vector of one row."""
+        self.check_files()
         stored = self.vectors.get(side)
         if stored is not None:
             return np.asarray(stored[row], dtype=np.float32)
@@ -230,6 +246,7 @@ class LoadedIndex:
         metadata satisfies `filter`, and the row is not `exclude`): (scores (Q, k'), rows
         (Q, k')) with k' = min(k, live rows); -1 pads missing rows."""
         vectors = check_query(self, side, vectors, k)
+        self.check_files()
         wanted = self.filter_mask(side, filter)
         if wanted is not None:
             mask = wanted if mask is None else mask & wanted
@@ -259,7 +276,13 @@ def load_side(loaded: LoadedIndex, side: str, side_info: dict[str, Any]) -> None
         )
     vectors = None
     if side_info.get("vectors"):
-        vectors = np.load(path / side_info["vectors"], mmap_mode="r")
+        try:
+            vectors = np.load(path / side_info["vectors"], mmap_mode="r")
+        except ValueError as exc:  # numpy: "mmap length is greater than file size"
+            raise CorruptIndex(
+                f"index version {version} is truncated or damaged: {side_info['vectors']} "
+                f"cannot be mapped ({exc})"
+            ) from None
         if vectors.shape != (len(rows), loaded.embed_dim):
             raise ValueError(
                 f"index version {version} is inconsistent: {side} vectors have shape "
