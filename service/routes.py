@@ -83,9 +83,11 @@ def _json_body(model: type[BaseModel], required: bool = True) -> dict[str, Any]:
 
 
 public = APIRouter()
-api = APIRouter(dependencies=[Depends(require_api_key)], responses=_errors(401))
+# 422 documented on every route: FastAPI would otherwise add its own HTTPValidationError,
+# a body this service never sends (every error is an ErrorBody).
+api = APIRouter(dependencies=[Depends(require_api_key)], responses=_errors(401, 422))
 admin = APIRouter(
-    prefix="/admin", dependencies=[Depends(require_admin_key)], responses=_errors(401, 403)
+    prefix="/admin", dependencies=[Depends(require_admin_key)], responses=_errors(401, 403, 422)
 )
 _SEARCH_ERRORS = _errors(400, 404, 408, 413, 415, 422, 503)
 _CHANGE_ERRORS = _errors(400, 404, 408, 409, 413, 415, 422, 503, 507)

@@ -85,7 +85,11 @@ class VideoInfo(BaseModel):
     limits: dict[str, float] = Field(description="upload limits of video-to-text")
 
 
-router = APIRouter(dependencies=[Depends(require_api_key)], responses=_errors(401), tags=["video"])
+# 422 documented on every route: FastAPI would otherwise add its own HTTPValidationError,
+# a body this service never sends (every error is an ErrorBody).
+router = APIRouter(
+    dependencies=[Depends(require_api_key)], responses=_errors(401, 422), tags=["video"]
+)
 
 
 def video_urls(request: Request, item: dict[str, Any]) -> dict[str, Any]:
