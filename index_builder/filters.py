@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -60,7 +60,7 @@ def field_types(metas: Iterable[dict[str, Any]]) -> dict[str, str]:
     return dict(sorted(kinds.items()))
 
 
-def _number(value: Any) -> bool:
+def _number(value: Any) -> TypeGuard[int | float]:
     """A number a version can store and compare: an int64, or a finite float."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return False

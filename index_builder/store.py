@@ -474,7 +474,7 @@ def _names_in(path: Path, tombstones: np.ndarray | None = None) -> set[str]:
         if os.fstat(handle.fileno()).st_size == 0:
             return set()
         with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            found = [(m.start(), m.group().decode()) for m in _STORED_IN.finditer(data)]  # type: ignore[call-overload]
+            found = [(m.start(), m.group().decode()) for m in _STORED_IN.finditer(data)]
             if tombstones is None or not len(tombstones) or not found:
                 return {name for _, name in found}
             starts = line_spans(data)[:, 0]

@@ -24,6 +24,7 @@ from index_builder.backends import Store, open_store
 from index_builder.bundle import Bundle
 from index_builder.collection import Change, ChangeResult, change, delete_ids
 from index_builder.encoders import Encoders
+from index_builder.filters import check_storable, show
 from index_builder.search import Searcher
 from index_builder.sources import store_file
 from index_builder.store import CorruptIndex, check_bundle, is_version_name
@@ -212,7 +213,9 @@ class Engine:
         check_query(gallery, side, filter)
         loop = asyncio.get_running_loop()
         with backend_errors():  # a lookup in Milvus is a round trip: off the event loop
-            if await loop.run_in_executor(None, gallery.index.row_of, side, item_id) is None:
+            if not storable_id(item_id) or (
+                await loop.run_in_executor(None, gallery.index.row_of, side, item_id) is None
+            ):
                 raise NotFound(f"no {side} with id {item_id!r} in the index", "unknown_id")
             search = partial(gallery.similar, side, item_id, k, offset=offset, filter=filter)
             with self.metrics.timed("search", "id"):
@@ -253,7 +256,12 @@ class Engine:
         from clients."""
         gallery = self.current()
         with backend_errors():
-            if not gallery.index.has("image") or gallery.index.row_of("image", image_id) is None:
+            index = gallery.index
+            if (
+                not storable_id(image_id)
+                or not index.has("image")
+                or index.row_of("image", image_id) is None
+            ):
                 raise NotFound(f"no gallery image with id {image_id!r}")
             path = Path(gallery.image_path(image_id))
         if not path.is_file():
@@ -345,6 +353,10 @@ class Engine:
     async def delete(self, ids: list[str], side: str | None) -> tuple[str, ChangeResult]:
         """Delete `ids` from `side` (or every side holding them) as a new version, and serve
         it; an unknown id changes nothing (404)."""
+        unknown = [item_id for item_id in ids if not storable_id(item_id)]
+        if unknown:
+            detail = f"{len(unknown)} ids are not in the index, e.g. {show(unknown[0])}"
+            raise NotFound(detail, "unknown_ids")
         return await self._change(
             lambda gallery, stored: delete_ids(self.store, ids, side, current=gallery.index)
         )
@@ -482,6 +494,16 @@ class Engine:
             return
         assert self.gallery is not None
         log.info("recovered: serving index version %s", self.gallery.version)
+
+
+def storable_id(item_id: str) -> bool:
+    """An id a version can hold: valid UTF-8 (no lone surrogate) without NUL. Another is no
+    item, a 404, and never reaches a backend (Milvus answered it with a 503)."""
+    try:
+        check_storable(item_id, "id")
+    except ValueError:
+        return False
+    return "\x00" not in item_id
 
 
 def _remove(paths: list[Path]) -> None:

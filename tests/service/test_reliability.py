@@ -62,7 +62,7 @@ def _snapshot(root):
     return store.current(), store.versions(), files
 
 
-# -- 1. one request cannot stop the service for good --------------------------------------------
+# -- 1. one request cannot stop the service for good ----------------------------------------------
 
 
 UNSTORABLE = {
@@ -181,7 +181,7 @@ def test_a_change_whose_version_cannot_load_leaves_current_on_the_served_one(
     assert admin.post("/admin/items", json=body, headers=KEY).status_code == 200
 
 
-# -- 2. no 5xx from bad input ----------------------------------------------------------------------
+# -- 2. no 5xx from bad input ---------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("route", [I2I, I2T])
@@ -215,6 +215,17 @@ def test_a_huge_integer_in_a_filter_is_a_422(client, route, spec):
         files = {"image": ("x.png", png(), "image/png")}
         response = client.post(route, files=files, data={"filter": text})
     assert_error(response, 422, "invalid_filter")
+
+
+@pytest.mark.parametrize("bad", ["\\ud800", "red\\u0000"])
+def test_an_id_no_version_can_hold_is_a_404(admin, bad):
+    for route in (I2I, T2T):
+        body = f'{{"id": "{bad}"}}'.encode()
+        response = admin.post(route, content=body, headers=JSON)
+        assert_error(response, 404, "unknown_id")
+    body = f'{{"ids": ["{bad}"]}}'.encode()
+    response = admin.post("/admin/delete", content=body, headers={**KEY, **JSON})
+    assert_error(response, 404, "unknown_ids")
 
 
 def test_a_full_disk_during_a_change_is_a_507_and_leaves_no_files(admin, root, monkeypatch):
@@ -274,7 +285,7 @@ def test_a_change_never_shares_files_with_its_parent(admin, root):
         assert old.read_bytes() == fresh.read_bytes()
 
 
-# -- 3. bounded work and error bodies ---------------------------------------------------------------
+# -- 3. bounded work and error bodies -------------------------------------------------------------
 
 
 def test_a_huge_batch_is_refused_quickly_with_a_small_body(client):
