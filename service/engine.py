@@ -9,6 +9,7 @@ import errno
 import gc
 import json
 import logging
+import threading
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -85,6 +86,10 @@ class Engine:
             initializer=faiss.omp_set_num_threads,
             initargs=(settings.search_threads,),
         )
+        # Clips decode in their own small pool, with a bound on the work admitted (a decode
+        # runs on to its own deadline even after the request gave up on it).
+        self.decoder = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="cots-decode")
+        self._decoding = threading.BoundedSemaphore(2 * settings.decode_workers)
         self.gallery: Searcher | None = None
         self.encoders: Encoders | None = None  # the served bundle's (ready before a gallery)
         self.load_error: str | None = None  # why the first load failed (for the log only)
@@ -142,6 +147,20 @@ class Engine:
         for batcher in self.batchers.values():
             await batcher.stop()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.decoder.shutdown(wait=False, cancel_futures=True)
+
+    def decode(self, work: Callable[[], Any]) -> asyncio.Future[Any]:
+        """Run `work` (a clip decode) in the decode pool; a 503 (code busy) when the pool
+        already holds as much work as it admits."""
+        if not self._decoding.acquire(blocking=False):
+            raise NotReady("too many clips are being decoded; retry shortly", "busy")
+        try:
+            future = self.decoder.submit(work)
+        except BaseException:
+            self._decoding.release()
+            raise
+        future.add_done_callback(lambda _: self._decoding.release())
+        return asyncio.wrap_future(future)
 
     def _open_encoders(self, bundle: Bundle) -> Encoders:
         threads = self.settings.intra_threads or None

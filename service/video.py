@@ -195,12 +195,11 @@ async def read_clip(request: Request, limits: VideoLimits) -> tuple[str, bytes, 
 async def decode_clip(
     engine: Engine, gallery: Searcher, data: bytes, limits: VideoLimits, label: str
 ) -> Any:
-    """(pixels, mask) of an uploaded clip, decoded in the encoder pool within the time limit
-    (the decoder also stops itself at the deadline)."""
-    loop = asyncio.get_running_loop()
+    """(pixels, mask) of an uploaded clip, decoded in the engine's decode pool (not the
+    encoders') within the time limit (the decoder also stops itself at the deadline)."""
     try:
         with engine.metrics.timed("decode", "video"):
-            work = loop.run_in_executor(engine.executor, partial(gallery.video_query, data, limits))
+            work = engine.decode(partial(gallery.video_query, data, limits))
             return await asyncio.wait_for(work, timeout=limits.timeout_s + 1.0)
     except TimeoutError:
         raise InvalidInput(

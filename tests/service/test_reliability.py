@@ -9,6 +9,7 @@ import errno
 import io
 import json
 import os
+import threading
 import time
 
 import pytest
@@ -302,6 +303,50 @@ def test_validation_errors_are_capped(client):
     response = client.post(T2I, json={"texts": texts})
     detail = assert_error(response, 422)["detail"]
     assert len(response.content) < 2048 and "more" in detail, detail
+
+
+def test_a_stream_that_grows_past_the_pixel_limit_mid_stream_is_refused():
+    """An H.264 stream whose header (first frames) is small and whose later frames are not."""
+    import numpy as np
+
+    from index_builder.video import VideoLimits, VideoTooLarge, decode_video, encode_video
+
+    small = encode_video([np.zeros((16, 16, 3), np.uint8)] * 200, container="h264")
+    large = encode_video([np.full((320, 480, 3), 200, np.uint8)] * 4, container="h264")
+    with pytest.raises(VideoTooLarge, match="frame 200 is 480x320"):
+        decode_video(small + large, 204, VideoLimits(max_pixels=32 * 32))
+
+
+def test_clips_decode_in_their_own_pool(video_client, monkeypatch):
+    from index_builder.search import Searcher
+
+    threads = []
+    real = Searcher.video_query
+
+    def spy(self, *args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Searcher, "video_query", spy)
+    from tiny_videos import colour_clip
+
+    clip = colour_clip([(255, 0, 0)], size=32, per=4)
+    files = {"video": ("red.mp4", clip, "video/mp4")}
+    response = video_client.post("/search/video-to-text", files=files)
+    assert response.status_code == 200, response.text
+    assert threads and threads[0].startswith("cots-decode"), threads
+
+
+def test_memory_goes_back_after_a_large_decode(client, monkeypatch):
+    from service import decode
+
+    calls = []
+    monkeypatch.setattr(decode, "release_memory", lambda: calls.append(1))
+    assert client.post(I2T, files={"image": ("s.png", png(), "image/png")}).status_code == 200
+    assert calls == []  # small images cost nothing extra
+    large = png(size=(2500, 2000))
+    assert client.post(I2T, files={"image": ("l.png", large, "image/png")}).status_code == 200
+    assert calls == [1]
 
 
 # -- 5. housekeeping ------------------------------------------------------------------------------
