@@ -137,7 +137,11 @@ class Engine:
             self.refusal = (self._first, _reason("failed", exc))
             delay = self._schedule_retry(loop.time())
             log.error(
-                "loading index version %s failed (retry in %.3g s): %s", self._first, delay, exc
+                "loading index version %s failed (retry in %.3g s): %s: %s",
+                self._first,
+                delay,
+                type(exc).__name__,
+                exc,
             )
             return
         self._install(gallery)
