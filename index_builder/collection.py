@@ -12,7 +12,6 @@ that image); replacing an image replaces them with the new row's captions.
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from index_builder.build import (
     write_info,
 )
 from index_builder.bundle import Bundle
-from index_builder.filters import field_types
+from index_builder.filters import check_storable, field_types
 from index_builder.rows import JsonlRows, write_rows
 from index_builder.store import (
     DELETED_FILES,
@@ -105,13 +104,22 @@ def change(
 ) -> ChangeResult:
     """Apply `request` to `current` (a loaded version of `store`, any backend) as a new
     version of `store` and make it current. The current version is never modified (a
-    service may be searching it)."""
+    service may be searching it). Every new row is checked before anything is written: a
+    value the version cannot store or filter on is a ValueError naming it."""
+    check_rows(request.rows)
     plan, counts = _plan(current, request)
     if not any(plan.rows.values()) and not any(plan.gone.values()):
         return ChangeResult(version=current.version, **counts)  # idempotent: nothing published
     dataset = dataset or current.info.get("dataset") or {}
     path = bundle_path or current.info.get("bundle_path")
     return ChangeResult(version=store.apply(current, plan, dataset, path), **counts)
+
+
+def check_rows(rows: Rows) -> None:
+    """Refuse rows holding a value no version can store or filter on (`check_storable`)."""
+    for side, side_rows in rows.items():
+        for i, row in enumerate(side_rows):
+            check_storable(row, f"{side}s[{i}]")
 
 
 def write_change(
@@ -122,13 +130,14 @@ def write_change(
     bundle_path: str | Path | None,
 ) -> str:
     """The FAISS backend's change: a staged version whose changed sides append vectors and
-    tombstone rows, and whose unchanged sides are hard links; returns its name."""
+    tombstone rows, and whose unchanged sides are copies; returns its name."""
     rows, vectors, gone = plan.rows, plan.vectors, plan.gone
+    current.check_files()  # a truncated memory map read below would be SIGBUS
     with store.new_version() as staging:
         sides = {}
         for side in SIDES:
             if current.has(side) and not rows[side] and not gone[side]:
-                sides[side] = _link_side(current, side, staging)
+                sides[side] = _copy_side(current, side, staging)
             elif current.has(side):
                 sides[side] = _change_side(
                     current, side, rows[side], vectors.get(side), gone[side], staging
@@ -269,13 +278,32 @@ def _change_side(
     return info
 
 
-def _link_side(current: LoadedIndex, side: str, staging: Path) -> dict[str, Any]:
-    """An unchanged side: the current version's files, hard-linked (versions are immutable)."""
+def _copy_side(current: LoadedIndex, side: str, staging: Path) -> dict[str, Any]:
+    """An unchanged side: the current version's files, copied (a reflink where the file
+    system shares blocks copy-on-write). Never hard links: a file damaged in one version
+    would be damaged in its rollback target too (issue 25)."""
     info = current.info["sides"][side]
     for key in ("file", "meta", "vectors", "deleted_file"):
         if info.get(key):
-            os.link(current.path / info[key], staging / info[key])
+            copy_file(current.path / info[key], staging / info[key])
     return {**info}
+
+
+_FICLONE = 0x40049409  # linux/fs.h: share the source's blocks, copy-on-write
+
+
+def copy_file(source: Path, target: Path) -> None:
+    """`source` to a new file `target`: a reflink (btrfs, XFS) when the file system has
+    them, else a plain copy."""
+    import fcntl
+
+    with open(source, "rb") as src, open(target, "wb") as dst:
+        try:
+            fcntl.ioctl(dst.fileno(), _FICLONE, src.fileno())
+            return
+        except OSError:
+            pass
+        shutil.copyfileobj(src, dst, 1 << 20)
 
 
 def _add(index: Any, vectors: np.ndarray) -> None:

@@ -17,13 +17,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
 RANGE_OPS = ("gt", "gte", "lt", "lte")
 OPS = ("eq", "in", *RANGE_OPS)
 MAX_IN = 1024
+# What a version stores and filters on: integers are int64 (Milvus' and numpy's; a larger one
+# once overflowed the float column and took the service down), floats finite, text valid
+# UTF-8, nesting bounded.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_DEPTH = 32
 
 
 class FilterError(ValueError):
@@ -55,23 +60,78 @@ def field_types(metas: Iterable[dict[str, Any]]) -> dict[str, str]:
     return dict(sorted(kinds.items()))
 
 
+def _number(value: Any) -> TypeGuard[int | float]:
+    """A number a version can store and compare: an int64, or a finite float."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    if isinstance(value, int):
+        return INT64_MIN <= value <= INT64_MAX
+    return math.isfinite(value)
+
+
+def _text(value: str) -> bool:
+    """Text that UTF-8 can encode (JSON's escapes can spell a lone surrogate)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _scalar(value: Any) -> bool:
-    return isinstance(value, str | bool) or (
-        isinstance(value, int | float) and math.isfinite(value)
-    )
+    return isinstance(value, bool) or (isinstance(value, str) and _text(value)) or _number(value)
+
+
+def show(value: Any, limit: int = 40) -> str:
+    """`repr(value)` cut to `limit` characters (a 400-digit integer stays readable)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**limit:
+        return f"an integer of {len(str(abs(value)))} digits"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_value(name: str, kind: str, value: Any) -> None:
+    where = f"filter on {show(name)}"
     if not _scalar(value):
         raise FilterError(
-            f"filter on {name!r}: expected a string, number or boolean, got {value!r}"
+            f"{where}: expected a string, a number (int64 or finite) or a boolean, "
+            f"got {show(value)}"
         )
     if kind in ("mixed", "list"):
         return
     if _kind(value) != kind:
         raise FilterError(
-            f"filter on {name!r}: the field holds {kind} values, got {_kind(value)} {value!r}"
+            f"{where}: the field holds {kind} values, got {_kind(value)} {show(value)}"
         )
+
+
+def check_storable(value: Any, where: str, depth: int = 0) -> None:
+    """Refuse (ValueError naming the field, e.g. `texts[0].meta.n`) a value a version cannot
+    store or filter on: an integer outside int64, NaN or an infinity, text with a lone
+    surrogate, a key that is not text, or nesting deeper than MAX_DEPTH."""
+    if depth > MAX_DEPTH:
+        raise ValueError(f"{where}: nested deeper than {MAX_DEPTH} levels")
+    if value is None or isinstance(value, bool):
+        return
+    if isinstance(value, int | float):
+        if not _number(value):
+            raise ValueError(
+                f"{where}: {show(value)} cannot be stored (numbers must be int64 integers or "
+                "finite floats)"
+            )
+    elif isinstance(value, str):
+        if not _text(value):
+            raise ValueError(f"{where}: not valid Unicode (a lone surrogate)")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str) or not _text(key):
+                raise ValueError(f"{where}: a key is not valid Unicode text ({show(key)})")
+            check_storable(item, f"{where}.{key[:40]}", depth + 1)
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            check_storable(item, f"{where}[{i}]", depth + 1)
+    else:
+        raise ValueError(f"{where}: {type(value).__name__} is not a JSON value")
 
 
 def parse(filter: Any, fields: dict[str, str]) -> list[tuple[str, str, Any]]:
@@ -84,30 +144,33 @@ def parse(filter: Any, fields: dict[str, str]) -> list[tuple[str, str, Any]]:
     for name, spec in filter.items():
         if name not in fields:
             known = ", ".join(sorted(fields)) or "none"
-            raise FilterError(f"unknown filter field {name!r} (fields: {known})")
+            raise FilterError(f"unknown filter field {show(name)} (fields: {known[:200]})")
         kind = fields[name]
         ops = spec if isinstance(spec, dict) else {"eq": spec}
         if not ops:
-            raise FilterError(f"filter on {name!r}: no condition given")
+            raise FilterError(f"filter on {show(name)}: no condition given")
         for op, value in ops.items():
             clauses.append(_clause(name, kind, op, value))
     return clauses
 
 
 def _clause(name: str, kind: str, op: str, value: Any) -> tuple[str, str, Any]:
+    where = f"filter on {show(name)}"
     if op not in OPS:
-        raise FilterError(f"filter on {name!r}: unknown operator {op!r} (use {', '.join(OPS)})")
+        raise FilterError(f"{where}: unknown operator {show(op)} (use {', '.join(OPS)})")
     if op in RANGE_OPS:
         if kind not in ("number", "mixed") or isinstance(value, bool):
-            raise FilterError(f"filter on {name!r}: {op} needs a number field and a number value")
-        if not isinstance(value, int | float) or not math.isfinite(value):
-            raise FilterError(f"filter on {name!r}: {op} needs a finite number, got {value!r}")
+            raise FilterError(f"{where}: {op} needs a number field and a number value")
+        if not _number(value):
+            raise FilterError(
+                f"{where}: {op} needs a finite number (an integer within int64), got {show(value)}"
+            )
         return name, op, float(value)
     if op == "in":
         if not isinstance(value, list) or not value:
-            raise FilterError(f"filter on {name!r}: 'in' needs a non-empty list")
+            raise FilterError(f"{where}: 'in' needs a non-empty list")
         if len(value) > MAX_IN:
-            raise FilterError(f"filter on {name!r}: 'in' takes at most {MAX_IN} values")
+            raise FilterError(f"{where}: 'in' takes at most {MAX_IN} values")
         for item in value:
             _check_value(name, kind, item)
         return name, op, value
@@ -160,7 +223,7 @@ class Columns:
                         postings[name].setdefault(_key(item), []).append(row)
             for name in numeric:
                 value = meta.get(name)
-                if isinstance(value, int | float) and not isinstance(value, bool):
+                if _number(value):  # a value no version should hold is no match
                     numbers[name][row] = float(value)
         for name, found in postings.items():
             self._inverted[name] = {k: np.array(v, dtype=np.int64) for k, v in found.items()}

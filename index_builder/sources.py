@@ -19,9 +19,11 @@ and counted (`Skips`).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -325,7 +327,7 @@ def _webdataset_rows(source: str, files_dir: Path, skips: Skips) -> list[dict[st
             rows.append(
                 {
                     "id": key,
-                    "image": str(store_file(files_dir, parts[extension], extension)),
+                    "image": str(store_file(files_dir, parts[extension], extension)[0]),
                     "captions": captions,
                     "meta": {k: v for k, v in meta.items() if k not in ("caption", "captions")},
                 }
@@ -333,13 +335,18 @@ def _webdataset_rows(source: str, files_dir: Path, skips: Skips) -> list[dict[st
     return rows
 
 
-def store_file(files_dir: Path, data: bytes, extension: str) -> Path:
-    """Keep `data` under `files_dir` by content hash (idempotent); returns its path."""
+def store_file(files_dir: Path, data: bytes, extension: str) -> tuple[Path, bool]:
+    """Keep `data` under `files_dir` by content hash (idempotent); returns its path and
+    whether this call created it. A file already there is touched: its time says when it was
+    last wanted, and `store.collect_files` spares young files no version names yet."""
     from index_builder.atomic import atomic_open
 
     files_dir.mkdir(parents=True, exist_ok=True)
     path = (files_dir / f"{hashlib.sha256(data).hexdigest()}.{extension.lower()}").resolve()
-    if not path.is_file():
-        with atomic_open(path, "wb") as handle:
-            handle.write(data)
-    return path
+    if path.is_file():
+        with contextlib.suppress(OSError):
+            os.utime(path)
+        return path, False
+    with atomic_open(path, "wb") as handle:
+        handle.write(data)
+    return path, True

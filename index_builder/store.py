@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import mmap
 import os
 import re
 import shutil
@@ -30,7 +31,7 @@ import numpy as np
 from index_builder import filters
 from index_builder.atomic import atomic_write_text, read_json
 from index_builder.filters import Columns
-from index_builder.rows import JsonlRows, KeyIndex, Metas, key_indexes
+from index_builder.rows import CorruptIndex, JsonlRows, KeyIndex, Metas, key_indexes, line_spans
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,12 @@ DELETED_FILES = {"image": "image.deleted.npy", "text": "text.deleted.npy"}
 # A version name, e.g. v000042-20250101T120000Z (ASCII digits; whole string, no newline).
 VERSION_PATTERN = r"^v([0-9]{6})-[0-9]{8}T[0-9]{6}Z$"
 _VERSION = re.compile(VERSION_PATTERN.removeprefix("^").removesuffix("$"))
+# Files kept by content under root/files/ (`sources.store_file`), and how long one no version
+# names is kept anyway: a build may have stored it and not yet published.
+FILES_DIR = "files"
+FILES_GRACE_S = 3600.0
+_STORED = re.compile(r"[0-9a-f]{64}\.[A-Za-z0-9]{1,8}")
+_STORED_IN = re.compile(rb"[0-9a-f]{64}\.[A-Za-z0-9]{1,8}")
 
 
 def is_version_name(name: str) -> bool:
@@ -178,8 +185,24 @@ class LoadedIndex:
             self._keys[side] = key_indexes(self.rows(side), live, names)
         return self._keys[side][name]
 
+    def check_files(self) -> None:
+        """Refuse (CorruptIndex) to read memory-mapped files truncated since they were loaded
+        (SIGBUS otherwise): a few fstat calls, before every search."""
+        for side in self.sides:
+            rows = self.row_files.get(side)
+            if isinstance(rows, JsonlRows):
+                rows.check()
+            vectors = self.vectors.get(side)
+            mapped = getattr(vectors, "_mmap", None)
+            if mapped is not None and mapped.size() < vectors.offset + vectors.nbytes:  # type: ignore[union-attr]
+                name = self.info["sides"][side].get("vectors")
+                raise CorruptIndex(
+                    f"index version {self.version}: {name} was truncated after it was loaded"
+                )
+
     def vector(self, side: str, row: int) -> np.ndarray:
         """The stored unit vector of one row."""
+        self.check_files()
         stored = self.vectors.get(side)
         if stored is not None:
             return np.asarray(stored[row], dtype=np.float32)
@@ -230,6 +253,7 @@ class LoadedIndex:
         metadata satisfies `filter`, and the row is not `exclude`): (scores (Q, k'), rows
         (Q, k')) with k' = min(k, live rows); -1 pads missing rows."""
         vectors = check_query(self, side, vectors, k)
+        self.check_files()
         wanted = self.filter_mask(side, filter)
         if wanted is not None:
             mask = wanted if mask is None else mask & wanted
@@ -259,7 +283,13 @@ def load_side(loaded: LoadedIndex, side: str, side_info: dict[str, Any]) -> None
         )
     vectors = None
     if side_info.get("vectors"):
-        vectors = np.load(path / side_info["vectors"], mmap_mode="r")
+        try:
+            vectors = np.load(path / side_info["vectors"], mmap_mode="r")
+        except ValueError as exc:  # numpy: "mmap length is greater than file size"
+            raise CorruptIndex(
+                f"index version {version} is truncated or damaged: {side_info['vectors']} "
+                f"cannot be mapped ({exc})"
+            ) from None
         if vectors.shape != (len(rows), loaded.embed_dim):
             raise ValueError(
                 f"index version {version} is inconsistent: {side} vectors have shape "
@@ -387,6 +417,45 @@ class IndexStore:
         for version in old[: max(0, len(old) - (self.keep - 1))]:
             shutil.rmtree(self.version_dir(version), ignore_errors=True)
             log.info("removed old index version %s", version)
+        try:
+            self.collect_files()
+        except OSError as exc:  # housekeeping: the published version stands regardless
+            log.warning("could not collect unused files under %s: %s", self.root, exc)
+
+    def collect_files(self, grace_s: float = FILES_GRACE_S) -> list[str]:
+        """Remove the files under `files/` (uploads and WebDataset images, stored by content)
+        that no kept version names, nor an embedding in progress (`work/`), and that were
+        not stored or wanted in the last `grace_s` seconds (a build may be about to name
+        them); returns the names removed."""
+        files = self.root / FILES_DIR
+        if not files.is_dir():
+            return []
+        present = {p.name for p in files.iterdir() if _STORED.fullmatch(p.name)}
+        if not present:
+            return []
+        named: set[str] = set()
+        for version in self.versions():
+            path = self.version_dir(version)
+            for side in SIDES:
+                if (path / META_FILES[side]).is_file():
+                    dead = path / DELETED_FILES[side]
+                    tombstones = np.load(dead) if dead.is_file() else None
+                    named |= _names_in(path / META_FILES[side], tombstones)
+        for folder in (self.root / "work", self.root / "staging"):
+            if folder.is_dir():
+                for path in folder.rglob("*.json*"):
+                    named |= _names_in(path)
+        cutoff = time.time() - grace_s
+        removed = []
+        for name in sorted(present - named):
+            path = files / name
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed.append(name)
+        if removed:
+            log.info("removed %d stored files no index version names", len(removed))
+        return removed
 
     def _require_current(self) -> str:
         current = self.current()
@@ -395,6 +464,24 @@ class IndexStore:
                 f"no index under {self.root} (build one with `cots index build`)"
             )
         return current
+
+
+def _names_in(path: Path, tombstones: np.ndarray | None = None) -> set[str]:
+    """The stored file names (`<sha256>.<ext>`) a file mentions, found by a regular
+    expression over its bytes (no JSON parsing), except on the lines of JSONL rows numbered
+    in `tombstones` (deleted or replaced items)."""
+    with path.open("rb") as handle:
+        if os.fstat(handle.fileno()).st_size == 0:
+            return set()
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            found = [(m.start(), m.group().decode()) for m in _STORED_IN.finditer(data)]
+            if tombstones is None or not len(tombstones) or not found:
+                return {name for _, name in found}
+            starts = line_spans(data)[:, 0]
+    dead = np.zeros(len(starts), dtype=bool)
+    dead[tombstones] = True
+    rows = np.searchsorted(starts, [offset for offset, _ in found], side="right") - 1
+    return {name for (_, name), row in zip(found, rows.tolist(), strict=True) if not dead[row]}
 
 
 def next_version_name(existing: Iterable[str]) -> str:

@@ -158,7 +158,7 @@ def decode_video(
             stream = container.streams.video[0]
             stream.codec_context.thread_count = 1
             wanted = sample_indices(probe.count, frames)
-            images = _decode_frames(container, stream, wanted, deadline)
+            images = _decode_frames(container, stream, wanted, deadline, limits.max_pixels)
     except av.error.FFmpegError as exc:
         raise VideoError(f"corrupt or truncated video: {_reason(exc)}", "corrupt_video") from None
     return Clip(images, wanted, probe.count, probe.seconds, probe.width, probe.height, probe.codec)
@@ -264,12 +264,21 @@ def _frame_count(container: Any, stream: Any, deadline: float) -> int:
     return count
 
 
-def _decode_frames(container: Any, stream: Any, wanted: list[int], deadline: float) -> list:
+def _decode_frames(
+    container: Any, stream: Any, wanted: list[int], deadline: float, max_pixels: int
+) -> list:
     if not wanted:
         raise VideoError("the video has no frames", "empty_video")
     targets, last = set(wanted), wanted[-1]
     images = []
     for index, frame in enumerate(container.decode(stream)):
+        # Every frame: a stream may switch resolution after a small first header.
+        if frame.width * frame.height > max_pixels:
+            raise VideoTooLarge(
+                f"frame {index} is {frame.width}x{frame.height}, over the limit of "
+                f"{max_pixels} pixels per frame",
+                "too_many_pixels",
+            )
         if index in targets:
             images.append(frame.to_image())
         if time.monotonic() > deadline:

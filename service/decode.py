@@ -5,20 +5,25 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ctypes
+import ctypes.util
 import io
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from PIL import Image, UnidentifiedImageError
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
+from index_builder.filters import check_storable, show
 from index_builder.preprocess import (
     ImageSpec,
     check_aspect_ratio,
@@ -116,7 +121,10 @@ def image_to_pixels(
         image = load_image_for(data, spec, max_aspect_ratio)
     except ValueError:
         raise BadContent(f"{label}: the image data is truncated or corrupt") from None
-    return preprocess_image(image, spec)
+    pixels = preprocess_image(image, spec)
+    image.close()
+    release_after(image)
+    return pixels
 
 
 def images_to_pixels(
@@ -137,6 +145,33 @@ def images_to_pixels(
                 )
             )
     return pixels
+
+
+LARGE_DECODE_PIXELS = 4_000_000  # decoded, about 50 MB with Pillow's and our copies
+
+
+def release_after(image: Image.Image) -> None:
+    """Give the heap back to the system after a large decode: glibc keeps the freed memory,
+    so the resident size after the largest allowed image (+490 MB) never came back down."""
+    if image.width * image.height >= LARGE_DECODE_PIXELS:
+        release_memory()
+
+
+def release_memory() -> None:
+    """`malloc_trim(0)` where the C library has it (glibc); elsewhere nothing."""
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+def _libc() -> Any:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
 
 
 # -- search requests -------------------------------------------------------------------------
@@ -212,13 +247,49 @@ def parse_json(body: bytes) -> Any:
         raise BadContent("the request body is not valid JSON", "malformed_json") from None
 
 
+def parse_json_field(value: Any, name: str, code: str = "invalid_input") -> Any:
+    """A form field holding JSON text; malformed or too deeply nested JSON is a 422."""
+    if not isinstance(value, str):
+        raise InvalidInput(f"{name}: expected a JSON text field", code)
+    try:
+        return json.loads(value)
+    except RecursionError:
+        raise InvalidInput(f"{name}: nested too deeply", code) from None
+    except ValueError:
+        raise InvalidInput(f"{name}: not valid JSON", code) from None
+
+
+_OFF_LOOP_BYTES = 1 << 16  # larger bodies are parsed in a worker thread, not on the loop
+
+
 async def read_json(request: Request, limit: int) -> Any:
-    """The request body as JSON, read up to `limit` bytes."""
-    return parse_json(await read_body(request, limit))
+    """The request body as JSON, read up to `limit` bytes (a large one parsed off the event
+    loop: /health must not wait for it)."""
+    body = await read_body(request, limit)
+    if len(body) > _OFF_LOOP_BYTES:
+        return await run_in_threadpool(parse_json, body)
+    return parse_json(body)
 
 
-def validate(model: type[Any], body: Any) -> Any:
-    """`model` from a parsed body; errors read like FastAPI's own body validation."""
+def check_counts(body: Any, limit: int, keys: tuple[str, ...] = ("images", "texts")) -> None:
+    """Refuse a top-level list longer than `limit` before any validation runs: the cost of
+    a request (and of its error) stays bounded whatever it holds."""
+    if not isinstance(body, dict):
+        return
+    for key in keys:
+        value = body.get(key)
+        if isinstance(value, list) and len(value) > limit:
+            raise InvalidInput(
+                f"{key}: {len(value)} items is over the limit of {limit} per request",
+                "batch_too_large",
+            )
+
+
+def validate(model: type[Any], body: Any, limit: int | None = None) -> Any:
+    """`model` from a parsed body (its lists at most `limit` long); errors read like
+    FastAPI's own body validation."""
+    if limit is not None:
+        check_counts(body, limit)
     try:
         return model.model_validate(body)
     except ValidationError as exc:
@@ -230,7 +301,7 @@ def validate(model: type[Any], body: Any) -> Any:
 async def _read_json_images(
     request: Request, settings: Settings, model: type[ImageQuery]
 ) -> ImageSearch:
-    query = validate(model, await read_json(request, settings.max_body_bytes))
+    query = validate(model, await read_json(request, settings.max_body_bytes), settings.max_batch)
     if getattr(query, "id", None) is not None:
         return ImageSearch([], [], query.k, query.offset, query.filter, query.id)
     single = query.image is not None
@@ -259,10 +330,7 @@ def parse_filter(value: Any) -> dict[str, Any] | None:
     """A `filter` form field: a JSON object (or empty: none)."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
-    try:
-        parsed = json.loads(value) if isinstance(value, str) else None
-    except ValueError:
-        parsed = None
+    parsed = parse_json_field(value, "filter", "invalid_filter")
     if not isinstance(parsed, dict):
         raise InvalidInput("filter: expected a JSON object", "invalid_filter")
     return parsed
@@ -329,7 +397,9 @@ async def read_items(request: Request, settings: Settings) -> Items:
     if kind == "multipart/form-data":
         items = await _read_item_form(request, settings)
     elif is_json(kind):
-        body: AddItems = validate(AddItems, await read_json(request, settings.max_body_bytes))
+        body: AddItems = validate(
+            AddItems, await read_json(request, settings.max_body_bytes), settings.max_admin_items
+        )
         images = [
             Upload(
                 item.id,
@@ -361,18 +431,23 @@ def _check_items(items: Items, settings: Settings) -> None:
         ("images", [i.id for i in items.images]),
         ("texts", [t.id for t in items.texts]),
     ):
-        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        repeated = sorted(i for i, n in Counter(ids).items() if n > 1)  # linear, not n^2
         if repeated:
-            raise InvalidInput(f"{side}: repeated ids {repeated[:10]}", "duplicate_ids")
+            shown = [show(i) for i in repeated[:10]]
+            raise InvalidInput(f"{side}: repeated ids {shown}", "duplicate_ids")
+    # Everything the new version will store, checked before any file is written: a value
+    # the index cannot store or filter on once took the service down (issue 25).
+    try:
+        for i, upload in enumerate(items.images):
+            check_storable({"id": upload.id, "meta": upload.meta}, f"images[{i}]")
+        for i, text in enumerate(items.texts):
+            check_storable(text.model_dump(), f"texts[{i}]")
+    except ValueError as exc:
+        raise InvalidInput(str(exc), "unstorable_value") from None
 
 
 def _json_field(value: Any, name: str) -> Any:
-    if not isinstance(value, str):
-        raise InvalidInput(f"{name}: expected a JSON text field")
-    try:
-        return json.loads(value)
-    except ValueError:
-        raise InvalidInput(f"{name}: not valid JSON") from None
+    return parse_json_field(value, name)
 
 
 async def _read_item_form(request: Request, settings: Settings) -> Items:
@@ -437,7 +512,9 @@ def check_upload(upload: Upload, settings: Settings) -> str:
         label,
     )
     try:
-        load_image(upload.data)
+        image = load_image(upload.data)
     except ValueError:
         raise BadContent(f"{label}: the image data is truncated or corrupt") from None
+    image.close()
+    release_after(image)
     return EXTENSIONS[fmt]

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import json
 import logging
+import threading
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,12 +25,22 @@ from index_builder.backends import Store, open_store
 from index_builder.bundle import Bundle
 from index_builder.collection import Change, ChangeResult, change, delete_ids
 from index_builder.encoders import Encoders
+from index_builder.filters import check_storable, show
 from index_builder.search import Searcher
 from index_builder.sources import store_file
-from index_builder.store import check_bundle, is_version_name
+from index_builder.store import CorruptIndex, check_bundle, is_version_name
 from service.batching import MicroBatcher
 from service.decode import Items
-from service.errors import Conflict, InvalidInput, NotFound, NotReady, ServiceError, without_paths
+from service.errors import (
+    CORRUPT,
+    Conflict,
+    InsufficientStorage,
+    InvalidInput,
+    NotFound,
+    NotReady,
+    ServiceError,
+    without_paths,
+)
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -74,10 +86,16 @@ class Engine:
             initializer=faiss.omp_set_num_threads,
             initargs=(settings.search_threads,),
         )
+        # Clips decode in their own small pool, with a bound on the work admitted (a decode
+        # runs on to its own deadline even after the request gave up on it).
+        self.decoder = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="cots-decode")
+        self._decoding = threading.BoundedSemaphore(2 * settings.decode_workers)
         self.gallery: Searcher | None = None
         self.encoders: Encoders | None = None  # the served bundle's (ready before a gallery)
         self.load_error: str | None = None  # why the first load failed (for the log only)
         self._rejected: str | None = None
+        # The last version refused and why (a client-safe reason, for /ready).
+        self.refusal: tuple[str, str] | None = None
         # While no version is served after a failed first load: the version that failed,
         # and when (event-loop time) and after how long a delay the watcher tries again.
         self._failed: str | None = None
@@ -114,11 +132,16 @@ class Engine:
             gallery = await loop.run_in_executor(
                 self.executor, self._open_gallery, self._first, self.encoders
             )
-        except (OSError, ValueError, KeyError) as exc:
+        except Exception as exc:  # any failure: logged, retried, never a silent dead task
             self.load_error, self._failed = str(exc), self._first
+            self.refusal = (self._first, _reason("failed", exc))
             delay = self._schedule_retry(loop.time())
             log.error(
-                "loading index version %s failed (retry in %.3g s): %s", self._first, delay, exc
+                "loading index version %s failed (retry in %.3g s): %s: %s",
+                self._first,
+                delay,
+                type(exc).__name__,
+                exc,
             )
             return
         self._install(gallery)
@@ -128,6 +151,20 @@ class Engine:
         for batcher in self.batchers.values():
             await batcher.stop()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.decoder.shutdown(wait=False, cancel_futures=True)
+
+    def decode(self, work: Callable[[], Any]) -> asyncio.Future[Any]:
+        """Run `work` (a clip decode) in the decode pool; a 503 (code busy) when the pool
+        already holds as much work as it admits."""
+        if not self._decoding.acquire(blocking=False):
+            raise NotReady("too many clips are being decoded; retry shortly", "busy")
+        try:
+            future = self.decoder.submit(work)
+        except BaseException:
+            self._decoding.release()
+            raise
+        future.add_done_callback(lambda _: self._decoding.release())
+        return asyncio.wrap_future(future)
 
     def _open_encoders(self, bundle: Bundle) -> Encoders:
         threads = self.settings.intra_threads or None
@@ -159,8 +196,10 @@ class Engine:
         if gallery is not None:
             return gallery
         if self.load_error is not None:
+            version, reason = self.refusal or (self._failed, "details in the log")
             raise NotReady(
-                "the service could not load its index and keeps retrying (details in the log)",
+                f"the service could not load index version {version} ({reason}) and keeps "
+                "retrying; move CURRENT or reload another version",
                 code="load_failed",
             )
         raise NotReady("the service is loading its bundle and index")
@@ -197,7 +236,9 @@ class Engine:
         check_query(gallery, side, filter)
         loop = asyncio.get_running_loop()
         with backend_errors():  # a lookup in Milvus is a round trip: off the event loop
-            if await loop.run_in_executor(None, gallery.index.row_of, side, item_id) is None:
+            if not storable_id(item_id) or (
+                await loop.run_in_executor(None, gallery.index.row_of, side, item_id) is None
+            ):
                 raise NotFound(f"no {side} with id {item_id!r} in the index", "unknown_id")
             search = partial(gallery.similar, side, item_id, k, offset=offset, filter=filter)
             with self.metrics.timed("search", "id"):
@@ -238,7 +279,12 @@ class Engine:
         from clients."""
         gallery = self.current()
         with backend_errors():
-            if not gallery.index.has("image") or gallery.index.row_of("image", image_id) is None:
+            index = gallery.index
+            if (
+                not storable_id(image_id)
+                or not index.has("image")
+                or index.row_of("image", image_id) is None
+            ):
                 raise NotFound(f"no gallery image with id {image_id!r}")
             path = Path(gallery.image_path(image_id))
         if not path.is_file():
@@ -286,7 +332,7 @@ class Engine:
             if self.settings.follow_bundle and info.get("bundle_id") != bundle.bundle_id:
                 bundle = await loop.run_in_executor(None, load_recorded_bundle, info, target)
             check_bundle(bundle, info, target)
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # a malformed index.json is refused, whatever it raises
             raise self._refuse(target, "rejected", exc) from None
         try:
             encoders = self.encoders
@@ -294,7 +340,7 @@ class Engine:
             if bundle is not self.bundle:  # new towers load while the old ones serve
                 encoders = await loop.run_in_executor(None, self._open_encoders, bundle)
             return await loop.run_in_executor(None, self._open_gallery, target, encoders)
-        except (OSError, ValueError, KeyError) as exc:
+        except Exception as exc:  # whatever a broken version raises, the old one serves on
             raise self._refuse(target, "failed", exc) from None
 
     def _point_current(self, version: str) -> None:
@@ -314,7 +360,7 @@ class Engine:
     def _swap(self, gallery: Searcher, previous: str | None) -> None:
         old_bundle = self.bundle.bundle_id
         self._install(gallery)
-        self._rejected = None
+        self._rejected = self.refusal = None
         self.metrics.swaps.labels("swapped").inc()
         log.info("swapped index version %s -> %s", previous, gallery.version)
         if gallery.bundle.bundle_id != old_bundle:
@@ -330,37 +376,61 @@ class Engine:
     async def delete(self, ids: list[str], side: str | None) -> tuple[str, ChangeResult]:
         """Delete `ids` from `side` (or every side holding them) as a new version, and serve
         it; an unknown id changes nothing (404)."""
+        unknown = [item_id for item_id in ids if not storable_id(item_id)]
+        if unknown:
+            detail = f"{len(unknown)} ids are not in the index, e.g. {show(unknown[0])}"
+            raise NotFound(detail, "unknown_ids")
         return await self._change(
-            lambda gallery: delete_ids(self.store, ids, side, current=gallery.index)
+            lambda gallery, stored: delete_ids(self.store, ids, side, current=gallery.index)
         )
 
-    async def _change(self, make: Callable[[Searcher], ChangeResult]) -> tuple[str, ChangeResult]:
+    async def _change(
+        self, make: Callable[[Searcher, list[Path]], ChangeResult]
+    ) -> tuple[str, ChangeResult]:
         """One change at a time, built on the served version with its encoders in the thread
-        pool; requests keep being served from the old version until the swap."""
+        pool; requests keep being served from the old version until the swap. A change that
+        fails leaves no file it stored; a new version that cannot be served is refused and
+        CURRENT goes back to the served one."""
         async with self._change_lock:
             gallery = self.current()
             loop = asyncio.get_running_loop()
+            stored: list[Path] = []  # files this request created under files/
             try:
-                result = await loop.run_in_executor(None, make, gallery)
-            except KeyError as exc:
-                raise NotFound(str(exc.args[0]), "unknown_ids") from None
-            except RuntimeError as exc:  # another writer holds the index root's lock
-                raise Conflict(str(exc), "busy") from None
-            except ValueError as exc:
-                raise InvalidInput(str(exc), "invalid_change") from None
-            await self.reload(result.version)
+                result = await loop.run_in_executor(None, make, gallery, stored)
+            except BaseException as exc:
+                await loop.run_in_executor(None, _remove, stored)
+                raise _change_error(exc) from None
+            if result.version != gallery.version:
+                await self._serve_change(result.version, gallery.version)
             return gallery.version, result
 
-    def _add_items(self, items: Items, extensions: list[str], gallery: Searcher) -> ChangeResult:
+    async def _serve_change(self, version: str, served: str) -> None:
+        """Swap to a change's new version, which CURRENT already names; if it cannot be
+        served, point CURRENT back at `served` before the watcher sees it again."""
+        loop = asyncio.get_running_loop()
+        async with self._swap_lock:
+            try:
+                gallery = await self._prepare(version)
+            except ServiceError:
+                await loop.run_in_executor(None, self._point_current, served)
+                raise
+            self._swap(gallery, served)
+
+    def _add_items(
+        self, items: Items, extensions: list[str], gallery: Searcher, stored: list[Path]
+    ) -> ChangeResult:
         rows: dict[str, list[dict[str, Any]]] = {"image": [], "text": []}
         vectors = {}
         if items.images:
             # Kept under the index root by content (as WebDataset images are), so the files
-            # outlive the versions that point at them.
-            paths = [
-                store_file(self.store.root / "files", upload.data, extension)
-                for upload, extension in zip(items.images, extensions, strict=True)
-            ]
+            # outlive the versions that point at them; those this request creates are noted
+            # in `stored`, to be removed if the change fails.
+            paths = []
+            for upload, extension in zip(items.images, extensions, strict=True):
+                path, created = store_file(self.store.root / "files", upload.data, extension)
+                paths.append(path)
+                if created:
+                    stored.append(path)
             vectors["image"] = gallery.encoders.image.encode_paths(paths)
             rows["image"] = [
                 {"id": upload.id, "image": str(path), "captions": [], "meta": upload.meta}
@@ -379,12 +449,15 @@ class Engine:
         unreadable version's (FAISS's own text included) stays in the log."""
         self.metrics.swaps.labels(result).inc()
         self._rejected = version
-        log.error("not swapping to index version %s (%s): %s", version, result, exc)
-        reason = (
-            without_paths(str(exc))
-            if result == "rejected"
-            else "its files cannot be read (details in the log)"
+        log.error(
+            "not swapping to index version %s (%s): %s: %s",
+            version,
+            result,
+            type(exc).__name__,
+            exc,
         )
+        reason = _reason(result, exc)
+        self.refusal = (version, reason)
         return Conflict(f"not swapping to index version {version}: {reason}", code=f"swap_{result}")
 
     async def watch(self) -> None:
@@ -392,26 +465,33 @@ class Engine:
         until CURRENT moves again). While a failed first load leaves nothing to serve, retry:
         at once when CURRENT moves, else after a delay that doubles from the poll interval up
         to `load_retry_max_s`."""
-        interval = self.settings.watch_interval_s
-        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(self.settings.watch_interval_s)
             try:
-                target = await loop.run_in_executor(None, self.store.current)
-            except OSError as exc:
-                log.warning("cannot read CURRENT: %s", exc)
-                continue
-            if self.gallery is None:
-                failed = self.load_error is not None
-                if failed and (target != self._failed or loop.time() >= self._retry_at):
-                    await self._recover(target)
-                continue
-            if target in (None, self.gallery.version, self._rejected):
-                continue
-            try:
-                await self.reload()  # what CURRENT names once the swap lock is held
-            except ServiceError as exc:
-                log.warning("index watcher: %s", exc.detail)
+                await self._watch_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the watcher never dies: it logs and keeps watching
+                log.exception("index watcher: unexpected error (still watching)")
+
+    async def _watch_once(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            target = await loop.run_in_executor(None, self.store.current)
+        except OSError as exc:
+            log.warning("cannot read CURRENT: %s", exc)
+            return
+        if self.gallery is None:
+            failed = self.load_error is not None
+            if failed and (target != self._failed or loop.time() >= self._retry_at):
+                await self._recover(target)
+            return
+        if target in (None, self.gallery.version, self._rejected):
+            return
+        try:
+            await self.reload()  # what CURRENT names once the swap lock is held
+        except ServiceError as exc:
+            log.warning("index watcher: %s", exc.detail)
 
     def _schedule_retry(self, now: float) -> float:
         """The delay before the next retry of a failed first load; each one doubles it."""
@@ -430,13 +510,65 @@ class Engine:
                     self.executor, self._open_encoders, self.bundle
                 )
             await self.reload()
-        except (OSError, ValueError, KeyError, ServiceError) as exc:
+        except Exception as exc:
             delay = self._schedule_retry(loop.time())
             reason = exc.detail if isinstance(exc, ServiceError) else exc
             log.warning("still no index to serve (next retry in %.3g s): %s", delay, reason)
             return
         assert self.gallery is not None
         log.info("recovered: serving index version %s", self.gallery.version)
+
+
+def storable_id(item_id: str) -> bool:
+    """An id a version can hold: valid UTF-8 (no lone surrogate) without NUL. Another is no
+    item, a 404, and never reaches a backend (Milvus answered it with a 503)."""
+    try:
+        check_storable(item_id, "id")
+    except ValueError:
+        return False
+    return "\x00" not in item_id
+
+
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _change_error(exc: BaseException) -> BaseException:
+    """The client's answer to a change that failed: a full disk is 507, another storage
+    error 503, bad content 422; the served version is untouched in every case."""
+    if isinstance(exc, ServiceError):
+        return exc
+    if isinstance(exc, KeyError):
+        return NotFound(str(exc.args[0]), "unknown_ids")
+    if isinstance(exc, RuntimeError):  # another writer holds the index root's lock
+        return Conflict(str(exc), "busy")
+    if isinstance(exc, ValueError):
+        return InvalidInput(without_paths(str(exc)), "invalid_change")
+    if isinstance(exc, OSError):
+        log.error("a change failed writing the index root: %s", exc)
+        if exc.errno in _FULL:
+            return InsufficientStorage(
+                "the index root is full: the change was not made (the served version is intact)"
+            )
+        return NotReady(
+            "the index root cannot be written: the change was not made (details in the log)",
+            "storage_error",
+        )
+    return exc
+
+
+def _reason(result: str, exc: BaseException) -> str:
+    """Why a version was refused, fit for a client (no server path, no FAISS text)."""
+    if result == "rejected":
+        return without_paths(str(exc))
+    if isinstance(exc, CorruptIndex):
+        return "its files are truncated or damaged (details in the log)"
+    return "its files cannot be read (details in the log)"
 
 
 def _group(indices: Iterable[int], key: Callable[[int], Hashable]) -> list[list[int]]:
@@ -452,8 +584,13 @@ def backend_errors() -> Iterator[None]:
     """An index backend that fails (Milvus unreachable, a collection gone) answers 503."""
     try:
         yield
+    except CorruptIndex as exc:
+        log.error("the served index version is damaged: %s", exc)
+        raise NotReady(CORRUPT, "index_corrupt") from None
     except OSError as exc:
-        raise NotReady(f"the index backend failed: {exc}", "backend_unavailable") from None
+        log.error("the index backend failed: %s", exc)
+        detail = f"the index backend failed: {without_paths(str(exc))}"
+        raise NotReady(detail, "backend_unavailable") from None
 
 
 def check_query(gallery: Searcher, side: str, filter: dict[str, Any] | None) -> None:

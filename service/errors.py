@@ -11,7 +11,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from index_builder.store import CorruptIndex
+
 log = logging.getLogger(__name__)
+CORRUPT = (
+    "the served index version's files changed or were damaged on disk; serve another "
+    "version (move CURRENT or /admin/reload); details in the log"
+)
 
 
 class ServiceError(Exception):
@@ -79,6 +85,13 @@ class NotReady(ServiceError):
     code = "not_ready"
 
 
+class InsufficientStorage(ServiceError):
+    """The index root is full: a change was not made (the served version is intact)."""
+
+    status = 507
+    code = "insufficient_storage"
+
+
 def error_response(
     status: int, detail: str, code: str, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
@@ -102,12 +115,22 @@ def without_paths(message: str, limit: int = 300) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
+MAX_ERRORS = 5  # validation errors named in one response (the rest are counted)
+MAX_DETAIL = 1000  # characters of an error's detail
+
+
 def _validation_detail(exc: RequestValidationError) -> str:
+    """The first MAX_ERRORS errors, each cut short, and how many more: an error body costs
+    little whatever the request (a million wrong items once made a 47 MB answer)."""
+    errors = exc.errors()
     parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
-        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
-    return "; ".join(parts)
+    for err in errors[:MAX_ERRORS]:
+        loc = ".".join(str(p)[:40] for p in err.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{loc}: {str(err.get('msg', 'invalid'))[:200]}")
+    if len(errors) > MAX_ERRORS:
+        parts.append(f"and {len(errors) - MAX_ERRORS} more errors")
+    detail = "; ".join(parts)
+    return detail if len(detail) <= MAX_DETAIL else detail[: MAX_DETAIL - 3] + "..."
 
 
 def _validation_code(exc: RequestValidationError) -> str:
@@ -121,7 +144,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        return error_response(exc.status, exc.detail, exc.code)
+        return error_response(exc.status, exc.detail[:MAX_DETAIL], exc.code)
+
+    @app.exception_handler(CorruptIndex)
+    async def _corrupt(request: Request, exc: CorruptIndex) -> JSONResponse:
+        log.error("the served index version is damaged: %s", exc)
+        return error_response(503, CORRUPT, "index_corrupt")
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

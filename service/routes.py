@@ -40,6 +40,8 @@ from service.schemas import (
     ImageSearchResponse,
     ImageToImageQuery,
     Info,
+    Readiness,
+    Refusal,
     ReloadRequest,
     ReloadResponse,
     Status,
@@ -64,7 +66,9 @@ _ERROR_TEXT = {
     415: "wrong Content-Type, or an upload that is not an image",
     422: "invalid request (empty or long text, k or offset out of range, batch over the limit, "
     "an image too thin, a malformed version name...)",
-    503: "the bundle and index are still loading, or failed to load (retried)",
+    503: "the bundle and index are still loading, or failed to load (retried), or the index "
+    "backend or root cannot be read or written",
+    507: "the index root is full: the change was not made (the served version is intact)",
 }
 
 
@@ -79,11 +83,14 @@ def _json_body(model: type[BaseModel], required: bool = True) -> dict[str, Any]:
 
 
 public = APIRouter()
-api = APIRouter(dependencies=[Depends(require_api_key)], responses=_errors(401))
+# 422 documented on every route: FastAPI would otherwise add its own HTTPValidationError,
+# a body this service never sends (every error is an ErrorBody).
+api = APIRouter(dependencies=[Depends(require_api_key)], responses=_errors(401, 422))
 admin = APIRouter(
-    prefix="/admin", dependencies=[Depends(require_admin_key)], responses=_errors(401, 403)
+    prefix="/admin", dependencies=[Depends(require_admin_key)], responses=_errors(401, 403, 422)
 )
-_SEARCH_ERRORS = _errors(400, 408, 413, 415, 422, 503)
+_SEARCH_ERRORS = _errors(400, 404, 408, 413, 415, 422, 503)
+_CHANGE_ERRORS = _errors(400, 404, 408, 409, 413, 415, 422, 503, 507)
 
 
 # -- liveness and readiness (no key: probes must reach them) --------------------------------
@@ -95,12 +102,28 @@ async def health() -> Status:
     return Status(status="ok")
 
 
-@public.get("/ready", response_model=Status, tags=["status"], responses=_errors(503))
-async def ready(engine: EngineDep) -> Status:
-    """200 once the bundle and an index are loaded; 503 before, with code `not_ready` while
-    loading and `load_failed` after a failed load (retried; the details are in the log)."""
-    engine.current()
-    return Status(status="ready")
+@public.get(
+    "/ready",
+    response_model=Readiness,
+    response_model_exclude_none=True,
+    tags=["status"],
+    responses=_errors(503),
+)
+async def ready(engine: EngineDep) -> Readiness:
+    """200 once the bundle and an index are loaded, naming the version served and the last
+    version refused since (and why: the served one keeps serving); 503 before, with code
+    `not_ready` while loading and `load_failed` after a failed load (retried: move CURRENT or
+    reload another version; the details are in the log)."""
+    gallery = engine.current()
+    refused = None
+    if engine.refusal is not None:
+        refused = Refusal(version=engine.refusal[0], reason=engine.refusal[1])
+    return Readiness(
+        status="ready",
+        index_version=gallery.version,
+        bundle_id=gallery.bundle.bundle_id,
+        refused=refused,
+    )
 
 
 # -- search ---------------------------------------------------------------------------------
@@ -272,7 +295,8 @@ async def _image_search(
 )
 async def text_to_image(request: Request, engine: EngineDep, settings: SettingsDep) -> Any:
     """Search gallery images with text: the text tower encodes, the image index answers."""
-    query = validate(TextQuery, await read_json(request, settings.max_text_body_bytes))
+    body = await read_json(request, settings.max_text_body_bytes)
+    query = validate(TextQuery, body, settings.max_batch)
     return await _text_search(request, engine, settings, query, "image")
 
 
@@ -288,7 +312,8 @@ async def text_to_image(request: Request, engine: EngineDep, settings: SettingsD
 async def text_to_text(request: Request, engine: EngineDep, settings: SettingsDep) -> Any:
     """Search texts with text (the text tower encodes, the text index answers), or texts like
     an indexed one (`id`: its stored vector, no encoding)."""
-    query = validate(TextToTextQuery, await read_json(request, settings.max_text_body_bytes))
+    body = await read_json(request, settings.max_text_body_bytes)
+    query = validate(TextToTextQuery, body, settings.max_batch)
     return await _text_search(request, engine, settings, query, "text")
 
 
@@ -375,7 +400,7 @@ async def gallery_image(
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
 
-@api.get("/info", response_model=Info, tags=["status"])
+@api.get("/info", response_model=Info, tags=["status"], responses=_errors(503))
 async def info(engine: EngineDep, settings: SettingsDep) -> Info:
     """The bundle, the served index version, gallery size, index types and request limits."""
     gallery = engine.gallery
@@ -390,7 +415,7 @@ async def info(engine: EngineDep, settings: SettingsDep) -> Info:
             "backend": meta.get("backend", "faiss"),
             "metric": meta.get("metric"),
             "created": meta.get("created"),
-            "dataset": meta.get("dataset"),
+            "dataset": _public_dataset(meta.get("dataset")),
             "sides": {side: {key: s.get(key) for key in keys} for side, s in meta["sides"].items()},
         }
         served = counts(gallery)
@@ -417,6 +442,13 @@ async def info(engine: EngineDep, settings: SettingsDep) -> Info:
         },
         ready=gallery is not None,
     )
+
+
+def _public_dataset(dataset: Any) -> Any:
+    """The dataset a version was built from, less where it lies on the server."""
+    if not isinstance(dataset, dict):
+        return dataset
+    return {key: value for key, value in dataset.items() if key != "path"}
 
 
 @api.get("/metrics", tags=["status"], response_class=Response)
@@ -458,6 +490,7 @@ async def reload(request: Request, engine: EngineDep) -> ReloadResponse:
 @admin.post(
     "/items",
     response_model=ChangeResponse,
+    responses=_CHANGE_ERRORS,
     tags=["admin"],
     openapi_extra={
         "requestBody": {
@@ -502,6 +535,7 @@ async def add_items(request: Request, engine: EngineDep, settings: SettingsDep) 
     response_model=ChangeResponse,
     dependencies=[Depends(require_json)],
     openapi_extra=_json_body(DeleteItems),
+    responses=_CHANGE_ERRORS,
     tags=["admin"],
 )
 async def delete_items(request: Request, engine: EngineDep) -> ChangeResponse:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 from pydantic.config import JsonDict
 
 from index_builder.store import VERSION_PATTERN
@@ -60,8 +60,9 @@ class _Search(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    k: int | None = Field(None, ge=1, description=_K_DOC)
-    offset: int = Field(0, ge=0, description=_OFFSET_DOC)
+    # Strict: true, "5" and 5.0 are not 5 (loose coercion hid client bugs).
+    k: StrictInt | None = Field(None, ge=1, description=_K_DOC)
+    offset: StrictInt = Field(0, ge=0, description=_OFFSET_DOC)
     filter: dict[str, Any] | None = Field(None, description=FILTER_DOC)
 
 
@@ -281,6 +282,19 @@ class Status(BaseModel):
     status: str
 
 
+class Refusal(BaseModel):
+    version: str = Field(description="an index version that was not served")
+    reason: str = Field(description="why (no server paths; the details are in the log)")
+
+
+class Readiness(Status):
+    index_version: str = Field(description="the index version served")
+    bundle_id: str = Field(description="the bundle served")
+    refused: Refusal | None = Field(
+        None, description="the last version refused since the served one swapped in"
+    )
+
+
 class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     version: str | None = Field(
@@ -344,7 +358,9 @@ class AddItems(BaseModel):
     )
     images: list[ImageItem] = Field(default_factory=list)
     texts: list[TextItem] = Field(default_factory=list)
-    upsert: bool = Field(False, description="replace items whose id is present (else skipped)")
+    upsert: StrictBool = Field(
+        False, description="replace items whose id is present (else skipped)"
+    )
 
 
 class DeleteItems(BaseModel):

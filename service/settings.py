@@ -86,6 +86,13 @@ class Settings(BaseSettings):
     video_timeout_s: float = Field(
         default=10.0, gt=0, description="time limit for decoding one uploaded clip, in seconds"
     )
+    decode_workers: int = Field(
+        default=1,
+        ge=1,
+        description="threads that decode uploaded clips (their own pool: a slow clip never "
+        "holds an encoder thread); at most twice this many clips wait or decode at once, "
+        "more are a 503 with code busy",
+    )
     batch_size: int = Field(
         default=32, ge=1, description="most queries the micro-batcher encodes at once"
     )

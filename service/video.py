@@ -85,7 +85,11 @@ class VideoInfo(BaseModel):
     limits: dict[str, float] = Field(description="upload limits of video-to-text")
 
 
-router = APIRouter(dependencies=[Depends(require_api_key)], responses=_errors(401), tags=["video"])
+# 422 documented on every route: FastAPI would otherwise add its own HTTPValidationError,
+# a body this service never sends (every error is an ErrorBody).
+router = APIRouter(
+    dependencies=[Depends(require_api_key)], responses=_errors(401, 422), tags=["video"]
+)
 
 
 def video_urls(request: Request, item: dict[str, Any]) -> dict[str, Any]:
@@ -191,12 +195,11 @@ async def read_clip(request: Request, limits: VideoLimits) -> tuple[str, bytes, 
 async def decode_clip(
     engine: Engine, gallery: Searcher, data: bytes, limits: VideoLimits, label: str
 ) -> Any:
-    """(pixels, mask) of an uploaded clip, decoded in the encoder pool within the time limit
-    (the decoder also stops itself at the deadline)."""
-    loop = asyncio.get_running_loop()
+    """(pixels, mask) of an uploaded clip, decoded in the engine's decode pool (not the
+    encoders') within the time limit (the decoder also stops itself at the deadline)."""
     try:
         with engine.metrics.timed("decode", "video"):
-            work = loop.run_in_executor(engine.executor, partial(gallery.video_query, data, limits))
+            work = engine.decode(partial(gallery.video_query, data, limits))
             return await asyncio.wait_for(work, timeout=limits.timeout_s + 1.0)
     except TimeoutError:
         raise InvalidInput(

@@ -180,15 +180,31 @@ def test_one_sided_versions_and_adding_the_other_side(tmp_path):
     assert loaded.texts[found[0, 0]]["id"] == "i3#0"
 
 
-def test_unchanged_side_is_linked_not_copied(tmp_path):
+def test_unchanged_side_is_copied_never_linked(tmp_path):
+    """Damage to one version must not reach its rollback target (issue 25)."""
     store = IndexStore(tmp_path / "idx")
     _publish(store, n=50)
     first = store.open()
     collection.delete_ids(store, ["i1#0"], side="text")
     second = store.open()
-    old, new = first.path / "image.faiss", second.path / "image.faiss"
-    assert old.stat().st_ino == new.stat().st_ino
+    for name in ("image.faiss", "images.jsonl", "image.npy"):
+        old, new = first.path / name, second.path / name
+        assert old.stat().st_ino != new.stat().st_ino and old.stat().st_nlink == 1
+        assert old.read_bytes() == new.read_bytes()
     assert second.info["sides"]["image"] == first.info["sides"]["image"]
+
+
+def test_a_value_no_version_can_store_is_refused_before_anything_is_written(tmp_path):
+    store = IndexStore(tmp_path / "idx")
+    _publish(store, n=20)
+    loaded = store.open()
+    versions = store.versions()
+    for bad in (10**400, 2**63, float("nan"), float("inf"), "\ud800", [1, [10**30]]):
+        row = {"id": "new", "text": "x", "meta": {"n": bad}}
+        change = collection.Change(rows={"text": [row]}, vectors={"text": np.ones((1, DIM))})
+        with pytest.raises(ValueError, match=r"texts\[0\]\.meta\.n"):
+            collection.change(store, loaded, change)
+    assert store.versions() == versions
 
 
 def test_empty_result_is_refused(tmp_path):

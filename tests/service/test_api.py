@@ -278,8 +278,13 @@ def test_gallery_images_and_thumbnails(client, assets):
 
 def test_health_ready_info_metrics(client, assets):
     assert client.get("/health").json() == {"status": "ok"}
-    assert client.get("/ready").json() == {"status": "ready"}
+    ready = client.get("/ready").json()
     info = client.get("/info").json()
+    assert ready == {
+        "status": "ready",
+        "index_version": info["index"]["version"],
+        "bundle_id": assets["bundle"].bundle_id,
+    }
     assert info["ready"] and info["gallery"] == {"images": 8, "texts": 16}
     assert info["index"]["sides"]["image"]["fields"] == {
         "brightness": "number",
