@@ -28,7 +28,7 @@ def _photos(root, n=8):
 
 
 def _build(bundle, out, *sources):
-    args = ["index", "build", "--bundle", str(bundle.path), "--out", str(out), "--cpu",
+    args = ["index", "build", str(out), "--bundle", str(bundle.path), "--cpu",
             "--threads", "1", *sources]  # fmt: skip
     return main(args)
 
@@ -146,7 +146,7 @@ def test_add_upsert_delete_from_the_command_line(tmp_path, tiny_bundle, capsys):
     photos = _photos(tmp_path / "photos", n=6)
     out = tmp_path / "idx"
     assert _build(tiny_bundle, out, "--images", str(photos / "cool")) == 0
-    add = ["index", "add", "--bundle", str(tiny_bundle.path), "--out", str(out), "--threads", "1",
+    add = ["index", "add", str(out), "--bundle", str(tiny_bundle.path), "--threads", "1",
            "--images", str(photos / "warm")]  # fmt: skip
     assert main(add) == 0
     assert "added: 3 images" in capsys.readouterr().out
