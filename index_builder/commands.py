@@ -314,7 +314,7 @@ def _add(args: argparse.Namespace) -> int:
     store = _store(args, root, args.keep)
     result = add_sources(root, bundle, sources, embedding, args.keep, args.upsert, store)
     print(result.summary())
-    _print_version(store, result.version)
+    _print_version(store, result.version, skips=False)
     return 0
 
 
@@ -329,7 +329,7 @@ def _delete(args: argparse.Namespace) -> int:
     store = _store(args, args.root, args.keep)
     result = delete_ids(store, ids, args.side)
     print(result.summary())
-    _print_version(store, result.version)
+    _print_version(store, result.version, skips=False)
     return 0
 
 
@@ -355,12 +355,16 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_version(store, version: str) -> None:  # store: Store
+def _print_version(store, version: str, skips: bool = True) -> None:  # store: Store
     print(f"index version {version} is current under {store.location}")
-    _print_info(store.read_info(version))
+    _print_info(store.read_info(version), skips)
 
 
-def _print_info(info: dict) -> None:
+def _print_info(info: dict, skips: bool = True) -> None:
+    """A version's sides; `skips`: also what the build that made it skipped (not for add and
+    delete, whose new version carries the record of an earlier build)."""
+    from index_builder.build import describe_skips
+
     where = f" ({info['bundle_path']})" if info.get("bundle_path") else ""
     print(f"version {info['version']}  bundle {info['bundle_id']}{where}  dim {info['embed_dim']}")
     for side in ("image", "text"):
@@ -379,6 +383,5 @@ def _print_info(info: dict) -> None:
         if fields:
             print(f"        metadata fields: {fields}")
         skipped = s.get("skipped") or {}
-        if skipped.get("count"):
-            named = "; ".join(skipped["examples"][:5])
-            print(f"        skipped {skipped['count']} unreadable inputs, e.g. {named}")
+        if skips and skipped.get("count"):
+            print(describe_skips(skipped, indent=" " * 8))
