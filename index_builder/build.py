@@ -267,7 +267,7 @@ def embed_rows(
     videos = {row["id"] for row in rows["image"] if is_video_row(row)}
     for item in bad:
         what = "video" if item["id"] in videos else "image"
-        skips["image"].add(f"unreadable {what} ({item['reason'][:60]})", item["id"])
+        skips["image"].add(f"unreadable {what} ({item['reason']})", item["id"])
     gone = {item["id"] for item in bad}
     keep = {
         "image": [row["id"] not in gone for row in rows["image"]],
@@ -289,6 +289,17 @@ def _select(shards: Shards, keep: list[bool]) -> list[np.ndarray]:
 
 def skip_record(skips: Skips) -> dict[str, Any]:
     return {"count": skips.total, "reasons": dict(skips.counts), "examples": skips.examples}
+
+
+def describe_skips(record: dict[str, Any], indent: str = "", named: int = 5) -> str:
+    """A skip record for a person: the count, then one line per named item with its whole
+    reason, then the count per reason of those not named."""
+    lines = [f"{indent}skipped {record['count']} inputs:"]
+    lines += [f"{indent}  {example}" for example in record["examples"][:named]]
+    if record["count"] > named:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in record["reasons"].items())
+        lines.append(f"{indent}  ... {record['count'] - named} more; in all: {reasons}")
+    return "\n".join(lines)
 
 
 def index_sources(

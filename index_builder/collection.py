@@ -27,9 +27,11 @@ from index_builder.build import (
     IndexOptions,
     Rows,
     Sources,
+    describe_skips,
     embed_rows,
     index_side,
     read_sources,
+    skip_record,
     write_info,
 )
 from index_builder.bundle import Bundle
@@ -70,6 +72,7 @@ class ChangeResult:
     replaced: dict[str, int]
     skipped_existing: dict[str, int]
     deleted: dict[str, int]
+    skipped: dict[str, Any] = field(default_factory=dict)  # side -> this change's skip record
 
     def summary(self) -> str:
         parts = []
@@ -82,7 +85,9 @@ class ChangeResult:
             text = ", ".join(f"{n} {side}s" for side, n in counts.items() if n)
             if text:
                 parts.append(f"{label}: {text}")
-        return "; ".join(parts) or "no change"
+        lines = ["; ".join(parts) or "no change"]
+        lines += [f"{side}s {describe_skips(r)}" for side, r in self.skipped.items() if r["count"]]
+        return "\n".join(lines)
 
 
 @dataclass
@@ -403,5 +408,6 @@ def add_sources(
         dataset=sources.describe(),
         bundle_path=bundle.path,
     )
+    result.skipped = {side: skip_record(skips[side]) for side in SIDES if skips[side].total}
     shutil.rmtree(work, ignore_errors=True)
     return result

@@ -20,11 +20,11 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from index_builder.atomic import atomic_open, atomic_write_json, read_json
 from index_builder.bundle import Bundle
 from index_builder.preprocess import load_image_for, preprocess_images
+from index_builder.progress import progress
 from index_builder.store import META_FILES, SIDES, read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def embed_work(
         elif todo:
             lanes, lane_threads = local_lanes(threads)
             embedder = ShardEmbedder(work, bundle.path, side, lane_threads, batch_size, lanes)
-            for i in tqdm(todo, desc=f"embed {side}s", unit="shard"):
+            for i in progress(todo, desc=f"embed {side}s", unit="shard"):
                 embedder.embed_shard(i)
         done[side] = paths
     return done
@@ -223,6 +223,6 @@ def _embed_ray(
         concurrency=workers,
         num_cpus=threads or 1,
     )
-    with tqdm(total=len(todo), desc=f"embed {side}s (ray)", unit="shard") as bar:
+    with progress(total=len(todo), desc=f"embed {side}s (ray)", unit="shard") as bar:
         for _ in embedded.iter_rows():
             bar.update()

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from index_builder.data.common import IMAGE_EXTENSIONS, Skips
-from index_builder.data.folder import find_images
+from index_builder.data.folder import find_images, other_files
 from index_builder.manifest import MANIFEST, image_path, load_records
 from index_builder.video import VIDEO_EXTENSIONS
 
@@ -78,7 +78,7 @@ def image_rows(
     elif _is_webdataset(source):
         rows = _webdataset_rows(source, files_dir, skips)
     elif path.is_dir():
-        rows = _folder_rows(path)
+        rows = _folder_rows(path, skips)
     elif path.suffix.lower() in TABLES:
         rows = _table_image_rows(path, options, skips)
     else:
@@ -139,13 +139,18 @@ def _unique(rows: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
     return rows
 
 
-def _folder_rows(root: Path) -> list[dict[str, Any]]:
+def _folder_rows(root: Path, skips: Skips) -> list[dict[str, Any]]:
+    """One row per image or video under `root`; any other file (not a sidecar) is skipped and
+    named. `folder` is the file's folder relative to `root`, "" at the top."""
     from index_builder.data.video_folder import find_videos
 
+    for other in other_files(root, (*IMAGE_EXTENSIONS, *VIDEO_EXTENSIONS)):
+        skips.add("not an image or video", other.relative_to(root).as_posix())
     rows = []
     for image in sorted([*find_images(root), *find_videos(root)]):
         relative = image.relative_to(root)
-        meta: dict[str, Any] = {"path": relative.as_posix(), "folder": relative.parent.as_posix()}
+        folder = "" if relative.parent == Path(".") else relative.parent.as_posix()
+        meta: dict[str, Any] = {"path": relative.as_posix(), "folder": folder}
         sidecar = image.with_suffix(".json")
         if sidecar.is_file():
             try:

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from index_builder.bundle import Bundle
+from index_builder.progress import progress
 from index_builder.video import (
     VideoError,
     VideoLimits,
@@ -104,7 +104,7 @@ class MediaEmbedder:
         if images:
             out[images] = self.image.encode_pixels(self.read_images([rows[i] for i in images]))
         videos = [i for i, row in enumerate(rows) if is_video_row(row)]
-        for i in tqdm(videos, desc="embed videos", unit="video", disable=None, leave=False):
+        for i in progress(videos, desc="embed videos", unit="video", leave=False):
             embedded = self._video(rows[i], skip)
             if embedded is not None:
                 out[i] = embedded

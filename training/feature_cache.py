@@ -30,12 +30,12 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from index_builder import paths
 from index_builder.atomic import atomic_write_json
 from index_builder.manifest import image_path, manifest_path
 from index_builder.preprocess import TextTokenizer, load_image, preprocess_image, sha256_file
+from index_builder.progress import progress
 from training.evaluate import retrieval_metrics, split_records
 from training.model import TwoTower
 from training.sources import per_gallery_metrics
@@ -191,7 +191,7 @@ def encode_split(
         raise ValueError(f"split {split!r} of {dataset} has no records")
     spec, n = model.image_spec, len(records)
     image_pooled = image_tokens = None
-    for start in tqdm(range(0, n, batch), desc=f"encode {split} images", leave=False):
+    for start in progress(range(0, n, batch), f"encode {split} images", unit="batch", leave=False):
         chunk = records[start : start + batch]
         pixels = np.stack(
             [
@@ -217,7 +217,9 @@ def encode_split(
     text_pooled = _array(out, "text_pooled", (len(captions), width))
     text_tokens = _array(out, "text_tokens", (len(captions), longest, width)) if tokens else None
     step = batch * 2
-    for start in tqdm(range(0, len(captions), step), desc=f"encode {split} captions", leave=False):
+    for start in progress(
+        range(0, len(captions), step), f"encode {split} captions", unit="batch", leave=False
+    ):
         part = slice(start, start + step)
         feats = model.text_features(ids[part], mask[part])
         text_pooled[part] = feats["pooled"].float().numpy()

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
+from index_builder.progress import progress
 from training import distributed
 from training.acceleration import accelerate
 from training.checkpoint import load_trainer_state, load_weights, save_checkpoint
@@ -148,8 +148,12 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to `total_steps` (from `self.step`, so a resumed run continues)."""
         accum = self.cfg.optim.grad_accum
-        bar = tqdm(
-            total=self.total_steps, initial=self.step, desc="train", disable=not self.dist.is_main
+        bar = progress(
+            total=self.total_steps,
+            initial=self.step,
+            desc="train",
+            unit="step",
+            disable=not self.dist.is_main,
         )
         window: list[float] = []
         tick = time.perf_counter()

@@ -12,6 +12,7 @@ from index_builder.filters import Columns, field_types, parse
 
 DIM = 8
 NAMES = ["cat", "dog", 'say "hi"', "back\\slash", "é ü"]
+FOLDERS = ["", "2023", "2023/italy", "2023/italy/rome", "2023x", "20234/a", 'q"t/x', "é/ü"]
 
 
 def _meta(rng, i):
@@ -23,6 +24,7 @@ def _meta(rng, i):
         "nums": [int(x) for x in rng.integers(0, 5, 2)],
         "mix": [str(rng.choice(NAMES)), 3] if i % 4 == 0 else (7 if i % 4 == 1 else "cat"),
         'odd "name"': int(rng.integers(0, 3)),
+        "folder": FOLDERS[i % len(FOLDERS)],
     }
     drop = ["s", "n", "b", "tags", "mix"][i % 7] if i % 7 < 5 else None
     if drop:
@@ -53,6 +55,12 @@ FILTERS = [
     {"mix": {"gte": 5}},
     {'odd "name"': 2},
     {"s": "cat", "tags": "cat", "b": False},
+    {"folder": "2023"},
+    {"folder": "2023/italy/"},
+    {"folder": {"in": ["2023/italy", 'q"t']}},
+    {"folder": ""},
+    {"folder": "é", "s": "cat"},
+    {"folder": {"in": ["20234", "2023x"]}},
 ]
 
 

@@ -141,7 +141,7 @@ def export(checkpoint: Path, bundle: Path) -> int:
 def build_index(bundle: Path, data: Path, root: Path) -> int:
     if index_is_current(root, bundle):
         return 0
-    return cots("index", "build", "--bundle", bundle, "--data", data, "--out", root)
+    return cots("index", "build", root, "--bundle", bundle, "--data", data)
 
 
 def bundle_is_current(bundle: Path, checkpoint: Path) -> bool:
