@@ -33,6 +33,7 @@ from torch.utils.data import Dataset
 
 from index_builder import paths
 from index_builder.atomic import atomic_write_json
+from index_builder.data.merge import merged_galleries
 from index_builder.manifest import image_path, manifest_path
 from index_builder.preprocess import TextTokenizer, load_image, preprocess_image, sha256_file
 from index_builder.progress import progress
@@ -129,6 +130,11 @@ class FeatureStore:
         """The split's tower outputs (token sequences too when `tokens`)."""
         if self.root is None:
             return encode_split(model, dataset, split, tokens, batch, None)
+        galleries = merged_galleries(dataset)
+        if galleries is not None and not tokens and _same_records(dataset, galleries, split):
+            # a merge of galleries: their own entries, shared with every other merge of them
+            parts = [self.load(model, g, split, tokens, batch) for g in galleries]
+            return concat_features(parts)
         key = cache_key(model, dataset, split)
         name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
         entry = self.root / name
@@ -151,6 +157,24 @@ class FeatureStore:
             shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
         return read_entry(entry, tokens)
+
+
+def _same_records(dataset: str | Path, galleries: list[Path], split: str) -> bool:
+    """Whether the merged split holds exactly its galleries' records, in order (a gallery
+    rebuilt since the merge no longer does)."""
+    ids = [r.id for g in galleries for r in split_records(g, split)]
+    return ids == [r.id for r in split_records(dataset, split)]
+
+
+def concat_features(parts: list[SplitFeatures]) -> SplitFeatures:
+    """The pooled features of several splits as one, records in order."""
+    offsets = np.cumsum([0] + [len(p.image_pooled) for p in parts[:-1]])
+    return SplitFeatures(
+        image_pooled=torch.cat([p.image_pooled for p in parts]),
+        text_pooled=torch.cat([p.text_pooled for p in parts]),
+        text_lengths=np.concatenate([p.text_lengths for p in parts]),
+        owner=torch.cat([p.owner + int(o) for p, o in zip(parts, offsets, strict=True)]),
+    )
 
 
 def read_entry(entry: Path, tokens: bool) -> SplitFeatures:
