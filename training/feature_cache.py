@@ -49,7 +49,7 @@ TOKEN_ARRAYS = ("image_tokens", "text_tokens")
 # Model config keys that do not change what the towers output (the weights count through
 # their digest, the tokenizer through its file's hash; the rest follows the towers).
 NOT_TOWER = ("name", "embed_dim", "tokenizer", "image_weights", "text_weights")
-NOT_TOWER += ("semantic_classes", "semantic_temperature", "semantic_top")  # after the towers
+NOT_TOWER += ("semantic_classes", "semantic_temperature", "semantic_top", "semantic_lock_text")
 
 
 def default_root() -> Path:

@@ -28,6 +28,7 @@ from training.evaluate import SplitEvaluator
 from training.objectives import Objectives
 from training.plots import plot_curves
 from training.schedule import set_lr, warmup_cosine
+from training.semantic import wise_mixed
 
 log = logging.getLogger(__name__)
 METRICS = "metrics.jsonl"
@@ -240,18 +241,19 @@ class Trainer:
         state = self.trainer_state()  # collective (RNG of every rank): all ranks call it
         metrics = None
         if self.dist.is_main:
-            if self.evaluator is not None:
-                metrics = self.evaluator.evaluate(self.objectives.model, self.device)
-                self._log({"kind": "val", "step": self.step, **metrics})
-                score = metrics[self.cfg.train.best_metric]
-                if self.best is None or score > self.best:
-                    self.best = score
-                    chosen = f"{self.cfg.data.val_split} {self.cfg.train.best_metric}"
-                    self._save("best", metrics, chosen_by=chosen)
+            with wise_mixed(self.model, self.cfg.train.wise_alpha):  # `best` holds the mix
+                if self.evaluator is not None:
+                    metrics = self.evaluator.evaluate(self.objectives.model, self.device)
+                    self._log({"kind": "val", "step": self.step, **metrics})
+                    score = metrics[self.cfg.train.best_metric]
+                    if self.best is None or score > self.best:
+                        self.best = score
+                        chosen = f"{self.cfg.data.val_split} {self.cfg.train.best_metric}"
+                        self._save("best", metrics, chosen_by=chosen)
+                else:
+                    self._save("best", None, chosen_by=NO_VALIDATION)
             state["best"] = self.best
             self._save("last", metrics, state)
-            if self.evaluator is None:
-                self._save("best", None, chosen_by=NO_VALIDATION)
             plot_curves(self.run_dir / METRICS, self.run_dir)
         distributed.barrier()
         self._trigger("on_validation_end")
