@@ -46,7 +46,7 @@ def parse_galleries(specs: list[str]) -> tuple[tuple[str, Path], ...]:
 def import_merge(cfg: MergeConfig, out: Path) -> ImportResult:
     out = Path(out)
     manifests = [manifest_path(path) for _, path in cfg.galleries]
-    options = {"galleries": [name for name, _ in cfg.galleries], "out": str(out.resolve())}
+    options = {"galleries": [name for name, _ in cfg.galleries], "out": str(out.resolve()), "v": 2}
     fp = fingerprint("merge", options, manifests)
     info = {
         "name": out.name,
