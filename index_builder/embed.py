@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from index_builder.atomic import atomic_open, atomic_write_json, read_json
+from index_builder.atomic import atomic_open, atomic_write_json, read_json, read_jsonl, write_jsonl
+from index_builder.backends.base import META_FILES, SIDES
 from index_builder.bundle import Bundle
 from index_builder.preprocess import load_image_for, preprocess_images
 from index_builder.progress import progress
-from index_builder.store import META_FILES, SIDES, read_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
 ENGINES = ("local", "ray")
