@@ -30,7 +30,8 @@ from index_builder.backends.recall import METRIC, sample_rows  # noqa: E402
 log = logging.getLogger(__name__)
 
 MAX_TRAIN = 200_000
-# Search parameters are tuned for recall@10 (build.py); deeper searches widen them (`search`).
+# Search parameters are tuned for recall@10 (`write.index_side`); deeper searches widen them
+# (`search.search`).
 TUNE_K = 10
 # Indexes with compressed codes (scalar or product quantizers) rank approximately: their
 # search returns RERANK x k candidates, re-scored exactly from the stored float vectors.

@@ -1,7 +1,7 @@
 """The Milvus backend's store: one collection per version, an alias naming the current one.
 
     <name>                        alias of the current version's collection (alter_alias)
-    <name>_v000003_20250101T...   a version: partitions "image" and "text" (milvus_client)
+    <name>_v000003_20250101T...   a version: partitions "image" and "text" (client.py)
     <name>_versions               one record per complete version: its info (index.json's
                                   keys: bundle id and path, dimension, recall, fields...)
 
