@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from index_builder.backends.base import BackendConfig
+from index_builder.backends import BackendConfig
 
 
 class Settings(BaseSettings):

@@ -1,11 +1,13 @@
 """Search backends, one room each (`faiss`, `milvus`), behind the contract in `base`;
-`open_store` picks one."""
+`open_store(root, BackendConfig(...))` picks one."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from index_builder.backends.base import BackendConfig, Store
+
+__all__ = ["BackendConfig", "open_store"]  # picking a backend: the factory and its config
 
 
 def open_store(root: str | Path, config: BackendConfig | None = None, keep: int = 3) -> Store:
