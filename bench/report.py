@@ -140,7 +140,7 @@ FIGURES = (
         "FAISS exact search: SIMD loop or BLAS, by query batch",
         "blas_threshold*.json",
         "python bench/blas_threshold.py",
-        note="index_builder.faiss_index.BLAS_THRESHOLD (queries x dimension) switches to BLAS "
+        note="index_builder.backends.recall.BLAS_THRESHOLD (queries x dimension) switches to BLAS "
         "from 4 queries at d=256: below that, BLAS costs up to 5x more per query.",
     ),
     Figure(

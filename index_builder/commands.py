@@ -9,6 +9,12 @@ import logging
 import os
 import re
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the modules themselves load with their subcommand (`cots --help` stays fast)
+    from index_builder.backends.base import Store
+    from index_builder.build import EmbedOptions, Sources
+    from index_builder.bundle import Bundle
 
 log = logging.getLogger(__name__)
 REBUILD_HELP = """\
@@ -222,7 +228,7 @@ def parse_bytes(text: str) -> int:
     return int(float(match.group(1)) * 1024**power)
 
 
-def _sources(args: argparse.Namespace):  # -> Sources
+def _sources(args: argparse.Namespace) -> Sources:
     from index_builder.build import Sources
     from index_builder.sources import SourceOptions
 
@@ -232,7 +238,7 @@ def _sources(args: argparse.Namespace):  # -> Sources
     return Sources(args.data, args.images, args.texts, options)
 
 
-def _setup(args: argparse.Namespace):  # -> (Bundle, EmbedOptions)
+def _setup(args: argparse.Namespace) -> tuple[Bundle, EmbedOptions]:
     import faiss
 
     from index_builder.build import EmbedOptions
@@ -250,7 +256,7 @@ def _setup(args: argparse.Namespace):  # -> (Bundle, EmbedOptions)
     return Bundle.load(args.bundle), embedding
 
 
-def _store(args: argparse.Namespace, root: str, keep: int = 3):  # -> Store
+def _store(args: argparse.Namespace, root: str, keep: int = 3) -> Store:
     """The versions the flags name: FAISS under `root`, or Milvus (connected now, so that a
     bad URI or token fails before any embedding)."""
     from index_builder.backends import BackendConfig, open_store
@@ -267,7 +273,8 @@ def _store(args: argparse.Namespace, root: str, keep: int = 3):  # -> Store
 
 
 def _build(args: argparse.Namespace) -> int:
-    from index_builder.build import IndexOptions, index_sources
+    from index_builder.backends.base import IndexOptions
+    from index_builder.build import index_sources
 
     root = _root(args)
     bundle, embedding = _setup(args)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from index_builder.bundle import Bundle
+from index_builder.encoders import VideoEncoder
 from index_builder.progress import progress
 from index_builder.video import (
     VideoError,
@@ -93,8 +94,6 @@ class MediaEmbedder:
         read_images: Callable[[list[dict]], np.ndarray],
         limits: VideoLimits = VideoLimits(),
     ) -> None:
-        from index_builder.encoders import VideoEncoder
-
         self.video = VideoEncoder(bundle, image_encoder)
         self.image, self.read_images, self.limits = image_encoder, read_images, limits
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from tiny_bundles import make_gallery, make_tiny_bundle
 
-from index_builder import faiss_index
+from index_builder.backends.faiss import faiss_index
+from index_builder.backends.faiss.store import IndexStore
 from index_builder.bundle import IMAGE_ONNX, Bundle
 from index_builder.cli import build_parser, main, parse
 from index_builder.encoders import TextEncoder
-from index_builder.store import IndexStore
 
 
 def _build(bundle, data, out, *extra):

@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 from tiny_bundles import COLOURS
 
+from index_builder.backends.faiss.store import IndexStore
 from index_builder.cli import main
 from index_builder.data.common import Skips
 from index_builder.search import Searcher, SideMissing
 from index_builder.sources import SourceOptions, image_rows, read_table, text_rows
-from index_builder.store import IndexStore
 
 
 def _photos(root, n=8):

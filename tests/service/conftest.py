@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from index_builder.build import IndexOptions
+from index_builder.backends.base import IndexOptions
+from index_builder.backends.faiss.store import IndexStore
 from index_builder.bundle import Bundle
 from index_builder.encoders import ImageEncoder, TextEncoder
 from index_builder.preprocess import ImageSpec, TextSpec
-from index_builder.store import IndexStore
 
 # The tiny-bundle builder of tests/index_builder (a plain module there, not a package). Found
 # through __file__, so this also works when a bench script loads this file directly.

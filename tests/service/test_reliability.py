@@ -15,8 +15,8 @@ import time
 import pytest
 from PIL import Image
 
-from index_builder import faiss_index
-from index_builder.store import IndexStore
+from index_builder.backends.faiss import faiss_index
+from index_builder.backends.faiss.store import IndexStore
 
 T2I, T2T = "/search/text-to-image", "/search/text-to-text"
 I2T, I2I = "/search/image-to-text", "/search/image-to-image"

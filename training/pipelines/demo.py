@@ -195,8 +195,8 @@ def bundle_is_current(bundle: Path, checkpoint: Path) -> bool:
 
 
 def index_is_current(root: Path, bundle: Path) -> bool:
+    from index_builder.backends.faiss.store import IndexStore
     from index_builder.bundle import Bundle
-    from index_builder.store import IndexStore
 
     store = IndexStore(root)
     if store.current() is None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from index_builder import build
 from index_builder.backends import BackendConfig, open_store
-from index_builder.backends.milvus_expr import clause, literal
+from index_builder.backends.base import IndexOptions
+from index_builder.backends.milvus.expr import clause, literal
 from index_builder.filters import Columns, field_types, parse
 
 DIM = 8
@@ -77,7 +77,7 @@ def gallery(tmp_path_factory):
     store = open_store(tmp / "work", config)
     store.publish(
         bundle_id="b", dim=DIM, shards={"image": [vectors]}, rows={"image": rows},
-        options=build.IndexOptions(queries=20), dataset={},
+        options=IndexOptions(queries=20), dataset={},
     )  # fmt: skip
     return store.open(), metas, vectors
 
