@@ -88,4 +88,4 @@ def merged_galleries(dataset: str | Path) -> list[Path] | None:
     info = read_info(root)
     if info.get("source") != "merge" or info.get("skipped") or not info.get("dirs"):
         return None
-    return [(root / path).resolve() for path in info["dirs"].values()]
+    return [(root / info["dirs"][name]).resolve() for name in info["galleries"]]

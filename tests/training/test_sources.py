@@ -152,7 +152,7 @@ def test_merged_features_come_from_each_gallerys_cache_entry(tmp_path):
         row["id"] = "b-" + row["id"]
     (b / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     merged = tmp_path / "m"
-    import_merge(MergeConfig((("a", a), ("b", b))), merged)
+    import_merge(MergeConfig((("z", a), ("b", b))), merged)  # not in name order
     torch.manual_seed(0)
     model = build_model(load_preset("tiny")).eval()
     store = FeatureStore(tmp_path / "cache")
