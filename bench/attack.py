@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import platform
 import shlex
@@ -42,6 +43,7 @@ from PIL import Image
 
 from index_builder import synthetic
 from index_builder.backends import BackendConfig, open_store
+from index_builder.bundle import Bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN = {"X-API-Key": "attack-admin"}
@@ -70,6 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=60.0,
         help="wait after the burst before the server's RSS is measured again",
+    )
+    parser.add_argument(
+        "--cases", default="", help="comma-separated parts of case names to run (default: all)"
     )
     parser.add_argument("--server-threads", type=int, default=1, help="COTS_INTRA_THREADS")
     parser.add_argument(
@@ -152,6 +157,11 @@ def ready_status(url: str, timeout: float) -> int | None:
         return None
 
 
+def publish_milvus(root: Path, bundle: Path, gallery: list[dict[str, Any]], uri: str) -> None:
+    store = open_store(root, BackendConfig("milvus", milvus_uri=uri))
+    synthetic.build_version(root, Bundle.load(bundle), gallery, store=store)
+
+
 def build_assets(work: Path, backend: str) -> tuple[Path, Path, dict[str, str]]:
     """The colour towers and their gallery published under an index root (FAISS) or into a
     milvus-lite file; returns the bundle, the root and the server's environment."""
@@ -165,9 +175,15 @@ def build_assets(work: Path, backend: str) -> tuple[Path, Path, dict[str, str]]:
     }
     if backend == "milvus":
         env["COTS_MILVUS_URI"] = str(work / "milvus.db")
-        store = open_store(root, BackendConfig("milvus", milvus_uri=env["COTS_MILVUS_URI"]))
-        synthetic.build_version(root, bundle, gallery, store=store)
-        store.client.close()  # type: ignore[attr-defined]  # milvus-lite: one process at a time
+        # milvus-lite serves one process, and its lock lives as long as the process that
+        # opened the file: publish from a child process, which exits before the server starts.
+        child = multiprocessing.get_context("spawn").Process(
+            target=publish_milvus, args=(root, bundle.path, gallery, env["COTS_MILVUS_URI"])
+        )
+        child.start()
+        child.join()
+        if child.exitcode != 0:
+            raise RuntimeError(f"publishing into milvus-lite failed (exit {child.exitcode})")
     else:
         synthetic.build_version(root, bundle, gallery)
     return bundle.path, root, env
@@ -514,7 +530,8 @@ def cases(args: argparse.Namespace, backend: str) -> list[tuple[str, Case]]:
         out += [(f"truncate_{n}", truncate(n)) for n in ("image.npy", "images.jsonl", "text.npy")]
     # The deleted upload first: it ages every stored file past the grace period by hand.
     out += [("deleted_upload_collected", deleted_upload), ("kill9_change", kill_change)]
-    return out
+    wanted = [part for part in args.cases.split(",") if part]
+    return [(name, case) for name, case in out if not wanted or any(w in name for w in wanted)]
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -543,8 +560,8 @@ def attack(backend: str, args: argparse.Namespace, large: bytes) -> list[dict[st
 
 COLUMNS = [
     ("backend", 7),
-    ("case", 28),
-    ("statuses", 34),
+    ("case", 30),
+    ("statuses", 37),
     ("max_bytes", 9),
     ("seconds", 7),
     ("health_max_ms", 13),
