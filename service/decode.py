@@ -150,6 +150,28 @@ def images_to_pixels(
 LARGE_DECODE_PIXELS = 4_000_000  # decoded, about 50 MB with Pillow's and our copies
 
 
+def decodes_large(payloads: list[bytes]) -> bool:
+    """Whether an upload decodes to LARGE_DECODE_PIXELS or more, read from its header (a
+    JPEG decodes at a reduced scale, so never does). Such decodes run in the bounded decode
+    pool: sixteen maximum-size PNGs decoded at once held 3.9 GB and stalled the event loop
+    (bench/attack.py). An unreadable header is not large: the checks that follow refuse it."""
+    for data in payloads:
+        try:
+            with Image.open(io.BytesIO(data), formats=FORMATS) as probe:
+                width, height = probe.size
+                if probe.format != "JPEG" and width * height >= LARGE_DECODE_PIXELS:
+                    return True
+        except (
+            Image.DecompressionBombError,
+            UnidentifiedImageError,
+            OSError,
+            SyntaxError,
+            ValueError,
+        ):
+            continue
+    return False
+
+
 def release_after(image: Image.Image) -> None:
     """Give the heap back to the system after a large decode: glibc keeps the freed memory,
     so the resident size after the largest allowed image (+490 MB) never came back down."""

@@ -154,10 +154,11 @@ class Engine:
         self.decoder.shutdown(wait=False, cancel_futures=True)
 
     def decode(self, work: Callable[[], Any]) -> asyncio.Future[Any]:
-        """Run `work` (a clip decode) in the decode pool; a 503 (code busy) when the pool
-        already holds as much work as it admits."""
+        """Run `work` (a clip's or a large image's decode) in the decode pool; a 503 (code
+        busy) when the pool already holds as much work as it admits."""
         if not self._decoding.acquire(blocking=False):
-            raise NotReady("too many clips are being decoded; retry shortly", "busy")
+            detail = "too many clips or large images are being decoded; retry shortly"
+            raise NotReady(detail, "busy")
         try:
             future = self.decoder.submit(work)
         except BaseException:

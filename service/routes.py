@@ -5,6 +5,7 @@ from __future__ import annotations
 import mimetypes
 import time
 from collections.abc import Sequence
+from functools import partial
 from typing import Annotated, Any
 from urllib.parse import quote
 
@@ -20,6 +21,7 @@ from index_builder.search import Searcher
 from service.decode import (
     check_batch,
     check_upload,
+    decodes_large,
     images_to_pixels,
     parse_json,
     read_body,
@@ -275,9 +277,11 @@ async def _image_search(
     # Preprocess with this searcher's bundle and encode with its encoders, even if a swap
     # to another bundle happens meanwhile.
     spec = gallery.bundle.image_spec
-    pixels = await run_in_threadpool(
-        images_to_pixels, query.names, query.payloads, spec, settings, engine.metrics
-    )
+    decode = partial(images_to_pixels, query.names, query.payloads, spec, settings, engine.metrics)
+    if decodes_large(query.payloads):  # bounded: a burst of them is a 503 busy, not OOM
+        pixels = await engine.decode(decode)
+    else:
+        pixels = await run_in_threadpool(decode)
     gallery, found = await engine.search(
         "image", side, pixels, *page, filter=query.filter, gallery=gallery
     )
