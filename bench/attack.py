@@ -580,15 +580,15 @@ def _line(row: dict[str, Any]) -> str:
     return " ".join(cells)
 
 
-def goals(rows: list[dict[str, Any]]) -> list[tuple[str, bool, str]]:
+def goals(rows: list[dict[str, Any]]) -> list[tuple[str, bool | None, str]]:
+    """The issue's goals: (goal, passed or None where no case measured it, what was seen)."""
     fives = sum(r["fivexx"] + r["transport_errors"] for r in rows)
     state = sum(r["state_5xx"] for r in rows)
     not_ready = [f"{r['backend']}/{r['case']}" for r in rows if not r["ready_200_in_5s"]]
     no_search = [f"{r['backend']}/{r['case']}" for r in rows if r["search_after"] != 200]
-    single = [r for r in rows if not r["case"].startswith(("burst", "kill9"))]
-    worst = max(single, key=lambda r: r["health_max_ms"] or 0.0)
-    bursts = [r for r in rows if r["case"].startswith("burst")]
-    growth = max(r["rss_growth"] for r in bursts) if bursts else None
+    single = [r for r in rows if not r["case"].startswith(("burst", "kill9", "deleted"))]
+    worst = max(single, key=lambda r: r["health_max_ms"] or 0.0, default=None)
+    growths = [r["rss_growth"] for r in rows if "rss_growth" in r]
     strays = {
         f"{r['backend']}/{r['case']}": r["stray_after_next_change"]
         for r in rows
@@ -605,17 +605,19 @@ def goals(rows: list[dict[str, Any]]) -> list[tuple[str, bool, str]]:
         ("a search answers after each case", not no_search, f"missed: {no_search or 'none'}"),
         (
             "burst of maximum-size images: RSS within 20% of the start, later",
-            growth is not None and growth <= 0.2,
-            f"largest growth {growth}",
+            max(growths) <= 0.2 if growths else None,
+            f"largest growth {max(growths) if growths else None}",
         ),
         (
             "/health < 50 ms during any single bad request",
-            (worst["health_max_ms"] or 0.0) < 50,
-            f"worst {worst['health_max_ms']} ms ({worst['backend']}/{worst['case']})",
+            worst["health_max_ms"] < 50 if worst else None,
+            f"worst {worst['health_max_ms']} ms ({worst['backend']}/{worst['case']})"
+            if worst
+            else "not measured",
         ),
         (
             "no stray files under <root>/files/ after the next change",
-            bool(strays) and not any(strays.values()),
+            not any(strays.values()) if strays else None,
             f"strays {strays}",
         ),
     ]
@@ -631,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [row for backend in backends for row in attack(backend, args, large)]
     checked = goals(rows)
     for name, ok, detail in checked:
-        print(f"{'PASS' if ok else 'FAIL'}  {name}: {detail}")
+        print(f"{({True: 'PASS', False: 'FAIL'}).get(ok, 'N/A ')}  {name}: {detail}")
     results = {
         "command": shlex.join(["python", "bench/attack.py", *sys.argv[1:]]),
         "machine": {
@@ -647,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")
-    return 0 if all(ok for _, ok, _ in checked) else 1
+    return 0 if all(ok is not False for _, ok, _ in checked) else 1
 
 
 if __name__ == "__main__":
