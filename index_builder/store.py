@@ -423,15 +423,10 @@ class IndexStore:
             log.warning("could not collect unused files under %s: %s", self.root, exc)
 
     def collect_files(self, grace_s: float = FILES_GRACE_S) -> list[str]:
-        """Remove the files under `files/` (uploads and WebDataset images, stored by content)
-        that no kept version names, nor an embedding in progress (`work/`), and that were
-        not stored or wanted in the last `grace_s` seconds (a build may be about to name
-        them); returns the names removed."""
+        """Remove the files under `files/` that no kept version names (see
+        `collect_stored_files`); returns the names removed."""
         files = self.root / FILES_DIR
         if not files.is_dir():
-            return []
-        present = {p.name for p in files.iterdir() if _STORED.fullmatch(p.name)}
-        if not present:
             return []
         named: set[str] = set()
         for version in self.versions():
@@ -441,21 +436,7 @@ class IndexStore:
                     dead = path / DELETED_FILES[side]
                     tombstones = np.load(dead) if dead.is_file() else None
                     named |= _names_in(path / META_FILES[side], tombstones)
-        for folder in (self.root / "work", self.root / "staging"):
-            if folder.is_dir():
-                for path in folder.rglob("*.json*"):
-                    named |= _names_in(path)
-        cutoff = time.time() - grace_s
-        removed = []
-        for name in sorted(present - named):
-            path = files / name
-            with contextlib.suppress(FileNotFoundError):
-                if path.stat().st_mtime < cutoff:
-                    path.unlink()
-                    removed.append(name)
-        if removed:
-            log.info("removed %d stored files no index version names", len(removed))
-        return removed
+        return collect_stored_files(self.root, named, grace_s)
 
     def _require_current(self) -> str:
         current = self.current()
@@ -464,6 +445,103 @@ class IndexStore:
                 f"no index under {self.root} (build one with `cots index build`)"
             )
         return current
+
+
+def collect_stored_files(root: Path, named: set[str], grace_s: float = FILES_GRACE_S) -> list[str]:
+    """Remove the files under `root/files/` (uploads and WebDataset images, stored by content)
+    that neither `named` (the names the kept versions hold) nor an embedding or change in
+    progress (`work/`, `staging/`) names, and that were not stored or wanted in the last
+    `grace_s` seconds (a build may be about to name them); the uploads of a change whose
+    process died (kill -9; its journal under work/ outlived it) go at once. Returns the
+    names removed."""
+    files = root / FILES_DIR
+    if not files.is_dir():
+        return []
+    present = {p.name for p in files.iterdir() if _STORED.fullmatch(p.name)}
+    orphaned = _orphaned_uploads(root / "work", grace_s)
+    if not present:
+        return []
+    named = set(named)
+    for folder in (root / "work", root / "staging"):
+        if folder.is_dir():
+            for path in folder.rglob("*.json*"):
+                named |= _names_in(path)
+    cutoff = time.time() - grace_s
+    removed = []
+    for name in sorted(present - named):
+        path = files / name
+        with contextlib.suppress(FileNotFoundError):
+            if name in orphaned or path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed.append(name)
+    if removed:
+        log.info("removed %d stored files no index version names", len(removed))
+    return removed
+
+
+@contextlib.contextmanager
+def journal_uploads(root: Path, names: Iterable[str]) -> Iterator[None]:
+    """Name the files a change is about to store under `files/` in a journal under `work/`
+    for as long as the change runs: `collect_stored_files` spares them meanwhile, and if
+    this process dies first (kill -9), the next collection removes those no version names
+    at once instead of an hour later. The journal is named for this host and process (its
+    id and start time, so a restarted container that reuses the id is not taken for it)."""
+    names = sorted(names)
+    if not names:
+        yield
+        return
+    work = root / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    pid = os.getpid()
+    journal = work / f"{_JOURNAL_PREFIX}{os.uname().nodename}-{pid}-{_started(pid)}.json"
+    atomic_write_text(journal, json.dumps(names))
+    try:
+        yield
+    finally:
+        journal.unlink(missing_ok=True)
+
+
+_JOURNAL_PREFIX = "uploads-"
+_JOURNAL = re.compile(r"uploads-(?P<host>.+)-(?P<pid>\d+)-(?P<start>\d+)\.json")
+
+
+def _started(pid: int) -> int:
+    """When process `pid` started (clock ticks since boot, /proc/PID/stat); 0 where unknown
+    (not Linux), -1 when there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return -1
+    except OSError:
+        return 0
+    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22, after the command in ()
+
+
+def _orphaned_uploads(work: Path, grace_s: float) -> set[str]:
+    """The names in upload journals whose process is gone (this host) or that are older than
+    `grace_s` (another host's); those journals are removed."""
+    if not work.is_dir():
+        return set()
+    host = os.uname().nodename
+    cutoff = time.time() - grace_s
+    orphaned: set[str] = set()
+    for journal in work.glob(f"{_JOURNAL_PREFIX}*.json"):
+        match = _JOURNAL.fullmatch(journal.name)
+        if match is None:
+            continue
+        try:
+            start = _started(int(match["pid"])) if match["host"] == host else 0
+            alive = start != 0 and start == int(match["start"])
+            gone = start != 0 and not alive  # this host's, and provably dead
+            if alive or not (gone or journal.stat().st_mtime < cutoff):
+                continue  # its change may still be running
+            names = json.loads(journal.read_text())
+            journal.unlink()
+        except (OSError, ValueError):
+            continue
+        if gone:  # else (another host's, or unknown) its files fall back to the grace period
+            orphaned |= {n for n in names if isinstance(n, str) and _STORED.fullmatch(n)}
+    return orphaned
 
 
 def _names_in(path: Path, tombstones: np.ndarray | None = None) -> set[str]:

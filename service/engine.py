@@ -27,8 +27,8 @@ from index_builder.collection import Change, ChangeResult, change, delete_ids
 from index_builder.encoders import Encoders
 from index_builder.filters import check_storable, show
 from index_builder.search import Searcher
-from index_builder.sources import store_file
-from index_builder.store import CorruptIndex, check_bundle, is_version_name
+from index_builder.sources import store_file, stored_name
+from index_builder.store import CorruptIndex, check_bundle, is_version_name, journal_uploads
 from service.batching import MicroBatcher
 from service.decode import Items
 from service.errors import (
@@ -420,6 +420,14 @@ class Engine:
     def _add_items(
         self, items: Items, extensions: list[str], gallery: Searcher, stored: list[Path]
     ) -> ChangeResult:
+        names = [stored_name(u.data, e) for u, e in zip(items.images, extensions, strict=True)]
+        with journal_uploads(self.store.root, names):  # a kill -9 leaves them collectable
+            request = self._change_request(items, extensions, gallery, stored)
+            return change(self.store, gallery.index, request, bundle_path=gallery.bundle.path)
+
+    def _change_request(
+        self, items: Items, extensions: list[str], gallery: Searcher, stored: list[Path]
+    ) -> Change:
         rows: dict[str, list[dict[str, Any]]] = {"image": [], "text": []}
         vectors = {}
         if items.images:
@@ -442,8 +450,7 @@ class Engine:
             rows["text"] = [
                 {"id": item.id, "text": item.text, "meta": item.meta} for item in items.texts
             ]
-        request = Change(rows=rows, vectors=vectors, upsert=items.upsert)
-        return change(self.store, gallery.index, request, bundle_path=gallery.bundle.path)
+        return Change(rows=rows, vectors=vectors, upsert=items.upsert)
 
     def _refuse(self, version: str, result: str, exc: Exception) -> Conflict:
         """Count and log a refused version; the client's reason names no server path, and an

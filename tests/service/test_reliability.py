@@ -9,6 +9,9 @@ import errno
 import io
 import json
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -16,7 +19,7 @@ import pytest
 from PIL import Image
 
 from index_builder import faiss_index
-from index_builder.store import IndexStore
+from index_builder.store import IndexStore, journal_uploads
 
 T2I, T2T = "/search/text-to-image", "/search/text-to-text"
 I2T, I2I = "/search/image-to-text", "/search/image-to-image"
@@ -418,6 +421,38 @@ def test_uploads_no_version_references_are_collected(admin, root):
     text = {"texts": [{"id": "last", "text": "red"}]}
     assert admin.post("/admin/items", json=text, headers=KEY).status_code == 200
     assert list(files.iterdir()) == []
+
+
+KILLED_CHANGE = """
+import os, signal, sys
+from pathlib import Path
+from index_builder.store import journal_uploads
+root, name = Path(sys.argv[1]), sys.argv[2]
+with journal_uploads(root, [name]):
+    (root / "files" / name).write_bytes(b"an upload")
+    os.kill(os.getpid(), signal.SIGKILL)  # kill -9 before the change publishes
+"""
+
+
+def test_uploads_of_a_killed_change_go_with_the_next_change(admin, root):
+    """kill -9 during a change left its upload under files/ for an hour, the grace period
+    (bench/attack.py): a change names its uploads in a journal under work/, and the next
+    change removes those of a dead process that no version names, at once."""
+    files = root / "files"
+    files.mkdir()
+    killed, young, live = ("4" * 64 + ".png"), ("5" * 64 + ".png"), ("6" * 64 + ".png")
+    done = subprocess.run([sys.executable, "-c", KILLED_CHANGE, str(root), killed], check=False)
+    assert done.returncode == -signal.SIGKILL
+    assert (files / killed).is_file() and list((root / "work").glob("uploads-*.json"))
+    (files / young).write_bytes(png())  # stored by someone, not yet named: the grace period
+    hour_ago = time.time() - 7200
+    (files / live).write_bytes(png())
+    os.utime(files / live, (hour_ago, hour_ago))
+    with journal_uploads(root, [live]):  # a change of a live process: spared, however old
+        text = {"texts": [{"id": "after", "text": "red"}]}
+        assert admin.post("/admin/items", json=text, headers=KEY).status_code == 200
+        assert {p.name for p in files.iterdir()} == {young, live}
+    assert list((root / "work").glob("uploads-*.json")) == []
 
 
 # -- 6. the contract ------------------------------------------------------------------------------
