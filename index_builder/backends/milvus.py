@@ -46,9 +46,12 @@ from index_builder.build import OTHER, info_record
 from index_builder.collection import EMPTIED, RECALL_QUERIES, Plan
 from index_builder.filters import field_types
 from index_builder.store import (
+    FILES_DIR,
+    FILES_GRACE_S,
     SIDES,
     build_lock,
     check_bundle,
+    collect_stored_files,
     is_version_name,
     next_version_name,
 )
@@ -458,6 +461,34 @@ class MilvusStore:
                 self.client.drop_collection(self.collection_of(version))
                 self.client.delete(self.records, ids=[version])
             log.info("removed old index version %s", version)
+        try:
+            self.collect_files()
+        except OSError as exc:  # housekeeping: the published version stands regardless
+            log.warning("could not collect unused files under %s: %s", self.root, exc)
+
+    def collect_files(self, grace_s: float = FILES_GRACE_S) -> list[str]:
+        """Remove the uploads under `files/` that no kept version's image rows name (see
+        `collect_stored_files`, the FAISS store's rule); returns the names removed."""
+        if not (self.root / FILES_DIR).is_dir():
+            return []
+        named: set[str] = set()
+        for version in self.versions():
+            info = self.read_info(version)
+            if "next_row" not in info:  # cannot tell what it names: collect nothing
+                return []
+            collection = self.collection_of(version)
+            with errors(self.uri, f"read the files {collection} names"):
+                self.client.load_collection(collection)
+                for low in range(0, int(info["next_row"]), BATCH):
+                    found = self.client.query(
+                        collection,
+                        filter=f"row >= {low} and row < {low + BATCH}",
+                        output_fields=["item"],
+                        partition_names=["image"],
+                        limit=BATCH,
+                    )
+                    named |= {Path(str((e.get("item") or {}).get("image"))).name for e in found}
+        return collect_stored_files(self.root, named, grace_s)
 
     def _drop(self, collection: str) -> None:
         try:
