@@ -19,6 +19,7 @@ from pydantic_core import to_json
 from index_builder.collection import ChangeResult
 from index_builder.search import Searcher
 from service.decode import (
+    MAX_SEARCH_VALUES,
     check_batch,
     check_upload,
     decodes_large,
@@ -299,7 +300,7 @@ async def _image_search(
 )
 async def text_to_image(request: Request, engine: EngineDep, settings: SettingsDep) -> Any:
     """Search gallery images with text: the text tower encodes, the image index answers."""
-    body = await read_json(request, settings.max_text_body_bytes)
+    body = await read_json(request, settings.max_text_body_bytes, MAX_SEARCH_VALUES)
     query = validate(TextQuery, body, settings.max_batch)
     return await _text_search(request, engine, settings, query, "image")
 
@@ -316,7 +317,7 @@ async def text_to_image(request: Request, engine: EngineDep, settings: SettingsD
 async def text_to_text(request: Request, engine: EngineDep, settings: SettingsDep) -> Any:
     """Search texts with text (the text tower encodes, the text index answers), or texts like
     an indexed one (`id`: its stored vector, no encoding)."""
-    body = await read_json(request, settings.max_text_body_bytes)
+    body = await read_json(request, settings.max_text_body_bytes, MAX_SEARCH_VALUES)
     query = validate(TextToTextQuery, body, settings.max_batch)
     return await _text_search(request, engine, settings, query, "text")
 

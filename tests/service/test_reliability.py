@@ -301,6 +301,19 @@ def test_a_huge_batch_is_refused_quickly_with_a_small_body(client):
     assert len(response.content) < 4096 and elapsed < 3, (len(response.content), elapsed)
 
 
+def test_a_huge_batch_is_refused_before_it_is_parsed(client, monkeypatch):
+    """Parsing the 1M-element body held the GIL for 40-90 ms, off the loop or not, and
+    /health waited as long (bench/attack.py): a search body with far more values than any
+    search takes is refused by counting its commas."""
+    from service import decode
+
+    parsed = []
+    monkeypatch.setattr(decode, "parse_json", lambda body: parsed.append(len(body)))
+    body = b'{"images": [' + b",".join([b"1"] * 1_000_000) + b"]}"
+    assert_error(client.post(I2T, content=body, headers=JSON), 422, "batch_too_large")
+    assert parsed == []
+
+
 def test_validation_errors_are_capped(client):
     texts = [1] * 16  # within the batch limit, every one wrong
     response = client.post(T2I, json={"texts": texts})
