@@ -96,6 +96,7 @@ class Engine:
         self._rejected: str | None = None
         # The last version refused and why (a client-safe reason, for /ready).
         self.refusal: tuple[str, str] | None = None
+        self._damaged: Searcher | None = None  # the served searcher, once found damaged
         # While no version is served after a failed first load: the version that failed,
         # and when (event-loop time) and after how long a delay the watcher tries again.
         self._failed: str | None = None
@@ -205,6 +206,18 @@ class Engine:
             )
         raise NotReady("the service is loading its bundle and index")
 
+    def ready(self) -> Searcher:
+        """`current()`, and NotReady (index_corrupt) once a search has found its files
+        damaged on disk: until another version (or the same one, reloaded) is served, a
+        load balancer should send its traffic elsewhere."""
+        gallery = self.current()
+        if self._damaged is gallery:
+            raise NotReady(CORRUPT, "index_corrupt")
+        return gallery
+
+    def _mark_damaged(self, gallery: Searcher) -> None:
+        self._damaged = gallery
+
     # -- search ----------------------------------------------------------------------------
 
     async def search(
@@ -224,7 +237,7 @@ class Engine:
         gallery = gallery or self.current()
         check_query(gallery, side, filter)
         jobs = [Job(query, gallery, side, k + offset, filter) for query in queries]
-        with backend_errors():
+        with backend_errors(partial(self._mark_damaged, gallery)):
             found = await self.batchers[modality].submit(jobs)
         return gallery, [hits[offset:] for hits in found]
 
@@ -236,7 +249,7 @@ class Engine:
         gallery = self.current()
         check_query(gallery, side, filter)
         loop = asyncio.get_running_loop()
-        with backend_errors():  # a lookup in Milvus is a round trip: off the event loop
+        with backend_errors(partial(self._mark_damaged, gallery)):  # Milvus: a round trip
             if not storable_id(item_id) or (
                 await loop.run_in_executor(None, gallery.index.row_of, side, item_id) is None
             ):
@@ -279,7 +292,7 @@ class Engine:
         """The file behind a gallery image id; ids come only from the index, never paths
         from clients."""
         gallery = self.current()
-        with backend_errors():
+        with backend_errors(partial(self._mark_damaged, gallery)):
             index = gallery.index
             if (
                 not storable_id(image_id)
@@ -588,12 +601,15 @@ def _group(indices: Iterable[int], key: Callable[[int], Hashable]) -> list[list[
 
 
 @contextlib.contextmanager
-def backend_errors() -> Iterator[None]:
-    """An index backend that fails (Milvus unreachable, a collection gone) answers 503."""
+def backend_errors(damaged: Callable[[], None] | None = None) -> Iterator[None]:
+    """An index backend that fails (Milvus unreachable, a collection gone) answers 503; a
+    damaged version's files also call `damaged` (/ready then answers 503 too)."""
     try:
         yield
     except CorruptIndex as exc:
         log.error("the served index version is damaged: %s", exc)
+        if damaged is not None:
+            damaged()
         raise NotReady(CORRUPT, "index_corrupt") from None
     except OSError as exc:
         log.error("the index backend failed: %s", exc)

@@ -116,8 +116,9 @@ async def ready(engine: EngineDep) -> Readiness:
     """200 once the bundle and an index are loaded, naming the version served and the last
     version refused since (and why: the served one keeps serving); 503 before, with code
     `not_ready` while loading and `load_failed` after a failed load (retried: move CURRENT or
-    reload another version; the details are in the log)."""
-    gallery = engine.current()
+    reload another version; the details are in the log), and `index_corrupt` once a search
+    found the served version's files damaged on disk (serve another version)."""
+    gallery = engine.ready()
     refused = None
     if engine.refusal is not None:
         refused = Refusal(version=engine.refusal[0], reason=engine.refusal[1])

@@ -278,6 +278,24 @@ def test_truncating_the_served_version_is_a_503_not_a_crash(admin, root, name):
     assert admin.get("/health").status_code == 200
 
 
+def test_ready_is_503_while_the_served_version_is_known_damaged(admin, root, build):
+    """/ready answered 200 while every search of the truncated version was a 503
+    (bench/attack.py), so a load balancer kept sending traffic; docs/deploy.md promised
+    `index_corrupt` on /ready too. Serving another version makes it ready again."""
+    first = IndexStore(root).current()
+    second = build(root)
+    wait_for(lambda: admin.get("/ready").json().get("index_version") == second)
+    with open(root / "versions" / second / "image.npy", "r+b") as handle:
+        handle.truncate(128)
+    assert_error(admin.post(T2I, json={"text": "red"}), 503, "index_corrupt")
+    assert_error(admin.get("/ready"), 503, "index_corrupt")
+    assert admin.get("/health").status_code == 200
+    reloaded = admin.post("/admin/reload", json={"version": first}, headers=KEY)
+    assert reloaded.status_code == 200, reloaded.text
+    assert admin.get("/ready").status_code == 200
+    assert admin.post(T2I, json={"text": "red"}).status_code == 200
+
+
 def test_a_change_never_shares_files_with_its_parent(admin, root):
     first = IndexStore(root).current()
     added = admin.post("/admin/items", json={"texts": [{"id": "t", "text": "red"}]}, headers=KEY)
