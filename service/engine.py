@@ -315,7 +315,8 @@ class Engine:
         is loaded and verified, its encoders opened, and bundle, encoders and index swap
         together. A version that cannot be read is refused; the old one keeps serving. An
         explicit `version` (a rollback, say) becomes CURRENT, through the store's atomic
-        switch, before it serves, so the watcher agrees with it."""
+        switch, before it serves, so the watcher agrees with it. The served version is read
+        again only when a search found its files damaged (restored since, say)."""
         if self.encoders is None:
             raise NotReady("the service is still loading its encoders")
         if version is not None and not is_version_name(version):
@@ -328,7 +329,9 @@ class Engine:
                 raise NotFound("no index version is current (CURRENT is missing)")
             if not is_version_name(target):
                 raise NotFound(f"CURRENT names no index version ({target[:40]!r})")
-            gallery = await self._prepare(target) if target != previous else None
+            # The served version again only when a search found it damaged (files restored).
+            again = self.gallery is not None and self._damaged is self.gallery
+            gallery = await self._prepare(target) if target != previous or again else None
             if version is not None:
                 await loop.run_in_executor(None, self._point_current, version)
             if gallery is not None:
