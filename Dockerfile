@@ -56,7 +56,7 @@ VOLUME ["/data"]
 WORKDIR /data
 USER 10001:10001
 ENTRYPOINT ["cots"]
-CMD ["index", "rebuild", "--bundle", "/data/bundles/default", "--data", "/data/datasets/default", "--out", "/data/indexes/default"]
+CMD ["index", "rebuild", "/data/indexes/default", "--bundle", "/data/bundles/default", "--data", "/data/datasets/default"]
 
 # ---- serve: the search API (the default target) -------------------------------------------------
 FROM deps AS serve

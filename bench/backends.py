@@ -27,8 +27,9 @@ import faiss
 import numpy as np
 from collection_bench import make_data, rows_for, unit
 
-from index_builder import build, collection
+from index_builder import collection
 from index_builder.backends import BackendConfig, open_store
+from index_builder.backends.base import IndexOptions
 
 RESULTS = Path(__file__).parent / "results"
 FILTER = {"bucket": {"lt": 10}}  # 10% of the gallery
@@ -43,7 +44,7 @@ def build_store(backend: str, root: Path, index: str, vectors: np.ndarray, bucke
         dim=vectors.shape[1],
         shards={"image": [vectors]},
         rows={"image": rows_for(range(len(vectors)), buckets)},
-        options=build.IndexOptions(queries=500, target_recall=0.95, use_gpu=False),
+        options=IndexOptions(queries=500, target_recall=0.95, use_gpu=False),
         dataset={"name": "synthetic"},
     )
     return store, time.perf_counter() - started

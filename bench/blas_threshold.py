@@ -1,5 +1,5 @@
 """Exact inner-product search per query through FAISS's SIMD loop and through BLAS, by query
-batch size, on one thread: where index_builder.faiss_index.BLAS_THRESHOLD (queries x
+batch size, on one thread: where index_builder.backends.recall.BLAS_THRESHOLD (queries x
 dimension) should switch. Two cases: an IVF coarse quantizer (4096 centroids, nprobe 128) and
 a flat gallery of 100k (k=10), both 256-d.
 

@@ -24,8 +24,11 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from index_builder import build, collection, faiss_index
-from index_builder.store import IndexStore
+from index_builder import collection
+from index_builder.backends.base import IndexOptions
+from index_builder.backends.faiss import faiss_index
+from index_builder.backends.faiss import search as faiss_search
+from index_builder.backends.faiss.store import IndexStore
 
 RESULTS = Path(__file__).parent / "results"
 SELECTIVITY = {"1%": {"bucket": 0}, "10%": {"bucket": {"lt": 10}}, "50%": {"bucket": {"lt": 50}}}
@@ -52,13 +55,12 @@ def rows_for(ids: range, buckets: np.ndarray, prefix: str = "i") -> list[dict]:
 
 def publish(store: IndexStore, vectors: np.ndarray, buckets: np.ndarray) -> float:
     started = time.perf_counter()
-    build.publish(
-        store,
+    store.publish(
         bundle_id="bench",
         dim=vectors.shape[1],
         shards={"image": [vectors]},
         rows={"image": rows_for(range(len(vectors)), buckets)},
-        options=build.IndexOptions(queries=500),
+        options=IndexOptions(queries=500),
         dataset={"name": "synthetic"},
     )
     return time.perf_counter() - started
@@ -77,7 +79,7 @@ def filtered(store: IndexStore, vectors: np.ndarray, queries: np.ndarray) -> lis
         allowed = np.ones(len(vectors), bool) if mask is None else mask
         rows = np.flatnonzero(allowed)
         param = faiss_index.tunable_param(loaded.indexes["image"])
-        exact = mask is not None and faiss_index.exact_subset(len(rows), len(mask), param)
+        exact = mask is not None and faiss_search.exact_subset(len(rows), len(mask), param)
         truth = faiss.knn(queries, np.ascontiguousarray(vectors[rows]), 10)[1]
         recall = np.mean([len(set(f.tolist()) & set(rows[t].tolist())) / 10
                           for f, t in zip(found, truth, strict=True)])  # fmt: skip

@@ -26,7 +26,10 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from index_builder import faiss_index as fi
+from index_builder.backends.base import ivf_lists
+from index_builder.backends.faiss import faiss_index as fi
+from index_builder.backends.faiss import search as faiss_search
+from index_builder.backends.recall import METRIC, exact_knn
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -74,7 +77,7 @@ def blas_threshold_effect(base: np.ndarray, queries: np.ndarray) -> list[dict]:
             entry[f"{name}_ms_per_query"] = round(
                 1e3
                 * min(
-                    _timed(lambda q=queries[:nq]: faiss.knn(q, base, 10, fi.METRIC))
+                    _timed(lambda q=queries[:nq]: faiss.knn(q, base, 10, METRIC))
                     for _ in range(reps)
                 )
                 / nq,
@@ -88,7 +91,7 @@ def blas_threshold_effect(base: np.ndarray, queries: np.ndarray) -> list[dict]:
 def factories(n: int, chosen: list[str] | None = None) -> list[str]:
     """The factory strings for a gallery of n: `chosen` with {nlist} filled in, or by default
     all types (HNSW and OPQ only up to 100k, for their build time)."""
-    nlist = fi.ivf_lists(n)
+    nlist = ivf_lists(n)
     if chosen is not None:
         return [name.format(nlist=nlist) for name in chosen]
     names = ["Flat"]
@@ -155,7 +158,7 @@ def bench_index(factory: str, base, queries, truth, target: float, floor_s: floa
     with tempfile.NamedTemporaryFile() as tmp:
         fi.write_index(index, Path(tmp.name))
         size = Path(tmp.name).stat().st_size
-    params, recall = fi.tune(index, queries, truth, target)
+    params, recall = faiss_search.tune(index, queries, truth, target)
     single = [_timed(lambda q=q: index.search(q[None], 10)) for q in queries[:200]]
     batched = min(_timed(lambda: index.search(queries, 10)) for _ in range(2))
     latency = float(np.median(single))
@@ -215,7 +218,7 @@ def main() -> None:
     report["bandwidth_gb_s"] = round(bw / 1e9, 2)  # the latest run's; floors are per size
     for n in args.sizes:
         base, queries = make_data(n, args.dim, args.queries)
-        truth = fi.exact_knn(queries, [base], 10)
+        truth = exact_knn(queries, [base], 10)
         floor = n * args.dim * 4 / bw
         report["sizes"][str(n)] = {"floor_ms": round(1e3 * floor, 3), "queries": args.queries}
         if n == args.sizes[0] and "blas_threshold" not in report:

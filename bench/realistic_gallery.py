@@ -37,7 +37,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from index_builder.store import IndexStore
+from index_builder.backends.faiss.store import IndexStore
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench/results"

@@ -30,7 +30,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from realistic_gallery import add_model_args, generated, shown  # noqa: E402
 
-from index_builder import faiss_index as fi  # noqa: E402
+from index_builder.backends.base import ivf_lists
+from index_builder.backends.faiss import faiss_index as fi  # noqa: E402
+from index_builder.backends.faiss import search as faiss_search
+from index_builder.backends.recall import exact_knn, recall_at_k, sample_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 10
@@ -54,9 +57,9 @@ EFS = (16, 32, 64, 128, 256, 512)
 def build(factory: str, train_on: str, base: np.ndarray, other: np.ndarray) -> tuple[Any, float]:
     index = fi.make_index(factory, base.shape[1])
     started = time.perf_counter()
-    sample = fi.sample_rows([base], fi.MAX_TRAIN)
+    sample = sample_rows([base], fi.MAX_TRAIN)
     if train_on == "both":
-        sample = np.vstack([sample[: len(sample) // 2], fi.sample_rows([other], len(sample) // 2)])
+        sample = np.vstack([sample[: len(sample) // 2], sample_rows([other], len(sample) // 2)])
     index.train(sample)
     for start in range(0, len(base), 100_000):
         index.add(np.ascontiguousarray(base[start : start + 100_000]))
@@ -86,7 +89,7 @@ def search(
         rows = index.search_preassigned(queries, K * rerank, lists, scores)[1]
     if rerank == 1:
         return rows
-    return fi.rerank(base, queries, rows, K)[1]
+    return faiss_search.rerank(base, queries, rows, K)[1]
 
 
 def latency_ms(fn: Any, queries: np.ndarray) -> float:
@@ -103,10 +106,10 @@ def measure(
 ) -> dict[str, Any]:
     factory, train_on, depths = VARIANTS[name]
     n = len(base)
-    factory = factory.format(nlist=fi.ivf_lists(n), many=2 * fi.ivf_lists(n))
+    factory = factory.format(nlist=ivf_lists(n), many=2 * ivf_lists(n))
     faiss.omp_set_num_threads(os.cpu_count() or 1)
     index, seconds = build(factory, train_on, base, other)
-    truth = fi.exact_knn(queries, [base], K)
+    truth = exact_knn(queries, [base], K)
     param = fi.tunable_param(index)
     shift = None
     if train_on == "gap":
@@ -124,7 +127,7 @@ def measure(
                 partial(search, index, base, param=param, value=value, rerank=rerank, shift=shift),
                 queries[:single],
             )
-            recall = fi.recall_at_k(rows, truth)
+            recall = recall_at_k(rows, truth)
             points.append(
                 {param or "exact": value, "rerank": rerank, "recall": recall, "p50_ms": ms}
             )

@@ -26,6 +26,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARIES = ("torch", "onnxruntime", "faiss-cpu", "faiss-gpu", "numpy", "fastapi")
 MAX_ROWS = 60
+# Where a bench machine keeps its checkouts, runs and datasets: paths under these (or under the
+# repository) are the machine's own and are shown relative. Container paths (/data/...) and
+# URL paths (/search/...) mean the same on every machine and stay as they are.
+HOST_DIRS = ("/tmp/", "/var/tmp/", "/work/", "/home/", "/root/", "/mnt/", "/srv/", "/scratch/")
+ABSOLUTE = re.compile(r"(?<![\w.:/~-])/[\w.+@%-]+(?:/[\w.+@%{}-]+)*")
 
 
 @dataclass(frozen=True)
@@ -135,7 +140,7 @@ FIGURES = (
         "FAISS exact search: SIMD loop or BLAS, by query batch",
         "blas_threshold*.json",
         "python bench/blas_threshold.py",
-        note="index_builder.faiss_index.BLAS_THRESHOLD (queries x dimension) switches to BLAS "
+        note="index_builder.backends.recall.BLAS_THRESHOLD (queries x dimension) switches to BLAS "
         "from 4 queries at d=256: below that, BLAS costs up to 5x more per query.",
     ),
     Figure(
@@ -244,6 +249,54 @@ def load_results(results: Path) -> dict[Path, Any]:
 
 
 # -- markdown ----------------------------------------------------------------------------------
+
+
+def host_paths(obj: Any) -> set[str]:
+    """The absolute paths of the bench machine named in any string of a result."""
+    if isinstance(obj, dict):
+        return set().union(set(), *(host_paths(v) for v in obj.values()))
+    if isinstance(obj, list):
+        return set().union(set(), *(host_paths(v) for v in obj))
+    if not isinstance(obj, str):
+        return set()
+    found = {m.group(0) for m in ABSOLUTE.finditer(obj)}
+    return {p for p in found if p.startswith((*HOST_DIRS, f"{ROOT}/"))}
+
+
+def relative_to_machine(data: Any) -> tuple[Any, str]:
+    """`data` with the bench machine's absolute paths made relative (to the repository, from a
+    `cots-data` directory on, or else to the directory all of them share), and a line saying
+    what the rest are relative to ("" when no path needed it)."""
+    paths = host_paths(data)
+    if not paths:
+        return data, ""
+    rest = [p for p in paths if not p.startswith(f"{ROOT}/") and "/cots-data/" not in p]
+    base = os.path.commonpath([os.path.dirname(p) for p in rest]) if rest else ""
+    mapping = {}
+    for path in paths:
+        if path.startswith(f"{ROOT}/"):
+            mapping[path] = os.path.relpath(path, ROOT)
+        elif "/cots-data/" in path:
+            mapping[path] = "cots-data/" + path.split("/cots-data/", 1)[1]
+        else:
+            mapping[path] = os.path.relpath(path, base)
+
+    def rewrite(obj: Any) -> Any:
+        if isinstance(obj, dict):
+            return {k: rewrite(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [rewrite(v) for v in obj]
+        if isinstance(obj, str):
+            return ABSOLUTE.sub(lambda m: mapping.get(m.group(0), m.group(0)), obj)
+        return obj
+
+    note = (
+        "Paths are relative to the directory that held the runs and datasets on the machine "
+        "that ran it.\n"
+        if rest
+        else ""
+    )
+    return rewrite(data), note
 
 
 def fmt(value: Any) -> str:
@@ -529,7 +582,73 @@ def _extras(extra: dict[str, Any]) -> str:
     return ", ".join(f"{k} {fmt(v)}" for k, v in extra.items() if k not in ("ready_s",))
 
 
+def _mean(row: dict[str, Any], key: str) -> str:
+    """A summary cell: the mean, ± the standard deviation over two or more seeds."""
+    if row.get(key) is None:
+        return ""
+    spread = f" ± {row[key + '_std']:.1f}" if len(row.get("seeds", [])) > 1 else ""
+    return f"{row[key]:.1f}{spread}"
+
+
+def _pair(a: str, b: str) -> str:
+    return f"{a} / {b}" if a or b else ""
+
+
+def _recalls(metrics: dict[str, Any], way: str) -> str:
+    values = [metrics.get(f"{way}_r{k}") for k in (1, 5, 10)]
+    return "" if None in values else " / ".join(f"{v:.1f}" for v in values)
+
+
+def transfer_tables(data: dict) -> str:
+    """transfer*.json: per recipe (rows) and gallery (columns), cross-modal RSUM, R@1 both ways
+    and the within-modality scores; then one line per run and gallery."""
+    summary, runs = data.get("summary") or [], data.get("runs") or []
+    galleries = list(dict.fromkeys(row["gallery"] for row in summary))
+    recipes = list(dict.fromkeys(row["recipe"] for row in summary))
+    cell = {(row["recipe"], row["gallery"]): row for row in summary}
+
+    def grid(show: Callable[[dict[str, Any]], str]) -> str:
+        rows = [
+            {"recipe": recipe, **{g: show(cell.get((recipe, g), {})) for g in galleries}}
+            for recipe in recipes
+        ]
+        return table(rows, ["recipe", *galleries])
+
+    seeds = ", ".join(sorted({str(s) for row in summary for s in row.get("seeds", [])}))
+    parts = [
+        f"Mean over seeds {seeds} (± their standard deviation). An empty cell: the gallery has "
+        "no such queries (synthetic has no categories for image-to-image), or the towers were "
+        "never aligned across modalities (pretrained, untrained projections).",
+        "**Cross-modal RSUM** (R@1+5+10, both ways)\n\n" + grid(lambda r: _mean(r, "rsum")),
+        "**R@1, image-to-text / text-to-image**\n\n"
+        + grid(lambda r: _pair(_mean(r, "i2t_r1"), _mean(r, "t2i_r1"))),
+        "**Within one modality: image-to-image mAP / text-to-text R@1**\n\n"
+        + grid(lambda r: _pair(_mean(r, "i2i_map"), _mean(r, "t2t_r1"))),
+    ]
+    per_run = []
+    for run in runs:
+        m = run.get("metrics", {})
+        per_run.append(
+            {
+                "recipe": run.get("recipe"),
+                "seed": run.get("seed"),
+                "gallery": f"{run.get('gallery')} ({run.get('split')})",
+                "images / captions": _pair(fmt(m.get("images")), fmt(m.get("captions"))),
+                "RSUM": None if m.get("rsum") is None else round(m["rsum"], 1),
+                "i2t R@1/5/10": _recalls(m, "i2t"),
+                "t2i R@1/5/10": _recalls(m, "t2i"),
+                "i2i mAP": None if m.get("i2i_map") is None else round(m["i2i_map"], 1),
+                "t2t R@1": None if m.get("t2t_r1") is None else round(m["t2t_r1"], 1),
+                "run": run.get("run"),
+            }
+        )
+    if per_run:
+        parts.append("**Each run**\n\n" + table(per_run))
+    return "\n\n".join(parts)
+
+
 RENDERERS: dict[str, Callable[[Any], str]] = {
+    "transfer": transfer_tables,
     "attack": attack_tables,
     "two_stream_vs_cross": ratio_tables,
     "backends": backend_tables,
@@ -776,7 +895,7 @@ def section(
         return f"{head}\nnot run yet: `{figure.command}`\n", []
     parts, images = [head], []
     for path in mine:
-        data = results[path]
+        data, paths_note = relative_to_machine(results[path])
         recorded = isinstance(data, dict) and isinstance(data.get("command"), str)
         when = datetime.fromtimestamp(path.stat().st_mtime, UTC).strftime("%Y-%m-%d %H:%M UTC")
         parts.append(f"### `{path.name}` ({when})\n")
@@ -784,6 +903,7 @@ def section(
             parts.append(f"Command: `{data['command']}`\n")
         else:
             parts.append(f"Command (not recorded in the JSON; how to run it): `{figure.command}`\n")
+        parts.append(paths_note)
         parts.append(_recorded_machine(data))
         render = next((fn for key, fn in RENDERERS.items() if path.stem.startswith(key)), generic)
         parts.append(render(data) + "\n")
@@ -793,7 +913,7 @@ def section(
             if png is not None:
                 images.append(png)
                 parts.append(f"![{caption}]({os.path.relpath(png, md_dir)})\n")
-        picture = recorded_picture(data, img_dir)
+        picture = recorded_picture(results[path], img_dir)  # as recorded: a real path
         if picture is not None:
             parts.append(f"![{figure.name}]({os.path.relpath(picture, md_dir)})\n")
     return "\n".join(p for p in parts if p), images
@@ -849,7 +969,8 @@ def build_report(results_dir: Path, out: Path, img_dir: Path) -> list[Path]:
     if others:
         lines.append("## Other results\n")
         for path in others:
-            lines += [f"### `{path.name}`\n", generic(results[path]), ""]
+            data, paths_note = relative_to_machine(results[path])
+            lines += [f"### `{path.name}`\n", paths_note, generic(data), ""]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines).rstrip() + "\n")
     return [out, *written]

@@ -1,5 +1,5 @@
 """Memory and time of a loaded version's rows: parsed into dicts (before issue 13) against
-memory-mapped and parsed on access (index_builder.rows), at a million rows a side.
+memory-mapped and parsed on access (index_builder.backends.faiss.rows), at a million rows a side.
 
     python bench/rows_memory.py --rows 1000000
 
@@ -32,8 +32,10 @@ from typing import Any
 import faiss
 import numpy as np
 
+from index_builder.atomic import read_jsonl, write_jsonl
+from index_builder.backends.faiss.store import IndexStore
+from index_builder.backends.faiss.version import INDEX_JSON
 from index_builder.filters import Columns, parse
-from index_builder.store import INDEX_JSON, IndexStore, read_jsonl, write_jsonl
 
 RESULTS = Path(__file__).parent / "results"
 VERSION = "v000001-20250101T000000Z"

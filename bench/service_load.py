@@ -172,10 +172,11 @@ def synthetic_assets(work: Path, bundle_dir: Path, n: int, factory: str | None) 
 
 def check_factory(factory: str | None, n: int, dim: int) -> None:
     """Fail on a factory FAISS rejects before any vectors are made."""
-    from index_builder import faiss_index
+    from index_builder.backends.base import ivf_lists
+    from index_builder.backends.faiss import faiss_index
 
     if factory:
-        faiss_index.make_index(factory.format(nlist=faiss_index.ivf_lists(n)), dim)
+        faiss_index.make_index(factory.format(nlist=ivf_lists(n)), dim)
 
 
 def publish_vectors(
@@ -188,13 +189,12 @@ def publish_vectors(
 ) -> Path:
     """An index root whose current version holds the given image and caption vectors with
     synthetic rows (item i: id syn<i>, one caption), published with the bundle's id."""
-    from index_builder import faiss_index
-    from index_builder.build import IndexOptions, publish
-    from index_builder.store import IndexStore
+    from index_builder.backends.base import IndexOptions, ivf_lists
+    from index_builder.backends.faiss.store import IndexStore
 
     n = len(images)
     if factory:
-        factory = factory.format(nlist=faiss_index.ivf_lists(n))
+        factory = factory.format(nlist=ivf_lists(n))
     ids = [f"syn{i:07d}" for i in range(n)]
     texts = [f"synthetic caption {i}" for i in range(n)]
     rows = {
@@ -208,8 +208,7 @@ def publish_vectors(
         ],
     }
     chunks = range(0, n, 100_000)
-    publish(
-        IndexStore(work / "index"),
+    IndexStore(work / "index").publish(
         bundle_id=bundle.bundle_id,
         bundle_path=bundle.path,
         dim=bundle.embed_dim,
@@ -251,7 +250,7 @@ class Queries:
 
 def reusable(index: Path, name: str, bundle_id: str) -> bool:
     """Whether `index` (a kept --work directory's) already serves this gallery for this bundle."""
-    from index_builder.store import IndexStore
+    from index_builder.backends.faiss.store import IndexStore
 
     try:
         info = IndexStore(index).read_info()
@@ -264,8 +263,8 @@ def realistic_assets(work: Path, args: argparse.Namespace) -> tuple[Path, bool, 
     """An index of a realistic gallery (bench/realistic_gallery.py) and held-out real queries:
     up to 1000 captions and 200 images, with their exact top 10; and whether the index was
     reused from an earlier run's --work."""
+    from index_builder.backends.recall import exact_knn
     from index_builder.bundle import Bundle
-    from index_builder.faiss_index import exact_knn
 
     bundle = Bundle.load(args.bundle)
     check_factory(args.synthetic_factory, args.realistic_gallery, bundle.embed_dim)
@@ -313,10 +312,10 @@ def floor(
     ONNX Runtime and FAISS threads."""
     import faiss
 
+    from index_builder.backends.faiss.store import IndexStore
     from index_builder.bundle import Bundle
     from index_builder.encoders import ImageEncoder, TextEncoder
     from index_builder.preprocess import load_image, preprocess_images
-    from index_builder.store import IndexStore
 
     bundle = Bundle.load(bundle_dir)
     index = IndexStore(index_root).open(bundle=bundle)

@@ -69,7 +69,7 @@ def indexing(home: Path, data: Path, threads: int, env: dict, steps: list) -> di
     steps.append({"step": "export", "command": "cots " + " ".join(export),
                   "seconds": cots(*export, env=env)})  # fmt: skip
     index = home / "indexes" / "video-bench"
-    build = ["index", "build", "--bundle", str(bundle), "--data", str(data), "--out", str(index)]
+    build = ["index", "build", str(index), "--bundle", str(bundle), "--data", str(data)]
     build += ["--threads", str(threads), "--cpu"]
     seconds = cots(*build, env=env)
     steps.append({"step": "index build", "command": "cots " + " ".join(build), "seconds": seconds})

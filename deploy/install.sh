@@ -5,6 +5,8 @@
 #   deploy/install.sh train  training, export and index building (torch, CPU wheel)
 #   deploy/install.sh serve  serving and indexing only: no torch
 #   deploy/install.sh gpu    serving and indexing with onnxruntime-gpu and faiss-gpu
+# It installs with the first python3 on PATH (CI: the system's; images: /opt/venv), or, with
+# COTS_VENV=DIR, into the virtual environment DIR, created if absent (deploy/quickstart.sh).
 set -euo pipefail
 profile="${1:-dev}"
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -21,16 +23,42 @@ case "$profile" in
   serve|gpu) ;;
   *) echo "install.sh: unknown profile '$profile' (dev, train, serve, gpu)" >&2; exit 2 ;;
 esac
+# Debian's python3 creates virtual environments only with python3-venv.
+if [ -n "${COTS_VENV:-}" ] && ! python3 -c "import ensurepip" 2>/dev/null; then apt_packages+=(python3-venv); fi
+# Another apt-get (unattended-upgrades, a second install) may hold the package locks: wait for
+# it instead of failing. `install` waits through apt's own DPkg::Lock::Timeout; `update` takes
+# the lists lock, which that option does not cover in apt 2.6, so it is retried here.
+lock_timeout="${COTS_APT_LOCK_TIMEOUT:-600}"
+apt_get() { DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout="$lock_timeout" "$@"; }
+apt_update() {
+  local waited=0 out
+  until out="$(apt_get update -qq 2>&1)"; do
+    if ! grep -q "Could not get lock" <<<"$out" || [ "$waited" -ge "$lock_timeout" ]; then
+      echo "$out" >&2
+      return 1
+    fi
+    [ "$waited" = 0 ] && echo "install.sh: another apt-get holds the package lists; waiting (up to ${lock_timeout}s)"
+    sleep 2
+    waited=$((waited + 2))
+  done
+}
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=()
   for p in "${apt_packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
   if [ "${#missing[@]}" -gt 0 ]; then
-    echo "install.sh: apt-get install ${missing[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    echo "install.sh: apt-get install ${missing[*]} (if another apt-get holds the dpkg lock, this waits for it, up to ${lock_timeout}s)"
+    apt_update
+    apt_get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   fi
 fi
 
+if [ -n "${COTS_VENV:-}" ]; then
+  if [ ! -x "$COTS_VENV/bin/python3" ]; then
+    echo "install.sh: creating the virtual environment $COTS_VENV"
+    python3 -m venv "$COTS_VENV"
+  fi
+  PATH="$(cd "$COTS_VENV" && pwd)/bin:$PATH"
+fi
 editable=()
 [ "${COTS_EDITABLE:-1}" = 1 ] && editable=(-e)
 case "$profile" in
@@ -40,4 +68,4 @@ case "$profile" in
   serve) pip_install "${editable[@]}" "$here[serve]" ;;
   gpu) pip_install "${editable[@]}" "$here[gpu]" ;;
 esac
-echo "install.sh: cots installed ($profile)"
+echo "install.sh: cots installed ($profile) for $(command -v python3)"

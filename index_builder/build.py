@@ -1,57 +1,27 @@
-"""Turn embedding shards and row metadata into a published index version (build and add)."""
+"""Building an index: read the sources, embed them (resumably) and publish the rows and vectors
+as a new version of any backend's store."""
 
 from __future__ import annotations
 
 import logging
 import shutil
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from index_builder import embed, faiss_index
-from index_builder.atomic import atomic_write_json
+from index_builder import embed
+from index_builder.backends import open_store
+from index_builder.backends.base import SIDES, IndexOptions, Store
 from index_builder.bundle import Bundle
 from index_builder.data.common import Skips
-from index_builder.filters import field_types
 from index_builder.manifest import dataset_root, manifest_path, read_info
 from index_builder.sources import SourceOptions, dataset_rows, image_rows, text_rows
-from index_builder.store import (
-    FORMAT_VERSION,
-    INDEX_FILES,
-    INDEX_JSON,
-    META_FILES,
-    SIDES,
-    VECTOR_FILES,
-    IndexStore,
-    write_jsonl,
-)
 from index_builder.video_index import finish_video_rows, is_video_row, video_rows
 
 log = logging.getLogger(__name__)
-OTHER = {"image": "text", "text": "image"}
-K = faiss_index.TUNE_K  # search parameters are tuned for recall@K
-
-
-@dataclass(frozen=True)
-class IndexOptions:
-    """How to index each side; `factory` None chooses from the gallery size and budget."""
-
-    factory: str | None = None
-    memory_budget: int = 4 << 30
-    target_recall: float = 0.95
-    queries: int = 1000
-    on_disk: bool = False
-    use_gpu: bool = True
-
-    def __post_init__(self) -> None:
-        if not 0 < self.target_recall <= 1:
-            raise ValueError(f"target recall must be in (0, 1], got {self.target_recall}")
-        if self.memory_budget <= 0:
-            raise ValueError(f"memory budget must be positive, got {self.memory_budget}")
 
 
 @dataclass(frozen=True)
@@ -68,144 +38,6 @@ class EmbedOptions:
 Shards = Sequence[np.ndarray]
 Rows = dict[str, list[dict[str, Any]]]
 MAX_NAMED = 100  # unreadable inputs named in index.json (all are counted)
-
-
-def index_side(
-    side: str,
-    shards: Shards,
-    query_shards: Shards | None,
-    dim: int,
-    options: IndexOptions,
-    out: Path,
-) -> dict[str, Any]:
-    """Build, save and tune one side, and store its vectors beside the index; recall is
-    measured with the other side's vectors as queries (captions against the image index,
-    images against the caption index), or with the side's own when it stands alone."""
-    count = sum(len(s) for s in shards)
-    if count == 0:
-        raise ValueError(f"cannot index an empty gallery ({side} side has no vectors)")
-    factory = options.factory or faiss_index.choose_factory(count, dim, options.memory_budget)
-    started = time.perf_counter()
-    file = out / INDEX_FILES[side]
-    if options.on_disk:
-        ivfdata = file.with_suffix(".ivfdata")
-        index = faiss_index.build_ivf_on_disk(factory, shards, dim, file, ivfdata)
-    else:
-        index = faiss_index.build_index(factory, shards, dim, options.use_gpu)
-        faiss_index.write_index(index, file)
-    write_vectors(out / VECTOR_FILES[side], shards, dim)
-    seconds = time.perf_counter() - started
-    query_side = OTHER[side] if query_shards else side
-    queries = faiss_index.sample_rows(query_shards or shards, options.queries, seed=1)
-    truth = faiss_index.exact_knn(queries, shards, min(K, count))
-    stored = np.load(out / VECTOR_FILES[side], mmap_mode="r")
-    params, recall = faiss_index.tune(index, queries, truth, options.target_recall, stored=stored)
-    log.info(
-        "%s index %s: %d vectors, recall@10 %.3f with %s", side, factory, count, recall, params
-    )
-    return {
-        "factory": factory,
-        "count": count,
-        "rows": count,
-        "deleted": 0,
-        "file": file.name,
-        "meta": META_FILES[side],
-        "vectors": VECTOR_FILES[side],
-        "search_params": params,
-        "recall_at_10": round(recall, 4),
-        "target_recall": options.target_recall,
-        "queries": len(queries),
-        "query_side": query_side,
-        "bytes": sum(p.stat().st_size for p in out.glob(f"{side}.*") if p.suffix == ".faiss"),
-        "build_seconds": round(seconds, 3),
-    }
-
-
-def write_vectors(path: Path, shards: Shards, dim: int) -> None:
-    """The shards as one row-aligned float32 `.npy` file, written shard by shard."""
-    total = sum(len(s) for s in shards)
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(total, dim))
-    start = 0
-    for shard in shards:
-        out[start : start + len(shard)] = shard
-        start += len(shard)
-    out.flush()
-    del out
-
-
-def publish(
-    store: IndexStore,
-    *,
-    bundle_id: str,
-    dim: int,
-    shards: Mapping[str, Shards],
-    rows: dict[str, list[dict[str, Any]]],
-    options: IndexOptions,
-    dataset: dict[str, Any],
-    bundle_path: str | Path | None = None,
-    skipped: dict[str, dict[str, Any]] | None = None,
-) -> str:
-    """Build the sides that have rows into a new version and make it current; returns the
-    version name. A side without rows is absent from the version (a photo folder has no
-    captions, a text corpus no images).
-
-    `bundle_path` (the bundle's directory) is recorded so that a service following the index
-    can load the bundle a version was built with; `skipped` (per side: count and examples of
-    unreadable inputs) is recorded with each side."""
-    present = [side for side in SIDES if rows.get(side)]
-    if not present:
-        raise ValueError("empty gallery: no images and no texts to index")
-    for side in present:
-        if sum(len(s) for s in shards[side]) != len(rows[side]):
-            raise ValueError(f"{side} side: vector count does not match the metadata rows")
-    with store.new_version() as staging:
-        sides = {}
-        for side in present:
-            write_jsonl(staging / META_FILES[side], rows[side])
-            other = shards[OTHER[side]] if OTHER[side] in present else None
-            sides[side] = index_side(side, shards[side], other, dim, options, staging)
-            sides[side]["fields"] = field_types(row.get("meta") or {} for row in rows[side])
-            sides[side]["skipped"] = (skipped or {}).get(side, {"count": 0, "examples": []})
-        write_info(staging, bundle_id, bundle_path, dim, dataset, None, sides)
-        version = staging.name
-    return version
-
-
-def write_info(
-    staging: Path,
-    bundle_id: str,
-    bundle_path: str | Path | None,
-    dim: int,
-    dataset: dict[str, Any],
-    parent: str | None,
-    sides: dict[str, Any],
-) -> None:
-    info = info_record(staging.name, bundle_id, bundle_path, dim, dataset, parent, sides)
-    atomic_write_json(staging / INDEX_JSON, info)
-
-
-def info_record(
-    version: str,
-    bundle_id: str,
-    bundle_path: str | Path | None,
-    dim: int,
-    dataset: dict[str, Any],
-    parent: str | None,
-    sides: dict[str, Any],
-) -> dict[str, Any]:
-    """What a version records about itself (index.json; a Milvus version's record)."""
-    return {
-        "format_version": FORMAT_VERSION,
-        "version": version,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "bundle_id": bundle_id,
-        "bundle_path": str(Path(bundle_path).resolve()) if bundle_path else None,
-        "embed_dim": dim,
-        "metric": "inner_product",
-        "dataset": dataset,
-        "parent": parent,
-        "sides": sides,
-    }
 
 
 @dataclass(frozen=True)
@@ -267,7 +99,7 @@ def embed_rows(
     videos = {row["id"] for row in rows["image"] if is_video_row(row)}
     for item in bad:
         what = "video" if item["id"] in videos else "image"
-        skips["image"].add(f"unreadable {what} ({item['reason'][:60]})", item["id"])
+        skips["image"].add(f"unreadable {what} ({item['reason']})", item["id"])
     gone = {item["id"] for item in bad}
     keep = {
         "image": [row["id"] not in gone for row in rows["image"]],
@@ -291,6 +123,17 @@ def skip_record(skips: Skips) -> dict[str, Any]:
     return {"count": skips.total, "reasons": dict(skips.counts), "examples": skips.examples}
 
 
+def describe_skips(record: dict[str, Any], indent: str = "", named: int = 5) -> str:
+    """A skip record for a person: the count, then one line per named item with its whole
+    reason, then the count per reason of those not named."""
+    lines = [f"{indent}skipped {record['count']} inputs:"]
+    lines += [f"{indent}  {example}" for example in record["examples"][:named]]
+    if record["count"] > named:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in record["reasons"].items())
+        lines.append(f"{indent}  ... {record['count'] - named} more; in all: {reasons}")
+    return "\n".join(lines)
+
+
 def index_sources(
     root: str | Path,
     bundle: Bundle,
@@ -298,16 +141,15 @@ def index_sources(
     options: IndexOptions | None = None,
     embedding: EmbedOptions | None = None,
     keep: int = 3,
-    store: Any = None,
+    store: Store | None = None,
 ) -> str:
     """Read the sources, embed them (resumably) and publish a new version built from them
     into `store` (default: the FAISS versions under `root`; any backend's store works, and
     `root` then holds only the embedding work files and copied images)."""
     root = Path(root)
     options = options or IndexOptions()
-    store = store or IndexStore(root, keep)
-    if options.factory:  # fail before the embedding pass, not after it
-        faiss_index.make_index(options.factory, bundle.embed_dim)
+    store = store or open_store(root, keep=keep)
+    store.check_options(options, bundle.embed_dim)  # fail before the embedding pass
     rows, skips = read_sources(root, sources)
     work, rows, shards = embed_rows(root, bundle, rows, embedding or EmbedOptions(), skips)
     version = store.publish(

@@ -19,6 +19,9 @@ EXTRA_OF = {
 }
 # Other spellings of a command: `cots train tokenizer ...` runs `cots tokenizer train ...`.
 ALIASES: dict[tuple[str, ...], tuple[str, ...]] = {("train", "tokenizer"): ("tokenizer", "train")}
+# Libraries whose INFO lines say nothing a user acts on (faiss.loader: eight lines about AVX
+# variants on every import of faiss); their warnings still show.
+QUIET_LOGGERS = ("faiss.loader",)
 COMMAND_ORDER = (
     "data",
     "train",
@@ -99,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
     except ModuleNotFoundError as exc:

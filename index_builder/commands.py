@@ -5,10 +5,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import sys
+from typing import TYPE_CHECKING
 
+if TYPE_CHECKING:  # the modules themselves load with their subcommand (`cots --help` stays fast)
+    from index_builder.backends.base import Store
+    from index_builder.build import EmbedOptions, Sources
+    from index_builder.bundle import Bundle
+
+log = logging.getLogger(__name__)
 REBUILD_HELP = """\
 The batch job for a scheduler (cron, a Kubernetes CronJob): re-embed the gallery with the
 given bundle, build both indexes and switch CURRENT (Milvus: the alias) only when the new
@@ -56,7 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Publish a new version without the given ids. Unknown ids are an error and "
         "leave the current version as it is.",
     )
-    delete.add_argument("root", help="index root directory")
+    _root_arg(delete)
     delete.add_argument("ids", nargs="*", help="item ids to remove")
     delete.add_argument("--ids-file", help="a file of ids, one per line ('-' for stdin)")
     delete.add_argument("--side", choices=("image", "text"), help="only this side (default: all)")
@@ -70,16 +78,42 @@ def register(sub: argparse._SubParsersAction) -> None:
         "atomically; running services follow it within their watch interval. See `cots index "
         "info ROOT`.",
     )
-    switch.add_argument("root", help="index root directory")
+    _root_arg(switch)
     switch.add_argument("version", help="a version name, e.g. v000003-20250101T120000Z")
     _backend_args(switch)
     switch.set_defaults(func=_switch)
     info = actions.add_parser("info", help="show the versions under an index root")
-    info.add_argument("root", help="index root directory")
+    _root_arg(info)
     info.add_argument("--version", help="show this version instead of the current one")
     info.add_argument("--json", action="store_true", help="print the version's index.json")
     _backend_args(info)
     info.set_defaults(func=_info)
+
+
+ROOT_HELP = "index root directory (Milvus: its work files and copied images)"
+
+
+def _root_arg(parser: argparse.ArgumentParser, deprecated_out: bool = False) -> None:
+    """The index root, named the same way by every `cots index` command: the first positional
+    ROOT. Build, rebuild and add still accept the old `--out ROOT` (deprecated)."""
+    parser.add_argument(
+        "root", metavar="ROOT", nargs="?" if deprecated_out else None, help=ROOT_HELP
+    )
+    if deprecated_out:
+        parser.add_argument("--out", dest="out_root", help=argparse.SUPPRESS)
+
+
+def _root(args: argparse.Namespace) -> str:
+    """The index root of build, rebuild and add, given first or (deprecated) as --out."""
+    command = f"cots index {args.action}"
+    if args.out_root is None:
+        if args.root is None:
+            raise ValueError(f"give the index root: {command} ROOT --bundle B (sources)")
+        return str(args.root)
+    if args.root is not None and args.root != args.out_root:
+        raise ValueError(f"two index roots given: {args.root} and --out {args.out_root}")
+    log.warning("%s --out ROOT is deprecated: name the root first, %s ROOT ...", command, command)
+    return str(args.out_root)
 
 
 def _backend_args(parser: argparse.ArgumentParser) -> None:
@@ -109,8 +143,8 @@ def _backend_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _common_args(parser: argparse.ArgumentParser) -> None:
+    _root_arg(parser, deprecated_out=True)
     parser.add_argument("--bundle", required=True, help="bundle directory (from `cots export`)")
-    parser.add_argument("--out", required=True, help="index root directory")
     sources = parser.add_argument_group(
         "sources (at least one; each side is optional)",
         "--data indexes a captioned dataset's images and captions; --images and --texts take "
@@ -194,7 +228,7 @@ def parse_bytes(text: str) -> int:
     return int(float(match.group(1)) * 1024**power)
 
 
-def _sources(args: argparse.Namespace):  # -> Sources
+def _sources(args: argparse.Namespace) -> Sources:
     from index_builder.build import Sources
     from index_builder.sources import SourceOptions
 
@@ -204,7 +238,7 @@ def _sources(args: argparse.Namespace):  # -> Sources
     return Sources(args.data, args.images, args.texts, options)
 
 
-def _setup(args: argparse.Namespace):  # -> (Bundle, EmbedOptions)
+def _setup(args: argparse.Namespace) -> tuple[Bundle, EmbedOptions]:
     import faiss
 
     from index_builder.build import EmbedOptions
@@ -222,7 +256,7 @@ def _setup(args: argparse.Namespace):  # -> (Bundle, EmbedOptions)
     return Bundle.load(args.bundle), embedding
 
 
-def _store(args: argparse.Namespace, root: str, keep: int = 3):  # -> Store
+def _store(args: argparse.Namespace, root: str, keep: int = 3) -> Store:
     """The versions the flags name: FAISS under `root`, or Milvus (connected now, so that a
     bad URI or token fails before any embedding)."""
     from index_builder.backends import BackendConfig, open_store
@@ -239,8 +273,10 @@ def _store(args: argparse.Namespace, root: str, keep: int = 3):  # -> Store
 
 
 def _build(args: argparse.Namespace) -> int:
-    from index_builder.build import IndexOptions, index_sources
+    from index_builder.backends.base import IndexOptions
+    from index_builder.build import index_sources
 
+    root = _root(args)
     bundle, embedding = _setup(args)
     options = IndexOptions(
         factory=args.factory,
@@ -253,8 +289,8 @@ def _build(args: argparse.Namespace) -> int:
     if args.backend == "milvus" and (args.factory or args.on_disk):
         raise ValueError("--factory and --on-disk are FAISS options; use --milvus-index")
     sources = _sources(args)
-    store = _store(args, args.out, args.keep)
-    version = index_sources(args.out, bundle, sources, options, embedding, args.keep, store)
+    store = _store(args, root, args.keep)
+    version = index_sources(root, bundle, sources, options, embedding, args.keep, store)
     _print_version(store, version)
     return 0
 
@@ -279,12 +315,13 @@ def _rebuild(args: argparse.Namespace) -> int:
 def _add(args: argparse.Namespace) -> int:
     from index_builder.collection import add_sources
 
+    root = _root(args)
     bundle, embedding = _setup(args)
     sources = _sources(args)
-    store = _store(args, args.out, args.keep)
-    result = add_sources(args.out, bundle, sources, embedding, args.keep, args.upsert, store)
+    store = _store(args, root, args.keep)
+    result = add_sources(root, bundle, sources, embedding, args.keep, args.upsert, store)
     print(result.summary())
-    _print_version(store, result.version)
+    _print_version(store, result.version, skips=False)
     return 0
 
 
@@ -299,7 +336,7 @@ def _delete(args: argparse.Namespace) -> int:
     store = _store(args, args.root, args.keep)
     result = delete_ids(store, ids, args.side)
     print(result.summary())
-    _print_version(store, result.version)
+    _print_version(store, result.version, skips=False)
     return 0
 
 
@@ -325,12 +362,16 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_version(store, version: str) -> None:  # store: Store
+def _print_version(store, version: str, skips: bool = True) -> None:  # store: Store
     print(f"index version {version} is current under {store.location}")
-    _print_info(store.read_info(version))
+    _print_info(store.read_info(version), skips)
 
 
-def _print_info(info: dict) -> None:
+def _print_info(info: dict, skips: bool = True) -> None:
+    """A version's sides; `skips`: also what the build that made it skipped (not for add and
+    delete, whose new version carries the record of an earlier build)."""
+    from index_builder.build import describe_skips
+
     where = f" ({info['bundle_path']})" if info.get("bundle_path") else ""
     print(f"version {info['version']}  bundle {info['bundle_id']}{where}  dim {info['embed_dim']}")
     for side in ("image", "text"):
@@ -349,6 +390,5 @@ def _print_info(info: dict) -> None:
         if fields:
             print(f"        metadata fields: {fields}")
         skipped = s.get("skipped") or {}
-        if skipped.get("count"):
-            named = "; ".join(skipped["examples"][:5])
-            print(f"        skipped {skipped['count']} unreadable inputs, e.g. {named}")
+        if skips and skipped.get("count"):
+            print(describe_skips(skipped, indent=" " * 8))

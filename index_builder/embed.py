@@ -20,12 +20,14 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
-from index_builder.atomic import atomic_open, atomic_write_json, read_json
+from index_builder.atomic import atomic_open, atomic_write_json, read_json, read_jsonl, write_jsonl
+from index_builder.backends.base import META_FILES, SIDES
 from index_builder.bundle import Bundle
+from index_builder.encoders import ImageEncoder, TextEncoder
 from index_builder.preprocess import load_image_for, preprocess_images
-from index_builder.store import META_FILES, SIDES, read_jsonl, write_jsonl
+from index_builder.progress import progress
+from index_builder.video_index import MediaEmbedder
 
 log = logging.getLogger(__name__)
 ENGINES = ("local", "ray")
@@ -89,7 +91,7 @@ def embed_work(
         elif todo:
             lanes, lane_threads = local_lanes(threads)
             embedder = ShardEmbedder(work, bundle.path, side, lane_threads, batch_size, lanes)
-            for i in tqdm(todo, desc=f"embed {side}s", unit="shard"):
+            for i in progress(todo, desc=f"embed {side}s", unit="shard"):
                 embedder.embed_shard(i)
         done[side] = paths
     return done
@@ -134,8 +136,6 @@ class ShardEmbedder:
         batch_size: int,
         lanes: int = 2,
     ) -> None:
-        from index_builder.encoders import ImageEncoder, TextEncoder
-
         self.work, self.side, self.batch_size, self.lanes = Path(work), side, batch_size, lanes
         bundle = Bundle.load(bundle_path, verify=False)
         self.bundle, self.spec = bundle, bundle.image_spec
@@ -175,8 +175,6 @@ class ShardEmbedder:
 
     def _media(self) -> Any:
         """The embedder of a shard holding videos (index_builder/video_index.py)."""
-        from index_builder.video_index import MediaEmbedder
-
         if not hasattr(self, "media"):
             self.media = MediaEmbedder(self.bundle, self.encoder, self._decode)
         return self.media
@@ -223,6 +221,6 @@ def _embed_ray(
         concurrency=workers,
         num_cpus=threads or 1,
     )
-    with tqdm(total=len(todo), desc=f"embed {side}s (ray)", unit="shard") as bar:
+    with progress(total=len(todo), desc=f"embed {side}s (ray)", unit="shard") as bar:
         for _ in embedded.iter_rows():
             bar.update()

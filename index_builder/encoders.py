@@ -12,6 +12,7 @@ from PIL import Image
 
 from index_builder.bundle import Bundle
 from index_builder.preprocess import TextTokenizer, load_image_for, preprocess_images
+from index_builder.video import video_pixels
 
 
 def default_providers() -> list[str]:
@@ -169,8 +170,6 @@ class VideoEncoder:
 
     def encode_clips(self, clips: Sequence[Sequence[Image.Image]]) -> np.ndarray:
         """Sampled frames of each video (`decode_video(...).frames`) -> (B, D)."""
-        from index_builder.video import video_pixels
-
         made = [video_pixels(frames, self.image.spec, self.spec.frames) for frames in clips]
         if not made:
             return np.zeros((0, self.bundle.embed_dim), np.float32)

@@ -2,8 +2,10 @@
 
 A filter is a JSON object whose keys are metadata fields, ANDed:
 
-    {"folder": "cats"}                      equality (on a list field: the list contains it)
-    {"folder": {"in": ["cats", "dogs"]}}    one of several values
+    {"kind": "cat"}                         equality (on a list field: the list contains it)
+    {"kind": {"in": ["cat", "dog"]}}        one of several values
+    {"folder": "2023"}                      the folder field: "2023" and every folder under it
+                                            ("2023/italy", ...); "" is the top, so everything
     {"year": {"gte": 2000, "lt": 2010}}     numeric range (gt, gte, lt, lte; combinable)
     {"year": {"eq": 2004}}                  equality, spelled out
 
@@ -29,6 +31,10 @@ MAX_IN = 1024
 # UTF-8, nesting bounded.
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_DEPTH = 32
+# The field a folder source gives each file (its folder, relative, "/"-separated): people filter
+# by a folder and mean everything under it, so equality on it (a string field) becomes UNDER.
+FOLDER = "folder"
+UNDER = "under"  # parsed op only: value is a list of folders, each matching itself and below
 
 
 class FilterError(ValueError):
@@ -151,7 +157,30 @@ def parse(filter: Any, fields: dict[str, str]) -> list[tuple[str, str, Any]]:
             raise FilterError(f"filter on {show(name)}: no condition given")
         for op, value in ops.items():
             clauses.append(_clause(name, kind, op, value))
+    if fields.get(FOLDER) == "string":
+        clauses = [_under(clause) if clause[0] == FOLDER else clause for clause in clauses]
     return clauses
+
+
+def _under(clause: tuple[str, str, Any]) -> tuple[str, str, Any]:
+    name, op, value = clause
+    if op not in ("eq", "in"):
+        return clause
+    values = value if op == "in" else [value]
+    return name, UNDER, [folder_key(v) for v in values]
+
+
+def folder_key(value: str) -> str:
+    """A folder as stored: "/"-separated, no leading or trailing "/", "" (older indexes: ".")
+    for the top."""
+    value = value.strip("/")
+    return "" if value == "." else value
+
+
+def in_folder(folder: str, wanted: str) -> bool:
+    """`folder` is `wanted` or below it (any folder is below the top, "")."""
+    folder = folder_key(folder)
+    return not wanted or folder == wanted or folder.startswith(wanted + "/")
 
 
 def _clause(name: str, kind: str, op: str, value: Any) -> tuple[str, str, Any]:
@@ -237,6 +266,14 @@ class Columns:
         return mask
 
     def _clause_mask(self, name: str, op: str, value: Any) -> np.ndarray:
+        if op == UNDER:  # one pass over the distinct folders, not the rows
+            postings = self.inverted(name)
+            value = [
+                key[1]
+                for key in postings
+                if key[0] == "string" and any(in_folder(key[1], wanted) for wanted in value)
+            ]
+            op = "in"
         if op in RANGE_OPS:
             numbers = self.numbers(name)
             with np.errstate(invalid="ignore"):

@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from index_builder.backends import Store, Version
+from index_builder.backends import open_store
+from index_builder.backends.base import Store, Version
 from index_builder.bundle import Bundle
 from index_builder.encoders import Encoders
 from index_builder.preprocess import load_image, preprocess_image
-from index_builder.store import IndexStore
 from index_builder.video import VideoLimits, decode_video, video_pixels
 from index_builder.video_index import MEDIA
 
@@ -54,7 +54,7 @@ class Searcher:
         """The version CURRENT names (or `version`) under an index root or in a store of any
         backend (`index_builder.backends.open_store`), with `bundle` or else the bundle the
         version records; a bundle that did not build the index is refused."""
-        store = IndexStore(root) if isinstance(root, str | Path) else root
+        store = open_store(root) if isinstance(root, str | Path) else root
         info = store.read_info(version)
         if bundle is None:
             if not info.get("bundle_path"):

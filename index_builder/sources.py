@@ -28,8 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from index_builder.atomic import atomic_open
 from index_builder.data.common import IMAGE_EXTENSIONS, Skips
-from index_builder.data.folder import find_images
+from index_builder.data.folder import find_images, other_files
+from index_builder.data.video_folder import find_videos
+from index_builder.data.wds import iter_samples, sample_captions, shard_paths
 from index_builder.manifest import MANIFEST, image_path, load_records
 from index_builder.video import VIDEO_EXTENSIONS
 
@@ -78,7 +81,7 @@ def image_rows(
     elif _is_webdataset(source):
         rows = _webdataset_rows(source, files_dir, skips)
     elif path.is_dir():
-        rows = _folder_rows(path)
+        rows = _folder_rows(path, skips)
     elif path.suffix.lower() in TABLES:
         rows = _table_image_rows(path, options, skips)
     else:
@@ -139,13 +142,16 @@ def _unique(rows: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
     return rows
 
 
-def _folder_rows(root: Path) -> list[dict[str, Any]]:
-    from index_builder.data.video_folder import find_videos
-
+def _folder_rows(root: Path, skips: Skips) -> list[dict[str, Any]]:
+    """One row per image or video under `root`; any other file (not a sidecar) is skipped and
+    named. `folder` is the file's folder relative to `root`, "" at the top."""
+    for other in other_files(root, (*IMAGE_EXTENSIONS, *VIDEO_EXTENSIONS)):
+        skips.add("not an image or video", other.relative_to(root).as_posix())
     rows = []
     for image in sorted([*find_images(root), *find_videos(root)]):
         relative = image.relative_to(root)
-        meta: dict[str, Any] = {"path": relative.as_posix(), "folder": relative.parent.as_posix()}
+        folder = "" if relative.parent == Path(".") else relative.parent.as_posix()
+        meta: dict[str, Any] = {"path": relative.as_posix(), "folder": folder}
         sidecar = image.with_suffix(".json")
         if sidecar.is_file():
             try:
@@ -310,8 +316,6 @@ def _table_text_rows(path: Path, options: SourceOptions, skips: Skips) -> list[d
 
 def _webdataset_rows(source: str, files_dir: Path, skips: Skips) -> list[dict[str, Any]]:
     """WebDataset samples with an image member; the image bytes are stored by content hash."""
-    from index_builder.data.wds import iter_samples, sample_captions, shard_paths
-
     path = Path(source)
     shards = sorted(path.glob("*.tar")) if path.is_dir() else shard_paths(source)
     files_dir.mkdir(parents=True, exist_ok=True)
@@ -344,8 +348,6 @@ def store_file(files_dir: Path, data: bytes, extension: str) -> tuple[Path, bool
     """Keep `data` under `files_dir` by content hash (idempotent); returns its path and
     whether this call created it. A file already there is touched: its time says when it was
     last wanted, and `store.collect_files` spares young files no version names yet."""
-    from index_builder.atomic import atomic_open
-
     files_dir.mkdir(parents=True, exist_ok=True)
     path = (files_dir / stored_name(data, extension)).resolve()
     if path.is_file():

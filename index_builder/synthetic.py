@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from index_builder.build import IndexOptions
+from index_builder.backends import BackendConfig, open_store
+from index_builder.backends.base import IndexOptions
 from index_builder.bundle import Bundle, write_bundle
 from index_builder.encoders import ImageEncoder, TextEncoder
 from index_builder.preprocess import ImageSpec, TextSpec
-from index_builder.store import IndexStore
 
 if TYPE_CHECKING:
     from onnx import GraphProto
@@ -225,8 +225,10 @@ def build_version(
         ]
     if "text" in sides:
         shards["text"] = [TextEncoder(bundle, threads=1).encode([row["text"] for row in texts])]
-    store = store or IndexStore(root)
-    exact = "Flat" if isinstance(store, IndexStore) else None  # Milvus: exact below 10k
+    store = store or open_store(root)
+    config = getattr(store, "config", None)  # only Milvus's store has one
+    milvus = isinstance(config, BackendConfig) and config.name == "milvus"
+    exact = None if milvus else "Flat"  # Milvus: exact below 10k
     return store.publish(
         bundle_id=bundle.bundle_id,
         dim=bundle.embed_dim,

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from index_builder.bundle import Bundle
+from index_builder.encoders import VideoEncoder
+from index_builder.progress import progress
 from index_builder.video import (
     VideoError,
     VideoLimits,
@@ -93,8 +94,6 @@ class MediaEmbedder:
         read_images: Callable[[list[dict]], np.ndarray],
         limits: VideoLimits = VideoLimits(),
     ) -> None:
-        from index_builder.encoders import VideoEncoder
-
         self.video = VideoEncoder(bundle, image_encoder)
         self.image, self.read_images, self.limits = image_encoder, read_images, limits
 
@@ -104,7 +103,7 @@ class MediaEmbedder:
         if images:
             out[images] = self.image.encode_pixels(self.read_images([rows[i] for i in images]))
         videos = [i for i, row in enumerate(rows) if is_video_row(row)]
-        for i in tqdm(videos, desc="embed videos", unit="video", disable=None, leave=False):
+        for i in progress(videos, desc="embed videos", unit="video", leave=False):
             embedded = self._video(rows[i], skip)
             if embedded is not None:
                 out[i] = embedded

@@ -21,14 +21,15 @@ import faiss
 import numpy as np
 
 from index_builder import filters
-from index_builder.backends import Store, open_store
+from index_builder.backends import open_store
+from index_builder.backends.base import CorruptIndex, Store, check_bundle, is_version_name
 from index_builder.bundle import Bundle
 from index_builder.collection import Change, ChangeResult, change, delete_ids
 from index_builder.encoders import Encoders
 from index_builder.filters import check_storable, show
 from index_builder.search import Searcher
 from index_builder.sources import store_file, stored_name
-from index_builder.store import CorruptIndex, check_bundle, is_version_name, journal_uploads
+from index_builder.stored_files import journal_uploads
 from service.batching import MicroBatcher
 from service.decode import Items
 from service.errors import (

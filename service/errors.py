@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from index_builder.store import CorruptIndex
+from index_builder.backends.base import CorruptIndex
 
 log = logging.getLogger(__name__)
 CORRUPT = (

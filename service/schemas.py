@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 from pydantic.config import JsonDict
 
-from index_builder.store import VERSION_PATTERN
+from index_builder.backends.base import VERSION_PATTERN
 
 SCORE_DOC = (
     "cosine similarity between the query and the hit embeddings, in [-1, 1] (inner product "

@@ -451,3 +451,48 @@ def test_attack_goals_first_then_a_row_per_case():
     assert text.index("PASS") < text.index("kill9_change")
     assert "200 503:busy" in text and "stray_after_next_change 0" in text
     assert "requests" not in text
+
+
+TRANSFER = {
+    "command": "python bench/transfer.py --run clip-cpu:0=/work/data/exp/runs/clip "
+    "--eval emoji:all=/work/data/emoji --bundle /tmp/qs/cots-data/bundles/demo "
+    f"--picture {ROOT}/docs/img/x.png --out bench/results/transfer_cpu.json",
+    "summary": [
+        {"recipe": "clip-cpu", "gallery": "emoji", "seeds": [0, 1], "rsum": 18.62,
+         "rsum_std": 0.9756, "i2t_r1": 1.28, "i2t_r1_std": 0.09, "t2i_r1": 0.92,
+         "t2i_r1_std": 0.01, "i2i_map": 64.03, "i2i_map_std": 0.08, "t2t_r1": 22.09,
+         "t2t_r1_std": 0.89},
+        {"recipe": "pretrained towers (x)", "gallery": "emoji", "seeds": [0], "i2i_map": 65.67,
+         "i2i_map_std": 0.0, "t2t_r1": 20.46, "t2t_r1_std": 0.0},
+    ],
+    "runs": [
+        {"recipe": "clip-cpu", "seed": 0, "run": "/work/data/exp/runs/clip", "gallery": "emoji",
+         "split": "all", "dataset": "/work/data/emoji",
+         "metrics": {"images": 3789, "captions": 8653, "rsum": 17.93, "i2t_r1": 1.214,
+                     "i2t_r5": 3.51, "i2t_r10": 5.094, "t2i_r1": 0.92, "t2i_r5": 2.8,
+                     "t2i_r10": 4.39, "i2i_map": 63.97, "t2t_r1": 21.46}},
+    ],
+}  # fmt: skip
+
+
+def test_machine_paths_become_relative_and_transfer_tables_are_readable(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "transfer_cpu.json").write_text(json.dumps(TRANSFER))
+    (results / "other.json").write_text(json.dumps({"rows": [{"path": "/tmp/x/y", "url": "/a"}]}))
+    out = tmp_path / "docs" / "benchmarks.md"
+    report.build_report(results, out, tmp_path / "docs" / "img")
+    text = out.read_text()
+    assert "/work/" not in text and "/tmp/" not in text and str(ROOT) not in text
+    assert (
+        "--run clip-cpu:0=exp/runs/clip --eval emoji:all=emoji "
+        "--bundle cots-data/bundles/demo --picture docs/img/x.png" in text
+    )
+    assert "Paths are relative to the directory that held the runs and datasets" in text
+    assert "| recipe | emoji |\n|---|---|\n| clip-cpu | 18.6 ± 1.0 |" in text
+    assert "| pretrained towers (x) | 64.0 ± 0.1 / 22.1 ± 0.9 |" not in text
+    assert "| pretrained towers (x) | 65.7 / 20.5 |" in text
+    assert "| clip-cpu | 0 | emoji (all) | 3789 / 8653 | 17.9 | 1.2 / 3.5 / 5.1 |" in text
+    widest = max(line.count("|") - 1 for line in text.splitlines() if line.startswith("|"))
+    assert widest <= 10  # no 30-column raw table
+    assert "| y | /a |" in text  # a lone /tmp path: relative to its folder; a URL path stays

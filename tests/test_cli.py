@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from index_builder.cli import _stage_registrations, build_parser, expand_aliases, main, parse
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_cots(*args: str) -> subprocess.CompletedProcess:
@@ -109,3 +112,18 @@ def test_cli_reference_is_current():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.OUT.read_text() == module.render(), "run python docs/make_cli_reference.py"
+
+
+def test_faiss_loader_lines_do_not_reach_the_output(tmp_path):
+    """Importing faiss logs eight INFO lines about AVX variants; the CLI silences them (a
+    fresh interpreter, so faiss is imported after the CLI's logging setup)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    argv = ["index", "build", str(tmp_path / "index"), "--bundle", str(tmp_path / "none")]
+    out = subprocess.run(
+        [sys.executable, "-m", "index_builder.cli", *argv, "--images", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2 and "no bundle at" in out.stderr  # faiss was imported first
+    assert "faiss.loader" not in out.stdout + out.stderr

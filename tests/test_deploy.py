@@ -344,7 +344,7 @@ def test_trainer_target_rebuilds_indexes(dockerfile):
     assert "torch" in dist_names(install_profiles()["train"])
     rebuild = parse_rebuild(exec_form(trainer[-1].last("CMD")))
     mounts = volumes(trainer[-1])
-    for path in (rebuild.bundle, rebuild.data, rebuild.out):
+    for path in (rebuild.bundle, rebuild.data, rebuild.root):
         assert under(str(path), mounts), path
     assert exec_form(trainer[-1].last("ENTRYPOINT")) == ["cots"]
     assert trainer[-1].last("USER").split(":")[0] not in ("0", "root")
@@ -449,10 +449,10 @@ def test_compose_rebuild_job_writes_what_the_service_reads(compose, dockerfile):
     assert job["profiles"], "a one-shot job, not started by `up`"
     rebuild = parse_rebuild(job["command"])
     assert str(rebuild.bundle) == search["environment"]["COTS_BUNDLE"]
-    assert str(rebuild.out) == search["environment"]["COTS_INDEX"]
+    assert str(rebuild.root) == search["environment"]["COTS_INDEX"]
     mounts = compose_mounts(job)
     assert under(str(rebuild.data), list(mounts)) and under(str(rebuild.bundle), list(mounts))
-    index_mount = next(m for m in mounts if under(str(rebuild.out), [m]))
+    index_mount = next(m for m in mounts if under(str(rebuild.root), [m]))
     assert mounts[index_mount] == "rw"
     declared = set(compose["volumes"])
     for service in (job, search):
@@ -670,12 +670,12 @@ def test_cronjob_rebuilds_the_index_the_service_serves(k8s, compose):
     rebuild = parse_rebuild(expand(container.get("command", [])[1:] + container["args"], env))
     (service,) = pod_spec(k8s["Deployment"])["containers"]
     served = check_settings({k: v for k, v in container_env(service, k8s).items()})
-    assert (Path(rebuild.bundle), Path(rebuild.out)) == (served.bundle, served.index)
+    assert (Path(rebuild.bundle), Path(rebuild.root)) == (served.bundle, served.index)
     claim = k8s["PersistentVolumeClaim"]["metadata"]["name"]
     mounts = mount_paths(container, spec, claim)
-    for path in (rebuild.bundle, rebuild.data, rebuild.out):
+    for path in (rebuild.bundle, rebuild.data, rebuild.root):
         assert under(str(path), list(mounts))
-    assert not any(ro for m, ro in mounts.items() if under(str(rebuild.out), [m]))
+    assert not any(ro for m, ro in mounts.items() if under(str(rebuild.root), [m]))
     rules = cronjob["spec"]["jobTemplate"]["spec"]["podFailurePolicy"]["rules"]
     assert rules[0]["action"] == "FailJob" and rules[0]["onExitCodes"]["values"] == [2]
     assert rules[0]["onExitCodes"]["containerName"] == container["name"]

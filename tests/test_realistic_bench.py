@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from index_builder.backends.base import IndexOptions
+
 ROOT = Path(__file__).resolve().parents[1]
 DIM = 32
 
@@ -80,8 +82,7 @@ def test_samples_reproduce_the_real_statistics(real):
 
 
 def test_load_real_reads_index_roots(tmp_path, real):
-    from index_builder import build
-    from index_builder.store import IndexStore
+    from index_builder.backends.faiss.store import IndexStore
 
     roots = []
     for part, (lo, hi) in enumerate(((0, 10), (10, 25))):
@@ -94,13 +95,12 @@ def test_load_real_reads_index_roots(tmp_path, real):
                 for j in range(2 * lo, 2 * hi)
             ],
         }
-        build.publish(
-            IndexStore(tmp_path / f"r{part}"),
+        IndexStore(tmp_path / f"r{part}").publish(
             bundle_id="b",
             dim=DIM,
             shards={"image": [real.images[lo:hi]], "text": [real.captions[2 * lo : 2 * hi]]},
             rows=rows,
-            options=build.IndexOptions(factory="Flat", queries=5),
+            options=IndexOptions(factory="Flat", queries=5),
             dataset={},
         )
         roots.append(tmp_path / f"r{part}")

@@ -172,6 +172,10 @@ class LoopSection:
     compile_backend: str = "inductor"  # the torch.compile backend when compile is on
     checkpointing: bool = False  # recompute transformer blocks in backward: less memory
     best_metric: str = "rsum"  # the validation metric that picks the best checkpoint
+    # With the semantic branch: validation scores, and `best` holds, the weight-space
+    # ensemble of the trained projections with their ConSE start (WiSE-FT): alpha * trained
+    # + (1 - alpha) * start. 1 = the trained weights alone; `last` (resume) is never mixed.
+    wise_alpha: float = 1.0
 
 
 @dataclass

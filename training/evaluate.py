@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from index_builder.manifest import Record, image_path, load_records
 from index_builder.preprocess import TextTokenizer, load_image, preprocess_image
+from index_builder.progress import progress
 
 KS = (1, 5, 10)
 
@@ -159,7 +159,7 @@ class SplitEvaluator:
             self._pixels = np.stack(
                 [
                     preprocess_image(load_image(image_path(self.dataset, r), spec.background), spec)
-                    for r in tqdm(self.records, desc="decode eval images", leave=False)
+                    for r in progress(self.records, desc="decode eval images", leave=False)
                 ]
             )
         return self._pixels

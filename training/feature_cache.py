@@ -30,12 +30,13 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from index_builder import paths
 from index_builder.atomic import atomic_write_json
+from index_builder.data.merge import merged_galleries
 from index_builder.manifest import image_path, manifest_path
 from index_builder.preprocess import TextTokenizer, load_image, preprocess_image, sha256_file
+from index_builder.progress import progress
 from training.evaluate import retrieval_metrics, split_records
 from training.model import TwoTower
 from training.sources import per_gallery_metrics
@@ -48,7 +49,7 @@ TOKEN_ARRAYS = ("image_tokens", "text_tokens")
 # Model config keys that do not change what the towers output (the weights count through
 # their digest, the tokenizer through its file's hash; the rest follows the towers).
 NOT_TOWER = ("name", "embed_dim", "tokenizer", "image_weights", "text_weights")
-NOT_TOWER += ("semantic_classes", "semantic_temperature", "semantic_top")  # after the towers
+NOT_TOWER += ("semantic_classes", "semantic_temperature", "semantic_top", "semantic_lock_text")
 
 
 def default_root() -> Path:
@@ -129,6 +130,11 @@ class FeatureStore:
         """The split's tower outputs (token sequences too when `tokens`)."""
         if self.root is None:
             return encode_split(model, dataset, split, tokens, batch, None)
+        galleries = merged_galleries(dataset)
+        if galleries is not None and not tokens and _same_records(dataset, galleries, split):
+            # a merge of galleries: their own entries, shared with every other merge of them
+            parts = [self.load(model, g, split, tokens, batch) for g in galleries]
+            return concat_features(parts)
         key = cache_key(model, dataset, split)
         name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
         entry = self.root / name
@@ -151,6 +157,24 @@ class FeatureStore:
             shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
         return read_entry(entry, tokens)
+
+
+def _same_records(dataset: str | Path, galleries: list[Path], split: str) -> bool:
+    """Whether the merged split holds exactly its galleries' records, in order (a gallery
+    rebuilt since the merge no longer does)."""
+    ids = [r.id for g in galleries for r in split_records(g, split)]
+    return ids == [r.id for r in split_records(dataset, split)]
+
+
+def concat_features(parts: list[SplitFeatures]) -> SplitFeatures:
+    """The pooled features of several splits as one, records in order."""
+    offsets = np.cumsum([0] + [len(p.image_pooled) for p in parts[:-1]])
+    return SplitFeatures(
+        image_pooled=torch.cat([p.image_pooled for p in parts]),
+        text_pooled=torch.cat([p.text_pooled for p in parts]),
+        text_lengths=np.concatenate([p.text_lengths for p in parts]),
+        owner=torch.cat([p.owner + int(o) for p, o in zip(parts, offsets, strict=True)]),
+    )
 
 
 def read_entry(entry: Path, tokens: bool) -> SplitFeatures:
@@ -191,7 +215,7 @@ def encode_split(
         raise ValueError(f"split {split!r} of {dataset} has no records")
     spec, n = model.image_spec, len(records)
     image_pooled = image_tokens = None
-    for start in tqdm(range(0, n, batch), desc=f"encode {split} images", leave=False):
+    for start in progress(range(0, n, batch), f"encode {split} images", unit="batch", leave=False):
         chunk = records[start : start + batch]
         pixels = np.stack(
             [
@@ -217,7 +241,9 @@ def encode_split(
     text_pooled = _array(out, "text_pooled", (len(captions), width))
     text_tokens = _array(out, "text_tokens", (len(captions), longest, width)) if tokens else None
     step = batch * 2
-    for start in tqdm(range(0, len(captions), step), desc=f"encode {split} captions", leave=False):
+    for start in progress(
+        range(0, len(captions), step), f"encode {split} captions", unit="batch", leave=False
+    ):
         part = slice(start, start + step)
         feats = model.text_features(ids[part], mask[part])
         text_pooled[part] = feats["pooled"].float().numpy()

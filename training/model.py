@@ -83,6 +83,9 @@ class ModelConfig:
     semantic_classes: str | None = None
     semantic_temperature: float = 1.0  # of the classifier's softmax
     semantic_top: int = 5  # classes kept and renormalised (ConSE's T); 0 = all
+    # Lock the text space (LiT, Zhai et al. 2022, with the roles swapped): the text and
+    # semantic projections stay at the ConSE start, only the visual projection trains.
+    semantic_lock_text: bool = False
 
     def __post_init__(self) -> None:
         self.image_mean = tuple(self.image_mean)  # type: ignore[assignment]
@@ -196,6 +199,8 @@ def _has_type(value: Any, annotation: str) -> bool:
     kind, _, optional = annotation.partition(" | ")
     if optional == "None" and value is None:
         return True
+    if kind == "bool":
+        return isinstance(value, bool)
     return isinstance(value, allowed[kind]) and not isinstance(value, bool)
 
 
@@ -290,6 +295,9 @@ class TwoTower(nn.Module):
                 config.semantic_top,
             )
             self.semantic_proj = nn.Linear(text_tower.width, config.embed_dim, bias=False)
+            if config.semantic_lock_text:
+                self.text_proj.requires_grad_(False)
+                self.semantic_proj.requires_grad_(False)
 
     @property
     def semantic_branch(self) -> tuple[nn.Module, nn.Module] | None:

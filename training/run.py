@@ -65,6 +65,13 @@ def check_run(cfg: TrainConfig, data: str | Path, out: str | Path, resume: bool)
     check_video_data(load_records(data, "train")[:1], bool(model_cfg.video_frames), data)
     if cfg.objectives.cookie.enabled:
         check_pairs(cfg.objectives.cookie.pairs, model_cfg.image_weights, model_cfg.text_weights)
+    if not 0.0 <= cfg.train.wise_alpha <= 1.0:
+        raise ValueError(f"train.wise_alpha must be in [0, 1], got {cfg.train.wise_alpha}")
+    if cfg.train.wise_alpha < 1.0 and model_cfg.semantic_classes is None:
+        raise ValueError(
+            "train.wise_alpha < 1 mixes with the ConSE start: it needs "
+            "model.options.semantic_classes (the semantic branch)"
+        )
     if cfg.data.cache_frozen_features and (
         model_cfg.image_trainable_blocks != 0 or model_cfg.text_trainable_blocks != 0
     ):

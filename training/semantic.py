@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +114,54 @@ def _cache_key(text_tower: nn.Module, tokenizer_json: Path, texts: list[str]) ->
     return digest.hexdigest()[:32]
 
 
+def conse_basis(dim: int, class_embeddings: torch.Tensor) -> torch.Tensor:
+    """(D, Dt) orthonormal rows: the identity when D = Dt, else the class embeddings' top
+    principal directions (completed to D rows when there are fewer classes)."""
+    width = class_embeddings.shape[1]
+    if dim == width:
+        return torch.eye(dim)
+    if dim > width:
+        raise ValueError(f"embed_dim {dim} exceeds the text width {width}: no ConSE start")
+    centred = class_embeddings - class_embeddings.mean(0)
+    return torch.linalg.svd(centred, full_matrices=True).Vh[:dim]
+
+
+@torch.no_grad()
+def wise(
+    semantic_proj: nn.Linear,
+    text_proj: nn.Linear,
+    image_proj: nn.Linear,
+    class_embeddings: torch.Tensor,
+    alpha: float,
+) -> None:
+    """WiSE-FT (Wortsman et al., CVPR 2022): the projections become alpha * trained +
+    (1 - alpha) * their ConSE start (`conse_start`), in place. The towers are shared and
+    frozen, so this is the whole weight-space ensemble of the trained and the zero-shot model."""
+    q = conse_basis(text_proj.weight.shape[0], class_embeddings.float())
+    for proj, start in ((semantic_proj, q), (text_proj, q), (image_proj, None)):
+        proj.weight.mul_(alpha)
+        if start is not None:
+            proj.weight.add_((1.0 - alpha) * start.to(proj.weight))
+
+
+@contextmanager
+def wise_mixed(model: nn.Module, alpha: float) -> Iterator[None]:
+    """Inside: `model`'s projections are the WiSE-FT mix (`wise`); after: as they were.
+    alpha = 1 (or a model without the semantic branch) changes nothing."""
+    names = ("image_proj", "text_proj", "semantic_proj")
+    if alpha >= 1.0 or model.semantic is None:
+        yield
+        return
+    saved = {name: getattr(model, name).weight.detach().clone() for name in names}
+    wise(*(getattr(model, n) for n in reversed(names)), model.semantic.class_embeddings, alpha)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, weight in saved.items():
+                getattr(model, name).weight.copy_(weight)
+
+
 @torch.no_grad()
 def conse_start(
     semantic_proj: nn.Linear,
@@ -123,14 +173,7 @@ def conse_start(
     projection starts at zero, so an image embeds as norm(Q s) and a caption as norm(Q t).
     Q is the identity when the joint space is as wide as the text space (ConSE's ranking
     exactly); else the top principal directions of the class embeddings (nearly so)."""
-    dim, width = text_proj.weight.shape
-    if dim == width:
-        q = torch.eye(dim)
-    elif dim < width:
-        centred = class_embeddings - class_embeddings.mean(0)
-        q = torch.linalg.svd(centred, full_matrices=True).Vh[:dim]  # (D, Dt) orthonormal rows
-    else:
-        raise ValueError(f"embed_dim {dim} exceeds the text width {width}: no ConSE start")
+    q = conse_basis(text_proj.weight.shape[0], class_embeddings)  # (D, Dt)
     semantic_proj.weight.copy_(q)
     text_proj.weight.copy_(q)
     nn.init.zeros_(image_proj.weight)

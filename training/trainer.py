@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
+from index_builder.progress import progress
 from training import distributed
 from training.acceleration import accelerate
 from training.checkpoint import load_trainer_state, load_weights, save_checkpoint
@@ -28,6 +28,7 @@ from training.evaluate import SplitEvaluator
 from training.objectives import Objectives
 from training.plots import plot_curves
 from training.schedule import set_lr, warmup_cosine
+from training.semantic import wise_mixed
 
 log = logging.getLogger(__name__)
 METRICS = "metrics.jsonl"
@@ -148,8 +149,12 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to `total_steps` (from `self.step`, so a resumed run continues)."""
         accum = self.cfg.optim.grad_accum
-        bar = tqdm(
-            total=self.total_steps, initial=self.step, desc="train", disable=not self.dist.is_main
+        bar = progress(
+            total=self.total_steps,
+            initial=self.step,
+            desc="train",
+            unit="step",
+            disable=not self.dist.is_main,
         )
         window: list[float] = []
         tick = time.perf_counter()
@@ -236,18 +241,19 @@ class Trainer:
         state = self.trainer_state()  # collective (RNG of every rank): all ranks call it
         metrics = None
         if self.dist.is_main:
-            if self.evaluator is not None:
-                metrics = self.evaluator.evaluate(self.objectives.model, self.device)
-                self._log({"kind": "val", "step": self.step, **metrics})
-                score = metrics[self.cfg.train.best_metric]
-                if self.best is None or score > self.best:
-                    self.best = score
-                    chosen = f"{self.cfg.data.val_split} {self.cfg.train.best_metric}"
-                    self._save("best", metrics, chosen_by=chosen)
+            with wise_mixed(self.model, self.cfg.train.wise_alpha):  # `best` holds the mix
+                if self.evaluator is not None:
+                    metrics = self.evaluator.evaluate(self.objectives.model, self.device)
+                    self._log({"kind": "val", "step": self.step, **metrics})
+                    score = metrics[self.cfg.train.best_metric]
+                    if self.best is None or score > self.best:
+                        self.best = score
+                        chosen = f"{self.cfg.data.val_split} {self.cfg.train.best_metric}"
+                        self._save("best", metrics, chosen_by=chosen)
+                else:
+                    self._save("best", None, chosen_by=NO_VALIDATION)
             state["best"] = self.best
             self._save("last", metrics, state)
-            if self.evaluator is None:
-                self._save("best", None, chosen_by=NO_VALIDATION)
             plot_curves(self.run_dir / METRICS, self.run_dir)
         distributed.barrier()
         self._trigger("on_validation_end")

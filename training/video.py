@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from index_builder.manifest import Record, image_path, load_records
 from index_builder.preprocess import ImageSpec, TextTokenizer
+from index_builder.progress import progress
 from index_builder.video import VideoError, VideoLimits, decode_video, is_video_path, video_pixels
 from training.evaluate import retrieval_metrics
 from training.model import ModelConfig, TwoTower
@@ -291,7 +291,7 @@ def encode_video_split(
     model.eval()
     spec, count = model.image_spec, model.video_spec.frames
     kept, features, masks, skipped = [], [], [], 0
-    for record in tqdm(load_records(dataset, split), desc=f"cache {split} videos", leave=False):
+    for record in progress(load_records(dataset, split), desc=f"cache {split} videos", leave=False):
         try:
             pixels, mask = load_clip(dataset, record, spec, count, limits)
         except (VideoError, OSError) as exc:
@@ -384,7 +384,7 @@ class VideoSplitEvaluator:
         model.eval()
         videos, kept = [], []
         spec, count = model.image_spec, model.video_spec.frames
-        for record in tqdm(self.records, desc="embed eval videos", leave=False):
+        for record in progress(self.records, desc="embed eval videos", leave=False):
             try:
                 pixels, _ = load_clip(self.dataset, record, spec, count, self.limits)
             except (VideoError, OSError) as exc:

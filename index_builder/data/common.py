@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from PIL import Image
-from tqdm import tqdm
 
 from index_builder.atomic import atomic_write_bytes, atomic_write_json, read_json
 from index_builder.manifest import INFO, MANIFEST, Record, move_splits, write_manifest
+from index_builder.progress import progress as show_progress
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +196,9 @@ def run_import(
 
 
 def progress(items: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
-    """A tqdm bar on an interactive terminal, silence elsewhere (logs and tests stay clean)."""
-    yield from tqdm(items, desc=desc, total=total, unit="item", disable=None, dynamic_ncols=True)
+    """A tqdm bar on an interactive terminal, a log line every ~15 s elsewhere (a log file
+    shows how far an import is); see index_builder.progress."""
+    yield from show_progress(items, desc=desc, total=total)
 
 
 def parallel_map(

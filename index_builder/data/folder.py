@@ -39,6 +39,20 @@ def find_images(root: Path) -> list[Path]:
     return sorted(found)
 
 
+SIDECARS = (".txt", ".json")  # captions, metadata: read with the image of the same stem
+
+
+def other_files(root: Path, media: tuple[str, ...]) -> list[Path]:
+    """The files under `root` that are neither `media` nor sidecars (a stray notes.pdf): they
+    are not read, but counted and named, so that nothing is left out without a word."""
+    return sorted(
+        Path(dirpath) / name
+        for dirpath, _, names in os.walk(root)
+        for name in names
+        if not name.lower().endswith((*media, *SIDECARS)) and not name.startswith(".")
+    )
+
+
 def sidecar_captions(image: Path) -> list[str] | str:
     """The non-empty lines of `<stem>.txt`, or the reason there are none."""
     sidecar = image.with_suffix(".txt")
@@ -70,6 +84,7 @@ def import_files(
     names: tuple[str, str, str],
     version: int,
     info: dict[str, str] | None = None,
+    media: tuple[str, ...] = IMAGE_EXTENSIONS,
 ) -> ImportResult:
     """The files under `root` with their sidecar captions as records: `read(file)` gives the
     file's split key (a hash of its bytes) or why it cannot be used. `names`: the source's name,
@@ -80,6 +95,9 @@ def import_files(
     described = {"name": Path(out).name, "source": source, "root": str(root), **(info or {})}
 
     def produce(skips: Skips, splits: Splits) -> Iterator[Record]:
+        article = "an" if noun[0] in "aeiou" else "a"
+        for other in other_files(root, media):
+            skips.add(f"not {article} {noun}", other.relative_to(root).as_posix())
         seen: set[str] = set()
         for file in progress(files, source):
             rel = file.relative_to(root).with_suffix("").as_posix()

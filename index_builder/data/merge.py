@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from index_builder.data.common import ImportResult, Skips, fingerprint, run_import
-from index_builder.manifest import Record, image_path, manifest_path, read_manifest
+from index_builder.manifest import Record, image_path, manifest_path, read_info, read_manifest
 
 GALLERY_KEY = "gallery"
 
@@ -46,9 +46,14 @@ def parse_galleries(specs: list[str]) -> tuple[tuple[str, Path], ...]:
 def import_merge(cfg: MergeConfig, out: Path) -> ImportResult:
     out = Path(out)
     manifests = [manifest_path(path) for _, path in cfg.galleries]
-    options = {"galleries": [name for name, _ in cfg.galleries], "out": str(out.resolve())}
+    options = {"galleries": [name for name, _ in cfg.galleries], "out": str(out.resolve()), "v": 2}
     fp = fingerprint("merge", options, manifests)
-    info = {"name": out.name, "source": "merge", "galleries": options["galleries"]}
+    info = {
+        "name": out.name,
+        "source": "merge",
+        "galleries": options["galleries"],
+        "dirs": {name: _relative(Path(path), out) for name, path in cfg.galleries},
+    }
     return run_import(out, info, fp, lambda skips, splits: _records(cfg, out, skips))
 
 
@@ -68,9 +73,19 @@ def _records(cfg: MergeConfig, out: Path, skips: Skips) -> Iterator[Record]:
             )
 
 
-def _relative(image: Path, out: Path) -> str:
-    image = image.resolve()
+def _relative(path: Path, out: Path) -> str:
+    path = path.resolve()
     try:
-        return os.path.relpath(image, out.resolve())
+        return os.path.relpath(path, out.resolve())
     except ValueError:  # another drive
-        return str(image)
+        return str(path)
+
+
+def merged_galleries(dataset: str | Path) -> list[Path] | None:
+    """The galleries a merged dataset was made of, in order, when its records are exactly
+    theirs (none skipped); None for any other dataset."""
+    root = manifest_path(dataset).parent
+    info = read_info(root)
+    if info.get("source") != "merge" or info.get("skipped") or not info.get("dirs"):
+        return None
+    return [(root / info["dirs"][name]).resolve() for name in info["galleries"]]

@@ -106,7 +106,7 @@ def make_scene(seed: int, index: int) -> Scene:
     return Scene(tuple(shapes), relation)
 
 
-def _polygon(kind: str, x: float, y: float, r: float) -> list[tuple[float, float]]:
+def shape_polygon(kind: str, x: float, y: float, r: float) -> list[tuple[float, float]]:
     if kind == "star":
         radii = [r if i % 2 == 0 else 0.45 * r for i in range(10)]
         return [
@@ -136,7 +136,7 @@ def draw_scene(scene: Scene, size: int) -> Image.Image:
             half = r / math.sqrt(2) * 1.2
             draw.rectangle((x - half, y - half, x + half, y + half), fill=fill)
         else:
-            draw.polygon(_polygon(shape.kind, x, y, r), fill=fill)
+            draw.polygon(shape_polygon(shape.kind, x, y, r), fill=fill)
     return image
 
 

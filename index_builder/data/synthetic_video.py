@@ -34,7 +34,7 @@ from index_builder.data.common import (
     run_import,
     split_bucket,
 )
-from index_builder.data.synthetic import COLOURS, _polygon
+from index_builder.data.synthetic import COLOURS, shape_polygon
 from index_builder.manifest import Record
 from index_builder.video import encode_video
 
@@ -116,7 +116,7 @@ def draw_frame(event: Event, t: float, size: int) -> np.ndarray:
             half = radius / math.sqrt(2) * 1.2
             draw.rectangle((x - half, y - half, x + half, y + half), fill=fill)
         else:
-            draw.polygon(_polygon(event.shape, x, y, radius), fill=fill)
+            draw.polygon(shape_polygon(event.shape, x, y, radius), fill=fill)
     return np.asarray(image)
 
 

@@ -56,4 +56,5 @@ def import_video_folder(cfg: VideoFolderConfig, out: str | Path) -> ImportResult
     if not videos:
         raise ValueError(f"no videos ({', '.join(VIDEO_EXTENSIONS)}) under {root}")
     names = ("video-folder", "video", "video")
-    return import_files(root, videos, read_video, out, names, VERSION, {"media": "video"})
+    info = {"media": "video"}
+    return import_files(root, videos, read_video, out, names, VERSION, info, VIDEO_EXTENSIONS)

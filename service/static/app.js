@@ -18,6 +18,8 @@ const MODES = {
 const THUMBNAIL = 256;
 
 const state = { mode: "text-to-image", q: "", id: "", page: 1, k: 12, filter: "" };
+const FILTER_SYNTAX = '{"field": value}, {"field": {"in": [a, b]}}, {"field": {"gte": 1, "lt": 5}}';
+let fields = {}; // side -> {metadata field: type}, from /info: the filter box names them
 let file = null; // an uploaded query image: searched, but not part of a shared URL
 let clip = null; // an uploaded query video, likewise
 
@@ -90,7 +92,27 @@ function showState() {
   $("text-input").value = state.q;
   $("k-input").value = state.k;
   $("filter-input").value = state.filter;
+  showFilterHint();
   showQuery();
+}
+
+// The filter box's hint: this index's own fields on the side the mode searches (an example
+// with a field the index lacks would only ever answer 422).
+function showFilterHint() {
+  const side = MODES[state.mode].side === "video" ? "image" : MODES[state.mode].side;
+  const types = fields[side] || {};
+  const names = Object.keys(types);
+  const input = $("filter-input");
+  if (!names.length) {
+    input.placeholder = "no metadata to filter on";
+    input.title = "this index's items have no metadata fields";
+    return;
+  }
+  const first = names.includes("folder") ? "folder" : names[0];
+  const value = { number: "{\"gte\": …}", bool: "true", list: "\"…\"" }[types[first]] || "\"…\"";
+  input.placeholder = `{"${first}": ${value}} · fields: ${names.join(", ")}`;
+  input.title = `metadata filter (JSON) on ${names.map((n) => `${n} (${types[n]})`).join(", ")}: ` +
+    FILTER_SYNTAX + ("folder" in types ? '; {"folder": "a"} also finds a/b/...' : "");
 }
 
 // The query as searched: a preview of the uploaded image, or the item of "more like this".
@@ -145,6 +167,30 @@ function metaLine(meta) {
   return el("div", { className: "meta", textContent: text, title: text });
 }
 
+// An item's id, whole: on hover (title), selectable, and copied by its button (long ids of
+// photo folders do not fit a card).
+function idLine(id) {
+  const text = el("span", { className: "id-text", textContent: id, title: id });
+  const copy = el("button", { type: "button", className: "link copy", textContent: "copy id",
+    title: `copy the id ${id}` });
+  copy.addEventListener("click", () => copyText(id, text, copy));
+  return el("div", { className: "id" }, [text, copy]);
+}
+
+async function copyText(text, node, button) {
+  try {
+    await navigator.clipboard.writeText(text);
+  } catch { // no clipboard API (plain http on another host): select it and copy that way
+    const range = document.createRange();
+    range.selectNodeContents(node);
+    getSelection().removeAllRanges();
+    getSelection().addRange(range);
+    document.execCommand("copy");
+  }
+  button.textContent = "copied";
+  setTimeout(() => { button.textContent = "copy id"; }, 1500);
+}
+
 function score(hit) {
   return el("span", { className: "score", textContent: `#${hit.rank} · score ${hit.score.toFixed(3)}` });
 }
@@ -154,7 +200,8 @@ function showImages(hits) {
     const img = el("img", { alt: hit.captions[0] || hit.id, loading: "lazy" });
     setImage(img, hit.thumbnail_url);
     const caption = el("figcaption", {}, [
-      el("div", { className: "caption", textContent: hit.captions[0] || hit.id }),
+      ...(hit.captions.length ? [el("div", { className: "caption", textContent: hit.captions[0] })] : []),
+      idLine(hit.id),
       el("div", {}, [score(hit)]),
       metaLine(hit.meta),
       moreLike("image-to-image", hit.id),
@@ -175,6 +222,7 @@ function showVideos(hits) {
     const item = el("li", { value: hit.rank, className: "video-card", title: hit.id }, [
       strip,
       el("div", { className: "caption", textContent: hit.captions[0] || hit.id }),
+      idLine(hit.id),
       el("div", {}, [score(hit), el("span", { className: "muted" }, [" · ", link,
         ` · ${hit.keyframe_urls.length} keyframes`])]),
       metaLine(hit.meta),
@@ -197,7 +245,8 @@ function showTexts(hits) {
       score(hit),
       moreLike("text-to-text", hit.id),
     );
-    const item = el("li", { value: hit.rank }, [el("div", { className: "hit" }, parts), metaLine(hit.meta)]);
+    const item = el("li", { value: hit.rank, title: hit.id },
+      [el("div", { className: "hit" }, parts), metaLine(hit.meta)]);
     item.dataset.id = hit.id;
     $("texts").append(item);
   }
@@ -337,6 +386,9 @@ async function loadInfo() {
   try {
     const info = await call("info", { headers: headers() });
     $("k-input").max = info.limits.max_k;
+    fields = Object.fromEntries(Object.entries(info.index.sides || {})
+      .map(([side, s]) => [side, (s && s.fields) || {}]));
+    showFilterHint();
     if (!info.ready) {
       $("status").textContent = "loading the index…";
       setTimeout(loadInfo, 1000);

@@ -9,6 +9,7 @@ import stat
 import pytest
 from tiny_bundles import WORDS, make_tiny_bundle, make_tokenizer
 
+from index_builder.backends.base import check_bundle
 from index_builder.bundle import (
     BUNDLE_JSON,
     IMAGE_ONNX,
@@ -18,7 +19,6 @@ from index_builder.bundle import (
     bundle_id_of,
 )
 from index_builder.preprocess import sha256_file
-from index_builder.store import check_bundle
 
 
 def test_write_then_load_round_trips(tiny_bundle):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from index_builder import build, collection
-from index_builder.store import IndexStore
+from index_builder import collection
+from index_builder.backends.base import IndexOptions
+from index_builder.backends.faiss.store import IndexStore
 
 DIM = 16
 
@@ -40,13 +41,12 @@ def _items(n, seed=0, prefix="i"):
 
 def _publish(store, n=600, factory="Flat", sides=("image", "text")):
     vectors, rows = _items(n)
-    build.publish(
-        store,
+    store.publish(
         bundle_id="b1",
         dim=DIM,
         shards={side: [vectors[side]] for side in sides},
         rows={side: rows[side] for side in sides},
-        options=build.IndexOptions(factory=factory, queries=100, target_recall=0.99),
+        options=IndexOptions(factory=factory, queries=100, target_recall=0.99),
         dataset={},
     )
     return vectors, rows
@@ -68,10 +68,10 @@ def _recall(found, truth):
 @pytest.mark.parametrize("factory", ["Flat", "HNSW16", "IVF16,Flat", "IVF16,SQ4"])
 @pytest.mark.parametrize("selective", [False, True])
 def test_filtered_search_matches_exact_filtered_search(tmp_path, factory, selective, monkeypatch):
-    from index_builder import faiss_index
+    from index_builder.backends.faiss import search
 
     if not selective:  # force the selector path (the index, not the exact gather)
-        monkeypatch.setattr(faiss_index, "EXACT_ROWS", 10)
+        monkeypatch.setattr(search, "EXACT_ROWS", 10)
     store = IndexStore(tmp_path / "idx")
     vectors, _ = _publish(store, factory=factory)
     loaded = store.open()

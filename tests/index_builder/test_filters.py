@@ -46,6 +46,36 @@ def test_masks(filter, expected):
     assert _mask(filter) == expected
 
 
+FOLDERS = ["", "2023", "2023/italy", "2023/italy/rome", "2023x", "20234/a", "2024/2023", "."]
+
+
+@pytest.mark.parametrize(
+    ("filter", "expected"),
+    [
+        ({"folder": "2023"}, ["2023", "2023/italy", "2023/italy/rome"]),
+        ({"folder": "2023/italy"}, ["2023/italy", "2023/italy/rome"]),
+        ({"folder": "/2023/italy/"}, ["2023/italy", "2023/italy/rome"]),
+        ({"folder": {"eq": "2023/italy/rome"}}, ["2023/italy/rome"]),
+        ({"folder": {"in": ["2023x", "20234"]}}, ["2023x", "20234/a"]),
+        ({"folder": "202"}, []),
+        ({"folder": ""}, FOLDERS),  # the top holds every folder
+        ({"folder": "."}, FOLDERS),
+    ],
+)
+def test_folder_filter_matches_the_folder_and_every_folder_under_it(filter, expected):
+    """People filter by a folder and mean everything under it (`2023` finds `2023/italy/...`),
+    on whole names only (`2023` is not `2023x`)."""
+    metas = [{"folder": folder} for folder in FOLDERS]
+    mask = Columns(metas).mask(parse(filter, field_types(metas)))
+    assert [folder for folder, keep in zip(FOLDERS, mask, strict=True) if keep] == expected
+
+
+def test_only_a_string_folder_field_matches_below():
+    metas = [{"folder": ["a", "a/b"]}, {"folder": ["a/b"]}]  # a list field: plain containment
+    assert Columns(metas).mask(parse({"folder": "a"}, field_types(metas))).tolist() == [True, False]
+    assert parse({"tag": "a"}, {"tag": "string"}) == [("tag", "eq", "a")]
+
+
 def test_masks_match_a_naive_loop_on_random_metadata():
     rng = np.random.default_rng(0)
     metas = [

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 from tiny_bundles import make_gallery, make_tiny_bundle
 
-from index_builder import faiss_index
+from index_builder.backends.faiss import faiss_index
+from index_builder.backends.faiss.store import IndexStore
 from index_builder.bundle import IMAGE_ONNX, Bundle
-from index_builder.cli import main
+from index_builder.cli import build_parser, main, parse
 from index_builder.encoders import TextEncoder
-from index_builder.store import IndexStore
 
 
 def _build(bundle, data, out, *extra):
-    return main(["index", "build", "--bundle", str(bundle), "--data", str(data), "--out", str(out),
+    return main(["index", "build", str(out), "--bundle", str(bundle), "--data", str(data),
                  "--threads", "1", "--shard-size", "5", "--cpu", *extra])  # fmt: skip
 
 
@@ -49,14 +49,14 @@ def test_explicit_factory_and_add(tmp_path, tiny_bundle, gallery, capsys):
     first = IndexStore(out).current()
     more = make_gallery(tmp_path / "more", n=4, prefix="m")
     args = ["index", "add", "--bundle", str(tiny_bundle.path), "--data", str(more)]
-    assert main([*args, "--out", str(out)]) == 0
+    assert main([*args, str(out)]) == 0
     loaded = IndexStore(out).open()
     assert loaded.info["parent"] == first and len(loaded.images) == 16 and len(loaded.texts) == 32
     assert loaded.info["sides"]["image"]["factory"] == "HNSW8"
     assert loaded.info["bundle_path"] == str(tiny_bundle.path.resolve())
     capsys.readouterr()
     second = IndexStore(out).current()
-    assert main([*args, "--out", str(out)]) == 0  # the same ids again: skipped, no new version
+    assert main([*args, str(out)]) == 0  # the same ids again: skipped, no new version
     said = capsys.readouterr().out
     assert "already present (skipped; --upsert replaces): 4 images, 8 texts" in said
     assert IndexStore(out).current() == second
@@ -67,7 +67,7 @@ def test_add_with_another_bundle_is_refused(tmp_path, tiny_bundle, gallery, caps
     assert _build(tiny_bundle.path, gallery, out) == 0
     other = make_tiny_bundle(tmp_path / "other", dim=12, seed=3)
     more = make_gallery(tmp_path / "more", n=2, prefix="m")
-    args = ["index", "add", "--bundle", str(other.path), "--data", str(more), "--out", str(out)]
+    args = ["index", "add", str(out), "--bundle", str(other.path), "--data", str(more)]
     assert main(args) == 2
     assert "embeds in 12 dimensions" in capsys.readouterr().err
 
@@ -97,7 +97,7 @@ def test_rebuild_bad_input_exits_2_and_keeps_current(
         extra = ["--factory", "IVF,Nonsense"]
     else:
         bundle = tmp_path / "missing"
-    args = ["index", "rebuild", "--bundle", str(bundle), "--data", str(gallery), "--out", str(out)]
+    args = ["index", "rebuild", str(out), "--bundle", str(bundle), "--data", str(gallery)]
     assert main([*args, "--cpu", *extra]) == 2
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
@@ -119,11 +119,11 @@ def test_rebuild_disk_full_exits_1_and_keeps_current(
 
     monkeypatch.setattr(faiss_index, "write_index", full)
     args = ["index", "rebuild", "--bundle", str(tiny_bundle.path), "--data", str(gallery)]
-    assert main([*args, "--out", str(out), "--cpu"]) == 1
+    assert main([*args, str(out), "--cpu"]) == 1
     assert "cots index rebuild: failed: [Errno 28] No space left" in capsys.readouterr().err
     assert IndexStore(out).current() == before
     monkeypatch.undo()
-    assert main([*args, "--out", str(out), "--cpu"]) == 0
+    assert main([*args, str(out), "--cpu"]) == 0
     assert IndexStore(out).current() != before
 
 
@@ -145,3 +145,45 @@ def test_switch_rolls_current_back_and_forth(tmp_path, tiny_bundle, gallery, cap
         assert "cots index: error:" in capsys.readouterr().err
     assert main(["index", "switch", str(out), second]) == 0
     assert IndexStore(out).current() == second
+
+
+def _index_actions() -> dict:
+    import argparse
+
+    def subparsers(parser):
+        (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        return action.choices
+
+    return subparsers(subparsers(build_parser())["index"])
+
+
+# What each command needs besides the root, to parse.
+REQUIRED = {"build": ["--bundle", "B"], "rebuild": ["--bundle", "B"], "add": ["--bundle", "B"]}
+
+
+def test_every_index_command_names_the_root_the_same_way():
+    """Every `cots index` command takes the index root as its first positional, ROOT, with
+    the same help; none shows it as a flag (build, rebuild and add keep `--out` hidden)."""
+    actions = _index_actions()
+    assert set(actions) == {"build", "rebuild", "add", "delete", "switch", "info"}
+    helps = set()
+    for name, parser in actions.items():
+        first = next(a for a in parser._actions if not a.option_strings)
+        assert (first.dest, first.metavar) == ("root", "ROOT"), name
+        helps.add(first.help)
+        assert "--out" not in parser.format_help(), f"{name}: the root is ROOT, not a flag"
+        argv = ["index", name, "R", *(["v1"] if name == "switch" else []), *REQUIRED.get(name, [])]
+        assert parse(build_parser(), argv).root == "R", name
+    assert len(helps) == 1
+
+
+def test_out_is_a_deprecated_alias_of_the_root(tmp_path, tiny_bundle, gallery, caplog, capsys):
+    out = tmp_path / "idx"
+    args = ["index", "build", "--bundle", str(tiny_bundle.path), "--data", str(gallery)]
+    assert main([*args, "--out", str(out), "--threads", "1", "--cpu"]) == 0
+    assert IndexStore(out).current()
+    assert "--out ROOT is deprecated" in caplog.text
+    assert main([*args, str(out), "--out", str(tmp_path / "other")]) == 2
+    assert "two index roots given" in capsys.readouterr().err
+    assert main(args) == 2
+    assert "give the index root: cots index build ROOT" in capsys.readouterr().err

@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 from tiny_bundles import COLOURS
 
+from index_builder.backends.faiss.store import IndexStore
 from index_builder.cli import main
 from index_builder.data.common import Skips
 from index_builder.search import Searcher, SideMissing
 from index_builder.sources import SourceOptions, image_rows, read_table, text_rows
-from index_builder.store import IndexStore
 
 
 def _photos(root, n=8):
@@ -28,7 +28,7 @@ def _photos(root, n=8):
 
 
 def _build(bundle, out, *sources):
-    args = ["index", "build", "--bundle", str(bundle.path), "--out", str(out), "--cpu",
+    args = ["index", "build", str(out), "--bundle", str(bundle.path), "--cpu",
             "--threads", "1", *sources]  # fmt: skip
     return main(args)
 
@@ -41,7 +41,7 @@ def test_uncaptioned_folder_is_searchable_by_text_and_image(tmp_path, tiny_bundl
     out = tmp_path / "idx"
     assert _build(tiny_bundle, out, "--images", str(photos)) == 0
     said = capsys.readouterr().out
-    assert "skipped 2 unreadable inputs" in said and "cool/broken" in said
+    assert "skipped 2 inputs:" in said and "cool/broken" in said
     loaded = IndexStore(out).open()
     assert loaded.sides == ("image",) and loaded.live_count("image") == 8
     side = loaded.info["sides"]["image"]
@@ -146,7 +146,7 @@ def test_add_upsert_delete_from_the_command_line(tmp_path, tiny_bundle, capsys):
     photos = _photos(tmp_path / "photos", n=6)
     out = tmp_path / "idx"
     assert _build(tiny_bundle, out, "--images", str(photos / "cool")) == 0
-    add = ["index", "add", "--bundle", str(tiny_bundle.path), "--out", str(out), "--threads", "1",
+    add = ["index", "add", str(out), "--bundle", str(tiny_bundle.path), "--threads", "1",
            "--images", str(photos / "warm")]  # fmt: skip
     assert main(add) == 0
     assert "added: 3 images" in capsys.readouterr().out
@@ -167,6 +167,52 @@ def test_add_upsert_delete_from_the_command_line(tmp_path, tiny_bundle, capsys):
     assert IndexStore(out).current() == before
     vectors = np.stack([loaded.vector("image", loaded.row_of("image", "p0"))])
     assert loaded.search("image", vectors, 1)[1][0, 0] == loaded.row_of("image", "p0")
+
+
+def _truncated_jpeg(path):
+    pixels = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, "JPEG")
+    path.write_bytes(path.read_bytes()[:-600])
+
+
+def test_skips_are_named_whole_and_only_by_the_command_that_made_them(
+    tmp_path, tiny_bundle, capsys
+):
+    """A non-image file is counted and named; a decoder's reason is never cut; `index add`
+    and `delete` report their own skips, not those of the build before them."""
+    photos = _photos(tmp_path / "photos", n=4)
+    (photos / "notes.pdf").write_bytes(b"%PDF-1.4")
+    _truncated_jpeg(photos / "cool" / "cut.jpg")
+    out = tmp_path / "idx"
+    assert _build(tiny_bundle, out, "--images", str(photos)) == 0
+    said = capsys.readouterr().out
+    assert "skipped 2 inputs:" in said and "notes.pdf: not an image or video" in said
+    assert "image file is truncated (20 bytes not processed))" in said
+    assert IndexStore(out).open().info["sides"]["image"]["skipped"]["count"] == 2
+
+    more = tmp_path / "more"
+    more.mkdir()
+    Image.new("RGB", (12, 10), (1, 2, 3)).save(more / "new.png")
+    (more / "readme.md").write_text("holiday")
+    add = ["index", "add", str(out), "--bundle", str(tiny_bundle.path), "--threads", "1"]
+    assert main([*add, "--images", str(more)]) == 0
+    said = capsys.readouterr().out
+    assert "added: 1 images\nimages skipped 1 inputs:\n  readme.md: not an image or video" in said
+    assert "notes.pdf" not in said and "truncated" not in said
+    assert main(["index", "delete", str(out), "new"]) == 0
+    said = capsys.readouterr().out
+    assert "deleted: 1 images" in said and "skipped" not in said
+
+
+def test_top_level_files_have_an_empty_folder(tmp_path):
+    photos = _photos(tmp_path / "photos", n=2)
+    Image.new("RGB", (12, 10), (1, 2, 3)).save(photos / "top.png")
+    rows = image_rows(str(photos), SourceOptions(), tmp_path / "files", Skips())
+    assert {row["id"]: row["meta"]["folder"] for row in rows} == {
+        "cool/p0": "cool",
+        "warm/p1": "warm",
+        "top": "",
+    }
 
 
 def test_text_rows_from_a_dataset_keep_their_image(gallery):

@@ -10,10 +10,10 @@ from tiny_bundles import make_tiny_bundle
 from tiny_videos import bad_videos, colour_clip, over_default_limits, video_bundle
 
 from index_builder import embed
+from index_builder.backends.faiss.store import IndexStore
 from index_builder.build import Sources, index_sources
 from index_builder.encoders import Encoders, ImageEncoder
 from index_builder.search import Searcher, SideMissing
-from index_builder.store import IndexStore
 from index_builder.video import decode_video
 from index_builder.video_index import video_rows
 

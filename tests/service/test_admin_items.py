@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from test_api import I2I, I2T, T2I, T2T, assert_error, b64, png
 
-from index_builder.store import IndexStore
+from index_builder.backends.faiss.store import IndexStore
 from service.app import create_app
 
 KEY = {"X-API-Key": "adm1n"}

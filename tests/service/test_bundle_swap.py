@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from index_builder.backends.faiss.store import IndexStore
 from index_builder.bundle import Bundle
 from index_builder.cli import main as cots
-from index_builder.store import IndexStore
 from service.app import create_app
 from service.engine import Engine, Job
 

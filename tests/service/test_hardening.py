@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from index_builder.backends.faiss.store import IndexStore
 from index_builder.preprocess import sha256_file
-from index_builder.store import IndexStore
 
 T2I = "/search/text-to-image"
 I2T = "/search/image-to-text"
@@ -335,14 +335,13 @@ def test_the_key_is_checked_before_the_body_and_a_stalled_body_times_out(setting
 
 def _hnsw_root(root, bundle, n: int = 3000) -> np.ndarray:
     """A version of n random unit vectors per side in an HNSW index, built for `bundle`."""
-    from index_builder.build import IndexOptions, publish
+    from index_builder.backends.base import IndexOptions
 
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((n, bundle.embed_dim)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     ids = [f"s{i:05d}" for i in range(n)]
-    publish(
-        IndexStore(root),
+    IndexStore(root).publish(
         bundle_id=bundle.bundle_id,
         dim=bundle.embed_dim,
         shards={"image": [vectors], "text": [vectors]},

@@ -215,3 +215,29 @@ def test_video_tabs_in_chromium(video_live, live, page, video_assets, tmp_path):
     assert page.is_disabled("[data-mode=text-to-video]")
     assert page.is_disabled("[data-mode=video-to-text]")
     assert not page.is_disabled("[data-mode=text-to-image]")
+
+
+def test_filter_hint_names_the_index_fields_and_ids_are_whole(live, page):
+    """The filter box names this index's fields for the side searched (not a `year` the
+    index lacks); every card shows its id whole on hover and copies it."""
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=live.url)
+    page.goto(live.url + "/?mode=text-to-image&q=a+red+square&k=3")
+    page.wait_for_function("document.querySelector('#filter-input').placeholder.includes('fields')")
+    hint = page.get_attribute("#filter-input", "placeholder")
+    assert hint == '{"brightness": {"gte": …}} · fields: brightness, channels, pure'
+    assert "year" not in hint and "pure (bool)" in page.get_attribute("#filter-input", "title")
+    page.click("[data-mode=text-to-text]")
+    assert page.get_attribute("#filter-input", "placeholder") == '{"style": "…"} · fields: style'
+
+    page.click("[data-mode=text-to-image]")
+    page.wait_for_selector("#grid .card .id-text")
+    card = page.locator("#grid .card").first
+    assert card.locator(".id-text").get_attribute("title") == card.get_attribute("data-id")
+    card.locator("button.copy").click()
+    page.wait_for_function(
+        "document.querySelector('#grid .card button.copy').textContent === 'copied'"
+    )
+    assert page.evaluate("navigator.clipboard.readText()") == card.get_attribute("data-id")
+    assert errors == []

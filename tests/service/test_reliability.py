@@ -18,8 +18,9 @@ import time
 import pytest
 from PIL import Image
 
-from index_builder import faiss_index
-from index_builder.store import IndexStore, journal_uploads
+from index_builder.backends.faiss import faiss_index
+from index_builder.backends.faiss.store import IndexStore
+from index_builder.stored_files import journal_uploads
 
 T2I, T2T = "/search/text-to-image", "/search/text-to-text"
 I2T, I2I = "/search/image-to-text", "/search/image-to-image"
@@ -463,7 +464,7 @@ def test_uploads_no_version_references_are_collected(admin, root):
 KILLED_CHANGE = """
 import os, signal, sys
 from pathlib import Path
-from index_builder.store import journal_uploads
+from index_builder.stored_files import journal_uploads
 root, name = Path(sys.argv[1]), sys.argv[2]
 with journal_uploads(root, [name]):
     (root / "files" / name).write_bytes(b"an upload")

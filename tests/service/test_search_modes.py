@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from test_api import I2I, I2T, T2I, T2T, assert_error, b64, png
 
+from index_builder.backends.faiss.store import IndexStore
 from index_builder.encoders import ImageEncoder, TextEncoder
-from index_builder.store import IndexStore
 
 
 @pytest.fixture(scope="module")

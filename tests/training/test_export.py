@@ -8,12 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
+from index_builder.backends.faiss.store import IndexStore
 from index_builder.bundle import Bundle
 from index_builder.cli import main
 from index_builder.encoders import ImageEncoder, TextEncoder
 from index_builder.manifest import Record, image_path, load_records, write_manifest
 from index_builder.preprocess import load_image, preprocess_images
-from index_builder.store import IndexStore
 from training.checkpoint import save_checkpoint
 from training.datasets import Collate, PairDataset
 from training.export import export_bundle

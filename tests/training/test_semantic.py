@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from index_builder.preprocess import TextTokenizer, load_image, preprocess_image
 from training.model import ModelConfig, build_model, load_preset
-from training.semantic import SemanticHead, class_texts
+from training.semantic import SemanticHead, class_texts, conse_basis
 from training.towers.efficientnet_lite import EfficientNetLite0
 
 CLASSES = ["cat", "dog", "rocket", "apple", "flower", "clock", "mountain", "boat"]
@@ -165,3 +165,69 @@ def test_branch_exports_inside_the_image_encoder(tmp_path):
         model.semantic_proj.weight.zero_()
         without = model.encode_image(torch.from_numpy(pixels)).numpy()
     assert np.abs(onnx_out - without).max() > 1e-2
+
+
+def test_wise_mixes_trained_projections_with_the_conse_start(tmp_path):
+    """alpha = 0 is the step-0 model, alpha = 1 the trained one, in between the weights'
+    straight line; `wise_mixed` puts the trained weights back afterwards."""
+    from training.semantic import wise_mixed
+
+    model = build_model(small_config(tmp_path, embed_dim=16)).eval()
+    start = {n: getattr(model, n).weight.clone() for n in ("image_proj", "text_proj")}
+    start["semantic_proj"] = model.semantic_proj.weight.clone()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for proj in (model.image_proj, model.text_proj, model.semantic_proj):
+            proj.weight.add_(torch.randn_like(proj.weight))
+    trained = {n: getattr(model, n).weight.clone() for n in start}
+    with wise_mixed(model, 0.0):
+        for name, weight in start.items():
+            assert torch.allclose(getattr(model, name).weight, weight, atol=1e-5), name
+    with wise_mixed(model, 0.25):
+        for name in start:
+            mix = 0.25 * trained[name] + 0.75 * start[name]
+            assert torch.allclose(getattr(model, name).weight, mix, atol=1e-5), name
+    for name, weight in trained.items():
+        assert torch.equal(getattr(model, name).weight, weight)
+
+
+def test_wise_alpha_needs_the_semantic_branch(gallery, tmp_path, capsys):
+    from conftest import TINY_OVERRIDES
+
+    from index_builder.cli import main
+
+    args = ["train", "cots", "--data", str(gallery), "--out", str(tmp_path / "run")]
+    args += [f"--set={o}" for o in TINY_OVERRIDES] + ["--set", "train.wise_alpha=0.5"]
+    assert main(args) != 0
+    assert "semantic_classes" in capsys.readouterr().err
+
+
+def test_training_keeps_the_wise_mix_as_best(gallery, tmp_path):
+    """`best` holds alpha * trained + (1 - alpha) * start; `last` the trained weights."""
+    from conftest import TINY_OVERRIDES
+
+    from index_builder.cli import main
+    from training.checkpoint import load_model
+
+    config = small_config(tmp_path, embed_dim=16)
+    out = tmp_path / "run"
+    args = ["train", "cots", "--data", str(gallery), "--out", str(out)]
+    args += [f"--set={o}" for o in TINY_OVERRIDES]
+    options = {
+        "image_tower": "efficientnet_lite0",
+        "image_weights": config.image_weights,
+        "semantic_classes": config.semantic_classes,
+        "embed_dim": 16,
+        "image_trainable_blocks": 0,
+        "text_trainable_blocks": 0,
+    }
+    args += [f"--set=model.options.{k}={v}" for k, v in options.items()]
+    args += ["--set=data.cache_frozen_features=true", "--set=train.max_steps=3"]
+    args += ["--set=train.eval_every=3", "--set=train.wise_alpha=0.5"]
+    assert main(args) == 0
+    best, _ = load_model(out / "checkpoints" / "best")
+    last, _ = load_model(out / "checkpoints" / "last")
+    q = conse_basis(16, last.semantic.class_embeddings)  # the start of this run's towers
+    for name, start in (("image_proj", 0.0), ("text_proj", q), ("semantic_proj", q)):
+        mix = 0.5 * getattr(last, name).weight + 0.5 * start
+        assert torch.allclose(getattr(best, name).weight, mix, atol=1e-5), name

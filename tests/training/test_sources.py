@@ -136,3 +136,32 @@ def test_anchor_is_zero_at_step_zero_and_pulls_back_after(tmp_path):
     loss.backward()
     assert model.text_proj.weight.grad is not None
     assert all(p.grad is None for p in unit.teacher.parameters())
+
+
+def test_merged_features_come_from_each_gallerys_cache_entry(tmp_path):
+    """A merge's tower outputs are its galleries' cache entries, concatenated: the same
+    rows as encoding the merged split itself, and no new entry is written."""
+    from index_builder.data.merge import MergeConfig, import_merge
+    from training.feature_cache import FeatureStore, encode_split
+    from training.model import load_preset
+
+    a = make_gallery(tmp_path / "a", (10, 2, 2))
+    b = make_gallery(tmp_path / "b", (8, 2, 2))
+    lines = [json.loads(x) for x in (b / "manifest.jsonl").read_text().splitlines()]
+    for row in lines:
+        row["id"] = "b-" + row["id"]
+    (b / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    merged = tmp_path / "m"
+    import_merge(MergeConfig((("z", a), ("b", b))), merged)  # not in name order
+    torch.manual_seed(0)
+    model = build_model(load_preset("tiny")).eval()
+    store = FeatureStore(tmp_path / "cache")
+    feats = store.load(model, merged, "train", tokens=False)
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # one entry per gallery
+    direct = encode_split(model, merged, "train", tokens=False)
+    assert torch.allclose(feats.image_pooled, direct.image_pooled, atol=1e-5)
+    assert torch.allclose(feats.text_pooled, direct.text_pooled, atol=1e-5)
+    assert torch.equal(feats.owner, direct.owner)
+    (a / "manifest.jsonl").write_text((a / "manifest.jsonl").read_text().replace("item-000", "z"))
+    store.load(model, merged, "train", tokens=False)  # a stale merge: encoded on its own
+    assert len(list((tmp_path / "cache").iterdir())) == 3

@@ -14,15 +14,18 @@ from index_builder.manifest import manifest_path
 from training.config import add_override_argument
 
 DONE = "DONE.json"
+BUILT_IN = ("openclipart", "emoji", "synthetic")
+MERGED = "builtin"  # the merge of the galleries the demo trains on
 TEST_METRICS = "test_metrics.json"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "demo",
-        help="run the whole pipeline on the built-in Open Clip Art gallery and serve it",
-        description="data (Open Clip Art) -> train (a CPU recipe) -> eval (test split) -> export "
-        "(ONNX bundle) -> index (FAISS) -> serve. Artifacts go under $COTS_HOME (default "
+        help="run the whole pipeline on the built-in galleries and serve Open Clip Art",
+        description="data (Open Clip Art, emoji, synthetic scenes, merged) -> train (a CPU "
+        "recipe) -> eval (test split, per gallery) -> export (ONNX bundle) -> index (FAISS, "
+        "Open Clip Art) -> serve. Artifacts go under $COTS_HOME (default "
         "./cots-data); finished stages are reused, an interrupted training run resumes.",
     )
     parser.add_argument(
@@ -34,7 +37,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--dataset",
         type=Path,
-        help="use this gallery directory instead of building Open Clip Art",
+        help="train on and serve this gallery directory instead of the built-in ones",
+    )
+    parser.add_argument(
+        "--galleries",
+        default=",".join(BUILT_IN),
+        help="built-in galleries to train on, merged (default: all of "
+        f"{', '.join(BUILT_IN)}); Open Clip Art is always built and served",
     )
     add_override_argument(
         parser, "training config override (repeatable), e.g. --set train.epochs=10"
@@ -48,16 +57,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    data = args.dataset or paths.dataset_dir("openclipart")
+    galleries = gallery_names(args.galleries)
+    served = args.dataset or paths.dataset_dir("openclipart")
+    data = args.dataset or training_data(galleries)
     run, bundle = paths.run_dir(args.name), paths.bundle_dir(args.name)
     index = paths.index_root(args.name)
     best = run / "checkpoints" / "best"
     stages = [
-        ("data: gallery", lambda: build_gallery(args.dataset, data)),
+        ("data: galleries", lambda: build_galleries(args.dataset, galleries)),
         ("train", lambda: train(args.recipe, args.sets, data, run)),
         ("eval: test split", lambda: evaluate(best, data, run / TEST_METRICS)),
         ("export: ONNX bundle", lambda: export(best, bundle)),
-        ("index: FAISS", lambda: build_index(bundle, data, index)),
+        ("index: FAISS", lambda: build_index(bundle, served, index)),
     ]
     start = time.perf_counter()
     for number, (title, action) in enumerate(stages, 1):
@@ -82,11 +93,34 @@ def cots(*argv: object) -> int:
     return main([str(a) for a in argv])
 
 
-def build_gallery(given: Path | None, data: Path) -> int:
-    if given is None:
-        return cots("data", "openclipart", "--out", data)
-    print(f"using the gallery {manifest_path(given).parent}")  # FileNotFoundError if missing
-    return 0
+def gallery_names(spec: str) -> list[str]:
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(BUILT_IN))
+    if unknown or not names:
+        raise ValueError(
+            f"--galleries takes built-in gallery names ({', '.join(BUILT_IN)}), got {spec!r}"
+        )
+    return names
+
+
+def training_data(galleries: list[str]) -> Path:
+    """One gallery trains as it is; several as their merge."""
+    return paths.dataset_dir(galleries[0] if len(galleries) == 1 else MERGED)
+
+
+def build_galleries(given: Path | None, galleries: list[str]) -> int:
+    """Open Clip Art (served) and every gallery trained on, then their merge."""
+    if given is not None:
+        print(f"using the gallery {manifest_path(given).parent}")  # FileNotFoundError if missing
+        return 0
+    for name in dict.fromkeys(["openclipart", *galleries]):
+        code = cots("data", name, "--out", paths.dataset_dir(name))
+        if code:
+            return code
+    if len(galleries) == 1:
+        return 0
+    named = [f"{name}={paths.dataset_dir(name)}" for name in galleries]
+    return cots("data", "merge", *named, "--out", paths.dataset_dir(MERGED))
 
 
 def train(recipe: str, sets: list[str], data: Path, run: Path) -> int:
@@ -94,13 +128,13 @@ def train(recipe: str, sets: list[str], data: Path, run: Path) -> int:
     it was trained with the config that `recipe` and `sets` give now; a finished run of
     another config (an edited recipe, other --set) is kept aside and trained again."""
     if (run / DONE).is_file():
-        if same_config(run, recipe, sets):
+        if same_config(run, recipe, sets) and read_json(run / DONE).get("data") == str(data):
             print(f"reusing the finished run {run}")
             return 0
         kept = run.with_name(f"{run.name}-previous-{time.strftime('%Y%m%dT%H%M%S')}")
         run.rename(kept)
-        print(f"the finished run {run} has another config than {recipe} gives now: "
-              f"kept it as {kept}, training again")  # fmt: skip
+        print(f"the finished run {run} has another config or data than {recipe} on {data} "
+              f"gives now: kept it as {kept}, training again")  # fmt: skip
     resume = ["--resume"] if (run / "checkpoints" / "last").is_dir() else []
     overrides = [f"--set={item}" for item in sets]
     code = cots("train", recipe, *overrides, "--data", data, "--out", run, *resume)
@@ -141,7 +175,7 @@ def export(checkpoint: Path, bundle: Path) -> int:
 def build_index(bundle: Path, data: Path, root: Path) -> int:
     if index_is_current(root, bundle):
         return 0
-    return cots("index", "build", "--bundle", bundle, "--data", data, "--out", root)
+    return cots("index", "build", root, "--bundle", bundle, "--data", data)
 
 
 def bundle_is_current(bundle: Path, checkpoint: Path) -> bool:
@@ -161,8 +195,8 @@ def bundle_is_current(bundle: Path, checkpoint: Path) -> bool:
 
 
 def index_is_current(root: Path, bundle: Path) -> bool:
+    from index_builder.backends.faiss.store import IndexStore
     from index_builder.bundle import Bundle
-    from index_builder.store import IndexStore
 
     store = IndexStore(root)
     if store.current() is None:

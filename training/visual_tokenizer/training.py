@@ -13,11 +13,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm import tqdm
 
 from index_builder.atomic import atomic_write_json
 from index_builder.manifest import image_path, load_records
 from index_builder.preprocess import ImageSpec, load_image, preprocess_image
+from index_builder.progress import progress
 from training.visual_tokenizer.model import TokenizerConfig, VisualTokenizer, save_tokenizer
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def load_pixels(dataset: str | Path, split: str, spec: ImageSpec, limit: int) ->
         raise ValueError(f"no images in the {split!r} split of {dataset}")
     mean, std = np.asarray(spec.mean)[:, None, None], np.asarray(spec.std)[:, None, None]
     out = np.empty((len(records), 3, spec.size, spec.size), dtype=np.uint8)
-    for i, record in enumerate(tqdm(records, desc=f"load {split}", unit="img", leave=False)):
+    for i, record in enumerate(progress(records, desc=f"load {split}", unit="img", leave=False)):
         pixels = preprocess_image(load_image(image_path(dataset, record)), spec) * std + mean
         out[i] = np.clip(np.rint(pixels * 255.0), 0, 255)
     return torch.from_numpy(out)
@@ -77,7 +77,7 @@ def train_tokenizer(
     torch.manual_seed(settings.seed)
     tokenizer = VisualTokenizer(config).train()
     optimiser = torch.optim.AdamW(tokenizer.parameters(), lr=settings.lr, weight_decay=0.0)
-    bar = tqdm(range(settings.steps), desc="tokenizer", unit="step")
+    bar = progress(range(settings.steps), desc="tokenizer", unit="step")
     start = time.perf_counter()
     for step in bar:
         index = torch.randint(images.shape[0], (settings.batch_size,), generator=generator)

@@ -10,10 +10,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from index_builder.encoders import Encoders
 from index_builder.manifest import image_path, load_records
+from index_builder.progress import progress
 from training.zero_shot import metrics as M
 from training.zero_shot import sources
 
@@ -37,7 +37,7 @@ def embed_images(encoders: Encoders, images: Sequence[Image.Image | Path], desc:
     """(N, D) unit vectors of decoded images or image files, batch by batch with a progress bar."""
     step = encoders.image.batch_size
     parts = []
-    for start in tqdm(range(0, len(images), step), desc=desc, unit="batch", disable=None):
+    for start in progress(range(0, len(images), step), desc=desc, unit="batch"):
         batch = images[start : start + step]
         if all(isinstance(item, Path) for item in batch):
             parts.append(encoders.image.encode_paths(batch))  # type: ignore[arg-type]

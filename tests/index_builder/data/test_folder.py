@@ -7,7 +7,7 @@ from index_builder.data.folder import FolderConfig, import_folder
 from index_builder.manifest import load_records
 
 
-def test_sidecar_captions_one_per_line(tmp_path):
+def test_sidecar_captions_one_per_line(tmp_path, caplog):
     root = tmp_path / "photos"
     write_image(root / "a.jpg", fmt="JPEG")
     (root / "a.txt").write_text("a red photo\n\n  another   caption \n")
@@ -20,6 +20,7 @@ def test_sidecar_captions_one_per_line(tmp_path):
     (root / "bad.txt").write_text("bad\n")
     write_truncated(root / "cut.png")
     (root / "cut.txt").write_text("a picture cut short\n")
+    (root / "trip/notes.pdf").write_bytes(b"%PDF-1.4")  # counted and named, not ignored
     result = import_folder(FolderConfig(str(root)), tmp_path / "ds")
     records = {r.id: r for r in load_records(tmp_path / "ds")}
     assert set(records) == {"folder.a", "folder.trip.b"}
@@ -30,7 +31,9 @@ def test_sidecar_captions_one_per_line(tmp_path):
         "empty caption": 1,
         "unreadable image": 1,
         "truncated or corrupt image": 1,
+        "not an image": 1,
     }
+    assert "trip/notes.pdf: not an image" in caplog.text
     assert import_folder(FolderConfig(str(root)), tmp_path / "ds").up_to_date
     (root / "trip/b.txt").write_text("a sandy beach\n")  # an edited caption is noticed
     import_folder(FolderConfig(str(root)), tmp_path / "ds")

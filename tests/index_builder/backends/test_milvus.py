@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from index_builder import build
 from index_builder.backends import BackendConfig, open_store
-from index_builder.backends import milvus as milvus_backend
-from index_builder.backends.milvus_client import choose_index, milvus_error, search_grid
+from index_builder.backends.base import IndexOptions
+from index_builder.backends.milvus import write as milvus_write
+from index_builder.backends.milvus.client import choose_index, milvus_error, search_grid
 
 DIM = 16
 
@@ -40,7 +40,7 @@ def _gallery(n, seed=0):
 def _publish(store, n=60, seed=0, target=0.95):
     vectors, rows = _gallery(n, seed)
     shards = {side: [v] for side, v in vectors.items()}
-    options = build.IndexOptions(queries=200, target_recall=target)
+    options = IndexOptions(queries=200, target_recall=target)
     version = store.publish(bundle_id="b1", dim=DIM, shards=shards, rows=rows,
                             options=options, dataset={})  # fmt: skip
     return version, vectors
@@ -106,7 +106,7 @@ def test_a_failed_build_leaves_the_alias_and_is_cleared(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(milvus_backend.MilvusStore, "_tune", fail)
+    monkeypatch.setattr(milvus_write, "tune_side", fail)
     with pytest.raises(OSError, match="disk full"):
         _publish(store, seed=1)
     monkeypatch.undo()

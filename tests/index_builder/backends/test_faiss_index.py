@@ -5,7 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from index_builder import faiss_index as fi
+from index_builder.backends.base import ivf_lists
+from index_builder.backends.faiss import faiss_index as fi
+from index_builder.backends.faiss import search as faiss_search
+from index_builder.backends.recall import exact_knn, recall_at_k
 
 DIM = 32
 
@@ -28,8 +31,8 @@ def data():
 
 def test_exact_knn_over_shards_equals_brute_force(data):
     base, shards, queries, truth = data
-    assert (fi.exact_knn(queries, shards, 10) == truth).mean() > 0.999  # ties aside
-    small = fi.exact_knn(queries[:3], [base[:4], base[4:6]], 10)
+    assert (exact_knn(queries, shards, 10) == truth).mean() > 0.999  # ties aside
+    small = exact_knn(queries[:3], [base[:4], base[4:6]], 10)
     assert small.shape == (3, 10) and (small[:, 6:] == -1).all()
 
 
@@ -39,7 +42,7 @@ def test_recall_at_k_matches_a_naive_loop():
     truth = np.array([rng.permutation(30)[:10] for _ in range(20)])
     truth[0, 7:] = -1  # fewer than k true neighbours (tiny gallery)
     naive = sum(len(set(f) & set(t[t >= 0])) for f, t in zip(found, truth, strict=True))
-    assert fi.recall_at_k(found, truth) == pytest.approx(naive / (20 * 10 - 3))
+    assert recall_at_k(found, truth) == pytest.approx(naive / (20 * 10 - 3))
 
 
 @pytest.mark.parametrize(
@@ -56,27 +59,29 @@ def test_index_types_reach_target_against_exact_search(data, factory, param, tar
     base, shards, queries, truth = data
     index = fi.build_index(factory, shards, DIM, use_gpu=False)
     assert index.ntotal == len(base)
-    params, recall = fi.tune(index, queries, truth, target)
+    params, recall = faiss_search.tune(index, queries, truth, target)
     assert recall >= target
     assert fi.tunable_param(index) == param and (list(params) == ([param] if param else []))
     _, found = index.search(queries, 10)
-    assert fi.recall_at_k(found, truth) == pytest.approx(recall)
+    assert recall_at_k(found, truth) == pytest.approx(recall)
     if param:  # the tuned value is the smallest on the grid that reaches the target
         grid = [
-            v for v in fi.SEARCH_GRID[param] if v < params[param] and (v >= 10 or param == "nprobe")
+            v
+            for v in faiss_search.SEARCH_GRID[param]
+            if v < params[param] and (v >= 10 or param == "nprobe")
         ]
         if grid:
             fi.set_search_params(index, {param: grid[-1]})
-            assert fi.recall_at_k(index.search(queries, 10)[1], truth) < target
+            assert recall_at_k(index.search(queries, 10)[1], truth) < target
 
 
 def test_unreachable_target_returns_the_best(data):
     base, shards, queries, truth = data
     index = fi.build_index("IVF16,PQ4x4", shards, DIM, use_gpu=False)
-    params, recall = fi.tune(index, queries, truth, 0.999)
+    params, recall = faiss_search.tune(index, queries, truth, 0.999)
     assert recall < 0.999 and params["nprobe"] <= 16
     fi.set_search_params(index, {"nprobe": 16})  # the best: no larger nprobe does better
-    assert fi.recall_at_k(index.search(queries, 10)[1], truth) <= recall
+    assert recall_at_k(index.search(queries, 10)[1], truth) <= recall
 
 
 def test_on_disk_merge_equals_in_memory(data, tmp_path):
@@ -107,7 +112,7 @@ def test_choose_factory_by_size_and_budget():
         fi.choose_factory(5_000_000, 256, 1 << 20)
     with pytest.raises(ValueError, match="empty gallery"):
         fi.choose_factory(0, 256, gib)
-    assert fi.ivf_lists(1000) == 16  # at least 39 training points per list
+    assert ivf_lists(1000) == 16  # at least 39 training points per list
 
 
 def test_estimates_are_close_to_real_sizes(data, tmp_path):
@@ -132,18 +137,18 @@ def test_short_hnsw_queries_widen_then_fall_back_to_exact_search(data, monkeypat
     base, shards, queries, _ = data
     index = fi.build_index("HNSW32", shards, DIM, use_gpu=False)
     asked: list[int] = []
-    real = fi._search_with
+    real = faiss_search._search_with
 
     def reaching_64(index, queries, k, param, value):  # a graph that yields no more than that
         asked.append(value)
         return real(index, queries, k, param, min(value, 64))
 
-    monkeypatch.setattr(fi, "_search_with", reaching_64)
-    scores, rows = fi.search(index, queries[:10], 1000)
+    monkeypatch.setattr(faiss_search, "_search_with", reaching_64)
+    scores, rows = faiss_search.search(index, queries[:10], 1000)
     assert asked == [1000, 2000, 4000]  # at least k, then doubled up to WIDEN_LIMIT x k
     assert (rows >= 0).all()
-    exact = fi.exact_knn(queries[:10], shards, 1000)
-    assert fi.recall_at_k(rows, exact) == 1.0  # the short queries were answered exactly
+    exact = exact_knn(queries[:10], shards, 1000)
+    assert recall_at_k(rows, exact) == 1.0  # the short queries were answered exactly
     best = -np.sort(-(queries[:10] @ base.T), axis=1)[:, :1000]
     np.testing.assert_allclose(scores, best, atol=1e-5)
 
@@ -152,11 +157,11 @@ def test_deep_ivf_searches_probe_more_lists(data):
     base, shards, queries, _ = data
     index = fi.build_index("IVF64,Flat", shards, DIM, use_gpu=False)
     fi.set_search_params(index, {"nprobe": 1})  # one list of about 60 vectors
-    _, rows = fi.search(index, queries[:20], 500)
+    _, rows = faiss_search.search(index, queries[:20], 500)
     assert (rows >= 0).all()
-    assert fi.recall_at_k(rows, fi.exact_knn(queries[:20], shards, 500)) >= 0.9
+    assert recall_at_k(rows, exact_knn(queries[:20], shards, 500)) >= 0.9
     assert fi.search_param(index, "nprobe") == 1  # per call only
-    _, plain_rows = fi.search(index, queries[:20], 5)
+    _, plain_rows = faiss_search.search(index, queries[:20], 5)
     np.testing.assert_array_equal(plain_rows, index.search(queries[:20], 5)[1])  # k <= 10: as is
 
 
@@ -165,7 +170,7 @@ def test_rerank_equals_exact_scoring_of_the_candidates(data):
     rng = np.random.default_rng(3)
     rows = np.array([rng.permutation(len(base))[:30] for _ in queries])
     rows[0, 25:] = -1  # fewer candidates than asked
-    scores, found = fi.rerank(base, queries, rows, 10)
+    scores, found = faiss_search.rerank(base, queries, rows, 10)
     for q, cand, s, f in zip(queries, rows, scores, found, strict=True):
         cand = cand[cand >= 0]
         exact = base[cand] @ q
@@ -174,7 +179,7 @@ def test_rerank_equals_exact_scoring_of_the_candidates(data):
         np.testing.assert_allclose(s, exact[order], rtol=1e-5, atol=1e-6)
     few = np.full((1, 30), -1)
     few[0, :3] = [5, 6, 7]
-    s, f = fi.rerank(base, queries[:1], few, 10)
+    s, f = faiss_search.rerank(base, queries[:1], few, 10)
     assert sorted(f[0, :3]) == [5, 6, 7] and (f[0, 3:] == -1).all() and np.isinf(s[0, 3:]).all()
 
 
@@ -185,15 +190,15 @@ def test_compressed_codes_are_reranked_to_exact_scores(data, factory):
     good as the raw codes'."""
     base, shards, queries, truth = data
     index = fi.build_index(factory, shards, DIM, use_gpu=False)
-    params, recall = fi.tune(index, queries, truth, 0.9, stored=base)
+    params, recall = faiss_search.tune(index, queries, truth, 0.9, stored=base)
     assert params["rerank"] == fi.default_rerank(index) > 1
-    scores, rows = fi.search_index(index, base, queries, 10, None, params["rerank"])
-    assert fi.recall_at_k(rows, truth) == pytest.approx(recall)
+    scores, rows = faiss_search.search_index(index, base, queries, 10, None, params["rerank"])
+    assert recall_at_k(rows, truth) == pytest.approx(recall)
     assert recall >= 0.9
     exact = np.einsum("qd,qkd->qk", queries, base[rows])
     np.testing.assert_allclose(scores, exact, rtol=1e-5, atol=1e-6)
     assert (np.diff(scores, axis=1) <= 1e-6).all()
-    raw = fi.recall_at_k(index.search(queries, 10)[1], truth)
+    raw = recall_at_k(index.search(queries, 10)[1], truth)
     assert recall >= raw
 
 
@@ -203,9 +208,9 @@ def test_filtered_compressed_search_is_reranked_among_allowed_rows(data):
     fi.set_search_params(index, {"nprobe": 64})  # every list: only the codes approximate
     mask = np.zeros(len(base), bool)
     mask[::3] = True  # a third of the rows: searched through the index with a selector
-    scores, rows = fi.search_index(index, base, queries, 10, mask, rerank=4)
+    scores, rows = faiss_search.search_index(index, base, queries, 10, mask, rerank=4)
     allowed = np.flatnonzero(mask)
     truth = allowed[np.argsort(-(queries @ base[allowed].T), axis=1, kind="stable")[:, :10]]
     assert mask[rows].all()
-    assert fi.recall_at_k(rows, truth) >= 0.97
+    assert recall_at_k(rows, truth) >= 0.97
     np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", queries, base[rows]), atol=1e-6)

@@ -1,7 +1,7 @@
 """The Milvus backend's store: one collection per version, an alias naming the current one.
 
     <name>                        alias of the current version's collection (alter_alias)
-    <name>_v000003_20250101T...   a version: partitions "image" and "text" (milvus_client)
+    <name>_v000003_20250101T...   a version: partitions "image" and "text" (client.py)
     <name>_versions               one record per complete version: its info (index.json's
                                   keys: bundle id and path, dimension, recall, fields...)
 
@@ -20,68 +20,52 @@ import itertools
 import json
 import logging
 import re
-import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from index_builder import faiss_index
-from index_builder.backends import BackendConfig
-from index_builder.backends.milvus_client import (
-    ID_LENGTH,
-    OUTPUT,
-    add_index,
-    choose_index,
-    connect,
-    create_collection,
-    errors,
-    search_grid,
-    wait_indexed,
-)
-from index_builder.backends.milvus_version import MilvusVersion, stored_row
-from index_builder.build import OTHER, info_record
-from index_builder.collection import EMPTIED, RECALL_QUERIES, Plan
-from index_builder.filters import field_types
-from index_builder.store import (
-    FILES_DIR,
-    FILES_GRACE_S,
+from index_builder.backends.base import (
+    EMPTIED,
     SIDES,
+    BackendConfig,
+    IndexOptions,
+    Plan,
     build_lock,
     check_bundle,
-    collect_stored_files,
+    check_gallery,
+    info_record,
     is_version_name,
     next_version_name,
 )
+from index_builder.backends.milvus.client import (
+    add_index,
+    choose_index,
+    connect,
+    errors,
+    wait_indexed,
+)
+from index_builder.backends.milvus.version import MilvusVersion
+from index_builder.backends.milvus.write import (
+    BATCH,
+    Batch,
+    Draft,
+    batches_from_arrays,
+    batches_from_shards,
+    build_collection,
+    copy_batches,
+    query_side,
+    sample_queries,
+)
+from index_builder.backends.recall import sample_rows
+from index_builder.stored_files import FILES_DIR, FILES_GRACE_S, collect_stored_files
 
 log = logging.getLogger(__name__)
 
-K = 10
-BATCH = 2000  # rows per insert and per copied batch
 RECORD_LENGTH = 65535
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,200}$")
 _COLLECTION = re.compile(r"^(?P<name>.+)_v(?P<n>\d{6})_(?P<t>\d{8}T\d{6}Z)$")
-Batch = tuple[list[dict[str, Any]], np.ndarray, np.ndarray]  # rows, row numbers, vectors
-
-
-@dataclass
-class Draft:
-    """What a new version is made of: its record's fields, each side's row count, batches of
-    rows and vectors, and the queries (with a recall target) its recall is measured with."""
-
-    bundle_id: str
-    bundle_path: Any
-    dim: int
-    dataset: dict[str, Any]
-    parent: str | None
-    next_row: int
-    counts: dict[str, int]
-    batches: dict[str, Iterator[Batch]]
-    queries: dict[str, np.ndarray]
-    target: float
-    skipped: dict[str, Any]
 
 
 class MilvusStore:
@@ -193,6 +177,11 @@ class MilvusStore:
                 self.client.create_alias(collection, self.name)
         log.info("index version %s is now current in %s", version, self.location)
 
+    def check_options(self, options: IndexOptions, dim: int) -> None:
+        """FAISS's options are refused (Milvus's index type comes from the config)."""
+        if options.factory or options.on_disk:
+            raise ValueError("--factory and --on-disk are FAISS options; use --milvus-index")
+
     def publish(
         self,
         *,
@@ -200,30 +189,22 @@ class MilvusStore:
         dim: int,
         shards: Mapping[str, Sequence[np.ndarray]],
         rows: dict[str, list[dict[str, Any]]],
-        options: Any,
+        options: IndexOptions,
         dataset: dict[str, Any],
         bundle_path: str | Path | None = None,
         skipped: dict[str, dict[str, Any]] | None = None,
     ) -> str:
         """Build the sides that have rows into a new version and make it current."""
-        if options.factory or options.on_disk:
-            raise ValueError("--factory and --on-disk are FAISS options; use --milvus-index")
-        present = [side for side in SIDES if rows.get(side)]
-        if not present:
-            raise ValueError("empty gallery: no images and no texts to index")
-        for side in present:
-            if sum(len(s) for s in shards[side]) != len(rows[side]):
-                raise ValueError(f"{side} side: vector count does not match the metadata rows")
+        self.check_options(options, dim)
+        present = check_gallery(shards, rows)
         counts = {side: len(rows[side]) for side in present}
         starts = np.cumsum([0, *counts.values()])
         batches = {
-            side: _from_shards(rows[side], shards[side], int(start))
+            side: batches_from_shards(rows[side], shards[side], int(start))
             for side, start in zip(present, starts, strict=False)
         }
         queries = {
-            side: faiss_index.sample_rows(
-                shards[_query_side(side, counts)], options.queries, seed=1
-            )
+            side: sample_rows(shards[query_side(side, counts)], options.queries, seed=1)
             for side in present
         }
         draft = Draft(
@@ -257,8 +238,8 @@ class MilvusStore:
         for side in counts:
             numbers = np.arange(start, start + len(plan.rows[side]), dtype=np.int64)
             start += len(plan.rows[side])
-            new = _from_arrays(plan.rows[side], numbers, plan.vectors.get(side))
-            old = _copy(current, side, plan.gone[side]) if current.has(side) else iter(())
+            new = batches_from_arrays(plan.rows[side], numbers, plan.vectors.get(side))
+            old = copy_batches(current, side, plan.gone[side]) if current.has(side) else iter(())
             batches[side] = itertools.chain(old, new)
         sides = current.info["sides"]
         draft = Draft(
@@ -271,7 +252,7 @@ class MilvusStore:
             counts=counts,
             batches=batches,
             queries={
-                side: _sample_queries(current, plan, _query_side(side, counts)) for side in counts
+                side: sample_queries(current, plan, query_side(side, counts)) for side in counts
             },
             target=max(side.get("target_recall", 0.95) for side in sides.values()),
             skipped={side: sides.get(side, {}).get("skipped") for side in counts},
@@ -287,7 +268,10 @@ class MilvusStore:
             version = next_version_name(self.versions())
             collection = self.collection_of(version)
             try:
-                info = self._build(collection, draft)
+                total = sum(draft.counts.values())
+                config = self.config
+                kind, params = choose_index(config.milvus_index, config.milvus_params, total)
+                info = build_collection(self.client, self.uri, collection, draft, kind, params)
                 info = info_record(
                     version,
                     draft.bundle_id,
@@ -305,113 +289,6 @@ class MilvusStore:
             self.switch(version)
             self._prune()
         return version
-
-    def _build(self, collection: str, draft: Draft) -> dict[str, Any]:
-        """The collection filled, indexed, loaded and tuned: its sides' records."""
-        total = sum(draft.counts.values())
-        kind, params = choose_index(self.config.milvus_index, self.config.milvus_params, total)
-        started = time.perf_counter()
-        with errors(self.uri, f"create collection {collection}"):
-            create_collection(self.client, collection, draft.dim, kind, params, list(draft.counts))
-        sides, truths = {}, {}
-        for side, count in draft.counts.items():
-            queries = draft.queries[side]
-            truths[side], fields = self._fill(collection, side, draft.batches[side], queries)
-            sides[side] = {
-                "factory": kind,
-                "index_type": kind,
-                "index_params": params,
-                "count": count,
-                "rows": count,
-                "deleted": 0,
-                "fields": fields,
-                "skipped": draft.skipped.get(side) or {"count": 0, "examples": []},
-                "query_side": _query_side(side, draft.counts),
-            }
-        with errors(self.uri, f"index collection {collection}"):
-            self.client.flush(collection)
-            wait_indexed(self.client, collection)
-            self.client.load_collection(collection)
-        seconds = round(time.perf_counter() - started, 3)
-        for side, info in sides.items():
-            info.update(
-                self._tune(collection, side, info, draft.queries[side], truths[side], draft.target)
-            )
-            info["build_seconds"] = seconds
-        return sides
-
-    def _fill(
-        self, collection: str, side: str, batches: Iterator[Batch], queries: np.ndarray
-    ) -> tuple[np.ndarray, dict[str, str]]:
-        """Insert a side's batches; returns the exact top-k row numbers of `queries` among
-        them (recall's reference, computed while streaming) and the metadata field types."""
-        import faiss
-
-        heap = faiss.ResultHeap(len(queries), K, keep_max=True)
-        kinds: dict[str, str] = {}
-        for rows, numbers, vectors in batches:
-            entities = [
-                _entity(row, int(n), v) for row, n, v in zip(rows, numbers, vectors, strict=True)
-            ]
-            with errors(self.uri, f"insert into {collection}"):
-                self.client.insert(collection, entities, partition_name=side)
-            kinds = _merge_kinds(kinds, field_types(row.get("meta") or {} for row in rows))
-            if len(queries):
-                scores, local = faiss.knn(
-                    queries, vectors, min(K, len(vectors)), faiss_index.METRIC
-                )
-                pad = K - local.shape[1]
-                scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
-                found = np.pad(numbers[local], ((0, 0), (0, pad)), constant_values=-1)
-                heap.add_result(scores, found)
-        heap.finalize()
-        return heap.I, dict(sorted(kinds.items()))
-
-    def _tune(
-        self,
-        collection: str,
-        side: str,
-        info: dict[str, Any],
-        queries: np.ndarray,
-        truth: np.ndarray,
-        target: float,
-    ) -> dict[str, Any]:
-        """The cheapest search parameters reaching `target` recall@10 (else the best tried)."""
-        k = min(K, info["count"])
-        measured: dict[str, Any] = {
-            "search_params": {},
-            "recall_at_10": None,
-            "target_recall": target,
-            "queries": len(queries),
-        }
-        if k == 0 or not len(queries):
-            return measured
-        best: tuple[dict[str, int], float] = ({}, -1.0)
-        for params in search_grid(info["index_type"], info["index_params"], k):
-            with errors(self.uri, f"search {collection}"):
-                results = self.client.search(
-                    collection,
-                    data=list(queries),
-                    limit=k,
-                    partition_names=[side],
-                    search_params={"metric_type": "IP", "params": params},
-                    anns_field="vector",
-                    consistency_level="Strong",
-                )
-            found = np.array(
-                [[int(h["row"]) for h in hits] + [-1] * (k - len(hits)) for hits in results]
-            )
-            recall = faiss_index.recall_at_k(found, truth[:, :k])
-            if recall > best[1]:
-                best = (params, recall)
-            if recall >= target:
-                break
-        else:
-            log.warning(
-                "%s never reached recall %.3f (best %.3f at %s)", side, target, best[1], best[0]
-            )
-        log.info("%s side in %s: recall@10 %.3f with %s", side, collection, best[1], best[0])
-        return {**measured, "search_params": best[0], "recall_at_10": round(best[1], 4)}
 
     # -- records, debris and retention -----------------------------------------------------
 
@@ -504,103 +381,3 @@ class MilvusStore:
                 "(build one with `cots index build --backend milvus`)"
             )
         return current
-
-
-def _entity(row: dict[str, Any], number: int, vector: np.ndarray) -> dict[str, Any]:
-    item_id = str(row["id"])
-    if len(item_id.encode()) > ID_LENGTH:
-        raise ValueError(f"item id longer than {ID_LENGTH} bytes: {item_id[:60]!r}...")
-    item = {key: value for key, value in row.items() if key not in ("id", "meta")}
-    return {
-        "row": number,
-        "id": item_id,
-        "image_id": str(row.get("image_id") or ""),
-        "vector": vector,
-        "meta": row.get("meta") or {},
-        "item": item,
-    }
-
-
-def _from_shards(
-    rows: list[dict[str, Any]], shards: Sequence[np.ndarray], start: int
-) -> Iterator[Batch]:
-    """Batches of a side built from embedding shards; row numbers from `start`."""
-    done = 0
-    for shard in shards:
-        for i in range(0, len(shard), BATCH):
-            vectors = np.ascontiguousarray(shard[i : i + BATCH], dtype=np.float32)
-            numbers = np.arange(start + done, start + done + len(vectors), dtype=np.int64)
-            yield rows[done : done + len(vectors)], numbers, vectors
-            done += len(vectors)
-
-
-def _from_arrays(
-    rows: list[dict[str, Any]], numbers: np.ndarray, vectors: np.ndarray | None
-) -> Iterator[Batch]:
-    if not rows:
-        return
-    assert vectors is not None, "new rows come with their vectors"
-    for i in range(0, len(rows), BATCH):
-        yield (
-            rows[i : i + BATCH],
-            numbers[i : i + BATCH],
-            np.ascontiguousarray(vectors[i : i + BATCH], dtype=np.float32),
-        )
-
-
-def _copy(current: MilvusVersion, side: str, gone: set[int]) -> Iterator[Batch]:
-    """The current version's rows of a side but `gone`, with their vectors, in batches read
-    by windows of row numbers (a primary-key range: no iterator state on the server)."""
-    fields = ["row", "vector", *OUTPUT]
-    for low in range(0, int(current.info["next_row"]), BATCH):
-        with errors(current.uri, f"copy {current.collection}"):
-            found = current.client.query(
-                current.collection,
-                filter=f"row >= {low} and row < {low + BATCH}",
-                output_fields=fields,
-                partition_names=[side],
-                limit=BATCH,
-            )
-        kept = sorted((e for e in found if int(e["row"]) not in gone), key=lambda e: e["row"])
-        if kept:
-            numbers = np.array([int(e["row"]) for e in kept], dtype=np.int64)
-            vectors = np.array([e["vector"] for e in kept], dtype=np.float32)
-            yield [stored_row(e) for e in kept], numbers, vectors
-
-
-def _sample_queries(current: MilvusVersion, plan: Plan, side: str) -> np.ndarray:
-    """Up to RECALL_QUERIES vectors of `side` for measuring recall after a change: stored
-    ones fetched by random row number (sides share the numbering), then the new ones."""
-    rng = np.random.default_rng(1)
-    total = int(current.info["next_row"])
-    picked: list[np.ndarray] = []
-    if current.has(side):
-        size = min(total, 4 * RECALL_QUERIES)
-        numbers = rng.choice(total, size, replace=False) if total > size else np.arange(total)
-        with errors(current.uri, "sample query vectors"):
-            found = current.client.get(
-                current.collection,
-                ids=[int(n) for n in numbers],
-                output_fields=["vector"],
-                partition_names=[side],
-            )
-        gone = plan.gone[side]
-        picked += [np.asarray(e["vector"], np.float32) for e in found if int(e["row"]) not in gone]
-    if side in plan.vectors:
-        picked += list(plan.vectors[side])
-    if not picked:
-        return np.zeros((0, current.embed_dim), np.float32)
-    stack = np.stack(picked[: 4 * RECALL_QUERIES])
-    return faiss_index.sample_rows([stack], RECALL_QUERIES, seed=1)
-
-
-def _query_side(side: str, counts: dict[str, int]) -> str:
-    return OTHER[side] if counts.get(OTHER[side]) else side
-
-
-def _merge_kinds(a: dict[str, str], b: dict[str, str]) -> dict[str, str]:
-    """Field types of two groups of rows together (field_types' rule: two kinds -> mixed)."""
-    merged = dict(a)
-    for name, kind in b.items():
-        merged[name] = kind if merged.get(name, kind) == kind else "mixed"
-    return merged

@@ -15,15 +15,15 @@ from typing import Any
 import numpy as np
 
 from index_builder import filters
-from index_builder.backends.milvus_client import (
+from index_builder.backends.base import SIDES, check_bundle, check_query
+from index_builder.backends.milvus.client import (
     MAX_TOPK,
     OUTPUT,
     errors,
     param_limit,
     search_params,
 )
-from index_builder.backends.milvus_expr import expression, literal
-from index_builder.store import SIDES, check_bundle, check_query
+from index_builder.backends.milvus.expr import expression, literal
 
 CACHE_ROWS = 65536
 CACHE_COUNTS = 4096

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 from test_collection import _items, _publish
 
-from index_builder import collection, rows
-from index_builder.rows import JsonlRows, KeyIndex, Metas
-from index_builder.store import IndexStore, read_jsonl
+from index_builder import collection
+from index_builder.atomic import read_jsonl
+from index_builder.backends.faiss import rows
+from index_builder.backends.faiss.rows import JsonlRows, KeyIndex, Metas
+from index_builder.backends.faiss.store import IndexStore
 
 ROWS = [
     {"id": "a", "text": "plain", "meta": {"n": 1}},

@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from index_builder import build
 from index_builder.backends import BackendConfig, open_store
-from index_builder.backends.milvus_expr import clause, literal
+from index_builder.backends.base import IndexOptions
+from index_builder.backends.milvus.expr import clause, literal
 from index_builder.filters import Columns, field_types, parse
 
 DIM = 8
 NAMES = ["cat", "dog", 'say "hi"', "back\\slash", "é ü"]
+FOLDERS = ["", "2023", "2023/italy", "2023/italy/rome", "2023x", "20234/a", 'q"t/x', "é/ü"]
 
 
 def _meta(rng, i):
@@ -23,6 +24,7 @@ def _meta(rng, i):
         "nums": [int(x) for x in rng.integers(0, 5, 2)],
         "mix": [str(rng.choice(NAMES)), 3] if i % 4 == 0 else (7 if i % 4 == 1 else "cat"),
         'odd "name"': int(rng.integers(0, 3)),
+        "folder": FOLDERS[i % len(FOLDERS)],
     }
     drop = ["s", "n", "b", "tags", "mix"][i % 7] if i % 7 < 5 else None
     if drop:
@@ -53,6 +55,12 @@ FILTERS = [
     {"mix": {"gte": 5}},
     {'odd "name"': 2},
     {"s": "cat", "tags": "cat", "b": False},
+    {"folder": "2023"},
+    {"folder": "2023/italy/"},
+    {"folder": {"in": ["2023/italy", 'q"t']}},
+    {"folder": ""},
+    {"folder": "é", "s": "cat"},
+    {"folder": {"in": ["20234", "2023x"]}},
 ]
 
 
@@ -69,7 +77,7 @@ def gallery(tmp_path_factory):
     store = open_store(tmp / "work", config)
     store.publish(
         bundle_id="b", dim=DIM, shards={"image": [vectors]}, rows={"image": rows},
-        options=build.IndexOptions(queries=20), dataset={},
+        options=IndexOptions(queries=20), dataset={},
     )  # fmt: skip
     return store.open(), metas, vectors
 

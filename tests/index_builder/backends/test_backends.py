@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from index_builder import build, collection
+from index_builder import collection
 from index_builder.backends import BackendConfig, open_store
+from index_builder.backends.base import IndexOptions
 from index_builder.filters import FilterError
 from index_builder.search import Searcher
 
@@ -58,7 +59,7 @@ def _publish(store, n=300, sides=("image", "text"), bundle_id="b1", seed=0):
         dim=DIM,
         shards={side: [vectors[side]] for side in sides},
         rows={side: rows[side] for side in sides},
-        options=build.IndexOptions(factory=factory, queries=100, target_recall=0.99),
+        options=IndexOptions(factory=factory, queries=100, target_recall=0.99),
         dataset={"name": "synthetic"},
     )
     return version, vectors, rows

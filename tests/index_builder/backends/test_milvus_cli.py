@@ -13,7 +13,7 @@ from index_builder.search import Searcher
 
 
 def _build(action, bundle, out, uri, *extra):
-    return main(["index", action, "--bundle", str(bundle), "--out", str(out), "--threads", "1",
+    return main(["index", action, str(out), "--bundle", str(bundle), "--threads", "1",
                  "--backend", "milvus", "--milvus-uri", str(uri), *extra])  # fmt: skip
 
 
@@ -31,8 +31,8 @@ def test_build_add_delete_info_and_the_same_hits_as_faiss(tmp_path, tiny_bundle,
     uri = tmp_path / "milvus" / "cots.db"
     assert _build("build", tiny_bundle.path, tmp_path / "work", uri, "--data", str(gallery)) == 0
     assert f"is current under Milvus {uri} (collection cots)" in capsys.readouterr().out
-    assert main(["index", "build", "--bundle", str(tiny_bundle.path), "--data", str(gallery),
-                 "--out", str(tmp_path / "faiss"), "--threads", "1", "--cpu"]) == 0  # fmt: skip
+    assert main(["index", "build", str(tmp_path / "faiss"), "--bundle", str(tiny_bundle.path),
+                 "--data", str(gallery), "--threads", "1", "--cpu"]) == 0  # fmt: skip
     store = open_store(tmp_path / "work", BackendConfig("milvus", milvus_uri=str(uri)))
     milvus, faiss = Searcher.open(store), Searcher.open(tmp_path / "faiss")
     assert milvus.index.info["sides"]["image"]["recall_at_10"] == 1.0
@@ -80,6 +80,6 @@ def test_bad_milvus_input_is_one_line(tmp_path, tiny_bundle, gallery, capsys):
     other = make_tiny_bundle(tmp_path / "other", dim=12, seed=3)
     assert _build("add", other.path, work, uri, *data) == 2
     assert "embeds in 12 dimensions" in capsys.readouterr().err
-    assert main(["index", "build", "--bundle", str(tiny_bundle.path), "--out", str(work),
+    assert main(["index", "build", str(work), "--bundle", str(tiny_bundle.path),
                  *data, "--backend", "milvus"]) == 2  # fmt: skip
     assert "needs a URI: --milvus-uri (or COTS_MILVUS_URI)" in capsys.readouterr().err

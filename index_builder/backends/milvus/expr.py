@@ -6,10 +6,15 @@
     {"folder": {"in": ["a", "b"]}}        (meta["folder"] == "a" or meta["folder"] == "b")
     {"tags": {"in": ["a", "b"]}}          json_contains_any(meta["tags"], ["a", "b"])
     {"year": {"gte": 2000, "lt": 2010}}   meta["year"] >= 2000 and meta["year"] < 2010
+    {"folder": "2023"}                    (meta["folder"] == "2023" or meta["folder"] like "2023/%")
+
 
 A "mixed" field (scalars in some rows, lists in others) gets both forms, ORed. `in` on a
 scalar field is spelled as ORed equalities: Milvus accepts `meta["f"] in [...]`, milvus-lite
-does not. A row without the field, or with null or a value of another type, matches no
+does not. The folder field matches the folder and the folders under it (`filters.UNDER`)
+through `like`, which has no escape in milvus-lite: in a folder's name, `_` and `%` also
+match any one or more characters there ("a_b" also selects "aXb/..."; the FAISS masks do
+not). A row without the field, or with null or a value of another type, matches no
 clause, as in the masks. One known difference, milvus-lite only: it compares JSON true equal
 to 1, so on a "mixed" field holding both booleans and numbers, `{"f": 1}` also matches true.
 """
@@ -20,6 +25,8 @@ import json
 from typing import Any
 
 import numpy as np
+
+from index_builder.filters import UNDER
 
 COMPARE = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
 
@@ -44,6 +51,12 @@ def field(name: str) -> str:
 def clause(name: str, kind: str, op: str, value: Any) -> str:
     """One parsed clause (`filters.parse`) on a field of `kind`."""
     ref = field(name)
+    if op == UNDER:
+        under = [
+            f"{ref} == {literal(v)} or {ref} like {literal(v + '/%')}" if v else f'{ref} like "%"'
+            for v in value
+        ]
+        return f"({' or '.join(under)})"
     if op in COMPARE:
         return f"{ref} {COMPARE[op]} {literal(value)}"
     values = value if op == "in" else [value]

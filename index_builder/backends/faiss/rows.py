@@ -3,7 +3,7 @@
 A loaded version holds, per row, 16 bytes of line offsets (plus 16 per looked-up field)
 instead of a parsed dict (about 800 bytes for an image row with one caption): a million rows
 a side fit the memory budget of issue 13. Row numbers are the file's non-blank lines, as
-`store.read_jsonl` counts them.
+`atomic.read_jsonl` counts them.
 """
 
 from __future__ import annotations
@@ -19,11 +19,7 @@ from typing import Any, overload
 
 import numpy as np
 
-
-class CorruptIndex(OSError):
-    """A version's file changed or was damaged on disk after it was loaded (truncated under
-    a memory map: reading it would kill the process with SIGBUS)."""
-
+from index_builder.backends.base import CorruptIndex
 
 _SCAN = 1 << 22  # bytes per numpy pass when finding lines (bounds the temporaries)
 _BATCH = 65536  # rows per batch of offsets turned into Python ints while iterating

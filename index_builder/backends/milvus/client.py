@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from index_builder.faiss_index import ivf_lists
+from index_builder.backends.base import ivf_lists
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def add_index(client: Any, name: str, index_type: str, params: dict[str, Any]) -
 def choose_index(kind: str, params: dict[str, Any], n: int) -> tuple[str, dict[str, Any]]:
     """The index type and build parameters for `n` vectors. AUTO follows the FAISS backend's
     choice (exact below 10k, HNSW up to 50k, IVF beyond: cross-modal queries lose recall on
-    large HNSW graphs, see `faiss_index.choose_factory`); `params` override the defaults."""
+    large HNSW graphs, see the FAISS backend's `choose_factory`); `params` override the defaults."""
     if kind not in INDEX_TYPES:
         raise ValueError(f"unknown Milvus index type {kind!r} (use {', '.join(INDEX_TYPES)})")
     if kind == "AUTO":

@@ -12,8 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index_builder import build, collection, faiss_index
-from index_builder.store import CURRENT, IndexStore
+from index_builder import collection
+from index_builder.backends.base import IndexOptions
+from index_builder.backends.faiss import faiss_index
+from index_builder.backends.faiss.store import CURRENT, IndexStore
+from index_builder.backends.recall import exact_knn, recall_at_k
 
 DIM = 16
 
@@ -37,13 +40,12 @@ def _gallery(n=60, seed=0):
 
 def _publish(store, seed=0, bundle_id="b1", factory="Flat", n=60):
     shards, rows = _gallery(n, seed)
-    return build.publish(
-        store,
+    return store.publish(
         bundle_id=bundle_id,
         dim=DIM,
         shards=shards,
         rows=rows,
-        options=build.IndexOptions(factory=factory, queries=50),
+        options=IndexOptions(factory=factory, queries=50),
         dataset={"path": "/g", "name": "synthetic"},
     )
 
@@ -146,12 +148,12 @@ def test_killed_build_never_moves_the_pointer(tmp_path):
         f"""
         import os, signal, sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
-        from index_builder import faiss_index
-        from index_builder.store import IndexStore
+        from index_builder.backends.faiss import write
+        from index_builder.backends.faiss.store import IndexStore
         import test_store
         def killed(*a, **k):
             os.kill(os.getpid(), signal.SIGKILL)
-        faiss_index.tune = killed
+        write.tune = killed
         test_store._publish(IndexStore({str(tmp_path / "idx")!r}), seed=1)
         """
     )
@@ -200,8 +202,8 @@ def test_deep_pages_are_complete_and_match_exact_search(tmp_path, factory):
         scores, rows = loaded.search("image", queries, depth)
         assert rows.shape == (20, depth) and (rows >= 0).all(), depth
         assert (np.diff(scores, axis=1) <= 1e-6).all()  # ranked
-        exact = faiss_index.exact_knn(queries, shards["image"], depth)
-        assert faiss_index.recall_at_k(rows, exact) >= 0.97, depth
+        exact = exact_knn(queries, shards["image"], depth)
+        assert recall_at_k(rows, exact) >= 0.97, depth
     # the widening is per call: the tuned parameters on the shared index are untouched
     index = loaded.indexes["image"]
     param = faiss_index.tunable_param(index)

@@ -1,0 +1,1 @@
+"""The FAISS backend: versions as files under an index root, searched in this process."""

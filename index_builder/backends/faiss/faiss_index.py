@@ -1,0 +1,239 @@
+"""FAISS indexes over unit vectors: factory choice, building from shards, reading, writing
+and search parameters (searching and tuning them: `search`).
+
+Every index uses inner product (cosine, since bundles emit unit vectors). Vectors arrive as
+a list of shards (arrays, usually memory-mapped `.npy` files), so no step needs the whole
+gallery in memory: training uses a sample, adding and exact search stream shard by shard,
+and IVF indexes can be built as one index per shard merged into on-disk inverted lists
+(faiss `contrib/ondisk.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+# Before faiss loads: passive OpenMP waits (the reason is in `index_builder.backends.recall`).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import faiss  # noqa: E402
+import numpy as np  # noqa: E402
+
+from index_builder.backends.base import ivf_lists  # noqa: E402
+from index_builder.backends.recall import METRIC, sample_rows  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+MAX_TRAIN = 200_000
+# Search parameters are tuned for recall@10 (`write.index_side`); deeper searches widen them
+# (`search.search`).
+TUNE_K = 10
+# Indexes with compressed codes (scalar or product quantizers) rank approximately: their
+# search returns RERANK x k candidates, re-scored exactly from the stored float vectors.
+RERANK = {"SQ": 2, "PQ": 8}
+_FLAT = re.compile(r"^Flat$")
+_HNSW = re.compile(r"^HNSW(\d+)(,Flat)?$")
+_IVF = re.compile(r"^(?:OPQ(\d+)(?:_\d+)?,)?IVF(\d+),(Flat|SQ8|PQ(\d+)(?:x(\d+))?)$")
+
+
+def make_index(factory: str, dim: int) -> Any:
+    """An empty inner-product index; a factory string FAISS rejects is a ValueError."""
+    try:
+        index = faiss.index_factory(dim, factory, METRIC)
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"FAISS rejects the factory string {factory!r} for d={dim}: {reason}"
+        ) from None
+    try:  # the factory turns on polysemous training for IVF-PQ: 50x slower, unused here
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+        if isinstance(ivf, faiss.IndexIVFPQ):
+            ivf.do_polysemous_training = False  # type: ignore[attr-defined]
+    except RuntimeError:
+        pass
+    return index
+
+
+def estimate_bytes(factory: str, n: int, dim: int) -> int | None:
+    """Approximate resident size of an index holding n vectors (None: unknown form)."""
+    if _FLAT.match(factory):
+        return n * dim * 4
+    if m := _HNSW.match(factory):
+        return n * (dim * 4 + int(m.group(1)) * 2 * 4 + 16)
+    if m := _IVF.match(factory):
+        nlist = int(m.group(2))
+        codes = {"Flat": dim * 4, "SQ8": dim}
+        code = codes.get(m.group(3)) or -(-int(m.group(4)) * int(m.group(5) or 8) // 8)
+        opq = dim * dim * 4 if m.group(1) else 0
+        return n * (code + 8) + nlist * dim * 4 + opq
+    return None
+
+
+def choose_factory(n: int, dim: int, memory_budget: int) -> str:
+    """The FAISS guidelines, bounded by memory and by cross-modal recall: exact below 10k
+    vectors, HNSW up to 50k, then IVF with 8-bit scalar-quantised codes, then IVF-PQ with the
+    largest code that fits the budget (compressed codes are re-ranked exactly from the
+    stored vectors, `default_rerank`).
+
+    HNSW stops at 50k because queries from the other modality lie off the gallery's manifold:
+    bench/index_bench.py measured HNSW32 recall@10 0.97 at 10k but 0.925 at 100k and 0.57 at 1M
+    (efSearch 1024), where IVF-Flat reached 0.98 and 0.96 (docs/benchmarks.md). IVF-SQ8 with a
+    re-rank of twice k reaches IVF-Flat's recall at every nprobe in a quarter of the memory and
+    1/1.6 to 1/1.3 of the time (bench/realistic_index.py: a realistic 1M gallery, held-out real
+    queries of the other modality)."""
+    if n < 1:
+        raise ValueError("cannot choose an index for an empty gallery")
+    nlist = ivf_lists(n)
+    candidates = ["Flat"] if n < 10_000 else []
+    if n <= 50_000:
+        candidates.append("HNSW32")
+    candidates.append(f"IVF{nlist},SQ8")
+    candidates += [
+        f"IVF{nlist},PQ{m}" for m in (dim // 4, dim // 8, dim // 16) if m and dim % m == 0
+    ]
+    for factory in candidates:
+        size = estimate_bytes(factory, n, dim)
+        if size is not None and size <= memory_budget:
+            return factory
+    raise ValueError(
+        f"no index type fits {n} vectors of dimension {dim} in a memory budget of "
+        f"{memory_budget} bytes (smallest: {candidates[-1]})"
+    )
+
+
+def build_index(factory: str, shards: Sequence[np.ndarray], dim: int, use_gpu: bool = True) -> Any:
+    """Train on a sample, then add the shards one at a time (on GPU when one is present)."""
+    total = sum(len(s) for s in shards)
+    if total == 0:
+        raise ValueError("cannot build an index from an empty gallery")
+    index = make_index(factory, dim)
+    gpu = _gpu_resources() if use_gpu and "HNSW" not in factory else None
+    if gpu is not None:
+        index = faiss.index_cpu_to_gpu(gpu, 0, index)
+    _train(index, factory, shards)
+    for shard in shards:
+        if len(shard):
+            index.add(np.ascontiguousarray(shard, dtype=np.float32))
+    return faiss.index_gpu_to_cpu(index) if gpu is not None else index
+
+
+def build_ivf_on_disk(
+    factory: str, shards: Sequence[np.ndarray], dim: int, out: Path, ivfdata: Path
+) -> Any:
+    """IVF index built one shard at a time and merged into on-disk inverted lists at `ivfdata`
+    (the merge streams inverted lists; the codes never sit in memory together)."""
+    if not _IVF.match(factory):
+        raise ValueError(f"on-disk merging needs an IVF factory string, got {factory!r}")
+    trained = make_index(factory, dim)
+    _train(trained, factory, shards)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".shards-") as tmp:
+        names, start = [], 0
+        for i, shard in enumerate(shards):
+            part = faiss.clone_index(trained)
+            ids = np.arange(start, start + len(shard), dtype=np.int64)
+            part.add_with_ids(np.ascontiguousarray(shard, dtype=np.float32), ids)
+            start += len(shard)
+            names.append(str(Path(tmp) / f"shard-{i:05d}.faiss"))
+            faiss.write_index(part, names[-1])
+            del part
+        from faiss.contrib.ondisk import merge_ondisk
+
+        merge_ondisk(trained, names, str(ivfdata))
+    faiss.write_index(trained, str(out))
+    return read_index(out)
+
+
+def _train(index: Any, factory: str, shards: Sequence[np.ndarray]) -> None:
+    if index.is_trained:
+        return
+    sample = sample_rows(shards, MAX_TRAIN)
+    try:
+        index.train(sample)
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[-1]
+        raise ValueError(
+            f"cannot train {factory!r} on {len(sample)} vectors (choose a smaller index): {reason}"
+        ) from None
+
+
+def _gpu_resources() -> Any:
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+        return None
+    return faiss.StandardGpuResources()
+
+
+def is_on_disk(index: Any) -> bool:
+    """Whether an IVF index keeps its inverted lists in an on-disk file."""
+    try:
+        invlists = faiss.extract_index_ivf(index).invlists
+    except RuntimeError:
+        return False
+    return invlists is not None and isinstance(
+        faiss.downcast_InvertedLists(invlists), faiss.OnDiskInvertedLists
+    )
+
+
+def write_index(index: Any, path: Path) -> None:
+    faiss.write_index(index, str(path))
+
+
+def read_index(path: Path, search_params: dict[str, int] | None = None) -> Any:
+    """Load on CPU (on-disk inverted lists are found beside the file) and apply parameters."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"index file not found: {path}")
+    try:
+        index = faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
+    except RuntimeError as exc:
+        raise ValueError(f"{path} is not a readable FAISS index: {str(exc).strip()}") from None
+    set_search_params(index, search_params or {})
+    return index
+
+
+def set_search_params(index: Any, params: dict[str, int]) -> None:
+    """Apply FAISS search parameters (`rerank` is ours, applied at search time)."""
+    space = faiss.ParameterSpace()
+    for name, value in params.items():
+        if name != "rerank":
+            space.set_index_parameter(index, name, value)
+
+
+def default_rerank(index: Any) -> int:
+    """Candidates per result to re-score exactly: RERANK for compressed codes, else 1."""
+    inner = faiss.downcast_index(_unwrapped(index))
+    if isinstance(inner, faiss.IndexIVF | faiss.IndexHNSW):
+        inner = faiss.downcast_index(inner.storage) if isinstance(inner, faiss.IndexHNSW) else inner
+    name = type(inner).__name__
+    if "ScalarQuantizer" in name:
+        return RERANK["SQ"]
+    return RERANK["PQ"] if "PQ" in name else 1
+
+
+def _unwrapped(index: Any) -> Any:
+    return index.index if isinstance(index, faiss.IndexPreTransform) else index
+
+
+def hnsw_index(index: Any) -> Any:
+    """The HNSW index itself: its graph (`hnsw`) and its vectors (`storage`)."""
+    return faiss.downcast_index(_unwrapped(index))
+
+
+def search_param(index: Any, param: str) -> int:
+    """The index's own value of `param` (as `tunable_param` names it)."""
+    if param == "nprobe":
+        return int(faiss.extract_index_ivf(index).nprobe)
+    return int(hnsw_index(index).hnsw.efSearch)
+
+
+def tunable_param(index: Any) -> str | None:
+    """`nprobe` for IVF indexes, `efSearch` for HNSW, None for exact ones."""
+    try:
+        faiss.extract_index_ivf(index)
+        return "nprobe"
+    except RuntimeError:
+        pass
+    return "efSearch" if hasattr(hnsw_index(index), "hnsw") else None

@@ -1,0 +1,262 @@
+"""Filling a Milvus version's collection: batches of rows and vectors inserted per side (the
+exact top-k of recall's queries computed while streaming them), the index waited for, and
+search parameters tuned to the recall target."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import faiss
+import numpy as np
+
+from index_builder.backends.base import OTHER, RECALL_QUERIES, Plan
+from index_builder.backends.milvus.client import (
+    ID_LENGTH,
+    OUTPUT,
+    create_collection,
+    errors,
+    search_grid,
+    wait_indexed,
+)
+from index_builder.backends.milvus.version import MilvusVersion, stored_row
+from index_builder.backends.recall import METRIC, recall_at_k, sample_rows
+from index_builder.filters import field_types
+
+log = logging.getLogger(__name__)
+K = 10
+BATCH = 2000  # rows per insert and per copied batch
+Batch = tuple[list[dict[str, Any]], np.ndarray, np.ndarray]  # rows, row numbers, vectors
+
+
+@dataclass
+class Draft:
+    """What a new version is made of: its record's fields, each side's row count, batches of
+    rows and vectors, and the queries (with a recall target) its recall is measured with."""
+
+    bundle_id: str
+    bundle_path: Any
+    dim: int
+    dataset: dict[str, Any]
+    parent: str | None
+    next_row: int
+    counts: dict[str, int]
+    batches: dict[str, Iterator[Batch]]
+    queries: dict[str, np.ndarray]
+    target: float
+    skipped: dict[str, Any]
+
+
+def entity(row: dict[str, Any], number: int, vector: np.ndarray) -> dict[str, Any]:
+    item_id = str(row["id"])
+    if len(item_id.encode()) > ID_LENGTH:
+        raise ValueError(f"item id longer than {ID_LENGTH} bytes: {item_id[:60]!r}...")
+    item = {key: value for key, value in row.items() if key not in ("id", "meta")}
+    return {
+        "row": number,
+        "id": item_id,
+        "image_id": str(row.get("image_id") or ""),
+        "vector": vector,
+        "meta": row.get("meta") or {},
+        "item": item,
+    }
+
+
+def batches_from_shards(
+    rows: list[dict[str, Any]], shards: Sequence[np.ndarray], start: int
+) -> Iterator[Batch]:
+    """Batches of a side built from embedding shards; row numbers from `start`."""
+    done = 0
+    for shard in shards:
+        for i in range(0, len(shard), BATCH):
+            vectors = np.ascontiguousarray(shard[i : i + BATCH], dtype=np.float32)
+            numbers = np.arange(start + done, start + done + len(vectors), dtype=np.int64)
+            yield rows[done : done + len(vectors)], numbers, vectors
+            done += len(vectors)
+
+
+def batches_from_arrays(
+    rows: list[dict[str, Any]], numbers: np.ndarray, vectors: np.ndarray | None
+) -> Iterator[Batch]:
+    if not rows:
+        return
+    assert vectors is not None, "new rows come with their vectors"
+    for i in range(0, len(rows), BATCH):
+        yield (
+            rows[i : i + BATCH],
+            numbers[i : i + BATCH],
+            np.ascontiguousarray(vectors[i : i + BATCH], dtype=np.float32),
+        )
+
+
+def copy_batches(current: MilvusVersion, side: str, gone: set[int]) -> Iterator[Batch]:
+    """The current version's rows of a side but `gone`, with their vectors, in batches read
+    by windows of row numbers (a primary-key range: no iterator state on the server)."""
+    fields = ["row", "vector", *OUTPUT]
+    for low in range(0, int(current.info["next_row"]), BATCH):
+        with errors(current.uri, f"copy {current.collection}"):
+            found = current.client.query(
+                current.collection,
+                filter=f"row >= {low} and row < {low + BATCH}",
+                output_fields=fields,
+                partition_names=[side],
+                limit=BATCH,
+            )
+        kept = sorted((e for e in found if int(e["row"]) not in gone), key=lambda e: e["row"])
+        if kept:
+            numbers = np.array([int(e["row"]) for e in kept], dtype=np.int64)
+            vectors = np.array([e["vector"] for e in kept], dtype=np.float32)
+            yield [stored_row(e) for e in kept], numbers, vectors
+
+
+def sample_queries(current: MilvusVersion, plan: Plan, side: str) -> np.ndarray:
+    """Up to RECALL_QUERIES vectors of `side` for measuring recall after a change: stored
+    ones fetched by random row number (sides share the numbering), then the new ones."""
+    rng = np.random.default_rng(1)
+    total = int(current.info["next_row"])
+    picked: list[np.ndarray] = []
+    if current.has(side):
+        size = min(total, 4 * RECALL_QUERIES)
+        numbers = rng.choice(total, size, replace=False) if total > size else np.arange(total)
+        with errors(current.uri, "sample query vectors"):
+            found = current.client.get(
+                current.collection,
+                ids=[int(n) for n in numbers],
+                output_fields=["vector"],
+                partition_names=[side],
+            )
+        gone = plan.gone[side]
+        picked += [np.asarray(e["vector"], np.float32) for e in found if int(e["row"]) not in gone]
+    if side in plan.vectors:
+        picked += list(plan.vectors[side])
+    if not picked:
+        return np.zeros((0, current.embed_dim), np.float32)
+    stack = np.stack(picked[: 4 * RECALL_QUERIES])
+    return sample_rows([stack], RECALL_QUERIES, seed=1)
+
+
+def query_side(side: str, counts: dict[str, int]) -> str:
+    return OTHER[side] if counts.get(OTHER[side]) else side
+
+
+def merge_kinds(a: dict[str, str], b: dict[str, str]) -> dict[str, str]:
+    """Field types of two groups of rows together (field_types' rule: two kinds -> mixed)."""
+    merged = dict(a)
+    for name, kind in b.items():
+        merged[name] = kind if merged.get(name, kind) == kind else "mixed"
+    return merged
+
+
+def build_collection(
+    client: Any, uri: str, collection: str, draft: Draft, kind: str, params: dict[str, Any]
+) -> dict[str, Any]:
+    """The collection filled, indexed (`kind`, `params`), loaded and tuned: its sides'
+    records."""
+    started = time.perf_counter()
+    with errors(uri, f"create collection {collection}"):
+        create_collection(client, collection, draft.dim, kind, params, list(draft.counts))
+    sides, truths = {}, {}
+    for side, count in draft.counts.items():
+        queries = draft.queries[side]
+        truths[side], fields = fill_side(
+            client, uri, collection, side, draft.batches[side], queries
+        )
+        sides[side] = {
+            "factory": kind,
+            "index_type": kind,
+            "index_params": params,
+            "count": count,
+            "rows": count,
+            "deleted": 0,
+            "fields": fields,
+            "skipped": draft.skipped.get(side) or {"count": 0, "examples": []},
+            "query_side": query_side(side, draft.counts),
+        }
+    with errors(uri, f"index collection {collection}"):
+        client.flush(collection)
+        wait_indexed(client, collection)
+        client.load_collection(collection)
+    seconds = round(time.perf_counter() - started, 3)
+    for side, info in sides.items():
+        info.update(
+            tune_side(
+                client, uri, collection, side, info, draft.queries[side], truths[side], draft.target
+            )
+        )
+        info["build_seconds"] = seconds
+    return sides
+
+
+def fill_side(
+    client: Any, uri: str, collection: str, side: str, batches: Iterator[Batch], queries: np.ndarray
+) -> tuple[np.ndarray, dict[str, str]]:
+    """Insert a side's batches; returns the exact top-k row numbers of `queries` among
+    them (recall's reference, computed while streaming) and the metadata field types."""
+    heap = faiss.ResultHeap(len(queries), K, keep_max=True)
+    kinds: dict[str, str] = {}
+    for rows, numbers, vectors in batches:
+        entities = [
+            entity(row, int(n), v) for row, n, v in zip(rows, numbers, vectors, strict=True)
+        ]
+        with errors(uri, f"insert into {collection}"):
+            client.insert(collection, entities, partition_name=side)
+        kinds = merge_kinds(kinds, field_types(row.get("meta") or {} for row in rows))
+        if len(queries):
+            scores, local = faiss.knn(queries, vectors, min(K, len(vectors)), METRIC)
+            pad = K - local.shape[1]
+            scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+            found = np.pad(numbers[local], ((0, 0), (0, pad)), constant_values=-1)
+            heap.add_result(scores, found)
+    heap.finalize()
+    return heap.I, dict(sorted(kinds.items()))
+
+
+def tune_side(
+    client: Any,
+    uri: str,
+    collection: str,
+    side: str,
+    info: dict[str, Any],
+    queries: np.ndarray,
+    truth: np.ndarray,
+    target: float,
+) -> dict[str, Any]:
+    """The cheapest search parameters reaching `target` recall@10 (else the best tried)."""
+    k = min(K, info["count"])
+    measured: dict[str, Any] = {
+        "search_params": {},
+        "recall_at_10": None,
+        "target_recall": target,
+        "queries": len(queries),
+    }
+    if k == 0 or not len(queries):
+        return measured
+    best: tuple[dict[str, int], float] = ({}, -1.0)
+    for params in search_grid(info["index_type"], info["index_params"], k):
+        with errors(uri, f"search {collection}"):
+            results = client.search(
+                collection,
+                data=list(queries),
+                limit=k,
+                partition_names=[side],
+                search_params={"metric_type": "IP", "params": params},
+                anns_field="vector",
+                consistency_level="Strong",
+            )
+        found = np.array(
+            [[int(h["row"]) for h in hits] + [-1] * (k - len(hits)) for hits in results]
+        )
+        recall = recall_at_k(found, truth[:, :k])
+        if recall > best[1]:
+            best = (params, recall)
+        if recall >= target:
+            break
+    else:
+        log.warning(
+            "%s never reached recall %.3f (best %.3f at %s)", side, target, best[1], best[0]
+        )
+    log.info("%s side in %s: recall@10 %.3f with %s", side, collection, best[1], best[0])
+    return {**measured, "search_params": best[0], "recall_at_10": round(best[1], 4)}

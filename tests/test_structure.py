@@ -1,0 +1,202 @@
+"""The shape of `index_builder`: no import cycles, no private names across modules, small
+modules, and each search backend in its own room (docs/architecture.md, "Where things live")."""
+
+from __future__ import annotations
+
+import ast
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = "index_builder"
+MAX_LINES = 450
+BACKENDS = ("index_builder.backends.faiss", "index_builder.backends.milvus")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+@cache
+def _modules(package: str = PACKAGE) -> dict[str, Path]:
+    return {_module_name(path): path for path in sorted((ROOT / package).rglob("*.py"))}
+
+
+def _absolute(module: str, path: Path, node: ast.ImportFrom) -> str:
+    """The absolute name a `from ... import` names (relative imports resolved)."""
+    if node.level == 0:
+        return node.module or ""
+    base = module.split(".")
+    if path.name != "__init__.py":
+        base = base[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _owner(name: str, modules: dict[str, Path]) -> str | None:
+    """The project module that defines `name` (a module, or a name inside one)."""
+    while name and name not in modules:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+@cache
+def _imports(package: str = PACKAGE) -> dict[str, set[tuple[str, str | None]]]:
+    """Every project import of every module, at module level and inside functions alike:
+    (imported module, imported name or None)."""
+    modules = _modules(package)
+    found: dict[str, set[tuple[str, str | None]]] = {}
+    for module, path in modules.items():
+        imports: set[tuple[str, str | None]] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    if (owner := _owner(alias.name, modules)) is not None:
+                        imports.add((owner, None))
+            elif isinstance(node, ast.ImportFrom):
+                source = _absolute(module, path, node)
+                for alias in node.names:
+                    submodule = f"{source}.{alias.name}"
+                    if submodule in modules:
+                        imports.add((submodule, None))
+                    elif (owner := _owner(source, modules)) is not None:
+                        imports.add((owner, alias.name))
+        found[module] = imports
+    return found
+
+
+def _graph(package: str = PACKAGE) -> dict[str, set[str]]:
+    return {
+        module: {target for target, _ in imports if target != module}
+        for module, imports in _imports(package).items()
+    }
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in sorted(graph[node]):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return cycles
+
+
+def test_the_graph_sees_function_level_imports():
+    # `open_store` imports each backend's store only when it is chosen
+    assert "index_builder.backends.faiss.store" in _graph()["index_builder.backends"]
+
+
+def test_cycles_are_found():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert _cycles(graph) == [["a", "b", "c"]]
+
+
+def test_no_import_cycle_in_index_builder():
+    assert _cycles(_graph()) == []
+
+
+def test_no_private_name_imported_across_modules():
+    offenders = sorted(
+        f"{module} imports {name} from {target}"
+        for module, imports in _imports().items()
+        for target, name in imports
+        if name and name.startswith("_") and not name.startswith("__") and target != module
+    )
+    assert offenders == []
+
+
+def test_no_private_attribute_of_another_module():
+    """`module._name` through an imported project module counts as importing it."""
+    modules = _modules()
+    offenders = []
+    for module, path in modules.items():
+        tree = ast.parse(path.read_text(), str(path))
+        aliases = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                source = _absolute(module, path, node)
+                for alias in node.names:
+                    if f"{source}.{alias.name}" in modules:
+                        aliases[alias.asname or alias.name] = f"{source}.{alias.name}"
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in aliases
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+            ):
+                offenders.append(f"{module} uses {aliases[node.value.id]}.{node.attr}")
+    assert offenders == []
+
+
+@pytest.mark.parametrize("module", sorted(_modules()))
+def test_module_is_small(module):
+    lines = len(_modules()[module].read_text().splitlines())
+    assert lines <= MAX_LINES, f"{module} has {lines} lines (at most {MAX_LINES})"
+
+
+def test_no_backend_imports_another():
+    graph = _graph()
+    for room in BACKENDS:
+        others = [other for other in BACKENDS if other != room]
+        for module in graph:
+            if module == room or module.startswith(room + "."):
+                reached = [
+                    target
+                    for target in graph[module]
+                    for other in others
+                    if target == other or target.startswith(other + ".")
+                ]
+                assert reached == [], f"{module} imports another backend: {reached}"
+
+
+def test_only_open_store_reaches_into_a_backend():
+    """Outside the backends, the code reaches a backend through the contract
+    (`backends.base`) and `backends.open_store`, never into a backend's room."""
+    graph = _graph()
+    inside = ("index_builder.backends.",)
+    offenders = sorted(
+        f"{module} -> {target}"
+        for module, targets in graph.items()
+        if not module.startswith(inside) and module != "index_builder.backends"
+        for target in targets
+        if target.startswith(BACKENDS)
+    )
+    assert offenders == []
+
+
+def test_the_contract_imports_no_backend():
+    reached = {
+        target for target in _graph()["index_builder.backends.base"] if target.startswith(PACKAGE)
+    }
+    assert reached == set()
