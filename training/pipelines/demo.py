@@ -41,9 +41,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--galleries",
-        default=",".join(BUILT_IN),
-        help="built-in galleries to train on, merged (default: all of "
-        f"{', '.join(BUILT_IN)}); Open Clip Art is always built and served",
+        default="openclipart",
+        help=f"built-in galleries to train on, merged when several (of {', '.join(BUILT_IN)}; "
+        "default openclipart: adding the others raised in-domain recall but lowered "
+        "zero-shot recall on photographs, README); Open Clip Art is always built and served",
     )
     add_override_argument(
         parser, "training config override (repeatable), e.g. --set train.epochs=10"
