@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -122,13 +121,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def demo_assets(work: Path, images: int) -> tuple[Path, Path]:
-    """The colour towers of tests/service/conftest.py over `images` random-colour squares."""
-    spec = importlib.util.spec_from_file_location(
-        "cots_service_fixtures", ROOT / "tests/service/conftest.py"
-    )
-    assert spec and spec.loader
-    fixtures = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fixtures)
+    """The colour towers of index_builder/synthetic.py over `images` random-colour squares."""
+    from index_builder import synthetic as fixtures
+
     bundle = fixtures.make_bundle(work / "bundle")
     rng = np.random.default_rng(0)
     names = list(fixtures.COLOURS)

@@ -339,12 +339,17 @@ def _webdataset_rows(source: str, files_dir: Path, skips: Skips) -> list[dict[st
     return rows
 
 
+def stored_name(data: bytes, extension: str) -> str:
+    """The name `store_file` keeps `data` under: its content hash and extension."""
+    return f"{hashlib.sha256(data).hexdigest()}.{extension.lower()}"
+
+
 def store_file(files_dir: Path, data: bytes, extension: str) -> tuple[Path, bool]:
     """Keep `data` under `files_dir` by content hash (idempotent); returns its path and
     whether this call created it. A file already there is touched: its time says when it was
     last wanted, and `store.collect_files` spares young files no version names yet."""
     files_dir.mkdir(parents=True, exist_ok=True)
-    path = (files_dir / f"{hashlib.sha256(data).hexdigest()}.{extension.lower()}").resolve()
+    path = (files_dir / stored_name(data, extension)).resolve()
     if path.is_file():
         with contextlib.suppress(OSError):
             os.utime(path)

@@ -150,6 +150,28 @@ def images_to_pixels(
 LARGE_DECODE_PIXELS = 4_000_000  # decoded, about 50 MB with Pillow's and our copies
 
 
+def decodes_large(payloads: list[bytes]) -> bool:
+    """Whether an upload decodes to LARGE_DECODE_PIXELS or more, read from its header (a
+    JPEG decodes at a reduced scale, so never does). Such decodes run in the bounded decode
+    pool: sixteen maximum-size PNGs decoded at once held 3.9 GB and stalled the event loop
+    (bench/attack.py). An unreadable header is not large: the checks that follow refuse it."""
+    for data in payloads:
+        try:
+            with Image.open(io.BytesIO(data), formats=FORMATS) as probe:
+                width, height = probe.size
+                if probe.format != "JPEG" and width * height >= LARGE_DECODE_PIXELS:
+                    return True
+        except (
+            Image.DecompressionBombError,
+            UnidentifiedImageError,
+            OSError,
+            SyntaxError,
+            ValueError,
+        ):
+            continue
+    return False
+
+
 def release_after(image: Image.Image) -> None:
     """Give the heap back to the system after a large decode: glibc keeps the freed memory,
     so the resident size after the largest allowed image (+490 MB) never came back down."""
@@ -262,10 +284,23 @@ def parse_json_field(value: Any, name: str, code: str = "invalid_input") -> Any:
 _OFF_LOOP_BYTES = 1 << 16  # larger bodies are parsed in a worker thread, not on the loop
 
 
-async def read_json(request: Request, limit: int) -> Any:
+# A search holds at most a batch of items, a filter of a few fields and 1024 values per `in`:
+# a body with more commas than this is refused unparsed, since parsing a million small values
+# holds the GIL for tens of milliseconds (off the loop or not) and /health waits as long.
+MAX_SEARCH_VALUES = 1 << 16
+
+
+async def read_json(request: Request, limit: int, max_values: int | None = None) -> Any:
     """The request body as JSON, read up to `limit` bytes (a large one parsed off the event
-    loop: /health must not wait for it)."""
+    loop: /health must not wait for it); with `max_values`, a body with that many commas or
+    more is a 422 before it is parsed."""
     body = await read_body(request, limit)
+    if max_values is not None and len(body) > max_values and body.count(b",") >= max_values:
+        raise InvalidInput(
+            f"the request body holds {max_values} values or more; a search takes at most a "
+            "batch of items",
+            "batch_too_large",
+        )
     if len(body) > _OFF_LOOP_BYTES:
         return await run_in_threadpool(parse_json, body)
     return parse_json(body)
@@ -301,7 +336,8 @@ def validate(model: type[Any], body: Any, limit: int | None = None) -> Any:
 async def _read_json_images(
     request: Request, settings: Settings, model: type[ImageQuery]
 ) -> ImageSearch:
-    query = validate(model, await read_json(request, settings.max_body_bytes), settings.max_batch)
+    body = await read_json(request, settings.max_body_bytes, MAX_SEARCH_VALUES)
+    query = validate(model, body, settings.max_batch)
     if getattr(query, "id", None) is not None:
         return ImageSearch([], [], query.k, query.offset, query.filter, query.id)
     single = query.image is not None

@@ -28,7 +28,8 @@ from index_builder.collection import Change, ChangeResult, change, delete_ids
 from index_builder.encoders import Encoders
 from index_builder.filters import check_storable, show
 from index_builder.search import Searcher
-from index_builder.sources import store_file
+from index_builder.sources import store_file, stored_name
+from index_builder.stored_files import journal_uploads
 from service.batching import MicroBatcher
 from service.decode import Items
 from service.errors import (
@@ -96,6 +97,7 @@ class Engine:
         self._rejected: str | None = None
         # The last version refused and why (a client-safe reason, for /ready).
         self.refusal: tuple[str, str] | None = None
+        self._damaged: Searcher | None = None  # the served searcher, once found damaged
         # While no version is served after a failed first load: the version that failed,
         # and when (event-loop time) and after how long a delay the watcher tries again.
         self._failed: str | None = None
@@ -154,10 +156,11 @@ class Engine:
         self.decoder.shutdown(wait=False, cancel_futures=True)
 
     def decode(self, work: Callable[[], Any]) -> asyncio.Future[Any]:
-        """Run `work` (a clip decode) in the decode pool; a 503 (code busy) when the pool
-        already holds as much work as it admits."""
+        """Run `work` (a clip's or a large image's decode) in the decode pool; a 503 (code
+        busy) when the pool already holds as much work as it admits."""
         if not self._decoding.acquire(blocking=False):
-            raise NotReady("too many clips are being decoded; retry shortly", "busy")
+            detail = "too many clips or large images are being decoded; retry shortly"
+            raise NotReady(detail, "busy")
         try:
             future = self.decoder.submit(work)
         except BaseException:
@@ -204,6 +207,18 @@ class Engine:
             )
         raise NotReady("the service is loading its bundle and index")
 
+    def ready(self) -> Searcher:
+        """`current()`, and NotReady (index_corrupt) once a search has found its files
+        damaged on disk: until another version (or the same one, reloaded) is served, a
+        load balancer should send its traffic elsewhere."""
+        gallery = self.current()
+        if self._damaged is gallery:
+            raise NotReady(CORRUPT, "index_corrupt")
+        return gallery
+
+    def _mark_damaged(self, gallery: Searcher) -> None:
+        self._damaged = gallery
+
     # -- search ----------------------------------------------------------------------------
 
     async def search(
@@ -223,7 +238,7 @@ class Engine:
         gallery = gallery or self.current()
         check_query(gallery, side, filter)
         jobs = [Job(query, gallery, side, k + offset, filter) for query in queries]
-        with backend_errors():
+        with backend_errors(partial(self._mark_damaged, gallery)):
             found = await self.batchers[modality].submit(jobs)
         return gallery, [hits[offset:] for hits in found]
 
@@ -235,7 +250,7 @@ class Engine:
         gallery = self.current()
         check_query(gallery, side, filter)
         loop = asyncio.get_running_loop()
-        with backend_errors():  # a lookup in Milvus is a round trip: off the event loop
+        with backend_errors(partial(self._mark_damaged, gallery)):  # Milvus: a round trip
             if not storable_id(item_id) or (
                 await loop.run_in_executor(None, gallery.index.row_of, side, item_id) is None
             ):
@@ -278,7 +293,7 @@ class Engine:
         """The file behind a gallery image id; ids come only from the index, never paths
         from clients."""
         gallery = self.current()
-        with backend_errors():
+        with backend_errors(partial(self._mark_damaged, gallery)):
             index = gallery.index
             if (
                 not storable_id(image_id)
@@ -301,7 +316,8 @@ class Engine:
         is loaded and verified, its encoders opened, and bundle, encoders and index swap
         together. A version that cannot be read is refused; the old one keeps serving. An
         explicit `version` (a rollback, say) becomes CURRENT, through the store's atomic
-        switch, before it serves, so the watcher agrees with it."""
+        switch, before it serves, so the watcher agrees with it. The served version is read
+        again only when a search found its files damaged (restored since, say)."""
         if self.encoders is None:
             raise NotReady("the service is still loading its encoders")
         if version is not None and not is_version_name(version):
@@ -314,7 +330,9 @@ class Engine:
                 raise NotFound("no index version is current (CURRENT is missing)")
             if not is_version_name(target):
                 raise NotFound(f"CURRENT names no index version ({target[:40]!r})")
-            gallery = await self._prepare(target) if target != previous else None
+            # The served version again only when a search found it damaged (files restored).
+            again = self.gallery is not None and self._damaged is self.gallery
+            gallery = await self._prepare(target) if target != previous or again else None
             if version is not None:
                 await loop.run_in_executor(None, self._point_current, version)
             if gallery is not None:
@@ -419,6 +437,14 @@ class Engine:
     def _add_items(
         self, items: Items, extensions: list[str], gallery: Searcher, stored: list[Path]
     ) -> ChangeResult:
+        names = [stored_name(u.data, e) for u, e in zip(items.images, extensions, strict=True)]
+        with journal_uploads(self.store.root, names):  # a kill -9 leaves them collectable
+            request = self._change_request(items, extensions, gallery, stored)
+            return change(self.store, gallery.index, request, bundle_path=gallery.bundle.path)
+
+    def _change_request(
+        self, items: Items, extensions: list[str], gallery: Searcher, stored: list[Path]
+    ) -> Change:
         rows: dict[str, list[dict[str, Any]]] = {"image": [], "text": []}
         vectors = {}
         if items.images:
@@ -441,8 +467,7 @@ class Engine:
             rows["text"] = [
                 {"id": item.id, "text": item.text, "meta": item.meta} for item in items.texts
             ]
-        request = Change(rows=rows, vectors=vectors, upsert=items.upsert)
-        return change(self.store, gallery.index, request, bundle_path=gallery.bundle.path)
+        return Change(rows=rows, vectors=vectors, upsert=items.upsert)
 
     def _refuse(self, version: str, result: str, exc: Exception) -> Conflict:
         """Count and log a refused version; the client's reason names no server path, and an
@@ -580,12 +605,15 @@ def _group(indices: Iterable[int], key: Callable[[int], Hashable]) -> list[list[
 
 
 @contextlib.contextmanager
-def backend_errors() -> Iterator[None]:
-    """An index backend that fails (Milvus unreachable, a collection gone) answers 503."""
+def backend_errors(damaged: Callable[[], None] | None = None) -> Iterator[None]:
+    """An index backend that fails (Milvus unreachable, a collection gone) answers 503; a
+    damaged version's files also call `damaged` (/ready then answers 503 too)."""
     try:
         yield
     except CorruptIndex as exc:
         log.error("the served index version is damaged: %s", exc)
+        if damaged is not None:
+            damaged()
         raise NotReady(CORRUPT, "index_corrupt") from None
     except OSError as exc:
         log.error("the index backend failed: %s", exc)

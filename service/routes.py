@@ -5,6 +5,7 @@ from __future__ import annotations
 import mimetypes
 import time
 from collections.abc import Sequence
+from functools import partial
 from typing import Annotated, Any
 from urllib.parse import quote
 
@@ -18,8 +19,10 @@ from pydantic_core import to_json
 from index_builder.collection import ChangeResult
 from index_builder.search import Searcher
 from service.decode import (
+    MAX_SEARCH_VALUES,
     check_batch,
     check_upload,
+    decodes_large,
     images_to_pixels,
     parse_json,
     read_body,
@@ -113,8 +116,9 @@ async def ready(engine: EngineDep) -> Readiness:
     """200 once the bundle and an index are loaded, naming the version served and the last
     version refused since (and why: the served one keeps serving); 503 before, with code
     `not_ready` while loading and `load_failed` after a failed load (retried: move CURRENT or
-    reload another version; the details are in the log)."""
-    gallery = engine.current()
+    reload another version; the details are in the log), and `index_corrupt` once a search
+    found the served version's files damaged on disk (serve another version)."""
+    gallery = engine.ready()
     refused = None
     if engine.refusal is not None:
         refused = Refusal(version=engine.refusal[0], reason=engine.refusal[1])
@@ -275,9 +279,11 @@ async def _image_search(
     # Preprocess with this searcher's bundle and encode with its encoders, even if a swap
     # to another bundle happens meanwhile.
     spec = gallery.bundle.image_spec
-    pixels = await run_in_threadpool(
-        images_to_pixels, query.names, query.payloads, spec, settings, engine.metrics
-    )
+    decode = partial(images_to_pixels, query.names, query.payloads, spec, settings, engine.metrics)
+    if decodes_large(query.payloads):  # bounded: a burst of them is a 503 busy, not OOM
+        pixels = await engine.decode(decode)
+    else:
+        pixels = await run_in_threadpool(decode)
     gallery, found = await engine.search(
         "image", side, pixels, *page, filter=query.filter, gallery=gallery
     )
@@ -295,7 +301,7 @@ async def _image_search(
 )
 async def text_to_image(request: Request, engine: EngineDep, settings: SettingsDep) -> Any:
     """Search gallery images with text: the text tower encodes, the image index answers."""
-    body = await read_json(request, settings.max_text_body_bytes)
+    body = await read_json(request, settings.max_text_body_bytes, MAX_SEARCH_VALUES)
     query = validate(TextQuery, body, settings.max_batch)
     return await _text_search(request, engine, settings, query, "image")
 
@@ -312,7 +318,7 @@ async def text_to_image(request: Request, engine: EngineDep, settings: SettingsD
 async def text_to_text(request: Request, engine: EngineDep, settings: SettingsDep) -> Any:
     """Search texts with text (the text tower encodes, the text index answers), or texts like
     an indexed one (`id`: its stored vector, no encoding)."""
-    body = await read_json(request, settings.max_text_body_bytes)
+    body = await read_json(request, settings.max_text_body_bytes, MAX_SEARCH_VALUES)
     query = validate(TextToTextQuery, body, settings.max_batch)
     return await _text_search(request, engine, settings, query, "text")
 

@@ -89,9 +89,9 @@ class Settings(BaseSettings):
     decode_workers: int = Field(
         default=1,
         ge=1,
-        description="threads that decode uploaded clips (their own pool: a slow clip never "
-        "holds an encoder thread); at most twice this many clips wait or decode at once, "
-        "more are a 503 with code busy",
+        description="threads that decode uploaded clips and large images (4 megapixels or "
+        "more, JPEG aside) in their own pool: a slow decode never holds an encoder thread; at "
+        "most twice this many wait or decode at once, more are a 503 with code busy",
     )
     batch_size: int = Field(
         default=32, ge=1, description="most queries the micro-batcher encodes at once"

@@ -431,6 +431,28 @@ def test_bundle_needs_one_preset():
         tsvc.parse_args(["--presets", "tiny,lite", "--bundle", "x"])
 
 
+def test_attack_goals_first_then_a_row_per_case():
+    data = {
+        "command": "python bench/attack.py",
+        "goals": [{"goal": "no 5xx over the cases", "pass": True, "detail": "0 5xx"}],
+        "rows": [
+            {
+                "backend": "faiss",
+                "case": "kill9_change",
+                "statuses": ["200", "503:busy"],
+                "fivexx": 0,
+                "state_5xx": 1,
+                "stray_after_next_change": 0,
+                "requests": 2,
+            },
+        ],
+    }
+    text = report.attack_tables(data)
+    assert text.index("PASS") < text.index("kill9_change")
+    assert "200 503:busy" in text and "stray_after_next_change 0" in text
+    assert "requests" not in text
+
+
 TRANSFER = {
     "command": "python bench/transfer.py --run clip-cpu:0=/work/data/exp/runs/clip "
     "--eval emoji:all=/work/data/emoji --bundle /tmp/qs/cots-data/bundles/demo "

@@ -1,10 +1,5 @@
-"""A real tiny bundle and index (no torch): colour-aware ONNX towers over solid-colour images.
-
-The image tower averages the normalised pixels per channel (so a red square embeds near
-(1, -1, -1)); the text tower sums word embeddings where colour words sit at the same points.
-"a red square" therefore retrieves the red image, and a red image retrieves red captions, so
-the tests check ranking, not just shapes.
-"""
+"""A real tiny bundle and index (no torch): the colour towers of index_builder/synthetic.py
+over solid-colour images, so the tests check ranking, not just shapes."""
 
 from __future__ import annotations
 
@@ -17,142 +12,24 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 from PIL import Image
 
-from index_builder.backends.base import IndexOptions
-from index_builder.backends.faiss.store import IndexStore
 from index_builder.bundle import Bundle
-from index_builder.encoders import ImageEncoder, TextEncoder
-from index_builder.preprocess import ImageSpec, TextSpec
+from index_builder.synthetic import (  # noqa: F401 (the tests import these from here)
+    COLOURS,
+    build_version,
+    caption_rows,
+    colour_meta,
+    make_bundle,
+    make_gallery,
+)
 
-# The tiny-bundle builder of tests/index_builder (a plain module there, not a package). Found
+# The tiny video builders of tests/index_builder (a plain module there, not a package). Found
 # through __file__, so this also works when a bench script loads this file directly.
 _SHARED = str(Path(__file__).resolve().parents[1] / "index_builder")
 if _SHARED not in sys.path:
     sys.path.append(_SHARED)
-from tiny_bundles import save_bundle, text_graph  # noqa: E402
-
-DIM = 8
-SIZE = 8
-COLOURS = {
-    "red": (255, 0, 0),
-    "green": (0, 255, 0),
-    "blue": (0, 0, 255),
-    "yellow": (255, 255, 0),
-    "cyan": (0, 255, 255),
-    "magenta": (255, 0, 255),
-    "white": (255, 255, 255),
-    "black": (0, 0, 0),
-}
-FILLER = ("a", "an", "the", "of", "square", "photo", "colour")
-
-
-def make_bundle(out: Path, bias: float = 0.1) -> Bundle:
-    """image: per-channel pixel means -> 3 of DIM axes (+ bias) -> L2; text: colour words there."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    weight = np.zeros((3, DIM), np.float32)
-    weight[:, :3] = np.eye(3)
-    offset = np.zeros(DIM, np.float32)
-    offset[3] = bias  # keeps every embedding away from zero
-    table = np.zeros((2 + len(COLOURS) + len(FILLER), DIM), np.float32)
-    table[:, 3] = bias
-    for i, rgb in enumerate(COLOURS.values()):
-        table[2 + i, :3] = np.asarray(rgb) / 127.5 - 1  # the pixel values after (x-0.5)/0.5
-    image = helper.make_graph(
-        [
-            helper.make_node("ReduceMean", ["pixels"], ["mean"], axes=[2, 3], keepdims=0),  # (B, 3)
-            helper.make_node("MatMul", ["mean", "W"], ["proj"]),
-            helper.make_node("Add", ["proj", "b"], ["shifted"]),
-            helper.make_node("LpNormalization", ["shifted"], ["embedding"], axis=1, p=2),
-        ],
-        "image",
-        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["B", 3, SIZE, SIZE])],
-        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["B", DIM])],
-        [
-            numpy_helper.from_array(weight, "W"),
-            numpy_helper.from_array(offset, "b"),
-        ],
-    )
-    return save_bundle(
-        out,
-        image,
-        text_graph(table),
-        ImageSpec(size=SIZE, resize=SIZE, mean=(0.5,) * 3, std=(0.5,) * 3),
-        TextSpec(context_length=16),
-        source="synthetic colour towers",
-        words=[*COLOURS, *FILLER],
-        lowercase=True,
-    )
-
-
-def colour_meta(rgb: tuple[int, int, int]) -> dict:
-    """Metadata to filter on: the lit channels (a list), how many (a number), pure or mixed."""
-    channels = [c for c, value in zip("rgb", rgb, strict=True) if value]
-    return {"channels": channels, "brightness": len(channels), "pure": len(channels) == 1}
-
-
-def make_gallery(out: Path) -> list[dict]:
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for name, rgb in COLOURS.items():
-        path = out / f"{name}.png"
-        Image.new("RGB", (32, 24), rgb).save(path)
-        rows.append(
-            {
-                "id": name,
-                "image": str(path),
-                "captions": [f"a {name} square", name],
-                "meta": colour_meta(rgb),
-            }
-        )
-    return rows
-
-
-def caption_rows(gallery: list[dict]) -> list[dict]:
-    """The text side: each caption, with the image it describes and its style as metadata."""
-    return [
-        {
-            "id": f"{row['id']}#{n}",
-            "image_id": row["id"],
-            "text": caption,
-            "meta": {"style": "sentence" if " " in caption else "word"},
-        }
-        for row in gallery
-        for n, caption in enumerate(row["captions"])
-    ]
-
-
-def build_version(
-    root: Path, bundle: Bundle, gallery: list[dict], sides=("image", "text"), store=None
-) -> str:
-    """Embed the gallery with the bundle and publish a version through index_builder (only
-    `sides`: an uncaptioned photo folder has no text side) under root, or into `store` (any
-    backend's)."""
-    texts = caption_rows(gallery)
-    shards = {}
-    if "image" in sides:
-        shards["image"] = [
-            ImageEncoder(bundle, threads=1).encode_paths([row["image"] for row in gallery])
-        ]
-    if "text" in sides:
-        shards["text"] = [TextEncoder(bundle, threads=1).encode([row["text"] for row in texts])]
-    store = store or IndexStore(root)
-    exact = "Flat" if isinstance(store, IndexStore) else None  # Milvus: exact below 10k
-    return store.publish(
-        bundle_id=bundle.bundle_id,
-        dim=bundle.embed_dim,
-        shards=shards,
-        rows={
-            "image": gallery if "image" in sides else [],
-            "text": texts if "text" in sides else [],
-        },
-        options=IndexOptions(factory=exact, use_gpu=False, queries=16),
-        dataset={"name": "colours", "path": "synthetic", "fingerprint": "test"},
-        bundle_path=bundle.path,
-    )
 
 
 @pytest.fixture(scope="session")

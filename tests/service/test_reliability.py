@@ -9,6 +9,9 @@ import errno
 import io
 import json
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -17,6 +20,7 @@ from PIL import Image
 
 from index_builder.backends.faiss import faiss_index
 from index_builder.backends.faiss.store import IndexStore
+from index_builder.stored_files import journal_uploads
 
 T2I, T2T = "/search/text-to-image", "/search/text-to-text"
 I2T, I2I = "/search/image-to-text", "/search/image-to-image"
@@ -275,6 +279,30 @@ def test_truncating_the_served_version_is_a_503_not_a_crash(admin, root, name):
     assert admin.get("/health").status_code == 200
 
 
+def test_ready_is_503_while_the_served_version_is_known_damaged(admin, root, build):
+    """/ready answered 200 while every search of the truncated version was a 503
+    (bench/attack.py), so a load balancer kept sending traffic; docs/deploy.md promised
+    `index_corrupt` on /ready too. Serving another version makes it ready again."""
+    first = IndexStore(root).current()
+    second = build(root)
+    wait_for(lambda: admin.get("/ready").json().get("index_version") == second)
+    path = root / "versions" / second / "image.npy"
+    data = path.read_bytes()
+    for target in (first, second):  # another version; the same one, its file restored
+        with open(path, "r+b") as handle:
+            handle.truncate(128)
+        assert_error(admin.post(T2I, json={"text": "red"}), 503, "index_corrupt")
+        assert_error(admin.get("/ready"), 503, "index_corrupt")
+        assert admin.get("/health").status_code == 200
+        path.write_bytes(data)
+        reloaded = admin.post("/admin/reload", json={"version": target}, headers=KEY)
+        assert reloaded.status_code == 200, reloaded.text
+        assert admin.get("/ready").json()["index_version"] == target
+        assert admin.post(T2I, json={"text": "red"}).status_code == 200
+        if target == first:
+            assert admin.post("/admin/reload", json={"version": second}, headers=KEY).is_success
+
+
 def test_a_change_never_shares_files_with_its_parent(admin, root):
     first = IndexStore(root).current()
     added = admin.post("/admin/items", json={"texts": [{"id": "t", "text": "red"}]}, headers=KEY)
@@ -296,6 +324,19 @@ def test_a_huge_batch_is_refused_quickly_with_a_small_body(client):
     elapsed = time.perf_counter() - start
     assert_error(response, 422, "batch_too_large")
     assert len(response.content) < 4096 and elapsed < 3, (len(response.content), elapsed)
+
+
+def test_a_huge_batch_is_refused_before_it_is_parsed(client, monkeypatch):
+    """Parsing the 1M-element body held the GIL for 40-90 ms, off the loop or not, and
+    /health waited as long (bench/attack.py): a search body with far more values than any
+    search takes is refused by counting its commas."""
+    from service import decode
+
+    parsed = []
+    monkeypatch.setattr(decode, "parse_json", lambda body: parsed.append(len(body)))
+    body = b'{"images": [' + b",".join([b"1"] * 1_000_000) + b"]}"
+    assert_error(client.post(I2T, content=body, headers=JSON), 422, "batch_too_large")
+    assert parsed == []
 
 
 def test_validation_errors_are_capped(client):
@@ -349,6 +390,42 @@ def test_memory_goes_back_after_a_large_decode(client, monkeypatch):
     assert calls == [1]
 
 
+def test_large_images_decode_in_the_bounded_pool(client, monkeypatch):
+    """A burst of 16 maximum-size PNGs decoded at once held 3.9 GB and stalled /health for
+    0.6-2.9 s (bench/attack.py): a large image decodes in the decode pool, as a clip does."""
+    from service import routes
+
+    threads = []
+    real = routes.images_to_pixels
+
+    def spy(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(routes, "images_to_pixels", spy)
+    assert client.post(I2T, files={"image": ("s.png", png(), "image/png")}).status_code == 200
+    large = png(size=(2500, 2000))
+    assert client.post(I2T, files={"image": ("l.png", large, "image/png")}).status_code == 200
+    assert not threads[0].startswith("cots-decode") and threads[1].startswith("cots-decode")
+
+
+def test_large_images_past_the_decode_pool_are_busy(client):
+    engine = client.app.state.engine
+    held = 0
+    while engine._decoding.acquire(blocking=False):  # the pool full of other work
+        held += 1
+    try:
+        large = png(size=(2500, 2000))
+        response = client.post(I2T, files={"image": ("l.png", large, "image/png")})
+        assert_error(response, 503, "busy")
+        small = client.post(I2T, files={"image": ("s.png", png(), "image/png")})
+        assert small.status_code == 200  # small images never wait on the pool
+    finally:
+        for _ in range(held):
+            engine._decoding.release()
+    assert client.post(I2T, files={"image": ("l.png", large, "image/png")}).status_code == 200
+
+
 # -- 5. housekeeping ------------------------------------------------------------------------------
 
 
@@ -382,6 +459,38 @@ def test_uploads_no_version_references_are_collected(admin, root):
     text = {"texts": [{"id": "last", "text": "red"}]}
     assert admin.post("/admin/items", json=text, headers=KEY).status_code == 200
     assert list(files.iterdir()) == []
+
+
+KILLED_CHANGE = """
+import os, signal, sys
+from pathlib import Path
+from index_builder.stored_files import journal_uploads
+root, name = Path(sys.argv[1]), sys.argv[2]
+with journal_uploads(root, [name]):
+    (root / "files" / name).write_bytes(b"an upload")
+    os.kill(os.getpid(), signal.SIGKILL)  # kill -9 before the change publishes
+"""
+
+
+def test_uploads_of_a_killed_change_go_with_the_next_change(admin, root):
+    """kill -9 during a change left its upload under files/ for an hour, the grace period
+    (bench/attack.py): a change names its uploads in a journal under work/, and the next
+    change removes those of a dead process that no version names, at once."""
+    files = root / "files"
+    files.mkdir()
+    killed, young, live = ("4" * 64 + ".png"), ("5" * 64 + ".png"), ("6" * 64 + ".png")
+    done = subprocess.run([sys.executable, "-c", KILLED_CHANGE, str(root), killed], check=False)
+    assert done.returncode == -signal.SIGKILL
+    assert (files / killed).is_file() and list((root / "work").glob("uploads-*.json"))
+    (files / young).write_bytes(png())  # stored by someone, not yet named: the grace period
+    hour_ago = time.time() - 7200
+    (files / live).write_bytes(png())
+    os.utime(files / live, (hour_ago, hour_ago))
+    with journal_uploads(root, [live]):  # a change of a live process: spared, however old
+        text = {"texts": [{"id": "after", "text": "red"}]}
+        assert admin.post("/admin/items", json=text, headers=KEY).status_code == 200
+        assert {p.name for p in files.iterdir()} == {young, live}
+    assert list((root / "work").glob("uploads-*.json")) == []
 
 
 # -- 6. the contract ------------------------------------------------------------------------------

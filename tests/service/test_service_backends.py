@@ -4,6 +4,7 @@ refused at start with one line."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -176,6 +177,28 @@ def test_admin_changes_on_milvus(serve_from, settings_for, open_client):
         assert missing.status_code == 404 and served.store.current() == gone["index_version"]
         hits = client.post(T2I, json={"text": "a red square", "k": 10}).json()["hits"]
         assert "red" not in [h["id"] for h in hits] and len(hits) == 7
+
+
+def test_uploads_no_version_names_are_collected_on_either_backend(
+    served, settings_for, open_client
+):
+    """An upload deleted again leaves <root>/files/ once no kept version names it (after the
+    grace period); Milvus kept it for good (bench/attack.py)."""
+    files = served.root / "files"
+    with open_client(settings_for(**served.overrides, admin_key="adm1n")) as client:
+        upload = {"image": ("p.png", png((128, 0, 128)), "image/png")}
+        added = client.post("/admin/items", files=upload, data={"ids": '["p"]'}, headers=KEY)
+        assert added.status_code == 200, added.text
+        assert len(list(files.iterdir())) == 1
+        assert client.post("/admin/delete", json={"ids": ["p"]}, headers=KEY).status_code == 200
+        for i in range(4):  # past the kept versions, so that none names the upload
+            if i == 3:
+                hour_ago = time.time() - 7200
+                for path in files.iterdir():
+                    os.utime(path, (hour_ago, hour_ago))
+            text = {"texts": [{"id": f"n{i}", "text": "red"}]}
+            assert client.post("/admin/items", json=text, headers=KEY).status_code == 200
+    assert list(files.iterdir()) == []
 
 
 def test_a_bad_milvus_backend_is_refused_at_start(

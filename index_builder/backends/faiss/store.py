@@ -17,9 +17,7 @@ import contextlib
 import logging
 import mmap
 import os
-import re
 import shutil
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,16 +40,16 @@ from index_builder.backends.faiss.faiss_index import make_index
 from index_builder.backends.faiss.rows import line_spans
 from index_builder.backends.faiss.version import DELETED_FILES, INDEX_JSON, LoadedIndex, load_side
 from index_builder.backends.faiss.write import write_change, write_version
+from index_builder.stored_files import (
+    FILES_DIR,
+    FILES_GRACE_S,
+    STORED_NAME_IN,
+    collect_stored_files,
+)
 
 log = logging.getLogger(__name__)
 
 CURRENT = "CURRENT"
-# Files kept by content under root/files/ (`sources.store_file`), and how long one no version
-# names is kept anyway: a build may have stored it and not yet published.
-FILES_DIR = "files"
-FILES_GRACE_S = 3600.0
-_STORED = re.compile(r"[0-9a-f]{64}\.[A-Za-z0-9]{1,8}")
-_STORED_IN = re.compile(rb"[0-9a-f]{64}\.[A-Za-z0-9]{1,8}")
 
 
 class IndexStore:
@@ -207,15 +205,9 @@ class IndexStore:
             log.warning("could not collect unused files under %s: %s", self.root, exc)
 
     def collect_files(self, grace_s: float = FILES_GRACE_S) -> list[str]:
-        """Remove the files under `files/` (uploads and WebDataset images, stored by content)
-        that no kept version names, nor an embedding in progress (`work/`), and that were
-        not stored or wanted in the last `grace_s` seconds (a build may be about to name
-        them); returns the names removed."""
-        files = self.root / FILES_DIR
-        if not files.is_dir():
-            return []
-        present = {p.name for p in files.iterdir() if _STORED.fullmatch(p.name)}
-        if not present:
+        """Remove the files under `files/` that no live row of a kept version names (see
+        `stored_files.collect_stored_files`); returns the names removed."""
+        if not (self.root / FILES_DIR).is_dir():
             return []
         named: set[str] = set()
         for version in self.versions():
@@ -225,21 +217,7 @@ class IndexStore:
                     dead = path / DELETED_FILES[side]
                     tombstones = np.load(dead) if dead.is_file() else None
                     named |= _names_in(path / META_FILES[side], tombstones)
-        for folder in (self.root / "work", self.root / "staging"):
-            if folder.is_dir():
-                for path in folder.rglob("*.json*"):
-                    named |= _names_in(path)
-        cutoff = time.time() - grace_s
-        removed = []
-        for name in sorted(present - named):
-            path = files / name
-            with contextlib.suppress(FileNotFoundError):
-                if path.stat().st_mtime < cutoff:
-                    path.unlink()
-                    removed.append(name)
-        if removed:
-            log.info("removed %d stored files no index version names", len(removed))
-        return removed
+        return collect_stored_files(self.root, named, grace_s)
 
     def _require_current(self) -> str:
         current = self.current()
@@ -258,7 +236,7 @@ def _names_in(path: Path, tombstones: np.ndarray | None = None) -> set[str]:
         if os.fstat(handle.fileno()).st_size == 0:
             return set()
         with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            found = [(m.start(), m.group().decode()) for m in _STORED_IN.finditer(data)]
+            found = [(m.start(), m.group().decode()) for m in STORED_NAME_IN.finditer(data)]
             if tombstones is None or not len(tombstones) or not found:
                 return {name for _, name in found}
             starts = line_spans(data)[:, 0]

@@ -48,6 +48,7 @@ from index_builder.backends.milvus.client import (
 )
 from index_builder.backends.milvus.version import MilvusVersion
 from index_builder.backends.milvus.write import (
+    BATCH,
     Batch,
     Draft,
     batches_from_arrays,
@@ -58,6 +59,7 @@ from index_builder.backends.milvus.write import (
     sample_queries,
 )
 from index_builder.backends.recall import sample_rows
+from index_builder.stored_files import FILES_DIR, FILES_GRACE_S, collect_stored_files
 
 log = logging.getLogger(__name__)
 
@@ -336,6 +338,34 @@ class MilvusStore:
                 self.client.drop_collection(self.collection_of(version))
                 self.client.delete(self.records, ids=[version])
             log.info("removed old index version %s", version)
+        try:
+            self.collect_files()
+        except OSError as exc:  # housekeeping: the published version stands regardless
+            log.warning("could not collect unused files under %s: %s", self.root, exc)
+
+    def collect_files(self, grace_s: float = FILES_GRACE_S) -> list[str]:
+        """Remove the uploads under `files/` that no kept version's image rows name (see
+        `collect_stored_files`, the FAISS store's rule); returns the names removed."""
+        if not (self.root / FILES_DIR).is_dir():
+            return []
+        named: set[str] = set()
+        for version in self.versions():
+            info = self.read_info(version)
+            if "next_row" not in info:  # cannot tell what it names: collect nothing
+                return []
+            collection = self.collection_of(version)
+            with errors(self.uri, f"read the files {collection} names"):
+                self.client.load_collection(collection)
+                for low in range(0, int(info["next_row"]), BATCH):
+                    found = self.client.query(
+                        collection,
+                        filter=f"row >= {low} and row < {low + BATCH}",
+                        output_fields=["item"],
+                        partition_names=["image"],
+                        limit=BATCH,
+                    )
+                    named |= {Path(str((e.get("item") or {}).get("image"))).name for e in found}
+        return collect_stored_files(self.root, named, grace_s)
 
     def _drop(self, collection: str) -> None:
         try:
