@@ -13,12 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from index_builder.bundle import Bundle
+from index_builder.cli import main
 from index_builder.encoders import TextEncoder
-from index_builder.preprocess import TextTokenizer
-from training.export import export_bundle, step_zero_checkpoint
+from index_builder.preprocess import TextTokenizer, load_image, preprocess_images
+from index_builder.search import Searcher
 from training.model import ModelConfig, build_model, load_preset
 from training.towers.clip_tokenizer import (
     MERGES,
@@ -249,21 +251,43 @@ def test_clip_file_that_does_not_fit_is_refused(reference: RefCLIP, tmp_path: Pa
         _config(None, text_pooling="mean")
 
 
-def test_recipe_exports_the_users_clip_untrained(
-    reference: RefCLIP, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_users_clip_exports_untrained_indexes_and_searches(
+    reference: RefCLIP, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
+    """The README's three commands on a CLIP file: `cots export --recipe clip-b32` (no
+    training), `cots index build --images`, then search, against the reference CLIP."""
     monkeypatch.setenv("COTS_HOME", str(tmp_path / "home"))
     path = _save(reference, tmp_path / "ViT-B-32.pt", "openai-state-dict")
     sets = [f"model.options.{k}={v}" for k, v in SMALL.items()]
     sets += [f"model.options.image_weights={path}", f"model.options.text_weights={path}"]
-    bundle = export_bundle(step_zero_checkpoint("clip-b32", sets), tmp_path / "bundle")
+    export = ["export", "--recipe", "clip-b32", "--out", str(tmp_path / "bundle")]
+    assert main([*export, *[a for item in sets for a in ("--set", item)]]) == 0
+    assert "ONNX vs torch max abs error" in capsys.readouterr().out
+    bundle = Bundle.load(tmp_path / "bundle")
     assert max(bundle.info["parity"]["max_abs_error"].values()) <= 1e-4
-    assert Bundle.load(bundle.path).text_spec.context_length == 77
+    assert bundle.info["source"]["recipe"] == "clip-b32" and bundle.text_spec.context_length == 77
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (30 + 5 * i, 40, 3), np.uint8)).save(
+            photos / f"{i}.png"
+        )
+    build = ["index", "build", str(tmp_path / "idx"), "--bundle", str(bundle.path), "--cpu"]
+    assert main([*build, "--threads", "1", "--images", str(photos)]) == 0
+
     # The torch-free side: the bundle's tokenizer.json and text graph give the reference's
-    # embeddings (short batches: the graph takes any sequence length).
-    encoder = TextEncoder(Bundle.load(bundle.path), threads=1)
+    # embeddings at any batch and sequence length; search scores are the reference's.
+    encoder = TextEncoder(bundle, threads=1)
+    images = [load_image(photos / f"{i}.png") for i in range(6)]
     with torch.no_grad():
-        _, want = reference(torch.zeros(1, 3, 32, 32), openai_tokens(TEXTS))
-    want_np = nn.functional.normalize(want, dim=-1).numpy()
-    np.testing.assert_allclose(encoder.encode(TEXTS), want_np, atol=1e-5)
-    np.testing.assert_allclose(encoder.encode(TEXTS[:1]), want_np[:1], atol=1e-5)
+        pixels = torch.from_numpy(preprocess_images(images, bundle.image_spec))
+        want_image, want_text = reference(pixels, openai_tokens(TEXTS))
+    want_image = nn.functional.normalize(want_image, dim=-1).numpy()
+    want_text = nn.functional.normalize(want_text, dim=-1).numpy()
+    np.testing.assert_allclose(encoder.encode(TEXTS), want_text, atol=1e-5)
+    np.testing.assert_allclose(encoder.encode(TEXTS[:1]), want_text[:1], atol=1e-5)
+    hits = Searcher.open(tmp_path / "idx").text_to_image(TEXTS[1], k=6)
+    assert sorted(hit["id"] for hit in hits) == [str(i) for i in range(6)]
+    for hit in hits:
+        assert hit["score"] == pytest.approx(want_image[int(hit["id"])] @ want_text[1], abs=1e-5)
