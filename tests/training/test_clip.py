@@ -291,3 +291,19 @@ def test_users_clip_exports_untrained_indexes_and_searches(
     assert sorted(hit["id"] for hit in hits) == [str(i) for i in range(6)]
     for hit in hits:
         assert hit["score"] == pytest.approx(want_image[int(hit["id"])] @ want_text[1], abs=1e-5)
+
+
+def test_train_starts_from_the_users_clip(reference: RefCLIP, gallery: Path, tmp_path: Path):
+    """`cots train --recipe clip-b32` fine-tunes the file's towers (here: the last block of
+    each, and the projections that came from the file)."""
+    path = _save(reference, tmp_path / "ViT-B-32.pt", "openai-state-dict")
+    options = {**SMALL, "image_weights": path, "text_weights": path}
+    options |= {"image_trainable_blocks": 1, "text_trainable_blocks": 1}
+    sets = [f"model.options.{k}={v}" for k, v in options.items()]
+    sets += ["train.max_steps=2", "data.batch_size=8", "data.workers=0", "train.log_every=1"]
+    out = tmp_path / "run"
+    args = ["train", "clip-b32", "--data", str(gallery), "--out", str(out)]
+    assert main([*args, *[f"--set={item}" for item in sets]]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss/clip"] for r in records if r["kind"] == "train"]
+    assert len(losses) == 2 and all(np.isfinite(losses))
