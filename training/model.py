@@ -409,7 +409,9 @@ def build_model(config: ModelConfig, load_weights: bool = True) -> TwoTower:
     if config.video_frames:
         from training.video import VideoTwoTower
 
-        return VideoTwoTower(config, image_tower, text_tower, tokenizer_json)
+        video = VideoTwoTower(config, image_tower, text_tower, tokenizer_json)
+        start_projections(video)
+        return video
     model = TwoTower(config, image_tower, text_tower, tokenizer_json)
     start_projections(model)
     if load_weights and model.semantic is not None and model.semantic_proj is not None:

@@ -307,3 +307,12 @@ def test_train_starts_from_the_users_clip(reference: RefCLIP, gallery: Path, tmp
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss/clip"] for r in records if r["kind"] == "train"]
     assert len(losses) == 2 and all(np.isfinite(losses))
+
+
+def test_video_model_takes_the_files_projections(reference: RefCLIP, tmp_path: Path) -> None:
+    path = _save(reference, tmp_path / "clip.pt", "openai-state-dict")
+    model = build_model(_config(path, video_frames=2))
+    state = reference.state_dict()
+    torch.testing.assert_close(model.image_proj.weight, state["visual.proj"].T)
+    torch.testing.assert_close(model.text_proj.weight, state["text_projection"].T)
+    assert model.image_tower.projection is None and model.text_tower.projection is None
