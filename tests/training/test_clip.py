@@ -194,6 +194,9 @@ def _save(reference: RefCLIP, path: Path, kind: str) -> Path:
             torch.jit.save(torch.jit.trace(reference, (pixels, tokens)), str(path))
         for key in ("input_resolution", "context_length", "vocab_size"):
             delattr(reference, key)
+    elif kind == "open_clip-custom-text":  # CustomTextCLIP: the text side under `text.`
+        top = ("visual.", "logit_scale")
+        torch.save({k if k.startswith(top) else f"text.{k}": v for k, v in state.items()}, path)
     elif kind == "open_clip-checkpoint":  # an open_clip training checkpoint (DDP prefix)
         torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
     else:
@@ -216,6 +219,7 @@ def _config(weights: Path | None, **options) -> ModelConfig:
         ("openai-state-dict", "ViT-B-32.pt"),
         ("openai-torchscript", "ViT-B-32-jit.pt"),
         ("open_clip-checkpoint", "epoch_3.pt"),
+        ("open_clip-custom-text", "open_clip_pytorch_model.bin"),
         ("open_clip-safetensors", "open_clip_model.safetensors"),
     ],
 )
