@@ -11,11 +11,12 @@ from torch import nn
 
 from training.towers.bert import BertTower
 from training.towers.checkpointing import set_checkpointing
+from training.towers.clip import ClipTextTower, ClipVisionTower
 from training.towers.efficientnet_lite import EfficientNetLite0
 from training.towers.vit import VisionTransformer
 
 log = logging.getLogger(__name__)
-TOWERS = (BertTower, VisionTransformer, EfficientNetLite0)
+TOWERS = (BertTower, VisionTransformer, EfficientNetLite0, ClipVisionTower, ClipTextTower)
 
 
 def accelerate(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,14 +20,23 @@ from training.shared_transformer import POOLING as SHARED_POOLING
 from training.shared_transformer import SharedTransformer
 from training.towers import weights
 from training.towers.bert import BertTower
+from training.towers.clip import (
+    ACTIVATIONS,
+    ClipTextTower,
+    ClipVisionTower,
+    split_clip_state_dict,
+)
+from training.towers.clip_tokenizer import clip_tokenizer_json
 from training.towers.efficientnet_lite import STRIDE as EFFICIENTNET_STRIDE
 from training.towers.efficientnet_lite import EfficientNetLite0
 from training.towers.freezing import freeze_norm_statistics, set_trainable_blocks
 from training.towers.vit import VisionTransformer, resize_pos_embed
 
+log = logging.getLogger(__name__)
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
-IMAGE_TOWERS = ("vit", "efficientnet_lite0")
-TEXT_POOLING = ("mean", "cls")
+IMAGE_TOWERS = ("vit", "efficientnet_lite0", "clip_vit")
+TEXT_TOWERS = ("bert", "clip")
+TEXT_POOLING = ("mean", "cls", "eot")
 
 
 @dataclass
@@ -34,7 +44,9 @@ class ModelConfig:
     """Everything that builds a TwoTower; presets are JSON files of these keys.
 
     `*_weights`: None (random init), `package:<distribution>` (weights shipped in an installed
-    package) or a file path (safetensors or torch pickle; timm ViT / Hugging Face BERT naming).
+    package) or a file path (safetensors or torch pickle; timm ViT / Hugging Face BERT naming;
+    for the clip_vit / clip towers one OpenAI or open_clip CLIP file, TorchScript included,
+    whose `visual.proj` / `text_projection` become the projections).
     `*_trainable_blocks`: -1 all trainable, 0 frozen, N the last N blocks; the projections
     always train.
     `shared_*`: COOKIE's weight-sharing transformer (training/shared_transformer.py) between
@@ -61,10 +73,12 @@ class ModelConfig:
     text_heads: int = 12
     text_intermediate: int = 3072
     text_max_positions: int = 512
-    text_pooling: str = "mean"
+    text_tower: str = "bert"  # or "clip" (CLIP's causal transformer, eot pooling)
+    text_pooling: str = "mean"  # bert: mean or cls; clip: eot (the end-of-text token)
     text_weights: str | None = None
     text_trainable_blocks: int = -1
-    tokenizer: str | None = None  # tokenizer.json path; None = the all-MiniLM-L6-v2 one
+    tokenizer: str | None = None  # tokenizer.json; None = all-MiniLM-L6-v2's (bert), CLIP's (clip)
+    clip_activation: str = "quick_gelu"  # CLIP towers' MLP: OpenAI's quick_gelu, or gelu
     context_length: int = 32
     # Video (training/video.py): 0 = an image model; N = videos of N uniformly sampled frames
     # through the image tower, pooled over time by meanP or seqTransf (CLIP4Clip).
@@ -98,9 +112,23 @@ class ModelConfig:
             raise ValueError(
                 f"image_tower must be one of {', '.join(IMAGE_TOWERS)}, got {self.image_tower!r}"
             )
+        if self.text_tower not in TEXT_TOWERS:
+            raise ValueError(
+                f"text_tower must be one of {', '.join(TEXT_TOWERS)}, got {self.text_tower!r}"
+            )
         if self.text_pooling not in TEXT_POOLING:
             raise ValueError(
                 f"text_pooling must be one of {', '.join(TEXT_POOLING)}, got {self.text_pooling!r}"
+            )
+        if (self.text_tower == "clip") != (self.text_pooling == "eot"):
+            raise ValueError(
+                f"text_pooling eot goes with text_tower clip (and only with it), got "
+                f"{self.text_pooling!r} with {self.text_tower!r}"
+            )
+        if self.clip_activation not in ACTIVATIONS:
+            raise ValueError(
+                f"clip_activation must be one of {', '.join(ACTIVATIONS)}, "
+                f"got {self.clip_activation!r}"
             )
         if self.context_length > self.text_max_positions:
             raise ValueError(
@@ -184,6 +212,12 @@ class ModelConfig:
             std=self.image_std,
             interpolation=self.image_interpolation,
         )
+
+    def tokenizer_json(self) -> Path:
+        """The tokenizer.json file: `tokenizer`, else the text tower's own."""
+        if self.tokenizer:
+            return Path(self.tokenizer)
+        return clip_tokenizer_json() if self.text_tower == "clip" else default_tokenizer_json()
 
     def text_spec(self) -> TextSpec:
         return TextSpec(context_length=self.context_length)
@@ -367,7 +401,7 @@ class TwoTower(nn.Module):
 def build_model(config: ModelConfig, load_weights: bool = True) -> TwoTower:
     """Build the towers, load pretrained weights (unless `load_weights=False`, e.g. when a
     checkpoint will overwrite them) and apply the freezing options."""
-    tokenizer_json = Path(config.tokenizer) if config.tokenizer else default_tokenizer_json()
+    tokenizer_json = config.tokenizer_json()
     image_tower = build_image_tower(config, load_weights)
     text_tower = build_text_tower(config, load_weights)
     set_trainable_blocks(image_tower, config.image_trainable_blocks)
@@ -375,11 +409,41 @@ def build_model(config: ModelConfig, load_weights: bool = True) -> TwoTower:
     if config.video_frames:
         from training.video import VideoTwoTower
 
-        return VideoTwoTower(config, image_tower, text_tower, tokenizer_json)
+        video = VideoTwoTower(config, image_tower, text_tower, tokenizer_json)
+        start_projections(video)
+        return video
     model = TwoTower(config, image_tower, text_tower, tokenizer_json)
+    start_projections(model)
     if load_weights and model.semantic is not None and model.semantic_proj is not None:
         start_semantic(model, config)
     return model
+
+
+def start_projections(model: TwoTower) -> None:
+    """Projections a tower's checkpoint brought (CLIP's `visual.proj` and `text_projection`,
+    (W, D), applied as x @ P) become the TwoTower's projections (weight (D, W))."""
+    pairs = (
+        ("image", model.image_tower, model.image_proj),
+        ("text", model.text_tower, model.text_proj),
+    )
+    for side, tower, proj in pairs:
+        loaded = getattr(tower, "projection", None)
+        if loaded is None:
+            continue
+        tower.projection = None
+        if model.shared is not None:
+            log.info(
+                "the %s weights' projection is unused: the shared transformer comes first", side
+            )
+            continue
+        if tuple(loaded.shape) != (proj.in_features, proj.out_features):
+            raise ValueError(
+                f"the {side} weights' projection is {tuple(loaded.shape)}, the model's "
+                f"(width, embed_dim) is {(proj.in_features, proj.out_features)}: set "
+                f"embed_dim={loaded.shape[-1]}"
+            )
+        with torch.no_grad():
+            proj.weight.copy_(loaded.T)
 
 
 def start_semantic(model: TwoTower, config: ModelConfig) -> None:
@@ -402,6 +466,16 @@ def build_image_tower(config: ModelConfig, load_weights: bool = True) -> nn.Modu
     tower: nn.Module
     if config.image_tower == "efficientnet_lite0":
         tower = EfficientNetLite0(config.image_size)
+    elif config.image_tower == "clip_vit":
+        tower = ClipVisionTower(
+            image_size=config.image_size,
+            patch_size=config.vit_patch_size,
+            width=config.vit_width,
+            layers=config.vit_layers,
+            heads=config.vit_heads,
+            mlp_ratio=config.vit_mlp_ratio,
+            activation=config.clip_activation,
+        )
     else:
         tower = VisionTransformer(
             image_size=config.image_size,
@@ -416,11 +490,24 @@ def build_image_tower(config: ModelConfig, load_weights: bool = True) -> nn.Modu
     return tower
 
 
-def build_text_tower(config: ModelConfig, load_weights: bool = True) -> BertTower:
+def build_text_tower(config: ModelConfig, load_weights: bool = True) -> nn.Module:
     """The text tower with its pretrained weights (when configured and `load_weights`)."""
-    tokenizer_json = Path(config.tokenizer) if config.tokenizer else default_tokenizer_json()
+    vocab_size = TextTokenizer(config.tokenizer_json(), config.context_length).vocab_size
+    if config.text_tower == "clip":
+        clip = ClipTextTower(
+            vocab_size=vocab_size,
+            width=config.text_width,
+            layers=config.text_layers,
+            heads=config.text_heads,
+            intermediate=config.text_intermediate,
+            context_length=config.text_max_positions,
+            activation=config.clip_activation,
+        )
+        if load_weights and config.text_weights:
+            _load_clip_weights(clip, config.text_weights)
+        return clip
     tower = BertTower(
-        vocab_size=TextTokenizer(tokenizer_json, config.context_length).vocab_size,
+        vocab_size=vocab_size,
         width=config.text_width,
         layers=config.text_layers,
         heads=config.text_heads,
@@ -433,7 +520,31 @@ def build_text_tower(config: ModelConfig, load_weights: bool = True) -> BertTowe
     return tower
 
 
+def _load_clip_weights(tower: ClipVisionTower | ClipTextTower, spec: str) -> None:
+    """One side of an OpenAI / open_clip CLIP file, strictly; its projection is kept on the
+    tower for `start_projections`."""
+    path = weights.resolve_weights(spec)
+    visual, text = split_clip_state_dict(weights.read_state_dict(path))
+    if isinstance(tower, ClipVisionTower):
+        state, projection = visual, visual.pop("proj", None)
+        pos = state.get("positional_embedding")
+        if pos is not None and pos.shape != tower.positional_embedding.shape:
+            state["positional_embedding"] = resize_pos_embed(pos[None], tower.grid_size)[0]
+        weights.load_strict(tower, state, f"{path} (visual.)", new=tower.new_parameters)
+    else:
+        state, projection = text, text.pop("text_projection", None)
+        weights.load_strict(tower, state, f"{path} (text)")
+    if projection is None:
+        raise ValueError(
+            f"weights {path} have no {'visual.proj' if state is visual else 'text_projection'}"
+        )
+    tower.projection = projection.float()
+
+
 def _load_image_weights(tower: nn.Module, spec: str) -> None:
+    if isinstance(tower, ClipVisionTower):
+        _load_clip_weights(tower, spec)
+        return
     path = weights.resolve_weights(spec)
     state = weights.read_state_dict(path)
     if isinstance(tower, EfficientNetLite0):

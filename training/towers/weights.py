@@ -40,11 +40,14 @@ def resolve_weights(spec: str) -> Path:
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A safetensors file or a torch pickle (plain, or under `state_dict` / `model`)."""
+    """A safetensors file, a torch pickle (plain, or under `state_dict` / `model`) or a
+    TorchScript archive (OpenAI's CLIP `.pt` files), whose state dict is read."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         return load_file(str(path))
+    if _is_torchscript(path):
+        return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
     state = torch.load(path, map_location="cpu", weights_only=True)
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
@@ -52,6 +55,17 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds no state dict")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A zip archive holding TorchScript code (`<archive>/code/`), which only torch.jit loads
+    (OpenAI's clip.load does the same: torch.jit.load, then state_dict())."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.split("/")[1:2] == ["code"] for name in archive.namelist())
 
 
 def load_strict(
