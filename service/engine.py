@@ -31,7 +31,7 @@ from index_builder.search import Searcher
 from index_builder.sources import store_file, stored_name
 from index_builder.stored_files import journal_uploads
 from service.batching import MicroBatcher
-from service.decode import Items
+from service.items import Items
 from service.errors import (
     CORRUPT,
     Conflict,
