@@ -8,7 +8,7 @@ from fastapi.concurrency import run_in_threadpool
 from index_builder.collection import ChangeResult
 from service.bodies import parse_json, read_body, read_json, validate
 from service.deps import EngineDep, SettingsDep, require_json
-from service.engine import Engine, counts
+from service.engine import Engine
 from service.errors import NotReady
 from service.items import check_upload, read_items
 from service.routes.openapi import (
@@ -19,6 +19,7 @@ from service.routes.openapi import (
     json_body,
 )
 from service.schemas import AddItems, ChangeResponse, DeleteItems, ReloadRequest, ReloadResponse
+from service.versions import counts
 
 RELOAD_BODY_BYTES = 16384
 router = admin_router()

@@ -8,9 +8,9 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.deps import EngineDep, SettingsDep
-from service.engine import counts
 from service.routes.openapi import api_router, error_responses
 from service.schemas import Info, Readiness, Refusal, Status
+from service.versions import counts
 
 probes = APIRouter()
 router = api_router()
