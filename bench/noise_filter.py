@@ -25,7 +25,6 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from index_builder.manifest import image_path, load_records, write_manifest  # noqa: E402
 from training.pipelines.ablate import switches  # noqa: E402

@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from index_builder.preprocess import TextTokenizer  # noqa: E402
 from training.config import load_config  # noqa: E402

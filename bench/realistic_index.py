@@ -1,6 +1,6 @@
 """Recall against latency per FAISS index type on a realistic gallery, queried across modalities.
 
-    python bench/realistic_index.py --real cots-data/real-embeddings/openclipart \
+    python -m bench.realistic_index --real cots-data/real-embeddings/openclipart \
         cots-data/real-embeddings/emoji cots-data/real-embeddings/synthetic --size 1000000
 
 The gallery is sampled from bench/realistic_gallery.py's model of real embeddings (N images
@@ -27,9 +27,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from realistic_gallery import add_model_args, generated, shown  # noqa: E402
-
+from bench.realistic_gallery import add_model_args, generated, shown
 from index_builder.backends.base import ivf_lists
 from index_builder.backends.faiss import faiss_index as fi  # noqa: E402
 from index_builder.backends.faiss import search as faiss_search
@@ -203,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     if before and (before["size"], before["queries"]) != (args.size, args.queries):
         raise SystemExit(f"--merge: {args.out} holds another size or query count")
     results: dict[str, Any] = before.get("results", {})
-    command = shlex.join(["python", "bench/realistic_index.py", *sys.argv[1:]])
+    command = shlex.join(["python", "-m", "bench.realistic_index", *sys.argv[1:]])
     if before.get("command"):
         command = f"{before['command']} && {command}"
     for direction, (base, other, queries) in sides.items():

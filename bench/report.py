@@ -133,7 +133,7 @@ FIGURES = (
     Figure(
         "Index types on a realistic gallery, cross-modal queries",
         "realistic_index*.json",
-        f"python bench/realistic_index.py --real {REAL_EMBEDDINGS} --size 1000000",
+        f"python -m bench.realistic_index --real {REAL_EMBEDDINGS} --size 1000000",
         note=REALISTIC_INDEX_NOTE,
     ),
     Figure(
@@ -146,7 +146,7 @@ FIGURES = (
     Figure(
         "Service load",
         "service_load*.json",
-        "python bench/service_load.py --demo-images 2000",
+        "python -m bench.service_load --demo-images 2000",
         ("service",),
         note=SERVICE_LOAD_NOTE,
     ),
@@ -158,7 +158,7 @@ FIGURES = (
     Figure(
         "Service soak",
         "soak*.json",
-        "python bench/soak.py --minutes 3",
+        "python -m bench.soak --minutes 3",
         ("soak",),
     ),
     Figure(

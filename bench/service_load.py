@@ -1,8 +1,8 @@
 """Load test of the search service: latency and throughput per endpoint, stages, floor, overhead.
 
-    python bench/service_load.py --bundle DIR --index ROOT        # a real bundle and index
-    python bench/service_load.py --demo-images 2000               # a synthetic torch-free pair
-    python bench/service_load.py --bundle DIR --synthetic-gallery 1000000 \
+    python -m bench.service_load --bundle DIR --index ROOT        # a real bundle and index
+    python -m bench.service_load --demo-images 2000               # a synthetic torch-free pair
+    python -m bench.service_load --bundle DIR --synthetic-gallery 1000000 \
         --synthetic-factory 'IVF{nlist},Flat'       # real towers, a million-item index
 
 The server runs in a subprocess (`cots serve` on 127.0.0.1); this process is the load
@@ -47,8 +47,7 @@ import numpy as np
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from realistic_gallery import add_model_args, generated  # noqa: E402
+from bench.realistic_gallery import add_model_args, generated
 
 ROOT = Path(__file__).resolve().parents[1]
 QUERIES = ["a red square", "a photo of a blue square", "green", "the yellow colour", "black"]
@@ -643,7 +642,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "raw_vectors_bytes": raw,
         "server_memory_bytes": server_memory,
         "server_memory_over_raw_vectors": round(server_memory["VmRSS"] / raw, 3),
-        "command": shlex.join(["python", "bench/service_load.py", *sys.argv[1:]]),
+        "command": shlex.join(["python", "-m", "bench.service_load", *sys.argv[1:]]),
     }
 
 

@@ -1,7 +1,7 @@
 """Bounded loopback soak of the search service: a fixed mix of requests for N minutes.
 
-    python bench/soak.py --minutes 3                          # the test suite's colour towers
-    python bench/soak.py --bundle DIR --index ROOT --minutes 10   # a real bundle and index
+    python -m bench.soak --minutes 3                          # the test suite's colour towers
+    python -m bench.soak --bundle DIR --index ROOT --minutes 10   # a real bundle and index
 
 The server runs in a subprocess (`cots serve` on 127.0.0.1, with an API key); this process
 sends, from `--concurrency` clients, a weighted mix: text-to-image (single, batch, a deep page),
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import importlib.util
 import io
 import json
 import os
@@ -35,6 +34,8 @@ from typing import Any
 import httpx
 import numpy as np
 from PIL import Image
+
+from bench import service_load
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "soak-key"
@@ -167,18 +168,6 @@ def request_mix(image_ids: list[str]) -> list[Kind]:
 # -- the server -----------------------------------------------------------------------------------
 
 
-def _service_load() -> Any:
-    """bench/service_load.py, for its demo assets and free port (scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(
-        "cots_bench_service_load", ROOT / "bench/service_load.py"
-    )
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def rss_mb(pid: int) -> float:
     """Resident memory of a process, from /proc (Linux)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -278,16 +267,15 @@ def per_kind(samples: list[Sample]) -> dict[str, dict[str, Any]]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     seconds = args.minutes * 60
-    helpers = _service_load()
     with tempfile.TemporaryDirectory(prefix="cots-soak-") as tmp:
         if args.bundle and args.index:
             bundle, index, source = args.bundle, args.index, "given"
         else:
-            bundle, index = helpers.demo_assets(Path(tmp), args.demo_images)
+            bundle, index = service_load.demo_assets(Path(tmp), args.demo_images)
             source = f"demo: colour towers (tests/service/conftest.py), {args.demo_images} images"
-        port = helpers.free_port()
+        port = service_load.free_port()
         url = f"http://127.0.0.1:{port}"
-        server = helpers.start_server(bundle, index, port, args, {"COTS_API_KEY": KEY})
+        server = service_load.start_server(bundle, index, port, args, {"COTS_API_KEY": KEY})
         try:
             rss_start = rss_mb(server.pid)
             info = httpx.get(f"{url}/info", headers={"X-API-Key": KEY}).json()
@@ -324,7 +312,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "python": platform.python_version(),
             "load_average_1m": round(os.getloadavg()[0], 2),
         },
-        "command": shlex.join(["python", "bench/soak.py", *sys.argv[1:]]),
+        "command": shlex.join(["python", "-m", "bench.soak", *sys.argv[1:]]),
     }
 
 

@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from index_builder.atomic import atomic_write_json  # noqa: E402
 

@@ -35,7 +35,6 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from index_builder.preprocess import TextTokenizer  # noqa: E402
 from training.model import TwoTower, build_model, load_preset  # noqa: E402

@@ -91,7 +91,6 @@ def indexing(home: Path, data: Path, threads: int, env: dict, steps: list) -> di
 
 def stages(bundle_dir: Path, data: Path, threads: int, limit: int = 100) -> dict:
     """Decode (PyAV, sampled frames) and encode (frames + pooling) times per video."""
-    sys.path.insert(0, str(ROOT))
     from index_builder.bundle import Bundle
     from index_builder.encoders import Encoders
     from index_builder.manifest import image_path, load_records

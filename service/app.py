@@ -18,10 +18,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.engine import Engine
 from service.errors import BodyTimeout, TooLarge, error_response, install_error_handlers
 from service.metrics import Metrics, MetricsMiddleware
-from service.routes import admin, api, public
+from service.routes import admin, gallery, search, status, video
 from service.settings import Settings
 from service.thumbnails import ThumbnailCache
-from service.video import router as video
 
 STATIC = Path(__file__).parent / "static"
 DESCRIPTION = """\
@@ -125,10 +124,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["Content-Type", "X-API-Key", "Authorization"],
         )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-    app.include_router(public)
-    app.include_router(api)
-    app.include_router(video)
-    app.include_router(admin)
+    app.include_router(status.probes)
+    for resource in (search, gallery):
+        app.include_router(resource.router)
+    app.include_router(status.router)  # /info and /metrics
+    app.include_router(video.router)
+    app.include_router(admin.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.mount("/docs/assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs")
 

@@ -114,6 +114,6 @@ def load_settings() -> Settings:
 def preflight(settings: Settings) -> None:
     """Refuse to start on a missing or mismatched bundle/index, with one clear line."""
     from index_builder.backends import open_store
-    from service.engine import resolve_bundle
+    from service.versions import resolve_bundle
 
     resolve_bundle(settings, open_store(settings.index, settings.backend_config()))

@@ -176,7 +176,9 @@ class TextHit(BaseModel):
     image_path: str | None = Field(None, description=_PATH_DOC)
 
 
-class _Envelope(BaseModel):
+class Envelope(BaseModel):
+    """The fields every search response shares."""
+
     k: int = Field(description="results asked per query")
     offset: int
     took_ms: float = Field(description="time spent in the service, decode to response")
@@ -232,7 +234,7 @@ _ENVELOPE: JsonDict = {
 }
 
 
-class ImageSearchResponse(_Envelope):
+class ImageSearchResponse(Envelope):
     """Hits from the image side: text-to-image and image-to-image."""
 
     model_config = ConfigDict(
@@ -250,7 +252,7 @@ class ImageSearchResponse(_Envelope):
     results: list[ImageResults] = Field(description="one entry per query, in request order")
 
 
-class TextSearchResponse(_Envelope):
+class TextSearchResponse(Envelope):
     """Hits from the text side: image-to-text and text-to-text."""
 
     model_config = ConfigDict(
@@ -385,3 +387,37 @@ class ChangeResponse(BaseModel):
         description="items deleted per side (with an image, the captions that describe it)"
     )
     gallery: dict[str, int] = Field(description="images and texts served now")
+
+
+# -- video ---------------------------------------------------------------------------------------
+
+
+class VideoHit(BaseModel):
+    id: str = Field(description="gallery video id")
+    score: float = Field(description=SCORE_DOC)
+    rank: int = Field(description="1-based rank (offset included)")
+    captions: list[str] = Field(description="the gallery captions of this video (may be empty)")
+    meta: dict[str, Any] = Field(description="the video's metadata (`media` is 'video')")
+    url: str = Field(description="the keyframe strip (JPEG): the sampled frames in time order")
+    thumbnail_url: str = Field(description="a small JPEG of the strip")
+    video_url: str = Field(description="the video file, served by id")
+    keyframe_urls: list[str] = Field(description="one JPEG per sampled frame, in time order")
+
+
+class VideoResults(BaseModel):
+    query: str
+    hits: list[VideoHit]
+    exhausted: bool = Field(description="fewer hits than k: no later page holds more")
+
+
+class VideoSearchResponse(Envelope):
+    """Hits from the gallery's videos: text-to-video."""
+
+    hits: list[VideoHit] = Field(description="the hits of the first (or only) query")
+    results: list[VideoResults] = Field(description="one entry per query, in request order")
+
+
+class VideoInfo(BaseModel):
+    videos: int = Field(description="videos served (items of the image side with media=video)")
+    video_spec: dict[str, Any] | None = Field(description="frames, sampling, pooling; or null")
+    limits: dict[str, float] = Field(description="upload limits of video-to-text")

@@ -9,18 +9,20 @@ from pathlib import Path
 
 import pytest
 
+from bench import report
+from bench import two_stream_vs_cross as tsvc
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_file(path: Path, name: str):
+    """A test helper module by path (tests/ is not a package)."""
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
-
-report = load_file(ROOT / "bench/report.py", "bench_report")
 
 TRAIN = {
     "machine": "x86_64, 2 threads",
@@ -107,7 +109,7 @@ def test_missing_results_are_listed_as_not_run(built):
     text, _ = built
     assert "not run yet: `python bench/objective_cost.py --preset tiny`" in text
     assert "not run yet: `python bench/embed_throughput.py`" in text
-    assert "not run yet: `python bench/service_load.py --demo-images 2000`" in text
+    assert "not run yet: `python -m bench.service_load --demo-images 2000`" in text
 
 
 def test_unknown_and_broken_results_still_render(built):
@@ -338,8 +340,6 @@ def test_recorded_pictures_linked_only_when_present(tmp_path):
 
 
 # -- two_stream_vs_cross -----------------------------------------------------------------------
-
-tsvc = load_file(ROOT / "bench/two_stream_vs_cross.py", "bench_two_stream_vs_cross")
 
 
 def test_extrapolate_matches_hand_arithmetic():

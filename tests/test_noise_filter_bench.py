@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-_spec = importlib.util.spec_from_file_location(
-    "bench_noise_filter", Path(__file__).resolve().parents[1] / "bench/noise_filter.py"
-)
-noise_filter = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(noise_filter)
+from bench import noise_filter
 
 
 def _naive_auc(score, positive):

@@ -3,31 +3,18 @@ bench/service_load.py's client and served-recall arithmetic on a real (tiny) ser
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from bench import realistic_gallery as gallery
+from bench import service_load
 from index_builder.backends.base import IndexOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 DIM = 32
-
-
-def _load(name: str, path: Path):
-    sys.path.insert(0, str(path.parent))  # service_load imports realistic_gallery
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-gallery = _load("realistic_gallery", ROOT / "bench/realistic_gallery.py")
-service_load = _load("bench_service_load", ROOT / "bench/service_load.py")
 
 
 def _unit(x):

@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from bench import report, soak
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-soak = _load("bench_soak", ROOT / "bench/soak.py")
 
 
 def test_rows_per_bin_match_numpy():
@@ -58,16 +47,15 @@ def test_a_short_soak_runs_clean(tmp_path, monkeypatch):
 
 
 def test_the_report_has_a_soak_section_with_a_plot(tmp_path):
-    report = _load("bench_report_soak", ROOT / "bench/report.py")
     row = {"requests": 100, "errors": 0, "p50_ms": 5.0, "p99_ms": 20.0, "rss_max_mb": 120.0}
     rows = [{"minute": minute, **row, "unexpected": {}} for minute in (1.0, 2.0)]
     results = tmp_path / "results"
     results.mkdir()
-    data = {"command": "python bench/soak.py --minutes 2", "rss_start_mb": 110.0, "minutes": rows}
+    data = {"command": "python -m bench.soak --minutes 2", "rss_start_mb": 110.0, "minutes": rows}
     (results / "soak.json").write_text(json.dumps(data))
     written = report.build_report(results, tmp_path / "benchmarks.md", tmp_path / "img")
     text = (tmp_path / "benchmarks.md").read_text()
-    assert "## Service soak" in text and "Command: `python bench/soak.py --minutes 2`" in text
+    assert "## Service soak" in text and "Command: `python -m bench.soak --minutes 2`" in text
     assert "| minute | requests | errors | p50_ms | p99_ms | rss_max_mb |" in text
     assert "| rss_start_mb | 110 |" in text
     assert {p.name for p in written if p.suffix == ".png"} == {"bench_soak_soak.png"}

@@ -1,5 +1,6 @@
-"""The shape of `index_builder`: no import cycles, no private names across modules, small
-modules, and each search backend in its own room (docs/architecture.md, "Where things live")."""
+"""The shape of `index_builder` and `service`: no import cycles, no private names across
+modules, small modules, each search backend in its own room and the service's routes one module
+per resource (docs/architecture.md, "Where things live")."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "index_builder"
+PACKAGES = ("index_builder", "service")
 MAX_LINES = 450
 BACKENDS = ("index_builder.backends.faiss", "index_builder.backends.milvus")
 
@@ -120,23 +122,26 @@ def test_cycles_are_found():
     assert _cycles(graph) == [["a", "b", "c"]]
 
 
-def test_no_import_cycle_in_index_builder():
-    assert _cycles(_graph()) == []
+@pytest.mark.parametrize("package", PACKAGES)
+def test_no_import_cycle(package):
+    assert _cycles(_graph(package)) == []
 
 
-def test_no_private_name_imported_across_modules():
+@pytest.mark.parametrize("package", PACKAGES)
+def test_no_private_name_imported_across_modules(package):
     offenders = sorted(
         f"{module} imports {name} from {target}"
-        for module, imports in _imports().items()
+        for module, imports in _imports(package).items()
         for target, name in imports
         if name and name.startswith("_") and not name.startswith("__") and target != module
     )
     assert offenders == []
 
 
-def test_no_private_attribute_of_another_module():
+@pytest.mark.parametrize("package", PACKAGES)
+def test_no_private_attribute_of_another_module(package):
     """`module._name` through an imported project module counts as importing it."""
-    modules = _modules()
+    modules = _modules(package)
     offenders = []
     for module, path in modules.items():
         tree = ast.parse(path.read_text(), str(path))
@@ -159,9 +164,11 @@ def test_no_private_attribute_of_another_module():
     assert offenders == []
 
 
-@pytest.mark.parametrize("module", sorted(_modules()))
-def test_module_is_small(module):
-    lines = len(_modules()[module].read_text().splitlines())
+@pytest.mark.parametrize(
+    "package, module", [(package, module) for package in PACKAGES for module in _modules(package)]
+)
+def test_module_is_small(package, module):
+    lines = len(_modules(package)[module].read_text().splitlines())
     assert lines <= MAX_LINES, f"{module} has {lines} lines (at most {MAX_LINES})"
 
 
@@ -200,3 +207,31 @@ def test_the_contract_imports_no_backend():
         target for target in _graph()["index_builder.backends.base"] if target.startswith(PACKAGE)
     }
     assert reached == set()
+
+
+def test_the_service_graph_sees_its_routes():
+    assert "service.routes.search" in _graph("service")["service.app"]
+
+
+def test_each_route_module_reaches_no_other_route_module():
+    """A resource's routes share only what lies outside `service.routes` (shaping, bodies,
+    the engine) and `routes.openapi` (error docs, request bodies, routers)."""
+    graph = _graph("service")
+    rooms = [m for m in graph if m.startswith("service.routes.") and m != "service.routes.openapi"]
+    offenders = sorted(
+        f"{module} -> {target}" for module in rooms for target in graph[module] if target in rooms
+    )
+    assert offenders == []
+
+
+def test_only_the_routes_know_the_web_framework_routers():
+    """Below the routes, nothing imports a route module (the app only includes them)."""
+    graph = _graph("service")
+    offenders = sorted(
+        f"{module} -> {target}"
+        for module, targets in graph.items()
+        if not module.startswith("service.routes") and module != "service.app"
+        for target in targets
+        if target.startswith("service.routes")
+    )
+    assert offenders == []

@@ -330,10 +330,10 @@ def test_a_huge_batch_is_refused_before_it_is_parsed(client, monkeypatch):
     """Parsing the 1M-element body held the GIL for 40-90 ms, off the loop or not, and
     /health waited as long (bench/attack.py): a search body with far more values than any
     search takes is refused by counting its commas."""
-    from service import decode
+    from service import bodies
 
     parsed = []
-    monkeypatch.setattr(decode, "parse_json", lambda body: parsed.append(len(body)))
+    monkeypatch.setattr(bodies, "parse_json", lambda body: parsed.append(len(body)))
     body = b'{"images": [' + b",".join([b"1"] * 1_000_000) + b"]}"
     assert_error(client.post(I2T, content=body, headers=JSON), 422, "batch_too_large")
     assert parsed == []
@@ -379,10 +379,10 @@ def test_clips_decode_in_their_own_pool(video_client, monkeypatch):
 
 
 def test_memory_goes_back_after_a_large_decode(client, monkeypatch):
-    from service import decode
+    from service import images
 
     calls = []
-    monkeypatch.setattr(decode, "release_memory", lambda: calls.append(1))
+    monkeypatch.setattr(images, "release_memory", lambda: calls.append(1))
     assert client.post(I2T, files={"image": ("s.png", png(), "image/png")}).status_code == 200
     assert calls == []  # small images cost nothing extra
     large = png(size=(2500, 2000))
@@ -393,16 +393,16 @@ def test_memory_goes_back_after_a_large_decode(client, monkeypatch):
 def test_large_images_decode_in_the_bounded_pool(client, monkeypatch):
     """A burst of 16 maximum-size PNGs decoded at once held 3.9 GB and stalled /health for
     0.6-2.9 s (bench/attack.py): a large image decodes in the decode pool, as a clip does."""
-    from service import routes
+    from service import images
 
     threads = []
-    real = routes.images_to_pixels
+    real = images.images_to_pixels
 
     def spy(*args, **kwargs):
         threads.append(threading.current_thread().name)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(routes, "images_to_pixels", spy)
+    monkeypatch.setattr(images, "images_to_pixels", spy)
     assert client.post(I2T, files={"image": ("s.png", png(), "image/png")}).status_code == 200
     large = png(size=(2500, 2000))
     assert client.post(I2T, files={"image": ("l.png", large, "image/png")}).status_code == 200

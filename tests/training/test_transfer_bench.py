@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
+from bench import transfer
 from training.checkpoint import save_checkpoint
 from training.model import build_model, load_preset
-
-_spec = importlib.util.spec_from_file_location(
-    "bench_transfer", Path(__file__).resolve().parents[2] / "bench/transfer.py"
-)
-transfer = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(transfer)
 
 
 def test_every_run_on_every_gallery_with_mean_and_std(gallery, tmp_path, capsys):

@@ -13,33 +13,24 @@ from __future__ import annotations
 import asyncio
 import time
 from functools import partial
+from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import Depends, Request
 from fastapi.responses import FileResponse, Response
-from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
 
 from index_builder.search import Searcher, SideMissing
 from index_builder.video import VideoError, VideoLimits
 from index_builder.video_index import is_video_row
-from service.decode import form_int, parse_filter, read_json, request_kind, validate
-from service.deps import EngineDep, SettingsDep, require_api_key, require_json
-from service.engine import Engine
+from service.bodies import check_texts, read_clip, read_json, validate
+from service.deps import EngineDep, SettingsDep, require_json
+from service.engine import Engine, check_query
 from service.errors import InvalidInput, NotFound, TooLarge, UnsupportedMedia
-from service.routes import (
-    _SEARCH_ERRORS,
-    _check_texts,
-    _envelope,
-    _errors,
-    _json_body,
-    _page,
-    _respond,
-)
-from service.schemas import SCORE_DOC, TextQuery, TextSearchResponse, _Envelope
+from service.routes.openapi import CLIP_BODY, SEARCH_ERRORS, api_router, json_body
+from service.schemas import TextQuery, TextSearchResponse, VideoHit, VideoInfo, VideoSearchResponse
 from service.settings import Settings
+from service.shaping import envelope, page, respond, video_links
 
 ERROR_OF = {"too_large": TooLarge, "unsupported": UnsupportedMedia, "invalid": InvalidInput}
 
@@ -54,58 +45,10 @@ def upload_limits(settings: Settings) -> VideoLimits:
     )
 
 
-class VideoHit(BaseModel):
-    id: str = Field(description="gallery video id")
-    score: float = Field(description=SCORE_DOC)
-    rank: int = Field(description="1-based rank (offset included)")
-    captions: list[str] = Field(description="the gallery captions of this video (may be empty)")
-    meta: dict[str, Any] = Field(description="the video's metadata (`media` is 'video')")
-    url: str = Field(description="the keyframe strip (JPEG): the sampled frames in time order")
-    thumbnail_url: str = Field(description="a small JPEG of the strip")
-    video_url: str = Field(description="the video file, served by id")
-    keyframe_urls: list[str] = Field(description="one JPEG per sampled frame, in time order")
+router = api_router(tags=["video"])
 
 
-class VideoResults(BaseModel):
-    query: str
-    hits: list[VideoHit]
-    exhausted: bool = Field(description="fewer hits than k: no later page holds more")
-
-
-class VideoSearchResponse(_Envelope):
-    """Hits from the gallery's videos: text-to-video."""
-
-    hits: list[VideoHit] = Field(description="the hits of the first (or only) query")
-    results: list[VideoResults] = Field(description="one entry per query, in request order")
-
-
-class VideoInfo(BaseModel):
-    videos: int = Field(description="videos served (items of the image side with media=video)")
-    video_spec: dict[str, Any] | None = Field(description="frames, sampling, pooling; or null")
-    limits: dict[str, float] = Field(description="upload limits of video-to-text")
-
-
-# 422 documented on every route: FastAPI would otherwise add its own HTTPValidationError,
-# a body this service never sends (every error is an ErrorBody).
-router = APIRouter(
-    dependencies=[Depends(require_api_key)], responses=_errors(401, 422), tags=["video"]
-)
-
-
-def video_urls(request: Request, item: dict[str, Any]) -> dict[str, Any]:
-    base = f"{request.scope.get('root_path', '')}"
-    quoted = quote(str(item["id"]), safe="")
-    return {
-        "url": f"{base}/images/{quoted}",
-        "thumbnail_url": f"{base}/images/{quoted}?size=256",
-        "video_url": f"{base}/videos/{quoted}",
-        "keyframe_urls": [
-            f"{base}/videos/{quoted}/keyframes/{i}" for i in range(len(item.get("keyframes", [])))
-        ],
-    }
-
-
-def _videos(engine: Engine) -> Searcher:
+def videos_of(engine: Engine) -> Searcher:
     gallery = engine.current()
     try:
         gallery.require_videos()
@@ -118,78 +61,28 @@ def _videos(engine: Engine) -> Searcher:
     "/search/text-to-video",
     response_model=VideoSearchResponse,
     dependencies=[Depends(require_json)],
-    openapi_extra=_json_body(TextQuery),
-    responses=_SEARCH_ERRORS,
+    openapi_extra=json_body(TextQuery),
+    responses=SEARCH_ERRORS,
 )
 async def text_to_video(request: Request, engine: EngineDep, settings: SettingsDep) -> Any:
     """Search gallery videos with text: the text tower encodes, the videos' vectors answer."""
     start = time.perf_counter()
     query = validate(TextQuery, await read_json(request, settings.max_text_body_bytes))
-    gallery = _videos(engine)
+    gallery = videos_of(engine)
     texts = [query.text] if query.text is not None else list(query.texts or [])
-    _check_texts(texts, query.text is not None, settings)
-    page = _page(query.k, query.offset, settings)
+    check_texts(texts, query.text is not None, settings)
+    asked = page(query.k, query.offset, settings)
     where = gallery.video_filter(query.filter)
-    gallery, found = await engine.search("text", "image", texts, *page, where, gallery)
-    pages = [[_video_hit(request, gallery, hit) for hit in hits] for hits in found]
-    return VideoSearchResponse(**_envelope(texts, pages, page, gallery, start))
+    gallery, found = await engine.search("text", "image", texts, *asked, where, gallery)
+    pages = [[video_hit(request, gallery, hit) for hit in hits] for hits in found]
+    return VideoSearchResponse(**envelope(texts, pages, asked, gallery, start))
 
 
-def _video_hit(request: Request, gallery: Searcher, hit: dict[str, Any]) -> VideoHit:
+def video_hit(request: Request, gallery: Searcher, hit: dict[str, Any]) -> VideoHit:
     row = gallery.index.row_of("image", hit["id"])
     assert row is not None  # hits are live rows
-    return VideoHit(**hit, **video_urls(request, gallery.index.rows_at("image", [row])[0]))
-
-
-_UPLOAD = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["video"],
-                    "properties": {
-                        "video": {"type": "string", "format": "binary"},
-                        "k": {"type": "integer", "minimum": 1},
-                        "offset": {"type": "integer", "minimum": 0},
-                        "filter": {"type": "string", "description": "metadata filter (JSON)"},
-                    },
-                }
-            }
-        },
-    }
-}
-
-
-async def read_clip(request: Request, limits: VideoLimits) -> tuple[str, bytes, dict[str, Any]]:
-    """The multipart `video` file (name, bytes) and the `k`, `offset`, `filter` fields."""
-    kind = request_kind(request)
-    if kind != "multipart/form-data":
-        raise UnsupportedMedia(
-            f"expected multipart/form-data with a 'video' file, got {kind or 'none'}",
-            "wrong_content_type",
-        )
-    form = await request.form(max_files=2, max_fields=8)
-    unknown = set(form.keys()) - {"video", "k", "offset", "filter"}
-    if unknown:
-        raise InvalidInput(
-            f"unexpected form fields {sorted(unknown)} (use 'video', 'k', 'offset', 'filter')"
-        )
-    uploads = form.getlist("video")
-    if len(uploads) != 1 or not isinstance(uploads[0], UploadFile):
-        raise InvalidInput("video: expected exactly one file upload", "video_missing")
-    upload = uploads[0]
-    data = await upload.read(limits.max_bytes + 1)
-    if len(data) > limits.max_bytes:
-        raise TooLarge(f"video: over the limit of {limits.max_bytes} bytes", "video_too_large")
-    offset = form_int(form.get("offset"), "offset")
-    fields = {
-        "k": form_int(form.get("k"), "k"),
-        "offset": 0 if offset is None else offset,
-        "filter": parse_filter(form.get("filter")),
-    }
-    return upload.filename or "video", data, fields
+    keyframes = len(gallery.index.rows_at("image", [row])[0].get("keyframes", []))
+    return VideoHit(**hit, **video_links(request, hit["id"], keyframes))
 
 
 async def decode_clip(
@@ -212,29 +105,27 @@ async def decode_clip(
 @router.post(
     "/search/video-to-text",
     response_model=TextSearchResponse,
-    openapi_extra=_UPLOAD,
-    responses=_SEARCH_ERRORS,
+    openapi_extra=CLIP_BODY,
+    responses=SEARCH_ERRORS,
 )
 async def video_to_text(request: Request, engine: EngineDep, settings: SettingsDep) -> Any:
     """Search texts with a video clip (multipart `video`): its sampled frames go through the
     image tower and the temporal pooling, the text index answers."""
     start = time.perf_counter()
-    gallery = _videos(engine)  # a 404 or 503 before reading a large body
+    gallery = videos_of(engine)  # a 404 or 503 before reading a large body
     limits = upload_limits(settings)
     name, data, fields = await read_clip(request, limits)
-    page = _page(fields["k"], fields["offset"], settings)
+    asked = page(fields["k"], fields["offset"], settings)
     query = await decode_clip(engine, gallery, data, limits, name)
-    gallery, found = await engine_search_video(engine, gallery, query, page, fields["filter"])
-    return _respond(request, settings, gallery, "text", [name], [found], page, start)
+    gallery, found = await search_video(engine, gallery, query, asked, fields["filter"])
+    return respond(request, settings, gallery, "text", [name], [found], asked, start)
 
 
-async def engine_search_video(
+async def search_video(
     engine: Engine, gallery: Searcher, query: Any, page: tuple[int, int], filter: Any
 ) -> tuple[Searcher, list[dict[str, Any]]]:
     """One video query: encoded with `gallery`'s encoders in the encoder pool, then searched
     on its text side (the filter checked first)."""
-    from service.engine import check_query
-
     check_query(gallery, "text", filter)
     loop = asyncio.get_running_loop()
 
@@ -247,7 +138,7 @@ async def engine_search_video(
     return gallery, await loop.run_in_executor(engine.executor, run)
 
 
-def _video_row(engine: Engine, video_id: str) -> dict[str, Any]:
+def video_row(engine: Engine, video_id: str) -> dict[str, Any]:
     gallery = engine.current()
     index = gallery.index
     row = index.row_of("image", video_id) if index.has("image") else None
@@ -263,7 +154,7 @@ async def video_info(engine: EngineDep, settings: SettingsDep) -> VideoInfo:
     gallery = engine.current()
     index, spec = gallery.index, gallery.bundle.video_spec
     count = 0
-    if index.has("image") and spec is not None and _has_media(index):
+    if index.has("image") and spec is not None and has_media(index):
         count = await run_in_threadpool(index.count, "image", gallery.video_filter(None))
     limits = upload_limits(settings)
     return VideoInfo(
@@ -278,28 +169,26 @@ async def video_info(engine: EngineDep, settings: SettingsDep) -> VideoInfo:
     )
 
 
-def _has_media(index: Any) -> bool:
+def has_media(index: Any) -> bool:
     return "media" in index.info["sides"]["image"].get("fields", {})
 
 
 @router.get("/videos/{video_id:path}/keyframes/{number}", response_class=Response)
 async def keyframe(video_id: str, number: int, engine: EngineDep) -> FileResponse:
     """Sampled frame `number` (0-based, in time order) of a gallery video, as JPEG."""
-    frames = _video_row(engine, video_id).get("keyframes", [])
+    frames = video_row(engine, video_id).get("keyframes", [])
     if not 0 <= number < len(frames):
         raise NotFound(f"video {video_id!r} has {len(frames)} keyframes, not {number + 1}")
-    return _file(frames[number], "image/jpeg", f"keyframe {number} of video {video_id!r}")
+    return file_response(frames[number], "image/jpeg", f"keyframe {number} of video {video_id!r}")
 
 
 @router.get("/videos/{video_id:path}", response_class=Response)
 async def video_file(video_id: str, engine: EngineDep) -> FileResponse:
     """The video file of a gallery video, by id (no client path reaches the file system)."""
-    return _file(_video_row(engine, video_id)["video"], None, f"video {video_id!r}")
+    return file_response(video_row(engine, video_id)["video"], None, f"video {video_id!r}")
 
 
-def _file(path: str, media: str | None, what: str) -> FileResponse:
-    from pathlib import Path
-
+def file_response(path: str, media: str | None, what: str) -> FileResponse:
     if not Path(path).is_file():
         raise NotFound(f"the file of {what} is missing on the server")
     return FileResponse(path, media_type=media)

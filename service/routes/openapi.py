@@ -1,0 +1,117 @@
+"""What the OpenAPI document says beyond the models: the errors each route may answer, the
+request bodies of routes that read their own, and the routers every resource starts from."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel
+
+from service.deps import require_admin_key, require_api_key
+from service.schemas import ErrorBody, ImageQuery
+
+ERROR_TEXT = {
+    400: "undecodable input (malformed or too deeply nested JSON, malformed base64, corrupt image)",
+    401: "missing or wrong key",
+    403: "admin endpoints are disabled (no admin key is configured)",
+    404: "an unknown id, a search of a side this index does not hold, or no such gallery "
+    "image or index version",
+    408: "the request body stalled for longer than the read timeout",
+    409: "the index version was refused (built with another bundle, or unreadable); the old "
+    "one keeps serving",
+    413: "an image or the request is over the size or pixel limit",
+    415: "wrong Content-Type, or an upload that is not an image",
+    422: "invalid request (empty or long text, k or offset out of range, batch over the limit, "
+    "an image too thin, a malformed version name...)",
+    503: "the bundle and index are still loading, or failed to load (retried), or the index "
+    "backend or root cannot be read or written",
+    507: "the index root is full: the change was not made (the served version is intact)",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The documented error answers: each an `ErrorBody`, with what it means here."""
+    return {status: {"model": ErrorBody, "description": ERROR_TEXT[status]} for status in statuses}
+
+
+SEARCH_ERRORS = error_responses(400, 404, 408, 413, 415, 422, 503)
+CHANGE_ERRORS = error_responses(400, 404, 408, 409, 413, 415, 422, 503, 507)
+
+
+def api_router(**options: Any) -> APIRouter:
+    """A router whose routes need the API key (when the service has one).
+
+    422 is documented on every route: FastAPI would otherwise add its own
+    HTTPValidationError, a body this service never sends (every error is an ErrorBody)."""
+    return APIRouter(
+        dependencies=[Depends(require_api_key)], responses=error_responses(401, 422), **options
+    )
+
+
+def admin_router() -> APIRouter:
+    """The router of the admin routes (always the admin key; disabled without one)."""
+    return APIRouter(
+        prefix="/admin",
+        dependencies=[Depends(require_admin_key)],
+        responses=error_responses(401, 403, 422),
+    )
+
+
+def json_body(model: type[BaseModel], required: bool = True) -> dict[str, Any]:
+    """The OpenAPI request body of a route that reads and validates its JSON itself."""
+    schema = {"application/json": {"schema": model.model_json_schema()}}
+    return {"requestBody": {"required": required, "content": schema}}
+
+
+def _form(required: str, properties: dict[str, Any]) -> dict[str, Any]:
+    schema = {"type": "object", "required": [required], "properties": properties}
+    return {"multipart/form-data": {"schema": schema}}
+
+
+_FILES = {"type": "array", "items": {"type": "string", "format": "binary"}}
+_K = {"type": "integer", "minimum": 1}
+_OFFSET = {"type": "integer", "minimum": 0}
+
+
+def image_body(model: type[ImageQuery]) -> dict[str, Any]:
+    """The two request bodies of an image search: multipart files, or JSON `model`."""
+    form = {
+        "image": {**_FILES, "description": "one or more image files (field 'image' or 'images')"},
+        "k": _K,
+        "offset": _OFFSET,
+        "filter": {"type": "string", "description": "a metadata filter as JSON text"},
+    }
+    content = {**_form("image", form), "application/json": {"schema": model.model_json_schema()}}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+def items_body(model: type[BaseModel]) -> dict[str, Any]:
+    """The two request bodies of an add: JSON `model`, or multipart files with ids and meta."""
+    form = {
+        "image": _FILES,
+        "ids": {"type": "string", "description": "JSON list of ids"},
+        "meta": {
+            "type": "string",
+            "description": "JSON object (every file) or list (one per file)",
+        },
+        "upsert": {"type": "boolean"},
+    }
+    content = {"application/json": {"schema": model.model_json_schema()}, **_form("image", form)}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+CLIP_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": _form(
+            "video",
+            {
+                "video": {"type": "string", "format": "binary"},
+                "k": _K,
+                "offset": _OFFSET,
+                "filter": {"type": "string", "description": "metadata filter (JSON)"},
+            },
+        ),
+    }
+}
