@@ -186,3 +186,19 @@ def test_cookie_model_exports_with_its_shared_transformer_in_each_tower(work, tm
                 and (np.array_equal(a, value) or np.array_equal(a, value.T))
                 for a in stored
             ), (side, name)
+
+
+def test_export_a_recipe_before_any_training(tmp_path, capsys):
+    """`cots export --recipe` writes the recipe's step-0 model (its pretrained towers) as a
+    checkpoint under $COTS_HOME/runs and exports it; --set without --recipe is refused."""
+    run_file = tmp_path / "tiny.yaml"
+    run_file.write_text("model: {preset: tiny}\n")
+    out = tmp_path / "bundle"
+    args = ["export", "--recipe", str(run_file), "--set", "model.options.embed_dim=16"]
+    assert main([*args, "--out", str(out)]) == 0
+    bundle = Bundle.load(out)
+    assert bundle.embed_dim == 16 and bundle.info["source"]["step"] == 0
+    assert "step-0 checkpoint of" in capsys.readouterr().out
+    refused = ["export", "--checkpoint", str(out), "--set", "a.b=1", "--out", str(tmp_path / "x")]
+    assert main(refused) != 0
+    assert "--recipe" in capsys.readouterr().err
