@@ -101,6 +101,8 @@ NOISE_KEYWORDS = {
     "remix",
 }
 _CREDIT = re.compile(r"^\s*clip\s*art\s+by\s+[^-]*-\s*", re.IGNORECASE)
+# the elements cairosvg draws with its text code (surface.TAGS), with or without a prefix
+_TEXT = re.compile(rb"<(?:[\w.-]+:)?(?:text|tspan|textPath|a)\b")
 _FILE_LIKE = re.compile(r"\.(svgz?|png|jpe?g|gif|ai|eps)\b|^(img|dsc|image|drawing|file)\s*\d*$")
 
 
@@ -327,17 +329,30 @@ def _rasterise(src: str, side: int) -> Image.Image:
 
     The same pixels as decoding `cairosvg.svg2png(url=src, output_width=side)`, or
     `output_height=side` when that comes out taller than wide, at about half the cost: the
-    file is parsed once, the orientation is worked out before drawing instead of by drawing
-    (a portrait SVG used to be drawn twice), and the pixels are read from cairo's surface
-    instead of being encoded to PNG and decoded back.
+    file is parsed once, the orientation of an SVG without text is worked out before
+    drawing instead of by drawing it (a portrait one was drawn twice), and the pixels are
+    read from cairo's surface instead of being encoded to PNG and decoded back.
     """
     from cairosvg.parser import Tree
     from cairosvg.surface import PNGSurface
 
     tree = Tree(url=src)  # what svg2png parses; drawing changes the tree, sizing does not
-    probe = _size_probe()(tree, None, SVG_DPI, output_width=side)
-    fit = {"output_height": side} if probe.height > probe.width else {"output_width": side}
-    surface = PNGSurface(tree, None, SVG_DPI, **fit)  # output None: no PNG is written
+    if not _TEXT.search(Path(src).read_bytes()):
+        probe = _size_probe()(tree, None, SVG_DPI, output_width=side)
+        tall = probe.height > probe.width
+        fit = {"output_height": side} if tall else {"output_width": side}
+        return _pixels(PNGSurface(tree, None, SVG_DPI, **fit))  # output None: no PNG
+    wide = PNGSurface(tree, None, SVG_DPI, output_width=side)
+    if wide.height <= wide.width:
+        return _pixels(wide)
+    wide.finish()
+    # Text is drawn with cairo's font caches, and glyphs drawn at the wide scale change how
+    # the tall drawing comes out (measured: computer/hardware/various_servers_01.svg);
+    # svg2png drew every SVG wide first, so text SVGs still are, for the same pixels.
+    return _pixels(PNGSurface(Tree(url=src), None, SVG_DPI, output_height=side))
+
+
+def _pixels(surface: Any) -> Image.Image:
     image = straight_rgba(surface.cairo)
     surface.finish()
     return image
