@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import signal
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = "/usr/share/openclipart/svg"
 SVG_DPI = 96  # cairosvg.svg2png's default
+_CAIRO_ARGB32 = "BGRA" if sys.byteorder == "little" else "ARGB"  # native-endian 0xAARRGGBB
 VERSION = 1  # bump when captions or rendering change, so old galleries are rebuilt
 GENERIC_TITLES = {
     "",
@@ -375,19 +377,22 @@ def straight_rgba(surface: Any) -> Image.Image:
     """A cairo ARGB32 image surface as a PIL RGBA image, as cairo's own PNG writer stores it.
 
     cairo keeps colour premultiplied by alpha; its PNG writer (unpremultiply_data in
-    cairo-png.c) divides it out rounding to nearest, and writes 0 for transparent pixels.
-    PIL's "RGBa" unpacker truncates instead, so the division is done here.
+    cairo-png.c) divides it out rounding to nearest and writes 0 for transparent pixels.
+    PIL's "RGBa" unpacker truncates instead, so the division is done here, on the few
+    pixels that are neither transparent nor opaque.
     """
     surface.flush()
     width, height, stride = surface.get_width(), surface.get_height(), surface.get_stride()
     rows = np.frombuffer(surface.get_data(), dtype=np.uint8).reshape(height, stride)
-    pixels = rows[:, : 4 * width].copy().view(np.uint32)  # (H, W) native-endian 0xAARRGGBB
+    pixels = rows[:, : 4 * width].copy().view(np.uint32).ravel()  # (H*W,) 0xAARRGGBB
     alpha = pixels >> 24
-    rgb = np.stack([(pixels >> shift) & 0xFF for shift in (16, 8, 0)], axis=-1)  # (H, W, 3)
-    a = alpha[..., None]
-    rgb = np.where(a == 0, 0, (rgb * 255 + a // 2) // np.maximum(a, 1))
-    rgba = np.concatenate([rgb, a], axis=-1).astype(np.uint8)  # (H, W, 4)
-    return Image.fromarray(rgba, "RGBA")
+    pixels[alpha == 0] = 0
+    part = np.flatnonzero(alpha - np.uint32(1) < 254)  # 0 < alpha < 255
+    if part.size:
+        argb, a = pixels[part], alpha[part]
+        r, g, b = ((((argb >> shift) & 0xFF) * 255 + a // 2) // a for shift in (16, 8, 0))
+        pixels[part] = (a << 24) | (r << 16) | (g << 8) | b
+    return Image.frombuffer("RGBA", (width, height), pixels, "raw", _CAIRO_ARGB32, 0, 1)
 
 
 def import_openclipart(cfg: OpenClipArtConfig, out: str | Path) -> ImportResult:
