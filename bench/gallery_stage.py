@@ -126,10 +126,10 @@ def main() -> None:
         runs: dict[str, list[dict]] = {"old": [], "new": []}
         for repeat in range(args.repeats):
             for name in ("old", "new") if repeat % 2 == 0 else ("new", "old"):
-                out = scratch / f"{name}-{repeat}"
+                out = scratch / f"{name}-{repeat}" / "openclipart"  # the name lands in dataset.json
                 runs[name].append(run_once(trees[name], out, args, scratch))
                 print(f"{name} run {repeat + 1}: {runs[name][-1]}", flush=True)
-        identical = same_output(scratch / "old-0", scratch / "new-0")
+        identical = same_output(scratch / "old-0/openclipart", scratch / "new-0/openclipart")
     summary = {
         name: {
             "wall_s_per_image": round(per_image(r, "wall_s"), 4),
