@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import html
-import io
 import logging
 import os
 import re
 import signal
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+from PIL import Image
 
 from index_builder.data.common import (
     ImportResult,
@@ -32,6 +36,8 @@ from index_builder.manifest import Record
 log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = "/usr/share/openclipart/svg"
+SVG_DPI = 96  # cairosvg.svg2png's default
+_CAIRO_ARGB32 = "BGRA" if sys.byteorder == "little" else "ARGB"  # native-endian 0xAARRGGBB
 VERSION = 1  # bump when captions or rendering change, so old galleries are rebuilt
 GENERIC_TITLES = {
     "",
@@ -97,6 +103,8 @@ NOISE_KEYWORDS = {
     "remix",
 }
 _CREDIT = re.compile(r"^\s*clip\s*art\s+by\s+[^-]*-\s*", re.IGNORECASE)
+# the elements cairosvg draws with its text code (surface.TAGS), with or without a prefix
+_TEXT = re.compile(rb"<(?:[\w.-]+:)?(?:text|tspan|textPath|a)\b")
 _FILE_LIKE = re.compile(r"\.(svgz?|png|jpe?g|gif|ai|eps)\b|^(img|dsc|image|drawing|file)\s*\d*$")
 
 
@@ -318,15 +326,73 @@ def render_svg(job: tuple[str, str, int, int, bool]) -> str | None:
         signal.signal(signal.SIGALRM, previous)
 
 
-def _rasterise(src: str, side: int):
-    """The SVG at `side` pixels along its longer edge, as RGBA."""
-    import cairosvg
-    from PIL import Image
+def _rasterise(src: str, side: int) -> Image.Image:
+    """The SVG at `side` pixels along its longer edge, as RGBA.
 
-    image = Image.open(io.BytesIO(cairosvg.svg2png(url=src, output_width=side)))
-    if image.height > image.width:
-        image = Image.open(io.BytesIO(cairosvg.svg2png(url=src, output_height=side)))
-    return image.convert("RGBA")
+    The same pixels as decoding `cairosvg.svg2png(url=src, output_width=side)`, or
+    `output_height=side` when that comes out taller than wide, at about half the cost: the
+    file is parsed once, the orientation of an SVG without text is worked out before
+    drawing instead of by drawing it (a portrait one was drawn twice), and the pixels are
+    read from cairo's surface instead of being encoded to PNG and decoded back.
+    """
+    from cairosvg.parser import Tree
+    from cairosvg.surface import PNGSurface
+
+    tree = Tree(url=src)  # what svg2png parses; drawing changes the tree, sizing does not
+    if not _TEXT.search(Path(src).read_bytes()):
+        probe = _size_probe()(tree, None, SVG_DPI, output_width=side)
+        tall = probe.height > probe.width
+        fit = {"output_height": side} if tall else {"output_width": side}
+        return _pixels(PNGSurface(tree, None, SVG_DPI, **fit))  # output None: no PNG
+    wide = PNGSurface(tree, None, SVG_DPI, output_width=side)
+    if wide.height <= wide.width:
+        return _pixels(wide)
+    wide.finish()
+    # Text is drawn with cairo's font caches, and glyphs drawn at the wide scale change how
+    # the tall drawing comes out (measured: computer/hardware/various_servers_01.svg);
+    # svg2png drew every SVG wide first, so text SVGs still are, for the same pixels.
+    return _pixels(PNGSurface(Tree(url=src), None, SVG_DPI, output_height=side))
+
+
+def _pixels(surface: Any) -> Image.Image:
+    image = straight_rgba(surface.cairo)
+    surface.finish()
+    return image
+
+
+@cache
+def _size_probe() -> type:
+    """A PNGSurface that sizes itself exactly as PNGSurface does (same rounding, same
+    errors), then draws nothing. Made on first use: cairosvg loads the cairo library."""
+    from cairosvg.surface import PNGSurface
+
+    class SizeProbe(PNGSurface):
+        def draw(self, node: Any) -> None:
+            pass
+
+    return SizeProbe
+
+
+def straight_rgba(surface: Any) -> Image.Image:
+    """A cairo ARGB32 image surface as a PIL RGBA image, as cairo's own PNG writer stores it.
+
+    cairo keeps colour premultiplied by alpha; its PNG writer (unpremultiply_data in
+    cairo-png.c) divides it out rounding to nearest and writes 0 for transparent pixels.
+    PIL's "RGBa" unpacker truncates instead, so the division is done here, on the few
+    pixels that are neither transparent nor opaque.
+    """
+    surface.flush()
+    width, height, stride = surface.get_width(), surface.get_height(), surface.get_stride()
+    rows = np.frombuffer(surface.get_data(), dtype=np.uint8).reshape(height, stride)
+    pixels = rows[:, : 4 * width].copy().view(np.uint32).ravel()  # (H*W,) 0xAARRGGBB
+    alpha = pixels >> 24
+    pixels[alpha == 0] = 0
+    part = np.flatnonzero(alpha - np.uint32(1) < 254)  # 0 < alpha < 255
+    if part.size:
+        argb, a = pixels[part], alpha[part]
+        r, g, b = ((((argb >> shift) & 0xFF) * 255 + a // 2) // a for shift in (16, 8, 0))
+        pixels[part] = (a << 24) | (r << 16) | (g << 8) | b
+    return Image.frombuffer("RGBA", (width, height), pixels, "raw", _CAIRO_ARGB32, 0, 1)
 
 
 def import_openclipart(cfg: OpenClipArtConfig, out: str | Path) -> ImportResult:

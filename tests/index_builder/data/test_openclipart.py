@@ -1,9 +1,12 @@
 from __future__ import annotations
 
 import html
+import io
 import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -141,6 +144,62 @@ def test_a_hanging_svg_is_skipped(monkeypatch, tmp_path):
     assert time.monotonic() - start < 5
 
 
+def _svg2png_rgba(src: str, side: int) -> Image.Image:
+    """The reference `_rasterise` must match: what it did until 2026-12 (svg2png, decoded)."""
+    import cairosvg
+
+    image = Image.open(io.BytesIO(cairosvg.svg2png(url=src, output_width=side)))
+    if image.height > image.width:
+        image = Image.open(io.BytesIO(cairosvg.svg2png(url=src, output_height=side)))
+    return image.convert("RGBA")
+
+
+SHAPES = (
+    '<rect x="10" y="10" width="180" height="80" fill="#dd1111"/>'
+    '<circle cx="60" cy="50" r="30" fill="#1144cc" fill-opacity="0.37"/>'
+    '<ellipse cx="130" cy="50" rx="50" ry="20" fill="none" stroke="#22aa22" stroke-width="3"'
+    ' stroke-opacity="0.6"/>'
+)
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "body"),
+    [
+        (200, 100, SHAPES),  # wide
+        (100, 200, SHAPES),  # tall: drawn once, tall
+        (100, 101, SHAPES),  # nearly square, tall after rounding
+        (100, 200, SHAPES + '<text x="5" y="40" font-size="13">Fox 42</text>'),  # text, tall
+    ],
+)
+def test_rasterise_matches_svg2png_decoded(tmp_path, width, height, body):
+    path = svg(tmp_path / "a.svg", "A", body=body)
+    path.write_text(
+        path.read_text().replace('width="200" height="100"', f'width="{width}" height="{height}"')
+    )
+    fast = openclipart._rasterise(str(path), 128)
+    slow = _svg2png_rgba(str(path), 128)
+    assert fast.mode == "RGBA" and fast.size == slow.size
+    assert fast.tobytes() == slow.tobytes()
+    alpha = set(fast.getchannel("A").getdata())
+    assert {0, 255} < alpha  # partly transparent pixels were divided out too
+
+
+def test_straight_rgba_matches_cairos_png_writer():
+    import cairocffi as cairo
+
+    surface = cairo.ImageSurface(cairo.FORMAT_ARGB32, 256, 3)
+    context = cairo.Context(surface)
+    for row, (r, g, b) in enumerate([(1.0, 0.2, 0.6), (0.01, 0.99, 0.5), (0.3, 0.3, 0.3)]):
+        gradient = cairo.LinearGradient(0, 0, 256, 0)  # every alpha from 0 to 255
+        gradient.add_color_stop_rgba(0, r, g, b, 0)
+        gradient.add_color_stop_rgba(1, r, g, b, 1)
+        context.rectangle(0, row, 256, 1)
+        context.set_source(gradient)
+        context.fill()
+    expected = Image.open(io.BytesIO(surface.write_to_png())).convert("RGBA")
+    assert openclipart.straight_rgba(surface).tobytes() == expected.tobytes()
+
+
 def test_missing_package_is_one_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="apt-get install openclipart-svg"):
         import_openclipart(OpenClipArtConfig(str(tmp_path / "nope")), tmp_path / "ds")
@@ -179,3 +238,28 @@ def test_real_package_captions_match_the_svg_metadata(tmp_path):
         image = Image.open(out / record.image)
         assert image.size == (64, 64)
         assert len(set(image.getdata())) > 1  # something was drawn
+
+
+def _digest_in_a_fresh_process(call: str, src: str) -> str:
+    """SHA-1 of the RGBA pixels of `call(src, 512)`, drawn by a process that drew nothing
+    before: which scale a text was first drawn at changes its later drawings (cairo's font
+    caches), so two drawings in one process cannot tell the two ways apart."""
+    code = (
+        "import hashlib, sys\n"
+        "from tests.index_builder.data import test_openclipart as t\n"
+        f"image = {call}(sys.argv[1], 512)\n"
+        "print(image.size, hashlib.sha1(image.tobytes()).hexdigest())\n"
+    )
+    root = Path(__file__).resolve().parents[3]
+    done = subprocess.run(
+        [sys.executable, "-c", code, src], cwd=root, capture_output=True, text=True, check=True
+    )
+    return done.stdout.strip()
+
+
+@pytest.mark.skipif(not REAL.is_dir(), reason="openclipart-svg is not installed")
+def test_rasterise_matches_svg2png_on_a_tall_svg_with_text():
+    src = str(REAL / "computer/hardware/various_servers_01.svg")  # drawn tall, with text
+    fast = _digest_in_a_fresh_process("t.openclipart._rasterise", src)
+    assert fast.startswith("(362, 512)")
+    assert fast == _digest_in_a_fresh_process("t._svg2png_rgba", src)
