@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "seconds": round(time.perf_counter() - start, 1),
         "runs": runs,
+        "order": list(runs),
         "trained_on": trained,
         "in_domain": {
             n: {k: m[k] for k in ("i2t_r1", "t2i_r1", "rsum")} for n, m in in_domain.items()
@@ -101,7 +102,8 @@ def render(result: dict, report_dir: Path) -> str:
     suites = next(iter(result["zero_shot"].values()))
     head = ["run", "trained on", "in-domain RSUM"] + list(suites)
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, scores in result["zero_shot"].items():
+    for name in result["order"]:
+        scores = result["zero_shot"][name]
         cells = [name, result["trained_on"][name], f"{result['in_domain'][name]['rsum']:.1f}"]
         cells += [headline(scores[suite]) for suite in suites]
         lines.append("| " + " | ".join(cells) + " |")
