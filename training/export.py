@@ -8,6 +8,7 @@ variants record what they do to retrieval: top-10 agreement with fp32 and R@K on
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import tempfile
 import warnings
@@ -239,10 +240,11 @@ def retrieval_effect(
 
 def step_zero_checkpoint(recipe: str, sets: list[str]) -> Path:
     """The recipe's model as built, before any training, saved as a checkpoint under
-    $COTS_HOME/runs/<name>-step0 (what a run's step 0 is)."""
+    $COTS_HOME/runs/<name>-step0[-<hash of the overrides>] (what a run's step 0 is)."""
     cfg = load_config(recipe, sets)
     model = build_model(model_config(cfg)).eval()
-    out = paths.home() / "runs" / f"{cfg.name}-step0"
+    tag = hashlib.sha256("\n".join(sets).encode()).hexdigest()[:8] if sets else ""
+    out = paths.home() / "runs" / "-".join(filter(None, (cfg.name, "step0", tag)))
     return save_checkpoint(out, model, {"step": 0, "recipe": cfg.name, "overrides": sets})
 
 
