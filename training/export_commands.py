@@ -19,7 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     source.add_argument(
         "--recipe",
         help="a recipe's model before any training (its pretrained towers; with the semantic "
-        "branch, ConSE): its step-0 checkpoint is written to $COTS_HOME/runs/RECIPE-step0 (-HASH with --set)",
+        "branch, ConSE): its step-0 checkpoint is written to $COTS_HOME/runs/RECIPE-step0 "
+        "(-HASH with --set)",
     )
     parser.add_argument(
         "--set",
