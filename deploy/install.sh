@@ -10,7 +10,14 @@
 set -euo pipefail
 profile="${1:-dev}"
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-pip_install() { python3 -m pip install --disable-pip-version-check -q "$@"; }
+# Quiet on a terminal; in a log, pip's own lines ("Collecting ...", "Installing ...") show
+# that it works (a quiet pip left the log silent for 40 s).
+pip_verbosity=(-q)
+[ -t 1 ] || pip_verbosity=(--progress-bar off)
+pip_install() {
+  echo "install.sh: pip install $*"
+  python3 -m pip install --disable-pip-version-check "${pip_verbosity[@]}" "$@"
+}
 
 apt_packages=(libcairo2)
 # The zero-shot suites' data (`cots eval-zero-shot`): Fashion-MNIST and two wallpaper sets.
