@@ -492,29 +492,21 @@ def build_image_tower(config: ModelConfig, load_weights: bool = True) -> nn.Modu
 
 def build_text_tower(config: ModelConfig, load_weights: bool = True) -> nn.Module:
     """The text tower with its pretrained weights (when configured and `load_weights`)."""
-    vocab_size = TextTokenizer(config.tokenizer_json(), config.context_length).vocab_size
+    shape = {
+        "vocab_size": TextTokenizer(config.tokenizer_json(), config.context_length).vocab_size,
+        "width": config.text_width,
+        "layers": config.text_layers,
+        "heads": config.text_heads,
+        "intermediate": config.text_intermediate,
+    }
     if config.text_tower == "clip":
         clip = ClipTextTower(
-            vocab_size=vocab_size,
-            width=config.text_width,
-            layers=config.text_layers,
-            heads=config.text_heads,
-            intermediate=config.text_intermediate,
-            context_length=config.text_max_positions,
-            activation=config.clip_activation,
+            **shape, context_length=config.text_max_positions, activation=config.clip_activation
         )
         if load_weights and config.text_weights:
             _load_clip_weights(clip, config.text_weights)
         return clip
-    tower = BertTower(
-        vocab_size=vocab_size,
-        width=config.text_width,
-        layers=config.text_layers,
-        heads=config.text_heads,
-        intermediate=config.text_intermediate,
-        max_positions=config.text_max_positions,
-        pooling=config.text_pooling,
-    )
+    tower = BertTower(**shape, max_positions=config.text_max_positions, pooling=config.text_pooling)
     if load_weights and config.text_weights:
         _load_text_weights(tower, config.text_weights)
     return tower
