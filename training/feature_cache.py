@@ -40,6 +40,7 @@ from index_builder.progress import progress
 from training.evaluate import retrieval_metrics, split_records
 from training.model import TwoTower
 from training.sources import per_gallery_metrics
+from training.towers.weights import tensor_digest
 
 log = logging.getLogger(__name__)
 VERSION = 1
@@ -80,16 +81,6 @@ class SplitFeatures:
         width = self.text_tokens.shape[1] if self.text_tokens is not None else 1
         length = torch.from_numpy(self.text_lengths[rows])[:, None]
         return (torch.arange(width)[None, :] < length).long()
-
-
-def tensor_digest(module: nn.Module) -> str:
-    """sha256 over every tensor of `module` (names, dtypes, shapes, bytes)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        flat = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(flat.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def dataset_fingerprint(dataset: str | Path, split: str) -> str:

@@ -11,7 +11,6 @@ projects its output into the joint space beside the visual projection (training/
 from __future__ import annotations
 
 import hashlib
-import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,8 +22,8 @@ from torch import nn
 
 from index_builder import paths
 from index_builder.preprocess import TextTokenizer, sha256_file
+from training.towers.weights import tensor_digest
 
-log = logging.getLogger(__name__)
 CLASS_FILES = {"imagenet": Path(__file__).parent / "data" / "imagenet_classes.tsv"}
 CLASS_TEXT_LENGTH = 128  # tokens of a class text (sentence-transformers' limit is 256)
 
@@ -107,10 +106,8 @@ def embed_class_texts(
 
 
 def _cache_key(text_tower: nn.Module, tokenizer_json: Path, texts: list[str]) -> str:
-    digest = hashlib.sha256(sha256_file(tokenizer_json).encode())
+    digest = hashlib.sha256(f"{sha256_file(tokenizer_json)}\n{tensor_digest(text_tower)}".encode())
     digest.update(f"{CLASS_TEXT_LENGTH}\n".encode() + "\n".join(texts).encode())
-    for name, tensor in sorted(text_tower.state_dict().items()):
-        digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:32]
 
 
@@ -126,34 +123,31 @@ def conse_basis(dim: int, class_embeddings: torch.Tensor) -> torch.Tensor:
     return torch.linalg.svd(centred, full_matrices=True).Vh[:dim]
 
 
+PROJECTIONS = ("image_proj", "text_proj", "semantic_proj")
+
+
 @torch.no_grad()
-def wise(
-    semantic_proj: nn.Linear,
-    text_proj: nn.Linear,
-    image_proj: nn.Linear,
-    class_embeddings: torch.Tensor,
-    alpha: float,
-) -> None:
-    """WiSE-FT (Wortsman et al., CVPR 2022): the projections become alpha * trained +
+def wise(model: nn.Module, alpha: float) -> None:
+    """WiSE-FT (Wortsman et al., CVPR 2022): `model`'s projections become alpha * trained +
     (1 - alpha) * their ConSE start (`conse_start`), in place. The towers are shared and
     frozen, so this is the whole weight-space ensemble of the trained and the zero-shot model."""
-    q = conse_basis(text_proj.weight.shape[0], class_embeddings.float())
-    for proj, start in ((semantic_proj, q), (text_proj, q), (image_proj, None)):
-        proj.weight.mul_(alpha)
-        if start is not None:
-            proj.weight.add_((1.0 - alpha) * start.to(proj.weight))
+    q = conse_basis(model.text_proj.weight.shape[0], model.semantic.class_embeddings.float())
+    for name in PROJECTIONS:
+        weight = getattr(model, name).weight
+        weight.mul_(alpha)
+        if name != "image_proj":  # the visual projection starts at zero
+            weight.add_((1.0 - alpha) * q.to(weight))
 
 
 @contextmanager
 def wise_mixed(model: nn.Module, alpha: float) -> Iterator[None]:
     """Inside: `model`'s projections are the WiSE-FT mix (`wise`); after: as they were.
     alpha = 1 (or a model without the semantic branch) changes nothing."""
-    names = ("image_proj", "text_proj", "semantic_proj")
     if alpha >= 1.0 or model.semantic is None:
         yield
         return
-    saved = {name: getattr(model, name).weight.detach().clone() for name in names}
-    wise(*(getattr(model, n) for n in reversed(names)), model.semantic.class_embeddings, alpha)
+    saved = {name: getattr(model, name).weight.detach().clone() for name in PROJECTIONS}
+    wise(model, alpha)
     try:
         yield
     finally:

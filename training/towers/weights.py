@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -101,3 +102,13 @@ def load_strict(
         )
     module.load_state_dict({**{k: own[k] for k in new if k in own}, **state}, strict=True)
     log.info("loaded %d tensors into %s from %s", len(state), type(module).__name__, source)
+
+
+def tensor_digest(module: nn.Module) -> str:
+    """sha256 over every tensor of `module` (names, dtypes, shapes, bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
