@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from index_builder.atomic import atomic_write_json
 from index_builder.bundle import Bundle
 from index_builder.encoders import ImageEncoder
 from training.export import export_bundle, step_zero_checkpoint
@@ -71,7 +72,7 @@ def main() -> None:
         "cpus": os.cpu_count(),
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "semantic_cost.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_json(RESULTS / "semantic_cost.json", report)
     print(json.dumps(report, indent=2))
 
 

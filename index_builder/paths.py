@@ -24,3 +24,13 @@ def bundle_dir(name: str) -> Path:
 
 def index_root(name: str) -> Path:
     return home() / "indexes" / name
+
+
+def named_path(word: str) -> tuple[str, Path]:
+    """NAME=PATH, or a bare PATH named after its last component."""
+    name, sep, path = word.partition("=")
+    if not sep:
+        return Path(word).name or word, Path(word)
+    if not name or not path:
+        raise ValueError(f"expected NAME=PATH, got {word!r}")
+    return name, Path(path)

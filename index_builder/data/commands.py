@@ -120,9 +120,11 @@ def _webdataset(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from index_builder.data.merge import MergeConfig, import_merge, parse_galleries
+    from index_builder.data.merge import MergeConfig, import_merge
+    from index_builder.paths import named_path
 
-    return _report(import_merge(MergeConfig(parse_galleries(args.galleries)), _out(args)))
+    galleries = tuple(named_path(word) for word in args.galleries)
+    return _report(import_merge(MergeConfig(galleries), _out(args)))
 
 
 def _to_webdataset(args: argparse.Namespace) -> int:

@@ -34,15 +34,6 @@ class MergeConfig:
             manifest_path(path)  # FileNotFoundError naming the missing dataset
 
 
-def parse_galleries(specs: list[str]) -> tuple[tuple[str, Path], ...]:
-    """["NAME=DIR", ...] or plain directories (named by their folder)."""
-    out = []
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        out.append((name, Path(path)) if sep else (Path(spec).name, Path(spec)))
-    return tuple(out)
-
-
 def import_merge(cfg: MergeConfig, out: Path) -> ImportResult:
     out = Path(out)
     manifests = [manifest_path(path) for _, path in cfg.galleries]

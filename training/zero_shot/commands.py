@@ -6,6 +6,8 @@ import argparse
 import shlex
 from pathlib import Path
 
+from index_builder.paths import named_path
+
 DEFAULT_SUITES = ("fashion-mnist", "skimage", "photos")
 
 
@@ -65,16 +67,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--threads", type=int, default=None, help="ONNX Runtime threads (default: its choice)"
     )
     parser.set_defaults(func=_eval_zero_shot)
-
-
-def named_path(word: str) -> tuple[str, Path]:
-    """NAME=PATH, or a bare PATH named after its last component."""
-    name, sep, path = word.partition("=")
-    if not sep:
-        return Path(word).name or word, Path(word)
-    if not name or not path:
-        raise ValueError(f"expected NAME=PATH, got {word!r}")
-    return name, Path(path)
 
 
 def command_line(args: argparse.Namespace) -> str:
