@@ -15,7 +15,13 @@ from torch import nn
 
 from index_builder.preprocess import ImageSpec, TextSpec, TextTokenizer, default_tokenizer_json
 from index_builder.video import VideoSpec
-from training.semantic import SemanticHead, class_texts, conse_start, embed_class_texts
+from training.semantic import (
+    SemanticHead,
+    class_file,
+    class_texts,
+    conse_start,
+    embed_class_texts,
+)
 from training.shared_transformer import POOLING as SHARED_POOLING
 from training.shared_transformer import SharedTransformer
 from training.towers import weights
@@ -154,6 +160,7 @@ class ModelConfig:
             )
         if self.shared_layers:
             raise ValueError("semantic_classes does not combine with shared_layers (COOKIE)")
+        class_file(self.semantic_classes)  # a missing class file fails before any weights load
         if self.semantic_temperature <= 0 or self.semantic_top < 0:
             raise ValueError(
                 f"semantic_temperature must be > 0 and semantic_top >= 0, got "
