@@ -3,9 +3,54 @@
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
 
 # Keep BLAS/torch to the 2 cores CI has and avoid oversubscription between processes.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+@pytest.fixture(scope="session")
+def milvus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One real Milvus server (`cots milvus start`: Milvus 2.3.5 standalone from the `milvus`
+    wheel) for the whole session, on free ports of its own (never 19530) with its data under
+    pytest's tmp dir; yields its URI, "http://127.0.0.1:PORT". The binaries unpack once into
+    ~/.cache/cots-milvus, so later sessions start in a few seconds."""
+    from index_builder.backends.milvus import server
+
+    data_dir = tmp_path_factory.mktemp("milvus-server")
+    port, metrics_port = server.free_ports(2)
+    try:
+        state = server.start(data_dir, port, metrics_port, timeout=180)
+    except server.ServerError as exc:
+        pytest.fail(f"{exc}\n" + "\n".join(exc.log_tail), pytrace=False)
+    yield state.uri
+    server.stop(data_dir, grace=5.0)  # its data is thrown away: no need to wait longer
+
+
+@pytest.fixture
+def milvus_uri(milvus_server: str) -> Iterator[str]:
+    """A URI to a fresh, empty database on the session's Milvus server,
+    "http://127.0.0.1:PORT/DB" (pymilvus reads the database from the path); the database and
+    every collection in it are dropped after the test."""
+    from pymilvus import MilvusClient
+
+    name = f"t{uuid.uuid4().hex[:16]}"
+    admin = MilvusClient(uri=milvus_server)
+    admin.create_database(name)
+    uri = f"{milvus_server}/{name}"
+    yield uri
+    inside = MilvusClient(uri=uri)
+    for collection in inside.list_collections():
+        # (list_aliases looks in the default database on Milvus 2.3: describe_collection does not)
+        for alias in inside.describe_collection(collection).get("aliases", []):
+            inside.drop_alias(alias)
+        inside.drop_collection(collection)
+    inside.close()
+    admin.drop_database(name)
+    admin.close()
