@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -35,22 +34,20 @@ def milvus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture
 def milvus_uri(milvus_server: str) -> Iterator[str]:
-    """A URI to a fresh, empty database on the session's Milvus server,
-    "http://127.0.0.1:PORT/DB" (pymilvus reads the database from the path); the database and
-    every collection in it are dropped after the test."""
+    """The session's Milvus server for one test, "http://127.0.0.1:PORT", empty before and
+    after the test: every alias and collection in it is dropped. (One database per test would
+    not isolate: Milvus 2.3 resolves aliases in the default database whatever the client's.)"""
+    empty_milvus(milvus_server)
+    yield milvus_server
+    empty_milvus(milvus_server)
+
+
+def empty_milvus(uri: str) -> None:
     from pymilvus import MilvusClient
 
-    name = f"t{uuid.uuid4().hex[:16]}"
-    admin = MilvusClient(uri=milvus_server)
-    admin.create_database(name)
-    uri = f"{milvus_server}/{name}"
-    yield uri
-    inside = MilvusClient(uri=uri)
-    for collection in inside.list_collections():
-        # (list_aliases looks in the default database on Milvus 2.3: describe_collection does not)
-        for alias in inside.describe_collection(collection).get("aliases", []):
-            inside.drop_alias(alias)
-        inside.drop_collection(collection)
-    inside.close()
-    admin.drop_database(name)
-    admin.close()
+    client = MilvusClient(uri=uri)
+    for alias in client.list_aliases()["aliases"]:
+        client.drop_alias(alias)
+    for collection in client.list_collections():
+        client.drop_collection(collection)
+    client.close()
