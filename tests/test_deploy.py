@@ -33,6 +33,7 @@ NON_SETTINGS_ENV = {
     "COTS_HOME": ROOT / "index_builder" / "paths.py",
     "COTS_EDITABLE": INSTALL,
     "COTS_WITH_MILVUS": INSTALL,
+    "COTS_VENV": INSTALL,
     "COTS_MILVUS_CACHE": ROOT / "index_builder" / "backends" / "milvus" / "server.py",
 }
 # Packages a serving host does not have (the train extra); `cots serve` must work without them.
