@@ -27,6 +27,7 @@ from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -189,9 +190,12 @@ def log_tail(data_dir: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
     return [line[:400] for line in text.splitlines()[-lines:]]
 
 
-def write_config(data_dir: Path, port: int, internal: dict[str, int]) -> Path:
-    """milvus.yaml (rendered by the wheel's template) and the embedded etcd's own config;
-    returns the etcd config's path."""
+def write_config(
+    data_dir: Path, port: int, internal: dict[str, int], settings: dict[str, Any]
+) -> Path:
+    """milvus.yaml (rendered by the wheel's template, with `settings`: dotted keys the
+    template has, such as dataCoord.segment.assignmentExpiration) and the embedded etcd's own
+    config; returns the etcd config's path."""
     from milvus import MilvusServerConfig
 
     config = MilvusServerConfig(data_dir=str(data_dir))
@@ -202,6 +206,8 @@ def write_config(data_dir: Path, port: int, internal: dict[str, int]) -> Path:
         config.set(f"{component}.ip", HOST)
     # Milvus 2.3 may hang in its graceful stop; it forces its own exit after this (default 1800 s)
     config.set("common.gracefulStopTimeout", GRACEFUL_STOP_S)
+    for key, value in settings.items():
+        config.set(key, value)
     config.write_config()
     client = f"http://{HOST}:{internal['etcd_port']}"
     peer = f"http://{HOST}:{internal.pop('etcd_peer_port')}"
@@ -254,11 +260,13 @@ def internal_ports(data_dir: Path) -> dict[str, int]:
     return chosen
 
 
-def launch(data_dir: Path, port: int, metrics_port: int, bin_dir: Path) -> State:
+def launch(
+    data_dir: Path, port: int, metrics_port: int, bin_dir: Path, settings: dict[str, Any]
+) -> State:
     """Write the configuration and start the server in its own session; record its state."""
     data_dir = data_dir.resolve()
     internal = internal_ports(data_dir)
-    etcd_config = write_config(data_dir, port, dict(internal))
+    etcd_config = write_config(data_dir, port, dict(internal), settings)
     env = {
         **os.environ,
         "DEPLOY_MODE": "STANDALONE",
@@ -322,13 +330,16 @@ def start(
     timeout: float = START_TIMEOUT_S,
     progress: Callable[[str], None] = lambda line: None,
     bin_dir: Path | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> State:
-    """Start a server on `data_dir` and wait until it is healthy; returns its state."""
+    """Start a server on `data_dir` and wait until it is healthy; returns its state.
+    `settings`: milvus.yaml keys to change (dotted, e.g. {"dataCoord.segment.
+    assignmentExpiration": 200}); keys the template lacks are ignored by the wheel's renderer."""
     data_dir = data_dir or default_data_dir()
     check_not_running(data_dir)
     check_ports(port, metrics_port)
     bin_dir = bin_dir or binaries(progress=progress)
-    state = launch(data_dir, port, metrics_port, bin_dir)
+    state = launch(data_dir, port, metrics_port, bin_dir, settings or {})
     progress(f"started Milvus (pid {state.pid}); waiting for {state.uri} to become healthy")
     wait_healthy(state, timeout, progress)
     return state

@@ -13,6 +13,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import yaml
 
 from index_builder.backends.milvus import commands, server
 
@@ -187,7 +188,12 @@ def test_a_killed_server_keeps_its_rows_on_restart(tmp_path):
     from pymilvus import MilvusClient
 
     data = tmp_path / "milvus"
-    state = server.start(data, *server.free_ports(2), timeout=120)
+    flush = {"dataCoord.segment.assignmentExpiration": 300}
+    state = server.start(data, *server.free_ports(2), timeout=120, settings=flush)
+    config = yaml.safe_load((data / "configs" / "milvus.yaml").read_text())
+    assert config["dataCoord"]["segment"]["assignmentExpiration"] == 300
+    assert config["common"]["gracefulStopTimeout"] == server.GRACEFUL_STOP_S
+    assert config["proxy"]["port"] == int(state.uri.rsplit(":", 1)[1])
     client = MilvusClient(uri=state.uri)
     client.create_collection("kept", dimension=4)
     client.insert("kept", [{"id": i, "vector": [1.0, 0.0, 0.0, float(i)]} for i in range(5)])
