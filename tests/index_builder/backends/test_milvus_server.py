@@ -188,11 +188,14 @@ def test_a_killed_server_keeps_its_rows_on_restart(tmp_path):
     from pymilvus import MilvusClient
 
     data = tmp_path / "milvus"
-    flush = {"dataCoord.segment.assignmentExpiration": 300}
-    state = server.start(data, *server.free_ports(2), timeout=120, settings=flush)
+    # a restart after a kill waits for the killed server's sessions in etcd to expire: a
+    # 10 s lease instead of 30 s keeps the wait short
+    settings = {"dataCoord.segment.assignmentExpiration": 300, "common.session.ttl": 10}
+    state = server.start(data, *server.free_ports(2), timeout=120, settings=settings)
     config = yaml.safe_load((data / "configs" / "milvus.yaml").read_text())
     assert config["dataCoord"]["segment"]["assignmentExpiration"] == 300
     assert config["common"]["gracefulStopTimeout"] == server.GRACEFUL_STOP_S
+    assert config["common"]["session"]["ttl"] == 10
     assert config["proxy"]["port"] == int(state.uri.rsplit(":", 1)[1])
     client = MilvusClient(uri=state.uri)
     client.create_collection("kept", dimension=4)
@@ -201,7 +204,7 @@ def test_a_killed_server_keeps_its_rows_on_restart(tmp_path):
     assert server.stop(data, grace=0.5) == state
     assert not server.alive(state.pid)
 
-    again = server.start(data, *server.free_ports(2), timeout=120)
+    again = server.start(data, *server.free_ports(2), timeout=120, settings=settings)
     # the components keep their ports: the sessions left in etcd still name the right addresses
     assert again.internal_ports == state.internal_ports
     try:
