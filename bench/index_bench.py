@@ -180,7 +180,7 @@ def bench_index(factory: str, base, queries, truth, target: float, floor_s: floa
     }
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -210,6 +210,11 @@ def main() -> None:
         help="keep what --out already holds: other sizes, and at a re-run size the factories "
         "not run again (commands joined with &&)",
     )
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     try:
         check_factories(args.sizes, args.factories, args.dim)
