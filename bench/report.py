@@ -1,6 +1,6 @@
 """Collect bench/results/*.json into docs/benchmarks.md: machine, tables, plots, commands.
 
-    python bench/report.py [--results bench/results] [--out docs/benchmarks.md]
+    python -m bench.report [--results bench/results] [--out docs/benchmarks.md]
 
 Every figure the issues ask for has a section, declared by its benchmark (a `FIGURE`: title,
 result files, command, renderer, plots); this module only assembles them in order. A figure

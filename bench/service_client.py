@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench.service_assets import Queries
 
-STAGES = (("decode", "image"), ("encode", "text"), ("search", "text"))
+STAGES: tuple[tuple[str, str], ...] = (("decode", "image"), ("encode", "text"), ("search", "text"))
 STAGES += (("encode", "image"), ("search", "image"))
 
 
