@@ -25,8 +25,10 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-from collection_bench import make_data, rows_for, unit
 
+from bench.collection_bench import make_data, rows_for, unit
+from bench.figure import Figure
+from bench.tables import table
 from index_builder import collection
 from index_builder.backends import BackendConfig, open_store
 from index_builder.backends.base import IndexOptions
@@ -148,6 +150,39 @@ def main() -> None:
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
+
+
+def backend_tables(data: dict) -> str:
+    """One row per backend run: index, build, recall (recorded and measured), latency,
+    filtered search and the cost of a change; the result's own caveat first."""
+    rows = [
+        {
+            "backend": run["backend"],
+            "index": run["index"],
+            "search params": run["search_params"],
+            "build s": run["build_seconds"],
+            "recall@10 recorded": run["recorded_recall_at_10"],
+            "recall@10": run["search"]["recall_at_10"],
+            "p50 ms": run["search"]["p50_ms"],
+            "p99 ms": run["search"]["p99_ms"],
+            "batch 32, ms/query": run["search"]["batch32_ms_per_query"],
+            "filtered 10%: recall@10": run["filtered_10pct"]["recall_at_10"],
+            "filtered 10%: p50 ms": run["filtered_10pct"]["p50_ms"],
+            "add 1%, s": run["add_1pct_seconds"],
+        }
+        for run in data.get("runs", [])
+    ]
+    note = f"{data['note'][0].upper()}{data['note'][1:]}.\n\n" if data.get("note") else ""
+    size = f"{data.get('size')} items of dimension {data.get('dim')}.\n\n"
+    return note + size + table(rows)
+
+
+FIGURE = Figure(
+    "Search backends: FAISS files and Milvus (milvus-lite)",
+    "backends*.json",
+    "python bench/backends.py --size 100000 --threads 2",
+    render=backend_tables,
+)
 
 
 if __name__ == "__main__":

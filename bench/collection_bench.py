@@ -24,6 +24,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from bench.figure import Figure
 from index_builder import collection
 from index_builder.backends.base import IndexOptions
 from index_builder.backends.faiss import faiss_index
@@ -151,6 +152,13 @@ def main() -> None:
         }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
+
+
+FIGURE = Figure(
+    "Filtered search and live changes of a collection",
+    "collection*.json",
+    "python bench/collection_bench.py --size 100000 --threads 2",
+)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.figure import Figure, note
 from index_builder import embed
 from index_builder.atomic import atomic_write_json
 from index_builder.bundle import Bundle
@@ -143,6 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_json(args.out, report)
     print(f"wrote {args.out}")
     return 0
+
+
+FIGURE = Figure(
+    "Gallery embedding on CPU, end to end",
+    "embed_gallery*.json",
+    "python bench/embed_gallery.py --bundle BUNDLE --data cots-data/datasets/openclipart",
+    note=note("embed_gallery"),
+)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.figure import Figure
+from bench.tables import flatten, generic, table
 from index_builder.encoders import ImageEncoder, TextEncoder
 
 RESULTS = Path(__file__).parent / "results"
@@ -109,6 +111,22 @@ def main() -> None:
     report["command"] = shlex.join(["python", "bench/embed_throughput.py", *sys.argv[1:]])
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
+
+
+def variant_tables(data: dict) -> str:
+    """embed_throughput: the settings, then one row per bundle variant (fp32, int8, ...)."""
+    variants = {k: v for k, v in data.items() if isinstance(v, dict) and "images_per_s" in v}
+    rows = [{"variant": name, **flatten(row)} for name, row in variants.items()]
+    rest = generic({k: v for k, v in data.items() if k not in variants})
+    return f"{rest}\n\n{table(rows)}" if rows else rest
+
+
+FIGURE = Figure(
+    "Embedding throughput per bundle variant",
+    "embed_throughput*.json",
+    "python bench/embed_throughput.py",
+    render=variant_tables,
+)
 
 
 if __name__ == "__main__":

@@ -165,7 +165,7 @@ def delta(base: dict[str, float], now: dict[str, float]) -> dict[str, float]:
 
 
 def run_child(way: str, root: Path) -> dict[str, Any]:
-    command = [sys.executable, __file__, "--child", way, "--root", str(root)]
+    command = [sys.executable, "-m", "bench.rows_memory", "--child", way, "--root", str(root)]
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(out.splitlines()[-1])
 

@@ -88,7 +88,8 @@ def main() -> None:
     rows = []
     for recipe in ("clip", "cots"):
         for setting in SETTINGS:
-            cmd = [sys.executable, __file__, "--one", recipe, setting, "--preset", args.preset]
+            cmd = [sys.executable, "-m", "bench.train_throughput", "--one", recipe, setting]
+            cmd += ["--preset", args.preset]
             cmd += ["--steps", str(args.steps), "--batch", str(args.batch)]
             cmd += ["--image-size", str(args.image_size)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout

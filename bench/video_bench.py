@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.figure import Figure
+
 ROOT = Path(__file__).resolve().parents[1]
 POOLINGS = ("meanP", "seqTransf")
 
@@ -145,6 +147,13 @@ def main() -> int:
     print(json.dumps(result["evaluation"], indent=2))
     print(json.dumps(result["indexing"], indent=2))
     return 0
+
+
+FIGURE = Figure(
+    "Text-to-video: meanP vs seqTransf, video indexing throughput",
+    "video*.json",
+    "python bench/video_bench.py --count 400 --threads 1",
+)
 
 
 if __name__ == "__main__":
