@@ -1,7 +1,7 @@
 """A repeatable attack on the search service (issue 25 and the round before): one table.
 
-    python bench/attack.py                                    # FAISS and milvus-lite
-    python bench/attack.py --backends faiss --settle-seconds 10   # quicker, FAISS only
+    python -m bench.attack                                    # FAISS and milvus-lite
+    python -m bench.attack --backends faiss --settle-seconds 10   # quicker, FAISS only
 
 Each backend gets its own `cots serve` subprocess (127.0.0.1, an admin key) over the colour
 towers of index_builder/synthetic.py. Each case sends its bad requests while a second thread
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, ok, detail in checked:
         print(f"{({True: 'PASS', False: 'FAIL'}).get(ok, 'N/A ')}  {name}: {detail}")
     results = {
-        "command": shlex.join(["python", "bench/attack.py", *sys.argv[1:]]),
+        "command": shlex.join(["python", "-m", "bench.attack", *sys.argv[1:]]),
         "machine": {
             "cpus": os.cpu_count(),
             "load_average_1m": round(os.getloadavg()[0], 2),
@@ -226,7 +226,7 @@ def _extras(extra: dict[str, Any]) -> str:
 FIGURE = Figure(
     "Service attack (issue 25)",
     "attack*.json",
-    "python bench/attack.py",
+    "python -m bench.attack",
     note="Bad requests, a burst of maximum-size images, files truncated and a change "
     "killed under a running server (FAISS and milvus-lite, the colour towers): the "
     "issue's goals, then one row per case. `5xx` excludes the documented answers about "

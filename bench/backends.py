@@ -2,7 +2,7 @@
 recall@10 against exact search, query latency, filtered search and the cost of a change,
 on one synthetic gallery.
 
-    python bench/backends.py --size 100000 --threads 2
+    python -m bench.backends --size 100000 --threads 2
 
 milvus-lite is the embedded edition: one process, a gRPC server in threads over FAISS and
 Arrow files. It is not a Milvus cluster (query nodes, segment sealing, GPU indexes), so its
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shlex
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ import faiss
 import numpy as np
 
 from bench.collection_bench import make_data, rows_for, unit
-from bench.figure import Figure
+from bench.figure import Figure, command_line
 from bench.tables import table
 from index_builder import collection
 from index_builder.backends import BackendConfig, open_store
@@ -139,7 +138,7 @@ def main() -> None:
         runs = [run("faiss", "AUTO", Path(tmp) / "f", args, data)]
         runs += [run("milvus", i, Path(tmp) / f"m-{i}", args, data) for i in args.milvus_index]
     result = {
-        "command": "python " + shlex.join(sys.argv),
+        "command": command_line("backends", sys.argv[1:]),
         "machine": f"{platform.processor() or platform.machine()}, {args.threads} threads",
         "note": "milvus-lite is the embedded edition (a gRPC server in the searching process "
         "over FAISS and Arrow files), not a Milvus cluster: its figures are the interface's "
@@ -180,7 +179,7 @@ def backend_tables(data: dict) -> str:
 FIGURE = Figure(
     "Search backends: FAISS files and Milvus (milvus-lite)",
     "backends*.json",
-    "python bench/backends.py --size 100000 --threads 2",
+    "python -m bench.backends --size 100000 --threads 2",
     render=backend_tables,
 )
 

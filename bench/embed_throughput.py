@@ -3,7 +3,7 @@
 Exports a preset's towers (pretrained package weights where the preset names them) to fp32
 and int8 bundles, then times ONNX Runtime through `index_builder.encoders` on this machine.
 
-    python bench/embed_throughput.py --preset lite --threads 2
+    python -m bench.embed_throughput --preset lite --threads 2
 
 Random pixels, the towers alone: no decoding (bench/embed_gallery.py times that too). The
 load average is recorded: with threads > 1, ONNX Runtime's spinning worker threads lose much
@@ -108,7 +108,7 @@ def main() -> None:
     out = Path(args.out or RESULTS / f"embed_throughput_{args.preset}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     report["load_average_1m_after"] = os.getloadavg()[0]
-    report["command"] = shlex.join(["python", "bench/embed_throughput.py", *sys.argv[1:]])
+    report["command"] = shlex.join(["python", "-m", "bench.embed_throughput", *sys.argv[1:]])
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
 
@@ -124,7 +124,7 @@ def variant_tables(data: dict) -> str:
 FIGURE = Figure(
     "Embedding throughput per bundle variant",
     "embed_throughput*.json",
-    "python bench/embed_throughput.py",
+    "python -m bench.embed_throughput",
     render=variant_tables,
 )
 

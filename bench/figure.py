@@ -4,6 +4,7 @@ assembles them in order."""
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,3 +63,9 @@ def barh(labels: list[str], values: list[float], xlabel: str, out: Path) -> Path
     ax.invert_yaxis()
     ax.set_xlabel(xlabel)
     return save(fig, out)
+
+
+def command_line(module: str, argv: list[str]) -> str:
+    """The command that reruns a benchmark, as recorded in its result: `python -m bench.NAME`
+    and its arguments (never the machine's path to the file)."""
+    return shlex.join(["python", "-m", f"bench.{module}", *argv])

@@ -4,8 +4,8 @@ Synthetic unit vectors stand in for a gallery: clustered "image" embeddings, and
 queries that are noisy copies of images (another modality near, not on, the gallery).
 Exact search cannot beat the memory-bandwidth floor N*D*4 bytes / bandwidth per query.
 
-    python bench/index_bench.py --sizes 10000 100000 1000000 --threads 2
-    python bench/index_bench.py --sizes 1000000 --factories Flat 'IVF{nlist},Flat' \
+    python -m bench.index_bench --sizes 10000 100000 1000000 --threads 2
+    python -m bench.index_bench --sizes 1000000 --factories Flat 'IVF{nlist},Flat' \
         --merge                     # add a 1M row set to bench/results/index_bench.json
 
 In --factories, `{nlist}` becomes the IVF list count index_builder chooses for each size
@@ -122,7 +122,7 @@ def check_factories(sizes: list[int], chosen: list[str] | None, dim: int) -> Non
 
 def start_report(args: argparse.Namespace) -> dict:
     """A fresh report, or with --merge the one at --out (same dim and threads required)."""
-    command = shlex.join(["python", "bench/index_bench.py", *sys.argv[1:]])
+    command = shlex.join(["python", "-m", "bench.index_bench", *sys.argv[1:]])
     report: dict = {
         "host": platform.processor() or platform.machine(),
         "threads": args.threads,
@@ -340,7 +340,7 @@ def _scatter(
 FIGURE = Figure(
     "Index types: recall, latency, gallery size",
     "index_bench*.json",
-    "python bench/index_bench.py",
+    "python -m bench.index_bench",
     (
         Plot("recall_latency", plot_recall_latency, "recall@10 against latency per index type"),
         Plot("latency_size", plot_latency_size, "latency against gallery size per index type"),

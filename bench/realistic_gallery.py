@@ -1,6 +1,6 @@
 """Realistic embedding galleries of any size, modelled on real embeddings of real galleries.
 
-    python bench/realistic_gallery.py --real cots-data/real-embeddings/openclipart \
+    python -m bench.realistic_gallery --real cots-data/real-embeddings/openclipart \
         cots-data/real-embeddings/emoji cots-data/real-embeddings/synthetic --size 1000000
 
 Random unit vectors have no cluster structure and no modality gap, so an index benchmarked on
@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         "same_size_comparison": compared["stats"],
         "generated": {"size": args.size, "sample_seconds": round(sample_s, 1), **big},
         "picture": shown(args.picture),
-        "command": shlex.join(["python", "bench/realistic_gallery.py", *sys.argv[1:]]),
+        "command": shlex.join(["python", "-m", "bench.realistic_gallery", *sys.argv[1:]]),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
@@ -428,7 +428,7 @@ REAL_EMBEDDINGS = " ".join(
 FIGURE = Figure(
     "Realistic 1M gallery: real against generated embeddings",
     "realistic_gallery*.json",
-    f"python bench/realistic_gallery.py --real {REAL_EMBEDDINGS} --size 1000000",
+    f"python -m bench.realistic_gallery --real {REAL_EMBEDDINGS} --size 1000000",
     note=note("realistic"),
     render=gallery_tables,
 )

@@ -2,7 +2,7 @@
 with frozen and with partly unfrozen towers. Each setting runs in its own process so that
 its peak RSS (resource.getrusage) is its own.
 
-    python bench/train_throughput.py [--preset lite] [--steps 6] [--batch 32] [--image-size 224]
+    python -m bench.train_throughput [--preset lite] [--steps 6] [--batch 32] [--image-size 224]
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def main() -> None:
         "note": "one optimiser step = online (+ momentum for cots) forward, backward, AdamW, "
         "queue/EMA update; synthetic batch, no data loading; shared machine, so indicative",
         "results": rows,
-        "command": shlex.join(["python", "bench/train_throughput.py", *sys.argv[1:]]),
+        "command": shlex.join(["python", "-m", "bench.train_throughput", *sys.argv[1:]]),
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")

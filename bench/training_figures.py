@@ -98,20 +98,20 @@ def plot_objectives(data: Any, out: Path) -> Path | None:
 TWO_STREAM = Figure(
     "Two-stream vs single-stream cross-encoder",
     "two_stream_vs_cross*.json",
-    "python bench/two_stream_vs_cross.py --presets tiny,lite",
+    "python -m bench.two_stream_vs_cross --presets tiny,lite",
     (Plot("ratio", plot_ratio, "two-stream vs cross-encoder: time ratio (log scale)"),),
     render=ratio_tables,
 )
 TRAIN_THROUGHPUT = Figure(
     "Training throughput per recipe",
     "train_throughput*.json",
-    "python bench/train_throughput.py --preset lite",
+    "python -m bench.train_throughput --preset lite",
     (Plot("train", plot_train, "training throughput per recipe"),),
 )
 OBJECTIVE_COST = Figure(
     "Training cost of each COTS objective",
     "objective_cost*.json",
-    "python bench/objective_cost.py --preset tiny",
+    "python -m bench.objective_cost --preset tiny",
     (Plot("objectives", plot_objectives, "training throughput per objective"),),
 )
 ABLATION = Figure(
@@ -134,13 +134,13 @@ COOKIE_LADDER = Figure(
 NOISE_FILTER = Figure(
     "Adaptive momentum filter on noisy pairs",
     "noise_filter*.json",
-    "python bench/noise_filter.py --data cots-data/datasets/openclipart "
+    "python -m bench.noise_filter --data cots-data/datasets/openclipart "
     "--lam 2 --lam 1 --lam 0.5 "
     "&& cp cots-data/runs/noise-filter/noise_filter.json bench/results/",
 )
 GPU_TRAIN = Figure(
     "Training and embedding on a GPU",
     "gpu_train*.json",
-    "python bench/gpu_train.py --device cuda",
+    "python -m bench.gpu_train --device cuda",
     note=note("gpu"),
 )

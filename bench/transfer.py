@@ -1,6 +1,6 @@
 """Transfer: checkpoints trained on one gallery, scored zero-shot on galleries they never saw.
 
-    python bench/transfer.py \
+    python -m bench.transfer \
         --run clip-cpu:0=RUNS/ladder-cookie/seed-0/clip --run cots-cpu:0=RUNS/cots-cpu-s0 ... \
         --eval openclipart:test=DATA/openclipart --eval emoji:all=DATA/emoji \
         --eval synthetic:all=DATA/synthetic --out bench/results/transfer.json
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             {"recipe": recipe, "seed": 0, "gallery": gallery, "split": split, "metrics": metrics}
         )
     rows = summarize(records)
-    command = "python bench/transfer.py " + " ".join(
+    command = "python -m bench.transfer " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
     )
     atomic_write_json(args.out, {"command": command, "summary": rows, "runs": records})
@@ -236,7 +236,7 @@ def transfer_tables(data: dict) -> str:
 FIGURE = Figure(
     "Transfer to galleries never trained on",
     "transfer*.json",
-    "python bench/transfer.py --run RECIPE:SEED=RUN ... --eval NAME:SPLIT=DATASET ... "
+    "python -m bench.transfer --run RECIPE:SEED=RUN ... --eval NAME:SPLIT=DATASET ... "
     "--out bench/results/transfer_cpu.json",
     render=transfer_tables,
 )

@@ -1,6 +1,6 @@
 """Text-to-video on the synthetic video gallery: meanP vs seqTransf, and indexing throughput.
 
-    python bench/video_bench.py [--home cots-data] [--count 400] [--threads 1]
+    python -m bench.video_bench [--home cots-data] [--count 400] [--threads 1]
 
 Runs the real commands (a stage whose output exists is reused): `cots data synthetic-video`,
 `cots train cots-video-cpu` once per pooling, `cots eval` on the test split, `cots export` and
@@ -135,7 +135,7 @@ def main() -> int:
         {"step": "data", "command": "cots " + " ".join(made), "seconds": cots(*made, env=env)}
     )
     result = {
-        "command": f"python bench/video_bench.py --count {args.count} --threads {args.threads}",
+        "command": f"python -m bench.video_bench --count {args.count} --threads {args.threads}",
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "gallery": f"synthetic-video, {args.count} clips (96 px, 16 frames, 8 fps), seed 0",
         "evaluation": evaluation(home, data, env, steps),
@@ -152,7 +152,7 @@ def main() -> int:
 FIGURE = Figure(
     "Text-to-video: meanP vs seqTransf, video indexing throughput",
     "video*.json",
-    "python bench/video_bench.py --count 400 --threads 1",
+    "python -m bench.video_bench --count 400 --threads 1",
 )
 
 

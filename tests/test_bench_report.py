@@ -100,14 +100,14 @@ def test_commands_recorded_or_explained(built):
     assert "Command: `python bench/two_stream_vs_cross.py --presets tiny`" in text
     assert (
         "Command (not recorded in the JSON; how to run it): "
-        "`python bench/train_throughput.py --preset lite`" in text
+        "`python -m bench.train_throughput --preset lite`" in text
     )
 
 
 def test_missing_results_are_listed_as_not_run(built):
     text, _ = built
-    assert "not run yet: `python bench/objective_cost.py --preset tiny`" in text
-    assert "not run yet: `python bench/embed_throughput.py`" in text
+    assert "not run yet: `python -m bench.objective_cost --preset tiny`" in text
+    assert "not run yet: `python -m bench.embed_throughput`" in text
     assert "not run yet: `python -m bench.service_load --demo-images 2000`" in text
 
 
