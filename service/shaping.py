@@ -4,12 +4,14 @@ envelope every search shares (per-query results, `hits` the first's, bundle and 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 from fastapi import Request, Response
 from pydantic_core import to_json
 
+from index_builder.backends.base import Hit
 from index_builder.search import Searcher
 from service.errors import InvalidInput
 from service.settings import Settings
@@ -17,7 +19,7 @@ from service.settings import Settings
 THUMBNAIL_SIZE = 256  # the longest side of the thumbnails hits link to
 IMAGE_HIT_KEYS = ("id", "score", "rank", "captions", "meta")
 TEXT_HIT_KEYS = ("id", "score", "rank", "text", "meta")
-Hits = list[dict[str, Any]]
+Hits = list[Hit]
 
 
 def page(k: int | None, offset: int, settings: Settings) -> tuple[int, int]:
@@ -40,37 +42,37 @@ def image_url(request: Request, image_id: str) -> str:
     return f"{request.scope.get('root_path', '')}/images/{quote(image_id, safe='')}"
 
 
-def links(request: Request, gallery: Searcher, image_id: str, paths: bool) -> dict[str, Any]:
-    """The URLs of a gallery image, and its server path when paths are exposed."""
+def links(request: Request, image_id: str, path: str | None) -> dict[str, Any]:
+    """The URLs of a gallery image, and its server `path` when paths are exposed (given)."""
     url = image_url(request, image_id)
     shaped = {"url": url, "thumbnail_url": f"{url}?size={THUMBNAIL_SIZE}"}
-    if paths:
-        shaped["image_path"] = str(gallery.image_path(image_id))
+    if path is not None:
+        shaped["image_path"] = path
     return shaped
 
 
-def image_hit(
-    request: Request, gallery: Searcher, hit: dict[str, Any], paths: bool
-) -> dict[str, Any]:
-    """An `ImageHit`: its fields in order, a None one left out."""
-    shaped = {key: hit[key] for key in IMAGE_HIT_KEYS}
-    return {**shaped, **links(request, gallery, hit["id"], paths)}
+def image_hit(request: Request, searcher: Searcher, hit: Hit, paths: bool) -> dict[str, Any]:
+    """An `ImageHit`: its fields in order, a None one left out, its links from its row."""
+    fields = Searcher.hit("image", hit)
+    shaped = {key: fields[key] for key in IMAGE_HIT_KEYS}
+    path = str(Path(hit.item["image"])) if paths else None
+    return {**shaped, **links(request, shaped["id"], path)}
 
 
-def text_hit(
-    request: Request, gallery: Searcher, hit: dict[str, Any], paths: bool
-) -> dict[str, Any]:
+def text_hit(request: Request, searcher: Searcher, hit: Hit, paths: bool) -> dict[str, Any]:
     """A `TextHit`; a caption also links the image it describes, when the index serves it
     (the image may have been deleted on its own: a lookup of that image, not of the hit)."""
-    shaped = {key: hit[key] for key in TEXT_HIT_KEYS}
-    image_id = hit.get("image_id")
+    fields = Searcher.hit("text", hit)
+    shaped = {key: fields[key] for key in TEXT_HIT_KEYS}
+    image_id = fields.get("image_id")
     if image_id is None:
         return shaped
     shaped["image_id"] = image_id
-    index = gallery.index
+    index = searcher.index
     if not index.has("image") or index.row_of("image", image_id) is None:
         return shaped
-    return {**shaped, **links(request, gallery, image_id, paths)}
+    path = str(searcher.image_path(image_id)) if paths else None
+    return {**shaped, **links(request, image_id, path)}
 
 
 def video_links(request: Request, video_id: str, keyframes: int) -> dict[str, Any]:
@@ -92,7 +94,7 @@ def envelope(
     labels: list[str],
     pages: list[list[Any]],
     page: tuple[int, int],
-    gallery: Searcher,
+    searcher: Searcher,
     start: float,
 ) -> dict[str, Any]:
     """The fields every search response shares, around one page of shaped hits per query."""
@@ -101,8 +103,8 @@ def envelope(
         "k": page[0],
         "offset": page[1],
         "took_ms": round((time.perf_counter() - start) * 1000, 3),
-        "bundle_id": gallery.bundle.bundle_id,
-        "index_version": gallery.version,
+        "bundle_id": searcher.bundle.bundle_id,
+        "index_version": searcher.version,
         "exhausted": exhausted[0],
         "hits": pages[0],
         "results": [
@@ -115,7 +117,7 @@ def envelope(
 def respond(
     request: Request,
     settings: Settings,
-    gallery: Searcher,
+    searcher: Searcher,
     side: str,
     labels: list[str],
     found: list[Hits],
@@ -131,7 +133,7 @@ def respond(
     cost ~30 us more per 10-hit response (tests check each body against its model)."""
     make_hit = SHAPES[side]
     pages = [
-        [make_hit(request, gallery, hit, settings.expose_paths) for hit in hits] for hits in found
+        [make_hit(request, searcher, hit, settings.expose_paths) for hit in hits] for hits in found
     ]
-    body = envelope(labels, pages, page, gallery, start)
+    body = envelope(labels, pages, page, searcher, start)
     return Response(to_json(body, inf_nan_mode="null"), media_type="application/json")

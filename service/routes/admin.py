@@ -42,7 +42,7 @@ async def reload(request: Request, engine: EngineDep) -> ReloadResponse:
     if body.strip():
         await require_json(request)
         version = validate(ReloadRequest, parse_json(body)).version
-    if engine.gallery is None and engine.load_error is None:
+    if engine.searcher is None and engine.load_error is None:
         raise NotReady("the service is still loading")
     previous, served = await engine.reload(version)
     return ReloadResponse(

@@ -36,13 +36,13 @@ async def text_search(
     item_id = getattr(query, "id", None)
     if item_id is not None:
         asked = page(query.k, query.offset, settings)
-        gallery, hits = await engine.similar(side, item_id, *asked, filter=query.filter)
-        return respond(request, settings, gallery, side, [item_id], [hits], asked, start)
+        searcher, hits = await engine.similar(side, item_id, *asked, filter=query.filter)
+        return respond(request, settings, searcher, side, [item_id], [hits], asked, start)
     texts = [query.text] if query.text is not None else list(query.texts or [])
     check_texts(texts, query.text is not None, settings)
     asked = page(query.k, query.offset, settings)
-    gallery, found = await engine.search("text", side, texts, *asked, filter=query.filter)
-    return respond(request, settings, gallery, side, texts, found, asked, start)
+    searcher, found = await engine.search("text", side, texts, *asked, filter=query.filter)
+    return respond(request, settings, searcher, side, texts, found, asked, start)
 
 
 async def image_search(
@@ -50,15 +50,15 @@ async def image_search(
 ) -> Any:
     """Uploaded images (or an indexed item's id) searched on `side`, shaped likewise."""
     start = time.perf_counter()
-    gallery = engine.current()  # a 503 before reading a large body
+    searcher = engine.current()  # a 503 before reading a large body
     query = await read_image_search(request, settings, model)
     asked = page(query.k, query.offset, settings)
     if query.id is not None:
-        gallery, hits = await engine.similar(side, query.id, *asked, filter=query.filter)
-        return respond(request, settings, gallery, side, [query.id], [hits], asked, start)
+        searcher, hits = await engine.similar(side, query.id, *asked, filter=query.filter)
+        return respond(request, settings, searcher, side, [query.id], [hits], asked, start)
     # Preprocess with this searcher's bundle and encode with its encoders, even if a swap
     # to another bundle happens meanwhile.
-    spec = gallery.bundle.image_spec
+    spec = searcher.bundle.image_spec
     decode = partial(
         images.images_to_pixels, query.names, query.payloads, spec, settings, engine.metrics
     )
@@ -66,10 +66,10 @@ async def image_search(
         pixels = await engine.decode(decode)
     else:
         pixels = await run_in_threadpool(decode)
-    gallery, found = await engine.search(
-        "image", side, pixels, *asked, filter=query.filter, gallery=gallery
+    searcher, found = await engine.search(
+        "image", side, pixels, *asked, filter=query.filter, searcher=searcher
     )
-    return respond(request, settings, gallery, side, query.names, found, asked, start)
+    return respond(request, settings, searcher, side, query.names, found, asked, start)
 
 
 @router.post(

@@ -265,13 +265,13 @@ def test_searches_run_with_search_threads_openmp_threads(settings_for, open_clie
     from index_builder.search import Searcher
 
     seen: list[int] = []
-    search = Searcher.search
+    search = Searcher.find
 
     def recording(self, *args, **kwargs):
         seen.append(faiss.omp_get_max_threads())
         return search(self, *args, **kwargs)
 
-    monkeypatch.setattr(Searcher, "search", recording)
+    monkeypatch.setattr(Searcher, "find", recording)
     with open_client(settings_for(search_threads=3, batch_workers=2)) as c:
         assert c.post("/search/text-to-image", json={"text": "red"}).status_code == 200
         assert c.post("/search/image-to-image", json={"id": "red"}).status_code == 200
