@@ -220,8 +220,8 @@ def _search_part(jobs: list[Job], vectors: np.ndarray) -> list[Hits]:
     read)."""
     start = min(job.offset for job in jobs)
     depth = max(job.offset + job.k for job in jobs) - start
-    job = jobs[0]
-    found = job.searcher.find(job.side, vectors, depth, start, filter=job.filter)
+    job = jobs[0]  # its side is checked (`check_side_and_filter`): straight to the index
+    found = job.searcher.index.find(job.side, vectors, depth, offset=start, filter=job.filter)
     return [
         hits[job.offset - start : job.offset - start + job.k]
         for job, hits in zip(jobs, found, strict=True)

@@ -14,7 +14,7 @@ import asyncio
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.responses import FileResponse, Response
@@ -24,11 +24,12 @@ from index_builder.backends.base import Hit, Version
 from index_builder.search import Searcher, SideMissing
 from index_builder.video import VideoError, VideoLimits
 from index_builder.video_index import is_video_row
-from service.bodies import check_texts, read_clip, read_json, validate
-from service.deps import EngineDep, SettingsDep, require_json
+from service.bodies import Clip, check_texts, read_clip
+from service.deps import EngineDep, RequestBody, SettingsDep, json_body
 from service.engine import Engine, check_side_and_filter
 from service.errors import InvalidInput, NotFound, TooLarge, UnsupportedMedia
-from service.routes.openapi import CLIP_BODY, SEARCH_ERRORS, api_router, json_body
+from service.forms import ClipForm
+from service.routes.openapi import SEARCH_ERRORS, api_router
 from service.schemas import TextQuery, TextSearchResponse, VideoHit, VideoInfo, VideoSearchResponse
 from service.settings import Settings
 from service.shaping import envelope, page, respond, video_links
@@ -49,7 +50,8 @@ def upload_limits(settings: Settings) -> VideoLimits:
 router = api_router(tags=["video"])
 
 
-def videos_of(engine: Engine) -> Searcher:
+async def video_searcher(engine: EngineDep) -> Searcher:
+    """The served searcher, when it holds videos (404 `side_absent`; 503 while loading)."""
     searcher = engine.current()
     try:
         searcher.require_videos()
@@ -58,18 +60,30 @@ def videos_of(engine: Engine) -> Searcher:
     return searcher
 
 
+def text_limit(settings: Settings) -> int:
+    return settings.max_text_body_bytes
+
+
+async def read_clip_form(request: Request, settings: Settings) -> Clip:
+    return await read_clip(request, upload_limits(settings))
+
+
+VideoSearcher = Annotated[Searcher, Depends(video_searcher)]
+TextBody = Annotated[TextQuery, Depends(json_body(TextQuery, text_limit))]
+ClipBody = Annotated[Clip, Depends(RequestBody(read_clip_form, {"multipart/form-data": ClipForm}))]
+
+
 @router.post(
     "/search/text-to-video",
     response_model=VideoSearchResponse,
-    dependencies=[Depends(require_json)],
-    openapi_extra=json_body(TextQuery),
     responses=SEARCH_ERRORS,
 )
-async def text_to_video(request: Request, engine: EngineDep, settings: SettingsDep) -> Any:
+async def text_to_video(
+    request: Request, engine: EngineDep, settings: SettingsDep, query: TextBody
+) -> Any:
     """Search gallery videos with text: the text tower encodes, the videos' vectors answer."""
     start = time.perf_counter()
-    query = validate(TextQuery, await read_json(request, settings.max_text_body_bytes))
-    searcher = videos_of(engine)
+    searcher = await video_searcher(engine)
     texts = [query.text] if query.text is not None else list(query.texts or [])
     check_texts(texts, query.text is not None, settings)
     asked = page(query.k, query.offset, settings)
@@ -106,20 +120,22 @@ async def decode_clip(
 @router.post(
     "/search/video-to-text",
     response_model=TextSearchResponse,
-    openapi_extra=CLIP_BODY,
     responses=SEARCH_ERRORS,
 )
-async def video_to_text(request: Request, engine: EngineDep, settings: SettingsDep) -> Any:
+async def video_to_text(
+    request: Request,
+    engine: EngineDep,
+    settings: SettingsDep,
+    searcher: VideoSearcher,  # a 404 or 503 before reading a large body
+    clip: ClipBody,
+) -> Any:
     """Search texts with a video clip (multipart `video`): its sampled frames go through the
     image tower and the temporal pooling, the text index answers."""
     start = time.perf_counter()
-    searcher = videos_of(engine)  # a 404 or 503 before reading a large body
-    limits = upload_limits(settings)
-    name, data, fields = await read_clip(request, limits)
-    asked = page(fields["k"], fields["offset"], settings)
-    query = await decode_clip(engine, searcher, data, limits, name)
-    searcher, found = await search_video(engine, searcher, query, asked, fields["filter"])
-    return respond(request, settings, searcher, "text", [name], [found], asked, start)
+    asked = page(clip.k, clip.offset, settings)
+    query = await decode_clip(engine, searcher, clip.data, upload_limits(settings), clip.name)
+    searcher, found = await search_video(engine, searcher, query, asked, clip.filter)
+    return respond(request, settings, searcher, "text", [clip.name], [found], asked, start)
 
 
 async def search_video(

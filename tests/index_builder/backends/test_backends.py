@@ -126,7 +126,7 @@ def test_find_returns_each_hit_with_its_row_read_by_the_search(store, monkeypatc
         reads: list[list[int]] = []
         rows_at = loaded.rows_at
 
-        def counted(side, wanted, rows_at=rows_at):
+        def counted(side, wanted, rows_at=rows_at, reads=reads):
             reads.append(list(wanted))
             return rows_at(side, wanted)
 
