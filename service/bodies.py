@@ -139,6 +139,11 @@ _OFF_LOOP_BYTES = 1 << 16  # larger bodies are parsed in a worker thread, not on
 MAX_SEARCH_VALUES = 1 << 16
 
 
+def text_limit(settings: Settings) -> int:
+    """The byte limit of a text search's body (COTS_MAX_TEXT_BODY_BYTES)."""
+    return settings.max_text_body_bytes
+
+
 async def read_json(request: Request, limit: int, max_values: int | None = None) -> Any:
     """The request body as JSON, read up to `limit` bytes (a large one parsed off the event
     loop: /health must not wait for it); with `max_values`, a body with that many commas or

@@ -45,7 +45,7 @@ class Job:
     the side it searches, the page (`k` hits from rank `offset` + 1) and the metadata
     filter."""
 
-    query: Any  # str for text, (3, S, S) float32 pixels for an image
+    query: str | np.ndarray  # a text, or (3, S, S) float32 pixels of an image
     searcher: Searcher
     side: str
     k: int

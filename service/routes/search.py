@@ -11,7 +11,13 @@ from fastapi.concurrency import run_in_threadpool
 
 from index_builder.search import Searcher
 from service import images
-from service.bodies import MAX_SEARCH_VALUES, ImageSearch, check_texts, read_image_search
+from service.bodies import (
+    MAX_SEARCH_VALUES,
+    ImageSearch,
+    check_texts,
+    read_image_search,
+    text_limit,
+)
 from service.deps import EngineDep, RequestBody, ServedSearcher, SettingsDep, json_body
 from service.engine import Engine
 from service.forms import ImageForm
@@ -76,10 +82,6 @@ async def image_search(
         "image", side, pixels, *asked, filter=query.filter, searcher=searcher
     )
     return respond(request, settings, searcher, side, query.names, found, asked, start)
-
-
-def text_limit(settings: Settings) -> int:
-    return settings.max_text_body_bytes
 
 
 def image_body(model: type[ImageQuery]) -> RequestBody[ImageSearch]:

@@ -16,6 +16,7 @@ from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 from fastapi import Depends, Request
 from fastapi.responses import FileResponse, Response
 from starlette.concurrency import run_in_threadpool
@@ -24,7 +25,7 @@ from index_builder.backends.base import Hit, Version
 from index_builder.search import Searcher, SideMissing
 from index_builder.video import VideoError, VideoLimits
 from index_builder.video_index import is_video_row
-from service.bodies import Clip, check_texts, read_clip
+from service.bodies import Clip, check_texts, read_clip, text_limit
 from service.deps import EngineDep, RequestBody, SettingsDep, json_body
 from service.engine import Engine, check_side_and_filter
 from service.errors import InvalidInput, NotFound, TooLarge, UnsupportedMedia
@@ -34,6 +35,7 @@ from service.schemas import TextQuery, TextSearchResponse, VideoHit, VideoInfo, 
 from service.settings import Settings
 from service.shaping import envelope, page, respond, video_links
 
+Frames = tuple[np.ndarray, np.ndarray]  # a clip's (pixels (N, 3, S, S), mask (N,))
 ERROR_OF = {"too_large": TooLarge, "unsupported": UnsupportedMedia, "invalid": InvalidInput}
 
 
@@ -58,10 +60,6 @@ async def video_searcher(engine: EngineDep) -> Searcher:
     except SideMissing as exc:
         raise NotFound(f"{exc}: build one from videos with a video bundle", "side_absent") from None
     return searcher
-
-
-def text_limit(settings: Settings) -> int:
-    return settings.max_text_body_bytes
 
 
 async def read_clip_form(request: Request, settings: Settings) -> Clip:
@@ -102,7 +100,7 @@ def video_hit(request: Request, hit: Hit) -> VideoHit:
 
 async def decode_clip(
     engine: Engine, searcher: Searcher, data: bytes, limits: VideoLimits, label: str
-) -> Any:
+) -> Frames:
     """(pixels, mask) of an uploaded clip, decoded in the engine's decode pool (not the
     encoders') within the time limit (the decoder also stops itself at the deadline)."""
     try:
@@ -139,7 +137,11 @@ async def video_to_text(
 
 
 async def search_video(
-    engine: Engine, searcher: Searcher, query: Any, page: tuple[int, int], filter: Any
+    engine: Engine,
+    searcher: Searcher,
+    query: Frames,
+    page: tuple[int, int],
+    filter: dict[str, Any] | None,
 ) -> tuple[Searcher, list[Hit]]:
     """One video query: encoded with `searcher`'s encoders in the encoder pool, then searched
     on its text side (the filter checked first)."""
