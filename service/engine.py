@@ -9,7 +9,7 @@ import logging
 import threading
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ import faiss
 import numpy as np
 
 from index_builder import filters
-from index_builder.backends.base import CorruptIndex, Hit
+from index_builder.backends.base import CorruptIndex, Hit, Version
 from index_builder.collection import ChangeResult
 from index_builder.search import Searcher
 from service.batching import MicroBatcher
@@ -37,6 +37,7 @@ from service.versions import Versions
 
 log = logging.getLogger(__name__)
 Hits = list[Hit]
+Frames = tuple[np.ndarray, np.ndarray]  # a clip's (pixels (N, 3, S, S), mask (N,))
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,18 @@ class Job:
     def group(self) -> Hashable:
         """Jobs that one index search can answer together."""
         return id(self.searcher), self.side, json.dumps(self.filter, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class Found:
+    """A search's answer: the searcher it ran on, the hits of each query (rows included) and
+    the served images that caption hits describe (image id -> its server path when
+    COTS_EXPOSE_PATHS is on, else None), looked up in one batch off the event loop; an image
+    deleted on its own is absent."""
+
+    searcher: Searcher
+    hits: list[Hits]
+    described: dict[str, str | None] = field(default_factory=dict)
 
 
 class Engine(Versions):
@@ -125,7 +138,7 @@ class Engine(Versions):
         offset: int = 0,
         filter: dict[str, Any] | None = None,
         searcher: Searcher | None = None,
-    ) -> tuple[Searcher, list[Hits]]:
+    ) -> Found:
         """Encode `queries` ("text": strings, "image": pixel arrays) with one tower and search
         `side` of `searcher` (default: the current one) for the page (`k` from `offset`);
         returns the searcher used and the hits (with their rows) per query. Image routes pass
@@ -135,11 +148,11 @@ class Engine(Versions):
         jobs = [Job(query, searcher, side, k, offset, filter) for query in queries]
         with backend_errors(partial(self.mark_damaged, searcher)):
             found = await self.batchers[modality].submit(jobs)
-        return searcher, found
+            return await self.answer(searcher, side, found)
 
     async def similar(
         self, side: str, item_id: str, k: int, offset: int = 0, filter: dict[str, Any] | None = None
-    ) -> tuple[Searcher, Hits]:
+    ) -> Found:
         """'More like this': search `side` with the stored vector of item `item_id` (the item
         itself is not a hit); no encoder runs."""
         searcher = self.current()
@@ -155,7 +168,38 @@ class Engine(Versions):
                     hits = await loop.run_in_executor(None, self._in_search_threads, search)
             except KeyError:
                 raise unknown from None
-        return searcher, hits
+            return await self.answer(searcher, side, [hits])
+
+    async def search_video(
+        self, searcher: Searcher, query: Frames, k: int, offset: int, filter: dict[str, Any] | None
+    ) -> Found:
+        """One clip's (pixels, mask): encoded with `searcher`'s encoders in the encoder pool,
+        then searched on its text side (the filter checked first)."""
+        check_side_and_filter(searcher, "text", filter)
+        loop = asyncio.get_running_loop()
+
+        def run() -> Hits:
+            with self.metrics.timed("encode", "video"):
+                vectors = searcher.encoders.encode("video", [query])
+            with self.metrics.timed("search", "video"):
+                return searcher.find("text", vectors, k, offset, filter)[0]
+
+        with backend_errors(partial(self.mark_damaged, searcher)):
+            hits = await loop.run_in_executor(self.executor, run)
+            return await self.answer(searcher, "text", [hits])
+
+    async def answer(self, searcher: Searcher, side: str, hits: list[Hits]) -> Found:
+        """`hits` with the served images their captions describe (text side), looked up in
+        one batch in the default pool: a backend call never runs on the event loop."""
+        ids = {
+            str(h.item["image_id"]) for q in hits for h in q if h.item.get("image_id") is not None
+        }
+        if side != "text" or not ids or not searcher.index.has("image"):
+            return Found(searcher, hits)
+        loop = asyncio.get_running_loop()
+        paths = self.settings.expose_paths
+        described = await loop.run_in_executor(None, described_images, searcher.index, ids, paths)
+        return Found(searcher, hits, described)
 
     def _in_search_threads(self, search: Callable[[], Hits]) -> Hits:
         """`search()` with `search_threads` OpenMP threads: the setting is per thread, and
@@ -212,6 +256,16 @@ class Engine(Versions):
         """Delete `ids` from `side` (or every side holding them) as a new version, and serve
         it; an unknown id changes nothing (404)."""
         return await self.changes.delete(ids, side)
+
+
+def described_images(index: Version, ids: set[str], paths: bool) -> dict[str, str | None]:
+    """The live images of `ids` (id -> the server path of the file when `paths`, else None):
+    one batched lookup of the ids, and of the rows only when paths are wanted."""
+    rows = index.rows_of("image", ids)
+    if not paths:
+        return dict.fromkeys(rows)
+    items = index.rows_at("image", list(rows.values()))
+    return {image_id: str(Path(item["image"])) for image_id, item in zip(rows, items, strict=True)}
 
 
 def _search_part(jobs: list[Job], vectors: np.ndarray) -> list[Hits]:

@@ -13,6 +13,7 @@ from pydantic_core import to_json
 
 from index_builder.backends.base import Hit
 from index_builder.search import Searcher
+from service.engine import Found
 from service.errors import InvalidInput
 from service.settings import Settings
 
@@ -51,7 +52,9 @@ def links(request: Request, image_id: str, path: str | None) -> dict[str, Any]:
     return shaped
 
 
-def image_hit(request: Request, searcher: Searcher, hit: Hit, paths: bool) -> dict[str, Any]:
+def image_hit(
+    request: Request, hit: Hit, described: dict[str, str | None], paths: bool
+) -> dict[str, Any]:
     """An `ImageHit`: its fields in order, a None one left out, its links from its row."""
     fields = Searcher.hit("image", hit)
     shaped = {key: fields[key] for key in IMAGE_HIT_KEYS}
@@ -59,20 +62,20 @@ def image_hit(request: Request, searcher: Searcher, hit: Hit, paths: bool) -> di
     return {**shaped, **links(request, shaped["id"], path)}
 
 
-def text_hit(request: Request, searcher: Searcher, hit: Hit, paths: bool) -> dict[str, Any]:
-    """A `TextHit`; a caption also links the image it describes, when the index serves it
-    (the image may have been deleted on its own: a lookup of that image, not of the hit)."""
+def text_hit(
+    request: Request, hit: Hit, described: dict[str, str | None], paths: bool
+) -> dict[str, Any]:
+    """A `TextHit`; a caption also links the image it describes when the index serves it
+    (`described`: the image may have been deleted on its own)."""
     fields = Searcher.hit("text", hit)
     shaped = {key: fields[key] for key in TEXT_HIT_KEYS}
     image_id = fields.get("image_id")
     if image_id is None:
         return shaped
     shaped["image_id"] = image_id
-    index = searcher.index
-    if not index.has("image") or index.row_of("image", image_id) is None:
+    if image_id not in described:
         return shaped
-    path = str(searcher.image_path(image_id)) if paths else None
-    return {**shaped, **links(request, image_id, path)}
+    return {**shaped, **links(request, image_id, described[image_id] if paths else None)}
 
 
 def video_links(request: Request, video_id: str, keyframes: int) -> dict[str, Any]:
@@ -117,10 +120,9 @@ def envelope(
 def respond(
     request: Request,
     settings: Settings,
-    searcher: Searcher,
     side: str,
     labels: list[str],
-    found: list[Hits],
+    found: Found,
     page: tuple[int, int],
     start: float,
 ) -> Response:
@@ -130,10 +132,12 @@ def respond(
     The body is plain dicts that follow the route's response model (`ImageHit` / `TextHit`
     in an `ImageSearchResponse` / `TextSearchResponse`, None fields left out), serialised by
     pydantic-core as FastAPI would: building the models and FastAPI's validation of them
-    cost ~30 us more per 10-hit response (tests check each body against its model)."""
-    make_hit = SHAPES[side]
+    cost ~30 us more per 10-hit response (tests check each body against its model). Nothing
+    here calls the index: the hits carry their rows, `found.described` the images captions
+    describe."""
+    make_hit, paths = SHAPES[side], settings.expose_paths
     pages = [
-        [make_hit(request, searcher, hit, settings.expose_paths) for hit in hits] for hits in found
+        [make_hit(request, hit, found.described, paths) for hit in hits] for hits in found.hits
     ]
-    body = envelope(labels, pages, page, searcher, start)
+    body = envelope(labels, pages, page, found.searcher, start)
     return Response(to_json(body, inf_nan_mode="null"), media_type="application/json")

@@ -44,13 +44,13 @@ async def text_search(
     item_id = getattr(query, "id", None)
     if item_id is not None:
         asked = page(query.k, query.offset, settings)
-        searcher, hits = await engine.similar(side, item_id, *asked, filter=query.filter)
-        return respond(request, settings, searcher, side, [item_id], [hits], asked, start)
+        found = await engine.similar(side, item_id, *asked, filter=query.filter)
+        return respond(request, settings, side, [item_id], found, asked, start)
     texts = [query.text] if query.text is not None else list(query.texts or [])
     check_texts(texts, query.text is not None, settings)
     asked = page(query.k, query.offset, settings)
-    searcher, found = await engine.search("text", side, texts, *asked, filter=query.filter)
-    return respond(request, settings, searcher, side, texts, found, asked, start)
+    found = await engine.search("text", side, texts, *asked, filter=query.filter)
+    return respond(request, settings, side, texts, found, asked, start)
 
 
 async def image_search(
@@ -66,8 +66,8 @@ async def image_search(
     start = time.perf_counter()
     asked = page(query.k, query.offset, settings)
     if query.id is not None:
-        searcher, hits = await engine.similar(side, query.id, *asked, filter=query.filter)
-        return respond(request, settings, searcher, side, [query.id], [hits], asked, start)
+        found = await engine.similar(side, query.id, *asked, filter=query.filter)
+        return respond(request, settings, side, [query.id], found, asked, start)
     # Preprocess with this searcher's bundle and encode with its encoders, even if a swap
     # to another bundle happens meanwhile.
     spec = searcher.bundle.image_spec
@@ -78,10 +78,10 @@ async def image_search(
         pixels = await engine.decode(decode)
     else:
         pixels = await run_in_threadpool(decode)
-    searcher, found = await engine.search(
+    found = await engine.search(
         "image", side, pixels, *asked, filter=query.filter, searcher=searcher
     )
-    return respond(request, settings, searcher, side, query.names, found, asked, start)
+    return respond(request, settings, side, query.names, found, asked, start)
 
 
 def image_body(model: type[ImageQuery]) -> RequestBody[ImageSearch]:

@@ -16,7 +16,6 @@ from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
-import numpy as np
 from fastapi import Depends, Request
 from fastapi.responses import FileResponse, Response
 from starlette.concurrency import run_in_threadpool
@@ -27,7 +26,7 @@ from index_builder.video import VideoError, VideoLimits
 from index_builder.video_index import is_video_row
 from service.bodies import Clip, check_texts, read_clip, text_limit
 from service.deps import EngineDep, RequestBody, SettingsDep, json_body
-from service.engine import Engine, check_side_and_filter
+from service.engine import Engine, Frames
 from service.errors import InvalidInput, NotFound, TooLarge, UnsupportedMedia
 from service.forms import ClipForm
 from service.routes.openapi import SEARCH_ERRORS, api_router
@@ -35,7 +34,6 @@ from service.schemas import TextQuery, TextSearchResponse, VideoHit, VideoInfo, 
 from service.settings import Settings
 from service.shaping import envelope, page, respond, video_links
 
-Frames = tuple[np.ndarray, np.ndarray]  # a clip's (pixels (N, 3, S, S), mask (N,))
 ERROR_OF = {"too_large": TooLarge, "unsupported": UnsupportedMedia, "invalid": InvalidInput}
 
 
@@ -86,9 +84,9 @@ async def text_to_video(
     check_texts(texts, query.text is not None, settings)
     asked = page(query.k, query.offset, settings)
     where = searcher.video_filter(query.filter)
-    searcher, found = await engine.search("text", "image", texts, *asked, where, searcher)
-    pages = [[video_hit(request, hit) for hit in hits] for hits in found]
-    return VideoSearchResponse(**envelope(texts, pages, asked, searcher, start))
+    found = await engine.search("text", "image", texts, *asked, where, searcher)
+    pages = [[video_hit(request, hit) for hit in hits] for hits in found.hits]
+    return VideoSearchResponse(**envelope(texts, pages, asked, found.searcher, start))
 
 
 def video_hit(request: Request, hit: Hit) -> VideoHit:
@@ -132,29 +130,8 @@ async def video_to_text(
     start = time.perf_counter()
     asked = page(clip.k, clip.offset, settings)
     query = await decode_clip(engine, searcher, clip.data, upload_limits(settings), clip.name)
-    searcher, found = await search_video(engine, searcher, query, asked, clip.filter)
-    return respond(request, settings, searcher, "text", [clip.name], [found], asked, start)
-
-
-async def search_video(
-    engine: Engine,
-    searcher: Searcher,
-    query: Frames,
-    page: tuple[int, int],
-    filter: dict[str, Any] | None,
-) -> tuple[Searcher, list[Hit]]:
-    """One video query: encoded with `searcher`'s encoders in the encoder pool, then searched
-    on its text side (the filter checked first)."""
-    check_side_and_filter(searcher, "text", filter)
-    loop = asyncio.get_running_loop()
-
-    def run() -> list[Hit]:
-        with engine.metrics.timed("encode", "video"):
-            vectors = searcher.encoders.encode("video", [query])
-        with engine.metrics.timed("search", "video"):
-            return searcher.find("text", vectors, page[0], page[1], filter)[0]
-
-    return searcher, await loop.run_in_executor(engine.executor, run)
+    found = await engine.search_video(searcher, query, *asked, clip.filter)
+    return respond(request, settings, "text", [clip.name], found, asked, start)
 
 
 def video_row(engine: Engine, video_id: str) -> dict[str, Any]:
