@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from index_builder.manifest import SPLITS
 from index_builder.paths import dataset_dir
+
+if TYPE_CHECKING:  # the importers load with their subcommand (`cots --help` stays fast)
+    from index_builder.data.common import ImportResult
 
 EPILOG = """\
 Every source writes a dataset directory (default ./cots-data/datasets/<name>, under
@@ -22,7 +25,7 @@ def _out(args: argparse.Namespace) -> Path:
     return Path(args.out) if args.out else dataset_dir(args.name or args.source)
 
 
-def _report(result: Any) -> int:
+def _report(result: ImportResult) -> int:
     info = result.info
     counts = info.get("splits", {})
     splits = " / ".join(f"{k} {counts.get(k, 0):,}" for k in SPLITS)
