@@ -21,6 +21,7 @@ from index_builder import filters
 from index_builder.backends.base import CorruptIndex, Hit, Version
 from index_builder.collection import ChangeResult
 from index_builder.search import Searcher
+from index_builder.video_index import is_video_row
 from service.batching import MicroBatcher
 from service.changes import Changes, storable_id
 from service.errors import (
@@ -228,19 +229,32 @@ class Engine(Versions):
                         results[i] = hits
         return results
 
+    def video_row(self, video_id: str) -> dict[str, Any]:
+        """The row of a gallery video (NotFound for an id that is not one)."""
+        searcher = self.current()
+        unknown = NotFound(f"no gallery video with id {video_id!r}")
+        if not storable_id(video_id):
+            raise unknown
+        with backend_errors(partial(self.mark_damaged, searcher)):
+            index = searcher.index
+            row = index.row_of("image", video_id) if index.has("image") else None
+            item = index.rows_at("image", [row])[0] if row is not None else None
+        if item is None or not is_video_row(item):
+            raise unknown
+        return item
+
     def image_file(self, image_id: str) -> Path:
         """The file behind a gallery image id; ids come only from the index, never paths
         from clients."""
         searcher = self.current()
+        unknown = NotFound(f"no gallery image with id {image_id!r}")
+        if not storable_id(image_id):
+            raise unknown
         with backend_errors(partial(self.mark_damaged, searcher)):
-            index = searcher.index
-            if (
-                not storable_id(image_id)
-                or not index.has("image")
-                or index.row_of("image", image_id) is None
-            ):
-                raise NotFound(f"no gallery image with id {image_id!r}")
-            path = Path(searcher.image_path(image_id))
+            try:
+                path = searcher.image_path(image_id)  # its row looked up once
+            except KeyError:
+                raise unknown from None
         if not path.is_file():
             raise NotFound(f"the file of gallery image {image_id!r} is missing on the server")
         return path

@@ -23,7 +23,6 @@ from starlette.concurrency import run_in_threadpool
 from index_builder.backends.base import Hit, Version
 from index_builder.search import Searcher, SideMissing
 from index_builder.video import VideoError, VideoLimits
-from index_builder.video_index import is_video_row
 from service.bodies import Clip, check_texts, read_clip, text_limit
 from service.deps import EngineDep, RequestBody, SettingsDep, json_body
 from service.engine import Engine, Frames
@@ -134,16 +133,6 @@ async def video_to_text(
     return respond(request, settings, "text", [clip.name], found, asked, start)
 
 
-def video_row(engine: Engine, video_id: str) -> dict[str, Any]:
-    searcher = engine.current()
-    index = searcher.index
-    row = index.row_of("image", video_id) if index.has("image") else None
-    item = index.rows_at("image", [row])[0] if row is not None else None
-    if item is None or not is_video_row(item):
-        raise NotFound(f"no gallery video with id {video_id!r}")
-    return item
-
-
 @router.get("/info/video", response_model=VideoInfo)
 async def video_info(engine: EngineDep, settings: SettingsDep) -> VideoInfo:
     """How many videos the index serves, the bundle's video spec and the upload limits."""
@@ -172,7 +161,8 @@ def has_media(index: Version) -> bool:
 @router.get("/videos/{video_id:path}/keyframes/{number}", response_class=Response)
 async def keyframe(video_id: str, number: int, engine: EngineDep) -> FileResponse:
     """Sampled frame `number` (0-based, in time order) of a gallery video, as JPEG."""
-    frames = video_row(engine, video_id).get("keyframes", [])
+    row = await run_in_threadpool(engine.video_row, video_id)  # Milvus: a round trip
+    frames = row.get("keyframes", [])
     if not 0 <= number < len(frames):
         raise NotFound(f"video {video_id!r} has {len(frames)} keyframes, not {number + 1}")
     return file_response(frames[number], "image/jpeg", f"keyframe {number} of video {video_id!r}")
@@ -181,7 +171,8 @@ async def keyframe(video_id: str, number: int, engine: EngineDep) -> FileRespons
 @router.get("/videos/{video_id:path}", response_class=Response)
 async def video_file(video_id: str, engine: EngineDep) -> FileResponse:
     """The video file of a gallery video, by id (no client path reaches the file system)."""
-    return file_response(video_row(engine, video_id)["video"], None, f"video {video_id!r}")
+    row = await run_in_threadpool(engine.video_row, video_id)  # Milvus: a round trip
+    return file_response(row["video"], None, f"video {video_id!r}")
 
 
 def file_response(path: str, media: str | None, what: str) -> FileResponse:
