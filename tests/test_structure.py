@@ -257,3 +257,39 @@ def test_no_bench_module_imports_the_tests_or_edits_the_path():
             ):
                 offenders.append(f"{module} uses {node.attr}")
     assert offenders == []
+
+
+def _house_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("house", ROOT / "docs" / "house.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_house_counts_rooms_floors_and_arrows(tmp_path):
+    """docs/house.py (the counts in docs/architecture.md) on a package of known shape:
+    function-level and relative imports are arrows; a cycle has no floors."""
+    house = _house_script()
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "sub" / "__init__.py").write_text("")
+    (package / "low.py").write_text("import json\n")
+    (package / "sub" / "mid.py").write_text("def f():\n    from pkg import low\n")
+    (package / "top.py").write_text("from .sub import mid\nfrom pkg.low import x\n")
+    counted = house.house("pkg", tmp_path)
+    assert (counted.rooms, counted.floors, counted.arrows) == (5, 3, 3)
+    floors = {"pkg": 0, "pkg.sub": 0, "pkg.low": 0, "pkg.sub.mid": 1, "pkg.top": 2}
+    assert counted.floor_of == floors
+    (package / "low.py").write_text("from pkg import top\n")
+    with pytest.raises(ValueError, match="cycle"):
+        house.house("pkg", tmp_path)
+
+
+def test_the_house_script_agrees_with_the_graph_checked_here():
+    house = _house_script()
+    for package in PACKAGES:
+        assert house.graph(package) == _graph(package), package
