@@ -40,8 +40,6 @@ def build_model(config: ModelConfig, load_weights: bool = True) -> TwoTower:
     set_trainable_blocks(image_tower, config.image_trainable_blocks)
     set_trainable_blocks(text_tower, config.text_trainable_blocks)
     if config.video_frames:
-        from training.video import VideoTwoTower
-
         video = VideoTwoTower(config, image_tower, text_tower, tokenizer_json)
         start_projections(video)
         return video
