@@ -64,8 +64,8 @@ class ModelConfig:
     tokenizer: str | None = None  # tokenizer.json; None = all-MiniLM-L6-v2's (bert), CLIP's (clip)
     clip_activation: str = "quick_gelu"  # CLIP towers' MLP: OpenAI's quick_gelu, or gelu
     context_length: int = 32
-    # Video (training/video_model.py): 0 = an image model; N = videos of N uniformly sampled frames
-    # through the image tower, pooled over time by meanP or seqTransf (CLIP4Clip).
+    # Video (training/video_model.py): 0 = an image model; N = videos of N uniformly sampled
+    # frames through the image tower, pooled over time by meanP or seqTransf (CLIP4Clip).
     video_frames: int = 0
     video_pooling: str = "meanP"
     video_layers: int = 4  # seqTransf only

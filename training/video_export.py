@@ -41,7 +41,9 @@ def pooling_feeds(model: VideoTwoTower, batches: tuple[int, ...], seed: int) -> 
     return feeds
 
 
-def end_to_end_error(model: VideoTwoTower, image_onnx: Path, pooling_onnx: Path, seed: int):
+def end_to_end_error(
+    model: VideoTwoTower, image_onnx: Path, pooling_onnx: Path, seed: int
+) -> float:
     """Max |ONNX - torch| for whole videos: random frames (one video padded) through the
     image graph, then the pooling graph, against `VideoTwoTower.encode_image`."""
     rng = np.random.default_rng(seed)
