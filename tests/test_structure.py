@@ -1,6 +1,6 @@
-"""The shape of `index_builder` and `service`: no import cycles, no private names across
-modules, small modules, each search backend in its own room and the service's routes one module
-per resource (docs/architecture.md, "Where things live")."""
+"""The shape of `index_builder`, `service` and `training`: no import cycles, no private names
+across modules, small modules and functions, each search backend in its own room and the
+service's routes one module per resource (docs/architecture.md, "Where things live")."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "index_builder"
-PACKAGES = ("index_builder", "service", "bench")
+PACKAGES = ("index_builder", "service", "training", "bench")
 MAX_LINES = 450
+MAX_FUNCTION_LINES = 60
 BACKENDS = ("index_builder.backends.faiss", "index_builder.backends.milvus")
 
 
@@ -170,6 +171,54 @@ def test_no_private_attribute_of_another_module(package):
 def test_module_is_small(package, module):
     lines = len(_modules(package)[module].read_text().splitlines())
     assert lines <= MAX_LINES, f"{module} has {lines} lines (at most {MAX_LINES})"
+
+
+def _long_functions(source: str) -> list[tuple[str, int]]:
+    """(name, lines) of every function or method longer than MAX_FUNCTION_LINES (nested ones
+    too; from `def` to its last line, decorators left out)."""
+    return [
+        (node.name, node.end_lineno - node.lineno + 1)
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.end_lineno is not None
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    ]
+
+
+def test_long_functions_are_found():
+    body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES - 1))
+    method = body.replace("    ", "        ")
+    source = f"def fits():\n{body}\n\nclass A:\n    async def grows(self):\n{method}        pass\n"
+    assert _long_functions(source) == [("grows", MAX_FUNCTION_LINES + 1)]
+
+
+@pytest.mark.parametrize(
+    "package, module", [(package, module) for package in PACKAGES for module in _modules(package)]
+)
+def test_functions_are_small(package, module):
+    long = _long_functions(_modules(package)[module].read_text())
+    assert long == [], f"{module}: {long} (functions of at most {MAX_FUNCTION_LINES} lines)"
+
+
+def test_the_training_graph_sees_function_level_imports():
+    # `cots eval` imports the video evaluator only for a video checkpoint
+    assert "training.video_evaluate" in _graph("training")["training.commands"]
+
+
+def test_the_model_sits_above_its_parts():
+    """`training.model` builds from the config, the networks and the towers; none of what it
+    reaches imports it back, and the metrics import no feature cache (it is passed in)."""
+    graph = _graph("training")
+    reached, todo = set(), ["training.model"]
+    while todo:
+        for target in graph[todo.pop()] - reached:
+            reached.add(target)
+            todo.append(target)
+    assert "training.model" not in reached
+    assert {"training.video_model", "training.towers.build"} <= reached
+    assert not any(
+        target.startswith("training.feature_cache") for target in graph["training.evaluate"]
+    )
 
 
 def test_no_backend_imports_another():
