@@ -28,6 +28,7 @@ from index_builder.atomic import atomic_write_text, read_json
 from index_builder.backends.base import (
     META_FILES,
     SIDES,
+    BundleIdentity,
     IndexOptions,
     Plan,
     build_lock,
@@ -97,7 +98,7 @@ class IndexStore:
             raise FileNotFoundError(f"index version {version} not found under {self.root}")
         return read_json(path)
 
-    def open(self, version: str | None = None, bundle: Any = None) -> LoadedIndex:
+    def open(self, version: str | None = None, bundle: BundleIdentity | None = None) -> LoadedIndex:
         """Load a version (default: CURRENT); with `bundle`, refuse a mismatched one."""
         version = version or self._require_current()
         info = self.read_info(version)
@@ -169,7 +170,11 @@ class IndexStore:
         return staging.name
 
     def apply(
-        self, current: LoadedIndex, plan: Plan, dataset: dict[str, Any], bundle_path: Any
+        self,
+        current: LoadedIndex,
+        plan: Plan,
+        dataset: dict[str, Any],
+        bundle_path: str | Path | None,
     ) -> str:
         """A new version: `current` with a planned change (`write.write_change`)."""
         current.check_files()  # a truncated memory map read below would be SIGBUS

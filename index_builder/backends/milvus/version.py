@@ -1,9 +1,10 @@
 """One index version searched in Milvus: the `Version` interface over one collection.
 
 Nothing per row is held in memory (the point of this backend is a gallery that does not fit
-one host): ids, rows and vectors are looked up in the collection. A version is immutable, so
-what is looked up stays true: the rows of recent hits (search returns them) and the number
-of rows a filter allows (to widen the search as the FAISS backend does) are cached.
+one host): ids, rows and vectors are looked up in the collection. A search returns its hits'
+rows as output fields of the same call (`find`: one round trip, no second lookup). A version
+is immutable, so what is looked up stays true: rows read by `rows_at` and the number of rows a
+filter allows (to widen the search as the FAISS backend does) are cached.
 """
 
 from __future__ import annotations
@@ -15,7 +16,15 @@ from typing import Any
 import numpy as np
 
 from index_builder import filters
-from index_builder.backends.base import SIDES, check_bundle, check_query
+from index_builder.backends.base import (
+    SIDES,
+    BundleIdentity,
+    Hit,
+    check_bundle,
+    check_offset,
+    check_vectors,
+    ranked_hits,
+)
 from index_builder.backends.milvus.client import (
     MAX_TOPK,
     OUTPUT,
@@ -69,7 +78,7 @@ class MilvusVersion:
     def live_count(self, side: str) -> int:
         return int(self.info["sides"][side]["count"]) if self.has(side) else 0
 
-    def check_bundle(self, bundle: Any) -> None:
+    def check_bundle(self, bundle: BundleIdentity) -> None:
         check_bundle(bundle, self.info, self.version)
 
     def warm(self, side: str) -> None:
@@ -148,9 +157,38 @@ class MilvusVersion:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k by inner product among the side's rows whose metadata satisfies `filter`
         (other than `exclude`): (scores (Q, k'), rows (Q, k')), k' = min(k, allowed rows),
-        -1 padding. The tuned search parameter is widened for deep pages and by the fraction a
-        filter allows, and doubled (to its limit) for queries that still come back short."""
-        vectors = check_query(self, side, vectors, k)
+        -1 padding."""
+        scores, rows, _ = self._ranking(side, vectors, k, filter, exclude)
+        return scores, rows
+
+    def find(
+        self,
+        side: str,
+        vectors: np.ndarray,
+        k: int,
+        *,
+        offset: int = 0,
+        filter: dict[str, Any] | None = None,
+        exclude: int | None = None,
+    ) -> list[list[Hit]]:
+        """The hits ranked offset+1 .. offset+k per query, their rows the search call's
+        output fields."""
+        check_offset(offset)
+        scores, rows, items = self._ranking(side, vectors, k + offset, filter, exclude)
+        return ranked_hits(scores, rows, offset, items)
+
+    def _ranking(
+        self,
+        side: str,
+        vectors: np.ndarray,
+        k: int,
+        filter: dict[str, Any] | None,
+        exclude: int | None,
+    ) -> tuple[np.ndarray, np.ndarray, dict[int, dict[str, Any]]]:
+        """(scores, rows, row -> record) of a top-k search. The tuned search parameter is
+        widened for deep pages and by the fraction a filter allows, and doubled (to its
+        limit) for queries that still come back short."""
+        vectors = check_vectors(self, side, vectors, k)
         fields = self.info["sides"][side].get("fields", {})
         expr = expression(filters.parse(filter, fields), fields)
         live = self.live_count(side)
@@ -164,19 +202,20 @@ class MilvusVersion:
             raise ValueError(f"Milvus returns at most {MAX_TOPK} results per query, asked {k}")
         scores = np.full((len(vectors), k), -np.inf, dtype=np.float32)
         rows = np.full((len(vectors), k), -1, dtype=np.int64)
+        items: dict[int, dict[str, Any]] = {}
         if k == 0:
-            return scores, rows
+            return scores, rows, items
         if exclude is not None:
             expr = f"row != {int(exclude)}" + (f" and ({expr})" if expr else "")
         info = self.info["sides"][side]
         params = search_params(info, k, allowed / max(live, 1))
         todo = np.arange(len(vectors))
         while True:  # queries still short (deep pages, selective filters) search wider
-            self._search(side, vectors[todo], k, expr, params, scores, rows, todo)
+            items |= self._search(side, vectors[todo], k, expr, params, scores, rows, todo)
             todo = todo[(rows[todo] < 0).any(axis=1)]
             wider = {n: min(param_limit(info, n, k), 2 * v) for n, v in params.items()}
             if not len(todo) or wider == params:
-                return scores, rows
+                return scores, rows, items
             params = wider
 
     def _search(
@@ -189,8 +228,9 @@ class MilvusVersion:
         scores: np.ndarray,
         rows: np.ndarray,
         at: np.ndarray,
-    ) -> None:
-        """One Milvus search; hits go into `scores` and `rows` at the query positions `at`."""
+    ) -> dict[int, dict[str, Any]]:
+        """One Milvus search; hits go into `scores` and `rows` at the query positions `at`;
+        returns the hits' rows (row -> record, from the call's output fields)."""
         scores[at], rows[at] = -np.inf, -1
         with errors(self.uri, "search"):
             results = self.client.search(
@@ -209,7 +249,7 @@ class MilvusVersion:
                 row = int(hit.pk)
                 scores[q, j], rows[q, j] = hit["distance"], row
                 found[row] = stored_row(hit["entity"])
-        self._remember(side, found)
+        return found
 
     # -- internals -------------------------------------------------------------------------
 

@@ -111,6 +111,42 @@ def test_search_and_filters_match_exact_search(store):
             )
 
 
+def test_find_returns_each_hit_with_its_row_read_by_the_search(store, monkeypatch):
+    """`find` is `search`'s ranking from offset+1, each hit carrying the record `rows_at`
+    gives, with no lookup of a hit's row after the search (FAISS: one batched read of the
+    page's rows; Milvus: the search call's output fields, no read at all)."""
+    _, vectors, _ = _publish(store)
+    loaded = store.open(bundle=FakeBundle())
+    queries = vectors["text"][:6]
+    for filter, offset in ((None, 0), ({"n": {"lt": 150}}, 3)):
+        scores, rows = loaded.search("image", queries, 8 + offset, filter=filter)
+        expected = [
+            [(int(r), loaded.rows_at("image", [r])[0]) for r in qr[offset:] if r >= 0]
+            for qr in rows
+        ]
+        reads: list[list[int]] = []
+        rows_at = loaded.rows_at
+
+        def counted(side, wanted, rows_at=rows_at, reads=reads):
+            reads.append(list(wanted))
+            return rows_at(side, wanted)
+
+        monkeypatch.setattr(loaded, "rows_at", counted)
+        monkeypatch.setattr(loaded, "row_of", None)  # never called
+        found = loaded.find("image", queries, 8, offset=offset, filter=filter)
+        monkeypatch.undo()
+        assert [[(h.row, h.item) for h in q] for q in found] == expected
+        assert [[h.rank for h in q] for q in found] == [
+            list(range(offset + 1, offset + 9)) for _ in queries
+        ]
+        for q, hits in enumerate(found):
+            np.testing.assert_allclose([h.score for h in hits], scores[q, offset:], atol=1e-6)
+        page_rows = sorted({h.row for q in found for h in q})
+        assert reads == ([page_rows] if store.__class__.__name__ == "IndexStore" else [])
+    with pytest.raises(ValueError, match="offset"):
+        loaded.find("image", queries, 8, offset=-1)
+
+
 def test_both_backends_give_the_same_hits(tmp_path, milvus_uri):
     searchers = []
     for backend in BACKENDS:
