@@ -246,9 +246,7 @@ def tune_side(
                 anns_field="vector",
                 consistency_level="Strong",
             )
-        found = np.array(
-            [[int(h["row"]) for h in hits] + [-1] * (k - len(hits)) for hits in results]
-        )
+        found = np.array([[int(h.pk) for h in hits] + [-1] * (k - len(hits)) for hits in results])
         recall = recall_at_k(found, truth[:, :k])
         if recall > best[1]:
             best = (params, recall)
