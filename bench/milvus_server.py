@@ -2,7 +2,7 @@
 wheel's binaries into an empty cache), later starts, a stop when idle and a stop after a
 collection existed (Milvus 2.3.5 then outlasts its graceful stop and is killed), and its memory.
 
-    python bench/milvus_server.py --starts 3 --out bench/results/milvus_server.json
+    python -m bench.milvus_server --starts 3 --out bench/results/milvus_server.json
 
 Each start is timed from the call to a healthy /healthz. The calibration beside the figures: a
 fixed pure-Python loop's time and the load average, since the machine may be shared.
@@ -14,12 +14,12 @@ import argparse
 import json
 import os
 import platform
-import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from bench.figure import command_line
 from index_builder.atomic import atomic_write_json
 from index_builder.backends.milvus import server
 
@@ -95,7 +95,7 @@ def main() -> None:
     before = calibration()
     figures = run(args.starts)
     result = {
-        "command": "python " + shlex.join(sys.argv),
+        "command": command_line("milvus_server", sys.argv[1:]),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "milvus": server.server_version(),
         "calibration_before": before,
