@@ -7,9 +7,13 @@ record, the index options and the planned change a backend applies).
     milvus  a Milvus server (or a milvus-lite file): one collection per version and an alias
             naming the current one: `index_builder.backends.milvus`
 
-Both keep one contract. A version is immutable once published; a build or a change writes a
-new version and only then moves the current pointer, in one atomic step (the CURRENT file,
-`alter_alias`), so a failed or killed writer leaves the serving version as it was. A version
+Both keep one contract. A build writes a new version and only then moves the current
+pointer, in one atomic step (the CURRENT file, `alter_alias`), so a failed or killed writer
+leaves the serving version as it was. A change (add, upsert, delete) differs by backend
+(`Store.in_place`): FAISS writes it as a new version the same way (a version is immutable
+once published); Milvus changes the rows of the current version's collection in place and
+logs the change (`backends/milvus/change.py`: what a version means there, consistency, and
+a change killed halfway). A version
 records the bundle that embedded it (`info`: the keys of `info_record`) and is refused with
 another bundle. Rows are opaque non-negative integers, stable within a version; search
 results pad with -1. No backend imports another; the backend-free stages (`build`,
@@ -154,6 +158,7 @@ class Store(Protocol):
     """The versions of one index: read, open, switch, publish and change."""
 
     root: Path  # local working directory: embedding work files, copied images, uploads
+    in_place: bool  # a change updates the version it is applied to (else: a new version)
 
     @property
     def location(self) -> str: ...
@@ -186,8 +191,8 @@ class Store(Protocol):
         """A new version built from rows and their vectors, made current; its name."""
 
     def apply(self, current: Any, plan: Plan, dataset: dict[str, Any], bundle_path: Any) -> str:
-        """A new version: `current` (a version this store opened) with `plan` applied, made
-        current; its name."""
+        """`current` (a version this store opened) with `plan` applied, made current; its
+        name: a new version's, or with `in_place` `current`'s, which then sees the change."""
 
 
 def is_version_name(name: str) -> bool:

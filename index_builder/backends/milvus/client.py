@@ -26,7 +26,7 @@ CONNECT_TIMEOUT_S = 10.0
 INDEX_TIMEOUT_S = 3600.0
 ID_LENGTH = 4096
 MAX_TOPK = 16384  # Milvus refuses a larger limit
-OUTPUT = ["id", "meta", "item"]
+OUTPUT = ["row", "id", "meta", "item"]  # "row" named: a server keys hits by "id"
 # Index type -> the search parameter tuned for recall (None: exact). GPU types need a Milvus
 # built with GPU support; milvus-lite and CPU images refuse them when the index is created.
 SEARCH_PARAM = {

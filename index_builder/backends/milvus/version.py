@@ -1,14 +1,18 @@
 """One index version searched in Milvus: the `Version` interface over one collection.
 
 Nothing per row is held in memory (the point of this backend is a gallery that does not fit
-one host): ids, rows and vectors are looked up in the collection. A version is immutable, so
-what is looked up stays true: the rows of recent hits (search returns them) and the number
-of rows a filter allows (to widen the search as the FAISS backend does) are cached.
+one host): ids, rows and vectors are looked up in the collection. Rows change in place
+(`change.py`), but a row number always names the same content, so the rows of recent hits
+(search returns them) stay cached; the version's record (counts, filter fields) and the
+number of rows a filter allows (to widen the search as the FAISS backend does) are replaced
+by the change itself (`update`), or re-read within REFRESH_S of another process's change.
 """
 
 from __future__ import annotations
 
+import json
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -28,6 +32,7 @@ from index_builder.backends.milvus.expr import expression, literal
 CACHE_ROWS = 65536
 CACHE_COUNTS = 4096
 CHUNK = 1000  # values per `in [...]` lookup
+REFRESH_S = 1.0  # how stale the record may be after another process's change
 
 
 def stored_row(entity: dict[str, Any]) -> dict[str, Any]:
@@ -38,8 +43,17 @@ def stored_row(entity: dict[str, Any]) -> dict[str, Any]:
 class MilvusVersion:
     """A published version: its collection, and its record (`info`, index.json's keys)."""
 
-    def __init__(self, client: Any, uri: str, collection: str, info: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        client: Any,
+        uri: str,
+        collection: str,
+        info: dict[str, Any],
+        records: str | None = None,
+    ) -> None:
         self.client = client
+        self.records = records  # where the record is re-read from (None: never)
+        self._read_at = time.monotonic()
         self.uri = uri
         self.collection = collection
         self.info = info
@@ -65,6 +79,25 @@ class MilvusVersion:
 
     def has(self, side: str) -> bool:
         return side in self.info["sides"]
+
+    def update(self, info: dict[str, Any]) -> None:
+        """Take the record of a change made in place: new counts and filter fields."""
+        with self._lock:
+            self.info, self._read_at = info, time.monotonic()
+            self._counts.clear()
+
+    def refresh(self) -> None:
+        """Re-read the record if REFRESH_S passed since it was read, and take it if another
+        process changed the rows since (a round trip per REFRESH_S, not per request)."""
+        if self.records is None or time.monotonic() - self._read_at < REFRESH_S:
+            return
+        self._read_at = time.monotonic()
+        with errors(self.uri, "read the version record"):
+            found = self.client.get(self.records, ids=[self.version], output_fields=["info"])
+        if found:
+            info = json.loads(found[0]["info"])
+            if info.get("changes", 0) != self.info.get("changes", 0):
+                self.update(info)
 
     def live_count(self, side: str) -> int:
         return int(self.info["sides"][side]["count"]) if self.has(side) else 0
@@ -100,7 +133,7 @@ class MilvusVersion:
                 entities = self.client.get(
                     self.collection,
                     ids=missing,
-                    output_fields=["row", *OUTPUT],
+                    output_fields=OUTPUT,
                     partition_names=[side],
                 )
             fetched = {int(e["row"]): stored_row(e) for e in entities}
@@ -130,7 +163,8 @@ class MilvusVersion:
         return np.asarray(found[0]["vector"], dtype=np.float32)
 
     def count(self, side: str, filter: dict[str, Any] | None = None) -> int:
-        """Rows of `side` whose metadata satisfies `filter` (counted once per version)."""
+        """Rows of `side` whose metadata satisfies `filter` (counted once per change)."""
+        self.refresh()
         fields = self.info["sides"][side].get("fields", {})
         expr = expression(filters.parse(filter, fields), fields)
         return self.live_count(side) if expr is None else self._count(side, expr)
@@ -150,6 +184,7 @@ class MilvusVersion:
         (other than `exclude`): (scores (Q, k'), rows (Q, k')), k' = min(k, allowed rows),
         -1 padding. The tuned search parameter is widened for deep pages and by the fraction a
         filter allows, and doubled (to its limit) for queries that still come back short."""
+        self.refresh()
         vectors = check_query(self, side, vectors, k)
         fields = self.info["sides"][side].get("fields", {})
         expr = expression(filters.parse(filter, fields), fields)
