@@ -54,6 +54,19 @@ class CorruptIndex(OSError):
     a memory map: reading it would kill the process with SIGBUS)."""
 
 
+class BackendFailed(OSError):
+    """The index backend (a Milvus server) failed or could not be reached: nothing is wrong
+    with the request, and it may succeed later (a service answers 503)."""
+
+
+class BackendUnreachable(BackendFailed, ConnectionError):
+    """The backend cannot be reached (down, or the network)."""
+
+
+class BackendRefused(BackendFailed, PermissionError):
+    """The backend refused the credentials."""
+
+
 @dataclass(frozen=True)
 class BackendConfig:
     """Which backend holds the versions and how to reach it (`faiss` needs nothing beyond

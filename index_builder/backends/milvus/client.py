@@ -18,7 +18,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from index_builder.backends.base import ivf_lists
+from index_builder.backends.base import (
+    BackendFailed,
+    BackendRefused,
+    BackendUnreachable,
+    ivf_lists,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,21 +49,23 @@ SEARCH_GRID = {
 }
 TUNE_K = 10  # recall is tuned at depth 10; deeper searches widen the search parameter
 WIDEN_LIMIT = 4  # a graph search parameter widens up to this many times k
+DOWN_WORDS = ("fail connecting", "failed to connect", "unavailable")  # a server that is down
 AUTH_WORDS = ("auth", "credential", "password", "token", "permission", "denied")
 
 
-def milvus_error(uri: str, action: str, exc: Exception) -> OSError:
-    """A Milvus failure as one line: ConnectionError (unreachable), PermissionError
-    (credentials refused) or OSError (anything else the server reports)."""
+def milvus_error(uri: str, action: str, exc: Exception) -> BackendFailed:
+    """A Milvus failure as one line: BackendUnreachable (a ConnectionError), BackendRefused
+    (credentials refused, a PermissionError) or BackendFailed (anything else the server
+    reports; an OSError)."""
     message = " ".join(str(getattr(exc, "message", "") or exc).split())
     lowered = message.lower()
-    if getattr(exc, "code", None) == 2 or "fail connecting" in lowered or "unavailable" in lowered:
-        return ConnectionError(f"cannot reach Milvus at {uri} to {action}: {message}")
+    if getattr(exc, "code", None) == 2 or any(w in lowered for w in DOWN_WORDS):
+        return BackendUnreachable(f"cannot reach Milvus at {uri} to {action}: {message}")
     if getattr(exc, "code", None) in (1800, 1801) or any(w in lowered for w in AUTH_WORDS):
-        return PermissionError(
+        return BackendRefused(
             f"Milvus at {uri} refused the credentials (COTS_MILVUS_TOKEN) to {action}: {message}"
         )
-    return OSError(f"Milvus at {uri} failed to {action}: {message}")
+    return BackendFailed(f"Milvus at {uri} failed to {action}: {message}")
 
 
 @contextlib.contextmanager

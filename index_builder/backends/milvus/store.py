@@ -252,6 +252,7 @@ class MilvusStore:
             current.update(info)
             if self.current() != current.version:
                 self.switch(current.version)
+            self._collect()
         return current.version
 
     def changes(self, version: str | None = None) -> list[dict[str, Any]]:
@@ -309,6 +310,7 @@ class MilvusStore:
                 raise
             self.switch(version)
             self._prune()
+            self._collect()
         return version
 
     # -- records, debris and retention -----------------------------------------------------
@@ -349,6 +351,10 @@ class MilvusStore:
                 self.client.delete(self.records, ids=[version])
                 self.client.delete(self.records, filter=f'version like "{version}+%"')
             log.info("removed old index version %s", version)
+
+    def _collect(self) -> None:
+        """Uploads no kept version names go (a pass over the image rows of every kept
+        version, when there are uploads: a service's changes)."""
         try:
             self.collect_files()
         except OSError as exc:  # housekeeping: the published version stands regardless

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from index_builder.backends import BackendConfig, open_store
-from index_builder.backends.base import IndexOptions
+from index_builder.backends.base import BackendFailed, IndexOptions
 from index_builder.backends.milvus import write as milvus_write
 from index_builder.backends.milvus.change import write_records
 from index_builder.backends.milvus.client import choose_index, milvus_error, search_grid
@@ -83,7 +83,8 @@ def test_milvus_errors_are_classified():
     )
     other = milvus_error("u", "search", MilvusException(1100, "invalid expression"))
     assert (
-        type(other) is OSError and str(other) == "Milvus at u failed to search: invalid expression"
+        type(other) is BackendFailed
+        and str(other) == "Milvus at u failed to search: invalid expression"
     )
 
 
