@@ -124,17 +124,18 @@ def apply_in_place(
     version, number = str(info["version"]), int(info.get("changes", 0)) + 1
     start = int(info["next_row"])
     end = start + sum(len(plan.rows[side]) for side in SIDES)
-    pending = {
+    sides = changed_sides(info["sides"], plan)
+    pending: dict[str, Any] = {
         "change": number,
         "rows": [start, end],
-        "sides": changed_sides(info["sides"], plan),
+        "sides": sides,
         "inserted": False,
         "dataset": dataset,
     }
     info = {**info, "next_row": end, "pending": pending}
     write_records(client, uri, records, {version: info}, flush=False)
     try:
-        _ensure_partitions(client, uri, collection, list(pending["sides"]))
+        _ensure_partitions(client, uri, collection, list(sides))
         _insert(client, uri, collection, plan, start)
         pending["inserted"] = True
         write_records(client, uri, records, {version: info}, flush=False)
@@ -266,7 +267,7 @@ def _counts(client: Any, uri: str, collection: str, sides: list[str]) -> dict[st
             side: int(
                 client.query(
                     collection,
-                    filter="",
+                    filter="row >= 0",  # milvus-lite counts every partition without one
                     output_fields=["count(*)"],
                     partition_names=[side],
                     consistency_level="Strong",

@@ -266,7 +266,10 @@ class MilvusStore:
         with errors(self.uri, f"read the changes of {version}"):
             for start in range(0, len(keys), BATCH):
                 found += self.client.get(
-                    self.records, ids=keys[start : start + BATCH], output_fields=["info"]
+                    self.records,
+                    ids=keys[start : start + BATCH],
+                    output_fields=["info"],
+                    consistency_level="Strong",
                 )
         return sorted((json.loads(e["info"]) for e in found), key=lambda e: int(e["change"]))
 
@@ -346,10 +349,11 @@ class MilvusStore:
         live = self.current()
         old = [v for v in self.versions() if v != live]
         for version in old[: max(0, len(old) - (self.keep - 1))]:
+            changes = int(self.read_info(version).get("changes", 0))
+            keys = [version, *(change_key(version, n) for n in range(1, changes + 1))]
             with errors(self.uri, f"drop version {version}"):
                 self.client.drop_collection(self.collection_of(version))
-                self.client.delete(self.records, ids=[version])
-                self.client.delete(self.records, filter=f'version like "{version}+%"')
+                self.client.delete(self.records, ids=keys)  # its record and change log
             log.info("removed old index version %s", version)
 
     def _collect(self) -> None:
