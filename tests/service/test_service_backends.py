@@ -1,4 +1,4 @@
-"""The service over either index backend (FAISS files, Milvus through milvus-lite): the same
+"""The service over either index backend (FAISS files, a real Milvus server): the same
 answers, swaps under traffic without one failed request, live changes, and a bad backend
 refused at start with one line."""
 
@@ -44,15 +44,16 @@ class Served:
 
 
 @pytest.fixture
-def serve_from(tmp_path, build):
-    """`serve_from(backend, name)`: a Served index of the colour gallery in that backend."""
+def serve_from(request, tmp_path, build):
+    """`serve_from(backend, name)`: a Served index of the colour gallery in that backend (for
+    Milvus, the session's server, emptied before the test)."""
 
     def make(backend: str, name: str = "index") -> Served:
         if backend == "faiss":
             root = tmp_path / name
             build(root)
             return Served(backend, root, {"index": root}, build)
-        uri = str(tmp_path / name / "milvus.db")
+        uri = request.getfixturevalue("milvus_uri")
         root = tmp_path / name / "work"
         served = Served(
             backend, root, {"index": root, "backend": "milvus", "milvus_uri": uri}, build
@@ -215,7 +216,7 @@ def test_a_bad_milvus_backend_is_refused_at_start(
     bundle = str(assets["bundle"].path)
     for uri, words in [
         ("http://127.0.0.1:1", "cannot reach Milvus at http://127.0.0.1:1"),
-        (str(tmp_path / "empty.db"), "the alias 'cots' does not exist"),
+        (str(tmp_path / "empty.db"), "the alias 'cots' does not exist"),  # milvus-lite
         ("ftp://nowhere", "bad Milvus URI 'ftp://nowhere'"),
     ]:
         args = ["--backend", "milvus", "--milvus-uri", uri]

@@ -241,7 +241,7 @@ class MilvusVersion:
         found: dict[int, dict[str, Any]] = {}
         for q, hits in zip(at, results, strict=True):
             for j, hit in enumerate(hits[:k]):
-                row = int(hit["row"])
+                row = int(hit.pk)
                 scores[q, j], rows[q, j] = hit["distance"], row
                 found[row] = stored_row(hit["entity"])
         self._remember(side, found)

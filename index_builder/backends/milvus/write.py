@@ -200,7 +200,7 @@ def tune_side(
                 consistency_level="Strong",
             )
         found = np.array(
-            [[int(h["row"]) for h in hits] + [-1] * (k - len(hits)) for hits in results]
+            [[int(h.pk) for h in hits] + [-1] * (k - len(hits)) for hits in results]
         )
         recall = recall_at_k(found, truth[:, :k])
         if recall > best[1]:

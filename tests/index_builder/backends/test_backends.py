@@ -1,5 +1,6 @@
-"""The backend-independent suite: every test runs on FAISS files and on Milvus (milvus-lite),
-checked against exact search and against each other."""
+"""The backend-independent suite: every test runs on FAISS files and on a real Milvus server
+(the session's `milvus_server`, one fresh database per test), checked against exact search and
+against each other."""
 
 from __future__ import annotations
 
@@ -42,16 +43,16 @@ def _items(n, seed=0):
     return {"image": images, "text": texts}, rows
 
 
-def make_store(tmp_path, backend, **config):
+def make_store(tmp_path, backend, uri=None, **config):
     if backend == "faiss":
         return open_store(tmp_path / "idx")
-    uri = str(tmp_path / "milvus.db")
     return open_store(tmp_path / "work", BackendConfig("milvus", milvus_uri=uri, **config))
 
 
 @pytest.fixture(params=BACKENDS)
 def store(request, tmp_path):
-    return make_store(tmp_path, request.param)
+    uri = request.getfixturevalue("milvus_uri") if request.param == "milvus" else None
+    return make_store(tmp_path, request.param, uri)
 
 
 def _publish(store, n=300, sides=("image", "text"), bundle_id="b1", seed=0):
@@ -113,10 +114,10 @@ def test_search_and_filters_match_exact_search(store):
             )
 
 
-def test_both_backends_give_the_same_hits(tmp_path):
+def test_both_backends_give_the_same_hits(tmp_path, milvus_uri):
     searchers = []
     for backend in BACKENDS:
-        store = make_store(tmp_path / backend, backend)
+        store = make_store(tmp_path / backend, backend, milvus_uri)
         _, vectors, _ = _publish(store)
         searchers.append(Searcher(store.open(), FakeEncoders()))  # type: ignore[arg-type]
     for side, queries in (("image", vectors["text"][:5]), ("text", vectors["image"][:5])):
