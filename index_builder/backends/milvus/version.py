@@ -133,7 +133,7 @@ class MilvusVersion:
                 entities = self.client.get(
                     self.collection,
                     ids=missing,
-                    output_fields=OUTPUT,
+                    output_fields=["row", *OUTPUT],
                     partition_names=[side],
                 )
             fetched = {int(e["row"]): stored_row(e) for e in entities}

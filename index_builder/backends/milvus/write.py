@@ -109,7 +109,8 @@ def build_collection(
     records."""
     started = time.perf_counter()
     with errors(uri, f"create collection {collection}"):
-        create_collection(client, collection, draft.dim, kind, params, list(draft.counts))
+        lite = uri.endswith(".db")
+        create_collection(client, collection, draft.dim, kind, params, list(draft.counts), lite)
     sides, truths = {}, {}
     for side, count in draft.counts.items():
         queries = draft.queries[side]
@@ -196,12 +197,9 @@ def tune_side(
                 partition_names=[side],
                 search_params={"metric_type": "IP", "params": params},
                 anns_field="vector",
-                output_fields=["row"],
                 consistency_level="Strong",
             )
-        found = np.array(
-            [[int(h.pk) for h in hits] + [-1] * (k - len(hits)) for hits in results]
-        )
+        found = np.array([[int(h.pk) for h in hits] + [-1] * (k - len(hits)) for hits in results])
         recall = recall_at_k(found, truth[:, :k])
         if recall > best[1]:
             best = (params, recall)

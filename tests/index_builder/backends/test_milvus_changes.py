@@ -1,6 +1,7 @@
-"""Milvus changes in place (milvus-lite): a change is no new version but a logged edit of
-the current collection; a change killed halfway is undone or finished by the next writer;
-a reader opened elsewhere takes the change; history and switching back are as stated."""
+"""Milvus changes in place (on the real server, `milvus_uri`): a change is no new version
+but a logged edit of the current collection; a change killed halfway is undone or finished
+by the next writer; a reader opened elsewhere takes the change; history and switching back
+are as stated."""
 
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ def _unit(x):
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def _store(tmp_path):
-    config = BackendConfig("milvus", milvus_uri=str(tmp_path / "m.db"))
+@pytest.fixture
+def store(tmp_path, milvus_uri):
+    config = BackendConfig("milvus", milvus_uri=milvus_uri)
     return open_store(tmp_path / "work", config, keep=2)
 
 
@@ -56,8 +58,7 @@ def _ids(loaded, side):
     return sorted(row["id"] for row in loaded.rows_at(side, [r for r in found[0] if r >= 0]))
 
 
-def test_a_change_is_logged_in_place_and_a_reader_elsewhere_takes_it(tmp_path, monkeypatch):
-    store = _store(tmp_path)
+def test_a_change_is_logged_in_place_and_a_reader_elsewhere_takes_it(store, monkeypatch):
     version, vectors = _publish(store)
     reader = store.open()  # as another process would hold it
     result = _upsert_i3(store, -vectors["image"][0])
@@ -75,8 +76,7 @@ def test_a_change_is_logged_in_place_and_a_reader_elsewhere_takes_it(tmp_path, m
     assert reader.count("image", {"colour": "blue"}) == 1 and reader.live_count("text") == 39
 
 
-def test_a_change_killed_before_its_deletes_is_undone_by_the_next_writer(tmp_path, monkeypatch):
-    store = _store(tmp_path)
+def test_a_change_killed_before_its_deletes_is_undone_by_the_next_writer(store, monkeypatch):
     _publish(store)
     from pymilvus import MilvusClient
 
@@ -98,8 +98,7 @@ def test_a_change_killed_before_its_deletes_is_undone_by_the_next_writer(tmp_pat
     assert [e["state"] for e in store.changes()] == ["undone", "done"]
 
 
-def test_a_change_killed_after_its_writes_is_recorded_done(tmp_path, monkeypatch):
-    store = _store(tmp_path)
+def test_a_change_killed_after_its_writes_is_recorded_done(store, monkeypatch):
     version, vectors = _publish(store)
 
     def killed(*args, **kwargs):
@@ -121,8 +120,7 @@ def test_a_change_killed_after_its_writes_is_recorded_done(tmp_path, monkeypatch
     assert store.changes(second) == []
 
 
-def test_pruned_versions_take_their_change_log_with_them(tmp_path):
-    store = _store(tmp_path)
+def test_pruned_versions_take_their_change_log_with_them(store):
     first, vectors = _publish(store)
     _upsert_i3(store, vectors["image"][1])
     _publish(store, seed=1)
