@@ -8,7 +8,8 @@ logged as a record `<version>+c<NNNNNN>` (`change_key`) beside the version's rec
 counts them (`changes`). Rows are never renumbered: a change inserts its new rows under new
 row numbers (`next_row` onwards; an upserted item gets a new row, as in FAISS) and deletes the
 rows it drops (an image's captions go with it), so a row number always names the same
-content and what a reader cached about a row stays true. Switching the alias back to an older
+content and what a reader cached about a row stays true. Inserts go first, then one delete
+call: while a change runs (milliseconds) an upserted item may show twice, never not at all. Switching the alias back to an older
 version serves that collection with the changes made to it, none of the newer one's; a single
 change cannot be undone (Milvus keeps no deleted rows), only a whole version switched.
 
