@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -218,7 +219,8 @@ def main() -> None:
         runs += [run("milvus", i, Path(tmp) / f"m-{i}", uri, args, data) for i in args.milvus_index]
     result = {
         "command": command_line("backends", sys.argv[1:]),
-        "machine": f"{platform.processor() or platform.machine()}, {args.threads} threads",
+        "machine": f"{platform.processor() or platform.machine()}, {args.threads} threads, "
+        f"load average {os.getloadavg()[0]:.2f} at the end",
         "note": "Milvus 2.3.5 standalone on the same host (its cores shared with the bench); "
         "Milvus changes are made in place, FAISS changes are new versions",
         "size": args.size,
@@ -245,7 +247,7 @@ def backend_tables(data: dict) -> str:
             "batch 32, ms/query": run["search"]["batch32_ms_per_query"],
             "filtered 10%: recall@10": run["filtered_10pct"]["recall_at_10"],
             "filtered 10%: p50 ms": run["filtered_10pct"]["p50_ms"],
-            "add 1%, s": run["add_1pct_seconds"],
+            **change_columns(run),
         }
         for run in data.get("runs", [])
     ]
@@ -254,8 +256,21 @@ def backend_tables(data: dict) -> str:
     return note + size + table(rows)
 
 
+def change_columns(run: dict) -> dict:
+    """The changes under search traffic: seconds each took, when a fresh reader saw it, and
+    the searches that failed meanwhile (a result from before them: only the add)."""
+    if "changes" not in run:
+        return {"add 1%, s": run["add_1pct_seconds"]}
+    changes = run["changes"]
+    return {
+        **{f"{n} 1%, s": changes[f"{n}_1pct_seconds"] for n in ("add", "upsert", "delete")},
+        "upsert visible, s": changes["upsert_visible_seconds"],
+        "failed searches": f"{changes['failed_requests']} of {changes['searches_during']}",
+    }
+
+
 FIGURE = Figure(
-    "Search backends: FAISS files and Milvus (milvus-lite)",
+    "Search backends: FAISS files and a Milvus server",
     "backends*.json",
     "python -m bench.backends --size 100000 --threads 2",
     render=backend_tables,
