@@ -270,3 +270,34 @@ def test_milvus_failing_after_the_search_is_503_with_json(serve_from, settings_f
             assert response.json()["code"] == "backend_unavailable", response.text
     monkeypatch.undo()
     assert served.store.open().row_of("image", "red") is not None  # nothing was changed
+
+
+def test_a_milvus_server_stopped_under_the_service_is_503_with_json(
+    tmp_path, build, settings_for, open_client
+):
+    """A real server (its own, not the session's) stopped while the service serves from it:
+    every search and change answers 503 with a JSON code, within the client's timeout."""
+    from index_builder.backends.milvus import server
+
+    data = tmp_path / "own-server"
+    state = server.start(data, *server.free_ports(2), timeout=180)
+    try:
+        root = tmp_path / "work"
+        build(root, store=open_store(root, BackendConfig("milvus", milvus_uri=state.uri)))
+        settings = settings_for(index=root, backend="milvus", milvus_uri=state.uri,
+                                admin_key="adm1n")  # fmt: skip
+        with open_client(settings) as client:
+            assert client.post(T2I, json={"text": "red"}).status_code == 200
+            server.stop(data)
+            for request in (
+                lambda: client.post(T2I, json={"text": "red", "filter": {"pure": True}}),
+                lambda: client.post(I2T, files={"image": ("r.png", png((255, 0, 0)), "image/png")}),
+                lambda: client.post("/admin/delete", json={"ids": ["red"]}, headers=KEY),
+            ):
+                started = time.monotonic()
+                response = request()
+                assert response.status_code == 503, response.text
+                assert response.json()["code"] == "backend_unavailable", response.text
+                assert time.monotonic() - started < 60
+    finally:
+        server.stop(data)

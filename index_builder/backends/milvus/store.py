@@ -184,11 +184,18 @@ class MilvusStore:
         if version not in self.versions():
             raise FileNotFoundError(f"index version {version} not found in {self.location}")
         collection = self.collection_of(version)
+        from pymilvus.exceptions import MilvusException
+
         with errors(self.uri, f"point alias {self.name} at {collection}"):
             if self.name in self.client.list_aliases().get("aliases", []):
                 self.client.alter_alias(collection, self.name)
             else:
-                self.client.create_alias(collection, self.name)
+                try:
+                    self.client.create_alias(collection, self.name)
+                except MilvusException as exc:  # an alias whose collection was dropped by
+                    if "alias already exist" not in str(exc):  # hand: 2.3 keeps it, unlisted
+                        raise
+                    self.client.alter_alias(collection, self.name)
         log.info("index version %s is now current in %s", version, self.location)
 
     def check_options(self, options: IndexOptions, dim: int) -> None:
