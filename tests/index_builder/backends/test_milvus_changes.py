@@ -5,6 +5,12 @@ are as stated."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -130,3 +136,46 @@ def test_pruned_versions_take_their_change_log_with_them(store):
     )
     assert not [r["version"] for r in found if r["version"].startswith(first)]
     assert len(store.versions()) == 2
+
+
+WRITER = """
+import sys, time
+import numpy as np
+from pymilvus import MilvusClient
+from index_builder import collection
+from index_builder.backends import BackendConfig, open_store
+
+MilvusClient.delete = lambda *args, **kwargs: time.sleep(3600)  # stalls before its deletes
+store = open_store(sys.argv[2], BackendConfig("milvus", milvus_uri=sys.argv[1]))
+row = {"id": "i3", "image": "/new", "meta": {"n": 3}}
+vector = np.ones((1, int(sys.argv[3])), np.float32) / np.sqrt(int(sys.argv[3]))
+request = collection.Change(rows={"image": [row]}, vectors={"image": vector}, upsert=True)
+collection.change(store, store.open(), request)
+"""
+
+
+def test_a_writer_killed_with_sigkill_mid_change_is_undone(store, tmp_path):
+    """A real kill -9 of another process between its inserts and its deletes: the next
+    writer (this process) undoes the change; the item is there once, as it was."""
+    _publish(store)
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    root = Path(__file__).resolve().parents[3]
+    writer = subprocess.Popen(
+        [sys.executable, str(script), store.uri, str(store.root), str(DIM)],
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (store.read_info().get("pending") or {}).get("inserted"):
+            assert writer.poll() is None and time.monotonic() < deadline, "the writer ended"
+            time.sleep(0.2)
+    finally:
+        writer.kill()  # SIGKILL: no clean-up of its own
+        writer.wait()
+    assert _ids(store.open(), "image").count("i3") == 2
+    collection.delete_ids(store, ["i7"])
+    loaded = store.open()
+    assert _ids(loaded, "image").count("i3") == 1 and "i7" not in _ids(loaded, "image")
+    assert loaded.rows_at("image", [loaded.row_of("image", "i3")])[0]["image"] == "/g"
+    assert [e["state"] for e in store.changes()] == ["undone", "done"]
