@@ -121,3 +121,25 @@ def test_a_short_load_over_raw_http(tmp_path):
             assert 0 < run["p50_ms"] <= run["p99_ms"] and run["client_cpu_ms_per_request"] > 0
     assert result["server_memory_bytes"]["VmRSS"] > 0 and result["raw_vectors_bytes"] > 0
     assert "goals" not in result  # goals are issue 13's, for a realistic gallery
+
+
+def test_a_short_load_served_from_a_milvus_server(tmp_path, milvus_uri):
+    """--backend milvus: the gallery published into the server, `cots serve` on it, the same
+    figures (the floor's searches and the served ones go to Milvus)."""
+    from index_builder import synthetic as fixtures
+
+    bundle = fixtures.make_bundle(tmp_path / "bundle")
+    out = tmp_path / "load.json"
+    args = ["--bundle", str(bundle.path), "--synthetic-gallery", "2000", "--backend", "milvus",
+            "--milvus-uri", milvus_uri, "--requests", "20", "--concurrency", "1,4",
+            "--floor-reps", "5", "--out", str(out)]  # fmt: skip
+    assert service_load.main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["backend"] == "milvus" and result["gallery"] == {"images": 2000, "captions": 2000}
+    assert result["index"]["factories"] == {"image": "FLAT", "text": "FLAT"}
+    for runs in result["endpoints"].values():
+        for run in runs:
+            assert run["requests"] == 20 and run["errors"] == {} and run["p50_ms"] > 0
+    from pymilvus import MilvusClient
+
+    assert "bench" in MilvusClient(uri=milvus_uri).list_aliases()["aliases"]
