@@ -40,6 +40,7 @@ from bench.figure import Figure, Plot, barh, note
 from bench.realistic_gallery import add_model_args
 from bench.service_assets import assets
 from bench.service_backend import add_backend_args, backend
+from bench.service_changes import CONCURRENCY, KEY, change_rows, changes_under_load
 from bench.service_client import free_port, measure, memory, start_server
 from bench.service_floor import floor
 from bench.tables import fmt, generic, table
@@ -90,6 +91,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="keep the realistic gallery's index here and reuse it on the next run with the "
         "same gallery, factory and bundle (default: a temporary directory)",
     )
+    parser.add_argument(
+        "--changes",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="after the load runs, upsert and delete this fraction of a synthetic or realistic "
+        "gallery through the admin API under text-to-image load (e.g. 0.01)",
+    )
     parser.add_argument("--requests", type=int, default=400, help="requests per run")
     parser.add_argument("--max-seconds", type=float, default=20.0, help="time limit per run")
     parser.add_argument("--concurrency", default="1,16", help="comma-separated client concurrency")
@@ -119,10 +128,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         port = free_port()
         settings = {"COTS_BATCH_WAIT_MS": str(args.batch_wait_ms), "COTS_WATCH_INTERVAL_S": "0"}
+        if args.changes:
+            settings["COTS_ADMIN_KEY"] = KEY
         server = start_server(bundle, index, port, args, {**settings, **chosen.settings()})
         try:
             info = httpx.get(f"http://127.0.0.1:{port}/info").json()
             endpoints = measure(port, args, queries)
+            changes = None
+            if args.changes:
+                gallery, fraction = reference["gallery"], args.changes
+                changes = changes_under_load(port, queries, gallery, fraction, args.k)
             server_memory = memory(server.pid)
             milvus_memory = memory(chosen.server_pid) if chosen.server_pid else None
         finally:
@@ -154,7 +169,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "http_overhead_p50_ms": overhead(endpoints, reference),
         "raw_vectors_bytes": raw,
         "server_memory_bytes": server_memory,
-        "milvus_server_memory_bytes": milvus_memory,  # the Milvus server this run started
+        "milvus_server_memory_bytes": milvus_memory,
+        "changes_under_load": changes,  # the Milvus server this run started
         "server_memory_over_raw_vectors": round(server_memory["VmRSS"] / raw, 3),
         "command": shlex.join(["python", "-m", "bench.service_load", *sys.argv[1:]]),
     }
@@ -280,6 +296,10 @@ def service_tables(data: Any) -> str:
     if isinstance(memory, dict):
         parts.append(memory_line(data, memory))
         shown |= {"server_memory_bytes", "raw_vectors_bytes", "server_memory_over_raw_vectors"}
+    if data.get("changes_under_load"):
+        title = f"Changes under text-to-image load (concurrency {CONCURRENCY}, admin API):"
+        parts.append(f"{title}\n\n" + table(change_rows(data["changes_under_load"])))
+        shown.add("changes_under_load")
     parts.append(generic({k: v for k, v in data.items() if k not in shown}))
     return "\n\n".join(parts)
 

@@ -132,7 +132,7 @@ def test_a_short_load_served_from_a_milvus_server(tmp_path, milvus_uri):
     out = tmp_path / "load.json"
     args = ["--bundle", str(bundle.path), "--synthetic-gallery", "2000", "--backend", "milvus",
             "--milvus-uri", milvus_uri, "--requests", "20", "--concurrency", "1,4",
-            "--floor-reps", "5", "--out", str(out)]  # fmt: skip
+            "--floor-reps", "5", "--changes", "0.01", "--out", str(out)]  # fmt: skip
     assert service_load.main(args) == 0
     result = json.loads(out.read_text())
     assert result["backend"] == "milvus" and result["gallery"] == {"images": 2000, "captions": 2000}
@@ -140,6 +140,10 @@ def test_a_short_load_served_from_a_milvus_server(tmp_path, milvus_uri):
     for runs in result["endpoints"].values():
         for run in runs:
             assert run["requests"] == 20 and run["errors"] == {} and run["p50_ms"] > 0
+    changes = result["changes_under_load"]
+    assert changes["items"] == 20
+    for name in ("upsert", "delete"):
+        assert changes[name]["statuses"] == {"200": 1} and changes[name]["searches_failed"] == 0
     from pymilvus import MilvusClient
 
     assert "bench" in MilvusClient(uri=milvus_uri).list_aliases()["aliases"]
