@@ -147,3 +147,24 @@ def test_a_short_load_served_from_a_milvus_server(tmp_path, milvus_uri):
     from pymilvus import MilvusClient
 
     assert "bench" in MilvusClient(uri=milvus_uri).list_aliases()["aliases"]
+
+
+def test_faiss_and_milvus_side_by_side_in_one_run(tmp_path, milvus_uri):
+    """bench/service_backends.py: both backends on the same gallery and queries, the issue's
+    figures side by side and its goals as ratios of this run."""
+    from bench import service_backends
+    from index_builder import synthetic as fixtures
+
+    bundle = fixtures.make_bundle(tmp_path / "bundle")
+    out = tmp_path / "side.json"
+    args = ["--bundle", str(bundle.path), "--synthetic-gallery", "1000", "--milvus-uri",
+            milvus_uri, "--requests", "20", "--concurrency", "1,16", "--floor-reps", "5",
+            "--changes", "0.01", "--work", str(tmp_path / "work"), "--out", str(out)]  # fmt: skip
+    assert service_backends.main(args) == 0
+    result = json.loads(out.read_text())
+    faiss, milvus = result["side_by_side"]
+    assert (faiss["backend"], milvus["backend"]) == ("faiss", "milvus")
+    assert milvus["failed searches during changes"] == 0 and milvus["upsert 1% s"] > 0
+    [ratio] = [g for g in result["goals"] if g["goal"].startswith("Milvus t2i p50")]
+    assert ratio["measured"] == round(milvus["t2i p50 ms (c=1)"] / faiss["t2i p50 ms (c=1)"], 3)
+    assert "Side by side" in service_backends.render(result)
