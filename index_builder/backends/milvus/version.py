@@ -59,7 +59,7 @@ class MilvusVersion:
         self.info = info
         self.version = str(info["version"])
         self._rows: dict[tuple[str, int], dict[str, Any]] = {}
-        self._counts: dict[tuple[str, str], int] = {}
+        self._counts: dict[tuple[str, str, int], int] = {}  # (side, filter, change number)
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -249,7 +249,8 @@ class MilvusVersion:
     # -- internals -------------------------------------------------------------------------
 
     def _count(self, side: str, expr: str) -> int:
-        key = (side, expr)
+        key = (side, expr, int(self.info.get("changes", 0)))  # a count made before a change
+        # and stored after it is never read
         if key not in self._counts:
             with errors(self.uri, "count filtered rows"):
                 result = self.client.query(
