@@ -1,5 +1,6 @@
 """Changes to the collection: items added or deleted as a new index version, built on the
-served one in a worker thread, one at a time, then served (or refused, CURRENT put back)."""
+served one in a worker thread, one at a time, then served (or refused, CURRENT put back);
+on Milvus, made in place in the served version, which sees them when the call returns."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from index_builder.backends.base import BackendFailed
 from index_builder.collection import Change, ChangeResult, change, delete_ids
 from index_builder.filters import check_storable, show
 from index_builder.search import Searcher
@@ -24,6 +26,7 @@ from service.errors import (
     NotFound,
     NotReady,
     ServiceError,
+    backend_failure,
     without_paths,
 )
 from service.items import Items
@@ -74,6 +77,8 @@ class Changes:
                 raise _change_error(exc) from None
             if result.version != searcher.version:
                 await self.versions.serve_change(result.version, searcher.version)
+            else:  # changed in place (Milvus): the served index already sees it
+                self.versions.count_gallery(searcher)
             return searcher.version, result
 
     def _add_items(
@@ -142,6 +147,9 @@ def _change_error(exc: BaseException) -> BaseException:
         return Conflict(str(exc), "busy")
     if isinstance(exc, ValueError):
         return InvalidInput(without_paths(str(exc)), "invalid_change")
+    if isinstance(exc, BackendFailed):  # Milvus down or failing: nothing was changed
+        log.error("a change failed in the index backend: %s", exc)
+        return NotReady(backend_failure(exc), "backend_unavailable")
     if isinstance(exc, OSError):
         log.error("a change failed writing the index root: %s", exc)
         if exc.errno in _FULL:

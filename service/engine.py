@@ -29,7 +29,7 @@ from service.errors import (
     InvalidInput,
     NotFound,
     NotReady,
-    without_paths,
+    backend_failure,
 )
 from service.items import Items
 from service.metrics import Metrics
@@ -317,8 +317,7 @@ def backend_errors(damaged: Callable[[], None] | None = None) -> Iterator[None]:
         raise NotReady(CORRUPT, "index_corrupt") from None
     except OSError as exc:
         log.error("the index backend failed: %s", exc)
-        detail = f"the index backend failed: {without_paths(str(exc))}"
-        raise NotReady(detail, "backend_unavailable") from None
+        raise NotReady(backend_failure(exc), "backend_unavailable") from None
 
 
 def check_side_and_filter(searcher: Searcher, side: str, filter: dict[str, Any] | None) -> None:

@@ -105,9 +105,13 @@ class Versions:
         gc.freeze()
         self.encoders, self.bundle = searcher.encoders, searcher.bundle
         self.load_error = None
+        self.count_gallery(searcher)
+        self.metrics.ready.set(1)
+
+    def count_gallery(self, searcher: Searcher) -> None:
+        """The gallery size metrics: at a swap, and after a change made in place (Milvus)."""
         for side, count in counts(searcher).items():
             self.metrics.gallery_size.labels(side).set(count)
-        self.metrics.ready.set(1)
 
     def current(self) -> Searcher:
         """The searcher to serve with; NotReady (a code and a short reason, never the load

@@ -7,9 +7,13 @@ record, the index options and the planned change a backend applies).
     milvus  a Milvus server (or a milvus-lite file): one collection per version and an alias
             naming the current one: `index_builder.backends.milvus`
 
-Both keep one contract. A version is immutable once published; a build or a change writes a
-new version and only then moves the current pointer, in one atomic step (the CURRENT file,
-`alter_alias`), so a failed or killed writer leaves the serving version as it was. A version
+Both keep one contract. A build writes a new version and only then moves the current
+pointer, in one atomic step (the CURRENT file, `alter_alias`), so a failed or killed writer
+leaves the serving version as it was. A change (add, upsert, delete) differs by backend
+(`Store.in_place`): FAISS writes it as a new version the same way (a version is immutable
+once published); Milvus changes the rows of the current version's collection in place and
+logs the change (`backends/milvus/change.py`: what a version means there, consistency, and
+a change killed halfway). A version
 records the bundle that embedded it (`info`: the keys of `info_record`) and is refused with
 another bundle. Rows are opaque non-negative integers, stable within a version; search
 results pad with -1. No backend imports another; the backend-free stages (`build`,
@@ -48,6 +52,19 @@ RECALL_QUERIES = 200  # recall@10 after a change to within ~0.01, in a second at
 class CorruptIndex(OSError):
     """A version's file changed or was damaged on disk after it was loaded (truncated under
     a memory map: reading it would kill the process with SIGBUS)."""
+
+
+class BackendFailed(OSError):
+    """The index backend (a Milvus server) failed or could not be reached: nothing is wrong
+    with the request, and it may succeed later (a service answers 503)."""
+
+
+class BackendUnreachable(BackendFailed, ConnectionError):
+    """The backend cannot be reached (down, or the network)."""
+
+
+class BackendRefused(BackendFailed, PermissionError):
+    """The backend refused the credentials."""
 
 
 @dataclass(frozen=True)
@@ -226,6 +243,7 @@ class Store(Protocol[V]):
     `Version` its `open` returns and its `apply` starts from."""
 
     root: Path  # local working directory: embedding work files, copied images, uploads
+    in_place: bool  # a change updates the version it is applied to (else: a new version)
 
     @property
     def location(self) -> str: ...
@@ -260,8 +278,8 @@ class Store(Protocol[V]):
     def apply(
         self, current: V, plan: Plan, dataset: dict[str, Any], bundle_path: str | Path | None
     ) -> str:
-        """A new version: `current` (a version this store opened) with `plan` applied, made
-        current; its name."""
+        """`current` (a version this store opened) with `plan` applied, made current; its
+        name: a new version's, or with `in_place` `current`'s, which then sees the change."""
 
 
 def is_version_name(name: str) -> bool:

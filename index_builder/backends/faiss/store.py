@@ -56,6 +56,8 @@ CURRENT = "CURRENT"
 class IndexStore:
     """The versions under one index root."""
 
+    in_place = False  # a change is a new version
+
     def __init__(self, root: str | Path, keep: int = 3) -> None:
         if keep < 1:
             raise ValueError(f"keep must be at least 1, got {keep}")

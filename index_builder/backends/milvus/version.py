@@ -2,14 +2,18 @@
 
 Nothing per row is held in memory (the point of this backend is a gallery that does not fit
 one host): ids, rows and vectors are looked up in the collection. A search returns its hits'
-rows as output fields of the same call (`find`: one round trip, no second lookup). A version
-is immutable, so what is looked up stays true: rows read by `rows_at` and the number of rows a
-filter allows (to widen the search as the FAISS backend does) are cached.
+rows as output fields of the same call (`find`: one round trip, no second lookup). Rows change
+in place (`change.py`), but a row number always names the same content, so rows read by
+`rows_at` stay cached; the version's record (counts, filter fields) and the number of rows a
+filter allows (to widen the search as the FAISS backend does) are replaced by the change itself
+(`update`), or re-read within REFRESH_S of another process's change.
 """
 
 from __future__ import annotations
 
+import json
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -37,6 +41,7 @@ from index_builder.backends.milvus.expr import expression, literal
 CACHE_ROWS = 65536
 CACHE_COUNTS = 4096
 CHUNK = 1000  # values per `in [...]` lookup
+REFRESH_S = 1.0  # how stale the record may be after another process's change
 
 
 def stored_row(entity: dict[str, Any]) -> dict[str, Any]:
@@ -47,14 +52,23 @@ def stored_row(entity: dict[str, Any]) -> dict[str, Any]:
 class MilvusVersion:
     """A published version: its collection, and its record (`info`, index.json's keys)."""
 
-    def __init__(self, client: Any, uri: str, collection: str, info: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        client: Any,
+        uri: str,
+        collection: str,
+        info: dict[str, Any],
+        records: str | None = None,
+    ) -> None:
         self.client = client
+        self.records = records  # where the record is re-read from (None: never)
+        self._read_at = time.monotonic()
         self.uri = uri
         self.collection = collection
         self.info = info
         self.version = str(info["version"])
         self._rows: dict[tuple[str, int], dict[str, Any]] = {}
-        self._counts: dict[tuple[str, str], int] = {}
+        self._counts: dict[tuple[str, str, int], int] = {}  # (side, filter, change number)
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -74,6 +88,25 @@ class MilvusVersion:
 
     def has(self, side: str) -> bool:
         return side in self.info["sides"]
+
+    def update(self, info: dict[str, Any]) -> None:
+        """Take the record of a change made in place: new counts and filter fields."""
+        with self._lock:
+            self.info, self._read_at = info, time.monotonic()
+            self._counts.clear()
+
+    def refresh(self) -> None:
+        """Re-read the record if REFRESH_S passed since it was read, and take it if another
+        process changed the rows since (a round trip per REFRESH_S, not per request)."""
+        if self.records is None or time.monotonic() - self._read_at < REFRESH_S:
+            return
+        self._read_at = time.monotonic()
+        with errors(self.uri, "read the version record"):
+            found = self.client.get(self.records, ids=[self.version], output_fields=["info"])
+        if found:
+            info = json.loads(found[0]["info"])
+            if info.get("changes", 0) != self.info.get("changes", 0):
+                self.update(info)
 
     def live_count(self, side: str) -> int:
         return int(self.info["sides"][side]["count"]) if self.has(side) else 0
@@ -139,7 +172,8 @@ class MilvusVersion:
         return np.asarray(found[0]["vector"], dtype=np.float32)
 
     def count(self, side: str, filter: dict[str, Any] | None = None) -> int:
-        """Rows of `side` whose metadata satisfies `filter` (counted once per version)."""
+        """Rows of `side` whose metadata satisfies `filter` (counted once per change)."""
+        self.refresh()
         fields = self.info["sides"][side].get("fields", {})
         expr = expression(filters.parse(filter, fields), fields)
         return self.live_count(side) if expr is None else self._count(side, expr)
@@ -188,6 +222,7 @@ class MilvusVersion:
         """(scores, rows, row -> record) of a top-k search. The tuned search parameter is
         widened for deep pages and by the fraction a filter allows, and doubled (to its
         limit) for queries that still come back short."""
+        self.refresh()
         vectors = check_vectors(self, side, vectors, k)
         fields = self.info["sides"][side].get("fields", {})
         expr = expression(filters.parse(filter, fields), fields)
@@ -254,7 +289,8 @@ class MilvusVersion:
     # -- internals -------------------------------------------------------------------------
 
     def _count(self, side: str, expr: str) -> int:
-        key = (side, expr)
+        key = (side, expr, int(self.info.get("changes", 0)))  # a count made before a change
+        # and stored after it is never read
         if key not in self._counts:
             with errors(self.uri, "count filtered rows"):
                 result = self.client.query(

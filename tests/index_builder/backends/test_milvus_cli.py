@@ -53,13 +53,16 @@ def test_build_add_delete_info_and_the_same_hits_as_faiss(
     assert "deleted: 2 images, 4 texts" in capsys.readouterr().out
     assert main(["index", "info", str(tmp_path / "work"), *_milvus(uri)]) == 0
     text = capsys.readouterr().out
-    assert "  * v000003-" in text and "    v000001-" in text and "13 items" in text
+    assert "  * v000001-" in text and "v000002-" not in text and "13 items" in text
+    assert "changed in place 2 times" in text  # a change is no new version on Milvus
     assert main(["index", "info", str(tmp_path / "work"), "--json", *_milvus(uri)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["backend"] == "milvus" and info["sides"]["text"]["count"] == 26
-    first = store.versions()[0]
+    assert [e["state"] for e in store.changes()] == ["done", "done"]
+    assert _build("rebuild", tiny_bundle.path, tmp_path / "work", uri, "--data", str(gallery)) == 0
+    first = store.versions()[0]  # back to the first collection, with its changes
     assert main(["index", "switch", str(tmp_path / "work"), first, *_milvus(uri)]) == 0
-    assert store.current() == first and "12 items" in capsys.readouterr().out
+    assert store.current() == first and "13 items" in capsys.readouterr().out
     absent = "v000009-20000101T000000Z"
     assert main(["index", "switch", str(tmp_path / "work"), absent, *_milvus(uri)]) == 2
     assert f"index version {absent} not found in Milvus" in capsys.readouterr().err
