@@ -52,6 +52,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
+    add_gallery_args(parser)
+    add_load_args(parser)
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "bench/results/service_load.json", help="JSON results"
+    )
+    return parser.parse_args(argv)
+
+
+def add_gallery_args(parser: argparse.ArgumentParser) -> None:
+    """What is served: a bundle and an index, or a gallery made for the run."""
     parser.add_argument("--bundle", type=Path, help="bundle directory (omit with --demo-images)")
     parser.add_argument(
         "--index", type=Path, help="index root (omit with --demo-images or --synthetic-gallery)"
@@ -99,6 +109,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="after the load runs, upsert and delete this fraction of a synthetic or realistic "
         "gallery through the admin API under text-to-image load (e.g. 0.01)",
     )
+
+
+def add_load_args(parser: argparse.ArgumentParser) -> None:
+    """How the served gallery is loaded: requests, concurrency, server settings."""
     parser.add_argument("--requests", type=int, default=400, help="requests per run")
     parser.add_argument("--max-seconds", type=float, default=20.0, help="time limit per run")
     parser.add_argument("--concurrency", default="1,16", help="comma-separated client concurrency")
@@ -112,10 +126,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=120.0,
         help="how long the server may take to load the index and become ready",
     )
-    parser.add_argument(
-        "--out", type=Path, default=ROOT / "bench/results/service_load.json", help="JSON results"
-    )
-    return parser.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -48,6 +48,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     _build_args(rebuild)
     rebuild.set_defaults(func=_rebuild)
+    _change_commands(actions)
+    _version_commands(actions)
+
+
+def _change_commands(actions: argparse._SubParsersAction) -> None:
+    """`cots index add` and `cots index delete`."""
     add = actions.add_parser(
         "add",
         help="add items to the current version (ids already present are skipped; --upsert)",
@@ -73,6 +79,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     delete.add_argument("--keep", type=int, default=3, help="versions to keep (default 3)")
     _backend_args(delete)
     delete.set_defaults(func=_delete)
+
+
+def _version_commands(actions: argparse._SubParsersAction) -> None:
+    """`cots index switch` and `cots index info`."""
     switch = actions.add_parser(
         "switch",
         help="point CURRENT at an existing version (roll back or forward)",
