@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,13 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
 from index_builder.backends.base import ivf_lists  # noqa: E402
-from index_builder.backends.recall import METRIC, sample_rows  # noqa: E402
+from index_builder.backends.recall import METRIC, blocks, sample_rows  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 MAX_TRAIN = 200_000
+TRAIN_PER_LIST = 40
+ADD_BLOCK = 262_144  # vectors read and added at a time (shards may be larger than memory)
 # Search parameters are tuned for recall@10 (`write.index_side`); deeper searches widen them
 # (`search.search`).
 TUNE_K = 10
@@ -116,9 +119,13 @@ def build_index(factory: str, shards: Sequence[np.ndarray], dim: int, use_gpu: b
     if gpu is not None:
         index = faiss.index_cpu_to_gpu(gpu, 0, index)
     _train(index, factory, shards)
-    for shard in shards:
-        if len(shard):
-            index.add(np.ascontiguousarray(shard, dtype=np.float32))
+    added, started = 0, time.perf_counter()
+    for block in blocks(shards, ADD_BLOCK):
+        index.add(block)
+        added += len(block)
+        if total > ADD_BLOCK:
+            rate = added / max(time.perf_counter() - started, 1e-9)
+            log.info("added %d of %d vectors (%.0f a second)", added, total, rate)
     return faiss.index_gpu_to_cpu(index) if gpu is not None else index
 
 
@@ -151,7 +158,8 @@ def build_ivf_on_disk(
 def _train(index: Any, factory: str, shards: Sequence[np.ndarray]) -> None:
     if index.is_trained:
         return
-    sample = sample_rows(shards, MAX_TRAIN)
+    sample = sample_rows(shards, train_size(factory, sum(len(s) for s in shards)))
+    log.info("training %s on %d sampled vectors", factory, len(sample))
     try:
         index.train(sample)
     except RuntimeError as exc:
@@ -159,6 +167,14 @@ def _train(index: Any, factory: str, shards: Sequence[np.ndarray]) -> None:
         raise ValueError(
             f"cannot train {factory!r} on {len(sample)} vectors (choose a smaller index): {reason}"
         ) from None
+
+
+def train_size(factory: str, n: int) -> int:
+    """Vectors sampled to train an index of n: MAX_TRAIN, or TRAIN_PER_LIST per inverted list
+    where that is more (k-means wants about 40 points per centroid), never more than n."""
+    m = _IVF.match(factory)
+    nlist = int(m.group(2)) if m else 0
+    return min(n, max(MAX_TRAIN, TRAIN_PER_LIST * nlist))
 
 
 def _gpu_resources() -> Any:

@@ -43,7 +43,7 @@ from index_builder.backends.faiss.version import (
     VECTOR_FILES,
     LoadedIndex,
 )
-from index_builder.backends.recall import exact_knn, sample_rows
+from index_builder.backends.recall import blocks, exact_knn, sample_rows
 from index_builder.filters import field_types
 
 log = logging.getLogger(__name__)
@@ -107,9 +107,9 @@ def write_vectors(path: Path, shards: Shards, dim: int) -> None:
     total = sum(len(s) for s in shards)
     out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(total, dim))
     start = 0
-    for shard in shards:
-        out[start : start + len(shard)] = shard
-        start += len(shard)
+    for block in blocks(shards, _CHUNK):
+        out[start : start + len(block)] = block
+        start += len(block)
     out.flush()
     del out
 

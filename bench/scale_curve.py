@@ -1,0 +1,390 @@
+"""The cost of serving against gallery size (issue 27): one realistic gallery, FAISS with the
+automatic index choice, at several sizes per side.
+
+    python bench/scale_curve.py --bundle cots-data/bundles/demo \
+        --real cots-data/real-embeddings/openclipart cots-data/real-embeddings/emoji \
+        cots-data/real-embeddings/synthetic --sizes 100000,1000000,3000000,10000000 \
+        --work /tmp/scale
+
+For each size N (a prefix of one generated gallery, bench/realistic_gallery.py, so every size
+holds the same items): publish N images and N captions with `cots index build`'s defaults and
+record the build time of each side, the version's disk use and the time to load it (open and
+one search per side, in a fresh process: what a service does when CURRENT moves); serve it
+with bench/service_load.py (served recall@10 with held-out real queries, p50 at concurrency 1,
+req/s and p99 at 16, the service's resident memory, the in-process floor); then time a 1%
+change (N/100 new images with one caption each appended as a new version). Results go to
+bench/results/scale_curve.json (one service_load result per size beside it) and the picture
+to docs/img/scale_curve.png. The machine's calibration (a GEMM rate and the k-means rate
+that bounds index training) is printed and recorded with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, overload
+
+import numpy as np
+
+from bench.realistic_gallery import RESULTS, ROOT, add_model_args, fitted, generated, shown
+
+DIM_BYTES = 4  # float32
+
+
+class Rows(Sequence[dict[str, Any]]):
+    """The synthetic rows of a generated gallery, made on demand (10M rows as dicts would not
+    fit in memory): image `syn<i>` with one caption `syn<i>#0`, as bench/service_load.py
+    names them."""
+
+    def __init__(self, side: str, count: int, start: int = 0, prefix: str = "syn") -> None:
+        self.side, self.count, self.start, self.prefix = side, count, start, prefix
+
+    def __len__(self) -> int:
+        return self.count
+
+    @overload
+    def __getitem__(self, i: int) -> dict[str, Any]: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[dict[str, Any]]: ...
+    def __getitem__(self, i: int | slice) -> dict[str, Any] | list[dict[str, Any]]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.count))]
+        if not -self.count <= i < self.count:
+            raise IndexError(i)
+        return self.row(self.start + i % self.count)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return (self.row(self.start + i) for i in range(self.count))
+
+    def row(self, i: int) -> dict[str, Any]:
+        item, text = f"{self.prefix}{i:07d}", f"synthetic caption {i}"
+        if self.side == "image":
+            return {"id": item, "image": f"synthetic/{item}.png", "captions": [text], "meta": {}}
+        return {"id": f"{item}#0", "image_id": item, "text": text}
+
+
+def calibration() -> dict[str, float]:
+    """The machine's rates: float32 GEMM (numpy's BLAS, the threads it uses) and k-means
+    assignment through faiss (points x centroids x dimension a second), which bounds the
+    training and adding of an IVF index."""
+    import faiss
+
+    a = np.random.default_rng(0).standard_normal((4096, 256), dtype=np.float32)
+    b = np.random.default_rng(1).standard_normal((256, 4096), dtype=np.float32)
+    a @ b
+    started, runs = time.perf_counter(), 10
+    for _ in range(runs):
+        a @ b
+    gemm = 2 * 4096 * 4096 * 256 * runs / (time.perf_counter() - started)
+    centroids = faiss.IndexFlatIP(256)
+    centroids.add(b.T.copy())
+    started = time.perf_counter()
+    centroids.search(a, 1)
+    assign = 4096 * 4096 * 256 / (time.perf_counter() - started)
+    return {
+        "gemm_gflops": round(gemm / 1e9, 1),
+        "faiss_assign_gmacs": round(assign / 1e9, 1),
+        "faiss_threads": faiss.omp_get_max_threads(),
+    }
+
+
+def build(root: Path, args: argparse.Namespace, images: np.ndarray, captions: np.ndarray) -> str:
+    """Publish the gallery with the default (automatic) index choice; named as
+    bench/service_load.py names a realistic gallery, so that it reuses this version."""
+    from index_builder.backends.base import IndexOptions
+    from index_builder.backends.faiss.store import IndexStore
+    from index_builder.bundle import Bundle
+
+    bundle, n = Bundle.load(args.bundle), len(images)
+    return IndexStore(root).publish(
+        bundle_id=bundle.bundle_id,
+        bundle_path=bundle.path,
+        dim=bundle.embed_dim,
+        shards={"image": [images], "text": [captions]},
+        rows={"image": Rows("image", n), "text": Rows("text", n)},
+        options=IndexOptions(),
+        dataset={"name": f"realistic-{n}-automatic", "path": "synthetic", "fingerprint": f"{n}"},
+    )
+
+
+LOAD = """
+import sys, time
+t = time.perf_counter()
+from index_builder.backends.faiss.store import IndexStore
+index = IndexStore(sys.argv[1]).open()
+for side in index.sides:
+    index.search(side, index.vector(side, 0)[None], 10)
+print(round(time.perf_counter() - t, 2))
+"""
+
+
+def load_seconds(root: Path) -> float:
+    """Seconds a fresh process takes to open the current version and search each side."""
+    out = subprocess.run(
+        [sys.executable, "-c", LOAD, str(root)], check=True, capture_output=True, text=True
+    )
+    return float(out.stdout.split()[-1])
+
+
+def change_seconds(root: Path, added: tuple[np.ndarray, np.ndarray]) -> float:
+    """Seconds to publish a change that appends the given images and captions."""
+    from index_builder.backends.faiss.store import IndexStore
+    from index_builder.collection import Change, change
+
+    store = IndexStore(root)
+    n, current = len(added[0]), store.open()
+    rows = {side: Rows(side, n, prefix="new") for side in ("image", "text")}
+    request = Change(
+        rows={side: list(r) for side, r in rows.items()},
+        vectors={"image": added[0], "text": added[1]},
+    )
+    started = time.perf_counter()
+    change(store, current, request)
+    return round(time.perf_counter() - started, 1)
+
+
+def serve(work: Path, size: int, args: argparse.Namespace) -> dict[str, Any]:
+    """bench/service_load.py against the published version (reused from `work`)."""
+    out = RESULTS / "scale" / f"service_load-{size}.json"
+    command = [
+        *("python", "bench/service_load.py", "--bundle", shown(args.bundle)),
+        *("--realistic-gallery", str(size), "--real", *(shown(p) for p in args.real)),
+        *("--work", str(work), "--requests", str(args.requests), "--max-seconds", "30"),
+        *("--concurrency", "1,16", "--ready-seconds", "900", "--out", shown(out)),
+    ]
+    print("$", shlex.join(command), flush=True)
+    subprocess.run([sys.executable, *command[1:]], check=True, cwd=ROOT)
+    return json.loads(out.read_text())
+
+
+def disk_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def endpoint(served: dict[str, Any], name: str, concurrency: int) -> dict[str, Any]:
+    return next(r for r in served["endpoints"][name] if r["concurrency"] == concurrency)
+
+
+def figures(size: int, info: dict[str, Any], served: dict[str, Any]) -> dict[str, Any]:
+    """One row of the curve from the version's record and the service's load result."""
+    raw = 2 * size * info["embed_dim"] * DIM_BYTES
+    row: dict[str, Any] = {"size": size, "raw_vectors_bytes": raw}
+    for side in ("image", "text"):
+        row[f"{side}_factory"] = info["sides"][side]["factory"]
+        row[f"{side}_build_seconds"] = info["sides"][side]["build_seconds"]
+    for way, name in (("t2i", "text-to-image"), ("i2t", "image-to-text")):
+        one, many = endpoint(served, f"/search/{name}", 1), endpoint(served, f"/search/{name}", 16)
+        floor = served["floor_in_process"][name]["p50_ms"]
+        row.update(
+            {
+                f"{way}_recall_at_10": one["recall_at_10"],
+                f"{way}_p50_ms": one["p50_ms"],
+                f"{way}_floor_p50_ms": floor,
+                f"{way}_http_over_floor": round(one["p50_ms"] / floor, 2),
+                f"{way}_rps_16": many["throughput_rps"],
+                f"{way}_p99_ms_16": many["p99_ms"],
+            }
+        )
+    memory = served["server_memory_bytes"]
+    row["service_rss_bytes"], row["service_hwm_bytes"] = memory["VmRSS"], memory["VmHWM"]
+    row["service_rss_over_raw"] = round(memory["VmRSS"] / raw, 3)
+    return row
+
+
+def measure(size: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Build, load, serve and change one size; its work directory is removed afterwards."""
+    from index_builder.backends.faiss.store import IndexStore
+
+    gallery = argparse.Namespace(**{**vars(args), "size": size})
+    images, captions, _ = generated(gallery)
+    work = args.work / str(size)
+    shutil.rmtree(work, ignore_errors=True)
+    root = work / "index"
+    started = time.perf_counter()
+    version = build(root, args, images, captions)
+    wall = round(time.perf_counter() - started, 1)
+    info = IndexStore(root).read_info()
+    disk = disk_bytes(root / "versions" / version)
+    loaded = load_seconds(root)
+    row = figures(size, info, serve(work, size, args))
+    row.update(build_wall_seconds=wall, disk_bytes=disk, load_seconds=loaded)
+    row["disk_over_raw"] = round(disk / row["raw_vectors_bytes"], 3)
+    if size <= args.change_max:
+        _, _, model = fitted(gallery)
+        row["change_1pct_seconds"] = change_seconds(root, model.sample(size // 100, seed=size))
+    shutil.rmtree(work, ignore_errors=True)
+    return row
+
+
+GOALS = (  # (figure, at most, target): ratios of the largest size to 1M, or absolute
+    ("t2i_p50_ms", True, 1.5),
+    ("t2i_rps_16", False, 0.7),
+)
+
+
+def goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's goals on the curve measured so far."""
+    out = []
+    for row in rows:
+        for way in ("t2i", "i2t"):
+            out.append(
+                check(
+                    f"{row['size']}: {way} recall@10 >= 0.95",
+                    row[f"{way}_recall_at_10"],
+                    0.95,
+                    False,
+                )
+            )
+            out.append(
+                check(
+                    f"{row['size']}: {way} HTTP p50 / floor <= 1.3",
+                    row[f"{way}_http_over_floor"],
+                    1.3,
+                    True,
+                )
+            )
+    big, base = rows[-1], next((r for r in rows if r["size"] == 1_000_000), None)
+    out.append(
+        check(
+            f"{big['size']}: service RSS / raw vectors <= 0.35",
+            big["service_rss_over_raw"],
+            0.35,
+            True,
+        )
+    )
+    out.append(check(f"{big['size']}: disk / raw vectors <= 1.6", big["disk_over_raw"], 1.6, True))
+    out.append(check(f"{big['size']}: version load (s) <= 60", big["load_seconds"], 60, True))
+    if base is not None and big is not base:
+        for figure, at_most, target in GOALS:
+            sign = "<=" if at_most else ">="
+            ratio = round(big[figure] / base[figure], 2)
+            out.append(
+                check(f"{big['size']} / 1M {figure} {sign} {target}", ratio, target, at_most)
+            )
+        for side in ("image", "text"):
+            key = f"{side}_build_seconds"
+            ratio = round(big[key] / base[key], 2)
+            out.append(
+                check(
+                    f"{big['size']} / 1M {key} <= {big['size'] / 1e6:g}",
+                    ratio,
+                    big["size"] / 1e6,
+                    True,
+                )
+            )
+    return out
+
+
+def check(goal: str, measured: float, target: float, at_most: bool) -> dict[str, Any]:
+    met = measured <= target if at_most else measured >= target
+    return {"goal": goal, "measured": measured, "met": bool(met)}
+
+
+COLUMNS = (
+    ("size", "items per side"),
+    ("image_factory", "index"),
+    ("t2i_recall_at_10", "t2i recall@10"),
+    ("i2t_recall_at_10", "i2t recall@10"),
+    ("t2i_p50_ms", "t2i p50 ms (c=1)"),
+    ("i2t_p50_ms", "i2t p50 ms (c=1)"),
+    ("t2i_rps_16", "t2i req/s (c=16)"),
+    ("t2i_p99_ms_16", "t2i p99 ms (c=16)"),
+    ("i2t_rps_16", "i2t req/s (c=16)"),
+    ("t2i_http_over_floor", "t2i HTTP/floor"),
+    ("image_build_seconds", "build s (image)"),
+    ("text_build_seconds", "build s (text)"),
+    ("service_rss_over_raw", "service RSS / raw"),
+    ("disk_over_raw", "disk / raw"),
+    ("load_seconds", "load s"),
+    ("change_1pct_seconds", "1% change s"),
+)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The curve as a markdown table (docs/benchmarks.md)."""
+    lines = ["| " + " | ".join(title for _, title in COLUMNS) + " |"]
+    lines.append("|" + "---|" * len(COLUMNS))
+    for row in rows:
+        lines.append("| " + " | ".join(str(row.get(key, "-")) for key, _ in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def picture(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = [r["size"] for r in rows]
+    panels = (
+        ("latency at concurrency 1 (ms)", ("t2i_p50_ms", "i2t_p50_ms", "t2i_floor_p50_ms")),
+        ("req/s at concurrency 16", ("t2i_rps_16", "i2t_rps_16")),
+        (
+            "seconds",
+            ("image_build_seconds", "text_build_seconds", "load_seconds", "change_1pct_seconds"),
+        ),
+        ("bytes / raw float vectors", ("service_rss_over_raw", "disk_over_raw")),
+    )
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
+    for ax, (title, keys) in zip(axes, panels, strict=True):
+        for key in keys:
+            points = [(s, r[key]) for s, r in zip(sizes, rows, strict=True) if r.get(key)]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", label=key)
+        ax.set_xscale("log")
+        ax.set_xlabel("items per side")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7)
+    fig.suptitle("Cost against gallery size: FAISS, automatic index choice, realistic gallery")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    add_model_args(parser)
+    parser.add_argument("--bundle", type=Path, required=True)
+    parser.add_argument("--sizes", default="100000,1000000,3000000,10000000")
+    parser.add_argument("--work", type=Path, required=True, help="scratch (removed per size)")
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument(
+        "--change-max", type=int, default=3_000_000, help="largest size to time a 1%% change at"
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS / "scale_curve.json")
+    parser.add_argument("--picture", type=Path, default=ROOT / "docs/img/scale_curve.png")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    machine = calibration()
+    print("calibration:", json.dumps(machine), flush=True)
+    result: dict[str, Any] = {
+        "calibration": machine,
+        "command": shlex.join(["python", "bench/scale_curve.py", *(argv or sys.argv[1:])]),
+        "rows": [],
+    }
+    for size in sorted(int(s) for s in args.sizes.split(",")):
+        result["rows"].append(measure(size, args))
+        result["goals"] = goals(result["rows"])
+        result["table"] = table(result["rows"]).splitlines()
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        picture(result["rows"], args.picture)
+        print(table(result["rows"]), flush=True)
+    print(json.dumps(result["goals"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
