@@ -214,3 +214,28 @@ def test_filtered_compressed_search_is_reranked_among_allowed_rows(data):
     assert mask[rows].all()
     assert recall_at_k(rows, truth) >= 0.97
     np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", queries, base[rows]), atol=1e-6)
+
+
+def test_exact_knn_reads_large_shards_in_blocks(data, monkeypatch):
+    base, _, queries, truth = data
+    monkeypatch.setattr("index_builder.backends.recall.KNN_BLOCK", 333)  # 13 blocks, last short
+    assert (exact_knn(queries, [base], 10) == truth).mean() > 0.999
+
+
+def test_blocked_build_equals_one_add(data, monkeypatch):
+    """Adding a shard larger than ADD_BLOCK a block at a time gives the index one add gives."""
+    base, _, queries, _ = data
+    whole = fi.build_index("IVF16,SQ8", [base], DIM, use_gpu=False)
+    monkeypatch.setattr(fi, "ADD_BLOCK", 999)
+    blocked = fi.build_index("IVF16,SQ8", [base], DIM, use_gpu=False)
+    assert blocked.ntotal == whole.ntotal == len(base)
+    for index in (whole, blocked):
+        fi.set_search_params(index, {"nprobe": 4})
+    assert np.array_equal(whole.search(queries, 10)[1], blocked.search(queries, 10)[1])
+
+
+def test_training_sample_grows_with_the_lists():
+    assert fi.train_size("IVF4096,SQ8", 1_000_000) == fi.MAX_TRAIN
+    assert fi.train_size("IVF16384,SQ8", 10_000_000) == 16384 * fi.TRAIN_PER_LIST
+    assert fi.train_size("IVF16384,SQ8", 300_000) == 300_000  # never more than the gallery
+    assert fi.train_size("HNSW32", 5_000_000) == fi.MAX_TRAIN
