@@ -109,6 +109,26 @@ def choose_factory(n: int, dim: int, memory_budget: int) -> str:
     )
 
 
+def explain_choice(factory: str, n: int, dim: int, memory_budget: int) -> str:
+    """Why `choose_factory` picks `factory` for n vectors, in one sentence (the build logs it
+    and records it in index.json)."""
+    if factory == "Flat":
+        return f"{n:,} vectors: exact search (below 10,000)"
+    if factory.startswith("HNSW"):
+        return f"{n:,} vectors: an HNSW graph (up to 50,000; beyond, cross-modal recall falls)"
+    codes = (
+        "8-bit scalar codes"
+        if factory.endswith("SQ8")
+        else "product-quantised codes (8-bit scalar codes would exceed the budget)"
+    )
+    size = (estimate_bytes(factory, n, dim) or 0) / 2**30
+    return (
+        f"{n:,} vectors: {ivf_lists(n)} inverted lists (about 4 sqrt(n)) of {codes}, "
+        f"{size:.2f} GiB in memory within the {memory_budget / 2**30:.2f} GiB budget; the "
+        "float vectors stay on disk, memory-mapped, for the exact re-rank"
+    )
+
+
 def build_index(factory: str, shards: Sequence[np.ndarray], dim: int, use_gpu: bool = True) -> Any:
     """Train on a sample, then add the shards one at a time (on GPU when one is present)."""
     total = sum(len(s) for s in shards)

@@ -66,6 +66,12 @@ def index_side(
     if count == 0:
         raise ValueError(f"cannot index an empty gallery ({side} side has no vectors)")
     factory = options.factory or faiss_index.choose_factory(count, dim, options.memory_budget)
+    choice = (
+        "asked for (--factory)"
+        if options.factory
+        else faiss_index.explain_choice(factory, count, dim, options.memory_budget)
+    )
+    log.info("%s index %s: %s", side, factory, choice)
     started = time.perf_counter()
     file = out / INDEX_FILES[side]
     if options.on_disk:
@@ -86,6 +92,7 @@ def index_side(
     )
     return {
         "factory": factory,
+        "choice": choice,
         "count": count,
         "rows": count,
         "deleted": 0,

@@ -239,3 +239,13 @@ def test_training_sample_grows_with_the_lists():
     assert fi.train_size("IVF16384,SQ8", 10_000_000) == 16384 * fi.TRAIN_PER_LIST
     assert fi.train_size("IVF16384,SQ8", 300_000) == 300_000  # never more than the gallery
     assert fi.train_size("HNSW32", 5_000_000) == fi.MAX_TRAIN
+
+
+def test_the_choice_is_explained():
+    gib = 1 << 30
+    assert "exact search" in fi.explain_choice("Flat", 5000, 256, gib)
+    assert "HNSW graph" in fi.explain_choice("HNSW32", 30_000, 256, gib)
+    why = fi.explain_choice("IVF16384,SQ8", 10_000_000, 256, 4 * gib)
+    assert "16384 inverted lists" in why and "8-bit scalar codes" in why
+    assert "2.47 GiB in memory within the 4.00 GiB budget" in why
+    assert "would exceed the budget" in fi.explain_choice("IVF8192,PQ64", 5_000_000, 256, gib)
