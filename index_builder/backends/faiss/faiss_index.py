@@ -10,6 +10,7 @@ and IVF indexes can be built as one index per shard merged into on-disk inverted
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 MAX_TRAIN = 200_000
 TRAIN_PER_LIST = 40
+PART = 1 << 20  # vectors per resumable part of a large IVF build
 ADD_BLOCK = 262_144  # vectors read and added at a time (shards may be larger than memory)
 # Search parameters are tuned for recall@10 (`write.index_side`); deeper searches widen them
 # (`search.search`).
@@ -149,6 +151,62 @@ def build_index(factory: str, shards: Sequence[np.ndarray], dim: int, use_gpu: b
     return faiss.index_gpu_to_cpu(index) if gpu is not None else index
 
 
+def build_resumable(factory: str, shards: Sequence[np.ndarray], dim: int, work: Path) -> Any:
+    """An IVF index trained once, then filled in parts of PART vectors, each written under
+    `work` before the next starts: a build killed part-way and run again on the same gallery
+    (`work` is named for it, `resume_key`) keeps the trained index and the parts written,
+    and only adds the rest. The parts are merged into one in-memory index at the end."""
+    work.mkdir(parents=True, exist_ok=True)
+    trained_file = work / "trained.faiss"
+    if trained_file.is_file():
+        trained = read_index(trained_file)
+        log.info("resuming %s: trained index found in %s", factory, work)
+    else:
+        trained = make_index(factory, dim)
+        _train(trained, factory, shards)
+        _write_atomically(trained, trained_file)
+    total = sum(len(s) for s in shards)
+    index = faiss.clone_index(trained)
+    for number, start in enumerate(range(0, total, PART)):
+        file = work / f"part-{number:05d}.faiss"
+        stop = min(total, start + PART)
+        if not file.is_file():
+            part = faiss.clone_index(trained)
+            for block in blocks(rows_between(shards, start, stop), ADD_BLOCK):
+                part.add(block)
+            _write_atomically(part, file)
+            log.info("added %d of %d vectors (part %d written)", stop, total, number)
+        else:
+            log.info("added %d of %d vectors (part %d resumed)", stop, total, number)
+        index.merge_from(read_index(file), start)
+    return index
+
+
+def resume_key(factory: str, shards: Sequence[np.ndarray]) -> str:
+    """Names a build: its factory, size, and a digest of rows sampled across the gallery."""
+    total = sum(len(s) for s in shards)
+    sample = sample_rows(shards, 64, seed=2) if total else np.zeros(0, np.float32)
+    digest = hashlib.sha1(f"{factory}|{total}".encode() + sample.tobytes()).hexdigest()
+    return digest[:16]
+
+
+def rows_between(shards: Sequence[np.ndarray], start: int, stop: int) -> list[np.ndarray]:
+    """Rows start..stop of the shards taken together, as views of the shards."""
+    out, offset = [], 0
+    for shard in shards:
+        low, high = max(start - offset, 0), min(stop - offset, len(shard))
+        if low < high:
+            out.append(shard[low:high])
+        offset += len(shard)
+    return out
+
+
+def _write_atomically(index: Any, path: Path) -> None:
+    temp = path.with_name(path.name + ".tmp")
+    faiss.write_index(index, str(temp))
+    os.replace(temp, path)
+
+
 def build_ivf_on_disk(
     factory: str, shards: Sequence[np.ndarray], dim: int, out: Path, ivfdata: Path
 ) -> Any:
@@ -195,6 +253,13 @@ def train_size(factory: str, n: int) -> int:
     m = _IVF.match(factory)
     nlist = int(m.group(2)) if m else 0
     return min(n, max(MAX_TRAIN, TRAIN_PER_LIST * nlist))
+
+
+def resumable(factory: str, n: int, use_gpu: bool) -> bool:
+    """Whether a build of n vectors goes in resumable parts (`build_resumable`): IVF indexes
+    of more than one part, built on the CPU."""
+    gpu = use_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    return bool(_IVF.match(factory)) and n > PART and not gpu
 
 
 def _gpu_resources() -> Any:

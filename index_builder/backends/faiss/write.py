@@ -58,10 +58,12 @@ def index_side(
     dim: int,
     options: IndexOptions,
     out: Path,
+    resume: Path | None = None,
 ) -> dict[str, Any]:
     """Build, save and tune one side, and store its vectors beside the index; recall is
     measured with the other side's vectors as queries (captions against the image index,
-    images against the caption index), or with the side's own when it stands alone."""
+    images against the caption index), or with the side's own when it stands alone. Large
+    IVF builds keep their progress under `resume` (`faiss_index.build_resumable`)."""
     count = sum(len(s) for s in shards)
     if count == 0:
         raise ValueError(f"cannot index an empty gallery ({side} side has no vectors)")
@@ -77,6 +79,14 @@ def index_side(
     if options.on_disk:
         ivfdata = file.with_suffix(".ivfdata")
         index = faiss_index.build_ivf_on_disk(factory, shards, dim, file, ivfdata)
+    elif resume is not None and faiss_index.resumable(factory, count, options.use_gpu):
+        work = resume / f"{side}-{faiss_index.resume_key(factory, shards)}"
+        for stale in resume.glob(f"{side}-*"):  # another gallery's: never resumed
+            if stale != work:
+                shutil.rmtree(stale, ignore_errors=True)
+        index = faiss_index.build_resumable(factory, shards, dim, work)
+        faiss_index.write_index(index, file)
+        shutil.rmtree(work, ignore_errors=True)
     else:
         index = faiss_index.build_index(factory, shards, dim, options.use_gpu)
         faiss_index.write_index(index, file)
@@ -132,14 +142,16 @@ def write_version(
     dataset: dict[str, Any],
     bundle_path: str | Path | None,
     skipped: dict[str, dict[str, Any]],
+    resume: Path | None = None,
 ) -> None:
-    """A new version in `staging`: each side that has rows built, tuned and described."""
+    """A new version in `staging`: each side that has rows built, tuned and described (large
+    builds resumable from `resume`)."""
     present = check_gallery(shards, rows)
     sides = {}
     for side in present:
         write_jsonl(staging / META_FILES[side], rows[side])
         other = shards[OTHER[side]] if OTHER[side] in present else None
-        sides[side] = index_side(side, shards[side], other, dim, options, staging)
+        sides[side] = index_side(side, shards[side], other, dim, options, staging, resume)
         sides[side]["fields"] = field_types(row.get("meta") or {} for row in rows[side])
         sides[side]["skipped"] = skipped.get(side, {"count": 0, "examples": []})
     write_info(staging, bundle_id, bundle_path, dim, dataset, None, sides)

@@ -249,3 +249,46 @@ def test_the_choice_is_explained():
     assert "16384 inverted lists" in why and "8-bit scalar codes" in why
     assert "2.47 GiB in memory within the 4.00 GiB budget" in why
     assert "would exceed the budget" in fi.explain_choice("IVF8192,PQ64", 5_000_000, 256, gib)
+
+
+def test_a_killed_build_resumes_from_its_parts(data, tmp_path, monkeypatch):
+    base, shards, queries, truth = data
+    monkeypatch.setattr(fi, "PART", 1000)
+    whole = fi.blocks
+    calls = []
+
+    def killed_in_the_third_part(parts, size):
+        calls.append(size)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return whole(parts, size)
+
+    work = tmp_path / fi.resume_key("IVF16,SQ8", shards)
+    monkeypatch.setattr(fi, "blocks", killed_in_the_third_part)
+    with pytest.raises(KeyboardInterrupt):
+        fi.build_resumable("IVF16,SQ8", shards, DIM, work)
+    names = sorted(p.name for p in work.iterdir())
+    assert names == ["part-00000.faiss", "part-00001.faiss", "trained.faiss"]
+    expected = fi.read_index(work / "trained.faiss")
+    expected.add(base)  # what an uninterrupted build adds to the same trained index
+
+    monkeypatch.setattr(fi, "blocks", whole)
+    monkeypatch.setattr(fi, "make_index", lambda *a: pytest.fail("trained again"))
+    resumed = fi.build_resumable("IVF16,SQ8", shards, DIM, work)
+    assert resumed.ntotal == len(base)
+    for index in (resumed, expected):
+        fi.set_search_params(index, {"nprobe": 16})
+    found = resumed.search(queries, 10)
+    assert np.array_equal(found[1], expected.search(queries, 10)[1])
+    assert recall_at_k(found[1], truth) > 0.9  # every list probed: only SQ8's error is left
+
+
+def test_resume_keys_name_the_gallery(data):
+    base, shards, _, _ = data
+    assert fi.resume_key("IVF16,SQ8", shards) == fi.resume_key("IVF16,SQ8", [base])
+    assert fi.resume_key("IVF16,SQ8", [base]) != fi.resume_key("IVF32,SQ8", [base])
+    assert fi.resume_key("IVF16,SQ8", [base]) != fi.resume_key("IVF16,SQ8", [base[::-1]])
+    assert [len(p) for p in fi.rows_between(shards, 1000, 2000)] == [500, 1, 499]
+    assert fi.resumable("IVF16384,SQ8", 10_000_000, use_gpu=False)
+    assert not fi.resumable("IVF1024,SQ8", 100_000, use_gpu=False)  # one part
+    assert not fi.resumable("HNSW32", 10_000_000, use_gpu=False)
