@@ -155,8 +155,8 @@ def serve(work: Path, size: int, args: argparse.Namespace) -> dict[str, Any]:
     """bench/service_load.py against the published version (reused from `work`)."""
     out = RESULTS / "scale" / f"service_load-{size}.json"
     command = [
-        *("python", "bench/service_load.py", "--bundle", shown(args.bundle)),
-        *("--realistic-gallery", str(size), "--real", *(shown(p) for p in args.real)),
+        *("python", "bench/service_load.py", "--bundle", str(args.bundle)),
+        *("--realistic-gallery", str(size), "--real", *(str(p) for p in args.real)),
         *("--work", str(work), "--requests", str(args.requests), "--max-seconds", "30"),
         *("--concurrency", "1,16", "--ready-seconds", "900", "--out", shown(out)),
     ]

@@ -32,7 +32,6 @@ from index_builder.backends.recall import METRIC, blocks, sample_rows  # noqa: E
 log = logging.getLogger(__name__)
 
 MAX_TRAIN = 200_000
-TRAIN_PER_LIST = 40
 PART = 1 << 20  # vectors per resumable part of a large IVF build
 ADD_BLOCK = 262_144  # vectors read and added at a time (shards may be larger than memory)
 # Search parameters are tuned for recall@10 (`write.index_side`); deeper searches widen them
@@ -43,7 +42,12 @@ TUNE_K = 10
 RERANK = {"SQ": 2, "PQ": 8}
 _FLAT = re.compile(r"^Flat$")
 _HNSW = re.compile(r"^HNSW(\d+)(,Flat)?$")
-_IVF = re.compile(r"^(?:OPQ(\d+)(?:_\d+)?,)?IVF(\d+),(Flat|SQ8|PQ(\d+)(?:x(\d+))?)$")
+_IVF = re.compile(r"^(?:OPQ(\d+)(?:_\d+)?,)?IVF(\d+)(?:_HNSW(\d+))?,(Flat|SQ8|PQ(\d+)(?:x(\d+))?)$")
+# From this many inverted lists the coarse quantizer is an HNSW graph over the centroids, in
+# training (k-means assignment) and adding as in search: over 16384 lists a flat quantizer
+# trained 100k vectors in 483 s and added 5,900 vectors a second here, HNSW32 in 102 s and
+# 31,000 a second, at the same recall per nprobe (docs/benchmarks.md, "Ten million").
+HNSW_LISTS = 8192
 
 
 def make_index(factory: str, dim: int) -> Any:
@@ -71,11 +75,11 @@ def estimate_bytes(factory: str, n: int, dim: int) -> int | None:
     if m := _HNSW.match(factory):
         return n * (dim * 4 + int(m.group(1)) * 2 * 4 + 16)
     if m := _IVF.match(factory):
-        nlist = int(m.group(2))
+        nlist, graph = int(m.group(2)), int(m.group(3) or 0) * 2 * 4
         codes = {"Flat": dim * 4, "SQ8": dim}
-        code = codes.get(m.group(3)) or -(-int(m.group(4)) * int(m.group(5) or 8) // 8)
+        code = codes.get(m.group(4)) or -(-int(m.group(5)) * int(m.group(6) or 8) // 8)
         opq = dim * dim * 4 if m.group(1) else 0
-        return n * (code + 8) + nlist * dim * 4 + opq
+        return n * (code + 8) + nlist * (dim * 4 + graph) + opq
     return None
 
 
@@ -94,13 +98,12 @@ def choose_factory(n: int, dim: int, memory_budget: int) -> str:
     if n < 1:
         raise ValueError("cannot choose an index for an empty gallery")
     nlist = ivf_lists(n)
+    ivf = f"IVF{nlist}_HNSW32" if nlist >= HNSW_LISTS else f"IVF{nlist}"
     candidates = ["Flat"] if n < 10_000 else []
     if n <= 50_000:
         candidates.append("HNSW32")
-    candidates.append(f"IVF{nlist},SQ8")
-    candidates += [
-        f"IVF{nlist},PQ{m}" for m in (dim // 4, dim // 8, dim // 16) if m and dim % m == 0
-    ]
+    candidates.append(f"{ivf},SQ8")
+    candidates += [f"{ivf},PQ{m}" for m in (dim // 4, dim // 8, dim // 16) if m and dim % m == 0]
     for factory in candidates:
         size = estimate_bytes(factory, n, dim)
         if size is not None and size <= memory_budget:
@@ -124,8 +127,13 @@ def explain_choice(factory: str, n: int, dim: int, memory_budget: int) -> str:
         else "product-quantised codes (8-bit scalar codes would exceed the budget)"
     )
     size = (estimate_bytes(factory, n, dim) or 0) / 2**30
+    quantizer = (
+        f", found through an HNSW graph over the centroids (from {HNSW_LISTS} lists)"
+        if "_HNSW" in factory
+        else ""
+    )
     return (
-        f"{n:,} vectors: {ivf_lists(n)} inverted lists (about 4 sqrt(n)) of {codes}, "
+        f"{n:,} vectors: {ivf_lists(n)} inverted lists (about 4 sqrt(n)){quantizer} of {codes}, "
         f"{size:.2f} GiB in memory within the {memory_budget / 2**30:.2f} GiB budget; the "
         "float vectors stay on disk, memory-mapped, for the exact re-rank"
     )
@@ -236,8 +244,14 @@ def build_ivf_on_disk(
 def _train(index: Any, factory: str, shards: Sequence[np.ndarray]) -> None:
     if index.is_trained:
         return
-    sample = sample_rows(shards, train_size(factory, sum(len(s) for s in shards)))
+    sample = sample_rows(shards, MAX_TRAIN)
     log.info("training %s on %d sampled vectors", factory, len(sample))
+    # An HNSW coarse quantizer assigns with a graph in k-means too (the graph object must
+    # outlive the training: FAISS holds a bare pointer to it).
+    ivf = faiss.extract_index_ivf(index) if "_HNSW" in factory else None
+    graph = faiss.IndexHNSWFlat(index.d, 32, METRIC)
+    if ivf is not None:
+        ivf.clustering_index = graph
     try:
         index.train(sample)
     except RuntimeError as exc:
@@ -245,14 +259,9 @@ def _train(index: Any, factory: str, shards: Sequence[np.ndarray]) -> None:
         raise ValueError(
             f"cannot train {factory!r} on {len(sample)} vectors (choose a smaller index): {reason}"
         ) from None
-
-
-def train_size(factory: str, n: int) -> int:
-    """Vectors sampled to train an index of n: MAX_TRAIN, or TRAIN_PER_LIST per inverted list
-    where that is more (k-means wants about 40 points per centroid), never more than n."""
-    m = _IVF.match(factory)
-    nlist = int(m.group(2)) if m else 0
-    return min(n, max(MAX_TRAIN, TRAIN_PER_LIST * nlist))
+    finally:
+        if ivf is not None:
+            ivf.clustering_index = None
 
 
 def resumable(factory: str, n: int, use_gpu: bool) -> bool:

@@ -51,6 +51,7 @@ def test_recall_at_k_matches_a_naive_loop():
         ("Flat", None, 0.99),
         ("HNSW32", "efSearch", 0.95),
         ("IVF64,Flat", "nprobe", 0.95),
+        ("IVF64_HNSW32,Flat", "nprobe", 0.95),
         ("IVF64,PQ16x4", "nprobe", 0.5),
         pytest.param("OPQ8,IVF32,PQ8x4", "nprobe", 0.3, marks=pytest.mark.slow),
     ],
@@ -105,9 +106,11 @@ def test_choose_factory_by_size_and_budget():
     assert fi.choose_factory(30_000, 256, gib) == "HNSW32"
     assert fi.choose_factory(100_000, 256, gib) == "IVF1024,SQ8"
     assert fi.choose_factory(1_000_000, 256, 4 * gib) == "IVF4096,SQ8"
-    assert fi.choose_factory(5_000_000, 256, 8 * gib) == "IVF8192,SQ8"
-    assert fi.choose_factory(5_000_000, 256, gib) == "IVF8192,PQ64"
-    assert fi.choose_factory(5_000_000, 256, 150 << 20) == "IVF8192,PQ16"
+    assert fi.choose_factory(2_000_000, 256, 4 * gib) == "IVF4096,SQ8"
+    assert fi.choose_factory(5_000_000, 256, 8 * gib) == "IVF8192_HNSW32,SQ8"
+    assert fi.choose_factory(10_000_000, 256, 4 * gib) == "IVF16384_HNSW32,SQ8"
+    assert fi.choose_factory(5_000_000, 256, gib) == "IVF8192_HNSW32,PQ64"
+    assert fi.choose_factory(5_000_000, 256, 150 << 20) == "IVF8192_HNSW32,PQ16"
     with pytest.raises(ValueError, match="no index type fits"):
         fi.choose_factory(5_000_000, 256, 1 << 20)
     with pytest.raises(ValueError, match="empty gallery"):
@@ -117,7 +120,8 @@ def test_choose_factory_by_size_and_budget():
 
 def test_estimates_are_close_to_real_sizes(data, tmp_path):
     base, shards, _, _ = data
-    for factory in ("Flat", "HNSW32", "IVF64,Flat", "IVF64,SQ8", "IVF64,PQ16x4"):
+    factories = ("Flat", "HNSW32", "IVF64,Flat", "IVF64,SQ8", "IVF64_HNSW32,SQ8", "IVF64,PQ16x4")
+    for factory in factories:
         fi.write_index(fi.build_index(factory, shards, DIM, use_gpu=False), tmp_path / "x")
         real = (tmp_path / "x").stat().st_size
         assert 0.5 < fi.estimate_bytes(factory, len(base), DIM) / real < 2, factory
@@ -183,7 +187,9 @@ def test_rerank_equals_exact_scoring_of_the_candidates(data):
     assert sorted(f[0, :3]) == [5, 6, 7] and (f[0, 3:] == -1).all() and np.isinf(s[0, 3:]).all()
 
 
-@pytest.mark.parametrize("factory", ["IVF64,SQ8", "IVF64,PQ16x4fs", "HNSW16,SQ8"])
+@pytest.mark.parametrize(
+    "factory", ["IVF64,SQ8", "IVF64_HNSW32,SQ8", "IVF64,PQ16x4fs", "HNSW16,SQ8"]
+)
 def test_compressed_codes_are_reranked_to_exact_scores(data, factory):
     """A compressed index tuned with stored vectors serves re-ranked hits: its recall is what
     tuning reported, its scores are the exact inner products, and its ranking is at least as
@@ -234,20 +240,13 @@ def test_blocked_build_equals_one_add(data, monkeypatch):
     assert np.array_equal(whole.search(queries, 10)[1], blocked.search(queries, 10)[1])
 
 
-def test_training_sample_grows_with_the_lists():
-    assert fi.train_size("IVF4096,SQ8", 1_000_000) == fi.MAX_TRAIN
-    assert fi.train_size("IVF16384,SQ8", 10_000_000) == 16384 * fi.TRAIN_PER_LIST
-    assert fi.train_size("IVF16384,SQ8", 300_000) == 300_000  # never more than the gallery
-    assert fi.train_size("HNSW32", 5_000_000) == fi.MAX_TRAIN
-
-
 def test_the_choice_is_explained():
     gib = 1 << 30
     assert "exact search" in fi.explain_choice("Flat", 5000, 256, gib)
     assert "HNSW graph" in fi.explain_choice("HNSW32", 30_000, 256, gib)
-    why = fi.explain_choice("IVF16384,SQ8", 10_000_000, 256, 4 * gib)
-    assert "16384 inverted lists" in why and "8-bit scalar codes" in why
-    assert "2.47 GiB in memory within the 4.00 GiB budget" in why
+    why = fi.explain_choice("IVF16384_HNSW32,SQ8", 10_000_000, 256, 4 * gib)
+    assert "16384 inverted lists" in why and "8-bit scalar codes" in why and "HNSW graph" in why
+    assert "2.48 GiB in memory within the 4.00 GiB budget" in why
     assert "would exceed the budget" in fi.explain_choice("IVF8192,PQ64", 5_000_000, 256, gib)
 
 

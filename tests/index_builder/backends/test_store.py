@@ -168,9 +168,10 @@ def test_killed_build_never_moves_the_pointer(tmp_path):
     assert store.current() == after and not (tmp_path / "idx" / "staging").exists()
 
 
-def test_add_appends_as_a_new_version(tmp_path):
+@pytest.mark.parametrize("factory", ["HNSW16", "IVF4_HNSW32,SQ8"])
+def test_add_appends_as_a_new_version(tmp_path, factory):
     store = IndexStore(tmp_path / "idx")
-    first = _publish(store, factory="HNSW16")
+    first = _publish(store, factory=factory)
     shards, rows = _gallery(20, seed=5)
     vectors = {side: shards[side][0] for side in shards}
     change = collection.Change(rows=rows, vectors=vectors)
