@@ -30,7 +30,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, overload
+from typing import Any, cast, overload
 
 import numpy as np
 
@@ -45,10 +45,10 @@ class Rows(Sequence[dict[str, Any]]):
     names them."""
 
     def __init__(self, side: str, count: int, start: int = 0, prefix: str = "syn") -> None:
-        self.side, self.count, self.start, self.prefix = side, count, start, prefix
+        self.side, self.size, self.start, self.prefix = side, count, start, prefix
 
     def __len__(self) -> int:
-        return self.count
+        return self.size
 
     @overload
     def __getitem__(self, i: int) -> dict[str, Any]: ...
@@ -56,13 +56,13 @@ class Rows(Sequence[dict[str, Any]]):
     def __getitem__(self, i: slice) -> list[dict[str, Any]]: ...
     def __getitem__(self, i: int | slice) -> dict[str, Any] | list[dict[str, Any]]:
         if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(self.count))]
-        if not -self.count <= i < self.count:
+            return [self[j] for j in range(*i.indices(self.size))]
+        if not -self.size <= i < self.size:
             raise IndexError(i)
-        return self.row(self.start + i % self.count)
+        return self.row(self.start + i % self.size)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        return (self.row(self.start + i) for i in range(self.count))
+        return (self.row(self.start + i) for i in range(self.size))
 
     def row(self, i: int) -> dict[str, Any]:
         item, text = f"{self.prefix}{i:07d}", f"synthetic caption {i}"
@@ -99,7 +99,7 @@ def calibration() -> dict[str, float]:
 def build(root: Path, args: argparse.Namespace, images: np.ndarray, captions: np.ndarray) -> str:
     """Publish the gallery with the default (automatic) index choice; named as
     bench/service_load.py names a realistic gallery, so that it reuses this version."""
-    from index_builder.backends.base import IndexOptions
+    from index_builder.backends.base import SIDES, IndexOptions
     from index_builder.backends.faiss.store import IndexStore
     from index_builder.bundle import Bundle
 
@@ -109,7 +109,7 @@ def build(root: Path, args: argparse.Namespace, images: np.ndarray, captions: np
         bundle_path=bundle.path,
         dim=bundle.embed_dim,
         shards={"image": [images], "text": [captions]},
-        rows={"image": Rows("image", n), "text": Rows("text", n)},
+        rows=cast(dict[str, list[dict[str, Any]]], {side: Rows(side, n) for side in SIDES}),
         options=IndexOptions(),
         dataset={"name": f"realistic-{n}-automatic", "path": "synthetic", "fingerprint": f"{n}"},
     )

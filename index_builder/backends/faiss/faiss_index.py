@@ -261,7 +261,7 @@ def _train(index: Any, factory: str, shards: Sequence[np.ndarray]) -> None:
         ) from None
     finally:
         if ivf is not None:
-            ivf.clustering_index = None
+            ivf.clustering_index = None  # type: ignore[assignment]  # NULL: use the quantizer
 
 
 def resumable(factory: str, n: int, use_gpu: bool) -> bool:
