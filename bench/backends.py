@@ -2,7 +2,7 @@
 recall@10 against exact search, query latency, filtered search and the cost of a change,
 on one synthetic gallery.
 
-    python bench/backends.py --size 100000 --threads 2
+    python -m bench.backends --size 100000 --threads 2
 
 milvus-lite is the embedded edition: one process, a gRPC server in threads over FAISS and
 Arrow files. It is not a Milvus cluster (query nodes, segment sealing, GPU indexes), so its
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shlex
 import sys
 import tempfile
 import time
@@ -25,8 +24,10 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-from collection_bench import make_data, rows_for, unit
 
+from bench.collection_bench import make_data, rows_for, unit
+from bench.figure import Figure, command_line
+from bench.tables import table
 from index_builder import collection
 from index_builder.backends import BackendConfig, open_store
 from index_builder.backends.base import IndexOptions
@@ -137,7 +138,7 @@ def main() -> None:
         runs = [run("faiss", "AUTO", Path(tmp) / "f", args, data)]
         runs += [run("milvus", i, Path(tmp) / f"m-{i}", args, data) for i in args.milvus_index]
     result = {
-        "command": "python " + shlex.join(sys.argv),
+        "command": command_line("backends", sys.argv[1:]),
         "machine": f"{platform.processor() or platform.machine()}, {args.threads} threads",
         "note": "milvus-lite is the embedded edition (a gRPC server in the searching process "
         "over FAISS and Arrow files), not a Milvus cluster: its figures are the interface's "
@@ -148,6 +149,39 @@ def main() -> None:
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
+
+
+def backend_tables(data: dict) -> str:
+    """One row per backend run: index, build, recall (recorded and measured), latency,
+    filtered search and the cost of a change; the result's own caveat first."""
+    rows = [
+        {
+            "backend": run["backend"],
+            "index": run["index"],
+            "search params": run["search_params"],
+            "build s": run["build_seconds"],
+            "recall@10 recorded": run["recorded_recall_at_10"],
+            "recall@10": run["search"]["recall_at_10"],
+            "p50 ms": run["search"]["p50_ms"],
+            "p99 ms": run["search"]["p99_ms"],
+            "batch 32, ms/query": run["search"]["batch32_ms_per_query"],
+            "filtered 10%: recall@10": run["filtered_10pct"]["recall_at_10"],
+            "filtered 10%: p50 ms": run["filtered_10pct"]["p50_ms"],
+            "add 1%, s": run["add_1pct_seconds"],
+        }
+        for run in data.get("runs", [])
+    ]
+    note = f"{data['note'][0].upper()}{data['note'][1:]}.\n\n" if data.get("note") else ""
+    size = f"{data.get('size')} items of dimension {data.get('dim')}.\n\n"
+    return note + size + table(rows)
+
+
+FIGURE = Figure(
+    "Search backends: FAISS files and Milvus (milvus-lite)",
+    "backends*.json",
+    "python -m bench.backends --size 100000 --threads 2",
+    render=backend_tables,
+)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 search and latency at 1%, 10% and 50% selectivity; the cost of changing 1% of the gallery
 (add, delete, upsert) against a full rebuild.
 
-    python bench/collection_bench.py --size 100000 --threads 2
+    python -m bench.collection_bench --size 100000 --threads 2
 
 Vectors are synthetic but clustered like embeddings (items around cluster centres, queries
 noisy copies of other items: another modality near, not on, the gallery); a numeric metadata
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shlex
 import sys
 import tempfile
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from bench.figure import Figure, command_line
 from index_builder import collection
 from index_builder.backends.base import IndexOptions
 from index_builder.backends.faiss import faiss_index
@@ -140,7 +140,7 @@ def main() -> None:
         factory = store.read_info()["sides"]["image"]["factory"]
         print(f"built {factory} over {args.size} items in {rebuild:.1f} s", flush=True)
         result = {
-            "command": "python " + shlex.join(sys.argv),
+            "command": command_line("collection_bench", sys.argv[1:]),
             "machine": f"{platform.processor() or platform.machine()}, {args.threads} threads",
             "size": args.size,
             "dim": args.dim,
@@ -151,6 +151,13 @@ def main() -> None:
         }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
+
+
+FIGURE = Figure(
+    "Filtered search and live changes of a collection",
+    "collection*.json",
+    "python -m bench.collection_bench --size 100000 --threads 2",
+)
 
 
 if __name__ == "__main__":

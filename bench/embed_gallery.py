@@ -2,7 +2,7 @@
 through the embedding stage `cots index build` runs (index_builder.embed.ShardEmbedder),
 per setting of lanes x ONNX Runtime threads x batch size.
 
-    python bench/embed_gallery.py --bundle BUNDLE --data DATASET [--repeats 3]
+    python -m bench.embed_gallery --bundle BUNDLE --data DATASET [--repeats 3]
 
 Also times the parts alone (decode + preprocess, ONNX Runtime on decoded pixels) in CPU
 milliseconds per image, which another process's load changes far less than wall time, and
@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.figure import Figure, note
 from index_builder import embed
 from index_builder.atomic import atomic_write_json
 from index_builder.bundle import Bundle
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         "bundle": {"id": bundle.bundle_id, "image_size": bundle.image_spec.size},
         "images": len(rows["image"]),
         "captions": len(rows["text"]),
-        "command": shlex.join(["python", "bench/embed_gallery.py", *sys.argv[1:]]),
+        "command": shlex.join(["python", "-m", "bench.embed_gallery", *sys.argv[1:]]),
         "settings": [],
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -143,6 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_json(args.out, report)
     print(f"wrote {args.out}")
     return 0
+
+
+FIGURE = Figure(
+    "Gallery embedding on CPU, end to end",
+    "embed_gallery*.json",
+    "python -m bench.embed_gallery --bundle BUNDLE --data cots-data/datasets/openclipart",
+    note=note("embed_gallery"),
+)
 
 
 if __name__ == "__main__":

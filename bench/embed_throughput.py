@@ -3,7 +3,7 @@
 Exports a preset's towers (pretrained package weights where the preset names them) to fp32
 and int8 bundles, then times ONNX Runtime through `index_builder.encoders` on this machine.
 
-    python bench/embed_throughput.py --preset lite --threads 2
+    python -m bench.embed_throughput --preset lite --threads 2
 
 Random pixels, the towers alone: no decoding (bench/embed_gallery.py times that too). The
 load average is recorded: with threads > 1, ONNX Runtime's spinning worker threads lose much
@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.figure import Figure
+from bench.tables import flatten, generic, table
 from index_builder.encoders import ImageEncoder, TextEncoder
 
 RESULTS = Path(__file__).parent / "results"
@@ -106,9 +108,25 @@ def main() -> None:
     out = Path(args.out or RESULTS / f"embed_throughput_{args.preset}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     report["load_average_1m_after"] = os.getloadavg()[0]
-    report["command"] = shlex.join(["python", "bench/embed_throughput.py", *sys.argv[1:]])
+    report["command"] = shlex.join(["python", "-m", "bench.embed_throughput", *sys.argv[1:]])
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
+
+
+def variant_tables(data: dict) -> str:
+    """embed_throughput: the settings, then one row per bundle variant (fp32, int8, ...)."""
+    variants = {k: v for k, v in data.items() if isinstance(v, dict) and "images_per_s" in v}
+    rows = [{"variant": name, **flatten(row)} for name, row in variants.items()]
+    rest = generic({k: v for k, v in data.items() if k not in variants})
+    return f"{rest}\n\n{table(rows)}" if rows else rest
+
+
+FIGURE = Figure(
+    "Embedding throughput per bundle variant",
+    "embed_throughput*.json",
+    "python -m bench.embed_throughput",
+    render=variant_tables,
+)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The gallery stage per image: `cots data openclipart` of this tree against an older revision.
 
-    python bench/gallery_stage.py --limit 300 --workers 1 --repeats 2
+    python -m bench.gallery_stage --limit 300 --workers 1 --repeats 2
 
 Extracts index_builder/ at --rev (default: the last commit of 2026-11-28, the day the stage
 took 2:26) with `git archive` into a temporary directory, then runs
@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import resource
-import shlex
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,8 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
+
+from bench.figure import command_line
 
 ROOT = Path(__file__).resolve().parents[1]
 DAY = "2026-11-29T00:00:00+00:00"  # commits before it are 2026-11-28's code
@@ -142,7 +143,7 @@ def main() -> None:
         for key in ("wall_s_per_image", "cpu_s_per_image")
     }
     report = {
-        "command": shlex.join(["python", *sys.argv]),
+        "command": command_line("gallery_stage", sys.argv[1:]),
         "old": rev_line,
         "new": head_line + (" (with uncommitted changes)" if dirty else ""),
         "limit": args.limit,

@@ -2,8 +2,8 @@
 measured matmul peak per preset and objective set; embedding images/s and captions/s (torch
 towers in half precision, and ONNX Runtime's CUDA provider where it is installed).
 
-    python bench/gpu_train.py --device cuda            # the GPU figures of docs/benchmarks.md
-    python bench/gpu_train.py --device cpu --presets tiny --batch 8 --image-size 64 \
+    python -m bench.gpu_train --device cuda            # the GPU figures of docs/benchmarks.md
+    python -m bench.gpu_train --device cpu --presets tiny --batch 8 --image-size 64 \
         --steps 2 --warmup 1 --embed-batch 8           # a CPU smoke run (tests use it)
 
 Random-init towers (no weight packages needed) and synthetic batches: the towers' speed, not
@@ -264,7 +264,7 @@ def environment(device: torch.device, args: argparse.Namespace) -> dict:
         "compile": args.compile,
         "checkpointing": args.checkpointing,
         "threads": torch.get_num_threads(),
-        "command": shlex.join(["python", "bench/gpu_train.py", *sys.argv[1:]]),
+        "command": shlex.join(["python", "-m", "bench.gpu_train", *sys.argv[1:]]),
     }
 
 

@@ -1,7 +1,7 @@
 """Each built-in gallery held out in turn: train a recipe on the others (merged), score it
 on the held-out one (recall@1/5/10 both ways, RSUM), beside the recipe's step-0 model.
 
-    python bench/heldout_galleries.py --recipe cots-cpu --recipe clip-cpu \\
+    python -m bench.heldout_galleries --recipe cots-cpu --recipe clip-cpu \\
         --work cots-data/bench/heldout
 
 The galleries are $COTS_HOME/datasets/{openclipart,emoji,synthetic} (`cots data ...`);
@@ -68,7 +68,7 @@ def main() -> int:
             rows.append({"recipe": recipe, "held_out": held, "trained": trained,
                          "step0": score(step0, held, metrics / "s.json")})  # fmt: skip
     report = {
-        "command": shlex.join(["python", "bench/heldout_galleries.py", *sys.argv[1:]]),
+        "command": shlex.join(["python", "-m", "bench.heldout_galleries", *sys.argv[1:]]),
         "cpus": os.cpu_count(),
         "seconds": round(time.perf_counter() - start, 1),
         "splits": GALLERIES,

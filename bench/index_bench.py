@@ -4,8 +4,8 @@ Synthetic unit vectors stand in for a gallery: clustered "image" embeddings, and
 queries that are noisy copies of images (another modality near, not on, the gallery).
 Exact search cannot beat the memory-bandwidth floor N*D*4 bytes / bandwidth per query.
 
-    python bench/index_bench.py --sizes 10000 100000 1000000 --threads 2
-    python bench/index_bench.py --sizes 1000000 --factories Flat 'IVF{nlist},Flat' \
+    python -m bench.index_bench --sizes 10000 100000 1000000 --threads 2
+    python -m bench.index_bench --sizes 1000000 --factories Flat 'IVF{nlist},Flat' \
         --merge                     # add a 1M row set to bench/results/index_bench.json
 
 In --factories, `{nlist}` becomes the IVF list count index_builder chooses for each size
@@ -17,15 +17,19 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
 
+from bench.figure import Figure, Plot, pyplot, save
+from bench.tables import records
 from index_builder.backends.base import ivf_lists
 from index_builder.backends.faiss import faiss_index as fi
 from index_builder.backends.faiss import search as faiss_search
@@ -118,7 +122,7 @@ def check_factories(sizes: list[int], chosen: list[str] | None, dim: int) -> Non
 
 def start_report(args: argparse.Namespace) -> dict:
     """A fresh report, or with --merge the one at --out (same dim and threads required)."""
-    command = shlex.join(["python", "bench/index_bench.py", *sys.argv[1:]])
+    command = shlex.join(["python", "-m", "bench.index_bench", *sys.argv[1:]])
     report: dict = {
         "host": platform.processor() or platform.machine(),
         "threads": args.threads,
@@ -176,7 +180,7 @@ def bench_index(factory: str, base, queries, truth, target: float, floor_s: floa
     }
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -206,6 +210,11 @@ def main() -> None:
         help="keep what --out already holds: other sizes, and at a re-run size the factories "
         "not run again (commands joined with &&)",
     )
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     try:
         check_factories(args.sizes, args.factories, args.dim)
@@ -243,6 +252,100 @@ def main() -> None:
             Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
         del base
     print(f"\nwrote {args.out}")
+
+
+RECALL = re.compile(r"recall.*10|r@?10", re.I)
+LATENCY = re.compile(r"latency|_ms$|ms_|p50", re.I)
+SIZE_KEYS = ("gallery", "gallery_size", "size", "n", "count", "vectors", "ntotal", "images")
+TYPE_KEYS = ("index_type", "factory", "index", "type", "kind", "method", "name")
+
+
+def _pick(row: dict, pattern: re.Pattern, avoid: str = "build|batch|qps") -> str | None:
+    keys = [k for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)]
+    keys = [k for k in keys if pattern.search(k) and not re.search(avoid, k, re.I)]
+    preferred = [k for k in keys if re.search(r"single|query|p50|search", k, re.I)]
+    return (preferred or keys or [None])[0]
+
+
+def index_points(data: Any) -> list[dict[str, Any]]:
+    """(type, size, recall, latency) from any records carrying a latency, found by key names;
+    type and size come from the record or from the keys that lead to it."""
+    points = []
+    for context, row in records(data):
+        latency = _pick(row, LATENCY)
+        if latency is None:
+            continue
+        recall = _pick(row, RECALL, avoid="target")
+        # A record without a type names its series by its latency key (e.g. a "floor_ms").
+        kind = next((str(row[k]) for k in TYPE_KEYS if isinstance(row.get(k), str)), None)
+        kind = kind or latency.rsplit(".", 1)[-1]
+        size = next((row[k] for k in SIZE_KEYS if isinstance(row.get(k), int)), None)
+        if size is None:
+            size = next((int(c) for c in reversed(context) if c.isdigit()), None)
+        points.append(
+            {
+                "type": kind,
+                "size": size,
+                "recall": row.get(recall) if recall else None,
+                "latency": row[latency],
+                "latency_key": latency.rsplit(".", 1)[-1],
+            }
+        )
+    return points
+
+
+def plot_recall_latency(data: Any, out: Path) -> Path | None:
+    points = [p for p in index_points(data) if isinstance(p["recall"], int | float)]
+    # points of one type come from different gallery sizes: mark each with its size, unjoined
+    return _scatter(points, "latency", "recall", "recall@10", out, logx=True, join=False)
+
+
+def plot_latency_size(data: Any, out: Path) -> Path | None:
+    points = [p for p in index_points(data) if isinstance(p["size"], int)]
+    return _scatter(points, "size", "latency", "gallery size", out, logx=True, logy=True)
+
+
+def _scatter(
+    points: list[dict],
+    x: str,
+    y: str,
+    label: str,
+    out: Path,
+    logx: bool,
+    logy: bool = False,
+    join: bool = True,
+) -> Path | None:
+    if not points:
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for kind in dict.fromkeys(p["type"] for p in points):
+        mine = sorted((p for p in points if p["type"] == kind), key=lambda p: p[x])
+        style = "k--" if "floor" in kind else ("o-" if join else "o")  # a floor is a bound
+        ax.plot([p[x] for p in mine], [p[y] for p in mine], style, label=kind)
+        for p in mine if not join else []:
+            if isinstance(p["size"], int):
+                ax.annotate(f"{p['size']:,}", (p[x], p[y]), fontsize=6, xytext=(3, 3),
+                            textcoords="offset points")  # fmt: skip
+    unit = " (ms)" if all("ms" in p["latency_key"] for p in points) else ""
+    latency_label = f"latency{unit}"
+    ax.set_xlabel(latency_label if x == "latency" else label)
+    ax.set_ylabel(latency_label if y == "latency" else label)
+    ax.set_xscale("log" if logx else "linear")
+    ax.set_yscale("log" if logy else "linear")
+    ax.legend(fontsize=8)
+    return save(fig, out)
+
+
+FIGURE = Figure(
+    "Index types: recall, latency, gallery size",
+    "index_bench*.json",
+    "python -m bench.index_bench",
+    (
+        Plot("recall_latency", plot_recall_latency, "recall@10 against latency per index type"),
+        Plot("latency_size", plot_latency_size, "latency against gallery size per index type"),
+    ),
+)
 
 
 if __name__ == "__main__":

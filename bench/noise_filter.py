@@ -1,7 +1,7 @@
 """Noisy-pair test of the adaptive momentum filter (AMF).
 
-    python bench/noise_filter.py --data cots-data/datasets/openclipart --lam 2 --lam 1 --lam 0.5
-    python bench/noise_filter.py --data DIR --set model.preset=tiny --steps 50   # smoke
+    python -m bench.noise_filter --data cots-data/datasets/openclipart --lam 2 --lam 1 --lam 0.5
+    python -m bench.noise_filter --data DIR --set model.preset=tiny --steps 50   # smoke
 
 Corrupts a known fraction (default 20%) of the training pairs by shuffling captions among
 them (every corrupted image gets another corrupted image's captions; val/test untouched),
@@ -237,7 +237,7 @@ def main() -> int:
         if i == 0:  # the figures of the first (default: the method's) threshold
             np.savez(args.out / "decisions.npz", **arrays)
             plot(last, row["filter_over_training"], lam, args.out / "noise_filter.png")
-    result["command"] = shlex.join(["python", "bench/noise_filter.py", *sys.argv[1:]])
+    result["command"] = shlex.join(["python", "-m", "bench.noise_filter", *sys.argv[1:]])
     (args.out / "noise_filter.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return 0

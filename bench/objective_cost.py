@@ -1,7 +1,7 @@
 """Training cost of each COTS objective: pairs per second with and without it.
 
-    python bench/objective_cost.py --preset tiny                 # seconds
-    python bench/objective_cost.py --base training/recipes/ablation/cpu.yaml --preset "" \
+    python -m bench.objective_cost --preset tiny                 # seconds
+    python -m bench.objective_cost --base training/recipes/ablation/cpu.yaml --preset "" \
         --queue 1024                                             # the CPU ablation ladder's steps
 
 Each configuration is the real training step (Objectives forward, backward, AdamW step,
@@ -190,7 +190,7 @@ def main() -> int:
         "machine": platform.processor() or platform.machine(),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "configs": rows,
-        "command": shlex.join(["python", "bench/objective_cost.py", *sys.argv[1:]]),
+        "command": shlex.join(["python", "-m", "bench.objective_cost", *sys.argv[1:]]),
     }
     label = args.preset or "-".join(Path(args.base).with_suffix("").parts[-2:])  # ablation-cpu
     out = args.out or ROOT / f"bench/results/objective_cost-{label}.json"

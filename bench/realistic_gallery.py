@@ -1,6 +1,6 @@
 """Realistic embedding galleries of any size, modelled on real embeddings of real galleries.
 
-    python bench/realistic_gallery.py --real cots-data/real-embeddings/openclipart \
+    python -m bench.realistic_gallery --real cots-data/real-embeddings/openclipart \
         cots-data/real-embeddings/emoji cots-data/real-embeddings/synthetic --size 1000000
 
 Random unit vectors have no cluster structure and no modality gap, so an index benchmarked on
@@ -37,6 +37,8 @@ from typing import Any
 import faiss
 import numpy as np
 
+from bench.figure import Figure, note
+from bench.tables import fmt, table
 from index_builder.backends.faiss.store import IndexStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -426,12 +428,58 @@ def main(argv: list[str] | None = None) -> int:
         "same_size_comparison": compared["stats"],
         "generated": {"size": args.size, "sample_seconds": round(sample_s, 1), **big},
         "picture": shown(args.picture),
-        "command": shlex.join(["python", "bench/realistic_gallery.py", *sys.argv[1:]]),
+        "command": shlex.join(["python", "-m", "bench.realistic_gallery", *sys.argv[1:]]),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return 0
+
+
+def _quantiles(value: Any) -> str:
+    """A p5 / p50 / p95 cell from a mapping of quantiles; a scalar as it is."""
+    if isinstance(value, dict):
+        return " / ".join(fmt(value.get(q)) for q in ("p5", "p50", "p95"))
+    return fmt(value)
+
+
+def gallery_tables(data: dict) -> str:
+    """realistic_gallery: the real and the generated gallery at the same size, statistic by
+    statistic (p5 / p50 / p95), the model and its counts, then the full-size gallery."""
+    real, model, big = data.get("real", {}), data.get("model", {}), data.get("generated", {})
+    counts = (
+        f"Model: {fmt(model.get('clusters'))} image clusters of rank {fmt(model.get('rank'))}, "
+        f"fitted in {fmt(model.get('fit_seconds'))} s on {fmt(real.get('fit_images'))} real "
+        f"images and {fmt(real.get('fit_captions'))} captions; held out as queries: "
+        f"{fmt(real.get('query_images'))} images, {fmt(real.get('query_captions'))} captions "
+        f"(real embeddings: {', '.join(f'`{r}`' for r in real.get('roots', []))})."
+    )
+    same = [
+        {"statistic": name, "real p5 / p50 / p95": _quantiles(pair.get("real"))}
+        | {"generated p5 / p50 / p95": _quantiles(pair.get("generated"))}
+        for name, pair in data.get("same_size_comparison", {}).items()
+    ]
+    size = f"{fmt(big.get('size'))} items per side, sampled in {fmt(big.get('sample_seconds'))} s"
+    full = [
+        {"statistic": name, "generated p5 / p50 / p95": _quantiles(value)}
+        for name, value in big.items()
+        if isinstance(value, dict)
+    ]
+    parts = [counts, "Real against generated, both at the real gallery's size:", table(same)]
+    parts += [f"The generated gallery at full size ({size}):", table(full)] if full else []
+    return "\n\n".join(parts)
+
+
+REAL_EMBEDDINGS = " ".join(
+    f"cots-data/real-embeddings/{name}" for name in ("openclipart", "emoji", "synthetic")
+)
+FIGURE = Figure(
+    "Realistic 1M gallery: real against generated embeddings",
+    "realistic_gallery*.json",
+    f"python -m bench.realistic_gallery --real {REAL_EMBEDDINGS} --size 1000000",
+    note=note("realistic"),
+    render=gallery_tables,
+)
 
 
 if __name__ == "__main__":

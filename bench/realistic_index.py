@@ -27,9 +27,11 @@ from typing import Any
 import faiss
 import numpy as np
 
-from bench.realistic_gallery import add_model_args, generated, shown
+from bench.figure import Figure, note
+from bench.realistic_gallery import REAL_EMBEDDINGS, add_model_args, generated, shown
+from bench.tables import fmt, table
 from index_builder.backends.base import ivf_lists
-from index_builder.backends.faiss import faiss_index as fi  # noqa: E402
+from index_builder.backends.faiss import faiss_index as fi
 from index_builder.backends.faiss import search as faiss_search
 from index_builder.backends.recall import exact_knn, recall_at_k, sample_rows
 
@@ -222,6 +224,59 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     return 0
+
+
+RECALL_GOAL = 0.95
+
+
+def _setting(point: dict) -> str:
+    """`nprobe=64, rerank 2` from a point of realistic_index (`exact` for a flat index)."""
+    param = next(k for k in point if k not in ("rerank", "recall", "p50_ms"))
+    name = param if param == "exact" else f"{param}={fmt(point[param])}"
+    return f"{name}, rerank {fmt(point.get('rerank'))}"
+
+
+def index_type_row(name: str, variant: dict) -> dict[str, Any]:
+    """One index type: its size and build time, the lowest-latency setting that reaches
+    RECALL_GOAL, and the best recall it reaches at all (the faster setting on a tie)."""
+    points = variant.get("points", [])
+    reaching = [p for p in points if p["recall"] >= RECALL_GOAL]
+    cheapest: dict = min(reaching, key=lambda p: p["p50_ms"], default={})
+    best: dict = min(points, key=lambda p: (-p["recall"], p["p50_ms"]), default={})
+    setting = _setting(cheapest) if cheapest else "not reached"
+    return {
+        "variant": name,
+        "factory": variant.get("factory"),
+        "build s": variant.get("build_seconds"),
+        "MB": variant["bytes"] / 1e6 if isinstance(variant.get("bytes"), int) else None,
+        f"cheapest setting to recall {RECALL_GOAL}": setting,
+        "its recall": cheapest.get("recall"),
+        "its p50 ms": cheapest.get("p50_ms"),
+        "best recall": best.get("recall"),
+        "best recall's p50 ms": best.get("p50_ms"),
+    }
+
+
+def index_type_tables(data: dict) -> str:
+    """realistic_index: per query direction, one row per index type (index_type_row)."""
+    head = (
+        f"{fmt(data.get('size'))} items per side, {fmt(data.get('queries'))} held-out real "
+        f"queries per direction; recall@{fmt(data.get('k'))} against exact search."
+    )
+    parts = [head]
+    for direction, variants in data.get("results", {}).items():
+        rows = [index_type_row(name, variant) for name, variant in variants.items()]
+        parts += [f"**{direction}**", table(rows)]
+    return "\n\n".join(parts)
+
+
+FIGURE = Figure(
+    "Index types on a realistic gallery, cross-modal queries",
+    "realistic_index*.json",
+    f"python -m bench.realistic_index --real {REAL_EMBEDDINGS} --size 1000000",
+    note=note("realistic_index"),
+    render=index_type_tables,
+)
 
 
 if __name__ == "__main__":

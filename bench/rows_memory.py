@@ -1,7 +1,7 @@
 """Memory and time of a loaded version's rows: parsed into dicts (before issue 13) against
 memory-mapped and parsed on access (index_builder.backends.faiss.rows), at a million rows a side.
 
-    python bench/rows_memory.py --rows 1000000
+    python -m bench.rows_memory --rows 1000000
 
 Writes an index version of N synthetic rows per side shaped like bench/service_load.py's
 synthetic gallery (images {"id","image","captions":[..],"meta"}, texts {"id","image_id",
@@ -21,7 +21,6 @@ import argparse
 import ctypes
 import json
 import platform
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from bench.figure import command_line
 from index_builder.atomic import read_jsonl, write_jsonl
 from index_builder.backends.faiss.store import IndexStore
 from index_builder.backends.faiss.version import INDEX_JSON
@@ -165,7 +165,7 @@ def delta(base: dict[str, float], now: dict[str, float]) -> dict[str, float]:
 
 
 def run_child(way: str, root: Path) -> dict[str, Any]:
-    command = [sys.executable, __file__, "--child", way, "--root", str(root)]
+    command = [sys.executable, "-m", "bench.rows_memory", "--child", way, "--root", str(root)]
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(out.splitlines()[-1])
 
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(child(args.child, args.root)))
         return
     result: dict[str, Any] = {
-        "command": "python " + shlex.join(sys.argv),
+        "command": command_line("rows_memory", sys.argv[1:]),
         "machine": platform.processor() or platform.machine(),
         "rows_per_side": args.rows,
         "units": "MB (resident deltas from before loading; peak: high-water mark), seconds",

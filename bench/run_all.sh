@@ -43,12 +43,12 @@ wanted() {  # wanted NAME: whether --only (if given) names NAME
   [ -z "$ONLY" ] || [[ "$ONLY" == *",$1,"* ]]
 }
 
-bench() {  # bench NAME ARGS...: run bench/NAME.py with ARGS unless --only excludes it
+bench() {  # bench NAME ARGS...: python -m bench.NAME ARGS unless --only excludes it
   local name=$1; shift
   if ! wanted "$name"; then return 0; fi
-  echo "== $name ($MODE): $PYTHON bench/$name.py $*"
+  echo "== $name ($MODE): $PYTHON -m bench.$name $*"
   local start=$SECONDS
-  if "$PYTHON" "bench/$name.py" "$@"; then
+  if "$PYTHON" -m "bench.$name" "$@"; then
     echo "== $name done in $((SECONDS - start)) s"
   else
     echo "== $name FAILED (exit $?) after $((SECONDS - start)) s" >&2
@@ -154,7 +154,7 @@ if [ "$REPORT_ONLY" = 0 ]; then
   fi
 fi
 
-"$PYTHON" bench/report.py || FAILED+=("report")
+"$PYTHON" -m bench.report || FAILED+=("report")
 if [ ${#FAILED[@]} -gt 0 ]; then
   echo "failed: ${FAILED[*]}" >&2
   exit 1

@@ -1,7 +1,7 @@
 """What the semantic branch costs at encoding time: image throughput of the exported image
 encoder with and without it, from the same towers, timed alternately in one run.
 
-    python bench/semantic_cost.py --threads 2
+    python -m bench.semantic_cost --threads 2
 
 Both bundles are step-0 exports of the `cots-cpu` recipe (the same EfficientNet-Lite0 and
 MiniLM weights): one as the recipe is, one without the branch (`semantic_classes=null`).
@@ -62,7 +62,7 @@ def main() -> None:
                 rates[name].append(images_per_s(encoder, pixels))
     best = {name: max(r) for name, r in rates.items()}
     report = {
-        "command": shlex.join(["python", "bench/semantic_cost.py", *sys.argv[1:]]),
+        "command": shlex.join(["python", "-m", "bench.semantic_cost", *sys.argv[1:]]),
         "threads": args.threads,
         "image_size": int(size),
         "images_per_s": {name: round(v, 1) for name, v in best.items()},

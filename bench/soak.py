@@ -35,7 +35,9 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from bench import service_load
+from bench.figure import Figure, Plot, pyplot, save
+from bench.service_assets import demo_assets
+from bench.service_client import free_port, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "soak-key"
@@ -94,9 +96,11 @@ def request_mix(image_ids: list[str]) -> list[Kind]:
     rng = np.random.default_rng(0)
     colour = tuple(int(c) for c in rng.integers(0, 256, 3))
     image = _png((64, 48), colour)  # type: ignore[arg-type]
-    thin = _png((1, 4000), mode="L")
-    deep = b"[" * 50_000 + b"]" * 50_000
-    as_json = {"Content-Type": "application/json"}
+    return good_requests(image_ids, image) + bad_requests(image)
+
+
+def good_requests(image_ids: list[str], image: bytes) -> list[Kind]:
+    """The searches and reads of the mix, each answered 200."""
     upload = {"image": ("q.png", image, "image/png")}
     return [
         Kind("t2i", 30, 200, "POST", "/search/text-to-image", {"json": {"text": TEXTS[0]}}),
@@ -129,6 +133,16 @@ def request_mix(image_ids: list[str]) -> list[Kind]:
         Kind("info", 4, 200, "GET", "/info", {}),
         Kind("ready", 3, 200, "GET", "/ready", {}, keyed=False),
         Kind("thumbnail", 5, 200, "GET", f"/images/{image_ids[0]}", {"params": {"size": 64}}),
+    ]
+
+
+def bad_requests(image: bytes) -> list[Kind]:
+    """The bad requests of the mix, each with the 4xx it must get."""
+    thin = _png((1, 4000), mode="L")
+    deep = b"[" * 50_000 + b"]" * 50_000
+    as_json = {"Content-Type": "application/json"}
+    upload = {"image": ("q.png", image, "image/png")}
+    return [
         Kind(
             "bad_thin_image",
             3,
@@ -271,11 +285,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.bundle and args.index:
             bundle, index, source = args.bundle, args.index, "given"
         else:
-            bundle, index = service_load.demo_assets(Path(tmp), args.demo_images)
+            bundle, index = demo_assets(Path(tmp), args.demo_images)
             source = f"demo: colour towers (tests/service/conftest.py), {args.demo_images} images"
-        port = service_load.free_port()
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
-        server = service_load.start_server(bundle, index, port, args, {"COTS_API_KEY": KEY})
+        server = start_server(bundle, index, port, args, {"COTS_API_KEY": KEY})
         try:
             rss_start = rss_mb(server.pid)
             info = httpx.get(f"{url}/info", headers={"X-API-Key": KEY}).json()
@@ -333,6 +347,37 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"wrote {args.out}")
     return 1 if results["errors"] else 0
+
+
+def plot_soak(data: Any, out: Path) -> Path | None:
+    rows = data.get("minutes", []) if isinstance(data, dict) else []
+    rows = [r for r in rows if isinstance(r, dict) and isinstance(r.get("p99_ms"), int | float)]
+    if not rows:
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    minutes = [r["minute"] for r in rows]
+    for key in ("p50_ms", "p99_ms"):
+        ax.plot(minutes, [r[key] for r in rows], "o-", label=key.replace("_ms", ""))
+    ax.set_xlabel("minute")
+    ax.set_ylabel("latency (ms)")
+    ax.legend(loc="upper left")
+    rss = [r.get("rss_max_mb") for r in rows]
+    if all(isinstance(v, int | float) for v in rss):
+        twin = ax.twinx()
+        twin.plot(minutes, rss, "k--", label="server RSS")
+        twin.set_ylabel("server RSS (MB)")
+        twin.set_ylim(0, max(rss) * 1.2)
+        twin.legend(loc="upper right")
+    return save(fig, out)
+
+
+FIGURE = Figure(
+    "Service soak",
+    "soak*.json",
+    "python -m bench.soak --minutes 3",
+    (Plot("soak", plot_soak, "soak: p50/p99 latency and server RSS per minute"),),
+)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 with frozen and with partly unfrozen towers. Each setting runs in its own process so that
 its peak RSS (resource.getrusage) is its own.
 
-    python bench/train_throughput.py [--preset lite] [--steps 6] [--batch 32] [--image-size 224]
+    python -m bench.train_throughput [--preset lite] [--steps 6] [--batch 32] [--image-size 224]
 """
 
 from __future__ import annotations
@@ -88,7 +88,8 @@ def main() -> None:
     rows = []
     for recipe in ("clip", "cots"):
         for setting in SETTINGS:
-            cmd = [sys.executable, __file__, "--one", recipe, setting, "--preset", args.preset]
+            cmd = [sys.executable, "-m", "bench.train_throughput", "--one", recipe, setting]
+            cmd += ["--preset", args.preset]
             cmd += ["--steps", str(args.steps), "--batch", str(args.batch)]
             cmd += ["--image-size", str(args.image_size)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -101,7 +102,7 @@ def main() -> None:
         "note": "one optimiser step = online (+ momentum for cots) forward, backward, AdamW, "
         "queue/EMA update; synthetic batch, no data loading; shared machine, so indicative",
         "results": rows,
-        "command": shlex.join(["python", "bench/train_throughput.py", *sys.argv[1:]]),
+        "command": shlex.join(["python", "-m", "bench.train_throughput", *sys.argv[1:]]),
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")

@@ -1,6 +1,6 @@
 """Transfer: checkpoints trained on one gallery, scored zero-shot on galleries they never saw.
 
-    python bench/transfer.py \
+    python -m bench.transfer \
         --run clip-cpu:0=RUNS/ladder-cookie/seed-0/clip --run cots-cpu:0=RUNS/cots-cpu-s0 ... \
         --eval openclipart:test=DATA/openclipart --eval emoji:all=DATA/emoji \
         --eval synthetic:all=DATA/synthetic --out bench/results/transfer.json
@@ -22,14 +22,17 @@ import shlex
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench.figure import Figure
+from bench.tables import fmt, table
+from index_builder.atomic import atomic_write_json
 
-from index_builder.atomic import atomic_write_json  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SUMMARY = ("rsum", "i2t_r1", "t2i_r1", "i2i_map", "i2i_r1", "t2t_map", "t2t_r1")
 
@@ -157,12 +160,86 @@ def main(argv: list[str] | None = None) -> int:
             {"recipe": recipe, "seed": 0, "gallery": gallery, "split": split, "metrics": metrics}
         )
     rows = summarize(records)
-    command = "python bench/transfer.py " + " ".join(
+    command = "python -m bench.transfer " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
     )
     atomic_write_json(args.out, {"command": command, "summary": rows, "runs": records})
     print(markdown(rows))
     return 0
+
+
+def _mean(row: dict[str, Any], key: str) -> str:
+    """A summary cell: the mean, ± the standard deviation over two or more seeds."""
+    if row.get(key) is None:
+        return ""
+    spread = f" ± {row[key + '_std']:.1f}" if len(row.get("seeds", [])) > 1 else ""
+    return f"{row[key]:.1f}{spread}"
+
+
+def _pair(a: str, b: str) -> str:
+    return f"{a} / {b}" if a or b else ""
+
+
+def _recalls(metrics: dict[str, Any], way: str) -> str:
+    values = [metrics.get(f"{way}_r{k}") for k in (1, 5, 10)]
+    return "" if None in values else " / ".join(f"{v:.1f}" for v in values)
+
+
+def transfer_tables(data: dict) -> str:
+    """transfer*.json: per recipe (rows) and gallery (columns), cross-modal RSUM, R@1 both ways
+    and the within-modality scores; then one line per run and gallery."""
+    summary, runs = data.get("summary") or [], data.get("runs") or []
+    galleries = list(dict.fromkeys(row["gallery"] for row in summary))
+    recipes = list(dict.fromkeys(row["recipe"] for row in summary))
+    cell = {(row["recipe"], row["gallery"]): row for row in summary}
+
+    def grid(show: Callable[[dict[str, Any]], str]) -> str:
+        rows = [
+            {"recipe": recipe, **{g: show(cell.get((recipe, g), {})) for g in galleries}}
+            for recipe in recipes
+        ]
+        return table(rows, ["recipe", *galleries])
+
+    seeds = ", ".join(sorted({str(s) for row in summary for s in row.get("seeds", [])}))
+    parts = [
+        f"Mean over seeds {seeds} (± their standard deviation). An empty cell: the gallery has "
+        "no such queries (synthetic has no categories for image-to-image), or the towers were "
+        "never aligned across modalities (pretrained, untrained projections).",
+        "**Cross-modal RSUM** (R@1+5+10, both ways)\n\n" + grid(lambda r: _mean(r, "rsum")),
+        "**R@1, image-to-text / text-to-image**\n\n"
+        + grid(lambda r: _pair(_mean(r, "i2t_r1"), _mean(r, "t2i_r1"))),
+        "**Within one modality: image-to-image mAP / text-to-text R@1**\n\n"
+        + grid(lambda r: _pair(_mean(r, "i2i_map"), _mean(r, "t2t_r1"))),
+    ]
+    per_run = []
+    for run in runs:
+        m = run.get("metrics", {})
+        per_run.append(
+            {
+                "recipe": run.get("recipe"),
+                "seed": run.get("seed"),
+                "gallery": f"{run.get('gallery')} ({run.get('split')})",
+                "images / captions": _pair(fmt(m.get("images")), fmt(m.get("captions"))),
+                "RSUM": None if m.get("rsum") is None else round(m["rsum"], 1),
+                "i2t R@1/5/10": _recalls(m, "i2t"),
+                "t2i R@1/5/10": _recalls(m, "t2i"),
+                "i2i mAP": None if m.get("i2i_map") is None else round(m["i2i_map"], 1),
+                "t2t R@1": None if m.get("t2t_r1") is None else round(m["t2t_r1"], 1),
+                "run": run.get("run"),
+            }
+        )
+    if per_run:
+        parts.append("**Each run**\n\n" + table(per_run))
+    return "\n\n".join(parts)
+
+
+FIGURE = Figure(
+    "Transfer to galleries never trained on",
+    "transfer*.json",
+    "python -m bench.transfer --run RECIPE:SEED=RUN ... --eval NAME:SPLIT=DATASET ... "
+    "--out bench/results/transfer_cpu.json",
+    render=transfer_tables,
+)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Ranking time of the two-stream model against a single-stream cross-encoder of similar size.
 
-    python bench/two_stream_vs_cross.py                              # tiny and lite, CPU
-    python bench/two_stream_vs_cross.py --presets lite --bundle DIR  # two-stream on ONNX Runtime
+    python -m bench.two_stream_vs_cross                              # tiny and lite, CPU
+    python -m bench.two_stream_vs_cross --presets lite --bundle DIR  # two-stream on ONNX Runtime
 
 Two-stream (COTS): every gallery image goes once through the image tower, every query once
 through the text tower, and one FAISS search (exact inner product, k=10) ranks the gallery.
@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(compare(preset, args))
         print_result(rows[-1])
     results = {
-        "command": " ".join(["python bench/two_stream_vs_cross.py", *(argv or sys.argv[1:])]),
+        "command": " ".join(["python -m bench.two_stream_vs_cross", *(argv or sys.argv[1:])]),
         "machine": machine(),
         "threads": args.threads,
         "paper_ratio": PAPER_RATIO,

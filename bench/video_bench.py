@@ -1,6 +1,6 @@
 """Text-to-video on the synthetic video gallery: meanP vs seqTransf, and indexing throughput.
 
-    python bench/video_bench.py [--home cots-data] [--count 400] [--threads 1]
+    python -m bench.video_bench [--home cots-data] [--count 400] [--threads 1]
 
 Runs the real commands (a stage whose output exists is reused): `cots data synthetic-video`,
 `cots train cots-video-cpu` once per pooling, `cots eval` on the test split, `cots export` and
@@ -18,6 +18,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench.figure import Figure
 
 ROOT = Path(__file__).resolve().parents[1]
 POOLINGS = ("meanP", "seqTransf")
@@ -133,7 +135,7 @@ def main() -> int:
         {"step": "data", "command": "cots " + " ".join(made), "seconds": cots(*made, env=env)}
     )
     result = {
-        "command": f"python bench/video_bench.py --count {args.count} --threads {args.threads}",
+        "command": f"python -m bench.video_bench --count {args.count} --threads {args.threads}",
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "gallery": f"synthetic-video, {args.count} clips (96 px, 16 frames, 8 fps), seed 0",
         "evaluation": evaluation(home, data, env, steps),
@@ -145,6 +147,13 @@ def main() -> int:
     print(json.dumps(result["evaluation"], indent=2))
     print(json.dumps(result["indexing"], indent=2))
     return 0
+
+
+FIGURE = Figure(
+    "Text-to-video: meanP vs seqTransf, video indexing throughput",
+    "video*.json",
+    "python -m bench.video_bench --count 400 --threads 1",
+)
 
 
 if __name__ == "__main__":

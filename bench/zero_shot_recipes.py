@@ -7,7 +7,7 @@ MNIST, scikit-image's photos, the photo folder, and the built-in galleries given
 bench/results/zero_shot_recipes.{json,md} (figures, the command, the machine) and the
 suite's picture.
 
-    python bench/zero_shot_recipes.py --work cots-data/bench/zero-shot \\
+    python -m bench.zero_shot_recipes --work cots-data/bench/zero-shot \\
         --run cots-cpu=cots-data/runs/base --run step0=cots-data/runs/cots-cpu-step0 \\
         --in-domain cots-data/datasets/openclipart \\
         --heldout emoji=cots-data/datasets/emoji --heldout synthetic=cots-data/datasets/synthetic
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     zero_shot = json.loads((report_dir / "zero_shot.json").read_text())
     result = {
-        "command": shlex.join(["python", "bench/zero_shot_recipes.py", *(argv or sys.argv[1:])]),
+        "command": shlex.join(["python", "-m", "bench.zero_shot_recipes", *(argv or sys.argv[1:])]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "seconds": round(time.perf_counter() - start, 1),
         "runs": runs,

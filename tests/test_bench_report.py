@@ -2,26 +2,25 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-from bench import report
+from bench import (
+    attack,
+    embed_throughput,
+    index_bench,
+    realistic_gallery,
+    realistic_index,
+    report,
+    service_load,
+)
 from bench import two_stream_vs_cross as tsvc
+from bench.tables import generic
+from index_builder.synthetic import make_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_file(path: Path, name: str):
-    """A test helper module by path (tests/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 TRAIN = {
@@ -101,14 +100,14 @@ def test_commands_recorded_or_explained(built):
     assert "Command: `python bench/two_stream_vs_cross.py --presets tiny`" in text
     assert (
         "Command (not recorded in the JSON; how to run it): "
-        "`python bench/train_throughput.py --preset lite`" in text
+        "`python -m bench.train_throughput --preset lite`" in text
     )
 
 
 def test_missing_results_are_listed_as_not_run(built):
     text, _ = built
-    assert "not run yet: `python bench/objective_cost.py --preset tiny`" in text
-    assert "not run yet: `python bench/embed_throughput.py`" in text
+    assert "not run yet: `python -m bench.objective_cost --preset tiny`" in text
+    assert "not run yet: `python -m bench.embed_throughput`" in text
     assert "not run yet: `python -m bench.service_load --demo-images 2000`" in text
 
 
@@ -144,14 +143,14 @@ def test_embed_throughput_has_one_row_per_variant():
         "fp32": {"images_per_s": 57.9, "parity_max_abs_error": {"image": 4e-07}},
         "int8": {"images_per_s": 55.1, "parity_max_abs_error": {"image": 0.0033}},
     }
-    text = report.variant_tables(data)
+    text = embed_throughput.variant_tables(data)
     assert "| preset | lite |" in text
     assert "| variant | images_per_s | parity_max_abs_error.image |" in text
     assert "| int8 | 55.1 | 0.0033 |" in text
 
 
 def test_index_points_found_by_key_names():
-    points = report.index_points(INDEX)
+    points = index_bench.index_points(INDEX)
     flat = sorted((p["size"], p["latency"]) for p in points if p["type"] == "Flat")
     assert flat == [(10_000, 2.0), (100_000, 20.0)]
     floor = [p for p in points if p["type"] == "floor_ms"]
@@ -254,7 +253,7 @@ SERVICE = {
 
 
 def test_realistic_gallery_compares_quantiles_side_by_side():
-    text = report.gallery_tables(GALLERY)
+    text = realistic_gallery.gallery_tables(GALLERY)
     assert "| statistic | real p5 / p50 / p95 | generated p5 / p50 / p95 |" in text
     assert "| image nearest-neighbour similarity | 0.4 / 0.87 / 1 | 0.55 / 0.83 / 0.955 |" in text
     assert "| modality gap (distance of the means) | 0.3251 | 0.3224 |" in text
@@ -267,7 +266,7 @@ def test_realistic_gallery_compares_quantiles_side_by_side():
 
 
 def test_index_types_cheapest_setting_to_the_recall_goal():
-    text = report.index_type_tables(REALISTIC_INDEX)
+    text = realistic_index.index_type_tables(REALISTIC_INDEX)
     assert text.startswith("1,000,000 items per side, 1000 held-out real queries per direction")
     assert "**text-to-image**" in text and "**image-to-text**" in text
     assert (
@@ -288,7 +287,7 @@ def test_index_types_cheapest_setting_to_the_recall_goal():
 
 
 def test_service_goals_come_first_with_served_recall():
-    text = report.service_tables(SERVICE)
+    text = service_load.service_tables(SERVICE)
     goals = (
         "#### Goals (issue 13)\n\n| goal | measured | met | held by |\n|---|---|---|---|\n"
         "| text-to-image p50 at concurrency 1 (ms) <= 8 | 18.2 | no "
@@ -309,8 +308,8 @@ def test_service_goals_come_first_with_served_recall():
 def test_service_without_goals_renders_as_before():
     old = {k: v for k, v in SERVICE.items() if k in ("assets", "endpoints")}
     old["index"] = {"search_params": SERVICE["index"]["search_params"]}
-    assert report.service_tables(old) == report.generic(old)
-    assert "Goals" not in report.service_tables(old)
+    assert service_load.service_tables(old) == generic(old)
+    assert "Goals" not in service_load.service_tables(old)
 
 
 def test_recorded_pictures_linked_only_when_present(tmp_path):
@@ -413,8 +412,7 @@ def test_tiny_comparison_ranks_faster_with_two_streams(tmp_path, keep_threads):
 
 def test_two_stream_side_on_an_onnx_bundle(tmp_path, keep_threads):
     # The service tests' tiny ONNX bundle (8x8 pixels, 8 dimensions).
-    service_fixtures = load_file(ROOT / "tests/service/conftest.py", "bench_service_fixtures")
-    bundle = service_fixtures.make_bundle(tmp_path / "bundle")
+    bundle = make_bundle(tmp_path / "bundle")
     out = tmp_path / "ratio.json"
     argv = ["--presets", "tiny", "--bundle", str(bundle.path), "--shapes", "small=32x64"]
     argv += ["--sample-images", "4", "--sample-texts", "8", "--pair-batch", "4", "--reps", "1"]
@@ -447,7 +445,7 @@ def test_attack_goals_first_then_a_row_per_case():
             },
         ],
     }
-    text = report.attack_tables(data)
+    text = attack.attack_tables(data)
     assert text.index("PASS") < text.index("kill9_change")
     assert "200 503:busy" in text and "stray_after_next_change 0" in text
     assert "requests" not in text

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from bench import realistic_gallery as gallery
-from bench import service_load
+from bench import service_assets, service_load
 from index_builder.backends.base import IndexOptions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,11 +100,11 @@ def test_load_real_reads_index_roots(tmp_path, real):
 
 def test_served_recall_counts_hits_against_the_truth():
     truth = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
-    queries = service_load.Queries(["a", "b"], [b""], text_truth=truth)
+    queries = service_assets.Queries(["a", "b"], [b""], text_truth=truth)
     served = [(0, ["syn0000001", "syn0000002", "syn0000009", "syn0000004"]), (3, ["syn0000005"])]
     assert queries.recall("/search/text-to-image", served) == round(4 / 8, 4)
     caption_hits = [(0, ["syn0000001#0", "syn0000003#0"])]
-    assert service_load.Queries(["a"], [b""], image_truth=truth).recall(
+    assert service_assets.Queries(["a"], [b""], image_truth=truth).recall(
         "/search/image-to-text", caption_hits
     ) == round(2 / 4, 4)
     assert queries.recall("/search/image-to-text", served) is None

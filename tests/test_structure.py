@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "index_builder"
-PACKAGES = ("index_builder", "service")
+PACKAGES = ("index_builder", "service", "bench")
 MAX_LINES = 450
 BACKENDS = ("index_builder.backends.faiss", "index_builder.backends.milvus")
 
@@ -234,4 +234,26 @@ def test_only_the_routes_know_the_web_framework_routers():
         for target in targets
         if target.startswith("service.routes")
     )
+    assert offenders == []
+
+
+def test_no_bench_module_imports_the_tests_or_edits_the_path():
+    """bench/ is a package with its own fixtures: it imports nothing from tests/, loads no
+    file by path and leaves sys.path alone (run a benchmark as `python -m bench.NAME`)."""
+    offenders = []
+    for module, path in _modules("bench").items():
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] if node.level == 0 else []
+            else:
+                names = []
+            offenders += [f"{module} imports {n}" for n in names if n.split(".")[0] == "tests"]
+            if isinstance(node, ast.Attribute) and (
+                (isinstance(node.value, ast.Name) and (node.value.id, node.attr) == ("sys", "path"))
+                or node.attr in ("spec_from_file_location", "run_path")
+            ):
+                offenders.append(f"{module} uses {node.attr}")
     assert offenders == []
