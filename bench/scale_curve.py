@@ -1,10 +1,10 @@
 """The cost of serving against gallery size (issue 27): one realistic gallery, FAISS with the
 automatic index choice, at several sizes per side.
 
-    python bench/scale_curve.py --bundle cots-data/bundles/demo \
+    python -m bench.scale_curve --bundle cots-data/bundles/demo \
         --real cots-data/real-embeddings/openclipart cots-data/real-embeddings/emoji \
         cots-data/real-embeddings/synthetic --sizes 100000,1000000,3000000,10000000 \
-        --work /tmp/scale
+        --work cots-data/scale
 
 For each size N (a prefix of one generated gallery, bench/realistic_gallery.py, so every size
 holds the same items): publish N images and N captions with `cots index build`'s defaults and
@@ -13,9 +13,8 @@ one search per side, in a fresh process: what a service does when CURRENT moves)
 with bench/service_load.py (served recall@10 with held-out real queries, p50 at concurrency 1,
 req/s and p99 at 16, the service's resident memory, the in-process floor); then time a 1%
 change (N/100 new images with one caption each appended as a new version). Results go to
-bench/results/scale_curve.json (one service_load result per size beside it) and the picture
-to docs/img/scale_curve.png. The machine's calibration (a GEMM rate and the k-means rate
-that bounds index training) is printed and recorded with the figures.
+bench/results/scale_curve.json (one service_load result per size in bench/results/scale/),
+with the machine's calibration (bench/calibration.py) printed and recorded beside them.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shlex
 import shutil
 import subprocess
 import sys
@@ -34,7 +32,11 @@ from typing import Any, cast, overload
 
 import numpy as np
 
-from bench.realistic_gallery import RESULTS, ROOT, add_model_args, fitted, generated, shown
+from bench import calibration
+from bench.figure import Figure, Plot, command_line, note, pyplot, save
+from bench.gallery_files import generated
+from bench.realistic_gallery import RESULTS, ROOT, add_model_args, fitted, shown
+from bench.tables import table as generic_table
 
 DIM_BYTES = 4  # float32
 
@@ -69,31 +71,6 @@ class Rows(Sequence[dict[str, Any]]):
         if self.side == "image":
             return {"id": item, "image": f"synthetic/{item}.png", "captions": [text], "meta": {}}
         return {"id": f"{item}#0", "image_id": item, "text": text}
-
-
-def calibration() -> dict[str, float]:
-    """The machine's rates: float32 GEMM (numpy's BLAS, the threads it uses) and k-means
-    assignment through faiss (points x centroids x dimension a second), which bounds the
-    training and adding of an IVF index."""
-    import faiss
-
-    a = np.random.default_rng(0).standard_normal((4096, 256), dtype=np.float32)
-    b = np.random.default_rng(1).standard_normal((256, 4096), dtype=np.float32)
-    a @ b
-    started, runs = time.perf_counter(), 10
-    for _ in range(runs):
-        a @ b
-    gemm = 2 * 4096 * 4096 * 256 * runs / (time.perf_counter() - started)
-    centroids = faiss.IndexFlatIP(256)
-    centroids.add(b.T.copy())
-    started = time.perf_counter()
-    centroids.search(a, 1)
-    assign = 4096 * 4096 * 256 / (time.perf_counter() - started)
-    return {
-        "gemm_gflops": round(gemm / 1e9, 1),
-        "faiss_assign_gmacs": round(assign / 1e9, 1),
-        "faiss_threads": faiss.omp_get_max_threads(),
-    }
 
 
 def build(root: Path, args: argparse.Namespace, images: np.ndarray, captions: np.ndarray) -> str:
@@ -154,14 +131,14 @@ def change_seconds(root: Path, added: tuple[np.ndarray, np.ndarray]) -> float:
 def serve(work: Path, size: int, args: argparse.Namespace) -> dict[str, Any]:
     """bench/service_load.py against the published version (reused from `work`)."""
     out = RESULTS / "scale" / f"service_load-{size}.json"
-    command = [
-        *("python", "bench/service_load.py", "--bundle", str(args.bundle)),
-        *("--realistic-gallery", str(size), "--real", *(str(p) for p in args.real)),
-        *("--work", str(work), "--requests", str(args.requests), "--max-seconds", "30"),
-        *("--concurrency", "1,16", "--ready-seconds", "900", "--out", shown(out)),
+    argv = [
+        *("--bundle", str(args.bundle), "--realistic-gallery", str(size)),
+        *("--real", *(str(p) for p in args.real), "--work", str(work)),
+        *("--requests", str(args.requests), "--max-seconds", "30", "--concurrency", "1,16"),
+        *("--ready-seconds", "900", "--out", shown(out)),
     ]
-    print("$", shlex.join(command), flush=True)
-    subprocess.run([sys.executable, *command[1:]], check=True, cwd=ROOT)
+    print("$", command_line("service_load", argv), flush=True)
+    subprocess.run([sys.executable, "-m", "bench.service_load", *argv], check=True, cwd=ROOT)
     return json.loads(out.read_text())
 
 
@@ -196,6 +173,7 @@ def figures(size: int, info: dict[str, Any], served: dict[str, Any]) -> dict[str
     memory = served["server_memory_bytes"]
     row["service_rss_bytes"], row["service_hwm_bytes"] = memory["VmRSS"], memory["VmHWM"]
     row["service_rss_over_raw"] = round(memory["VmRSS"] / raw, 3)
+    row["service_anon_over_raw"] = round(memory["RssAnon"] / raw, 3)  # less mapped file pages
     return row
 
 
@@ -302,6 +280,7 @@ COLUMNS = (
     ("image_build_seconds", "build s (image)"),
     ("text_build_seconds", "build s (text)"),
     ("service_rss_over_raw", "service RSS / raw"),
+    ("service_anon_over_raw", "service anon / raw"),
     ("disk_over_raw", "disk / raw"),
     ("load_seconds", "load s"),
     ("change_1pct_seconds", "1% change s"),
@@ -317,36 +296,42 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def picture(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sizes = [r["size"] for r in rows]
-    panels = (
-        ("latency at concurrency 1 (ms)", ("t2i_p50_ms", "i2t_p50_ms", "t2i_floor_p50_ms")),
-        ("req/s at concurrency 16", ("t2i_rps_16", "i2t_rps_16")),
-        (
-            "seconds",
-            ("image_build_seconds", "text_build_seconds", "load_seconds", "change_1pct_seconds"),
-        ),
-        ("bytes / raw float vectors", ("service_rss_over_raw", "disk_over_raw")),
-    )
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
-    for ax, (title, keys) in zip(axes, panels, strict=True):
+def plot_curve(data: Any, out: Path) -> Path | None:
+    """Cost against size, log-scaled sizes: latency, throughput, seconds, bytes per raw."""
+    rows = data.get("rows") if isinstance(data, dict) else None
+    if not rows:
+        return None
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(18, 4.2))
+    for ax, (title, keys) in zip(axes, PANELS, strict=True):
         for key in keys:
-            points = [(s, r[key]) for s, r in zip(sizes, rows, strict=True) if r.get(key)]
+            points = [(row["size"], row[key]) for row in rows if row.get(key)]
             if points:
                 ax.plot(*zip(*points, strict=True), marker="o", label=key)
         ax.set_xscale("log")
         ax.set_xlabel("items per side")
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=7)
-    fig.suptitle("Cost against gallery size: FAISS, automatic index choice, realistic gallery")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
+    return save(fig, out)
+
+
+PANELS = (
+    ("latency at concurrency 1 (ms)", ("t2i_p50_ms", "i2t_p50_ms", "t2i_floor_p50_ms")),
+    ("req/s at concurrency 16", ("t2i_rps_16", "i2t_rps_16")),
+    (
+        "seconds",
+        ("image_build_seconds", "text_build_seconds", "load_seconds", "change_1pct_seconds"),
+    ),
+    ("bytes / raw vectors", ("service_rss_over_raw", "service_anon_over_raw", "disk_over_raw")),
+)
+
+
+def render(data: Any) -> str:
+    """The calibration, the curve and its goals, as markdown."""
+    rates = ", ".join(f"{k} {v}" for k, v in data.get("calibration", {}).items())
+    goals = generic_table(data.get("goals", []), ["goal", "measured", "met"])
+    head = f"Machine calibration at the start: {rates}."
+    return "\n\n".join([head, table(data.get("rows", [])), goals])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -362,18 +347,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--change-max", type=int, default=3_000_000, help="largest size to time a 1%% change at"
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "scale_curve.json")
-    parser.add_argument("--picture", type=Path, default=ROOT / "docs/img/scale_curve.png")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # build progress
-    machine = calibration()
+    machine = calibration.rates()
     print("calibration:", json.dumps(machine), flush=True)
     result: dict[str, Any] = {
         "calibration": machine,
-        "command": shlex.join(["python", "bench/scale_curve.py", *(argv or sys.argv[1:])]),
+        "command": command_line("scale_curve", sys.argv[1:] if argv is None else argv),
         "rows": [],
     }
     for size in (int(s) for s in args.sizes.split(",")):  # in the order given
@@ -383,10 +367,21 @@ def main(argv: list[str] | None = None) -> int:
         result["table"] = table(result["rows"]).splitlines()
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
-        picture(result["rows"], args.picture)
         print(table(result["rows"]), flush=True)
     print(json.dumps(result["goals"], indent=2))
     return 0
+
+
+FIGURE = Figure(
+    "Ten million items per side: cost against size",
+    "scale_curve*.json",
+    "python -m bench.scale_curve --bundle cots-data/bundles/demo --real "
+    "cots-data/real-embeddings/openclipart cots-data/real-embeddings/emoji "
+    "cots-data/real-embeddings/synthetic --work cots-data/scale",
+    (Plot("cost", plot_curve, "cost against items per side (FAISS, automatic index choice)"),),
+    note=note("scale_curve"),
+    render=render,
+)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench import gallery_files, service_assets, service_load
 from bench import realistic_gallery as gallery
-from bench import service_assets, service_load
 from index_builder.backends.base import IndexOptions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,14 +127,14 @@ def test_galleries_are_written_to_disk_and_smaller_sizes_are_prefixes(real, tmp_
     fit, _ = gallery.split_real(real)
     model = gallery.fit(fit, clusters=24, rank=4)
     paths = [tmp_path / f"{side}-2500-abc.npy" for side in ("image", "text")]
-    gallery.write_gallery(model, 2500, paths)
+    gallery_files.write_gallery(model, 2500, paths)
     images, captions = (np.load(p, mmap_mode="r") for p in paths)
     expected = model.sample(2500)  # the in-memory sampler draws the same stream
     assert np.array_equal(images, expected[0]) and np.array_equal(captions, expected[1])
     assert not list(tmp_path.glob("*.tmp.npy"))
-    assert gallery.cached(tmp_path, "abc", 1000) == paths  # a larger gallery serves 1000
-    assert gallery.cached(tmp_path, "abc", 2501) is None
-    assert gallery.cached(tmp_path, "other", 10) is None
+    assert gallery_files.cached(tmp_path, "abc", 1000) == paths  # a larger gallery serves 1000
+    assert gallery_files.cached(tmp_path, "abc", 2501) is None
+    assert gallery_files.cached(tmp_path, "other", 10) is None
 
 
 def test_sampling_in_blocks_keeps_the_stream(real, monkeypatch):

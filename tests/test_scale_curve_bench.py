@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from bench import scale_curve
-from bench.service_load import Queries
+from bench.service_assets import Queries
 
 
 def test_rows_are_made_on_demand_as_service_load_names_them():
@@ -55,3 +55,13 @@ def test_goals_compare_the_largest_size_with_1m():
     assert met["1000000: t2i HTTP p50 / floor <= 1.3"] and met["10000000: i2t recall@10 >= 0.95"]
     lines = scale_curve.table([small, big]).splitlines()
     assert len(lines) == 4 and lines[3].startswith("| 10000000 | IVF | 0.96 |")
+
+
+def test_the_report_section_renders_the_curve(tmp_path):
+    rows = [_row(1_000_000, 4.0, 500, 1 << 30, 30), _row(3_000_000, 4.5, 450, 2 << 30, 90)]
+    data = {"calibration": {"gemm_gflops": 35.3}, "rows": rows, "goals": scale_curve.goals(rows)}
+    text = scale_curve.render(data)
+    assert "gemm_gflops 35.3" in text and "| 3000000 | IVF |" in text
+    assert "3000000 / 1M t2i_p50_ms <= 1.5" in text
+    assert scale_curve.plot_curve(data, tmp_path / "cost.png").is_file()
+    assert scale_curve.plot_curve({}, tmp_path / "none.png") is None
