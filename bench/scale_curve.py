@@ -99,16 +99,22 @@ from index_builder.backends.faiss.store import IndexStore
 index = IndexStore(sys.argv[1]).open()
 for side in index.sides:
     index.search(side, index.vector(side, 0)[None], 10)
-print(round(time.perf_counter() - t, 2))
+opened = time.perf_counter() - t
+for side in index.sides:
+    index.warm(side)
+print(round(opened, 2), round(time.perf_counter() - t, 2))
 """
 
 
-def load_seconds(root: Path) -> float:
-    """Seconds a fresh process takes to open the current version and search each side."""
+def load_seconds(root: Path) -> tuple[float, float]:
+    """Seconds a fresh process takes to open the current version and search each side, and
+    to have also warmed it (id lookups and filter columns) as a service does before it
+    switches to a new version."""
     out = subprocess.run(
         [sys.executable, "-c", LOAD, str(root)], check=True, capture_output=True, text=True
     )
-    return float(out.stdout.split()[-1])
+    opened, warmed = out.stdout.split()[-2:]
+    return float(opened), float(warmed)
 
 
 def change_seconds(root: Path, added: tuple[np.ndarray, np.ndarray]) -> float:
@@ -193,7 +199,8 @@ def measure(size: int, args: argparse.Namespace) -> dict[str, Any]:
     disk = disk_bytes(root / "versions" / version)
     loaded = load_seconds(root)
     row = figures(size, info, serve(work, size, args))
-    row.update(build_wall_seconds=wall, disk_bytes=disk, load_seconds=loaded)
+    row.update(build_wall_seconds=wall, disk_bytes=disk)
+    row["load_seconds"], row["load_and_warm_seconds"] = loaded
     row["disk_over_raw"] = round(disk / row["raw_vectors_bytes"], 3)
     if size <= args.change_max:
         _, _, model = fitted(gallery)
@@ -239,7 +246,8 @@ def goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         )
     )
     out.append(check(f"{big['size']}: disk / raw vectors <= 1.6", big["disk_over_raw"], 1.6, True))
-    out.append(check(f"{big['size']}: version load (s) <= 60", big["load_seconds"], 60, True))
+    served_in = big.get("load_and_warm_seconds", big["load_seconds"])  # what a service waits
+    out.append(check(f"{big['size']}: new version serves (s) <= 60", served_in, 60, True))
     if base is not None and big is not base:
         for figure, at_most, target in GOALS:
             sign = "<=" if at_most else ">="
@@ -283,6 +291,7 @@ COLUMNS = (
     ("service_anon_over_raw", "service anon / raw"),
     ("disk_over_raw", "disk / raw"),
     ("load_seconds", "load s"),
+    ("load_and_warm_seconds", "load+warm s"),
     ("change_1pct_seconds", "1% change s"),
 )
 
@@ -320,7 +329,8 @@ PANELS = (
     ("req/s at concurrency 16", ("t2i_rps_16", "i2t_rps_16")),
     (
         "seconds",
-        ("image_build_seconds", "text_build_seconds", "load_seconds", "change_1pct_seconds"),
+        ("image_build_seconds", "text_build_seconds", "load_seconds", "load_and_warm_seconds")
+        + ("change_1pct_seconds",),
     ),
     ("bytes / raw vectors", ("service_rss_over_raw", "service_anon_over_raw", "disk_over_raw")),
 )
