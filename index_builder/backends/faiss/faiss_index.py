@@ -310,6 +310,16 @@ def set_search_params(index: Any, params: dict[str, int]) -> None:
     for name, value in params.items():
         if name != "rerank":
             space.set_index_parameter(index, name, value)
+    if "nprobe" in params:
+        _deepen_quantizer(index, params["nprobe"])
+
+
+def _deepen_quantizer(index: Any, nprobe: int) -> None:
+    """An HNSW coarse quantizer returns nprobe good lists only when it searches at least that
+    deep (efSearch 16, its default, held recall@10 at 0.6 over 10M whatever the nprobe)."""
+    quantizer = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
+    if isinstance(quantizer, faiss.IndexHNSW):
+        quantizer.hnsw.efSearch = max(16, nprobe)
 
 
 def default_rerank(index: Any) -> int:

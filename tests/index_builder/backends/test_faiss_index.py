@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 
@@ -291,3 +292,12 @@ def test_resume_keys_name_the_gallery(data):
     assert fi.resumable("IVF16384,SQ8", 10_000_000, use_gpu=False)
     assert not fi.resumable("IVF1024,SQ8", 100_000, use_gpu=False)  # one part
     assert not fi.resumable("HNSW32", 10_000_000, use_gpu=False)
+
+
+def test_an_hnsw_quantizer_searches_as_deep_as_nprobe(data):
+    base, shards, queries, truth = data
+    index = fi.build_index("IVF64_HNSW32,Flat", shards, DIM, use_gpu=False)
+    fi.set_search_params(index, {"nprobe": 64})  # every list: exact, if all are found
+    quantizer = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
+    assert quantizer.hnsw.efSearch == 64
+    assert recall_at_k(index.search(queries, 10)[1], truth) > 0.99
