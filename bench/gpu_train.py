@@ -227,7 +227,8 @@ def ort_bench(model: Any, args: argparse.Namespace, device: torch.device) -> dic
     wanted = "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
     if wanted not in providers:
         return {"skipped": f"this onnxruntime has no {wanted} (it has {', '.join(providers)})"}
-    from training.export import ImageEncoder, export_onnx
+    from training.export import ImageEncoder
+    from training.onnx_graph import export_onnx
 
     size = model.image_spec.size
     pixels = torch.randn(args.embed_batch, 3, size, size).numpy()

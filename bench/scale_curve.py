@@ -190,11 +190,15 @@ def measure(size: int, args: argparse.Namespace) -> dict[str, Any]:
     gallery = argparse.Namespace(**{**vars(args), "size": size})
     images, captions, _ = generated(gallery)
     work = args.work / str(size)
-    shutil.rmtree(work, ignore_errors=True)
-    root = work / "index"
-    started = time.perf_counter()
-    version = build(root, args, images, captions)
-    wall = round(time.perf_counter() - started, 1)
+    root, wall = work / "index", None
+    kept = IndexStore(root).read_info() if args.reuse and IndexStore(root).current() else None
+    if kept and kept["dataset"]["name"] == f"realistic-{size}-automatic":
+        version = kept["version"]  # built by an interrupted run: its build times are recorded
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+        started = time.perf_counter()
+        version = build(root, args, images, captions)
+        wall = round(time.perf_counter() - started, 1)
     info = IndexStore(root).read_info()
     disk = disk_bytes(root / "versions" / version)
     loaded = load_seconds(root)
@@ -357,6 +361,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--change-max", type=int, default=3_000_000, help="largest size to time a 1%% change at"
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "scale_curve.json")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="go on with an interrupted run: keep the sizes already in --out and the versions "
+        "already published under --work",
+    )
     return parser.parse_args(argv)
 
 
@@ -370,7 +380,10 @@ def main(argv: list[str] | None = None) -> int:
         "command": command_line("scale_curve", sys.argv[1:] if argv is None else argv),
         "rows": [],
     }
-    for size in (int(s) for s in args.sizes.split(",")):  # in the order given
+    if args.reuse and args.out.is_file():
+        result = {**json.loads(args.out.read_text()), "continued": result}
+    done = {row["size"] for row in result["rows"]}
+    for size in (int(s) for s in args.sizes.split(",") if int(s) not in done):  # as given
         result["rows"].append(measure(size, args))
         result["rows"].sort(key=lambda row: row["size"])
         result["goals"] = goals(result["rows"])

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from bench.gallery_files import generated
+from bench.service_backend import Backend
 
 QUERIES = ["a red square", "a photo of a blue square", "green", "the yellow colour", "black"]
 
@@ -58,14 +59,16 @@ def synthetic_vectors(n: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.n
     return images, captions
 
 
-def synthetic_assets(work: Path, bundle_dir: Path, n: int, factory: str | None) -> Path:
+def synthetic_assets(
+    work: Path, bundle_dir: Path, n: int, factory: str | None, backend: Backend
+) -> Path:
     """An index root whose current version holds n synthetic items, built for the bundle."""
     from index_builder.bundle import Bundle
 
     bundle = Bundle.load(bundle_dir)
     check_factory(factory, n, bundle.embed_dim)
     images, captions = synthetic_vectors(n, bundle.embed_dim)
-    return publish_vectors(work, bundle, images, captions, factory, f"synthetic-{n}")
+    return publish_vectors(work, bundle, images, captions, factory, f"synthetic-{n}", backend)
 
 
 def check_factory(factory: str | None, n: int, dim: int) -> None:
@@ -84,13 +87,16 @@ def publish_vectors(
     captions: np.ndarray,
     factory: str | None,
     name: str,
+    backend: Backend,
 ) -> Path:
     """An index root whose current version holds the given image and caption vectors with
-    synthetic rows (item i: id syn<i>, one caption), published with the bundle's id."""
+    synthetic rows (item i: id syn<i>, one caption), published with the bundle's id (the
+    factory is FAISS's: Milvus chooses its index type itself)."""
     from index_builder.backends.base import IndexOptions, ivf_lists
-    from index_builder.backends.faiss.store import IndexStore
 
     n = len(images)
+    if backend.name != "faiss":
+        factory = None
     if factory:
         factory = factory.format(nlist=ivf_lists(n))
     ids = [f"syn{i:07d}" for i in range(n)]
@@ -106,7 +112,7 @@ def publish_vectors(
         ],
     }
     chunks = range(0, n, 100_000)
-    IndexStore(work / "index").publish(
+    backend.store(work / "index").publish(
         bundle_id=bundle.bundle_id,
         bundle_path=bundle.path,
         dim=bundle.embed_dim,
@@ -146,18 +152,18 @@ class Queries:
         return round(sum(hits) / (len(served) * truth.shape[1]), 4)
 
 
-def reusable(index: Path, name: str, bundle_id: str) -> bool:
+def reusable(index: Path, name: str, bundle_id: str, backend: Backend) -> bool:
     """Whether `index` (a kept --work directory's) already serves this gallery for this bundle."""
-    from index_builder.backends.faiss.store import IndexStore
-
     try:
-        info = IndexStore(index).read_info()
+        info = backend.store(index).read_info()
     except FileNotFoundError:
         return False
     return info["dataset"].get("name") == name and info["bundle_id"] == bundle_id
 
 
-def realistic_assets(work: Path, args: argparse.Namespace) -> tuple[Path, bool, Queries]:
+def realistic_assets(
+    work: Path, args: argparse.Namespace, backend: Backend
+) -> tuple[Path, bool, Queries]:
     """An index of a realistic gallery (bench/realistic_gallery.py) and held-out real queries:
     up to 1000 captions and 200 images, with their exact top 10; and whether the index was
     reused from an earlier run's --work."""
@@ -172,11 +178,11 @@ def realistic_assets(work: Path, args: argparse.Namespace) -> tuple[Path, bool, 
     images, captions, held_out = generated(model_args)
     name = f"realistic-{len(images)}-{args.synthetic_factory or 'automatic'}"
     index = work / "index"
-    reused = reusable(index, name, bundle.bundle_id)
+    reused = reusable(index, name, bundle.bundle_id, backend)
     if reused:
         print(f"reusing the index under {index}", flush=True)
     else:
-        publish_vectors(work, bundle, images, captions, args.synthetic_factory, name)
+        publish_vectors(work, bundle, images, captions, args.synthetic_factory, name, backend)
     rng = np.random.default_rng(0)
     texts = rng.permutation(len(held_out.texts))[:1000]
     files = rng.permutation(len(held_out.image_files))[:200]
@@ -200,13 +206,15 @@ def query_image() -> bytes:
     return out.getvalue()
 
 
-def assets(args: argparse.Namespace, tmp: Path) -> tuple[Path, Path, Queries, str]:
+def assets(
+    args: argparse.Namespace, tmp: Path, backend: Backend
+) -> tuple[Path, Path, Queries, str]:
     """The bundle, the index root and the queries a run serves, and a line saying where the
-    gallery comes from."""
+    gallery comes from (Milvus: a synthetic or realistic gallery, or a given index)."""
     queries = Queries(QUERIES, [query_image()])
     started = time.perf_counter()
     if args.realistic_gallery:
-        index, reused, queries = realistic_assets(tmp, args)
+        index, reused, queries = realistic_assets(tmp, args, backend)
         built = "reused from --work" if reused else "published in"
         source = (
             f"realistic gallery: {args.realistic_gallery} items per side modelled on "
@@ -216,7 +224,9 @@ def assets(args: argparse.Namespace, tmp: Path) -> tuple[Path, Path, Queries, st
         )
         return args.bundle, index, queries, source
     if args.synthetic_gallery:
-        index = synthetic_assets(tmp, args.bundle, args.synthetic_gallery, args.synthetic_factory)
+        index = synthetic_assets(
+            tmp, args.bundle, args.synthetic_gallery, args.synthetic_factory, backend
+        )
         source = (
             f"synthetic gallery: {args.synthetic_gallery} random unit vectors per side, "
             f"factory asked {args.synthetic_factory or 'automatic'}, published in "
@@ -225,6 +235,9 @@ def assets(args: argparse.Namespace, tmp: Path) -> tuple[Path, Path, Queries, st
         return args.bundle, index, queries, source
     if args.bundle and args.index:
         return args.bundle, args.index, queries, "given"
+    if backend.name != "faiss":
+        raise SystemExit("--backend milvus serves a --synthetic-gallery, --realistic-gallery "
+                         "or given --index, not the demo")  # fmt: skip
     bundle, index = demo_assets(tmp, args.demo_images)
     source = f"demo: colour towers (tests/service/conftest.py), {args.demo_images} images"
     return bundle, index, queries, source

@@ -187,7 +187,7 @@ async def load(
     finally:
         for connection in connections:
             connection.close()
-    ms = np.asarray(latencies) * 1000
+    ms = np.asarray(latencies or [float("nan")]) * 1000  # nan: every request failed
     return {
         "concurrency": concurrency,
         "requests": len(latencies),

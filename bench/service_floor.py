@@ -11,22 +11,28 @@ from typing import Any
 import numpy as np
 
 from bench.service_assets import Queries
+from bench.service_backend import Backend
 
 
 def floor(
-    bundle_dir: Path, index_root: Path, queries: Queries, k: int, reps: int, threads: int
+    bundle_dir: Path,
+    index_root: Path,
+    queries: Queries,
+    k: int,
+    reps: int,
+    threads: int,
+    backend: Backend,
 ) -> dict[str, Any]:
     """One tower pass plus one index search per query, no HTTP and no batching, on `threads`
-    ONNX Runtime and FAISS threads."""
+    ONNX Runtime and FAISS threads (Milvus: a round trip to its server per search)."""
     import faiss
 
-    from index_builder.backends.faiss.store import IndexStore
     from index_builder.bundle import Bundle
     from index_builder.encoders import ImageEncoder, TextEncoder
     from index_builder.preprocess import load_image, preprocess_images
 
     bundle = Bundle.load(bundle_dir)
-    index = IndexStore(index_root).open(bundle=bundle)
+    index = backend.store(index_root).open(bundle=bundle)
     text, image = TextEncoder(bundle, threads=threads), ImageEncoder(bundle, threads=threads)
     faiss.omp_set_num_threads(threads)
 
@@ -52,10 +58,10 @@ def floor(
     result: dict[str, Any] = {
         name: timed(fn, reps) for name, fn in (("text-to-image", t2i), ("image-to-text", i2t))
     }
-    result["gallery"] = {"images": len(index.images), "captions": len(index.texts)}
+    counts = {side: index.live_count(side) for side in index.sides}
+    result["gallery"] = {"images": counts.get("image", 0), "captions": counts.get("text", 0)}
     result["index"] = served_index(index)
-    dim = index.embed_dim
-    result["raw_vectors_bytes"] = sum(4 * dim * len(index.rows(side)) for side in index.sides)
+    result["raw_vectors_bytes"] = 4 * index.embed_dim * sum(counts.values())
     return result
 
 

@@ -40,6 +40,8 @@ from bench import calibration
 from bench.figure import Figure, Plot, barh, note
 from bench.realistic_gallery import add_model_args
 from bench.service_assets import assets
+from bench.service_backend import add_backend_args, backend
+from bench.service_changes import CONCURRENCY, KEY, change_rows, changes_under_load
 from bench.service_client import free_port, measure, memory, start_server
 from bench.service_floor import floor
 from bench.tables import fmt, generic, table
@@ -70,6 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "model of the real embeddings (bench/realistic_gallery.py); held-out real queries",
     )
     add_model_args(parser, required=False)
+    add_backend_args(parser)
     parser.add_argument(
         "--synthetic-factory",
         help="FAISS factory string for a synthetic or realistic gallery, {nlist} filled in for N "
@@ -88,6 +91,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         help="keep the realistic gallery's index here and reuse it on the next run with the "
         "same gallery, factory and bundle (default: a temporary directory)",
+    )
+    parser.add_argument(
+        "--changes",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="after the load runs, upsert and delete this fraction of a synthetic or realistic "
+        "gallery through the admin API under text-to-image load (e.g. 0.01)",
     )
     parser.add_argument("--requests", type=int, default=400, help="requests per run")
     parser.add_argument("--max-seconds", type=float, default=20.0, help="time limit per run")
@@ -111,21 +122,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         tmp = args.work or stack.enter_context(tempfile.TemporaryDirectory(prefix="cots-bench-"))
-        bundle, index, queries, source = assets(args, Path(tmp))
-        reference = floor(bundle, index, queries, args.k, args.floor_reps, args.server_threads)
+        chosen = stack.enter_context(backend(args, Path(tmp)))
+        bundle, index, queries, source = assets(args, Path(tmp), chosen)
+        reference = floor(
+            bundle, index, queries, args.k, args.floor_reps, args.server_threads, chosen
+        )
         port = free_port()
         settings = {"COTS_BATCH_WAIT_MS": str(args.batch_wait_ms), "COTS_WATCH_INTERVAL_S": "0"}
-        server = start_server(bundle, index, port, args, settings)
+        if args.changes:
+            settings["COTS_ADMIN_KEY"] = KEY
+        server = start_server(bundle, index, port, args, {**settings, **chosen.settings()})
         try:
             info = httpx.get(f"http://127.0.0.1:{port}/info").json()
             endpoints = measure(port, args, queries)
+            changes = None
+            if args.changes:
+                gallery, fraction = reference["gallery"], args.changes
+                changes = changes_under_load(port, queries, gallery, fraction, args.k)
             server_memory = memory(server.pid)
+            milvus_memory = memory(chosen.server_pid) if chosen.server_pid else None
         finally:
             server.terminate()
             server.wait(timeout=20)
     raw = reference.pop("raw_vectors_bytes")
     return {
         "assets": source,
+        "backend": chosen.name,
         "bundle_id": info["bundle"]["bundle_id"],
         "bundle": {key: info["bundle"][key] for key in ("embed_dim", "precision", "image_spec")},
         "index": reference.pop("index"),
@@ -149,6 +171,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "http_overhead_p50_ms": overhead(endpoints, reference),
         "raw_vectors_bytes": raw,
         "server_memory_bytes": server_memory,
+        "milvus_server_memory_bytes": milvus_memory,
+        "changes_under_load": changes,  # the Milvus server this run started
         "server_memory_over_raw_vectors": round(server_memory["VmRSS"] / raw, 3),
         "command": shlex.join(["python", "-m", "bench.service_load", *sys.argv[1:]]),
     }
@@ -274,6 +298,10 @@ def service_tables(data: Any) -> str:
     if isinstance(memory, dict):
         parts.append(memory_line(data, memory))
         shown |= {"server_memory_bytes", "raw_vectors_bytes", "server_memory_over_raw_vectors"}
+    if data.get("changes_under_load"):
+        title = f"Changes under text-to-image load (concurrency {CONCURRENCY}, admin API):"
+        parts.append(f"{title}\n\n" + table(change_rows(data["changes_under_load"])))
+        shown.add("changes_under_load")
     parts.append(generic({k: v for k, v in data.items() if k not in shown}))
     return "\n\n".join(parts)
 

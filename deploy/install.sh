@@ -5,6 +5,8 @@
 #   deploy/install.sh train  training, export and index building (torch, CPU wheel)
 #   deploy/install.sh serve  serving and indexing only: no torch
 #   deploy/install.sh gpu    serving and indexing with onnxruntime-gpu and faiss-gpu
+# COTS_WITH_MILVUS=1 adds the `milvus` extra (the local Milvus server of `cots milvus start`, and
+# milvus-lite) to serve, gpu or train; dev always has it.
 # It installs with the first python3 on PATH (CI: the system's; images: /opt/venv), or, with
 # COTS_VENV=DIR, into the virtual environment DIR, created if absent (deploy/quickstart.sh).
 set -euo pipefail
@@ -70,9 +72,11 @@ editable=()
 [ "${COTS_EDITABLE:-1}" = 1 ] && editable=(-e)
 case "$profile" in
   # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
+  # dev's `dev` extra brings `milvus`: the tests run the backend on a real Milvus server.
   dev) pip_install torch==2.13.0 && pip_install "${editable[@]}" "$here[train,serve,ray,dev]" ;;
   train) pip_install torch==2.13.0 && pip_install "${editable[@]}" "$here[train,serve]" ;;
   serve) pip_install "${editable[@]}" "$here[serve]" ;;
   gpu) pip_install "${editable[@]}" "$here[gpu]" ;;
 esac
+if [ "${COTS_WITH_MILVUS:-0}" = 1 ]; then pip_install "${editable[@]}" "$here[milvus]"; fi
 echo "install.sh: cots installed ($profile) for $(command -v python3)"

@@ -30,6 +30,7 @@ COMMAND_ORDER = (
     "export",
     "index",
     "serve",
+    "milvus",
     "demo",
     "ablate",
 )
@@ -47,6 +48,7 @@ The pipeline runs as stages, each a subcommand:
   export  turn a checkpoint into an ONNX bundle of the two towers
   index   embed a gallery with a bundle and build FAISS indexes
   serve   run the search API and web page
+  milvus  start, check or stop a local Milvus server for `--backend milvus`
 Run `cots COMMAND --help` for each one."""
 
 

@@ -158,7 +158,7 @@ def delete_ids(
     store: Store,
     ids: list[str],
     side: str | None = None,
-    keep_bundle: Any = None,
+    keep_bundle: Bundle | None = None,
     current: Version | None = None,
 ) -> ChangeResult:
     """Remove items by id from one side, or from every side that holds them (then an image's

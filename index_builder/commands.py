@@ -52,7 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "add",
         help="add items to the current version (ids already present are skipped; --upsert)",
         description="Embed only the sources' items and publish a new version holding the "
-        "current one plus them, without retraining the index. Ids already in the index are "
+        "current one plus them, without retraining the index (Milvus: added to the current "
+        "version in place, logged as a change). Ids already in the index are "
         "skipped, or replaced with --upsert (an image's captions are replaced with it).",
     )
     _common_args(add)
@@ -61,7 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     delete = actions.add_parser(
         "delete",
         help="remove items by id (a new version; an image's captions go with it)",
-        description="Publish a new version without the given ids. Unknown ids are an error and "
+        description="Publish a new version without the given ids (Milvus: deleted from the "
+        "current version in place, logged as a change). Unknown ids are an error and "
         "leave the current version as it is.",
     )
     _root_arg(delete)
@@ -374,6 +376,8 @@ def _print_info(info: dict, skips: bool = True) -> None:
 
     where = f" ({info['bundle_path']})" if info.get("bundle_path") else ""
     print(f"version {info['version']}  bundle {info['bundle_id']}{where}  dim {info['embed_dim']}")
+    if info.get("changes"):  # Milvus: changes made in place (backends/milvus/change.py)
+        print(f"  changed in place {info['changes']} times, last at {info['changed']}")
     for side in ("image", "text"):
         s = info["sides"].get(side)
         if s is None:

@@ -173,7 +173,7 @@ class ShardEmbedder:
             return self.encoder.encode([row["text"] for row in batch])
         return self.encoder.encode_pixels(self._decode(batch))
 
-    def _media(self) -> Any:
+    def _media(self) -> MediaEmbedder:
         """The embedder of a shard holding videos (index_builder/video_index.py)."""
         if not hasattr(self, "media"):
             self.media = MediaEmbedder(self.bundle, self.encoder, self._decode)

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from index_builder.backends import open_store
-from index_builder.backends.base import Store, Version
+from index_builder.backends.base import Hit, Store, Version
 from index_builder.bundle import Bundle
 from index_builder.encoders import Encoders
 from index_builder.preprocess import load_image, preprocess_image
@@ -109,6 +109,21 @@ class Searcher:
         decoded = image if isinstance(image, Image.Image) else load_image(image, spec.background)
         return preprocess_image(decoded.convert("RGB"), spec)
 
+    def find(
+        self,
+        side: str,
+        vectors: np.ndarray,
+        k: int = 10,
+        offset: int = 0,
+        filter: dict[str, Any] | None = None,
+        exclude: int | None = None,
+    ) -> list[list[Hit]]:
+        """The hits ranked offset+1 .. offset+k on `side` for each query vector, filtered by
+        metadata, each with its stored row (read by the search itself); `exclude` leaves out
+        one row (the item itself, for "more like this")."""
+        self.require(side)
+        return self.index.find(side, vectors, k, offset=offset, filter=filter, exclude=exclude)
+
     def search(
         self,
         side: str,
@@ -118,32 +133,20 @@ class Searcher:
         filter: dict[str, Any] | None = None,
         exclude: int | None = None,
     ) -> list[list[dict[str, Any]]]:
-        """The hits ranked offset+1 .. offset+k on `side` for each query vector, filtered
-        by metadata; `exclude` leaves out one row (the item itself, for "more like this")."""
-        self.require(side)
-        if offset < 0:
-            raise ValueError(f"offset must be at least 0, got {offset}")
-        scores, rows = self.index.search(side, vectors, k + offset, filter=filter, exclude=exclude)
-        found = sorted({int(r) for r in rows[:, offset:].ravel() if r >= 0})
-        items = dict(zip(found, self.index.rows_at(side, found), strict=True))
-        return [
-            [
-                self.hit(side, items[int(r)], float(s), offset + rank)
-                for rank, (s, r) in enumerate(zip(qs[offset:], qr[offset:], strict=True), 1)
-                if r >= 0
-            ]
-            for qs, qr in zip(scores, rows, strict=True)
-        ]
+        """`find`'s hits as hit dicts (`hit`)."""
+        found = self.find(side, vectors, k, offset, filter, exclude)
+        return [[self.hit(side, hit) for hit in hits] for hits in found]
 
     @staticmethod
-    def hit(side: str, item: dict[str, Any], score: float, rank: int) -> dict[str, Any]:
-        """One hit from a stored row: id, score (cosine, clipped to [-1, 1]), rank, metadata
-        and the side's content (captions of an image; the text, and the image it describes,
-        of a text)."""
+    def hit(side: str, found: Hit) -> dict[str, Any]:
+        """One hit from its stored row: id, score (cosine, clipped to [-1, 1]), rank,
+        metadata and the side's content (captions of an image; the text, and the image it
+        describes, of a text)."""
+        item = found.item
         hit: dict[str, Any] = {
             "id": str(item["id"]),
-            "score": min(1.0, max(-1.0, score)),
-            "rank": rank,
+            "score": min(1.0, max(-1.0, found.score)),
+            "rank": found.rank,
             "meta": item.get("meta") or {},
         }
         if side == "image":
@@ -161,6 +164,22 @@ class Searcher:
             raise KeyError(f"no gallery image with id {image_id!r}")
         return Path(self.index.rows_at("image", [row])[0]["image"])
 
+    def find_similar(
+        self,
+        side: str,
+        item_id: str,
+        k: int = 10,
+        offset: int = 0,
+        filter: dict[str, Any] | None = None,
+    ) -> list[Hit]:
+        """More like this: the nearest items of `side` to a stored item (itself left out)."""
+        self.require(side)
+        row = self.index.row_of(side, item_id)
+        if row is None:
+            raise KeyError(f"no {side} with id {item_id!r} in index version {self.version}")
+        vector = self.index.vector(side, row)[None]
+        return self.find(side, vector, k, offset, filter, exclude=row)[0]
+
     def similar(
         self,
         side: str,
@@ -169,13 +188,8 @@ class Searcher:
         offset: int = 0,
         filter: dict[str, Any] | None = None,
     ) -> list[dict[str, Any]]:
-        """More like this: the nearest items of `side` to a stored item (itself left out)."""
-        self.require(side)
-        row = self.index.row_of(side, item_id)
-        if row is None:
-            raise KeyError(f"no {side} with id {item_id!r} in index version {self.version}")
-        vector = self.index.vector(side, row)[None]
-        return self.search(side, vector, k, offset, filter, exclude=row)[0]
+        """`find_similar`'s hits as hit dicts."""
+        return [self.hit(side, hit) for hit in self.find_similar(side, item_id, k, offset, filter)]
 
     # -- the four searches -----------------------------------------------------------------
 

@@ -41,7 +41,7 @@ class VideoSpec:
     video's frame indices; a shorter video gives all of its frames and a mask), each
     preprocessed with the image spec and encoded by the image tower, then pooled over time
     by `pooling` (meanP: masked mean of the unit frame embeddings, re-normalised; seqTransf:
-    a small temporal transformer first, see training/video.py)."""
+    a small temporal transformer first, see training/video_model.py)."""
 
     frames: int = 12
     sampling: str = "uniform"

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from index_builder.bundle import Bundle
-from index_builder.encoders import VideoEncoder
+from index_builder.encoders import ImageEncoder, VideoEncoder
 from index_builder.progress import progress
 from index_builder.video import (
     VideoError,
@@ -90,7 +90,7 @@ class MediaEmbedder:
     def __init__(
         self,
         bundle: Bundle,
-        image_encoder: Any,
+        image_encoder: ImageEncoder,
         read_images: Callable[[list[dict]], np.ndarray],
         limits: VideoLimits = VideoLimits(),
     ) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import swagger_ui_bundle
@@ -23,6 +24,7 @@ from service.settings import Settings
 from service.thumbnails import ThumbnailCache
 
 STATIC = Path(__file__).parent / "static"
+Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 DESCRIPTION = """\
 Cross-modal search over a gallery: text -> images and image -> captions.
 
@@ -75,11 +77,9 @@ class BodyLimitMiddleware:
         await self.app(scope, guarded, send)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """The app for `settings` (default: from COTS_* environment variables)."""
-    # bundle and index are required: they come from COTS_BUNDLE and COTS_INDEX here.
-    settings = settings or Settings()  # type: ignore[call-arg]
-    metrics = Metrics()
+def lifespan_of(settings: Settings, metrics: Metrics) -> Lifespan:
+    """The app's life: the engine starts, loads the bundle and CURRENT in the background and
+    watches CURRENT; on the way out its tasks are cancelled and its pools stopped."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -99,20 +99,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     await task
             await engine.stop()
 
-    # /docs is served below from the installed Swagger UI assets (no CDN); ReDoc has no
-    # packaged assets, so it is off.
-    app = FastAPI(
-        title="cots search",
-        version="1",
-        description=DESCRIPTION,
-        lifespan=lifespan,
-        docs_url=None,
-        redoc_url=None,
-    )
-    app.state.settings = settings
-    app.state.metrics = metrics
-    app.state.thumbnails = ThumbnailCache(settings.thumbnail_cache)
-    install_error_handlers(app)
+    return lifespan
+
+
+def add_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
+    """Body limits and the read timeout, CORS when origins are configured, request metrics
+    (outermost, so every answer is counted)."""
     app.add_middleware(
         BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
     )
@@ -124,6 +116,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["Content-Type", "X-API-Key", "Authorization"],
         )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+
+
+def include_routes(app: FastAPI) -> None:
+    """The resources' routers, the web page and its static files."""
     app.include_router(status.probes)
     for resource in (search, gallery):
         app.include_router(resource.router)
@@ -131,11 +127,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(video.router)
     app.include_router(admin.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    app.mount("/docs/assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs")
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html")
+
+
+def add_docs(app: FastAPI) -> None:
+    """/docs: Swagger UI from the installed assets (no CDN); ReDoc has no packaged assets, so
+    it is off."""
+    app.mount("/docs/assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs")
 
     @app.get("/docs", include_in_schema=False)
     async def docs(request: Request) -> HTMLResponse:
@@ -148,4 +149,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             swagger_favicon_url=f"{root}/docs/assets/favicon-32x32.png",
         )
 
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The app for `settings` (default: from COTS_* environment variables)."""
+    # bundle and index are required: they come from COTS_BUNDLE and COTS_INDEX here.
+    settings = settings or Settings()  # type: ignore[call-arg]
+    metrics = Metrics()
+    app = FastAPI(
+        title="cots search",
+        version="1",
+        description=DESCRIPTION,
+        lifespan=lifespan_of(settings, metrics),
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.thumbnails = ThumbnailCache(settings.thumbnail_cache)
+    install_error_handlers(app)
+    add_middleware(app, settings, metrics)
+    include_routes(app)
+    add_docs(app)
     return app

@@ -7,19 +7,22 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
 from index_builder.video import VideoLimits
 from service.errors import BadContent, InvalidInput, TooLarge, UnsupportedMedia
+from service.forms import CLIP_FIELDS, IMAGE_FIELDS
 from service.images import decode_base64
 from service.schemas import ImageQuery
 from service.settings import Settings
+
+M = TypeVar("M", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,29 @@ def request_kind(request: Request) -> str:
 
 def is_json(kind: str) -> bool:
     return kind == "application/json" or kind.endswith("+json")
+
+
+def require_json(request: Request) -> None:
+    """Refuse a body that is not JSON (415) before reading it."""
+    kind = request_kind(request)
+    if not is_json(kind):
+        raise UnsupportedMedia(
+            f"expected Content-Type application/json, got {kind or 'none'}",
+            code="wrong_content_type",
+        )
+
+
+async def read_model(
+    request: Request,
+    model: type[M],
+    limit: int,
+    max_values: int | None = None,
+    max_items: int | None = None,
+) -> M:
+    """A JSON body (its Content-Type checked first) read within `limit` bytes, parsed and
+    validated into `model` (`read_json`, `validate`)."""
+    require_json(request)
+    return validate(model, await read_json(request, limit, max_values), max_items)
 
 
 async def read_image_search(
@@ -113,6 +139,11 @@ _OFF_LOOP_BYTES = 1 << 16  # larger bodies are parsed in a worker thread, not on
 MAX_SEARCH_VALUES = 1 << 16
 
 
+def text_limit(settings: Settings) -> int:
+    """The byte limit of a text search's body (COTS_MAX_TEXT_BODY_BYTES)."""
+    return settings.max_text_body_bytes
+
+
 async def read_json(request: Request, limit: int, max_values: int | None = None) -> Any:
     """The request body as JSON, read up to `limit` bytes (a large one parsed off the event
     loop: /health must not wait for it); with `max_values`, a body with that many commas or
@@ -143,7 +174,7 @@ def check_counts(body: Any, limit: int, keys: tuple[str, ...] = ("images", "text
             )
 
 
-def validate(model: type[Any], body: Any, limit: int | None = None) -> Any:
+def validate(model: type[M], body: Any, limit: int | None = None) -> M:
     """`model` from a parsed body (its lists at most `limit` long); errors read like
     FastAPI's own body validation."""
     if limit is not None:
@@ -161,8 +192,9 @@ async def _read_json_images(
 ) -> ImageSearch:
     body = await read_json(request, settings.max_body_bytes, MAX_SEARCH_VALUES)
     query = validate(model, body, settings.max_batch)
-    if getattr(query, "id", None) is not None:
-        return ImageSearch([], [], query.k, query.offset, query.filter, query.id)
+    item_id = getattr(query, "id", None)  # ImageToImageQuery's
+    if item_id is not None:
+        return ImageSearch([], [], query.k, query.offset, query.filter, item_id)
     single = query.image is not None
     encoded = [query.image] if query.image is not None else list(query.images or [])
     check_batch(len(encoded), "images", settings)
@@ -197,7 +229,7 @@ def parse_filter(value: Any) -> dict[str, Any] | None:
 
 async def _read_multipart(request: Request, settings: Settings) -> ImageSearch:
     form = await request.form(max_files=settings.max_batch + 1, max_fields=8)
-    unknown = set(form.keys()) - {"image", "images", "k", "offset", "filter"}
+    unknown = set(form.keys()) - IMAGE_FIELDS
     if unknown & {"text", "texts"}:
         raise InvalidInput(
             "send either text or an image, not both: text queries go to /search/text-to-image "
@@ -245,7 +277,18 @@ def check_texts(texts: Sequence[str], single: bool, settings: Settings) -> None:
             raise InvalidInput(f"{label}: not valid Unicode (lone surrogate)") from None
 
 
-async def read_clip(request: Request, limits: VideoLimits) -> tuple[str, bytes, dict[str, Any]]:
+@dataclass(frozen=True)
+class Clip:
+    """A video-to-text request: the uploaded clip (its name and bytes) and the page."""
+
+    name: str
+    data: bytes
+    k: int | None
+    offset: int
+    filter: dict[str, Any] | None
+
+
+async def read_clip(request: Request, limits: VideoLimits) -> Clip:
     """The multipart `video` file (name, bytes) and the `k`, `offset`, `filter` fields."""
     kind = request_kind(request)
     if kind != "multipart/form-data":
@@ -254,7 +297,7 @@ async def read_clip(request: Request, limits: VideoLimits) -> tuple[str, bytes, 
             "wrong_content_type",
         )
     form = await request.form(max_files=2, max_fields=8)
-    unknown = set(form.keys()) - {"video", "k", "offset", "filter"}
+    unknown = set(form.keys()) - CLIP_FIELDS
     if unknown:
         raise InvalidInput(
             f"unexpected form fields {sorted(unknown)} (use 'video', 'k', 'offset', 'filter')"
@@ -267,9 +310,10 @@ async def read_clip(request: Request, limits: VideoLimits) -> tuple[str, bytes, 
     if len(data) > limits.max_bytes:
         raise TooLarge(f"video: over the limit of {limits.max_bytes} bytes", "video_too_large")
     offset = form_int(form.get("offset"), "offset")
-    fields = {
-        "k": form_int(form.get("k"), "k"),
-        "offset": 0 if offset is None else offset,
-        "filter": parse_filter(form.get("filter")),
-    }
-    return upload.filename or "video", data, fields
+    return Clip(
+        upload.filename or "video",
+        data,
+        form_int(form.get("k"), "k"),
+        0 if offset is None else offset,
+        parse_filter(form.get("filter")),
+    )

@@ -1,5 +1,6 @@
 """Changes to the collection: items added or deleted as a new index version, built on the
-served one in a worker thread, one at a time, then served (or refused, CURRENT put back)."""
+served one in a worker thread, one at a time, then served (or refused, CURRENT put back);
+on Milvus, made in place in the served version, which sees them when the call returns."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from index_builder.backends.base import BackendFailed
 from index_builder.collection import Change, ChangeResult, change, delete_ids
 from index_builder.filters import check_storable, show
 from index_builder.search import Searcher
@@ -24,6 +26,7 @@ from service.errors import (
     NotFound,
     NotReady,
     ServiceError,
+    backend_failure,
     without_paths,
 )
 from service.items import Items
@@ -53,7 +56,7 @@ class Changes:
             detail = f"{len(unknown)} ids are not in the index, e.g. {show(unknown[0])}"
             raise NotFound(detail, "unknown_ids")
         return await self._change(
-            lambda gallery, stored: delete_ids(self.store, ids, side, current=gallery.index)
+            lambda searcher, stored: delete_ids(self.store, ids, side, current=searcher.index)
         )
 
     async def _change(
@@ -64,28 +67,30 @@ class Changes:
         fails leaves no file it stored; a new version that cannot be served is refused and
         CURRENT goes back to the served one."""
         async with self._lock:
-            gallery = self.versions.current()
+            searcher = self.versions.current()
             loop = asyncio.get_running_loop()
             stored: list[Path] = []  # files this request created under files/
             try:
-                result = await loop.run_in_executor(None, make, gallery, stored)
+                result = await loop.run_in_executor(None, make, searcher, stored)
             except BaseException as exc:
                 await loop.run_in_executor(None, _remove, stored)
                 raise _change_error(exc) from None
-            if result.version != gallery.version:
-                await self.versions.serve_change(result.version, gallery.version)
-            return gallery.version, result
+            if result.version != searcher.version:
+                await self.versions.serve_change(result.version, searcher.version)
+            else:  # changed in place (Milvus): the served index already sees it
+                self.versions.count_gallery(searcher)
+            return searcher.version, result
 
     def _add_items(
-        self, items: Items, extensions: list[str], gallery: Searcher, stored: list[Path]
+        self, items: Items, extensions: list[str], searcher: Searcher, stored: list[Path]
     ) -> ChangeResult:
         names = [stored_name(u.data, e) for u, e in zip(items.images, extensions, strict=True)]
         with journal_uploads(self.store.root, names):  # a kill -9 leaves them collectable
-            request = self._change_request(items, extensions, gallery, stored)
-            return change(self.store, gallery.index, request, bundle_path=gallery.bundle.path)
+            request = self._change_request(items, extensions, searcher, stored)
+            return change(self.store, searcher.index, request, bundle_path=searcher.bundle.path)
 
     def _change_request(
-        self, items: Items, extensions: list[str], gallery: Searcher, stored: list[Path]
+        self, items: Items, extensions: list[str], searcher: Searcher, stored: list[Path]
     ) -> Change:
         rows: dict[str, list[dict[str, Any]]] = {"image": [], "text": []}
         vectors = {}
@@ -99,13 +104,13 @@ class Changes:
                 paths.append(path)
                 if created:
                     stored.append(path)
-            vectors["image"] = gallery.encoders.image.encode_paths(paths)
+            vectors["image"] = searcher.encoders.image.encode_paths(paths)
             rows["image"] = [
                 {"id": upload.id, "image": str(path), "captions": [], "meta": upload.meta}
                 for upload, path in zip(items.images, paths, strict=True)
             ]
         if items.texts:
-            vectors["text"] = gallery.encoders.text.encode([item.text for item in items.texts])
+            vectors["text"] = searcher.encoders.text.encode([item.text for item in items.texts])
             rows["text"] = [
                 {"id": item.id, "text": item.text, "meta": item.meta} for item in items.texts
             ]
@@ -142,6 +147,9 @@ def _change_error(exc: BaseException) -> BaseException:
         return Conflict(str(exc), "busy")
     if isinstance(exc, ValueError):
         return InvalidInput(without_paths(str(exc)), "invalid_change")
+    if isinstance(exc, BackendFailed):  # Milvus down or failing: nothing was changed
+        log.error("a change failed in the index backend: %s", exc)
+        return NotReady(backend_failure(exc), "backend_unavailable")
     if isinstance(exc, OSError):
         log.error("a change failed writing the index root: %s", exc)
         if exc.errno in _FULL:

@@ -1,4 +1,4 @@
-"""FastAPI dependencies: settings, the engine, API and admin keys, content-type checks.
+"""FastAPI dependencies: settings, the engine, API and admin keys, typed request bodies.
 
 All are `async def`: FastAPI runs plain `def` dependencies in a thread pool, a thread hop per
 dependency per request for work that takes microseconds.
@@ -7,14 +7,17 @@ dependency per request for work that takes microseconds.
 from __future__ import annotations
 
 import secrets
-from typing import Annotated
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, Generic, TypeVar
 
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import SecretStr
+from pydantic import BaseModel, SecretStr
 
+from index_builder.search import Searcher
+from service.bodies import M, read_model
 from service.engine import Engine
-from service.errors import Forbidden, Unauthorized, UnsupportedMedia
+from service.errors import Forbidden, Unauthorized
 from service.settings import Settings
 
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False)
@@ -31,6 +34,15 @@ async def get_engine(request: Request) -> Engine:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
+
+
+async def served_searcher(engine: EngineDep) -> Searcher:
+    """The searcher served now (503 while loading): routes that take large bodies ask for it
+    before the body, so a service that cannot answer reads none."""
+    return engine.current()
+
+
+ServedSearcher = Annotated[Searcher, Depends(served_searcher)]
 
 
 def _presented(header: str | None, bearer: HTTPAuthorizationCredentials | None) -> str | None:
@@ -73,11 +85,59 @@ async def require_admin_key(
         raise Unauthorized("invalid admin key")
 
 
-async def require_json(request: Request) -> None:
-    """Refuse bodies that are not JSON before FastAPI tries to parse them."""
-    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if kind != "application/json" and not kind.endswith("+json"):
-        raise UnsupportedMedia(
-            f"expected Content-Type application/json, got {kind or 'none'}",
-            code="wrong_content_type",
-        )
+ApiKey = Annotated[None, Depends(require_api_key)]
+AdminKey = Annotated[None, Depends(require_admin_key)]
+T = TypeVar("T")
+Reader = Callable[[Request, Settings], Awaitable[T]]
+
+
+class RequestBody(Generic[T]):
+    """A route's request body as one typed dependency: the key checked first (a
+    sub-dependency: FastAPI runs it once per request, before `read`), then `read` (the body
+    read within its size limit and parsed into its model; every refusal a 4xx `ApiError` or
+    FastAPI's 422), and the route's OpenAPI request body generated from `content` (media type
+    -> the model of that body) by `routes.openapi.BodyRoute`. Routes read their own bodies
+    this way, not through FastAPI's, so that no byte is read before the key is checked."""
+
+    def __init__(
+        self, read: Reader[T], content: dict[str, type[BaseModel]], required: bool = True
+    ) -> None:
+        self.read = read
+        self.content = content
+        self.required = required
+
+    async def __call__(self, request: Request, settings: SettingsDep, _: ApiKey) -> T:
+        return await self.read(request, settings)
+
+    def openapi(self) -> dict[str, Any]:
+        """The OpenAPI `requestBody` of a route reading this body."""
+        content = {
+            media: {"schema": model.model_json_schema()} for media, model in self.content.items()
+        }
+        return {"requestBody": {"required": self.required, "content": content}}
+
+
+class AdminBody(RequestBody[T]):
+    """A request body of an admin route: the admin key checked first."""
+
+    async def __call__(self, request: Request, settings: SettingsDep, _: AdminKey) -> T:
+        return await self.read(request, settings)
+
+
+def json_body(
+    model: type[M],
+    limit: Callable[[Settings], int],
+    max_values: int | None = None,
+    batch: bool = False,
+    admin: bool = False,
+) -> RequestBody[M]:
+    """A JSON body of `model` (Content-Type checked, then read within `limit(settings)`
+    bytes, then validated; with `batch`, its lists at most `max_batch` long; with
+    `max_values`, `read_json`'s bound on values)."""
+
+    async def read(request: Request, settings: Settings) -> M:
+        max_items = settings.max_batch if batch else None
+        return await read_model(request, model, limit(settings), max_values, max_items)
+
+    kind = AdminBody if admin else RequestBody
+    return kind(read, {"application/json": model})

@@ -9,7 +9,7 @@ import logging
 import threading
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -18,9 +18,10 @@ import faiss
 import numpy as np
 
 from index_builder import filters
-from index_builder.backends.base import CorruptIndex
+from index_builder.backends.base import CorruptIndex, Hit, Version
 from index_builder.collection import ChangeResult
 from index_builder.search import Searcher
+from index_builder.video_index import is_video_row
 from service.batching import MicroBatcher
 from service.changes import Changes, storable_id
 from service.errors import (
@@ -28,7 +29,7 @@ from service.errors import (
     InvalidInput,
     NotFound,
     NotReady,
-    without_paths,
+    backend_failure,
 )
 from service.items import Items
 from service.metrics import Metrics
@@ -36,24 +37,39 @@ from service.settings import Settings
 from service.versions import Versions
 
 log = logging.getLogger(__name__)
-Hits = list[dict[str, Any]]
+Hits = list[Hit]
+Frames = tuple[np.ndarray, np.ndarray]  # a clip's (pixels (N, 3, S, S), mask (N,))
 
 
 @dataclass(frozen=True)
 class Job:
     """One query in a micro-batch: the input, the searcher (encoders + index) it started on,
-    the side it searches, how deep and with which metadata filter."""
+    the side it searches, the page (`k` hits from rank `offset` + 1) and the metadata
+    filter."""
 
-    query: Any  # str for text, (3, S, S) float32 pixels for an image
+    query: str | np.ndarray  # a text, or (3, S, S) float32 pixels of an image
     searcher: Searcher
     side: str
-    depth: int
+    k: int
+    offset: int = 0
     filter: dict[str, Any] | None = None
 
     @property
     def group(self) -> Hashable:
         """Jobs that one index search can answer together."""
         return id(self.searcher), self.side, json.dumps(self.filter, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class Found:
+    """A search's answer: the searcher it ran on, the hits of each query (rows included) and
+    the served images that caption hits describe (image id -> its server path when
+    COTS_EXPOSE_PATHS is on, else None), looked up in one batch off the event loop; an image
+    deleted on its own is absent."""
+
+    searcher: Searcher
+    hits: list[Hits]
+    described: dict[str, str | None] = field(default_factory=dict)
 
 
 class Engine(Versions):
@@ -122,36 +138,69 @@ class Engine(Versions):
         k: int,
         offset: int = 0,
         filter: dict[str, Any] | None = None,
-        gallery: Searcher | None = None,
-    ) -> tuple[Searcher, list[Hits]]:
+        searcher: Searcher | None = None,
+    ) -> Found:
         """Encode `queries` ("text": strings, "image": pixel arrays) with one tower and search
-        `side` of `gallery` (default: the current one) for the page (`k` from `offset`);
-        returns the searcher used and the hits per query. Image routes pass the searcher
-        whose bundle preprocessed the pixels."""
-        gallery = gallery or self.current()
-        check_query(gallery, side, filter)
-        jobs = [Job(query, gallery, side, k + offset, filter) for query in queries]
-        with backend_errors(partial(self.mark_damaged, gallery)):
+        `side` of `searcher` (default: the current one) for the page (`k` from `offset`);
+        returns the searcher used and the hits (with their rows) per query. Image routes pass
+        the searcher whose bundle preprocessed the pixels."""
+        searcher = searcher or self.current()
+        check_side_and_filter(searcher, side, filter)
+        jobs = [Job(query, searcher, side, k, offset, filter) for query in queries]
+        with backend_errors(partial(self.mark_damaged, searcher)):
             found = await self.batchers[modality].submit(jobs)
-        return gallery, [hits[offset:] for hits in found]
+            return await self.answer(searcher, side, found)
 
     async def similar(
         self, side: str, item_id: str, k: int, offset: int = 0, filter: dict[str, Any] | None = None
-    ) -> tuple[Searcher, Hits]:
+    ) -> Found:
         """'More like this': search `side` with the stored vector of item `item_id` (the item
         itself is not a hit); no encoder runs."""
-        gallery = self.current()
-        check_query(gallery, side, filter)
+        searcher = self.current()
+        check_side_and_filter(searcher, side, filter)
+        unknown = NotFound(f"no {side} with id {item_id!r} in the index", "unknown_id")
+        if not storable_id(item_id):
+            raise unknown
         loop = asyncio.get_running_loop()
-        with backend_errors(partial(self.mark_damaged, gallery)):  # Milvus: a round trip
-            if not storable_id(item_id) or (
-                await loop.run_in_executor(None, gallery.index.row_of, side, item_id) is None
-            ):
-                raise NotFound(f"no {side} with id {item_id!r} in the index", "unknown_id")
-            search = partial(gallery.similar, side, item_id, k, offset=offset, filter=filter)
-            with self.metrics.timed("search", "id"):
-                hits = await loop.run_in_executor(None, self._in_search_threads, search)
-        return gallery, hits
+        search = partial(searcher.find_similar, side, item_id, k, offset=offset, filter=filter)
+        with backend_errors(partial(self.mark_damaged, searcher)):  # Milvus: round trips
+            try:
+                with self.metrics.timed("search", "id"):
+                    hits = await loop.run_in_executor(None, self._in_search_threads, search)
+            except KeyError:
+                raise unknown from None
+            return await self.answer(searcher, side, [hits])
+
+    async def search_video(
+        self, searcher: Searcher, query: Frames, k: int, offset: int, filter: dict[str, Any] | None
+    ) -> Found:
+        """One clip's (pixels, mask): encoded with `searcher`'s encoders in the encoder pool,
+        then searched on its text side (the filter checked first)."""
+        check_side_and_filter(searcher, "text", filter)
+        loop = asyncio.get_running_loop()
+
+        def run() -> Hits:
+            with self.metrics.timed("encode", "video"):
+                vectors = searcher.encoders.encode("video", [query])
+            with self.metrics.timed("search", "video"):
+                return searcher.find("text", vectors, k, offset, filter)[0]
+
+        with backend_errors(partial(self.mark_damaged, searcher)):
+            hits = await loop.run_in_executor(self.executor, run)
+            return await self.answer(searcher, "text", [hits])
+
+    async def answer(self, searcher: Searcher, side: str, hits: list[Hits]) -> Found:
+        """`hits` with the served images their captions describe (text side), looked up in
+        one batch in the default pool: a backend call never runs on the event loop."""
+        ids = {
+            str(h.item["image_id"]) for q in hits for h in q if h.item.get("image_id") is not None
+        }
+        if side != "text" or not ids or not searcher.index.has("image"):
+            return Found(searcher, hits)
+        loop = asyncio.get_running_loop()
+        paths = self.settings.expose_paths
+        described = await loop.run_in_executor(None, described_images, searcher.index, ids, paths)
+        return Found(searcher, hits, described)
 
     def _in_search_threads(self, search: Callable[[], Hits]) -> Hits:
         """`search()` with `search_threads` OpenMP threads: the setting is per thread, and
@@ -173,28 +222,39 @@ class Engine(Versions):
             position = {i: p for p, i in enumerate(members)}
             with self.metrics.timed("search", modality):
                 for part in _group(members, lambda i: jobs[i].group):
-                    job = jobs[part[0]]
-                    depth = max(jobs[i].depth for i in part)
-                    found = job.searcher.search(
-                        job.side, vectors[[position[i] for i in part]], depth, filter=job.filter
+                    found = _search_part(
+                        [jobs[i] for i in part], vectors[[position[i] for i in part]]
                     )
                     for i, hits in zip(part, found, strict=True):
-                        results[i] = hits[: jobs[i].depth]
+                        results[i] = hits
         return results
+
+    def video_row(self, video_id: str) -> dict[str, Any]:
+        """The row of a gallery video (NotFound for an id that is not one)."""
+        searcher = self.current()
+        unknown = NotFound(f"no gallery video with id {video_id!r}")
+        if not storable_id(video_id):
+            raise unknown
+        with backend_errors(partial(self.mark_damaged, searcher)):
+            index = searcher.index
+            row = index.row_of("image", video_id) if index.has("image") else None
+            item = index.rows_at("image", [row])[0] if row is not None else None
+        if item is None or not is_video_row(item):
+            raise unknown
+        return item
 
     def image_file(self, image_id: str) -> Path:
         """The file behind a gallery image id; ids come only from the index, never paths
         from clients."""
-        gallery = self.current()
-        with backend_errors(partial(self.mark_damaged, gallery)):
-            index = gallery.index
-            if (
-                not storable_id(image_id)
-                or not index.has("image")
-                or index.row_of("image", image_id) is None
-            ):
-                raise NotFound(f"no gallery image with id {image_id!r}")
-            path = Path(gallery.image_path(image_id))
+        searcher = self.current()
+        unknown = NotFound(f"no gallery image with id {image_id!r}")
+        if not storable_id(image_id):
+            raise unknown
+        with backend_errors(partial(self.mark_damaged, searcher)):
+            try:
+                path = searcher.image_path(image_id)  # its row looked up once
+            except KeyError:
+                raise unknown from None
         if not path.is_file():
             raise NotFound(f"the file of gallery image {image_id!r} is missing on the server")
         return path
@@ -210,6 +270,30 @@ class Engine(Versions):
         """Delete `ids` from `side` (or every side holding them) as a new version, and serve
         it; an unknown id changes nothing (404)."""
         return await self.changes.delete(ids, side)
+
+
+def described_images(index: Version, ids: set[str], paths: bool) -> dict[str, str | None]:
+    """The live images of `ids` (id -> the server path of the file when `paths`, else None):
+    one batched lookup of the ids, and of the rows only when paths are wanted."""
+    rows = index.rows_of("image", ids)
+    if not paths:
+        return dict.fromkeys(rows)
+    items = index.rows_at("image", list(rows.values()))
+    return {image_id: str(Path(item["image"])) for image_id, item in zip(rows, items, strict=True)}
+
+
+def _search_part(jobs: list[Job], vectors: np.ndarray) -> list[Hits]:
+    """One index search for jobs of one group: as deep as the deepest page and from the
+    shallowest start, so each job's page is a slice of it (only rows on some page are
+    read)."""
+    start = min(job.offset for job in jobs)
+    depth = max(job.offset + job.k for job in jobs) - start
+    job = jobs[0]  # its side is checked (`check_side_and_filter`): straight to the index
+    found = job.searcher.index.find(job.side, vectors, depth, offset=start, filter=job.filter)
+    return [
+        hits[job.offset - start : job.offset - start + job.k]
+        for job, hits in zip(jobs, found, strict=True)
+    ]
 
 
 def _group(indices: Iterable[int], key: Callable[[int], Hashable]) -> list[list[int]]:
@@ -233,21 +317,20 @@ def backend_errors(damaged: Callable[[], None] | None = None) -> Iterator[None]:
         raise NotReady(CORRUPT, "index_corrupt") from None
     except OSError as exc:
         log.error("the index backend failed: %s", exc)
-        detail = f"the index backend failed: {without_paths(str(exc))}"
-        raise NotReady(detail, "backend_unavailable") from None
+        raise NotReady(backend_failure(exc), "backend_unavailable") from None
 
 
-def check_query(gallery: Searcher, side: str, filter: dict[str, Any] | None) -> None:
+def check_side_and_filter(searcher: Searcher, side: str, filter: dict[str, Any] | None) -> None:
     """Refuse a search of an absent side or with a filter that does not fit the side's
     metadata fields, before any encoder runs."""
-    if not gallery.index.has(side):
-        present = " and ".join(gallery.index.sides) or "no"
+    if not searcher.index.has(side):
+        present = " and ".join(searcher.index.sides) or "no"
         raise NotFound(
             f"this index has no {side} side (it holds {present} items): "
             f"build one with `cots index build --{side}s ...`",
             "side_absent",
         )
     try:
-        filters.parse(filter, gallery.index.info["sides"][side].get("fields", {}))
+        filters.parse(filter, searcher.index.info["sides"][side].get("fields", {}))
     except filters.FilterError as exc:
         raise InvalidInput(f"filter: {exc}", "invalid_filter") from None

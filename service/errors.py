@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from index_builder.backends.base import CorruptIndex
+from index_builder.backends.base import BackendFailed, CorruptIndex
 
 log = logging.getLogger(__name__)
 CORRUPT = (
@@ -139,6 +139,11 @@ def _validation_code(exc: RequestValidationError) -> str:
     return "invalid_filter" if fields == {("filter",)} else "invalid_input"
 
 
+def backend_failure(exc: OSError) -> str:
+    """What a client is told of a failed index backend (no server path)."""
+    return f"the index backend failed: {without_paths(str(exc))}"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Map every error to `{"detail": ..., "code": ...}`; nothing else reaches a client."""
 
@@ -150,6 +155,13 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _corrupt(request: Request, exc: CorruptIndex) -> JSONResponse:
         log.error("the served index version is damaged: %s", exc)
         return error_response(503, CORRUPT, "index_corrupt")
+
+    @app.exception_handler(BackendFailed)
+    async def _backend_failed(request: Request, exc: BackendFailed) -> JSONResponse:
+        """Any index backend failure a route meets outside `engine.backend_errors` (a
+        lookup while shaping hits, a video's keyframes) is a 503 as well, never a 500."""
+        log.error("the index backend failed: %s", exc)
+        return error_response(503, backend_failure(exc), "backend_unavailable")
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -17,6 +17,7 @@ from index_builder.preprocess import (
 )
 from service.bodies import is_json, parse_json_field, read_json, request_kind, validate
 from service.errors import BadContent, InvalidInput, UnsupportedMedia
+from service.forms import ITEM_FIELDS
 from service.images import EXTENSIONS, check_image, decode_base64, release_after
 from service.schemas import AddItems, TextItem
 from service.settings import Settings
@@ -99,7 +100,7 @@ def _check_items(items: Items, settings: Settings) -> None:
 
 async def _read_item_form(request: Request, settings: Settings) -> Items:
     form = await request.form(max_files=settings.max_admin_items + 1, max_fields=8)
-    unknown = set(form.keys()) - {"image", "ids", "meta", "upsert"}
+    unknown = set(form.keys()) - ITEM_FIELDS
     if unknown:
         raise InvalidInput(
             f"unexpected form fields {sorted(unknown)} (use 'image', 'ids', 'meta', 'upsert')"

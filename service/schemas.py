@@ -377,7 +377,10 @@ class DeleteItems(BaseModel):
 
 class ChangeResponse(BaseModel):
     previous_version: str = Field(description="the version served before the change")
-    index_version: str = Field(description="the new version, now served (unchanged: no change)")
+    index_version: str = Field(
+        description="the new version, now served (unchanged: no change, or with Milvus a change "
+        "made in place in the served version, which serves it on return)"
+    )
     added: dict[str, int] = Field(description="new items per side")
     replaced: dict[str, int] = Field(description="items replaced per side (upsert)")
     skipped_existing: dict[str, int] = Field(

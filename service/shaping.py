@@ -4,20 +4,23 @@ envelope every search shares (per-query results, `hits` the first's, bundle and 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 from fastapi import Request, Response
 from pydantic_core import to_json
 
+from index_builder.backends.base import Hit
 from index_builder.search import Searcher
+from service.engine import Found
 from service.errors import InvalidInput
 from service.settings import Settings
 
 THUMBNAIL_SIZE = 256  # the longest side of the thumbnails hits link to
 IMAGE_HIT_KEYS = ("id", "score", "rank", "captions", "meta")
 TEXT_HIT_KEYS = ("id", "score", "rank", "text", "meta")
-Hits = list[dict[str, Any]]
+Hits = list[Hit]
 
 
 def page(k: int | None, offset: int, settings: Settings) -> tuple[int, int]:
@@ -40,37 +43,39 @@ def image_url(request: Request, image_id: str) -> str:
     return f"{request.scope.get('root_path', '')}/images/{quote(image_id, safe='')}"
 
 
-def links(request: Request, gallery: Searcher, image_id: str, paths: bool) -> dict[str, Any]:
-    """The URLs of a gallery image, and its server path when paths are exposed."""
+def links(request: Request, image_id: str, path: str | None) -> dict[str, Any]:
+    """The URLs of a gallery image, and its server `path` when paths are exposed (given)."""
     url = image_url(request, image_id)
     shaped = {"url": url, "thumbnail_url": f"{url}?size={THUMBNAIL_SIZE}"}
-    if paths:
-        shaped["image_path"] = str(gallery.image_path(image_id))
+    if path is not None:
+        shaped["image_path"] = path
     return shaped
 
 
 def image_hit(
-    request: Request, gallery: Searcher, hit: dict[str, Any], paths: bool
+    request: Request, hit: Hit, described: dict[str, str | None], paths: bool
 ) -> dict[str, Any]:
-    """An `ImageHit`: its fields in order, a None one left out."""
-    shaped = {key: hit[key] for key in IMAGE_HIT_KEYS}
-    return {**shaped, **links(request, gallery, hit["id"], paths)}
+    """An `ImageHit`: its fields in order, a None one left out, its links from its row."""
+    fields = Searcher.hit("image", hit)
+    shaped = {key: fields[key] for key in IMAGE_HIT_KEYS}
+    path = str(Path(hit.item["image"])) if paths else None
+    return {**shaped, **links(request, shaped["id"], path)}
 
 
 def text_hit(
-    request: Request, gallery: Searcher, hit: dict[str, Any], paths: bool
+    request: Request, hit: Hit, described: dict[str, str | None], paths: bool
 ) -> dict[str, Any]:
-    """A `TextHit`; a caption also links the image it describes, when the index serves it
-    (the image may have been deleted on its own: a lookup of that image, not of the hit)."""
-    shaped = {key: hit[key] for key in TEXT_HIT_KEYS}
-    image_id = hit.get("image_id")
+    """A `TextHit`; a caption also links the image it describes when the index serves it
+    (`described`: the image may have been deleted on its own)."""
+    fields = Searcher.hit("text", hit)
+    shaped = {key: fields[key] for key in TEXT_HIT_KEYS}
+    image_id = fields.get("image_id")
     if image_id is None:
         return shaped
     shaped["image_id"] = image_id
-    index = gallery.index
-    if not index.has("image") or index.row_of("image", image_id) is None:
+    if image_id not in described:
         return shaped
-    return {**shaped, **links(request, gallery, image_id, paths)}
+    return {**shaped, **links(request, image_id, described[image_id] if paths else None)}
 
 
 def video_links(request: Request, video_id: str, keyframes: int) -> dict[str, Any]:
@@ -92,7 +97,7 @@ def envelope(
     labels: list[str],
     pages: list[list[Any]],
     page: tuple[int, int],
-    gallery: Searcher,
+    searcher: Searcher,
     start: float,
 ) -> dict[str, Any]:
     """The fields every search response shares, around one page of shaped hits per query."""
@@ -101,8 +106,8 @@ def envelope(
         "k": page[0],
         "offset": page[1],
         "took_ms": round((time.perf_counter() - start) * 1000, 3),
-        "bundle_id": gallery.bundle.bundle_id,
-        "index_version": gallery.version,
+        "bundle_id": searcher.bundle.bundle_id,
+        "index_version": searcher.version,
         "exhausted": exhausted[0],
         "hits": pages[0],
         "results": [
@@ -115,10 +120,9 @@ def envelope(
 def respond(
     request: Request,
     settings: Settings,
-    gallery: Searcher,
     side: str,
     labels: list[str],
-    found: list[Hits],
+    found: Found,
     page: tuple[int, int],
     start: float,
 ) -> Response:
@@ -128,10 +132,12 @@ def respond(
     The body is plain dicts that follow the route's response model (`ImageHit` / `TextHit`
     in an `ImageSearchResponse` / `TextSearchResponse`, None fields left out), serialised by
     pydantic-core as FastAPI would: building the models and FastAPI's validation of them
-    cost ~30 us more per 10-hit response (tests check each body against its model)."""
-    make_hit = SHAPES[side]
+    cost ~30 us more per 10-hit response (tests check each body against its model). Nothing
+    here calls the index: the hits carry their rows, `found.described` the images captions
+    describe."""
+    make_hit, paths = SHAPES[side], settings.expose_paths
     pages = [
-        [make_hit(request, gallery, hit, settings.expose_paths) for hit in hits] for hits in found
+        [make_hit(request, hit, found.described, paths) for hit in hits] for hits in found.hits
     ]
-    body = envelope(labels, pages, page, gallery, start)
+    body = envelope(labels, pages, page, found.searcher, start)
     return Response(to_json(body, inf_nan_mode="null"), media_type="application/json")

@@ -31,10 +31,10 @@ log = logging.getLogger(__name__)
 
 
 class Versions:
-    """Owns the served `gallery` (a `Searcher`: index + encoders + bundle), swapped
+    """Owns the served `searcher` (a `Searcher`: index + encoders + bundle), swapped
     atomically by reference.
 
-    A request takes `gallery` once and keeps that object, so a swap never changes the
+    A request takes `searcher` once and keeps that object, so a swap never changes the
     index, the encoders or the bundle under a request in flight; the old ones are freed when
     their last request ends. Encoders and versions open in `executor`.
     """
@@ -46,8 +46,8 @@ class Versions:
         self.store = open_store(settings.index, settings.backend_config())
         # Refuse to start on a mismatch: checked on index.json before anything heavy loads.
         self.bundle, self._first = resolve_bundle(settings, self.store)
-        self.gallery: Searcher | None = None
-        self.encoders: Encoders | None = None  # the served bundle's (ready before a gallery)
+        self.searcher: Searcher | None = None
+        self.encoders: Encoders | None = None  # the served bundle's (ready before a searcher)
         self.load_error: str | None = None  # why the first load failed (for the log only)
         self._rejected: str | None = None
         # The last version refused and why (a client-safe reason, for /ready).
@@ -68,8 +68,8 @@ class Versions:
             self.encoders = await loop.run_in_executor(
                 self.executor, self._open_encoders, self.bundle
             )
-            gallery = await loop.run_in_executor(
-                self.executor, self._open_gallery, self._first, self.encoders
+            searcher = await loop.run_in_executor(
+                self.executor, self._open_searcher, self._first, self.encoders
             )
         except Exception as exc:  # any failure: logged, retried, never a silent dead task
             self.load_error, self._failed = str(exc), self._first
@@ -83,38 +83,42 @@ class Versions:
                 exc,
             )
             return
-        self._install(gallery)
-        log.info("ready: bundle %s, index version %s", self.bundle.bundle_id, gallery.version)
+        self._install(searcher)
+        log.info("ready: bundle %s, index version %s", self.bundle.bundle_id, searcher.version)
 
     def _open_encoders(self, bundle: Bundle) -> Encoders:
         threads = self.settings.intra_threads or None
         return Encoders.open(bundle, threads=threads, batch_size=self.settings.batch_size)
 
-    def _open_gallery(self, version: str | None, encoders: Encoders) -> Searcher:
+    def _open_searcher(self, version: str | None, encoders: Encoders) -> Searcher:
         index = self.store.open(version, bundle=encoders.bundle)
         for side in index.sides:
             index.warm(side)  # id lookups and filter columns, off the event loop
         return Searcher(index, encoders)
 
-    def _install(self, gallery: Searcher) -> None:
-        self.gallery = gallery  # the one assignment requests see: the triple changes at once
+    def _install(self, searcher: Searcher) -> None:
+        self.searcher = searcher  # the one assignment requests see: the triple changes at once
         # Everything alive now (the version, encoders, libraries: ~90k objects) leaves the
         # collector's generations: a full collection over them took ~25 ms, a stall of every
         # request in flight (the p99 of text-to-image at concurrency 16 on a 1M gallery). A
         # version holds no reference cycles, so a swapped-out one is still freed.
         gc.freeze()
-        self.encoders, self.bundle = gallery.encoders, gallery.bundle
+        self.encoders, self.bundle = searcher.encoders, searcher.bundle
         self.load_error = None
-        for side, count in counts(gallery).items():
-            self.metrics.gallery_size.labels(side).set(count)
+        self.count_gallery(searcher)
         self.metrics.ready.set(1)
+
+    def count_gallery(self, searcher: Searcher) -> None:
+        """The gallery size metrics: at a swap, and after a change made in place (Milvus)."""
+        for side, count in counts(searcher).items():
+            self.metrics.gallery_size.labels(side).set(count)
 
     def current(self) -> Searcher:
         """The searcher to serve with; NotReady (a code and a short reason, never the load
         error, which may name server paths) while none is loaded."""
-        gallery = self.gallery
-        if gallery is not None:
-            return gallery
+        searcher = self.searcher
+        if searcher is not None:
+            return searcher
         if self.load_error is not None:
             version, reason = self.refusal or (self._failed, "details in the log")
             raise NotReady(
@@ -128,13 +132,13 @@ class Versions:
         """`current()`, and NotReady (index_corrupt) once a search has found its files
         damaged on disk: until another version (or the same one, reloaded) is served, a
         load balancer should send its traffic elsewhere."""
-        gallery = self.current()
-        if self._damaged is gallery:
+        searcher = self.current()
+        if self._damaged is searcher:
             raise NotReady(CORRUPT, "index_corrupt")
-        return gallery
+        return searcher
 
-    def mark_damaged(self, gallery: Searcher) -> None:
-        self._damaged = gallery
+    def mark_damaged(self, searcher: Searcher) -> None:
+        self._damaged = searcher
 
     # -- hot swap --------------------------------------------------------------------------
 
@@ -155,18 +159,18 @@ class Versions:
         async with self._swap_lock:
             loop = asyncio.get_running_loop()
             target = version or await loop.run_in_executor(None, self.store.current)
-            previous = self.gallery.version if self.gallery else None
+            previous = self.searcher.version if self.searcher else None
             if target is None:
                 raise NotFound("no index version is current (CURRENT is missing)")
             if not is_version_name(target):
                 raise NotFound(f"CURRENT names no index version ({target[:40]!r})")
             # The served version again only when a search found it damaged (files restored).
-            again = self.gallery is not None and self._damaged is self.gallery
-            gallery = await self._prepare(target) if target != previous or again else None
+            again = self.searcher is not None and self._damaged is self.searcher
+            searcher = await self._prepare(target) if target != previous or again else None
             if version is not None:
                 await loop.run_in_executor(None, self._point_current, version)
-            if gallery is not None:
-                self._swap(gallery, previous)
+            if searcher is not None:
+                self._swap(searcher, previous)
             return previous, target
 
     async def _prepare(self, target: str) -> Searcher:
@@ -187,7 +191,7 @@ class Versions:
             assert encoders is not None
             if bundle is not self.bundle:  # new towers load while the old ones serve
                 encoders = await loop.run_in_executor(None, self._open_encoders, bundle)
-            return await loop.run_in_executor(None, self._open_gallery, target, encoders)
+            return await loop.run_in_executor(None, self._open_searcher, target, encoders)
         except Exception as exc:  # whatever a broken version raises, the old one serves on
             raise self._refuse(target, "failed", exc) from None
 
@@ -205,14 +209,14 @@ class Versions:
             ) from None
         log.info("CURRENT now names %s (an explicit reload)", version)
 
-    def _swap(self, gallery: Searcher, previous: str | None) -> None:
+    def _swap(self, searcher: Searcher, previous: str | None) -> None:
         old_bundle = self.bundle.bundle_id
-        self._install(gallery)
+        self._install(searcher)
         self._rejected = self.refusal = None
         self.metrics.swaps.labels("swapped").inc()
-        log.info("swapped index version %s -> %s", previous, gallery.version)
-        if gallery.bundle.bundle_id != old_bundle:
-            log.info("swapped bundle %s -> %s", old_bundle, gallery.bundle.bundle_id)
+        log.info("swapped index version %s -> %s", previous, searcher.version)
+        if searcher.bundle.bundle_id != old_bundle:
+            log.info("swapped bundle %s -> %s", old_bundle, searcher.bundle.bundle_id)
 
     async def serve_change(self, version: str, served: str) -> None:
         """Swap to a change's new version, which CURRENT already names; if it cannot be
@@ -220,11 +224,11 @@ class Versions:
         loop = asyncio.get_running_loop()
         async with self._swap_lock:
             try:
-                gallery = await self._prepare(version)
+                searcher = await self._prepare(version)
             except ServiceError:
                 await loop.run_in_executor(None, self._point_current, served)
                 raise
-            self._swap(gallery, served)
+            self._swap(searcher, served)
 
     def _refuse(self, version: str, result: str, exc: Exception) -> Conflict:
         """Count and log a refused version; the client's reason names no server path, and an
@@ -263,12 +267,12 @@ class Versions:
         except OSError as exc:
             log.warning("cannot read CURRENT: %s", exc)
             return
-        if self.gallery is None:
+        if self.searcher is None:
             failed = self.load_error is not None
             if failed and (target != self._failed or loop.time() >= self._retry_at):
                 await self._recover(target)
             return
-        if target in (None, self.gallery.version, self._rejected):
+        if target in (None, self.searcher.version, self._rejected):
             return
         try:
             await self.reload()  # what CURRENT names once the swap lock is held
@@ -297,8 +301,8 @@ class Versions:
             reason = exc.detail if isinstance(exc, ServiceError) else exc
             log.warning("still no index to serve (next retry in %.3g s): %s", delay, reason)
             return
-        assert self.gallery is not None
-        log.info("recovered: serving index version %s", self.gallery.version)
+        assert self.searcher is not None
+        log.info("recovered: serving index version %s", self.searcher.version)
 
 
 def _reason(result: str, exc: BaseException) -> str:
@@ -310,9 +314,9 @@ def _reason(result: str, exc: BaseException) -> str:
     return "its files cannot be read (details in the log)"
 
 
-def counts(gallery: Searcher) -> dict[str, int]:
+def counts(searcher: Searcher) -> dict[str, int]:
     """Live items per side (0 for an absent side)."""
-    index = gallery.index
+    index = searcher.index
     return {side: index.live_count(side) if index.has(side) else 0 for side in ("image", "text")}
 
 

@@ -29,7 +29,13 @@ K8S = ROOT / "deploy" / "k8s"
 INSTALL = ROOT / "deploy" / "install.sh"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 # Variables the images set that are not service settings, and who reads them.
-NON_SETTINGS_ENV = {"COTS_HOME": ROOT / "index_builder" / "paths.py", "COTS_EDITABLE": INSTALL}
+NON_SETTINGS_ENV = {
+    "COTS_HOME": ROOT / "index_builder" / "paths.py",
+    "COTS_EDITABLE": INSTALL,
+    "COTS_WITH_MILVUS": INSTALL,
+    "COTS_VENV": INSTALL,
+    "COTS_MILVUS_CACHE": ROOT / "index_builder" / "backends" / "milvus" / "server.py",
+}
 # Packages a serving host does not have (the train extra); `cots serve` must work without them.
 TRAIN_ONLY = ["torch", "safetensors", "onnx", "onnxscript", "cairosvg", "emoji", "training.model"]
 
@@ -478,7 +484,7 @@ def test_compose_milvus_profile_serves_and_rebuilds_from_milvus(compose):
         for spec in services[name]["volumes"]:
             assert spec.split(":")[0] in compose["volumes"]
     milvus = services["milvus"]
-    assert milvus["image"].startswith("milvusdb/milvus:v2.")
+    assert milvus["image"] == f"milvusdb/milvus:v{milvus_tested()}"  # what CI tests
     assert {d: c["condition"] for d, c in milvus["depends_on"].items()} == {
         "milvus-etcd": "service_healthy",
         "milvus-minio": "service_healthy",
@@ -686,7 +692,7 @@ def test_milvus_overlay_points_service_and_cronjob_at_milvus(k8s):
     the same variables and the token from the Secret (optional in the base)."""
     overlay = K8S / "milvus"
     kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
-    assert kustomization["resources"] == [".."]
+    assert kustomization["resources"] == ["..", "milvus.yaml"]
     (patch_file,) = [p["path"] for p in kustomization["patches"]]
     patch = yaml.safe_load((overlay / patch_file).read_text())
     base = k8s["ConfigMap"]
@@ -698,7 +704,8 @@ def test_milvus_overlay_points_service_and_cronjob_at_milvus(k8s):
     assert settings.backend == "milvus" and settings.milvus_token is not None
     host = urlparse(settings.milvus_uri).hostname or ""
     assert urlparse(settings.milvus_uri).port == 19530
-    assert re.fullmatch(r"[a-z0-9-]+-milvus\.[a-z0-9-]+\.svc\.cluster\.local", host), host
+    services = [d for d in yaml.safe_load_all((overlay / "milvus.yaml").read_text())]
+    assert host == next(d for d in services if d["kind"] == "Service")["metadata"]["name"]
     cronjob = k8s["CronJob"]
     (container,) = pod_spec(cronjob)["containers"]
     env = container_env(container, patched)
@@ -729,3 +736,119 @@ def test_guide_documents_every_setting_and_real_targets(dockerfile, routes):
         parse_cli(["serve", flag] if flag in switches else ["serve", flag, "1"])
     for path in re.findall(r"localhost:8000(/[\w/-]*)", text):
         assert path in routes, f"the guide uses {path}, which the app does not serve"
+
+
+# -- Milvus: the version CI tests, the k8s overlay, the systemd units ---------------------------
+
+
+def milvus_tested() -> str:
+    """The Milvus version the tests run the backend on: the `milvus` wheel's pin."""
+    pins = [r for r in PYPROJECT["project"]["optional-dependencies"]["milvus"] if "==" in r]
+    [pin] = [r.split(";")[0].strip() for r in pins if r.startswith("milvus==")]
+    return pin.removeprefix("milvus==")
+
+
+def test_k8s_milvus_overlay_runs_milvus_standalone_for_the_service(k8s):
+    """deploy/k8s/milvus: the base, Milvus standalone (embedded etcd, local storage) and the
+    ConfigMap pointing the service and the CronJob at its Service."""
+    import kubernetes_validate
+
+    overlay = K8S / "milvus"
+    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    assert sorted(kustomization["resources"]) == ["..", "milvus.yaml"]
+    objs = {d["kind"]: d for d in yaml.safe_load_all((overlay / "milvus.yaml").read_text())}
+    for doc in objs.values():
+        kubernetes_validate.validate(doc, "1.31", strict=True)
+    pod = objs["StatefulSet"]["spec"]["template"]
+    assert pod["metadata"]["labels"] == objs["Service"]["spec"]["selector"]
+    [container] = pod["spec"]["containers"]
+    assert container["image"] == f"milvusdb/milvus:v{milvus_tested()}"
+    assert container["command"] == ["milvus", "run", "standalone"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["ETCD_USE_EMBED"] == "true" and env["COMMON_STORAGETYPE"] == "local"
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    etcd_mount = mounts[env["ETCD_CONFIG_PATH"]]
+    config = volumes[etcd_mount["name"]]["configMap"]["name"]
+    assert config == objs["ConfigMap"]["metadata"]["name"]
+    assert yaml.safe_load(objs["ConfigMap"]["data"][etcd_mount["subPath"]])["listen-client-urls"]
+    data = [m for m in mounts.values() if env["ETCD_DATA_DIR"].startswith(m["mountPath"] + "/")]
+    claim = volumes[data[0]["name"]]["persistentVolumeClaim"]["claimName"]
+    assert claim == objs["PersistentVolumeClaim"]["metadata"]["name"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert ports == {"grpc": 19530, "metrics": 9091}
+    patch = yaml.safe_load((overlay / "configmap-patch.yaml").read_text())
+    assert patch["metadata"]["name"] == k8s["ConfigMap"]["metadata"]["name"]
+    settings = check_settings({**k8s["ConfigMap"]["data"], **patch["data"]})
+    uri = urlparse(settings.milvus_uri)
+    [service_port] = objs["Service"]["spec"]["ports"]
+    assert (settings.backend, uri.hostname) == ("milvus", objs["Service"]["metadata"]["name"])
+    assert uri.port == service_port["port"] and service_port["targetPort"] == "grpc"
+
+
+def systemd_unit(name: str) -> dict[str, dict[str, list[str]]]:
+    """A unit file as section -> key -> values (a key such as Environment= may repeat)."""
+    unit: dict[str, dict[str, list[str]]] = {}
+    section: dict[str, list[str]] = {}
+    for line in (ROOT / "deploy" / "systemd" / name).read_text().splitlines():
+        if line.startswith("[") and line.endswith("]"):
+            section = unit.setdefault(line[1:-1], {})
+        elif line.strip() and not line.startswith("#"):
+            key, sep, value = line.partition("=")
+            assert sep, f"{name}: {line!r}"
+            section.setdefault(key, []).append(value)
+    return unit
+
+
+def test_systemd_units_run_milvus_and_the_service_under_one_supervision():
+    """deploy/systemd: the local Milvus (`cots milvus start --foreground`) and the search
+    service on it, each restarted on failure, the service ordered after Milvus and pointed at
+    the port Milvus is started on."""
+    from index_builder.backends.milvus import server
+
+    milvus, search = systemd_unit("cots-milvus.service"), systemd_unit("cots-search.service")
+    for unit in (milvus, search):
+        assert set(unit) == {"Unit", "Service", "Install"}
+        assert unit["Service"]["Restart"] == ["on-failure"]
+        assert unit["Service"]["User"] == milvus["Service"]["User"]
+        assert unit["Install"]["WantedBy"] == ["multi-user.target"]
+    assert "cots-milvus.service" in search["Unit"]["After"][0].split()
+    assert search["Unit"]["Wants"] == ["cots-milvus.service"]
+    milvus_env, search_env = (
+        dict(e.split("=", 1) for e in unit["Service"]["Environment"]) for unit in (milvus, search)
+    )
+    assert milvus_env["COTS_HOME"] == search_env["COTS_HOME"]
+    program, *argv = shlex.split(milvus["Service"]["ExecStart"][0])
+    assert program.endswith("/bin/cots")
+    args = build_parser_with_milvus().parse_args(argv)
+    assert (args.action, args.foreground, args.port) == ("start", True, 19530)
+    # systemd waits for the graceful stop (then `stop` kills) before its own SIGKILL
+    assert int(milvus["Service"]["TimeoutStopSec"][0]) > server.STOP_GRACE_S
+    assert milvus["Service"]["KillMode"] == ["mixed"]  # SIGTERM to `cots` only: it stops Milvus
+    serving = {k: v for k, v in search_env.items() if k not in NON_SETTINGS_ENV}
+    settings = check_settings({**serving, "COTS_BUNDLE": "/b", "COTS_INDEX": "/i"})
+    assert (settings.backend, urlparse(settings.milvus_uri).port) == ("milvus", args.port)
+    serve_program, *serve_argv = shlex.split(search["Service"]["ExecStart"][0])
+    assert serve_program == program
+    assert build_parser().parse_args(serve_argv).command == "serve"
+    # the units' install line gives the venv the server (install.sh's milvus extra)
+    assert (
+        "COTS_WITH_MILVUS=1 bash deploy/install.sh serve"
+        in (ROOT / "deploy" / "systemd" / "cots-milvus.service").read_text()
+    )
+    assert '"${COTS_WITH_MILVUS:-0}" = 1 ]; then pip_install "${editable[@]}" "$here[milvus]"' in (
+        INSTALL.read_text()
+    )
+
+
+def build_parser_with_milvus() -> argparse.ArgumentParser:
+    """The `cots` parser with the `milvus` command (registered by the entry point in
+    pyproject.toml, which an older installed copy of the metadata may not list yet)."""
+    from index_builder.backends.milvus import commands
+
+    entry = PYPROJECT["project"]["entry-points"]["cots.commands"]["milvus"]
+    assert entry == "index_builder.backends.milvus.commands:register"
+    parser = argparse.ArgumentParser(prog="cots")
+    commands.register(parser.add_subparsers(dest="command"))
+    return parser

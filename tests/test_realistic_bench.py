@@ -145,3 +145,50 @@ def test_sampling_in_blocks_keeps_the_stream(real, monkeypatch):
     blocked = model.sample(700, seed=5)
     np.testing.assert_allclose(blocked[0], whole[0], atol=1e-6)
     np.testing.assert_allclose(blocked[1], whole[1], atol=1e-6)
+
+
+def test_a_short_load_served_from_a_milvus_server(tmp_path, milvus_uri):
+    """--backend milvus: the gallery published into the server, `cots serve` on it, the same
+    figures (the floor's searches and the served ones go to Milvus)."""
+    from index_builder import synthetic as fixtures
+
+    bundle = fixtures.make_bundle(tmp_path / "bundle")
+    out = tmp_path / "load.json"
+    args = ["--bundle", str(bundle.path), "--synthetic-gallery", "2000", "--backend", "milvus",
+            "--milvus-uri", milvus_uri, "--requests", "20", "--concurrency", "1,4",
+            "--floor-reps", "5", "--changes", "0.01", "--out", str(out)]  # fmt: skip
+    assert service_load.main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["backend"] == "milvus" and result["gallery"] == {"images": 2000, "captions": 2000}
+    assert result["index"]["factories"] == {"image": "FLAT", "text": "FLAT"}
+    for runs in result["endpoints"].values():
+        for run in runs:
+            assert run["requests"] == 20 and run["errors"] == {} and run["p50_ms"] > 0
+    changes = result["changes_under_load"]
+    assert changes["items"] == 20
+    for name in ("upsert", "delete"):
+        assert changes[name]["statuses"] == {"200": 1} and changes[name]["searches_failed"] == 0
+    from pymilvus import MilvusClient
+
+    assert "bench" in MilvusClient(uri=milvus_uri).list_aliases()["aliases"]
+
+
+def test_faiss_and_milvus_side_by_side_in_one_run(tmp_path, milvus_uri):
+    """bench/service_backends.py: both backends on the same gallery and queries, the issue's
+    figures side by side and its goals as ratios of this run."""
+    from bench import service_backends
+    from index_builder import synthetic as fixtures
+
+    bundle = fixtures.make_bundle(tmp_path / "bundle")
+    out = tmp_path / "side.json"
+    args = ["--bundle", str(bundle.path), "--synthetic-gallery", "1000", "--milvus-uri",
+            milvus_uri, "--requests", "20", "--concurrency", "1,16", "--floor-reps", "5",
+            "--changes", "0.01", "--work", str(tmp_path / "work"), "--out", str(out)]  # fmt: skip
+    assert service_backends.main(args) == 0
+    result = json.loads(out.read_text())
+    faiss, milvus = result["side_by_side"]
+    assert (faiss["backend"], milvus["backend"]) == ("faiss", "milvus")
+    assert milvus["failed searches during changes"] == 0 and milvus["upsert 1% s"] > 0
+    [ratio] = [g for g in result["goals"] if g["goal"].startswith("Milvus t2i p50")]
+    assert ratio["measured"] == round(milvus["t2i p50 ms (c=1)"] / faiss["t2i p50 ms (c=1)"], 3)
+    assert "Side by side" in service_backends.render(result)

@@ -1,6 +1,6 @@
-"""The shape of `index_builder` and `service`: no import cycles, no private names across
-modules, small modules, each search backend in its own room and the service's routes one module
-per resource (docs/architecture.md, "Where things live")."""
+"""The shape of `index_builder`, `service` and `training`: no import cycles, no private names
+across modules, small modules and functions, each search backend in its own room and the
+service's routes one module per resource (docs/architecture.md, "Where things live")."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "index_builder"
-PACKAGES = ("index_builder", "service", "bench")
+PACKAGES = ("index_builder", "service", "training", "bench")
 MAX_LINES = 450
+MAX_FUNCTION_LINES = 60
 BACKENDS = ("index_builder.backends.faiss", "index_builder.backends.milvus")
 
 
@@ -172,6 +173,54 @@ def test_module_is_small(package, module):
     assert lines <= MAX_LINES, f"{module} has {lines} lines (at most {MAX_LINES})"
 
 
+def _long_functions(source: str) -> list[tuple[str, int]]:
+    """(name, lines) of every function or method longer than MAX_FUNCTION_LINES (nested ones
+    too; from `def` to its last line, decorators left out)."""
+    return [
+        (node.name, node.end_lineno - node.lineno + 1)
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.end_lineno is not None
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    ]
+
+
+def test_long_functions_are_found():
+    body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES - 1))
+    method = body.replace("    ", "        ")
+    source = f"def fits():\n{body}\n\nclass A:\n    async def grows(self):\n{method}        pass\n"
+    assert _long_functions(source) == [("grows", MAX_FUNCTION_LINES + 1)]
+
+
+@pytest.mark.parametrize(
+    "package, module", [(package, module) for package in PACKAGES for module in _modules(package)]
+)
+def test_functions_are_small(package, module):
+    long = _long_functions(_modules(package)[module].read_text())
+    assert long == [], f"{module}: {long} (functions of at most {MAX_FUNCTION_LINES} lines)"
+
+
+def test_the_training_graph_sees_function_level_imports():
+    # `cots eval` imports the video evaluator only for a video checkpoint
+    assert "training.video_evaluate" in _graph("training")["training.commands"]
+
+
+def test_the_model_sits_above_its_parts():
+    """`training.model` builds from the config, the networks and the towers; none of what it
+    reaches imports it back, and the metrics import no feature cache (it is passed in)."""
+    graph = _graph("training")
+    reached, todo = set(), ["training.model"]
+    while todo:
+        for target in graph[todo.pop()] - reached:
+            reached.add(target)
+            todo.append(target)
+    assert "training.model" not in reached
+    assert {"training.video_model", "training.towers.build"} <= reached
+    assert not any(
+        target.startswith("training.feature_cache") for target in graph["training.evaluate"]
+    )
+
+
 def test_no_backend_imports_another():
     graph = _graph()
     for room in BACKENDS:
@@ -257,3 +306,39 @@ def test_no_bench_module_imports_the_tests_or_edits_the_path():
             ):
                 offenders.append(f"{module} uses {node.attr}")
     assert offenders == []
+
+
+def _house_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("house", ROOT / "docs" / "house.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_house_counts_rooms_floors_and_arrows(tmp_path):
+    """docs/house.py (the counts in docs/architecture.md) on a package of known shape:
+    function-level and relative imports are arrows; a cycle has no floors."""
+    house = _house_script()
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "sub" / "__init__.py").write_text("")
+    (package / "low.py").write_text("import json\n")
+    (package / "sub" / "mid.py").write_text("def f():\n    from pkg import low\n")
+    (package / "top.py").write_text("from .sub import mid\nfrom pkg.low import x\n")
+    counted = house.house("pkg", tmp_path)
+    assert (counted.rooms, counted.floors, counted.arrows) == (5, 3, 3)
+    floors = {"pkg": 0, "pkg.sub": 0, "pkg.low": 0, "pkg.sub.mid": 1, "pkg.top": 2}
+    assert counted.floor_of == floors
+    (package / "low.py").write_text("from pkg import top\n")
+    with pytest.raises(ValueError, match="cycle"):
+        house.house("pkg", tmp_path)
+
+
+def test_the_house_script_agrees_with_the_graph_checked_here():
+    house = _house_script()
+    for package in PACKAGES:
+        assert house.graph(package) == _graph(package), package

@@ -130,7 +130,7 @@ def _eval(args: argparse.Namespace) -> int:
     if frozen and not args.no_feature_cache:  # pretrained towers: outputs shared by many runs
         store = FeatureStore(args.feature_cache or default_root())
     if video:
-        from training.video import VideoSplitEvaluator
+        from training.video_evaluate import VideoSplitEvaluator
 
         scores = VideoSplitEvaluator(args.data, args.split, args.batch_size).evaluate(model, device)
     else:

@@ -84,14 +84,6 @@ def gather_with_local_grad(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
-    if not is_distributed():
-        return value
-    value = value.detach().clone()
-    dist.all_reduce(value)
-    return value / dist.get_world_size()
-
-
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

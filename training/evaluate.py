@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -15,6 +16,21 @@ from index_builder.preprocess import TextTokenizer, load_image, preprocess_image
 from index_builder.progress import progress
 
 KS = (1, 5, 10)
+
+
+class SplitEmbedder(Protocol):
+    """What embeds a split without running the towers (`training.feature_cache.FeatureStore`:
+    their outputs cached): image (N, D) and caption (M, D) embeddings through `model`."""
+
+    def embed(
+        self,
+        model: Any,
+        dataset: str | Path,
+        split: str,
+        tokens: bool,
+        batch: int,
+        device: torch.device | str,
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @torch.no_grad()
@@ -195,7 +211,7 @@ def score_split(
     split: str,
     device: torch.device | str = "cpu",
     batch_size: int = 128,
-    store=None,
+    store: SplitEmbedder | None = None,
     cache_tokens: bool = False,
 ) -> dict[str, float]:
     """Cross-modal and unimodal metrics of `model` on a split. With a `FeatureStore` the
@@ -203,15 +219,13 @@ def score_split(
     shared by every checkpoint whose towers kept their pretrained weights (`cache_tokens`:
     store the token sequences even if this model does not read them)."""
     from training.categories import record_category
-    from training.feature_cache import embed_features
 
     evaluator = SplitEvaluator(dataset, split, batch_size)
     if store is None:
         image_emb, text_emb = evaluator.embed(model, device)
     else:
         tokens = cache_tokens or model.shared is not None
-        feats = store.load(model, dataset, split, tokens, batch_size)
-        image_emb, text_emb = embed_features(model.to(device), feats, device)
+        image_emb, text_emb = store.embed(model, dataset, split, tokens, batch_size, device)
     categories = [record_category(r) for r in evaluator.records]
     return {
         **retrieval_metrics(image_emb, text_emb, evaluator.text_to_image),

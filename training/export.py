@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,16 +22,18 @@ from torch import nn
 from index_builder import paths
 from index_builder.bundle import PRECISIONS, Bundle, write_bundle
 from index_builder.preprocess import TextTokenizer, sha256_file
-from training.checkpoint import save_checkpoint
+from training.checkpoint import WEIGHTS, load_model, save_checkpoint
 from training.config import load_config
+from training.evaluate import retrieval_metrics
 from training.model import build_model, stream_embedding
+from training.onnx_graph import OPSET, PARITY_BATCHES, convert, export_onnx, parity, run_onnx
 from training.run import model_config
+from training.video_export import export_video
+from training.video_model import VideoTwoTower
 
 log = logging.getLogger(__name__)
-OPSET = 17
 # Max |ONNX - torch| per embedding coordinate (unit vectors) accepted for each precision.
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "int8": 0.1}
-PARITY_BATCHES = (1, 5)
 
 
 class ImageEncoder(nn.Module):
@@ -92,100 +93,6 @@ def fresh_inputs(model: Any, batches: tuple[int, ...], seed: int) -> Inputs:
     return Inputs(image, text)
 
 
-def export_onnx(module: nn.Module, feed: dict[str, np.ndarray], path: Path) -> None:
-    """TorchScript-based export with a dynamic batch (and sequence) axis, then the checker."""
-    import onnx
-
-    names = list(feed)
-    axes = {name: {0: "batch"} for name in names} | {"embedding": {0: "batch"}}
-    if "input_ids" in feed:
-        axes |= {name: {0: "batch", 1: "sequence"} for name in names}
-    args = tuple(torch.from_numpy(value) for value in feed.values())
-    with warnings.catch_warnings():
-        # Shape arithmetic traced as constants; the parity check at two batch sizes is the
-        # real test that the graph generalises.
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        torch.onnx.export(
-            module.eval(),
-            args,
-            str(path),
-            input_names=names,
-            output_names=["embedding"],
-            dynamic_axes=axes,
-            opset_version=OPSET,
-            dynamo=False,
-        )
-    onnx.checker.check_model(str(path), full_check=True)
-
-
-def convert(path: Path, precision: str, out: Path) -> Path:
-    """fp32 graph -> fp16 (inputs and outputs stay float32) or dynamic int8 weights."""
-    import onnx
-
-    if precision == "fp16":
-        from onnxruntime.transformers.float16 import convert_float_to_float16
-
-        model = convert_float_to_float16(onnx.load(str(path)), keep_io_types=True)
-        _topological_sort(model.graph)  # the converter appends its input casts at the end
-        onnx.save(model, str(out))
-    else:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        root = logging.getLogger()
-        level = root.level
-        root.setLevel(logging.WARNING)  # the quantiser logs one INFO line per tensor
-        try:
-            # MatMul/Gemm only: ORT's ConvInteger is slower than fp32 Conv on CPU (an
-            # EfficientNet image tower ran 13x slower with its convolutions quantised).
-            quantize_dynamic(
-                str(path),
-                str(out),
-                op_types_to_quantize=["MatMul", "Gemm"],
-                weight_type=QuantType.QInt8,
-            )
-        finally:
-            root.setLevel(level)
-    onnx.checker.check_model(str(out))
-    return out
-
-
-def _topological_sort(graph: Any) -> None:
-    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    pending, ordered = list(graph.node), []
-    while pending:
-        blocked = []
-        for node in pending:
-            if all(name in ready for name in node.input):
-                ordered.append(node)
-                ready.update(node.output)
-            else:
-                blocked.append(node)
-        if len(blocked) == len(pending):
-            raise ValueError("the converted graph has a cycle or a dangling input")
-        pending = blocked
-    del graph.node[:]
-    graph.node.extend(ordered)
-
-
-def run_onnx(path: Path, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return np.concatenate([session.run(None, feed)[0] for feed in feeds]).astype(np.float32)
-
-
-@torch.no_grad()
-def run_torch(module: nn.Module, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
-    outs = [module(*(torch.from_numpy(v) for v in feed.values())) for feed in feeds]
-    return torch.cat(outs).numpy()
-
-
-def parity(path: Path, module: nn.Module, feeds: list[dict[str, np.ndarray]]) -> float:
-    return float(np.abs(run_onnx(path, feeds) - run_torch(module, feeds)).max())
-
-
 def top10_agreement(images: tuple[np.ndarray, np.ndarray], texts: tuple[np.ndarray, ...]) -> float:
     """Fraction of the fp32 top-10 images per text query that the variant also returns."""
     k = min(10, len(images[0]))
@@ -219,8 +126,6 @@ def retrieval_effect(
     paths: dict[str, tuple[Path, Path]], inputs: Inputs, owner: list[int] | None
 ) -> dict[str, Any]:
     """Variant vs fp32 on the same inputs: top-10 agreement, and R@K both ways with a dataset."""
-    from training.evaluate import retrieval_metrics
-
     images = tuple(run_onnx(p, inputs.image) for p in paths["image"])
     texts = tuple(run_onnx(p, inputs.text) for p in paths["text"])
     effect: dict[str, Any] = {
@@ -259,58 +164,22 @@ def export_bundle(
     seed: int = 0,
 ) -> Bundle:
     """Export, check and write a bundle; raise ValueError if ONNX and torch disagree."""
-    from training.checkpoint import WEIGHTS, load_model
-
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     tolerance = TOLERANCE[precision] if tolerance is None else tolerance
     model, meta = load_model(checkpoint)
-    towers = {"image": ImageEncoder(model).eval(), "text": TextEncoder(model).eval()}
-    probe = fresh_inputs(model, (2,), seed)
-    fresh = fresh_inputs(model, PARITY_BATCHES, seed + 1)
     with tempfile.TemporaryDirectory(prefix="cots-export-") as tmp:
-        fp32, final = {}, {}
-        for side in ("image", "text"):
-            fp32[side] = Path(tmp) / f"{side}.fp32.onnx"
-            export_onnx(towers[side], getattr(probe, side)[0], fp32[side])
-            final[side] = fp32[side]
-            if precision != "fp32":
-                final[side] = convert(fp32[side], precision, Path(tmp) / f"{side}.{precision}.onnx")
-        errors = {s: parity(final[s], towers[s], getattr(fresh, s)) for s in final}
-        video = _export_video(model, final["image"], Path(tmp), errors, seed)
-        worst = max(errors.values())
-        log.info("ONNX vs torch max abs error: %s (tolerance %g)", errors, tolerance)
-        if not worst <= tolerance:
-            raise ValueError(
-                f"ONNX Runtime and torch disagree by {worst:.3g} (> tolerance {tolerance:g}, "
-                f"{', '.join(f'{s} {e:.3g}' for s, e in errors.items())}); no bundle written"
-            )
+        fp32, final, errors = export_towers(model, precision, Path(tmp), seed)
+        video = None
+        if isinstance(model, VideoTwoTower):  # its pooling graph: always fp32 (it is tiny)
+            video = export_video(model, final["image"], Path(tmp), errors, seed)
         extra: dict[str, Any] = {
-            "source": {
-                "checkpoint": str(Path(checkpoint).resolve()),
-                "step": meta.get("step"),
-                "weights_sha256": sha256_file(Path(checkpoint) / WEIGHTS),
-                "model": meta.get("model", {}).get("name"),
-                "recipe": meta.get("recipe"),
-            },
-            "parity": {
-                "max_abs_error": {s: float(f"{e:.3g}") for s, e in errors.items()},
-                "tolerance": tolerance,
-                "batch_sizes": list(PARITY_BATCHES),
-                "reference": "torch fp32",
-            },
+            "source": source_record(checkpoint, meta),
+            "parity": checked_parity(errors, tolerance),
         }
         if precision != "fp32":
-            held_out, owner = (
-                sample_inputs(model, dataset, split, samples)
-                if dataset is not None
-                else (fresh_inputs(model, (min(samples, 256),), seed + 2), None)
-            )
             pairs = {s: (fp32[s], final[s]) for s in final}
-            extra["retrieval_effect"] = {
-                "sample": f"{dataset}:{split}" if dataset is not None else "synthetic inputs",
-                **retrieval_effect(pairs, held_out, owner),
-            }
+            extra["retrieval_effect"] = variant_effect(model, pairs, dataset, split, samples, seed)
         return write_bundle(
             out,
             image_onnx=final["image"],
@@ -326,18 +195,69 @@ def export_bundle(
         )
 
 
-def _export_video(
-    model: Any, image_onnx: Path, tmp: Path, errors: dict[str, float], seed: int
-) -> tuple[Path, Any] | None:
-    """A video model's pooling graph (always fp32: it is tiny), with its parity on random
-    frame embeddings ("video_pooling") and on whole videos through both graphs ("video")."""
-    if getattr(model, "video_pool", None) is None:
-        return None
-    from training import video
+def export_towers(
+    model: Any, precision: str, tmp: Path, seed: int
+) -> tuple[dict[str, Path], dict[str, Path], dict[str, float]]:
+    """Both towers as fp32 graphs under `tmp`, converted to `precision`: the fp32 and final
+    paths per side, and each final graph's max |ONNX - torch| on fresh inputs."""
+    towers = {"image": ImageEncoder(model).eval(), "text": TextEncoder(model).eval()}
+    probe = fresh_inputs(model, (2,), seed)
+    fresh = fresh_inputs(model, PARITY_BATCHES, seed + 1)
+    fp32, final = {}, {}
+    for side in ("image", "text"):
+        fp32[side] = tmp / f"{side}.fp32.onnx"
+        export_onnx(towers[side], getattr(probe, side)[0], fp32[side])
+        final[side] = fp32[side]
+        if precision != "fp32":
+            final[side] = convert(fp32[side], precision, tmp / f"{side}.{precision}.onnx")
+    errors = {s: parity(final[s], towers[s], getattr(fresh, s)) for s in final}
+    return fp32, final, errors
 
-    graph = video.PoolingGraph(model).eval()
-    path = tmp / "video_pooling.onnx"
-    export_onnx(graph, video.pooling_feeds(model, (2,), seed)[0], path)
-    errors["video_pooling"] = parity(path, graph, video.pooling_feeds(model, PARITY_BATCHES, seed))
-    errors["video"] = video.end_to_end_error(model, image_onnx, path, seed + 3)
-    return path, model.video_spec
+
+def checked_parity(errors: dict[str, float], tolerance: float) -> dict[str, Any]:
+    """The bundle's parity record; ValueError when a graph is off by more than `tolerance`."""
+    worst = max(errors.values())
+    log.info("ONNX vs torch max abs error: %s (tolerance %g)", errors, tolerance)
+    if not worst <= tolerance:
+        raise ValueError(
+            f"ONNX Runtime and torch disagree by {worst:.3g} (> tolerance {tolerance:g}, "
+            f"{', '.join(f'{s} {e:.3g}' for s, e in errors.items())}); no bundle written"
+        )
+    return {
+        "max_abs_error": {s: float(f"{e:.3g}") for s, e in errors.items()},
+        "tolerance": tolerance,
+        "batch_sizes": list(PARITY_BATCHES),
+        "reference": "torch fp32",
+    }
+
+
+def source_record(checkpoint: str | Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """Where the bundle's weights come from: the checkpoint, its step, weights and recipe."""
+    return {
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "step": meta.get("step"),
+        "weights_sha256": sha256_file(Path(checkpoint) / WEIGHTS),
+        "model": meta.get("model", {}).get("name"),
+        "recipe": meta.get("recipe"),
+    }
+
+
+def variant_effect(
+    model: Any,
+    pairs: dict[str, tuple[Path, Path]],
+    dataset: str | Path | None,
+    split: str,
+    samples: int,
+    seed: int,
+) -> dict[str, Any]:
+    """What an fp16 / int8 variant does to retrieval, on a dataset's split or on synthetic
+    inputs when there is none."""
+    held_out, owner = (
+        sample_inputs(model, dataset, split, samples)
+        if dataset is not None
+        else (fresh_inputs(model, (min(samples, 256),), seed + 2), None)
+    )
+    return {
+        "sample": f"{dataset}:{split}" if dataset is not None else "synthetic inputs",
+        **retrieval_effect(pairs, held_out, owner),
+    }

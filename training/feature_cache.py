@@ -34,13 +34,13 @@ from torch.utils.data import Dataset
 from index_builder import paths
 from index_builder.atomic import atomic_write_json
 from index_builder.data.merge import merged_galleries
-from index_builder.manifest import image_path, manifest_path
+from index_builder.manifest import Record, image_path, manifest_path
 from index_builder.preprocess import TextTokenizer, load_image, preprocess_image, sha256_file
 from index_builder.progress import progress
 from training.evaluate import retrieval_metrics, split_records
-from training.model import TwoTower
 from training.sources import per_gallery_metrics
 from training.towers.weights import tensor_digest
+from training.two_tower import TwoTower
 
 log = logging.getLogger(__name__)
 VERSION = 1
@@ -149,6 +149,20 @@ class FeatureStore:
         shutil.rmtree(old, ignore_errors=True)
         return read_entry(entry, tokens)
 
+    def embed(
+        self,
+        model: TwoTower,
+        dataset: str | Path,
+        split: str,
+        tokens: bool,
+        batch: int = 64,
+        device: torch.device | str = "cpu",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The split's image (N, D) and caption (M, D) embeddings through `model`, from its
+        cached tower outputs (`evaluate.SplitEmbedder`)."""
+        feats = self.load(model, dataset, split, tokens, batch)
+        return embed_features(model.to(device), feats, device)
+
 
 def _same_records(dataset: str | Path, galleries: list[Path], split: str) -> bool:
     """Whether the merged split holds exactly its galleries' records, in order (a gallery
@@ -204,24 +218,72 @@ def encode_split(
     records = split_records(dataset, split)
     if not records:
         raise ValueError(f"split {split!r} of {dataset} has no records")
+    image_pooled, image_tokens = encode_images(model, dataset, records, split, tokens, batch, out)
+    text = encode_captions(model, records, split, tokens, batch * 2, out)
+    model.train(was_training)
+    if out is not None:
+        for array in (image_pooled, image_tokens, text.pooled, text.tokens):
+            if isinstance(array, np.memmap):
+                array.flush()
+    return SplitFeatures(
+        torch.from_numpy(np.array(image_pooled)),
+        torch.from_numpy(np.array(text.pooled)),
+        text.lengths,
+        torch.from_numpy(text.owner),
+        image_tokens,
+        text.tokens,
+    )
+
+
+def encode_images(
+    model: TwoTower,
+    dataset: str | Path,
+    records: list[Record],
+    split: str,
+    tokens: bool,
+    batch: int,
+    out: Path | None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The image tower's pooled outputs (N, W) and, with `tokens`, token sequences (N, n, W)
+    of the records' images (the deterministic preprocessing's view)."""
     spec, n = model.image_spec, len(records)
-    image_pooled = image_tokens = None
+    pooled = sequences = None
     for start in progress(range(0, n, batch), f"encode {split} images", unit="batch", leave=False):
         chunk = records[start : start + batch]
-        pixels = np.stack(
-            [
-                preprocess_image(load_image(image_path(dataset, r), spec.background), spec)
-                for r in chunk
-            ]
-        )
+        images = [load_image(image_path(dataset, r), spec.background) for r in chunk]
+        pixels = np.stack([preprocess_image(image, spec) for image in images])
         feats = model.image_features(torch.from_numpy(pixels))
-        if image_pooled is None:
-            image_pooled = _array(out, "image_pooled", (n, feats["pooled"].shape[-1]))
+        if pooled is None:
+            pooled = _array(out, "image_pooled", (n, feats["pooled"].shape[-1]))
             if tokens:
-                image_tokens = _array(out, "image_tokens", (n, *feats["tokens"].shape[1:]))
-        image_pooled[start : start + len(chunk)] = feats["pooled"].float().numpy()
-        if image_tokens is not None:
-            image_tokens[start : start + len(chunk)] = feats["tokens"].float().numpy()
+                sequences = _array(out, "image_tokens", (n, *feats["tokens"].shape[1:]))
+        pooled[start : start + len(chunk)] = feats["pooled"].float().numpy()
+        if sequences is not None:
+            sequences[start : start + len(chunk)] = feats["tokens"].float().numpy()
+    assert pooled is not None  # the split has records
+    return pooled, sequences
+
+
+@dataclass
+class CaptionFeatures:
+    """The text tower's outputs over a split's captions (record order)."""
+
+    pooled: np.ndarray  # (M, W)
+    tokens: np.ndarray | None  # (M, L, W), L = the longest caption
+    lengths: np.ndarray  # (M,) real tokens per caption
+    owner: np.ndarray  # (M,) record index of each caption
+
+
+def encode_captions(
+    model: TwoTower,
+    records: list[Record],
+    split: str,
+    tokens: bool,
+    batch: int,
+    out: Path | None,
+) -> CaptionFeatures:
+    """The text tower over every caption of the records, padding cut at the longest caption;
+    with `out`, the lengths and owners are written there too."""
     captions = [c for r in records for c in r.captions]
     owner = np.array([i for i, r in enumerate(records) for _ in r.captions], dtype=np.int64)
     ids, mask = TextTokenizer(model.tokenizer_json, model.text_spec.context_length)(captions)
@@ -229,32 +291,20 @@ def encode_split(
     longest = int(lengths.max())  # padding beyond it is masked out: dropping it is exact
     ids, mask = torch.from_numpy(ids[:, :longest]), torch.from_numpy(mask[:, :longest])
     width = model.text_tower.width
-    text_pooled = _array(out, "text_pooled", (len(captions), width))
-    text_tokens = _array(out, "text_tokens", (len(captions), longest, width)) if tokens else None
-    step = batch * 2
+    pooled = _array(out, "text_pooled", (len(captions), width))
+    sequences = _array(out, "text_tokens", (len(captions), longest, width)) if tokens else None
     for start in progress(
-        range(0, len(captions), step), f"encode {split} captions", unit="batch", leave=False
+        range(0, len(captions), batch), f"encode {split} captions", unit="batch", leave=False
     ):
-        part = slice(start, start + step)
+        part = slice(start, start + batch)
         feats = model.text_features(ids[part], mask[part])
-        text_pooled[part] = feats["pooled"].float().numpy()
-        if text_tokens is not None:
-            text_tokens[part] = feats["tokens"].float().numpy()
-    model.train(was_training)
+        pooled[part] = feats["pooled"].float().numpy()
+        if sequences is not None:
+            sequences[part] = feats["tokens"].float().numpy()
     if out is not None:
         np.save(out / "text_lengths.npy", lengths)
         np.save(out / "owner.npy", owner)
-        for array in (image_pooled, image_tokens, text_pooled, text_tokens):
-            if isinstance(array, np.memmap):
-                array.flush()
-    return SplitFeatures(
-        torch.from_numpy(np.array(image_pooled)),
-        torch.from_numpy(np.array(text_pooled)),
-        lengths,
-        torch.from_numpy(owner),
-        image_tokens,
-        text_tokens,
-    )
+    return CaptionFeatures(pooled, sequences, lengths, owner)
 
 
 class CachedTower(nn.Module):

@@ -30,6 +30,14 @@ from training.objectives import build_objectives, needs_memory
 from training.objectives.cookie import check_pairs
 from training.sources import WeightedGalleries, record_galleries
 from training.trainer import Trainer
+from training.video_cache import (
+    CachedVideoEvaluator,
+    CachedVideoPairs,
+    cached_video_model,
+    encode_video_split,
+)
+from training.video_datasets import VideoPairDataset, check_video_data
+from training.video_evaluate import VideoSplitEvaluator
 
 log = logging.getLogger(__name__)
 LAST = Path("checkpoints") / "last"
@@ -60,8 +68,6 @@ def check_run(cfg: TrainConfig, data: str | Path, out: str | Path, resume: bool)
             raise ValueError(f"objectives.{name}.weight must be >= 0")
     if model_cfg.video_frames and cfg.unit("mvlm").enabled:
         raise ValueError("objectives.mvlm (masked image tokens) does not apply to video")
-    from training.video import check_video_data
-
     check_video_data(load_records(data, "train")[:1], bool(model_cfg.video_frames), data)
     if cfg.objectives.cookie.enabled:
         check_pairs(cfg.objectives.cookie.pairs, model_cfg.image_weights, model_cfg.text_weights)
@@ -164,25 +170,23 @@ def image_parts(
 def video_parts(
     cfg: TrainConfig, model_cfg: ModelConfig, data: str | Path, resume: bool, want_eval: bool
 ) -> tuple[Any, Any, Any]:
-    """Objectives, training set and evaluator of a video-caption run (training/video.py)."""
-    from training import video
-
+    """Objectives, training set and evaluator of a video-caption run."""
     d = cfg.data
     if d.cache_frozen_features:
         model = build_model(model_cfg)
-        train = video.encode_video_split(model, data, "train", d.eval_batch_size)
-        cached = video.cached_video_model(model, train["frames"], train["mask"], train["text"])
+        train = encode_video_split(model, data, "train", d.eval_batch_size)
+        cached = cached_video_model(model, train["frames"], train["mask"], train["text"])
         objectives = build_objectives(cfg, cached)
         evaluator: Any = None
         if want_eval:
-            val = video.encode_video_split(model, data, d.val_split, d.eval_batch_size)
-            evaluator = video.CachedVideoEvaluator(val)
-        return objectives, video.CachedVideoPairs(train["rows"], cfg.train.seed), evaluator
+            val = encode_video_split(model, data, d.val_split, d.eval_batch_size)
+            evaluator = CachedVideoEvaluator(val)
+        return objectives, CachedVideoPairs(train["rows"], cfg.train.seed), evaluator
     model = build_model(model_cfg, load_weights=not resume)
     objectives = build_objectives(cfg, model)
     frames = model_cfg.video_frames
-    dataset = video.VideoPairDataset(data, "train", model.image_spec, frames, cfg.train.seed)
+    dataset = VideoPairDataset(data, "train", model.image_spec, frames, cfg.train.seed)
     evaluator = None
     if want_eval:
-        evaluator = video.VideoSplitEvaluator(data, d.val_split, d.eval_batch_size)
+        evaluator = VideoSplitEvaluator(data, d.val_split, d.eval_batch_size)
     return objectives, dataset, evaluator

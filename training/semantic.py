@@ -5,7 +5,7 @@ Embeddings"): the classifier's probabilities over the 1,000 ImageNet classes, ke
 T classes and renormalised, weight the text tower's embeddings of those classes' texts
 ("<lemma, synonyms>: <WordNet definition>"). The result lives in the text tower's space, so a
 caption can be compared with it before any training. `SemanticHead` is that map; the model
-projects its output into the joint space beside the visual projection (training/model.py).
+projects its output into the joint space beside the visual projection (training/two_tower.py).
 """
 
 from __future__ import annotations

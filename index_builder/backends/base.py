@@ -7,9 +7,13 @@ record, the index options and the planned change a backend applies).
     milvus  a Milvus server (or a milvus-lite file): one collection per version and an alias
             naming the current one: `index_builder.backends.milvus`
 
-Both keep one contract. A version is immutable once published; a build or a change writes a
-new version and only then moves the current pointer, in one atomic step (the CURRENT file,
-`alter_alias`), so a failed or killed writer leaves the serving version as it was. A version
+Both keep one contract. A build writes a new version and only then moves the current
+pointer, in one atomic step (the CURRENT file, `alter_alias`), so a failed or killed writer
+leaves the serving version as it was. A change (add, upsert, delete) differs by backend
+(`Store.in_place`): FAISS writes it as a new version the same way (a version is immutable
+once published); Milvus changes the rows of the current version's collection in place and
+logs the change (`backends/milvus/change.py`: what a version means there, consistency, and
+a change killed halfway). A version
 records the bundle that embedded it (`info`: the keys of `info_record`) and is refused with
 another bundle. Rows are opaque non-negative integers, stable within a version; search
 results pad with -1. No backend imports another; the backend-free stages (`build`,
@@ -26,7 +30,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -48,6 +52,19 @@ RECALL_QUERIES = 200  # recall@10 after a change to within ~0.01, in a second at
 class CorruptIndex(OSError):
     """A version's file changed or was damaged on disk after it was loaded (truncated under
     a memory map: reading it would kill the process with SIGBUS)."""
+
+
+class BackendFailed(OSError):
+    """The index backend (a Milvus server) failed or could not be reached: nothing is wrong
+    with the request, and it may succeed later (a service answers 503)."""
+
+
+class BackendUnreachable(BackendFailed, ConnectionError):
+    """The backend cannot be reached (down, or the network)."""
+
+
+class BackendRefused(BackendFailed, PermissionError):
+    """The backend refused the credentials."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +119,59 @@ class Plan:
     gone: dict[str, set[int]]
 
 
+class BundleIdentity(Protocol):
+    """What a version checks of a bundle (an `index_builder.bundle.Bundle`): the id and
+    dimension recorded in every version it embedded."""
+
+    @property
+    def bundle_id(self) -> str: ...
+
+    @property
+    def embed_dim(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search hit: its row, rank (1-based, over the whole ranking), score and the row's
+    stored record (what `rows_at` returns: id, content, meta), read by the same search."""
+
+    row: int
+    rank: int
+    score: float
+    item: dict[str, Any]
+
+
+def ranked_hits(
+    scores: np.ndarray,
+    rows: np.ndarray,
+    offset: int,
+    items: Mapping[int, dict[str, Any]],
+) -> list[list[Hit]]:
+    """Per query, the hits ranked offset+1 onwards of a (scores, rows) ranking (-1 padding
+    left out), each with its record from `items` (row -> record)."""
+    return [
+        [
+            Hit(int(r), rank, float(s), items[int(r)])
+            for rank, (s, r) in enumerate(zip(qs[offset:], qr[offset:], strict=True), offset + 1)
+            if r >= 0
+        ]
+        for qs, qr in zip(scores, rows, strict=True)
+    ]
+
+
+def check_offset(offset: int) -> None:
+    """A page starts at rank offset+1: a negative offset is refused (every `find` starts
+    here)."""
+    if offset < 0:
+        raise ValueError(f"offset must be at least 0, got {offset}")
+
+
+def found_rows(rows: np.ndarray, offset: int) -> list[int]:
+    """The distinct rows (ascending) of a ranking from rank offset+1 on: those whose
+    records a search reads."""
+    return sorted({int(r) for r in rows[:, offset:].ravel() if r >= 0})
+
+
 class Version(Protocol):
     """One loaded, immutable index version."""
 
@@ -133,7 +203,7 @@ class Version(Protocol):
 
     def vector(self, side: str, row: int) -> np.ndarray: ...
 
-    def check_bundle(self, bundle: Any) -> None: ...
+    def check_bundle(self, bundle: BundleIdentity) -> None: ...
 
     def warm(self, side: str) -> None:
         """Build what searches of `side` need (id lookups, filter columns) now, so that no
@@ -147,13 +217,33 @@ class Version(Protocol):
         *,
         filter: dict[str, Any] | None = None,
         exclude: int | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]: ...
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The ranking: (scores (Q, k'), rows (Q, k')), k' = min(k, allowed rows), -1 pads."""
+
+    def find(
+        self,
+        side: str,
+        vectors: np.ndarray,
+        k: int,
+        *,
+        offset: int = 0,
+        filter: dict[str, Any] | None = None,
+        exclude: int | None = None,
+    ) -> list[list[Hit]]:
+        """Per query, the hits ranked offset+1 .. offset+k with their rows' records, read
+        in the same pass as the search (FAISS: one batched read; Milvus: output fields of
+        the one search call), so no caller looks a hit's row up again."""
 
 
-class Store(Protocol):
-    """The versions of one index: read, open, switch, publish and change."""
+V = TypeVar("V", bound=Version)
+
+
+class Store(Protocol[V]):
+    """The versions of one index: read, open, switch, publish and change; `V` is the
+    `Version` its `open` returns and its `apply` starts from."""
 
     root: Path  # local working directory: embedding work files, copied images, uploads
+    in_place: bool  # a change updates the version it is applied to (else: a new version)
 
     @property
     def location(self) -> str: ...
@@ -164,7 +254,7 @@ class Store(Protocol):
 
     def read_info(self, version: str | None = None) -> dict[str, Any]: ...
 
-    def open(self, version: str | None = None, bundle: Any = None) -> Version: ...
+    def open(self, version: str | None = None, bundle: BundleIdentity | None = None) -> V: ...
 
     def switch(self, version: str) -> None: ...
 
@@ -185,9 +275,11 @@ class Store(Protocol):
     ) -> str:
         """A new version built from rows and their vectors, made current; its name."""
 
-    def apply(self, current: Any, plan: Plan, dataset: dict[str, Any], bundle_path: Any) -> str:
-        """A new version: `current` (a version this store opened) with `plan` applied, made
-        current; its name."""
+    def apply(
+        self, current: V, plan: Plan, dataset: dict[str, Any], bundle_path: str | Path | None
+    ) -> str:
+        """`current` (a version this store opened) with `plan` applied, made current; its
+        name: a new version's, or with `in_place` `current`'s, which then sees the change."""
 
 
 def is_version_name(name: str) -> bool:
@@ -214,7 +306,7 @@ def build_lock(root: Path) -> Iterator[None]:
         yield
 
 
-def check_bundle(bundle: Any, info: dict[str, Any], version: str) -> None:
+def check_bundle(bundle: BundleIdentity, info: dict[str, Any], version: str) -> None:
     """Refuse a bundle other than the one that embedded a version, from its record alone
     (cheap enough to run before the version's indexes are read)."""
     if int(bundle.embed_dim) != int(info["embed_dim"]):
@@ -229,9 +321,10 @@ def check_bundle(bundle: Any, info: dict[str, Any], version: str) -> None:
         )
 
 
-def check_query(index: Version, side: str, vectors: np.ndarray, k: int) -> np.ndarray:
+def check_vectors(index: Version, side: str, vectors: np.ndarray, k: int) -> np.ndarray:
     """The query vectors as a contiguous float32 (Q, D) array; an absent side, a wrong shape
-    or k < 1 is refused (every backend's search starts here)."""
+    or k < 1 is refused (every backend's search starts here; not the service's check of a
+    request's side and filter, `service.engine.check_side_and_filter`)."""
     if not index.has(side):
         raise LookupError(f"index version {index.version} has no {side} side")
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)

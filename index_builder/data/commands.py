@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from index_builder.manifest import SPLITS
 from index_builder.paths import dataset_dir
+
+if TYPE_CHECKING:  # the importers load with their subcommand (`cots --help` stays fast)
+    from index_builder.data.common import ImportResult
 
 EPILOG = """\
 Every source writes a dataset directory (default ./cots-data/datasets/<name>, under
@@ -22,7 +25,7 @@ def _out(args: argparse.Namespace) -> Path:
     return Path(args.out) if args.out else dataset_dir(args.name or args.source)
 
 
-def _report(result: Any) -> int:
+def _report(result: ImportResult) -> int:
     info = result.info
     counts = info.get("splits", {})
     splits = " / ".join(f"{k} {counts.get(k, 0):,}" for k in SPLITS)
@@ -163,16 +166,8 @@ def _render_flags(parser: argparse.ArgumentParser, workers: bool = True) -> None
         parser.add_argument("--workers", type=int, default=2, help="rendering processes (2)")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
-        "data",
-        help="build a gallery (manifest + images) from a source",
-        description="Build a gallery directory (manifest.jsonl, dataset.json, images/).",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sources = parser.add_subparsers(dest="source", required=True, metavar="SOURCE")
-
+def _rendered_sources(sources: argparse._SubParsersAction) -> None:
+    """Galleries drawn here: clip art, emoji glyphs, synthetic scenes."""
     p = _source(
         sources,
         "openclipart",
@@ -213,6 +208,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="same seed, same images and captions")
     _render_flags(p)
 
+
+def _captioned_sources(sources: argparse._SubParsersAction) -> None:
+    """Images on disk with their captions: COCO, Karpathy splits, tables, folders."""
     p = _source(
         sources,
         "coco",
@@ -271,6 +269,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("folder", help="searched recursively for images with <stem>.txt beside them")
 
+
+def _video_sources(sources: argparse._SubParsersAction) -> None:
+    """Video galleries: synthetic clips, folders of videos, MSR-VTT."""
     p = _source(
         sources,
         "synthetic-video",
@@ -310,6 +311,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="MSRVTT_JSFUSION_test.csv: 1k-A test split (one caption each), the rest train (9k)",
     )
 
+
+def _shard_sources(sources: argparse._SubParsersAction) -> None:
+    """WebDataset shards in and out, and several galleries merged into one."""
     p = _source(
         sources,
         "webdataset",
@@ -352,3 +356,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=["", "train", "val", "test"],
         help="only this split (default: all)",
     )
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "data",
+        help="build a gallery (manifest + images) from a source",
+        description="Build a gallery directory (manifest.jsonl, dataset.json, images/).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sources = parser.add_subparsers(dest="source", required=True, metavar="SOURCE")
+    _rendered_sources(sources)
+    _captioned_sources(sources)
+    _video_sources(sources)
+    _shard_sources(sources)

@@ -1,15 +1,17 @@
 """What the OpenAPI document says beyond the models: the errors each route may answer, the
-request bodies of routes that read their own, and the routers every resource starts from."""
+request bodies of routes that read their own (generated from their `RequestBody`), and the
+routers every resource starts from."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends
-from pydantic import BaseModel
+from fastapi.routing import APIRoute
 
-from service.deps import require_admin_key, require_api_key
-from service.schemas import ErrorBody, ImageQuery
+from service.deps import RequestBody, require_admin_key, require_api_key
+from service.schemas import ErrorBody
 
 ERROR_TEXT = {
     400: "undecodable input (malformed or too deeply nested JSON, malformed base64, corrupt image)",
@@ -39,13 +41,27 @@ SEARCH_ERRORS = error_responses(400, 404, 408, 413, 415, 422, 503)
 CHANGE_ERRORS = error_responses(400, 404, 408, 409, 413, 415, 422, 503, 507)
 
 
+class BodyRoute(APIRoute):
+    """A route whose OpenAPI request body is generated from its `RequestBody` dependency
+    (a route reading its own body declares no body parameter for FastAPI to document)."""
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **options: Any) -> None:
+        super().__init__(path, endpoint, **options)
+        for dependency in self.dependant.dependencies:
+            if isinstance(dependency.call, RequestBody):
+                self.openapi_extra = {**(self.openapi_extra or {}), **dependency.call.openapi()}
+
+
 def api_router(**options: Any) -> APIRouter:
     """A router whose routes need the API key (when the service has one).
 
     422 is documented on every route: FastAPI would otherwise add its own
     HTTPValidationError, a body this service never sends (every error is an ErrorBody)."""
     return APIRouter(
-        dependencies=[Depends(require_api_key)], responses=error_responses(401, 422), **options
+        dependencies=[Depends(require_api_key)],
+        responses=error_responses(401, 422),
+        route_class=BodyRoute,
+        **options,
     )
 
 
@@ -55,63 +71,5 @@ def admin_router() -> APIRouter:
         prefix="/admin",
         dependencies=[Depends(require_admin_key)],
         responses=error_responses(401, 403, 422),
+        route_class=BodyRoute,
     )
-
-
-def json_body(model: type[BaseModel], required: bool = True) -> dict[str, Any]:
-    """The OpenAPI request body of a route that reads and validates its JSON itself."""
-    schema = {"application/json": {"schema": model.model_json_schema()}}
-    return {"requestBody": {"required": required, "content": schema}}
-
-
-def _form(required: str, properties: dict[str, Any]) -> dict[str, Any]:
-    schema = {"type": "object", "required": [required], "properties": properties}
-    return {"multipart/form-data": {"schema": schema}}
-
-
-_FILES = {"type": "array", "items": {"type": "string", "format": "binary"}}
-_K = {"type": "integer", "minimum": 1}
-_OFFSET = {"type": "integer", "minimum": 0}
-
-
-def image_body(model: type[ImageQuery]) -> dict[str, Any]:
-    """The two request bodies of an image search: multipart files, or JSON `model`."""
-    form = {
-        "image": {**_FILES, "description": "one or more image files (field 'image' or 'images')"},
-        "k": _K,
-        "offset": _OFFSET,
-        "filter": {"type": "string", "description": "a metadata filter as JSON text"},
-    }
-    content = {**_form("image", form), "application/json": {"schema": model.model_json_schema()}}
-    return {"requestBody": {"required": True, "content": content}}
-
-
-def items_body(model: type[BaseModel]) -> dict[str, Any]:
-    """The two request bodies of an add: JSON `model`, or multipart files with ids and meta."""
-    form = {
-        "image": _FILES,
-        "ids": {"type": "string", "description": "JSON list of ids"},
-        "meta": {
-            "type": "string",
-            "description": "JSON object (every file) or list (one per file)",
-        },
-        "upsert": {"type": "boolean"},
-    }
-    content = {"application/json": {"schema": model.model_json_schema()}, **_form("image", form)}
-    return {"requestBody": {"required": True, "content": content}}
-
-
-CLIP_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": _form(
-            "video",
-            {
-                "video": {"type": "string", "format": "binary"},
-                "k": _K,
-                "offset": _OFFSET,
-                "filter": {"type": "string", "description": "metadata filter (JSON)"},
-            },
-        ),
-    }
-}

@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import time
 from functools import partial
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 
+from index_builder.search import Searcher
 from service import images
-from service.bodies import MAX_SEARCH_VALUES, check_texts, read_image_search, read_json, validate
-from service.deps import EngineDep, SettingsDep, require_json
+from service.bodies import (
+    MAX_SEARCH_VALUES,
+    ImageSearch,
+    check_texts,
+    read_image_search,
+    text_limit,
+)
+from service.deps import EngineDep, RequestBody, ServedSearcher, SettingsDep, json_body
 from service.engine import Engine
-from service.routes.openapi import SEARCH_ERRORS, api_router, image_body, json_body
+from service.forms import ImageForm
+from service.routes.openapi import SEARCH_ERRORS, api_router
 from service.schemas import (
     ImageQuery,
     ImageSearchResponse,
@@ -36,29 +44,33 @@ async def text_search(
     item_id = getattr(query, "id", None)
     if item_id is not None:
         asked = page(query.k, query.offset, settings)
-        gallery, hits = await engine.similar(side, item_id, *asked, filter=query.filter)
-        return respond(request, settings, gallery, side, [item_id], [hits], asked, start)
+        found = await engine.similar(side, item_id, *asked, filter=query.filter)
+        return respond(request, settings, side, [item_id], found, asked, start)
     texts = [query.text] if query.text is not None else list(query.texts or [])
     check_texts(texts, query.text is not None, settings)
     asked = page(query.k, query.offset, settings)
-    gallery, found = await engine.search("text", side, texts, *asked, filter=query.filter)
-    return respond(request, settings, gallery, side, texts, found, asked, start)
+    found = await engine.search("text", side, texts, *asked, filter=query.filter)
+    return respond(request, settings, side, texts, found, asked, start)
 
 
 async def image_search(
-    request: Request, engine: Engine, settings: Settings, side: str, model: type[ImageQuery]
+    request: Request,
+    engine: Engine,
+    settings: Settings,
+    side: str,
+    searcher: Searcher,
+    query: ImageSearch,
 ) -> Any:
-    """Uploaded images (or an indexed item's id) searched on `side`, shaped likewise."""
+    """Uploaded images (or an indexed item's id) searched on `side`, shaped likewise;
+    `searcher` is the one served before the body was read."""
     start = time.perf_counter()
-    gallery = engine.current()  # a 503 before reading a large body
-    query = await read_image_search(request, settings, model)
     asked = page(query.k, query.offset, settings)
     if query.id is not None:
-        gallery, hits = await engine.similar(side, query.id, *asked, filter=query.filter)
-        return respond(request, settings, gallery, side, [query.id], [hits], asked, start)
+        found = await engine.similar(side, query.id, *asked, filter=query.filter)
+        return respond(request, settings, side, [query.id], found, asked, start)
     # Preprocess with this searcher's bundle and encode with its encoders, even if a swap
     # to another bundle happens meanwhile.
-    spec = gallery.bundle.image_spec
+    spec = searcher.bundle.image_spec
     decode = partial(
         images.images_to_pixels, query.names, query.payloads, spec, settings, engine.metrics
     )
@@ -66,25 +78,42 @@ async def image_search(
         pixels = await engine.decode(decode)
     else:
         pixels = await run_in_threadpool(decode)
-    gallery, found = await engine.search(
-        "image", side, pixels, *asked, filter=query.filter, gallery=gallery
+    found = await engine.search(
+        "image", side, pixels, *asked, filter=query.filter, searcher=searcher
     )
-    return respond(request, settings, gallery, side, query.names, found, asked, start)
+    return respond(request, settings, side, query.names, found, asked, start)
+
+
+def image_body(model: type[ImageQuery]) -> RequestBody[ImageSearch]:
+    """Images to search with: multipart (`ImageForm`) or JSON `model` (base64)."""
+
+    async def read(request: Request, settings: Settings) -> ImageSearch:
+        return await read_image_search(request, settings, model)
+
+    return RequestBody(read, {"multipart/form-data": ImageForm, "application/json": model})
+
+
+TextBody = Annotated[
+    TextQuery, Depends(json_body(TextQuery, text_limit, MAX_SEARCH_VALUES, batch=True))
+]
+TextToTextBody = Annotated[
+    TextToTextQuery, Depends(json_body(TextToTextQuery, text_limit, MAX_SEARCH_VALUES, batch=True))
+]
+ImageBody = Annotated[ImageSearch, Depends(image_body(ImageQuery))]
+ImageToImageBody = Annotated[ImageSearch, Depends(image_body(ImageToImageQuery))]
 
 
 @router.post(
     "/search/text-to-image",
     response_model=ImageSearchResponse,
     response_model_exclude_none=True,
-    dependencies=[Depends(require_json)],
-    openapi_extra=json_body(TextQuery),
     responses=SEARCH_ERRORS,
     tags=["search"],
 )
-async def text_to_image(request: Request, engine: EngineDep, settings: SettingsDep) -> Any:
+async def text_to_image(
+    request: Request, engine: EngineDep, settings: SettingsDep, query: TextBody
+) -> Any:
     """Search gallery images with text: the text tower encodes, the image index answers."""
-    body = await read_json(request, settings.max_text_body_bytes, MAX_SEARCH_VALUES)
-    query = validate(TextQuery, body, settings.max_batch)
     return await text_search(request, engine, settings, query, "image")
 
 
@@ -92,16 +121,14 @@ async def text_to_image(request: Request, engine: EngineDep, settings: SettingsD
     "/search/text-to-text",
     response_model=TextSearchResponse,
     response_model_exclude_none=True,
-    dependencies=[Depends(require_json)],
-    openapi_extra=json_body(TextToTextQuery),
     responses=SEARCH_ERRORS,
     tags=["search"],
 )
-async def text_to_text(request: Request, engine: EngineDep, settings: SettingsDep) -> Any:
+async def text_to_text(
+    request: Request, engine: EngineDep, settings: SettingsDep, query: TextToTextBody
+) -> Any:
     """Search texts with text (the text tower encodes, the text index answers), or texts like
     an indexed one (`id`: its stored vector, no encoding)."""
-    body = await read_json(request, settings.max_text_body_bytes, MAX_SEARCH_VALUES)
-    query = validate(TextToTextQuery, body, settings.max_batch)
     return await text_search(request, engine, settings, query, "text")
 
 
@@ -109,25 +136,35 @@ async def text_to_text(request: Request, engine: EngineDep, settings: SettingsDe
     "/search/image-to-text",
     response_model=TextSearchResponse,
     response_model_exclude_none=True,
-    openapi_extra=image_body(ImageQuery),
     responses=SEARCH_ERRORS,
     tags=["search"],
 )
-async def image_to_text(request: Request, engine: EngineDep, settings: SettingsDep) -> Any:
+async def image_to_text(
+    request: Request,
+    engine: EngineDep,
+    settings: SettingsDep,
+    searcher: ServedSearcher,
+    query: ImageBody,
+) -> Any:
     """Search texts with images (multipart upload, or JSON with base64): the image tower
     encodes, the text index answers."""
-    return await image_search(request, engine, settings, "text", ImageQuery)
+    return await image_search(request, engine, settings, "text", searcher, query)
 
 
 @router.post(
     "/search/image-to-image",
     response_model=ImageSearchResponse,
     response_model_exclude_none=True,
-    openapi_extra=image_body(ImageToImageQuery),
     responses=SEARCH_ERRORS,
     tags=["search"],
 )
-async def image_to_image(request: Request, engine: EngineDep, settings: SettingsDep) -> Any:
+async def image_to_image(
+    request: Request,
+    engine: EngineDep,
+    settings: SettingsDep,
+    searcher: ServedSearcher,
+    query: ImageToImageBody,
+) -> Any:
     """Search gallery images with images (multipart upload, or JSON with base64: the image
     tower encodes), or images like a gallery image (JSON `id`: its stored vector)."""
-    return await image_search(request, engine, settings, "image", ImageToImageQuery)
+    return await image_search(request, engine, settings, "image", searcher, query)

@@ -35,14 +35,14 @@ async def ready(engine: EngineDep) -> Readiness:
     `not_ready` while loading and `load_failed` after a failed load (retried: move CURRENT or
     reload another version; the details are in the log), and `index_corrupt` once a search
     found the served version's files damaged on disk (serve another version)."""
-    gallery = engine.ready()
+    searcher = engine.ready()
     refused = None
     if engine.refusal is not None:
         refused = Refusal(version=engine.refusal[0], reason=engine.refusal[1])
     return Readiness(
         status="ready",
-        index_version=gallery.version,
-        bundle_id=gallery.bundle.bundle_id,
+        index_version=searcher.version,
+        bundle_id=searcher.bundle.bundle_id,
         refused=refused,
     )
 
@@ -50,22 +50,22 @@ async def ready(engine: EngineDep) -> Readiness:
 @router.get("/info", response_model=Info, tags=["status"], responses=error_responses(503))
 async def info(engine: EngineDep, settings: SettingsDep) -> Info:
     """The bundle, the served index version, gallery size, index types and request limits."""
-    gallery = engine.gallery
-    bundle = gallery.bundle if gallery is not None else engine.bundle
+    searcher = engine.searcher
+    bundle = searcher.bundle if searcher is not None else engine.bundle
     index: dict[str, Any] = {}
     served = {"image": 0, "text": 0}
-    if gallery is not None:
-        meta = gallery.index.info
+    if searcher is not None:
+        meta = searcher.index.info
         keys = ("factory", "count", "deleted", "search_params", "recall_at_10", "fields")
         index = {
-            "version": gallery.version,
+            "version": searcher.version,
             "backend": meta.get("backend", "faiss"),
             "metric": meta.get("metric"),
             "created": meta.get("created"),
             "dataset": public_dataset(meta.get("dataset")),
             "sides": {side: {key: s.get(key) for key in keys} for side, s in meta["sides"].items()},
         }
-        served = counts(gallery)
+        served = counts(searcher)
     return Info(
         bundle={
             "bundle_id": bundle.bundle_id,
@@ -87,7 +87,7 @@ async def info(engine: EngineDep, settings: SettingsDep) -> Info:
             "max_admin_items": settings.max_admin_items,
             "max_aspect_ratio": settings.max_aspect_ratio,
         },
-        ready=gallery is not None,
+        ready=searcher is not None,
     )
 
 

@@ -14,20 +14,21 @@ import asyncio
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.responses import FileResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from index_builder.backends.base import Hit, Version
 from index_builder.search import Searcher, SideMissing
 from index_builder.video import VideoError, VideoLimits
-from index_builder.video_index import is_video_row
-from service.bodies import check_texts, read_clip, read_json, validate
-from service.deps import EngineDep, SettingsDep, require_json
-from service.engine import Engine, check_query
+from service.bodies import Clip, check_texts, read_clip, text_limit
+from service.deps import EngineDep, RequestBody, SettingsDep, json_body
+from service.engine import Engine, Frames
 from service.errors import InvalidInput, NotFound, TooLarge, UnsupportedMedia
-from service.routes.openapi import CLIP_BODY, SEARCH_ERRORS, api_router, json_body
+from service.forms import ClipForm
+from service.routes.openapi import SEARCH_ERRORS, api_router
 from service.schemas import TextQuery, TextSearchResponse, VideoHit, VideoInfo, VideoSearchResponse
 from service.settings import Settings
 from service.shaping import envelope, page, respond, video_links
@@ -48,51 +49,60 @@ def upload_limits(settings: Settings) -> VideoLimits:
 router = api_router(tags=["video"])
 
 
-def videos_of(engine: Engine) -> Searcher:
-    gallery = engine.current()
+async def video_searcher(engine: EngineDep) -> Searcher:
+    """The served searcher, when it holds videos (404 `side_absent`; 503 while loading)."""
+    searcher = engine.current()
     try:
-        gallery.require_videos()
+        searcher.require_videos()
     except SideMissing as exc:
         raise NotFound(f"{exc}: build one from videos with a video bundle", "side_absent") from None
-    return gallery
+    return searcher
+
+
+async def read_clip_form(request: Request, settings: Settings) -> Clip:
+    return await read_clip(request, upload_limits(settings))
+
+
+VideoSearcher = Annotated[Searcher, Depends(video_searcher)]
+TextBody = Annotated[TextQuery, Depends(json_body(TextQuery, text_limit))]
+ClipBody = Annotated[Clip, Depends(RequestBody(read_clip_form, {"multipart/form-data": ClipForm}))]
 
 
 @router.post(
     "/search/text-to-video",
     response_model=VideoSearchResponse,
-    dependencies=[Depends(require_json)],
-    openapi_extra=json_body(TextQuery),
     responses=SEARCH_ERRORS,
 )
-async def text_to_video(request: Request, engine: EngineDep, settings: SettingsDep) -> Any:
+async def text_to_video(
+    request: Request, engine: EngineDep, settings: SettingsDep, query: TextBody
+) -> Any:
     """Search gallery videos with text: the text tower encodes, the videos' vectors answer."""
     start = time.perf_counter()
-    query = validate(TextQuery, await read_json(request, settings.max_text_body_bytes))
-    gallery = videos_of(engine)
+    searcher = await video_searcher(engine)
     texts = [query.text] if query.text is not None else list(query.texts or [])
     check_texts(texts, query.text is not None, settings)
     asked = page(query.k, query.offset, settings)
-    where = gallery.video_filter(query.filter)
-    gallery, found = await engine.search("text", "image", texts, *asked, where, gallery)
-    pages = [[video_hit(request, gallery, hit) for hit in hits] for hits in found]
-    return VideoSearchResponse(**envelope(texts, pages, asked, gallery, start))
+    where = searcher.video_filter(query.filter)
+    found = await engine.search("text", "image", texts, *asked, where, searcher)
+    pages = [[video_hit(request, hit) for hit in hits] for hits in found.hits]
+    return VideoSearchResponse(**envelope(texts, pages, asked, found.searcher, start))
 
 
-def video_hit(request: Request, gallery: Searcher, hit: dict[str, Any]) -> VideoHit:
-    row = gallery.index.row_of("image", hit["id"])
-    assert row is not None  # hits are live rows
-    keyframes = len(gallery.index.rows_at("image", [row])[0].get("keyframes", []))
-    return VideoHit(**hit, **video_links(request, hit["id"], keyframes))
+def video_hit(request: Request, hit: Hit) -> VideoHit:
+    """A `VideoHit`: the hit's fields and its links (the keyframe count from its row)."""
+    fields = Searcher.hit("image", hit)
+    keyframes = len(hit.item.get("keyframes", []))
+    return VideoHit(**fields, **video_links(request, fields["id"], keyframes))
 
 
 async def decode_clip(
-    engine: Engine, gallery: Searcher, data: bytes, limits: VideoLimits, label: str
-) -> Any:
+    engine: Engine, searcher: Searcher, data: bytes, limits: VideoLimits, label: str
+) -> Frames:
     """(pixels, mask) of an uploaded clip, decoded in the engine's decode pool (not the
     encoders') within the time limit (the decoder also stops itself at the deadline)."""
     try:
         with engine.metrics.timed("decode", "video"):
-            work = engine.decode(partial(gallery.video_query, data, limits))
+            work = engine.decode(partial(searcher.video_query, data, limits))
             return await asyncio.wait_for(work, timeout=limits.timeout_s + 1.0)
     except TimeoutError:
         raise InvalidInput(
@@ -105,57 +115,32 @@ async def decode_clip(
 @router.post(
     "/search/video-to-text",
     response_model=TextSearchResponse,
-    openapi_extra=CLIP_BODY,
     responses=SEARCH_ERRORS,
 )
-async def video_to_text(request: Request, engine: EngineDep, settings: SettingsDep) -> Any:
+async def video_to_text(
+    request: Request,
+    engine: EngineDep,
+    settings: SettingsDep,
+    searcher: VideoSearcher,  # a 404 or 503 before reading a large body
+    clip: ClipBody,
+) -> Any:
     """Search texts with a video clip (multipart `video`): its sampled frames go through the
     image tower and the temporal pooling, the text index answers."""
     start = time.perf_counter()
-    gallery = videos_of(engine)  # a 404 or 503 before reading a large body
-    limits = upload_limits(settings)
-    name, data, fields = await read_clip(request, limits)
-    asked = page(fields["k"], fields["offset"], settings)
-    query = await decode_clip(engine, gallery, data, limits, name)
-    gallery, found = await search_video(engine, gallery, query, asked, fields["filter"])
-    return respond(request, settings, gallery, "text", [name], [found], asked, start)
-
-
-async def search_video(
-    engine: Engine, gallery: Searcher, query: Any, page: tuple[int, int], filter: Any
-) -> tuple[Searcher, list[dict[str, Any]]]:
-    """One video query: encoded with `gallery`'s encoders in the encoder pool, then searched
-    on its text side (the filter checked first)."""
-    check_query(gallery, "text", filter)
-    loop = asyncio.get_running_loop()
-
-    def run() -> list[dict[str, Any]]:
-        with engine.metrics.timed("encode", "video"):
-            vectors = gallery.encoders.encode("video", [query])
-        with engine.metrics.timed("search", "video"):
-            return gallery.search("text", vectors, page[0], page[1], filter)[0]
-
-    return gallery, await loop.run_in_executor(engine.executor, run)
-
-
-def video_row(engine: Engine, video_id: str) -> dict[str, Any]:
-    gallery = engine.current()
-    index = gallery.index
-    row = index.row_of("image", video_id) if index.has("image") else None
-    item = index.rows_at("image", [row])[0] if row is not None else None
-    if item is None or not is_video_row(item):
-        raise NotFound(f"no gallery video with id {video_id!r}")
-    return item
+    asked = page(clip.k, clip.offset, settings)
+    query = await decode_clip(engine, searcher, clip.data, upload_limits(settings), clip.name)
+    found = await engine.search_video(searcher, query, *asked, clip.filter)
+    return respond(request, settings, "text", [clip.name], found, asked, start)
 
 
 @router.get("/info/video", response_model=VideoInfo)
 async def video_info(engine: EngineDep, settings: SettingsDep) -> VideoInfo:
     """How many videos the index serves, the bundle's video spec and the upload limits."""
-    gallery = engine.current()
-    index, spec = gallery.index, gallery.bundle.video_spec
+    searcher = engine.current()
+    index, spec = searcher.index, searcher.bundle.video_spec
     count = 0
     if index.has("image") and spec is not None and has_media(index):
-        count = await run_in_threadpool(index.count, "image", gallery.video_filter(None))
+        count = await run_in_threadpool(index.count, "image", searcher.video_filter(None))
     limits = upload_limits(settings)
     return VideoInfo(
         videos=count,
@@ -169,14 +154,15 @@ async def video_info(engine: EngineDep, settings: SettingsDep) -> VideoInfo:
     )
 
 
-def has_media(index: Any) -> bool:
+def has_media(index: Version) -> bool:
     return "media" in index.info["sides"]["image"].get("fields", {})
 
 
 @router.get("/videos/{video_id:path}/keyframes/{number}", response_class=Response)
 async def keyframe(video_id: str, number: int, engine: EngineDep) -> FileResponse:
     """Sampled frame `number` (0-based, in time order) of a gallery video, as JPEG."""
-    frames = video_row(engine, video_id).get("keyframes", [])
+    row = await run_in_threadpool(engine.video_row, video_id)  # Milvus: a round trip
+    frames = row.get("keyframes", [])
     if not 0 <= number < len(frames):
         raise NotFound(f"video {video_id!r} has {len(frames)} keyframes, not {number + 1}")
     return file_response(frames[number], "image/jpeg", f"keyframe {number} of video {video_id!r}")
@@ -185,7 +171,8 @@ async def keyframe(video_id: str, number: int, engine: EngineDep) -> FileRespons
 @router.get("/videos/{video_id:path}", response_class=Response)
 async def video_file(video_id: str, engine: EngineDep) -> FileResponse:
     """The video file of a gallery video, by id (no client path reaches the file system)."""
-    return file_response(video_row(engine, video_id)["video"], None, f"video {video_id!r}")
+    row = await run_in_threadpool(engine.video_row, video_id)  # Milvus: a round trip
+    return file_response(row["video"], None, f"video {video_id!r}")
 
 
 def file_response(path: str, media: str | None, what: str) -> FileResponse:

@@ -262,16 +262,16 @@ def test_searches_run_with_search_threads_openmp_threads(settings_for, open_clie
     the encoder pool's batches and 'more like this' in the default pool."""
     import faiss
 
-    from index_builder.search import Searcher
+    from index_builder.backends.faiss.version import LoadedIndex
 
     seen: list[int] = []
-    search = Searcher.search
+    search = LoadedIndex.find
 
     def recording(self, *args, **kwargs):
         seen.append(faiss.omp_get_max_threads())
         return search(self, *args, **kwargs)
 
-    monkeypatch.setattr(Searcher, "search", recording)
+    monkeypatch.setattr(LoadedIndex, "find", recording)
     with open_client(settings_for(search_threads=3, batch_workers=2)) as c:
         assert c.post("/search/text-to-image", json={"text": "red"}).status_code == 200
         assert c.post("/search/image-to-image", json={"id": "red"}).status_code == 200

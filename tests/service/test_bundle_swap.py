@@ -112,10 +112,10 @@ def test_one_micro_batch_calls_each_bundle_encoder_with_its_own_queries(
     settings = settings_for(index=root, admin_key="k", follow_bundle=True)
     with open_client(settings) as client:
         engine: Engine = client.app.state.engine
-        old = engine.gallery
+        old = engine.searcher
         build(root, assets["other"])
         assert client.post("/admin/reload", headers={"X-API-Key": "k"}).json()["swapped"]
-        new = engine.gallery
+        new = engine.searcher
         assert new.encoders is not old.encoders and new.bundle.bundle_id != old.bundle.bundle_id
         calls: list[tuple[str, list[str]]] = []
         for name, gallery in (("old", old), ("new", new)):
@@ -138,8 +138,8 @@ def test_one_micro_batch_calls_each_bundle_encoder_with_its_own_queries(
             assert hits == alone
             vector = gallery.encoders.text.encode([text])
             scores, rows = gallery.index.search("image", vector, 3)
-            assert [h["id"] for h in hits] == [gallery.index.images[r]["id"] for r in rows[0]]
-            np.testing.assert_allclose([h["score"] for h in hits], scores[0], atol=1e-6)
+            assert [h.item["id"] for h in hits] == [gallery.index.images[r]["id"] for r in rows[0]]
+            np.testing.assert_allclose([h.score for h in hits], scores[0], atol=1e-6)
 
 
 @pytest.mark.parametrize("damage", ["missing", "replaced", "corrupt", "unrecorded"])

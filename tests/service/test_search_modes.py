@@ -253,3 +253,33 @@ def test_search_bodies_are_their_response_models(settings_for, open_client, expo
         dumped = model.model_validate(body).model_dump(mode="json", exclude_none=True)
         assert body == dumped and json.dumps(body) == json.dumps(dumped)  # the order too
         assert all(("image_path" in hit) == expose_paths for hit in body["hits"])
+
+
+def test_hits_rows_are_not_looked_up_again(settings_for, open_client, monkeypatch):
+    """A search's hits carry their rows (FAISS reads a page's rows in one batch): shaping an
+    image hit (its server path included) reads no row again, and the images captions
+    describe are looked up once each, in one batch (their paths too)."""
+    with open_client(settings_for(expose_paths=True)) as c:
+        index = c.app.state.engine.searcher.index
+        looked_up: list[tuple[str, str, object]] = []
+        for name in ("row_of", "rows_at"):
+            method = getattr(index, name)
+
+            def spy(side, key, method=method, name=name):
+                looked_up.append((name, side, key))
+                return method(side, key)
+
+            monkeypatch.setattr(index, name, spy)
+        images = c.post(T2I, json={"texts": ["red", "a blue square"], "k": 4}).json()
+        assert images["hits"] and {name for name, _, _ in looked_up} == {"rows_at"}
+        read = [row for _, _, rows in looked_up for row in rows]
+        assert len(read) == len(set(read))  # no row read twice
+        looked_up.clear()
+        files = {"image": ("b.png", png((0, 0, 255)), "image/png")}
+        captions = c.post(I2T, files=files, data={"k": "3"}).json()["hits"]
+        described = {hit["image_id"] for hit in captions}
+        assert [(name, side) for name, side, _ in looked_up][:1] == [("rows_at", "text")]
+        assert all(side == "image" for _, side, _ in looked_up[1:])  # no text row again
+        ids = [key for name, _, key in looked_up if name == "row_of"]
+        assert sorted(ids) == sorted(described)  # each described image once, in one batch
+        assert [name for name, side, _ in looked_up if side == "image"].count("rows_at") == 1

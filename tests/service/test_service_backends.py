@@ -1,4 +1,4 @@
-"""The service over either index backend (FAISS files, Milvus through milvus-lite): the same
+"""The service over either index backend (FAISS files, a real Milvus server): the same
 answers, swaps under traffic without one failed request, live changes, and a bad backend
 refused at start with one line."""
 
@@ -44,15 +44,16 @@ class Served:
 
 
 @pytest.fixture
-def serve_from(tmp_path, build):
-    """`serve_from(backend, name)`: a Served index of the colour gallery in that backend."""
+def serve_from(request, tmp_path, build):
+    """`serve_from(backend, name)`: a Served index of the colour gallery in that backend (for
+    Milvus, the session's server, emptied before the test)."""
 
     def make(backend: str, name: str = "index") -> Served:
         if backend == "faiss":
             root = tmp_path / name
             build(root)
             return Served(backend, root, {"index": root}, build)
-        uri = str(tmp_path / name / "milvus.db")
+        uri = request.getfixturevalue("milvus_uri")
         root = tmp_path / name / "work"
         served = Served(
             backend, root, {"index": root, "backend": "milvus", "milvus_uri": uri}, build
@@ -167,7 +168,8 @@ def test_admin_changes_on_milvus(serve_from, settings_for, open_client):
         data = {"ids": '["purple"]', "meta": '{"year": 2024}'}
         added = client.post("/admin/items", files=files, data=data, headers=KEY).json()
         assert added["added"] == {"image": 1, "text": 0} and added["previous_version"] == first
-        assert added["index_version"] == served.store.current() != first
+        assert added["index_version"] == served.store.current() == first  # changed in place
+        assert 'cots_gallery_items{side="image"} 9.0' in client.get("/metrics").text
         found = client.post(T2I, json={"text": "red", "filter": {"year": {"gte": 2020}}}).json()
         assert [h["id"] for h in found["hits"]] == ["purple"]
         assert client.get("/images/purple").status_code == 200
@@ -214,7 +216,7 @@ def test_a_bad_milvus_backend_is_refused_at_start(
     bundle = str(assets["bundle"].path)
     for uri, words in [
         ("http://127.0.0.1:1", "cannot reach Milvus at http://127.0.0.1:1"),
-        (str(tmp_path / "empty.db"), "the alias 'cots' does not exist"),
+        (str(tmp_path / "empty.db"), "the alias 'cots' does not exist"),  # milvus-lite
         ("ftp://nowhere", "bad Milvus URI 'ftp://nowhere'"),
     ]:
         args = ["--backend", "milvus", "--milvus-uri", uri]
@@ -240,3 +242,62 @@ def test_a_failing_milvus_is_503_not_500(serve_from, settings_for, open_client):
             assert response.status_code == 503, response.text
             assert response.json()["code"] == "backend_unavailable"
             assert response.json()["detail"].startswith("the index backend failed: Milvus at")
+
+
+def test_milvus_failing_after_the_search_is_503_with_json(serve_from, settings_for, open_client,
+                                                          monkeypatch):  # fmt: skip
+    """A Milvus that goes down mid-request (its search answered, the lookups after it not:
+    a caption's image, a change's ids) is a 503 with a JSON code, never a 500."""
+    from pymilvus import MilvusClient
+    from pymilvus.exceptions import MilvusException
+
+    served = serve_from("milvus")
+    with open_client(settings_for(**served.overrides, admin_key="adm1n")) as client:
+        image = {"image": ("r.png", png((255, 0, 0)), "image/png")}
+        assert client.post(I2T, files=image).json()["hits"][0]["image_id"]
+
+        def down(*args, **kwargs):
+            raise MilvusException(65535, "empty grpc client: failed to connect 127.0.0.1:42100")
+
+        for method in ("query", "get", "delete", "insert", "upsert"):
+            monkeypatch.setattr(MilvusClient, method, down)
+        for response in (
+            client.post(I2T, files=image),  # the search answers; the caption's image lookup fails
+            client.post("/admin/delete", json={"ids": ["red"]}, headers=KEY),
+            client.post("/admin/items", json={"texts": [{"id": "n", "text": "x"}]}, headers=KEY),
+        ):
+            assert response.status_code == 503, response.text
+            assert response.json()["code"] == "backend_unavailable", response.text
+    monkeypatch.undo()
+    assert served.store.open().row_of("image", "red") is not None  # nothing was changed
+
+
+def test_a_milvus_server_stopped_under_the_service_is_503_with_json(
+    tmp_path, build, settings_for, open_client
+):
+    """A real server (its own, not the session's) stopped while the service serves from it:
+    every search and change answers 503 with a JSON code, within the client's timeout."""
+    from index_builder.backends.milvus import server
+
+    data = tmp_path / "own-server"
+    state = server.start(data, *server.free_ports(2), timeout=180)
+    try:
+        root = tmp_path / "work"
+        build(root, store=open_store(root, BackendConfig("milvus", milvus_uri=state.uri)))
+        settings = settings_for(index=root, backend="milvus", milvus_uri=state.uri,
+                                admin_key="adm1n")  # fmt: skip
+        with open_client(settings) as client:
+            assert client.post(T2I, json={"text": "red"}).status_code == 200
+            server.stop(data)
+            for request in (
+                lambda: client.post(T2I, json={"text": "red", "filter": {"pure": True}}),
+                lambda: client.post(I2T, files={"image": ("r.png", png((255, 0, 0)), "image/png")}),
+                lambda: client.post("/admin/delete", json={"ids": ["red"]}, headers=KEY),
+            ):
+                started = time.monotonic()
+                response = request()
+                assert response.status_code == 503, response.text
+                assert response.json()["code"] == "backend_unavailable", response.text
+                assert time.monotonic() - started < 60
+    finally:
+        server.stop(data)

@@ -85,7 +85,7 @@ def test_in_flight_requests_finish_on_the_old_version(
     with serve(app) as server:
         engine: Engine = app.state.engine
         entered, release = threading.Event(), threading.Event()
-        real = engine.gallery.encoders.text
+        real = engine.searcher.encoders.text
         encode = real.encode
 
         def held(texts):
@@ -104,7 +104,7 @@ def test_in_flight_requests_finish_on_the_old_version(
         thread = threading.Thread(target=slow_request)
         thread.start()
         assert entered.wait(10)
-        old = engine.gallery.version
+        old = engine.searcher.version
         new = build(root)
         reload = httpx.post(f"{server.url}/admin/reload", headers={"X-API-Key": "adm1n"})
         assert reload.json() == {"previous_version": old, "index_version": new, "swapped": True}
@@ -277,7 +277,7 @@ def test_a_served_version_is_frozen_out_of_the_collector(settings_for, open_clie
     """What a load leaves alive is moved out of the collector's generations, so that no full
     collection walks it during requests; the collector itself stays on."""
     with open_client(settings_for()) as c:
-        gallery = c.app.state.engine.gallery
+        gallery = c.app.state.engine.searcher
         assert gc.isenabled() and gc.get_freeze_count() > 0
         assert gc.is_tracked(gallery) and not any(obj is gallery for obj in gc.get_objects())
 

@@ -21,13 +21,9 @@ from index_builder.encoders import Encoders
 from index_builder.manifest import Record, image_path, load_records, write_manifest
 from index_builder.video import decode_video, encode_video
 from training.model import ModelConfig, build_model, load_preset
-from training.video import (
-    MeanPooling,
-    SeqTransfPooling,
-    cached_video_model,
-    encode_video_split,
-    load_clip,
-)
+from training.video_cache import cached_video_model, encode_video_split
+from training.video_datasets import load_clip
+from training.video_model import MeanPooling, SeqTransfPooling
 
 FRAMES = 4
 

@@ -28,6 +28,7 @@ from torch import nn
 
 from training.objectives.base import Objective, StepContext
 from training.objectives.clip import ClipLoss
+from training.towers.build import build_image_tower, build_text_tower
 
 FEATURES = ("image", "text", "image_tower", "text_tower", "image_teacher", "text_teacher")
 # "image" features come from the image stream, "text" ones from the text stream.
@@ -152,8 +153,6 @@ class CookieObjective(Objective):
 def build_teacher(config: Any, stream: str) -> nn.Module | None:
     """The frozen pretrained tower of `stream`, or None when the model's own tower is frozen
     (then it is the teacher). Built from the weights spec, so a resumed run gets it too."""
-    from training.model import build_image_tower, build_text_tower
-
     if getattr(config, f"{stream}_trainable_blocks") == 0:
         return None
     tower = build_image_tower(config) if stream == "image" else build_text_tower(config)

@@ -47,31 +47,12 @@ def bytes_to_unicode() -> dict[int, str]:
 
 def clip_tokenizer_spec(vocab_gz: Path) -> dict[str, Any]:
     """The tokenizer.json document (a dict) for CLIP's merges file."""
-    with gzip.open(vocab_gz) as handle:
-        lines = handle.read().decode("utf-8").split("\n")
-    merges = [line.split() for line in lines[1 : MERGES + 1]]
-    symbols = list(bytes_to_unicode().values())
-    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
-    vocab += [START, END]
-    if len(vocab) != VOCAB_SIZE or len(set(vocab)) != VOCAB_SIZE:
-        raise ValueError(f"{vocab_gz} is not CLIP's merges file ({len(vocab)} tokens)")
-    special = [
-        {
-            "id": VOCAB_SIZE - 2 + i,
-            "content": token,
-            "single_word": False,
-            "lstrip": False,
-            "rstrip": False,
-            "normalized": False,
-            "special": True,
-        }
-        for i, token in enumerate((START, END))
-    ]
+    vocab, merges = read_vocab(vocab_gz)
     return {
         "version": "1.0",
         "truncation": None,
         "padding": None,
-        "added_tokens": special,
+        "added_tokens": [special_token(token) for token in (START, END)],
         "normalizer": {
             "type": "Sequence",
             "normalizers": [
@@ -89,38 +70,11 @@ def clip_tokenizer_spec(vocab_gz: Path) -> dict[str, Any]:
                     "behavior": "Removed",
                     "invert": True,
                 },
-                {
-                    "type": "ByteLevel",
-                    "add_prefix_space": False,
-                    "trim_offsets": True,
-                    "use_regex": False,
-                },
+                byte_level(),
             ],
         },
-        "post_processor": {
-            "type": "TemplateProcessing",
-            "single": [
-                {"SpecialToken": {"id": START, "type_id": 0}},
-                {"Sequence": {"id": "A", "type_id": 0}},
-                {"SpecialToken": {"id": END, "type_id": 0}},
-            ],
-            "pair": [
-                {"SpecialToken": {"id": START, "type_id": 0}},
-                {"Sequence": {"id": "A", "type_id": 0}},
-                {"Sequence": {"id": "B", "type_id": 0}},
-                {"SpecialToken": {"id": END, "type_id": 0}},
-            ],
-            "special_tokens": {
-                token: {"id": token, "ids": [VOCAB_SIZE - 2 + i], "tokens": [token]}
-                for i, token in enumerate((START, END))
-            },
-        },
-        "decoder": {
-            "type": "ByteLevel",
-            "add_prefix_space": False,
-            "trim_offsets": True,
-            "use_regex": False,
-        },
+        "post_processor": post_processor(),
+        "decoder": byte_level(),
         "model": {
             "type": "BPE",
             "dropout": None,
@@ -132,6 +86,70 @@ def clip_tokenizer_spec(vocab_gz: Path) -> dict[str, Any]:
             "ignore_merges": False,
             "vocab": {token: i for i, token in enumerate(vocab)},
             "merges": [" ".join(m) for m in merges],
+        },
+    }
+
+
+def read_vocab(vocab_gz: Path) -> tuple[list[str], list[list[str]]]:
+    """CLIP's vocabulary (bytes, bytes + `</w>`, one token per merge, start, end) and merges
+    (pairs of symbols), read from its merges file as `SimpleTokenizer` reads it."""
+    with gzip.open(vocab_gz) as handle:
+        lines = handle.read().decode("utf-8").split("\n")
+    merges = [line.split() for line in lines[1 : MERGES + 1]]
+    symbols = list(bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    vocab += [START, END]
+    if len(vocab) != VOCAB_SIZE or len(set(vocab)) != VOCAB_SIZE:
+        raise ValueError(f"{vocab_gz} is not CLIP's merges file ({len(vocab)} tokens)")
+    return vocab, merges
+
+
+def token_id(token: str) -> int:
+    """The id of the start or end token: the last two of the vocabulary."""
+    return VOCAB_SIZE - 2 + (START, END).index(token)
+
+
+def special_token(token: str) -> dict[str, Any]:
+    """An added token matched before normalisation and pre-tokenisation."""
+    return {
+        "id": token_id(token),
+        "content": token,
+        "single_word": False,
+        "lstrip": False,
+        "rstrip": False,
+        "normalized": False,
+        "special": True,
+    }
+
+
+def byte_level() -> dict[str, Any]:
+    """The byte-level pre-tokenizer and decoder (the regex split comes before it)."""
+    return {
+        "type": "ByteLevel",
+        "add_prefix_space": False,
+        "trim_offsets": True,
+        "use_regex": False,
+    }
+
+
+def post_processor() -> dict[str, Any]:
+    """`<|startoftext|> ids <|endoftext|>` around every text (and pair of texts)."""
+    start, end = (
+        {"SpecialToken": {"id": START, "type_id": 0}},
+        {"SpecialToken": {"id": END, "type_id": 0}},
+    )
+    return {
+        "type": "TemplateProcessing",
+        "single": [start, {"Sequence": {"id": "A", "type_id": 0}}, end],
+        "pair": [
+            start,
+            {"Sequence": {"id": "A", "type_id": 0}},
+            {"Sequence": {"id": "B", "type_id": 0}},
+            end,
+        ],
+        "special_tokens": {
+            token: {"id": token, "ids": [token_id(token)], "tokens": [token]}
+            for token in (START, END)
         },
     }
 

@@ -30,6 +30,7 @@ from index_builder.atomic import atomic_write_text, read_json
 from index_builder.backends.base import (
     META_FILES,
     SIDES,
+    BundleIdentity,
     IndexOptions,
     Plan,
     build_lock,
@@ -57,6 +58,8 @@ RESUME = "resume"  # a large build's progress, kept when it is killed (`write.in
 
 class IndexStore:
     """The versions under one index root."""
+
+    in_place = False  # a change is a new version
 
     def __init__(self, root: str | Path, keep: int = 3) -> None:
         if keep < 1:
@@ -100,7 +103,7 @@ class IndexStore:
             raise FileNotFoundError(f"index version {version} not found under {self.root}")
         return read_json(path)
 
-    def open(self, version: str | None = None, bundle: Any = None) -> LoadedIndex:
+    def open(self, version: str | None = None, bundle: BundleIdentity | None = None) -> LoadedIndex:
         """Load a version (default: CURRENT); with `bundle`, refuse a mismatched one."""
         version = version or self._require_current()
         info = self.read_info(version)
@@ -173,7 +176,11 @@ class IndexStore:
         return staging.name
 
     def apply(
-        self, current: LoadedIndex, plan: Plan, dataset: dict[str, Any], bundle_path: Any
+        self,
+        current: LoadedIndex,
+        plan: Plan,
+        dataset: dict[str, Any],
+        bundle_path: str | Path | None,
     ) -> str:
         """A new version: `current` with a planned change (`write.write_change`)."""
         current.check_files()  # a truncated memory map read below would be SIGBUS

@@ -11,7 +11,17 @@ from typing import Any
 import numpy as np
 
 from index_builder import filters
-from index_builder.backends.base import SIDES, CorruptIndex, check_bundle, check_query
+from index_builder.backends.base import (
+    SIDES,
+    BundleIdentity,
+    CorruptIndex,
+    Hit,
+    check_bundle,
+    check_offset,
+    check_vectors,
+    found_rows,
+    ranked_hits,
+)
 from index_builder.backends.faiss.faiss_index import read_index
 from index_builder.backends.faiss.rows import JsonlRows, KeyIndex, Metas, key_indexes
 from index_builder.backends.faiss.search import search_index
@@ -130,7 +140,7 @@ class LoadedIndex:
             return np.asarray(stored[row], dtype=np.float32)
         return np.asarray(self.indexes[side].reconstruct(int(row)), dtype=np.float32)
 
-    def check_bundle(self, bundle: Any) -> None:
+    def check_bundle(self, bundle: BundleIdentity) -> None:
         """Refuse a bundle other than the one that embedded this index."""
         check_bundle(bundle, self.info, self.version)
 
@@ -174,7 +184,7 @@ class LoadedIndex:
         """Top-k by inner product on one side among live rows (and where `mask` is True, the
         metadata satisfies `filter`, and the row is not `exclude`): (scores (Q, k'), rows
         (Q, k')) with k' = min(k, live rows); -1 pads missing rows."""
-        vectors = check_query(self, side, vectors, k)
+        vectors = check_vectors(self, side, vectors, k)
         self.check_files()
         wanted = self.filter_mask(side, filter)
         if wanted is not None:
@@ -187,6 +197,24 @@ class LoadedIndex:
             mask = ~deleted if mask is None else mask & ~deleted
         rerank = int(self.info["sides"][side]["search_params"].get("rerank", 1))
         return search_index(self.indexes[side], self.vectors.get(side), vectors, k, mask, rerank)
+
+    def find(
+        self,
+        side: str,
+        vectors: np.ndarray,
+        k: int,
+        *,
+        offset: int = 0,
+        filter: dict[str, Any] | None = None,
+        exclude: int | None = None,
+    ) -> list[list[Hit]]:
+        """The hits ranked offset+1 .. offset+k per query, with their rows read once (the
+        distinct rows of every query's page, in row order)."""
+        check_offset(offset)
+        scores, rows = self.search(side, vectors, k + offset, filter=filter, exclude=exclude)
+        found = found_rows(rows, offset)
+        items = dict(zip(found, self.rows_at(side, found), strict=True))
+        return ranked_hits(scores, rows, offset, items)
 
 
 def load_side(loaded: LoadedIndex, side: str, side_info: dict[str, Any]) -> None:

@@ -18,7 +18,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from index_builder.backends.base import ivf_lists
+from index_builder.backends.base import (
+    BackendFailed,
+    BackendRefused,
+    BackendUnreachable,
+    ivf_lists,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,21 +49,23 @@ SEARCH_GRID = {
 }
 TUNE_K = 10  # recall is tuned at depth 10; deeper searches widen the search parameter
 WIDEN_LIMIT = 4  # a graph search parameter widens up to this many times k
+DOWN_WORDS = ("fail connecting", "failed to connect", "unavailable")  # a server that is down
 AUTH_WORDS = ("auth", "credential", "password", "token", "permission", "denied")
 
 
-def milvus_error(uri: str, action: str, exc: Exception) -> OSError:
-    """A Milvus failure as one line: ConnectionError (unreachable), PermissionError
-    (credentials refused) or OSError (anything else the server reports)."""
+def milvus_error(uri: str, action: str, exc: Exception) -> BackendFailed:
+    """A Milvus failure as one line: BackendUnreachable (a ConnectionError), BackendRefused
+    (credentials refused, a PermissionError) or BackendFailed (anything else the server
+    reports; an OSError)."""
     message = " ".join(str(getattr(exc, "message", "") or exc).split())
     lowered = message.lower()
-    if getattr(exc, "code", None) == 2 or "fail connecting" in lowered or "unavailable" in lowered:
-        return ConnectionError(f"cannot reach Milvus at {uri} to {action}: {message}")
+    if getattr(exc, "code", None) == 2 or any(w in lowered for w in DOWN_WORDS):
+        return BackendUnreachable(f"cannot reach Milvus at {uri} to {action}: {message}")
     if getattr(exc, "code", None) in (1800, 1801) or any(w in lowered for w in AUTH_WORDS):
-        return PermissionError(
+        return BackendRefused(
             f"Milvus at {uri} refused the credentials (COTS_MILVUS_TOKEN) to {action}: {message}"
         )
-    return OSError(f"Milvus at {uri} failed to {action}: {message}")
+    return BackendFailed(f"Milvus at {uri} failed to {action}: {message}")
 
 
 @contextlib.contextmanager
@@ -99,10 +106,16 @@ def connect(uri: str, token: str | None, timeout: float = CONNECT_TIMEOUT_S) -> 
 
 
 def create_collection(
-    client: Any, name: str, dim: int, index_type: str, params: dict[str, Any], sides: list[str]
+    client: Any,
+    name: str,
+    dim: int,
+    index_type: str,
+    params: dict[str, Any],
+    sides: list[str],
+    lite: bool = False,
 ) -> None:
-    """An empty version collection (not loaded) with its vector index and one partition per
-    side."""
+    """An empty version collection (not loaded) with its vector index, scalar indexes on the
+    ids looked up by value (`id_indexes`) and one partition per side."""
     from pymilvus import DataType
 
     schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
@@ -113,9 +126,22 @@ def create_collection(
     schema.add_field("meta", DataType.JSON)
     schema.add_field("item", DataType.JSON)
     client.create_collection(name, schema=schema)
+    id_indexes(client, name, lite)
     add_index(client, name, index_type, params)
     for side in sides:
         client.create_partition(name, side)
+
+
+def id_indexes(client: Any, name: str, lite: bool) -> None:
+    """Scalar indexes on `id` and `image_id`, which lookups, changes and caption cascades
+    query by value: a trie (the one VARCHAR index Milvus 2.3 has; milvus-lite has only
+    INVERTED). One id at 100k rows: 7.5 ms -> 1.1 ms on a 2.3.5 server. (Metadata filters
+    run on the JSON `meta` field, which 2.3 cannot index.)"""
+    index = client.prepare_index_params()
+    for field in ("id", "image_id"):
+        kind = "INVERTED" if lite else "Trie"
+        index.add_index(field, index_type=kind, index_name=f"{field}_index")
+    client.create_index(name, index)
 
 
 def add_index(client: Any, name: str, index_type: str, params: dict[str, Any]) -> None:

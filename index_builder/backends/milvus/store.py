@@ -5,30 +5,30 @@
     <name>_versions               one record per complete version: its info (index.json's
                                   keys: bundle id and path, dimension, recall, fields...)
 
-The FAISS store's contract, in Milvus terms: a build or a change fills a new collection,
-waits for its index, measures recall@10 against exact search (tuning ef / nprobe /
-itopk_size to the target), writes the version's record, and only then moves the alias, in
-one atomic `alter_alias`; a failure drops the new collection and leaves the alias where it
-was. A change copies the current version's rows it keeps into the new collection (Milvus
-cannot clone a collection server-side), so it costs a pass over the gallery: batch changes.
-The build lock is a file in the local working directory (one writer per host, as FAISS).
+    <name>_versions               ... and one per change of a version (`change.change_key`)
+
+The FAISS store's contract, in Milvus terms: a build fills a new collection, waits for its
+index, measures recall@10 against exact search (tuning ef / nprobe / itopk_size to the
+target), writes the version's record, and only then moves the alias, in one atomic
+`alter_alias`; a failure drops the new collection and leaves the alias where it was. A
+change (add, upsert, delete) is not a new version: its rows change in place in the current
+collection, in milliseconds, and it is logged (`change.py` states what a version then means,
+the consistency, and what happens to a change killed halfway). The build lock is a file in
+the local working directory (one writer per host, as FAISS).
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from index_builder.backends.base import (
-    EMPTIED,
-    SIDES,
     BackendConfig,
     IndexOptions,
     Plan,
@@ -38,6 +38,13 @@ from index_builder.backends.base import (
     info_record,
     is_version_name,
     next_version_name,
+)
+from index_builder.backends.milvus.change import (
+    RECORD_LENGTH,
+    apply_in_place,
+    change_key,
+    recover,
+    write_records,
 )
 from index_builder.backends.milvus.client import (
     add_index,
@@ -49,27 +56,24 @@ from index_builder.backends.milvus.client import (
 from index_builder.backends.milvus.version import MilvusVersion
 from index_builder.backends.milvus.write import (
     BATCH,
-    Batch,
     Draft,
-    batches_from_arrays,
     batches_from_shards,
     build_collection,
-    copy_batches,
     query_side,
-    sample_queries,
 )
 from index_builder.backends.recall import sample_rows
 from index_builder.stored_files import FILES_DIR, FILES_GRACE_S, collect_stored_files
 
 log = logging.getLogger(__name__)
 
-RECORD_LENGTH = 65535
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,200}$")
 _COLLECTION = re.compile(r"^(?P<name>.+)_v(?P<n>\d{6})_(?P<t>\d{8}T\d{6}Z)$")
 
 
 class MilvusStore:
     """The versions of one index in a Milvus server or milvus-lite file."""
+
+    in_place = True  # a change updates the current version (change.py)
 
     def __init__(self, root: str | Path, config: BackendConfig, keep: int = 3) -> None:
         if keep < 1:
@@ -115,8 +119,10 @@ class MilvusStore:
                 self.records, filter='version != ""', output_fields=["version"]
             )
             collections = set(self.client.list_collections())
-        names = (str(r["version"]) for r in records)
-        return sorted(v for v in names if self.collection_of(v) in collections)
+        names = (str(r["version"]) for r in records)  # change log records are not versions
+        return sorted(
+            v for v in names if is_version_name(v) and self.collection_of(v) in collections
+        )
 
     def current(self) -> str | None:
         """The version the alias names (None: no alias yet)."""
@@ -134,13 +140,21 @@ class MilvusStore:
 
     def read_info(self, version: str | None = None) -> dict[str, Any]:
         version = version or self._require_current()
-        found = []
-        if self.client.has_collection(self.records):
-            with errors(self.uri, "read a version record"):
-                found = self.client.get(self.records, ids=[version], output_fields=["info"])
+        found = self._records([version])
         if not found:
             raise FileNotFoundError(f"index version {version} not found in {self.location}")
-        return json.loads(found[0]["info"])
+        return found[version]
+
+    def _records(self, versions: list[str]) -> dict[str, dict[str, Any]]:
+        """The records of `versions` as they are now (Strong consistency: a change another
+        process made just before is seen), in one round trip."""
+        if not versions or not self.client.has_collection(self.records):
+            return {}
+        with errors(self.uri, "read version records"):
+            found = self.client.get(
+                self.records, ids=versions, output_fields=["info"], consistency_level="Strong"
+            )
+        return {str(e["version"]): json.loads(e["info"]) for e in found}
 
     def open(self, version: str | None = None, bundle: Any = None) -> MilvusVersion:
         """A version (default: the alias's); with `bundle`, a mismatched one is refused, and
@@ -161,7 +175,7 @@ class MilvusStore:
                     f"{version} records {info['embed_dim']}"
                 )
             self.client.load_collection(collection)
-        return MilvusVersion(self.client, self.uri, collection, info)
+        return MilvusVersion(self.client, self.uri, collection, info, records=self.records)
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -170,11 +184,18 @@ class MilvusStore:
         if version not in self.versions():
             raise FileNotFoundError(f"index version {version} not found in {self.location}")
         collection = self.collection_of(version)
+        from pymilvus.exceptions import MilvusException
+
         with errors(self.uri, f"point alias {self.name} at {collection}"):
             if self.name in self.client.list_aliases().get("aliases", []):
                 self.client.alter_alias(collection, self.name)
             else:
-                self.client.create_alias(collection, self.name)
+                try:
+                    self.client.create_alias(collection, self.name)
+                except MilvusException as exc:  # an alias whose collection was dropped by
+                    if "alias already exist" not in str(exc):  # hand: 2.3 keeps it, unlisted
+                        raise
+                    self.client.alter_alias(collection, self.name)
         log.info("index version %s is now current in %s", version, self.location)
 
     def check_options(self, options: IndexOptions, dim: int) -> None:
@@ -225,44 +246,55 @@ class MilvusStore:
     def apply(
         self, current: MilvusVersion, plan: Plan, dataset: dict[str, Any], bundle_path: Any
     ) -> str:
-        """A new version holding `current`'s rows but the dropped ones, plus the new rows."""
-        counts = {
-            side: current.live_count(side) - len(plan.gone[side]) + len(plan.rows[side])
-            for side in SIDES
-            if current.has(side) or plan.rows[side]
-        }
-        if not any(counts.values()):
-            raise ValueError(EMPTIED)
-        start = int(current.info["next_row"])
-        batches: dict[str, Iterator[Batch]] = {}
-        for side in counts:
-            numbers = np.arange(start, start + len(plan.rows[side]), dtype=np.int64)
-            start += len(plan.rows[side])
-            new = batches_from_arrays(plan.rows[side], numbers, plan.vectors.get(side))
-            old = copy_batches(current, side, plan.gone[side]) if current.has(side) else iter(())
-            batches[side] = itertools.chain(old, new)
-        sides = current.info["sides"]
-        draft = Draft(
-            bundle_id=current.bundle_id,
-            bundle_path=bundle_path,
-            dim=current.embed_dim,
-            dataset=dataset,
-            parent=current.version,
-            next_row=start,
-            counts=counts,
-            batches=batches,
-            queries={
-                side: sample_queries(current, plan, query_side(side, counts)) for side in counts
-            },
-            target=max(side.get("target_recall", 0.95) for side in sides.values()),
-            skipped={side: sides.get(side, {}).get("skipped") for side in counts},
-        )
-        return self._write(draft)
+        """`plan` applied in place to `current`'s collection (`change.apply_in_place`: no new
+        version), made current if it was not; `current` sees the change on return. Returns
+        its version."""
+        with build_lock(self.root):
+            info = self._recover().get(current.version)
+            if info is None:
+                raise FileNotFoundError(f"index version {current.version} is gone")
+            info = apply_in_place(
+                self.client, self.uri, self.records, current.collection, info, plan, dataset
+            )
+            current.update(info)
+            if self.current() != current.version:
+                self.switch(current.version)
+            self._collect()
+        return current.version
+
+    def changes(self, version: str | None = None) -> list[dict[str, Any]]:
+        """The change log of a version (default: the alias's), oldest first."""
+        version = version or self._require_current()
+        keys = [
+            change_key(version, n)
+            for n in range(1, int(self.read_info(version).get("changes", 0)) + 1)
+        ]
+        found: list[dict[str, Any]] = []
+        with errors(self.uri, f"read the changes of {version}"):
+            for start in range(0, len(keys), BATCH):
+                found += self.client.get(
+                    self.records,
+                    ids=keys[start : start + BATCH],
+                    output_fields=["info"],
+                    consistency_level="Strong",
+                )
+        return sorted((json.loads(e["info"]) for e in found), key=lambda e: int(e["change"]))
+
+    def _recover(self) -> dict[str, dict[str, Any]]:
+        """Finish or undo the changes a killed writer left pending (`change.recover`); the
+        versions' records after that."""
+        infos = self._records(self.versions())
+        for version, info in infos.items():
+            if info.get("pending"):
+                collection = self.collection_of(version)
+                infos[version] = recover(self.client, self.uri, self.records, collection, info)
+        return infos
 
     def _write(self, draft: Draft) -> str:
         """Fill, index, measure and record a new version's collection, then switch to it; a
         failure drops the collection and leaves the alias as it was."""
         with build_lock(self.root):
+            self._recover()
             self._clear_debris()
             self._ensure_records()
             version = next_version_name(self.versions())
@@ -282,12 +314,13 @@ class MilvusStore:
                     info,
                 )
                 info.update(backend="milvus", collection=collection, next_row=draft.next_row)
-                self._write_record(version, info)
+                write_records(self.client, self.uri, self.records, {version: info}, flush=True)
             except BaseException:
                 self._drop(collection)
                 raise
             self.switch(version)
             self._prune()
+            self._collect()
         return version
 
     # -- records, debris and retention -----------------------------------------------------
@@ -307,17 +340,6 @@ class MilvusStore:
             wait_indexed(self.client, self.records)
             self.client.load_collection(self.records)
 
-    def _write_record(self, version: str, info: dict[str, Any]) -> None:
-        text = json.dumps(info, ensure_ascii=False)
-        if len(text.encode()) > RECORD_LENGTH:  # keep the counts, drop the named examples
-            for side in info["sides"].values():
-                side["skipped"] = {**side["skipped"], "examples": []}
-            text = json.dumps(info, ensure_ascii=False)
-        with errors(self.uri, f"record version {version}"):
-            record = {"version": version, "info": text, "vector": [1.0, 0.0]}
-            self.client.upsert(self.records, [record])
-            self.client.flush(self.records)
-
     def _clear_debris(self) -> None:
         """Collections of builds that never completed (no record), from a killed writer."""
         complete = set(self.versions())
@@ -334,10 +356,16 @@ class MilvusStore:
         live = self.current()
         old = [v for v in self.versions() if v != live]
         for version in old[: max(0, len(old) - (self.keep - 1))]:
+            changes = int(self.read_info(version).get("changes", 0))
+            keys = [version, *(change_key(version, n) for n in range(1, changes + 1))]
             with errors(self.uri, f"drop version {version}"):
                 self.client.drop_collection(self.collection_of(version))
-                self.client.delete(self.records, ids=[version])
+                self.client.delete(self.records, ids=keys)  # its record and change log
             log.info("removed old index version %s", version)
+
+    def _collect(self) -> None:
+        """Uploads no kept version names go (a pass over the image rows of every kept
+        version, when there are uploads: a service's changes)."""
         try:
             self.collect_files()
         except OSError as exc:  # housekeeping: the published version stands regardless

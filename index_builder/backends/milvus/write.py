@@ -13,17 +13,15 @@ from typing import Any
 import faiss
 import numpy as np
 
-from index_builder.backends.base import OTHER, RECALL_QUERIES, Plan
+from index_builder.backends.base import OTHER
 from index_builder.backends.milvus.client import (
     ID_LENGTH,
-    OUTPUT,
     create_collection,
     errors,
     search_grid,
     wait_indexed,
 )
-from index_builder.backends.milvus.version import MilvusVersion, stored_row
-from index_builder.backends.recall import METRIC, recall_at_k, sample_rows
+from index_builder.backends.recall import METRIC, recall_at_k
 from index_builder.filters import field_types
 
 log = logging.getLogger(__name__)
@@ -92,52 +90,6 @@ def batches_from_arrays(
         )
 
 
-def copy_batches(current: MilvusVersion, side: str, gone: set[int]) -> Iterator[Batch]:
-    """The current version's rows of a side but `gone`, with their vectors, in batches read
-    by windows of row numbers (a primary-key range: no iterator state on the server)."""
-    fields = ["row", "vector", *OUTPUT]
-    for low in range(0, int(current.info["next_row"]), BATCH):
-        with errors(current.uri, f"copy {current.collection}"):
-            found = current.client.query(
-                current.collection,
-                filter=f"row >= {low} and row < {low + BATCH}",
-                output_fields=fields,
-                partition_names=[side],
-                limit=BATCH,
-            )
-        kept = sorted((e for e in found if int(e["row"]) not in gone), key=lambda e: e["row"])
-        if kept:
-            numbers = np.array([int(e["row"]) for e in kept], dtype=np.int64)
-            vectors = np.array([e["vector"] for e in kept], dtype=np.float32)
-            yield [stored_row(e) for e in kept], numbers, vectors
-
-
-def sample_queries(current: MilvusVersion, plan: Plan, side: str) -> np.ndarray:
-    """Up to RECALL_QUERIES vectors of `side` for measuring recall after a change: stored
-    ones fetched by random row number (sides share the numbering), then the new ones."""
-    rng = np.random.default_rng(1)
-    total = int(current.info["next_row"])
-    picked: list[np.ndarray] = []
-    if current.has(side):
-        size = min(total, 4 * RECALL_QUERIES)
-        numbers = rng.choice(total, size, replace=False) if total > size else np.arange(total)
-        with errors(current.uri, "sample query vectors"):
-            found = current.client.get(
-                current.collection,
-                ids=[int(n) for n in numbers],
-                output_fields=["vector"],
-                partition_names=[side],
-            )
-        gone = plan.gone[side]
-        picked += [np.asarray(e["vector"], np.float32) for e in found if int(e["row"]) not in gone]
-    if side in plan.vectors:
-        picked += list(plan.vectors[side])
-    if not picked:
-        return np.zeros((0, current.embed_dim), np.float32)
-    stack = np.stack(picked[: 4 * RECALL_QUERIES])
-    return sample_rows([stack], RECALL_QUERIES, seed=1)
-
-
 def query_side(side: str, counts: dict[str, int]) -> str:
     return OTHER[side] if counts.get(OTHER[side]) else side
 
@@ -157,7 +109,8 @@ def build_collection(
     records."""
     started = time.perf_counter()
     with errors(uri, f"create collection {collection}"):
-        create_collection(client, collection, draft.dim, kind, params, list(draft.counts))
+        lite = uri.endswith(".db")
+        create_collection(client, collection, draft.dim, kind, params, list(draft.counts), lite)
     sides, truths = {}, {}
     for side, count in draft.counts.items():
         queries = draft.queries[side]
@@ -246,9 +199,7 @@ def tune_side(
                 anns_field="vector",
                 consistency_level="Strong",
             )
-        found = np.array(
-            [[int(h["row"]) for h in hits] + [-1] * (k - len(hits)) for hits in results]
-        )
+        found = np.array([[int(h.pk) for h in hits] + [-1] * (k - len(hits)) for hits in results])
         recall = recall_at_k(found, truth[:, :k])
         if recall > best[1]:
             best = (params, recall)

@@ -1,7 +1,10 @@
-"""The backend-independent suite: every test runs on FAISS files and on Milvus (milvus-lite),
-checked against exact search and against each other."""
+"""The backend-independent suite: every test runs on FAISS files and on a real Milvus server
+(the session's `milvus_server`, one fresh database per test), checked against exact search and
+against each other."""
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import pytest
@@ -9,6 +12,7 @@ import pytest
 from index_builder import collection
 from index_builder.backends import BackendConfig, open_store
 from index_builder.backends.base import IndexOptions
+from index_builder.backends.milvus.version import REFRESH_S
 from index_builder.filters import FilterError
 from index_builder.search import Searcher
 
@@ -39,16 +43,16 @@ def _items(n, seed=0):
     return {"image": images, "text": texts}, rows
 
 
-def make_store(tmp_path, backend, **config):
+def make_store(tmp_path, backend, uri=None, **config):
     if backend == "faiss":
         return open_store(tmp_path / "idx")
-    uri = str(tmp_path / "milvus.db")
     return open_store(tmp_path / "work", BackendConfig("milvus", milvus_uri=uri, **config))
 
 
 @pytest.fixture(params=BACKENDS)
 def store(request, tmp_path):
-    return make_store(tmp_path, request.param)
+    uri = request.getfixturevalue("milvus_uri") if request.param == "milvus" else None
+    return make_store(tmp_path, request.param, uri)
 
 
 def _publish(store, n=300, sides=("image", "text"), bundle_id="b1", seed=0):
@@ -110,10 +114,46 @@ def test_search_and_filters_match_exact_search(store):
             )
 
 
-def test_both_backends_give_the_same_hits(tmp_path):
+def test_find_returns_each_hit_with_its_row_read_by_the_search(store, monkeypatch):
+    """`find` is `search`'s ranking from offset+1, each hit carrying the record `rows_at`
+    gives, with no lookup of a hit's row after the search (FAISS: one batched read of the
+    page's rows; Milvus: the search call's output fields, no read at all)."""
+    _, vectors, _ = _publish(store)
+    loaded = store.open(bundle=FakeBundle())
+    queries = vectors["text"][:6]
+    for filter, offset in ((None, 0), ({"n": {"lt": 150}}, 3)):
+        scores, rows = loaded.search("image", queries, 8 + offset, filter=filter)
+        expected = [
+            [(int(r), loaded.rows_at("image", [r])[0]) for r in qr[offset:] if r >= 0]
+            for qr in rows
+        ]
+        reads: list[list[int]] = []
+        rows_at = loaded.rows_at
+
+        def counted(side, wanted, rows_at=rows_at, reads=reads):
+            reads.append(list(wanted))
+            return rows_at(side, wanted)
+
+        monkeypatch.setattr(loaded, "rows_at", counted)
+        monkeypatch.setattr(loaded, "row_of", None)  # never called
+        found = loaded.find("image", queries, 8, offset=offset, filter=filter)
+        monkeypatch.undo()
+        assert [[(h.row, h.item) for h in q] for q in found] == expected
+        assert [[h.rank for h in q] for q in found] == [
+            list(range(offset + 1, offset + 9)) for _ in queries
+        ]
+        for q, hits in enumerate(found):
+            np.testing.assert_allclose([h.score for h in hits], scores[q, offset:], atol=1e-6)
+        page_rows = sorted({h.row for q in found for h in q})
+        assert reads == ([page_rows] if store.__class__.__name__ == "IndexStore" else [])
+    with pytest.raises(ValueError, match="offset"):
+        loaded.find("image", queries, 8, offset=-1)
+
+
+def test_both_backends_give_the_same_hits(tmp_path, milvus_uri):
     searchers = []
     for backend in BACKENDS:
-        store = make_store(tmp_path / backend, backend)
+        store = make_store(tmp_path / backend, backend, milvus_uri)
         _, vectors, _ = _publish(store)
         searchers.append(Searcher(store.open(), FakeEncoders()))  # type: ignore[arg-type]
     for side, queries in (("image", vectors["text"][:5]), ("text", vectors["image"][:5])):
@@ -136,14 +176,24 @@ def test_add_upsert_and_delete(store):
     assert result.deleted == {"image": 1, "text": 2}  # i5's caption went with it
     loaded = store.open()
     assert loaded.version == result.version == store.current()
-    assert loaded.info["parent"] == first
+    if store.in_place:  # Milvus: the rows change in the version's collection, logged
+        assert result.version == first and loaded.info["changes"] == 1
+        [entry] = store.changes()
+        assert entry["state"] == "done" and entry["deleted"] == {"image": 1, "text": 2}
+    else:  # FAISS: a new version, its parent the one changed
+        assert loaded.info["parent"] == first
     assert loaded.row_of("image", "i5") is None and loaded.row_of("text", "i5#0") is None
     assert loaded.live_count("image") == 99 and loaded.live_count("text") == 98
-    assert loaded.count("image", {"group": "g5"}) == 9 and before.count("image") == 100
+    assert loaded.count("image", {"group": "g5"}) == 9
     _, found = loaded.search("image", vectors["image"][5:6], 100)
     assert "i5" not in _ids(loaded, "image", found[0]) and (found[0] >= 0).sum() == 99
-    _, found = before.search("image", vectors["image"][5:6], 1)  # the old version is untouched
-    assert _ids(before, "image", found[0]) == ["i5"]
+    if store.in_place:  # a reader opened before sees the change too, within REFRESH_S
+        time.sleep(REFRESH_S)
+        assert before.count("image") == 99
+    else:
+        assert before.count("image") == 100
+    _, found = before.search("image", vectors["image"][5:6], 1)  # FAISS: untouched
+    assert (_ids(before, "image", found[0]) == ["i5"]) != store.in_place
 
     # upsert i9 with i5's old vector and a new caption; add i100
     change = collection.Change(

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from index_builder.backends import BackendConfig, open_store
-from index_builder.backends.base import IndexOptions
+from index_builder.backends.base import BackendFailed, IndexOptions
 from index_builder.backends.milvus import write as milvus_write
+from index_builder.backends.milvus.change import write_records
 from index_builder.backends.milvus.client import choose_index, milvus_error, search_grid
 
 DIM = 16
@@ -82,7 +83,8 @@ def test_milvus_errors_are_classified():
     )
     other = milvus_error("u", "search", MilvusException(1100, "invalid expression"))
     assert (
-        type(other) is OSError and str(other) == "Milvus at u failed to search: invalid expression"
+        type(other) is BackendFailed
+        and str(other) == "Milvus at u failed to search: invalid expression"
     )
 
 
@@ -90,7 +92,9 @@ def test_alias_to_a_foreign_collection_and_a_wrong_dimension_are_refused(tmp_pat
     store = _store(tmp_path)
     version, _ = _publish(store)
     info = store.read_info(version)
-    store._write_record(version, {**info, "embed_dim": 32})
+    write_records(
+        store.client, store.uri, store.records, {version: {**info, "embed_dim": 32}}, True
+    )
     with pytest.raises(ValueError, match="holds 16-dimensional vectors but index version .* 32"):
         store.open()
     store.client.create_collection("cots_other", dimension=4)

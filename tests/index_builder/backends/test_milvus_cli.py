@@ -1,4 +1,4 @@
-"""`cots index ... --backend milvus` end to end on a tiny bundle (milvus-lite): the same
+"""`cots index ... --backend milvus` end to end on a tiny bundle (a real Milvus server): the same
 searches as the FAISS build, add, delete, info, and bad input as one line."""
 
 from __future__ import annotations
@@ -27,8 +27,10 @@ def _milvus(uri):
     return ["--backend", "milvus", "--milvus-uri", str(uri)]
 
 
-def test_build_add_delete_info_and_the_same_hits_as_faiss(tmp_path, tiny_bundle, gallery, capsys):
-    uri = tmp_path / "milvus" / "cots.db"
+def test_build_add_delete_info_and_the_same_hits_as_faiss(
+    tmp_path, tiny_bundle, gallery, capsys, milvus_uri
+):
+    uri = milvus_uri
     assert _build("build", tiny_bundle.path, tmp_path / "work", uri, "--data", str(gallery)) == 0
     assert f"is current under Milvus {uri} (collection cots)" in capsys.readouterr().out
     assert main(["index", "build", str(tmp_path / "faiss"), "--bundle", str(tiny_bundle.path),
@@ -51,19 +53,22 @@ def test_build_add_delete_info_and_the_same_hits_as_faiss(tmp_path, tiny_bundle,
     assert "deleted: 2 images, 4 texts" in capsys.readouterr().out
     assert main(["index", "info", str(tmp_path / "work"), *_milvus(uri)]) == 0
     text = capsys.readouterr().out
-    assert "  * v000003-" in text and "    v000001-" in text and "13 items" in text
+    assert "  * v000001-" in text and "v000002-" not in text and "13 items" in text
+    assert "changed in place 2 times" in text  # a change is no new version on Milvus
     assert main(["index", "info", str(tmp_path / "work"), "--json", *_milvus(uri)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["backend"] == "milvus" and info["sides"]["text"]["count"] == 26
-    first = store.versions()[0]
+    assert [e["state"] for e in store.changes()] == ["done", "done"]
+    assert _build("rebuild", tiny_bundle.path, tmp_path / "work", uri, "--data", str(gallery)) == 0
+    first = store.versions()[0]  # back to the first collection, with its changes
     assert main(["index", "switch", str(tmp_path / "work"), first, *_milvus(uri)]) == 0
-    assert store.current() == first and "12 items" in capsys.readouterr().out
+    assert store.current() == first and "13 items" in capsys.readouterr().out
     absent = "v000009-20000101T000000Z"
     assert main(["index", "switch", str(tmp_path / "work"), absent, *_milvus(uri)]) == 2
     assert f"index version {absent} not found in Milvus" in capsys.readouterr().err
 
 
-def test_bad_milvus_input_is_one_line(tmp_path, tiny_bundle, gallery, capsys):
+def test_bad_milvus_input_is_one_line(tmp_path, tiny_bundle, gallery, capsys, milvus_uri):
     work, data = tmp_path / "work", ["--data", str(gallery)]
     assert _build("build", tiny_bundle.path, work, tmp_path / "nodb", *data) == 2
     assert "error: bad Milvus URI" in capsys.readouterr().err
@@ -71,7 +76,7 @@ def test_bad_milvus_input_is_one_line(tmp_path, tiny_bundle, gallery, capsys):
     err = capsys.readouterr().err
     assert err.startswith("cots index rebuild: failed: cannot reach Milvus at http://127.0.0.1:1")
     assert len(err.strip().splitlines()) == 1
-    uri = tmp_path / "m.db"
+    uri = milvus_uri
     assert main(["index", "info", str(work), *_milvus(uri)]) == 2
     assert "the alias 'cots' does not exist" in capsys.readouterr().err
     assert _build("build", tiny_bundle.path, work, uri, *data, "--factory", "Flat") == 2
