@@ -76,20 +76,7 @@ def index_side(
     log.info("%s index %s: %s", side, factory, choice)
     started = time.perf_counter()
     file = out / INDEX_FILES[side]
-    if options.on_disk:
-        ivfdata = file.with_suffix(".ivfdata")
-        index = faiss_index.build_ivf_on_disk(factory, shards, dim, file, ivfdata)
-    elif resume is not None and faiss_index.resumable(factory, count, options.use_gpu):
-        work = resume / f"{side}-{faiss_index.resume_key(factory, shards)}"
-        for stale in resume.glob(f"{side}-*"):  # another gallery's: never resumed
-            if stale != work:
-                shutil.rmtree(stale, ignore_errors=True)
-        index = faiss_index.build_resumable(factory, shards, dim, work)
-        faiss_index.write_index(index, file)
-        shutil.rmtree(work, ignore_errors=True)
-    else:
-        index = faiss_index.build_index(factory, shards, dim, options.use_gpu)
-        faiss_index.write_index(index, file)
+    index = _build(side, factory, shards, dim, options, file, resume)
     write_vectors(out / VECTOR_FILES[side], shards, dim)
     seconds = time.perf_counter() - started
     query_side = OTHER[side] if query_shards else side
@@ -117,6 +104,36 @@ def index_side(
         "bytes": sum(p.stat().st_size for p in out.glob(f"{side}.*") if p.suffix == ".faiss"),
         "build_seconds": round(seconds, 3),
     }
+
+
+def _build(
+    side: str,
+    factory: str,
+    shards: Shards,
+    dim: int,
+    options: IndexOptions,
+    file: Path,
+    resume: Path | None,
+) -> Any:
+    """Build one side's index and write it to `file`: with on-disk inverted lists, in
+    resumable parts under `resume` when large, else in memory."""
+    count = sum(len(s) for s in shards)
+    if options.on_disk:
+        return faiss_index.build_ivf_on_disk(
+            factory, shards, dim, file, file.with_suffix(".ivfdata")
+        )
+    if resume is not None and faiss_index.resumable(factory, count, options.use_gpu):
+        work = resume / f"{side}-{faiss_index.resume_key(factory, shards)}"
+        for stale in resume.glob(f"{side}-*"):  # another gallery's: never resumed
+            if stale != work:
+                shutil.rmtree(stale, ignore_errors=True)
+        index = faiss_index.build_resumable(factory, shards, dim, work)
+        faiss_index.write_index(index, file)
+        shutil.rmtree(work, ignore_errors=True)
+        return index
+    index = faiss_index.build_index(factory, shards, dim, options.use_gpu)
+    faiss_index.write_index(index, file)
+    return index
 
 
 def write_vectors(path: Path, shards: Shards, dim: int) -> None:
