@@ -24,9 +24,7 @@ bench/results/realistic_gallery.json, pictures in docs/img/realistic_gallery.png
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 import shlex
 import sys
 import time
@@ -43,8 +41,8 @@ from index_builder.backends.faiss.store import IndexStore
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench/results"
-CACHE = ROOT / "cots-data/cache/realistic"
 CHUNK = 100_000
+BLOCK = 8192
 
 
 @dataclass
@@ -119,7 +117,10 @@ class Gaussians:
     def sample(self, clusters: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         r = self.basis.shape[1]
         z = rng.standard_normal((len(clusters), r), dtype=np.float32) * self.scale[clusters]
-        out = self.mean[clusters] + np.einsum("nr,nrd->nd", z, self.basis[clusters])
+        out = self.mean[clusters]
+        for start in range(0, len(clusters), BLOCK):  # bounds the (n, r, 2D) basis gathered
+            part = slice(start, start + BLOCK)
+            out[part] += np.einsum("nr,nrd->nd", z[part], self.basis[clusters[part]])
         noise = rng.standard_normal(out.shape, dtype=np.float32)
         half = out.shape[1] // 2
         out[:, :half] += noise[:, :half] * self.rest[clusters, :1]
@@ -165,17 +166,29 @@ class Model:
 
     def sample(self, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """n unit image vectors and one unit caption vector per image."""
-        rng = np.random.default_rng(seed)
         dim = self.pairs.mean.shape[1] // 2
         images = np.empty((n, dim), np.float32)
         captions = np.empty((n, dim), np.float32)
+        self.sample_into(images, captions, seed)
+        return images, captions
+
+    def sample_into(
+        self, images: np.ndarray, captions: np.ndarray, seed: int = 0, progress: bool = False
+    ) -> None:
+        """Fill `images` and `captions` (equal lengths; memory-mapped files work, so a gallery
+        larger than memory is written in bounded memory) chunk by chunk, as `sample` does."""
+        rng = np.random.default_rng(seed)
+        dim, n = images.shape[1], len(images)
+        started = time.perf_counter()
         for start in range(0, n, CHUNK):
             stop = min(n, start + CHUNK)
             clusters = rng.choice(len(self.weights), stop - start, p=self.weights)
             pairs = self.pairs.sample(clusters, rng)
             images[start:stop] = normalise(pairs[:, :dim])
             captions[start:stop] = normalise(pairs[:, dim:])
-        return images, captions
+            if progress and ((stop // CHUNK) % 10 == 0 or stop == n):
+                rate = stop / max(time.perf_counter() - started, 1e-9)
+                print(f"sampled {stop:,}/{n:,} pairs ({rate:,.0f}/s)", file=sys.stderr)
 
 
 def shown(path: Path) -> str:
@@ -319,23 +332,6 @@ def fitted(args: argparse.Namespace) -> tuple[Real, Real, Model]:
     return real, queries, fit(real, clusters, args.rank)
 
 
-def generated(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, Real]:
-    """A generated gallery of `args.size` (images, captions), memory-mapped from the cache
-    (sampled once per size, model and real roots), and the held-out real queries."""
-    _, queries, model = fitted(args)
-    roots = "|".join(f"{p.resolve()}:{IndexStore(p).current()}" for p in args.real)
-    key = f"{roots}|{args.clusters}|{args.rank}|{args.size}"
-    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
-    CACHE.mkdir(parents=True, exist_ok=True)
-    paths = [CACHE / f"{side}-{args.size}-{digest}.npy" for side in ("image", "text")]
-    if not all(p.is_file() for p in paths):
-        for path, vectors in zip(paths, model.sample(args.size), strict=True):
-            np.save(path.with_suffix(".tmp.npy"), vectors)
-            os.replace(path.with_suffix(".tmp.npy"), path)
-    images, captions = (np.load(p, mmap_mode="r") for p in paths)
-    return images, captions, queries
-
-
 def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """The options that choose the real embeddings and the model fitted to them."""
     parser.add_argument(
@@ -348,6 +344,12 @@ def add_model_args(parser: argparse.ArgumentParser, required: bool = True) -> No
     )
     parser.add_argument("--clusters", type=int, default=0, help="image clusters (0: N/20)")
     parser.add_argument("--rank", type=int, default=16, help="principal directions per cluster")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=ROOT / "cots-data/cache/realistic",
+        help="where generated galleries are kept",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,8 @@ import faiss
 import numpy as np
 
 from bench.figure import Figure, note
-from bench.realistic_gallery import REAL_EMBEDDINGS, add_model_args, generated, shown
+from bench.gallery_files import generated
+from bench.realistic_gallery import REAL_EMBEDDINGS, add_model_args, shown
 from bench.tables import fmt, table
 from index_builder.backends.base import ivf_lists
 from index_builder.backends.faiss import faiss_index as fi

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from bench.realistic_gallery import generated
+from bench.gallery_files import generated
 from bench.service_backend import Backend
 
 QUERIES = ["a red square", "a photo of a blue square", "green", "the yellow colour", "black"]

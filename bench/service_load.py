@@ -36,6 +36,7 @@ from typing import Any
 
 import httpx
 
+from bench import calibration
 from bench.figure import Figure, Plot, barh, note
 from bench.realistic_gallery import add_model_args
 from bench.service_assets import assets
@@ -166,6 +167,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "platform": platform.platform(),
             "python": platform.python_version(),
             "load_average_1m": round(os.getloadavg()[0], 2),  # other work sharing the CPUs
+            **calibration.rates(),  # the GEMM and faiss rates the timings ran at
         },
         "settings": {
             "intra_threads": args.server_threads,

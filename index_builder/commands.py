@@ -400,6 +400,8 @@ def _print_info(info: dict, skips: bool = True) -> None:
             f"  {side:5s} {s['factory']:20s} {s['count']:>9d} items  recall@10 {recall} "
             f"({queries} queries)  params {s['search_params']}{size}"
         )
+        if s.get("choice"):
+            print(f"        chosen: {s['choice']}")
         fields = ", ".join(f"{k}:{v}" for k, v in s.get("fields", {}).items())
         if fields:
             print(f"        metadata fields: {fields}")

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench import gallery_files, service_assets, service_load
 from bench import realistic_gallery as gallery
-from bench import service_assets, service_load
 from index_builder.backends.base import IndexOptions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,6 +121,30 @@ def test_a_short_load_over_raw_http(tmp_path):
             assert 0 < run["p50_ms"] <= run["p99_ms"] and run["client_cpu_ms_per_request"] > 0
     assert result["server_memory_bytes"]["VmRSS"] > 0 and result["raw_vectors_bytes"] > 0
     assert "goals" not in result  # goals are issue 13's, for a realistic gallery
+
+
+def test_galleries_are_written_to_disk_and_smaller_sizes_are_prefixes(real, tmp_path):
+    fit, _ = gallery.split_real(real)
+    model = gallery.fit(fit, clusters=24, rank=4)
+    paths = [tmp_path / f"{side}-2500-abc.npy" for side in ("image", "text")]
+    gallery_files.write_gallery(model, 2500, paths)
+    images, captions = (np.load(p, mmap_mode="r") for p in paths)
+    expected = model.sample(2500)  # the in-memory sampler draws the same stream
+    assert np.array_equal(images, expected[0]) and np.array_equal(captions, expected[1])
+    assert not list(tmp_path.glob("*.tmp.npy"))
+    assert gallery_files.cached(tmp_path, "abc", 1000) == paths  # a larger gallery serves 1000
+    assert gallery_files.cached(tmp_path, "abc", 2501) is None
+    assert gallery_files.cached(tmp_path, "other", 10) is None
+
+
+def test_sampling_in_blocks_keeps_the_stream(real, monkeypatch):
+    fit, _ = gallery.split_real(real)
+    model = gallery.fit(fit, clusters=24, rank=4)
+    whole = model.sample(700, seed=5)
+    monkeypatch.setattr(gallery, "BLOCK", 64)
+    blocked = model.sample(700, seed=5)
+    np.testing.assert_allclose(blocked[0], whole[0], atol=1e-6)
+    np.testing.assert_allclose(blocked[1], whole[1], atol=1e-6)
 
 
 def test_a_short_load_served_from_a_milvus_server(tmp_path, milvus_uri):

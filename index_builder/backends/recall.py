@@ -5,7 +5,7 @@ top-k (faiss's brute-force kernels) and recall@k, as faiss `contrib/evaluation.p
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 # OpenMP threads that spin while they wait turn k-means into a crawl on a shared or
 # CPU-limited host (PQ32 training, 2 threads on a busy machine: 49 s spinning, 2.7 s passive).
@@ -41,21 +41,29 @@ def sample_rows(shards: Sequence[np.ndarray], count: int, seed: int = 0) -> np.n
     return np.ascontiguousarray(np.concatenate(parts))
 
 
+KNN_BLOCK = 262_144  # rows read into memory at a time from a (memory-mapped) shard
+
+
+def blocks(shards: Sequence[np.ndarray], size: int) -> Iterator[np.ndarray]:
+    """The shards' rows in order, as contiguous float32 blocks of at most `size` rows: a
+    memory-mapped shard larger than memory is read a block at a time."""
+    for shard in shards:
+        for start in range(0, len(shard), size):
+            yield np.ascontiguousarray(shard[start : start + size], dtype=np.float32)
+
+
 def exact_knn(queries: np.ndarray, shards: Sequence[np.ndarray], k: int) -> np.ndarray:
     """Exact top-k rows by inner product, streamed over the shards (brute force)."""
     heap = faiss.ResultHeap(len(queries), k, keep_max=True)
     start = 0
-    for shard in shards:
-        if len(shard):
-            scores, rows = faiss.knn(
-                queries, np.ascontiguousarray(shard, dtype=np.float32), min(k, len(shard)), METRIC
-            )
-            pad = k - rows.shape[1]
-            if pad:
-                scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
-                rows = np.pad(rows, ((0, 0), (0, pad)), constant_values=-1 - start)
-            heap.add_result(scores, rows + start)
-            start += len(shard)
+    for shard in blocks(shards, KNN_BLOCK):
+        scores, rows = faiss.knn(queries, shard, min(k, len(shard)), METRIC)
+        pad = k - rows.shape[1]
+        if pad:
+            scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+            rows = np.pad(rows, ((0, 0), (0, pad)), constant_values=-1 - start)
+        heap.add_result(scores, rows + start)
+        start += len(shard)
     heap.finalize()
     return heap.I
 

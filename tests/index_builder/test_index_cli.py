@@ -24,7 +24,9 @@ def _build(bundle, data, out, *extra):
 def test_build_search_info(tmp_path, tiny_bundle, gallery, capsys):
     out = tmp_path / "idx"
     assert _build(tiny_bundle.path, gallery, out, "--target-recall", "0.9") == 0
-    assert "is current under" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "is current under" in printed
+    assert "chosen: 12 vectors: exact search (below 10,000)" in printed  # what and why
     loaded = IndexStore(out).open(bundle=Bundle.load(tiny_bundle.path))
     sides = loaded.info["sides"]
     assert sides["image"]["factory"] == "Flat" and sides["image"]["count"] == 12

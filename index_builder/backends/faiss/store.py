@@ -5,6 +5,8 @@ CURRENT pointer.
       CURRENT                  name of the live version (replaced atomically)
       versions/<version>/      index.json, image.faiss, images.jsonl, text.faiss, texts.jsonl
       staging/<version>/       a build in progress (never read; removed by the next build)
+      resume/<side>-<key>/     a large index build's trained index and parts (kept when the
+                               build is killed, resumed by the next build of the same gallery)
 
 A version is written into `staging/`, renamed into `versions/` when complete, and only then
 does CURRENT move; a build killed at any point leaves CURRENT where it was. Older versions
@@ -51,6 +53,7 @@ from index_builder.stored_files import (
 log = logging.getLogger(__name__)
 
 CURRENT = "CURRENT"
+RESUME = "resume"  # a large build's progress, kept when it is killed (`write.index_side`)
 
 
 class IndexStore:
@@ -168,6 +171,7 @@ class IndexStore:
                 dataset=dataset,
                 bundle_path=bundle_path,
                 skipped=skipped or {},
+                resume=self.root / RESUME,
             )
         return staging.name
 

@@ -43,7 +43,7 @@ from index_builder.backends.faiss.version import (
     VECTOR_FILES,
     LoadedIndex,
 )
-from index_builder.backends.recall import exact_knn, sample_rows
+from index_builder.backends.recall import blocks, exact_knn, sample_rows
 from index_builder.filters import field_types
 
 log = logging.getLogger(__name__)
@@ -58,22 +58,25 @@ def index_side(
     dim: int,
     options: IndexOptions,
     out: Path,
+    resume: Path | None = None,
 ) -> dict[str, Any]:
     """Build, save and tune one side, and store its vectors beside the index; recall is
     measured with the other side's vectors as queries (captions against the image index,
-    images against the caption index), or with the side's own when it stands alone."""
+    images against the caption index), or with the side's own when it stands alone. Large
+    IVF builds keep their progress under `resume` (`faiss_index.build_resumable`)."""
     count = sum(len(s) for s in shards)
     if count == 0:
         raise ValueError(f"cannot index an empty gallery ({side} side has no vectors)")
     factory = options.factory or faiss_index.choose_factory(count, dim, options.memory_budget)
+    choice = (
+        "asked for (--factory)"
+        if options.factory
+        else faiss_index.explain_choice(factory, count, dim, options.memory_budget)
+    )
+    log.info("%s index %s: %s", side, factory, choice)
     started = time.perf_counter()
     file = out / INDEX_FILES[side]
-    if options.on_disk:
-        ivfdata = file.with_suffix(".ivfdata")
-        index = faiss_index.build_ivf_on_disk(factory, shards, dim, file, ivfdata)
-    else:
-        index = faiss_index.build_index(factory, shards, dim, options.use_gpu)
-        faiss_index.write_index(index, file)
+    index = _build(side, factory, shards, dim, options, file, resume)
     write_vectors(out / VECTOR_FILES[side], shards, dim)
     seconds = time.perf_counter() - started
     query_side = OTHER[side] if query_shards else side
@@ -86,6 +89,7 @@ def index_side(
     )
     return {
         "factory": factory,
+        "choice": choice,
         "count": count,
         "rows": count,
         "deleted": 0,
@@ -102,14 +106,44 @@ def index_side(
     }
 
 
+def _build(
+    side: str,
+    factory: str,
+    shards: Shards,
+    dim: int,
+    options: IndexOptions,
+    file: Path,
+    resume: Path | None,
+) -> Any:
+    """Build one side's index and write it to `file`: with on-disk inverted lists, in
+    resumable parts under `resume` when large, else in memory."""
+    count = sum(len(s) for s in shards)
+    if options.on_disk:
+        return faiss_index.build_ivf_on_disk(
+            factory, shards, dim, file, file.with_suffix(".ivfdata")
+        )
+    if resume is not None and faiss_index.resumable(factory, count, options.use_gpu):
+        work = resume / f"{side}-{faiss_index.resume_key(factory, shards)}"
+        for stale in resume.glob(f"{side}-*"):  # another gallery's: never resumed
+            if stale != work:
+                shutil.rmtree(stale, ignore_errors=True)
+        index = faiss_index.build_resumable(factory, shards, dim, work)
+        faiss_index.write_index(index, file)
+        shutil.rmtree(work, ignore_errors=True)
+        return index
+    index = faiss_index.build_index(factory, shards, dim, options.use_gpu)
+    faiss_index.write_index(index, file)
+    return index
+
+
 def write_vectors(path: Path, shards: Shards, dim: int) -> None:
     """The shards as one row-aligned float32 `.npy` file, written shard by shard."""
     total = sum(len(s) for s in shards)
     out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(total, dim))
     start = 0
-    for shard in shards:
-        out[start : start + len(shard)] = shard
-        start += len(shard)
+    for block in blocks(shards, _CHUNK):
+        out[start : start + len(block)] = block
+        start += len(block)
     out.flush()
     del out
 
@@ -125,14 +159,16 @@ def write_version(
     dataset: dict[str, Any],
     bundle_path: str | Path | None,
     skipped: dict[str, dict[str, Any]],
+    resume: Path | None = None,
 ) -> None:
-    """A new version in `staging`: each side that has rows built, tuned and described."""
+    """A new version in `staging`: each side that has rows built, tuned and described (large
+    builds resumable from `resume`)."""
     present = check_gallery(shards, rows)
     sides = {}
     for side in present:
         write_jsonl(staging / META_FILES[side], rows[side])
         other = shards[OTHER[side]] if OTHER[side] in present else None
-        sides[side] = index_side(side, shards[side], other, dim, options, staging)
+        sides[side] = index_side(side, shards[side], other, dim, options, staging, resume)
         sides[side]["fields"] = field_types(row.get("meta") or {} for row in rows[side])
         sides[side]["skipped"] = skipped.get(side, {"count": 0, "examples": []})
     write_info(staging, bundle_id, bundle_path, dim, dataset, None, sides)

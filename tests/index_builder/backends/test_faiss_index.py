@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 
@@ -51,6 +52,7 @@ def test_recall_at_k_matches_a_naive_loop():
         ("Flat", None, 0.99),
         ("HNSW32", "efSearch", 0.95),
         ("IVF64,Flat", "nprobe", 0.95),
+        ("IVF64_HNSW32,Flat", "nprobe", 0.95),
         ("IVF64,PQ16x4", "nprobe", 0.5),
         pytest.param("OPQ8,IVF32,PQ8x4", "nprobe", 0.3, marks=pytest.mark.slow),
     ],
@@ -105,9 +107,11 @@ def test_choose_factory_by_size_and_budget():
     assert fi.choose_factory(30_000, 256, gib) == "HNSW32"
     assert fi.choose_factory(100_000, 256, gib) == "IVF1024,SQ8"
     assert fi.choose_factory(1_000_000, 256, 4 * gib) == "IVF4096,SQ8"
-    assert fi.choose_factory(5_000_000, 256, 8 * gib) == "IVF8192,SQ8"
-    assert fi.choose_factory(5_000_000, 256, gib) == "IVF8192,PQ64"
-    assert fi.choose_factory(5_000_000, 256, 150 << 20) == "IVF8192,PQ16"
+    assert fi.choose_factory(2_000_000, 256, 4 * gib) == "IVF4096,SQ8"
+    assert fi.choose_factory(5_000_000, 256, 8 * gib) == "IVF8192_HNSW32,SQ8"
+    assert fi.choose_factory(10_000_000, 256, 4 * gib) == "IVF16384_HNSW32,SQ8"
+    assert fi.choose_factory(5_000_000, 256, gib) == "IVF8192_HNSW32,PQ64"
+    assert fi.choose_factory(5_000_000, 256, 150 << 20) == "IVF8192_HNSW32,PQ16"
     with pytest.raises(ValueError, match="no index type fits"):
         fi.choose_factory(5_000_000, 256, 1 << 20)
     with pytest.raises(ValueError, match="empty gallery"):
@@ -117,7 +121,8 @@ def test_choose_factory_by_size_and_budget():
 
 def test_estimates_are_close_to_real_sizes(data, tmp_path):
     base, shards, _, _ = data
-    for factory in ("Flat", "HNSW32", "IVF64,Flat", "IVF64,SQ8", "IVF64,PQ16x4"):
+    factories = ("Flat", "HNSW32", "IVF64,Flat", "IVF64,SQ8", "IVF64_HNSW32,SQ8", "IVF64,PQ16x4")
+    for factory in factories:
         fi.write_index(fi.build_index(factory, shards, DIM, use_gpu=False), tmp_path / "x")
         real = (tmp_path / "x").stat().st_size
         assert 0.5 < fi.estimate_bytes(factory, len(base), DIM) / real < 2, factory
@@ -183,7 +188,9 @@ def test_rerank_equals_exact_scoring_of_the_candidates(data):
     assert sorted(f[0, :3]) == [5, 6, 7] and (f[0, 3:] == -1).all() and np.isinf(s[0, 3:]).all()
 
 
-@pytest.mark.parametrize("factory", ["IVF64,SQ8", "IVF64,PQ16x4fs", "HNSW16,SQ8"])
+@pytest.mark.parametrize(
+    "factory", ["IVF64,SQ8", "IVF64_HNSW32,SQ8", "IVF64,PQ16x4fs", "HNSW16,SQ8"]
+)
 def test_compressed_codes_are_reranked_to_exact_scores(data, factory):
     """A compressed index tuned with stored vectors serves re-ranked hits: its recall is what
     tuning reported, its scores are the exact inner products, and its ranking is at least as
@@ -214,3 +221,83 @@ def test_filtered_compressed_search_is_reranked_among_allowed_rows(data):
     assert mask[rows].all()
     assert recall_at_k(rows, truth) >= 0.97
     np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", queries, base[rows]), atol=1e-6)
+
+
+def test_exact_knn_reads_large_shards_in_blocks(data, monkeypatch):
+    base, _, queries, truth = data
+    monkeypatch.setattr("index_builder.backends.recall.KNN_BLOCK", 333)  # 13 blocks, last short
+    assert (exact_knn(queries, [base], 10) == truth).mean() > 0.999
+
+
+def test_blocked_build_equals_one_add(data, monkeypatch):
+    """Adding a shard larger than ADD_BLOCK a block at a time gives the index one add gives."""
+    base, _, queries, _ = data
+    whole = fi.build_index("IVF16,SQ8", [base], DIM, use_gpu=False)
+    monkeypatch.setattr(fi, "ADD_BLOCK", 999)
+    blocked = fi.build_index("IVF16,SQ8", [base], DIM, use_gpu=False)
+    assert blocked.ntotal == whole.ntotal == len(base)
+    for index in (whole, blocked):
+        fi.set_search_params(index, {"nprobe": 4})
+    assert np.array_equal(whole.search(queries, 10)[1], blocked.search(queries, 10)[1])
+
+
+def test_the_choice_is_explained():
+    gib = 1 << 30
+    assert "exact search" in fi.explain_choice("Flat", 5000, 256, gib)
+    assert "HNSW graph" in fi.explain_choice("HNSW32", 30_000, 256, gib)
+    why = fi.explain_choice("IVF16384_HNSW32,SQ8", 10_000_000, 256, 4 * gib)
+    assert "16384 inverted lists" in why and "8-bit scalar codes" in why and "HNSW graph" in why
+    assert "2.48 GiB in memory within the 4.00 GiB budget" in why
+    assert "would exceed the budget" in fi.explain_choice("IVF8192,PQ64", 5_000_000, 256, gib)
+
+
+def test_a_killed_build_resumes_from_its_parts(data, tmp_path, monkeypatch):
+    base, shards, queries, truth = data
+    monkeypatch.setattr(fi, "PART", 1000)
+    whole = fi.blocks
+    calls = []
+
+    def killed_in_the_third_part(parts, size):
+        calls.append(size)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return whole(parts, size)
+
+    work = tmp_path / fi.resume_key("IVF16,SQ8", shards)
+    monkeypatch.setattr(fi, "blocks", killed_in_the_third_part)
+    with pytest.raises(KeyboardInterrupt):
+        fi.build_resumable("IVF16,SQ8", shards, DIM, work)
+    names = sorted(p.name for p in work.iterdir())
+    assert names == ["part-00000.faiss", "part-00001.faiss", "trained.faiss"]
+    expected = fi.read_index(work / "trained.faiss")
+    expected.add(base)  # what an uninterrupted build adds to the same trained index
+
+    monkeypatch.setattr(fi, "blocks", whole)
+    monkeypatch.setattr(fi, "make_index", lambda *a: pytest.fail("trained again"))
+    resumed = fi.build_resumable("IVF16,SQ8", shards, DIM, work)
+    assert resumed.ntotal == len(base)
+    for index in (resumed, expected):
+        fi.set_search_params(index, {"nprobe": 16})
+    found = resumed.search(queries, 10)
+    assert np.array_equal(found[1], expected.search(queries, 10)[1])
+    assert recall_at_k(found[1], truth) > 0.9  # every list probed: only SQ8's error is left
+
+
+def test_resume_keys_name_the_gallery(data):
+    base, shards, _, _ = data
+    assert fi.resume_key("IVF16,SQ8", shards) == fi.resume_key("IVF16,SQ8", [base])
+    assert fi.resume_key("IVF16,SQ8", [base]) != fi.resume_key("IVF32,SQ8", [base])
+    assert fi.resume_key("IVF16,SQ8", [base]) != fi.resume_key("IVF16,SQ8", [base[::-1]])
+    assert [len(p) for p in fi.rows_between(shards, 1000, 2000)] == [500, 1, 499]
+    assert fi.resumable("IVF16384,SQ8", 10_000_000, use_gpu=False)
+    assert not fi.resumable("IVF1024,SQ8", 100_000, use_gpu=False)  # one part
+    assert not fi.resumable("HNSW32", 10_000_000, use_gpu=False)
+
+
+def test_an_hnsw_quantizer_searches_as_deep_as_nprobe(data):
+    base, shards, queries, truth = data
+    index = fi.build_index("IVF64_HNSW32,Flat", shards, DIM, use_gpu=False)
+    fi.set_search_params(index, {"nprobe": 64})  # every list: exact, if all are found
+    quantizer = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
+    assert quantizer.hnsw.efSearch == 64
+    assert recall_at_k(index.search(queries, 10)[1], truth) > 0.99

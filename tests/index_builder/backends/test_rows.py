@@ -4,6 +4,7 @@ lookups against the old in-memory ones (dicts and full passes over parsed rows).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -169,3 +170,28 @@ def test_row_count_mismatch_is_refused(tmp_path):
     path.write_text("\n".join(path.read_text(encoding="utf-8").splitlines()[:-1]) + "\n")
     with pytest.raises(ValueError, match="inconsistent: text index holds 20 vectors for 19 rows"):
         store.open()
+
+
+def _mapped_kib(path):
+    """Resident KiB of this process's mappings of `path` (Linux smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            if line[:1].isdigit() or line[:1] in "abcdef":  # a mapping's header line
+                inside = line.rstrip().endswith(str(path))
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="Linux /proc only")
+def test_full_passes_leave_no_rows_resident(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(
+        "".join(json.dumps({"id": f"i{i}", "pad": "x" * 200}) + "\n" for i in range(20000))
+    )
+    loaded = JsonlRows(path)  # finding the lines reads the whole file (4 MB)
+    assert _mapped_kib(path) < 256
+    assert sum(1 for _ in loaded) == 20000  # so does building the id lookups
+    assert _mapped_kib(path) < 256
+    assert loaded[19999]["id"] == "i19999" and 0 < _mapped_kib(path) < 256  # read on demand

@@ -168,9 +168,10 @@ def test_killed_build_never_moves_the_pointer(tmp_path):
     assert store.current() == after and not (tmp_path / "idx" / "staging").exists()
 
 
-def test_add_appends_as_a_new_version(tmp_path):
+@pytest.mark.parametrize("factory", ["HNSW16", "IVF4_HNSW32,SQ8"])
+def test_add_appends_as_a_new_version(tmp_path, factory):
     store = IndexStore(tmp_path / "idx")
-    first = _publish(store, factory="HNSW16")
+    first = _publish(store, factory=factory)
     shards, rows = _gallery(20, seed=5)
     vectors = {side: shards[side][0] for side in shards}
     change = collection.Change(rows=rows, vectors=vectors)
@@ -219,3 +220,32 @@ def test_version_names_are_never_paths(tmp_path):
         with pytest.raises(ValueError, match="not an index version name"):
             store.switch(name)
     assert store.current() == version
+
+
+def test_a_killed_large_build_resumes_and_cleans_up(tmp_path, monkeypatch):
+    monkeypatch.setattr(faiss_index, "PART", 16)  # 60 vectors a side: four parts
+    store = IndexStore(tmp_path / "idx")
+    whole, calls = faiss_index.blocks, []
+
+    def killed_in_the_second_part(parts, size):
+        calls.append(size)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return whole(parts, size)
+
+    monkeypatch.setattr(faiss_index, "blocks", killed_in_the_second_part)
+    with pytest.raises(KeyboardInterrupt):
+        _publish(store, factory="IVF4,SQ8")
+    assert store.current() is None
+    (kept,) = (tmp_path / "idx" / "resume").iterdir()
+    assert kept.name.startswith("image-")
+    assert sorted(p.name for p in kept.iterdir()) == ["part-00000.faiss", "trained.faiss"]
+    monkeypatch.setattr(faiss_index, "blocks", whole)
+    version = _publish(store, factory="IVF4,SQ8")
+    assert not any((tmp_path / "idx" / "resume").iterdir())
+    index = store.open(version)
+    shards, _ = _gallery()
+    images, texts = shards["image"][0], shards["text"][0]
+    truth = exact_knn(texts, [images], 5)
+    found = np.stack([index.search("image", t[None], 5)[1][0] for t in texts])
+    assert recall_at_k(found, truth) > 0.9
