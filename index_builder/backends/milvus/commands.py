@@ -80,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
 def start(args: argparse.Namespace, data_dir: Path) -> int:
     begun = time.monotonic()
     state = server.start(data_dir, args.port, args.metrics_port, args.timeout, progress=say)
+    if args.foreground:  # before "healthy" is printed: a supervisor may signal right after it
+        stop_on_signals(data_dir, state)
     print(
         f"Milvus {state.version} is healthy at {state.uri} (pid {state.pid}, metrics port "
         f"{state.metrics_port}, data {state.data_dir}) after {time.monotonic() - begun:.1f} s"
@@ -88,8 +90,8 @@ def start(args: argparse.Namespace, data_dir: Path) -> int:
     return attend(data_dir, state) if args.foreground else 0
 
 
-def attend(data_dir: Path, state: server.State) -> int:
-    """Wait while the server runs; SIGTERM, SIGINT or SIGHUP stop it gracefully."""
+def stop_on_signals(data_dir: Path, state: server.State) -> None:
+    """SIGTERM, SIGINT or SIGHUP stop the server gracefully."""
 
     def stop_server(signum: int, frame: FrameType | None) -> None:
         say(f"got signal {signum}: stopping Milvus (pid {state.pid})")
@@ -97,6 +99,10 @@ def attend(data_dir: Path, state: server.State) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, stop_server)
+
+
+def attend(data_dir: Path, state: server.State) -> int:
+    """Wait while the server runs (stop_on_signals stops it on a signal)."""
     while server.alive(state.pid):
         time.sleep(0.5)
     stopped = server.read_state(data_dir) is None

@@ -41,6 +41,7 @@ START_TIMEOUT_S = 120.0
 GRACEFUL_STOP_S = 10  # Milvus's own limit on its graceful stop
 STOP_GRACE_S = 30.0  # then `stop` kills it
 LOG_TAIL_LINES = 20
+PORT_WAIT_S = 5.0  # how long a restart waits for the last start's ports to free
 PORT_RANGE = (20000, 32000)  # where free ports are drawn: below the ephemeral range
 # Components whose address the others dial: all advertise loopback (by default each would
 # advertise the machine's first network address).
@@ -136,6 +137,16 @@ def port_free(port: int) -> bool:
             sock.bind(("", port))
         except OSError:
             return False
+    return True
+
+
+def port_freed(port: int, deadline: float) -> bool:
+    """Whether `port` is free, or frees before `deadline` (time.monotonic(); a server killed a
+    moment ago may hold its ports a little longer than its process lives)."""
+    while not port_free(port):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
     return True
 
 
@@ -252,7 +263,8 @@ def internal_ports(data_dir: Path) -> dict[str, int]:
     names = [*INTERNAL_PORTS, "etcd_peer_port"]
     path = data_dir / "configs" / "ports.json"
     last = read_json(path) if path.is_file() else {}
-    kept = {n: int(last[n]) for n in names if n in last and port_free(int(last[n]))}
+    deadline = time.monotonic() + PORT_WAIT_S  # one wait for all of them
+    kept = {n: int(last[n]) for n in names if n in last and port_freed(int(last[n]), deadline)}
     fresh = iter(free_ports(len(names) - len(kept), avoid=set(kept.values())))
     chosen = {name: kept[name] if name in kept else next(fresh) for name in names}
     if chosen != last:

@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 import tomllib
 from pathlib import Path
 
@@ -175,6 +177,9 @@ def test_foreground_start_stops_the_server_on_sigterm(tmp_path):
         assert state is not None and server.alive(state.pid) and server.healthy(metrics)
         proc.terminate()
         assert proc.wait(timeout=60) == 0
+    except BaseException:
+        server.stop(data, grace=5.0)  # never leave a server behind a failed test
+        raise
     finally:
         proc.kill()
     assert "got signal 15: stopping Milvus" in proc.stderr.read()
@@ -205,9 +210,9 @@ def test_a_killed_server_keeps_its_rows_on_restart(tmp_path):
     assert not server.alive(state.pid)
 
     again = server.start(data, *server.free_ports(2), timeout=120, settings=settings)
-    # the components keep their ports: the sessions left in etcd still name the right addresses
-    assert again.internal_ports == state.internal_ports
     try:
+        # the components keep their ports: the sessions left in etcd name the right addresses
+        assert again.internal_ports == state.internal_ports
         client = MilvusClient(uri=again.uri)
         client.load_collection("kept")
         rows = client.query("kept", filter="id >= 0", output_fields=["id"])
@@ -215,3 +220,20 @@ def test_a_killed_server_keeps_its_rows_on_restart(tmp_path):
         client.close()
     finally:
         server.stop(data, grace=5.0)
+
+
+def test_a_restart_waits_briefly_for_its_last_ports():
+    """A port the last start used and that frees within the wait is kept; one held past the
+    deadline is not (the server then takes a new one)."""
+    (port,) = server.free_ports(1)
+    held = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    held.bind(("127.0.0.1", port))
+    held.listen()
+    threading.Timer(0.5, held.close).start()
+    assert server.port_freed(port, time.monotonic() + 5.0)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("127.0.0.1", port))
+        busy.listen()
+        begun = time.monotonic()
+        assert not server.port_freed(port, begun + 0.5)
+        assert time.monotonic() - begun >= 0.5
