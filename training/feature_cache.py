@@ -341,13 +341,12 @@ def cached_model(model: TwoTower, feats: SplitFeatures) -> TwoTower:
     return cached
 
 
-class CachedPairDataset(Dataset):
-    """Item i: image row i and one of its caption rows, drawn afresh each epoch (seeded by
+class CaptionDraw(Dataset):
+    """Item i: cached row i and one of its caption rows, drawn afresh each epoch (seeded by
     (seed, epoch, i) as in PairDataset)."""
 
-    def __init__(self, feats: SplitFeatures, seed: int = 0) -> None:
-        self.feats, self.rows = feats, feats.caption_rows()
-        self.seed, self.epoch = seed, 0
+    def __init__(self, caption_rows: list[list[int]], seed: int = 0) -> None:
+        self.rows, self.seed, self.epoch = caption_rows, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -359,6 +358,14 @@ class CachedPairDataset(Dataset):
         rng = np.random.default_rng((self.seed, self.epoch, index))
         rows = self.rows[index]
         return index, rows[int(rng.integers(len(rows)))]
+
+
+class CachedPairDataset(CaptionDraw):
+    """Image row i of the cache and one of its caption rows (`CaptionDraw`)."""
+
+    def __init__(self, feats: SplitFeatures, seed: int = 0) -> None:
+        super().__init__(feats.caption_rows(), seed)
+        self.feats = feats
 
     def collate(self, items: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
         image, caption = torch.tensor(items).T  # (B,), (B,)

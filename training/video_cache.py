@@ -14,13 +14,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
 
 from index_builder.manifest import Record, load_records
 from index_builder.preprocess import TextTokenizer
 from index_builder.progress import progress
 from index_builder.video import VideoError, VideoLimits
-from training.feature_cache import CachedTower
+from training.feature_cache import CachedTower, CaptionDraw
 from training.two_tower import TwoTower
 from training.video_datasets import load_clip
 from training.video_evaluate import video_metrics
@@ -121,23 +120,8 @@ def _encode_captions(model: TwoTower, records: list[Record], batch: int):
     return torch.cat(texts), owner, rows
 
 
-class CachedVideoPairs(Dataset):
-    """Item i: cached video row i and one of its caption rows, drawn afresh each epoch
-    (seeded by (seed, epoch, i) as in PairDataset)."""
-
-    def __init__(self, caption_rows: list[list[int]], seed: int = 0) -> None:
-        self.rows, self.seed, self.epoch = caption_rows, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> tuple[int, int]:
-        rng = np.random.default_rng((self.seed, self.epoch, index))
-        rows = self.rows[index]
-        return index, rows[int(rng.integers(len(rows)))]
+class CachedVideoPairs(CaptionDraw):
+    """Cached video row i and one of its caption rows (`CaptionDraw`)."""
 
     @staticmethod
     def collate(items: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
