@@ -51,6 +51,8 @@ def side_by_side(result: dict[str, Any]) -> dict[str, Any]:
         "Milvus RSS MiB": round(milvus / 2**20) if milvus else None,
         "upsert 1% s": (changes.get("upsert") or {}).get("seconds"),
         "delete 1% s": (changes.get("delete") or {}).get("seconds"),
+        "slowest delete of 1k s": max((changes.get("delete") or {}).get("request_seconds") or [0])
+        or None,
         "failed searches during changes": sum(
             (changes.get(name) or {}).get("searches_failed", 0) for name in ("upsert", "delete")
         ),

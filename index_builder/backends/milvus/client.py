@@ -105,17 +105,10 @@ def connect(uri: str, token: str | None, timeout: float = CONNECT_TIMEOUT_S) -> 
     return client
 
 
-def create_collection(
-    client: Any,
-    name: str,
-    dim: int,
-    index_type: str,
-    params: dict[str, Any],
-    sides: list[str],
-    lite: bool = False,
-) -> None:
-    """An empty version collection (not loaded) with its vector index, scalar indexes on the
-    ids looked up by value (`id_indexes`) and one partition per side."""
+def create_collection(client: Any, name: str, dim: int, sides: list[str], lite: bool) -> None:
+    """An empty version collection (not loaded) with scalar indexes on the ids looked up by
+    value (`id_indexes`) and one partition per side; its vector index is added once it is
+    filled (`add_index`), when its segments' sizes are known."""
     from pymilvus import DataType
 
     schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
@@ -127,7 +120,6 @@ def create_collection(
     schema.add_field("item", DataType.JSON)
     client.create_collection(name, schema=schema)
     id_indexes(client, name, lite)
-    add_index(client, name, index_type, params)
     for side in sides:
         client.create_partition(name, side)
 
@@ -155,15 +147,20 @@ def add_index(client: Any, name: str, index_type: str, params: dict[str, Any]) -
     client.release_collection(name)
 
 
-def choose_index(kind: str, params: dict[str, Any], n: int) -> tuple[str, dict[str, Any]]:
-    """The index type and build parameters for `n` vectors. AUTO follows the FAISS backend's
-    choice (exact below 10k, HNSW up to 50k, IVF beyond: cross-modal queries lose recall on
-    large HNSW graphs, see the FAISS backend's `choose_factory`); `params` override the defaults."""
+def choose_index(
+    kind: str, params: dict[str, Any], n: int, segment_rows: int | None = None
+) -> tuple[str, dict[str, Any]]:
+    """The index type and build parameters for `n` vectors held in segments of up to
+    `segment_rows` rows. AUTO follows the FAISS backend's choice (exact below 10k, HNSW up to
+    50k, IVF beyond: cross-modal queries lose recall on large HNSW graphs, see the FAISS
+    backend's `choose_factory`). Milvus builds an index per sealed segment, so nlist follows
+    the segment's size, not the collection's: 4 sqrt(1M) lists over segments of 60k rows left
+    15 rows a list and took about an hour to build at 1M on 2 cores. `params` override."""
     if kind not in INDEX_TYPES:
         raise ValueError(f"unknown Milvus index type {kind!r} (use {', '.join(INDEX_TYPES)})")
     if kind == "AUTO":
         kind = "FLAT" if n < 10_000 else "HNSW" if n <= 50_000 else "IVF_FLAT"
-    nlist = ivf_lists(n)  # the FAISS rule: about 4 sqrt(n), at least 39 points per list
+    nlist = ivf_lists(min(n, segment_rows or n))  # the FAISS rule, per segment
     defaults: dict[str, dict[str, Any]] = {
         "FLAT": {},
         "HNSW": {"M": 32, "efConstruction": 200},
@@ -202,6 +199,17 @@ def param_limit(info: dict[str, Any], name: str, k: int) -> int:
     if name == "nprobe":
         return int(info["index_params"]["nlist"])
     return max(SEARCH_GRID[name][-1], WIDEN_LIMIT * k)
+
+
+def segment_rows(client: Any, name: str, lite: bool) -> int | None:
+    """The most rows a sealed segment of a flushed collection holds (None for milvus-lite,
+    which keeps one segment per collection). How many rows a segment takes depends on the
+    server's dataCoord.segment.maxSize and the schema: with 4096-byte ids, 2.3.5's 512 MB
+    segments hold about 60k rows of 256-d vectors."""
+    if lite:
+        return None
+    segments = client.list_persistent_segments(name)
+    return max((int(s.num_rows) for s in segments), default=None)
 
 
 def wait_indexed(client: Any, name: str, timeout: float = INDEX_TIMEOUT_S) -> None:

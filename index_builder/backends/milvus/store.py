@@ -300,9 +300,7 @@ class MilvusStore:
             version = next_version_name(self.versions())
             collection = self.collection_of(version)
             try:
-                total = sum(draft.counts.values())
-                config = self.config
-                kind, params = choose_index(config.milvus_index, config.milvus_params, total)
+                kind, params = self.config.milvus_index, self.config.milvus_params
                 info = build_collection(self.client, self.uri, collection, draft, kind, params)
                 info = info_record(
                     version,

@@ -16,9 +16,12 @@ import numpy as np
 from index_builder.backends.base import OTHER
 from index_builder.backends.milvus.client import (
     ID_LENGTH,
+    add_index,
+    choose_index,
     create_collection,
     errors,
     search_grid,
+    segment_rows,
     wait_indexed,
 )
 from index_builder.backends.recall import METRIC, recall_at_k
@@ -105,41 +108,42 @@ def merge_kinds(a: dict[str, str], b: dict[str, str]) -> dict[str, str]:
 def build_collection(
     client: Any, uri: str, collection: str, draft: Draft, kind: str, params: dict[str, Any]
 ) -> dict[str, Any]:
-    """The collection filled, indexed (`kind`, `params`), loaded and tuned: its sides'
-    records."""
+    """The collection filled, indexed (`choose_index(kind, params, ...)` once its segments
+    are sealed), loaded and tuned: its sides' records."""
     started = time.perf_counter()
+    lite = uri.endswith(".db")
     with errors(uri, f"create collection {collection}"):
-        lite = uri.endswith(".db")
-        create_collection(client, collection, draft.dim, kind, params, list(draft.counts), lite)
-    sides, truths = {}, {}
-    for side, count in draft.counts.items():
-        queries = draft.queries[side]
-        truths[side], fields = fill_side(
-            client, uri, collection, side, draft.batches[side], queries
+        create_collection(client, collection, draft.dim, list(draft.counts), lite)
+    truths, fields = {}, {}
+    for side in draft.counts:
+        truths[side], fields[side] = fill_side(
+            client, uri, collection, side, draft.batches[side], draft.queries[side]
         )
-        sides[side] = {
+    with errors(uri, f"index collection {collection}"):
+        client.flush(collection)
+        total = sum(draft.counts.values())
+        kind, params = choose_index(kind, params, total, segment_rows(client, collection, lite))
+        log.info("%s: %s %s over %d rows", collection, kind, params, total)
+        add_index(client, collection, kind, params)
+        wait_indexed(client, collection)
+        client.load_collection(collection)
+    seconds = round(time.perf_counter() - started, 3)
+    sides = {}
+    for side, count in draft.counts.items():
+        info = {
             "factory": kind,
             "index_type": kind,
             "index_params": params,
             "count": count,
             "rows": count,
             "deleted": 0,
-            "fields": fields,
+            "fields": fields[side],
             "skipped": draft.skipped.get(side) or {"count": 0, "examples": []},
             "query_side": query_side(side, draft.counts),
         }
-    with errors(uri, f"index collection {collection}"):
-        client.flush(collection)
-        wait_indexed(client, collection)
-        client.load_collection(collection)
-    seconds = round(time.perf_counter() - started, 3)
-    for side, info in sides.items():
-        info.update(
-            tune_side(
-                client, uri, collection, side, info, draft.queries[side], truths[side], draft.target
-            )
-        )
-        info["build_seconds"] = seconds
+        queries, target = draft.queries[side], draft.target
+        info.update(tune_side(client, uri, collection, side, info, queries, truths[side], target))
+        sides[side] = {**info, "build_seconds": seconds}
     return sides
 
 
