@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import re
+import subprocess
 import sys
 from datetime import UTC, datetime
 from importlib import metadata
@@ -180,7 +181,7 @@ def section(
     for path in mine:
         data, paths_note = relative_to_machine(results[path])
         recorded = isinstance(data, dict) and isinstance(data.get("command"), str)
-        when = datetime.fromtimestamp(path.stat().st_mtime, UTC).strftime("%Y-%m-%d %H:%M UTC")
+        when = measured_when(path).strftime("%Y-%m-%d %H:%M UTC")
         parts.append(f"### `{path.name}` ({when})\n")
         if recorded:
             parts.append(f"Command: `{data['command']}`\n")
@@ -198,6 +199,24 @@ def section(
         if picture is not None:
             parts.append(f"![{figure.name}]({os.path.relpath(picture, md_dir)})\n")
     return "\n".join(p for p in parts if p), images
+
+
+def measured_when(path: Path) -> datetime:
+    """When a result was made: its last commit's date (a fresh clone's files all carry the
+    checkout's time), else, uncommitted, the file's modification time."""
+    try:
+        committed = subprocess.run(
+            ["git", "log", "-1", "--format=%ct", "--", path.name],
+            cwd=path.parent, capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        committed = ""
+    uncommitted = subprocess.run(
+        ["git", "status", "--porcelain", "--", path.name], cwd=path.parent,
+        capture_output=True, text=True,
+    ).stdout.strip() if committed else ""  # fmt: skip
+    stamp = int(committed) if committed and not uncommitted else path.stat().st_mtime
+    return datetime.fromtimestamp(stamp, UTC)
 
 
 def recorded_picture(data: Any, img_dir: Path) -> Path | None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -494,3 +497,18 @@ def test_machine_paths_become_relative_and_transfer_tables_are_readable(tmp_path
     widest = max(line.count("|") - 1 for line in text.splitlines() if line.startswith("|"))
     assert widest <= 10  # no 30-column raw table
     assert "| y | /a |" in text  # a lone /tmp path: relative to its folder; a URL path stays
+
+
+def test_a_result_is_dated_by_its_commit_not_its_checkout(tmp_path):
+    env = {**os.environ, "GIT_COMMITTER_DATE": "2026-01-02T03:04:05Z",
+           "GIT_AUTHOR_DATE": "2026-01-02T03:04:05Z"}  # fmt: skip
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    result = tmp_path / "r.json"
+    result.write_text("{}")
+    subprocess.run([*git, "add", "r.json"], check=True)
+    subprocess.run([*git, "commit", "-qm", "r"], check=True, env=env)
+    assert report.measured_when(result).strftime("%Y-%m-%d %H:%M") == "2026-01-02 03:04"
+    result.write_text('{"changed": 1}')  # measured again, not committed yet: its own time
+    assert report.measured_when(result).year == datetime.now(UTC).year
+    assert report.measured_when(result).strftime("%m-%d %H:%M") != "01-02 03:04"
