@@ -1,0 +1,81 @@
+"""Search at scale: re-rank vectors read with pread, tuning with a margin, and the layout
+chosen for galleries of millions (issue 27)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from index_builder.backends.faiss import faiss_index as fi
+from index_builder.backends.faiss import search as fs
+from index_builder.backends.recall import exact_knn, recall_at_k
+
+DIM = 32
+
+
+def _unit(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _clustered(seed: int, n: int, spread: float = 0.5):
+    """A clustered gallery and a sampler of more items from the same clusters."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((40, DIM))
+
+    def items(count: int) -> np.ndarray:
+        return _unit(
+            centres[rng.integers(0, 40, count)] + spread * rng.standard_normal((count, DIM))
+        )
+
+    return rng, items(n), items
+
+
+def test_pread_rerank_returns_exactly_the_mmap_results(tmp_path):
+    rng, base, _ = _clustered(0, 6000)
+    np.save(tmp_path / "v.npy", base)
+    mapped = np.load(tmp_path / "v.npy", mmap_mode="r")
+    queries = _unit(base[:50] + 0.3 * rng.standard_normal((50, DIM)))
+    index = fi.build_index("IVF64,SQ8", [base], DIM, use_gpu=False)
+    fi.set_search_params(index, {"nprobe": 8})
+    rows = np.maximum(index.search(queries, 40)[1], 0)
+    read = fs.gathered(mapped, rows.ravel())
+    assert np.array_equal(read, np.asarray(mapped[rows.ravel()]))
+    # the whole file is read with pread; a view (offset no longer the file's) is indexed
+    within = rows.ravel() % (len(base) - 100)
+    assert np.array_equal(fs.gathered(mapped[100:], within), base[100:][within])
+    in_memory = fs.search_index(index, np.array(base), queries, 10, None, 4)
+    preads = fs.search_index(index, mapped, queries, 10, None, 4)
+    assert np.array_equal(in_memory[1], preads[1]) and np.array_equal(in_memory[0], preads[0])
+    with pytest.raises(IndexError, match="outside"):
+        fs.gathered(mapped, np.array([0, len(base)]))
+
+
+def test_pread_does_not_map_the_vectors(tmp_path, monkeypatch):
+    """Reading through pread never touches the memory map (its pages would stay resident)."""
+    _, base, _ = _clustered(1, 1000)
+    np.save(tmp_path / "v.npy", base)
+    mapped = np.load(tmp_path / "v.npy", mmap_mode="r")
+    calls = []
+    monkeypatch.setattr(type(mapped), "__getitem__", lambda self, i: calls.append(i))
+    assert np.array_equal(fs.gathered(mapped, np.array([5, 3, 5])), base[[5, 3, 5]])
+    assert calls == []
+
+
+def test_tuning_with_a_margin_serves_the_target_to_harder_queries():
+    """Tuning queries with their pair in the gallery (as the other side's gallery vectors) are
+    easier than real queries, which lie further off: tuned to the plain target, the held-out
+    queries miss it; with the margin they meet it."""
+    rng, base, items = _clustered(1, 8000)
+    paired = _unit(base[rng.integers(0, 8000, 500)] + 0.4 * rng.standard_normal((500, DIM)))
+    held_out = _unit(items(500) + 0.6 * rng.standard_normal((500, DIM)))
+    index = fi.build_index("IVF128,Flat", [base], DIM, use_gpu=False)
+    truth, held_truth = exact_knn(paired, [base], 10), exact_knn(held_out, [base], 10)
+    served = {}
+    for margin in (0.0, fs.TUNE_MARGIN):
+        params, recall = fs.tune(index, paired, truth, 0.95, margin=margin)
+        assert recall >= fs.tuning_target(0.95, margin)
+        fi.set_search_params(index, params)
+        served[margin] = recall_at_k(index.search(held_out, 10)[1], held_truth)
+    assert served[0.0] < 0.95 <= served[fs.TUNE_MARGIN]
+    assert fs.tuning_target(0.95) == pytest.approx(0.97)
+    assert fs.tuning_target(0.99) == pytest.approx(0.994)
