@@ -40,7 +40,7 @@ def test_pread_rerank_returns_exactly_the_mmap_results(tmp_path):
     rows = np.maximum(index.search(queries, 40)[1], 0)
     read = fs.gathered(mapped, rows.ravel())
     assert np.array_equal(read, np.asarray(mapped[rows.ravel()]))
-    # the whole file is read with pread; a view (offset no longer the file's) is indexed
+    # a slice of rows is read with pread from its own offset; other views are indexed
     within = rows.ravel() % (len(base) - 100)
     assert np.array_equal(fs.gathered(mapped[100:], within), base[100:][within])
     in_memory = fs.search_index(index, np.array(base), queries, 10, None, 4)
@@ -55,10 +55,14 @@ def test_pread_does_not_map_the_vectors(tmp_path, monkeypatch):
     _, base, _ = _clustered(1, 1000)
     np.save(tmp_path / "v.npy", base)
     mapped = np.load(tmp_path / "v.npy", mmap_mode="r")
+    rows, columns = mapped[7:900], mapped[:, :4]
     calls = []
-    monkeypatch.setattr(type(mapped), "__getitem__", lambda self, i: calls.append(i))
+    monkeypatch.setattr(np.memmap, "__getitem__", lambda self, i: calls.append(i) or base[i])
     assert np.array_equal(fs.gathered(mapped, np.array([5, 3, 5])), base[[5, 3, 5]])
+    assert np.array_equal(fs.gathered(rows, np.array([0, 2])), base[[7, 9]])
     assert calls == []
+    fs.gathered(columns, np.array([1]))
+    assert len(calls) == 1  # not contiguous rows: indexed
 
 
 def test_tuning_with_a_margin_serves_the_target_to_harder_queries():
