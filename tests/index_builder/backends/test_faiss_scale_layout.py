@@ -83,3 +83,21 @@ def test_tuning_with_a_margin_serves_the_target_to_harder_queries():
     assert served[0.0] < 0.95 <= served[fs.TUNE_MARGIN]
     assert fs.tuning_target(0.95) == pytest.approx(0.97)
     assert fs.tuning_target(0.99) == pytest.approx(0.994)
+
+
+def test_the_choice_names_pread_re_rank_and_the_margin_from_ivf_sizes():
+    gib = 1 << 30
+    for n, factory in ((100_000, "IVF1024,SQ8"), (10_000_000, "IVF16384_HNSW32,SQ8")):
+        assert fi.choose_factory(n, 256, 4 * gib) == factory
+        why = fi.explain_choice(factory, n, 256, 4 * gib)
+        assert "read with pread for the exact re-rank" in why and "with a margin" in why
+    assert "pread" not in fi.explain_choice("HNSW32", 30_000, 256, gib)
+
+
+def test_fast_scan_codes_are_sized_and_re_ranked_deeper():
+    """PQ fast-scan codes (`--factory IVF...,PQ{m}x4fs`): half a byte per sub-quantizer,
+    and RERANK["PQfs"] candidates per hit (bench/layout_at_scale.py: 32 reach 0.95)."""
+    _, base, _ = _clustered(2, 3000)
+    index = fi.build_index("IVF16,PQ16x4fs", [base], DIM, use_gpu=False)
+    assert fi.default_rerank(index) == fi.RERANK["PQfs"] == 32
+    assert fi.estimate_bytes("IVF16,PQ16x4fs", 3000, DIM) == 3000 * (8 + 8) + 16 * DIM * 4
