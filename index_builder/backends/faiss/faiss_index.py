@@ -39,7 +39,7 @@ ADD_BLOCK = 262_144  # vectors read and added at a time (shards may be larger th
 TUNE_K = 10
 # Indexes with compressed codes (scalar or product quantizers) rank approximately: their
 # search returns RERANK x k candidates, re-scored exactly from the stored float vectors.
-RERANK = {"SQ": 2, "PQ": 8, "PQfs": 32}
+RERANK = {"SQ": 2, "PQ": 8}
 _FLAT = re.compile(r"^Flat$")
 _HNSW = re.compile(r"^HNSW(\d+)(,Flat)?$")
 _IVF = re.compile(
@@ -334,8 +334,6 @@ def default_rerank(index: Any) -> int:
     name = type(inner).__name__
     if "ScalarQuantizer" in name:
         return RERANK["SQ"]
-    if "FastScan" in name:
-        return RERANK["PQfs"]
     return RERANK["PQ"] if "PQ" in name else 1
 
 
