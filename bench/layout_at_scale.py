@@ -4,16 +4,18 @@ exact re-rank, and the recall served to held-out real queries, for compressed-co
     python -m bench.layout_at_scale --real cots-data/real-embeddings/openclipart \
         cots-data/real-embeddings/emoji cots-data/real-embeddings/synthetic --size 1000000
 
-One generated gallery (bench/gallery_files.py) per size. Each layout (a FAISS factory string,
-`{nlist}` the automatic list count, `{m}` a quarter of the dimension) is built with the
-product's builder, then searched through the product's search path (`search_index`: the
-codes' top rerank x 10, re-scored from the float vectors) with held-out real queries of the
-other modality at each nprobe and re-rank depth: recall@10 against exact search. At the
-smallest nprobe reaching the goal per depth, single queries (one thread) are timed,
-interleaved across layouts: (a) the IVF scan, (b) the re-rank reading the float vectors
-through a memory map and through `os.preadv`. The product's tuning (`search.tune`, the other
-side's gallery vectors as queries) runs with the plain target and with its margin, and the
-recall those settings serve to the real queries is recorded. Results:
+One generated gallery (bench/gallery_files.py) per size. Each layout is a FAISS factory string
+(`{ivf}` the automatic IVF quantizer, `{nlist}` its list count, `{nlist2}` twice that, `{m}` and
+`{m2}` a quarter and half the dimension), built with the product's builder and searched through
+the product's search path (`search_index`: the codes' top rerank x 10, re-scored from the float
+vectors) with held-out real queries of the other modality at each nprobe and re-rank depth:
+recall@10 against exact search. At the smallest nprobe reaching the goal per depth, single
+queries (one thread) are timed, interleaved across layouts: the IVF scan, and the re-rank's
+reads of the float vectors through a memory map and through `os.preadv`
+(`search.gathered`). The product's tuning (`search.tune`, the other side's gallery vectors as
+queries) runs with the plain target and with its margin, and the recall those settings serve
+to the real queries is recorded. Reads of re-rank vectors not in the page cache (evicted
+first, as most of a 10M side's are) are timed through both paths too. Results:
 bench/results/layout_at_scale.json, with bench/calibration.py's figures before and after.
 """
 
@@ -42,7 +44,7 @@ from index_builder.backends.recall import exact_knn, recall_at_k, sample_rows
 K = 10
 GOAL = 0.95
 NPROBES = (32, 48, 64, 96, 128, 192, 256, 384, 512)
-LAYOUTS = ("IVF{nlist},SQ8", "IVF{nlist},PQ{m}x4fs", "IVF{nlist},PQ{m2}x4fs")
+LAYOUTS = ("{ivf},SQ8", "{ivf},PQ{m2}x4fs", "IVF{nlist2}_HNSW32,SQ8")
 DEPTHS = {"SQ8": (2, 4), "fs": (8, 32, 64)}
 
 
@@ -184,7 +186,8 @@ def side(
     tune_queries = sample_rows([other], args.queries, seed=1)
     results, cases = [], []
     for form in args.layouts:
-        factory = form.format(nlist=nlist, nlist2=2 * nlist, m=dim // 4, m2=dim // 2)
+        ivf = f"IVF{nlist}_HNSW32" if nlist >= fi.HNSW_LISTS else f"IVF{nlist}"
+        factory = form.format(ivf=ivf, nlist=nlist, nlist2=2 * nlist, m=dim // 4, m2=dim // 2)
         print(f"  {name} {factory}", flush=True)
         result, more = layout(factory, base, queries, tune_queries)
         results.append(result)
