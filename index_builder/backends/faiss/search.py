@@ -66,7 +66,8 @@ SEARCH_GRID = {
 # Tuning aims above the target by this fraction of the misses it allows (0.95 -> 0.97): the
 # tuning queries, the other side's gallery vectors, each have their pair in the gallery and
 # are easier than a real query, which has none (bench/scale_curve.py: tuned 0.952, served
-# 0.935 to held-out real image queries over 10M captions; bench/layout_at_scale.py).
+# 0.935 to held-out real image queries over 10M captions; bench/layout_at_scale.py: over 1M
+# captions tuned 0.957 at nprobe 96, served 0.937; with the margin 0.978 at 192, served 0.964).
 TUNE_MARGIN = 0.4
 
 
@@ -116,8 +117,8 @@ def rerank(
     stored: np.ndarray, queries: np.ndarray, rows: np.ndarray, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """The exact top-k among candidate `rows` (Q, C; -1 for none) of compressed-code search:
-    (scores, rows) from the stored float vectors (memory-mapped, so only the candidates'
-    pages are read; faiss's IndexRefineFlat would hold a second float copy in memory)."""
+    (scores, rows) from the stored float vectors (only the candidates' rows are read,
+    `gathered`; faiss's IndexRefineFlat would hold a second float copy in memory)."""
     picked = gathered(stored, np.maximum(rows, 0).ravel())
     scores = np.einsum("qd,qcd->qc", queries, picked.reshape(*rows.shape, -1))
     scores[rows < 0] = -np.inf
@@ -129,18 +130,19 @@ def rerank(
 def gathered(stored: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """float32 copies of `rows` of `stored`. Contiguous float32 rows of a memory-mapped file
     (as `np.load(mmap_mode="r")` opens a `.npy`, or a slice of rows of one) are read with
-    `os.preadv`, one row a call: the rows come
-    through the page cache without being mapped into the process, so the vectors a service
-    re-ranks never add to its resident memory (a mapped page stays resident until the kernel
-    reclaims it: 0.38x of the raw vectors at 10M items per side), and the reads of rows not
-    in the page cache are all started before the first is awaited (POSIX_FADV_WILLNEED), not
-    one page fault after another. Other arrays are indexed."""
+    `os.preadv`, one row a call: the rows come through the page cache without being mapped
+    into the process, so the vectors a service re-ranks never add to its resident memory (a
+    mapped page stays resident until the kernel reclaims it: 0.38x of the raw vectors at 10M
+    items per side), and the reads of rows not in the page cache are all started before the
+    first is awaited (POSIX_FADV_WILLNEED), not one page fault and its read-around after
+    another (bench/layout_at_scale.py). Other arrays are indexed."""
     mapping = stored  # the array over the whole mapping (a view's own offset is its root's)
     while isinstance(mapping.base, np.ndarray):
         mapping = mapping.base
     if not (
         isinstance(mapping, np.memmap)
         and isinstance(mapping.base, mmap.mmap)
+        and mapping.filename is not None
         and stored.dtype == np.float32
         and stored.flags.c_contiguous
         and stored.ndim == 2
