@@ -15,7 +15,8 @@ reads of the float vectors through a memory map and through `os.preadv`
 (`search.gathered`). The product's tuning (`search.tune`, the other side's gallery vectors as
 queries) runs with the plain target and with its margin, and the recall those settings serve
 to the real queries is recorded. Reads of re-rank vectors not in the page cache (evicted
-first, as most of a 10M side's are) are timed through both paths too. Results:
+first, as most of a 10M side's are) are timed through both paths too, and the resident
+memory each path adds over many re-ranks (caption vectors). Results:
 bench/results/layout_at_scale.json, with bench/calibration.py's figures before and after.
 """
 
@@ -130,6 +131,30 @@ def cold_rerank(stored: np.ndarray, depths: tuple[int, ...], trials: int) -> dic
     return {name: round(float(np.median(v)) * 1000, 3) for name, v in spent.items()}
 
 
+def resident_growth(stored: np.ndarray, queries: int, depth: int = 2 * K) -> dict[str, float]:
+    """MiB the process's resident memory grows by over `queries` re-rank gathers of `depth`
+    random rows, by pread first, then through the memory map (the pages it maps stay)."""
+
+    def resident() -> int:
+        lines = Path("/proc/self/status").read_text().splitlines()
+        fields = dict(line.split(":", 1) for line in lines)
+        return int(fields["VmRSS"].split()[0]) * 1024
+
+    rng = np.random.default_rng(1)
+    out: dict[str, float] = {}
+    for name in ("pread", "mmap"):
+        before, started = resident(), time.perf_counter()
+        for _ in range(queries):
+            rows = rng.integers(0, len(stored), depth)
+            if name == "pread":
+                fs.gathered(stored, rows)
+            else:
+                np.asarray(stored[rows], dtype=np.float32)
+        out[f"{name}_rss_growth_mib"] = round((resident() - before) / 2**20, 1)
+        out[f"{name}_ms_per_query"] = round((time.perf_counter() - started) * 1000 / queries, 4)
+    return out
+
+
 def tuned(
     index: Any,
     stored: np.ndarray,
@@ -209,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS))
     parser.add_argument("--directions", nargs="*", default=["t2i", "i2t"])
     parser.add_argument("--cold-trials", type=int, default=30, help="uncached re-rank reads")
+    parser.add_argument("--rss-queries", type=int, default=5000, help="re-ranks for RSS growth")
     parser.add_argument("--out", default="bench/results/layout_at_scale.json")
     args = parser.parse_args(argv)
     images, captions, held_out = generated(args)
@@ -231,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cold_trials:
         out["cold_rerank"] = cold_rerank(images, (20, 80), args.cold_trials)
         print(f"re-rank reads, uncached: {out['cold_rerank']}", flush=True)
+    if args.rss_queries:
+        out["resident_growth"] = resident_growth(captions, args.rss_queries)
+        print(f"resident memory growth: {out['resident_growth']}", flush=True)
     for direction in args.directions:
         base, other, queries = sides[direction]
         out["directions"][direction] = side(direction, base, other, queries, args)

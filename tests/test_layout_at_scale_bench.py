@@ -37,5 +37,10 @@ def test_a_layout_is_swept_tuned_and_timed(tmp_path):
     assert all(
         case["scan_ms"] > 0 and case["pread_ms"] > 0 and case["mmap_ms"] > 0 for case in cases
     )
+    grown = bench.resident_growth(base, 20)
+    assert set(grown) == {
+        f"{p}_{m}" for p in ("pread", "mmap") for m in ("rss_growth_mib", "ms_per_query")
+    }
+    assert grown["pread_rss_growth_mib"] < 1  # nothing mapped
     cold = bench.cold_rerank(base, (5,), 2)
     assert set(cold) == {"mmap_5_rows_ms", "pread_5_rows_ms"}
