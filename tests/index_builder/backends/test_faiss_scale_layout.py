@@ -101,3 +101,22 @@ def test_fast_scan_codes_are_sized():
     index = fi.build_index("IVF16,PQ16x4fs", [base], DIM, use_gpu=False)
     assert fi.estimate_bytes("IVF16,PQ16x4fs", 3000, DIM) == 3000 * (8 + 8) + 16 * DIM * 4
     assert abs(len(faiss.serialize_index(index)) / (3000 * (8 + 8) + 16 * DIM * 4) - 1) < 0.5
+
+
+def test_the_automatic_ivf_layout_serves_the_target_against_exact_search(tmp_path):
+    """Above 50k items the automatic choice (IVF-SQ8), tuned with the margin on queries of
+    the other side, serves the target to fresh queries through the pread re-rank."""
+    rng, base, items = _clustered(3, 60_000)
+    factory = fi.choose_factory(len(base), DIM, 1 << 30)
+    assert factory == "IVF1024,SQ8"
+    np.save(tmp_path / "v.npy", base)
+    stored = np.load(tmp_path / "v.npy", mmap_mode="r")
+    index = fi.build_index(factory, [stored], DIM, use_gpu=False)
+    tuning = _unit(base[rng.integers(0, len(base), 500)] + 0.4 * rng.standard_normal((500, DIM)))
+    params, recall = fs.tune(
+        index, tuning, exact_knn(tuning, [stored], 10), 0.95, stored=stored, margin=fs.TUNE_MARGIN
+    )
+    assert recall >= 0.97 and params["rerank"] == 2
+    fresh = _unit(items(500) + 0.4 * rng.standard_normal((500, DIM)))
+    rows = fs.search_index(index, stored, fresh, 10, None, params["rerank"])[1]
+    assert recall_at_k(rows, exact_knn(fresh, [stored], 10)) >= 0.95
