@@ -42,7 +42,9 @@ TUNE_K = 10
 RERANK = {"SQ": 2, "PQ": 8}
 _FLAT = re.compile(r"^Flat$")
 _HNSW = re.compile(r"^HNSW(\d+)(,Flat)?$")
-_IVF = re.compile(r"^(?:OPQ(\d+)(?:_\d+)?,)?IVF(\d+)(?:_HNSW(\d+))?,(Flat|SQ8|PQ(\d+)(?:x(\d+))?)$")
+_IVF = re.compile(
+    r"^(?:OPQ(\d+)(?:_\d+)?,)?IVF(\d+)(?:_HNSW(\d+))?,(Flat|SQ8|PQ(\d+)(?:x(\d+)(?:fs)?)?)$"
+)
 # From this many inverted lists the coarse quantizer is an HNSW graph over the centroids, in
 # training (k-means assignment) and adding as in search: over 16384 lists a flat quantizer
 # trained 100k vectors in 483 s and added 5,900 vectors a second here, HNSW32 in 102 s and
@@ -135,7 +137,9 @@ def explain_choice(factory: str, n: int, dim: int, memory_budget: int) -> str:
     return (
         f"{n:,} vectors: {ivf_lists(n)} inverted lists (about 4 sqrt(n)){quantizer} of {codes}, "
         f"{size:.2f} GiB in memory within the {memory_budget / 2**30:.2f} GiB budget; the "
-        "float vectors stay on disk, memory-mapped, for the exact re-rank"
+        "float vectors stay on disk, read with pread for the exact re-rank (through the page "
+        "cache, never mapped into the service), and nprobe is tuned to the target recall with "
+        "a margin"
     )
 
 

@@ -35,7 +35,7 @@ from index_builder.backends.base import (
 )
 from index_builder.backends.faiss import faiss_index
 from index_builder.backends.faiss.rows import JsonlRows, write_rows
-from index_builder.backends.faiss.search import tune
+from index_builder.backends.faiss.search import TUNE_MARGIN, tune
 from index_builder.backends.faiss.version import (
     DELETED_FILES,
     INDEX_FILES,
@@ -83,7 +83,9 @@ def index_side(
     queries = sample_rows(query_shards or shards, options.queries, seed=1)
     truth = exact_knn(queries, shards, min(K, count))
     stored = np.load(out / VECTOR_FILES[side], mmap_mode="r")
-    params, recall = tune(index, queries, truth, options.target_recall, stored=stored)
+    params, recall = tune(
+        index, queries, truth, options.target_recall, stored=stored, margin=TUNE_MARGIN
+    )
     log.info(
         "%s index %s: %d vectors, recall@10 %.3f with %s", side, factory, count, recall, params
     )

@@ -1,0 +1,122 @@
+"""Search at scale: re-rank vectors read with pread, tuning with a margin, and the layout
+chosen for galleries of millions (issue 27)."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+
+from index_builder.backends.faiss import faiss_index as fi
+from index_builder.backends.faiss import search as fs
+from index_builder.backends.recall import exact_knn, recall_at_k
+
+DIM = 32
+
+
+def _unit(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _clustered(seed: int, n: int, spread: float = 0.5):
+    """A clustered gallery and a sampler of more items from the same clusters."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((40, DIM))
+
+    def items(count: int) -> np.ndarray:
+        return _unit(
+            centres[rng.integers(0, 40, count)] + spread * rng.standard_normal((count, DIM))
+        )
+
+    return rng, items(n), items
+
+
+def test_pread_rerank_returns_exactly_the_mmap_results(tmp_path):
+    rng, base, _ = _clustered(0, 6000)
+    np.save(tmp_path / "v.npy", base)
+    mapped = np.load(tmp_path / "v.npy", mmap_mode="r")
+    queries = _unit(base[:50] + 0.3 * rng.standard_normal((50, DIM)))
+    index = fi.build_index("IVF64,SQ8", [base], DIM, use_gpu=False)
+    fi.set_search_params(index, {"nprobe": 8})
+    rows = np.maximum(index.search(queries, 40)[1], 0)
+    read = fs.gathered(mapped, rows.ravel())
+    assert np.array_equal(read, np.asarray(mapped[rows.ravel()]))
+    # a slice of rows is read with pread from its own offset; other views are indexed
+    within = rows.ravel() % (len(base) - 100)
+    assert np.array_equal(fs.gathered(mapped[100:], within), base[100:][within])
+    in_memory = fs.search_index(index, np.array(base), queries, 10, None, 4)
+    preads = fs.search_index(index, mapped, queries, 10, None, 4)
+    assert np.array_equal(in_memory[1], preads[1]) and np.array_equal(in_memory[0], preads[0])
+    with pytest.raises(IndexError, match="outside"):
+        fs.gathered(mapped, np.array([0, len(base)]))
+
+
+def test_pread_does_not_map_the_vectors(tmp_path, monkeypatch):
+    """Reading through pread never touches the memory map (its pages would stay resident)."""
+    _, base, _ = _clustered(1, 1000)
+    np.save(tmp_path / "v.npy", base)
+    mapped = np.load(tmp_path / "v.npy", mmap_mode="r")
+    rows, columns = mapped[7:900], mapped[:, :4]
+    calls = []
+    monkeypatch.setattr(np.memmap, "__getitem__", lambda self, i: calls.append(i) or base[i])
+    assert np.array_equal(fs.gathered(mapped, np.array([5, 3, 5])), base[[5, 3, 5]])
+    assert np.array_equal(fs.gathered(rows, np.array([0, 2])), base[[7, 9]])
+    assert calls == []
+    fs.gathered(columns, np.array([1]))
+    assert len(calls) == 1  # not contiguous rows: indexed
+
+
+def test_tuning_with_a_margin_serves_the_target_to_harder_queries():
+    """Tuning queries with their pair in the gallery (as the other side's gallery vectors) are
+    easier than real queries, which lie further off: tuned to the plain target, the held-out
+    queries miss it; with the margin they meet it."""
+    rng, base, items = _clustered(1, 8000)
+    paired = _unit(base[rng.integers(0, 8000, 500)] + 0.4 * rng.standard_normal((500, DIM)))
+    held_out = _unit(items(500) + 0.6 * rng.standard_normal((500, DIM)))
+    index = fi.build_index("IVF128,Flat", [base], DIM, use_gpu=False)
+    truth, held_truth = exact_knn(paired, [base], 10), exact_knn(held_out, [base], 10)
+    served = {}
+    for margin in (0.0, fs.TUNE_MARGIN):
+        params, recall = fs.tune(index, paired, truth, 0.95, margin=margin)
+        assert recall >= fs.tuning_target(0.95, margin)
+        fi.set_search_params(index, params)
+        served[margin] = recall_at_k(index.search(held_out, 10)[1], held_truth)
+    assert served[0.0] < 0.95 <= served[fs.TUNE_MARGIN]
+    assert fs.tuning_target(0.95) == pytest.approx(0.97)
+    assert fs.tuning_target(0.99) == pytest.approx(0.994)
+
+
+def test_the_choice_names_pread_re_rank_and_the_margin_from_ivf_sizes():
+    gib = 1 << 30
+    for n, factory in ((100_000, "IVF1024,SQ8"), (10_000_000, "IVF16384_HNSW32,SQ8")):
+        assert fi.choose_factory(n, 256, 4 * gib) == factory
+        why = fi.explain_choice(factory, n, 256, 4 * gib)
+        assert "read with pread for the exact re-rank" in why and "with a margin" in why
+    assert "pread" not in fi.explain_choice("HNSW32", 30_000, 256, gib)
+
+
+def test_fast_scan_codes_are_sized():
+    """PQ fast-scan codes (`--factory IVF...,PQ{m}x4fs`) take half a byte per sub-quantizer."""
+    _, base, _ = _clustered(2, 3000)
+    index = fi.build_index("IVF16,PQ16x4fs", [base], DIM, use_gpu=False)
+    assert fi.estimate_bytes("IVF16,PQ16x4fs", 3000, DIM) == 3000 * (8 + 8) + 16 * DIM * 4
+    assert abs(len(faiss.serialize_index(index)) / (3000 * (8 + 8) + 16 * DIM * 4) - 1) < 0.5
+
+
+def test_the_automatic_ivf_layout_serves_the_target_against_exact_search(tmp_path):
+    """Above 50k items the automatic choice (IVF-SQ8), tuned with the margin on queries of
+    the other side, serves the target to fresh queries through the pread re-rank."""
+    rng, base, items = _clustered(3, 60_000)
+    factory = fi.choose_factory(len(base), DIM, 1 << 30)
+    assert factory == "IVF1024,SQ8"
+    np.save(tmp_path / "v.npy", base)
+    stored = np.load(tmp_path / "v.npy", mmap_mode="r")
+    index = fi.build_index(factory, [stored], DIM, use_gpu=False)
+    tuning = _unit(base[rng.integers(0, len(base), 500)] + 0.4 * rng.standard_normal((500, DIM)))
+    params, recall = fs.tune(
+        index, tuning, exact_knn(tuning, [stored], 10), 0.95, stored=stored, margin=fs.TUNE_MARGIN
+    )
+    assert recall >= 0.97 and params["rerank"] == 2
+    fresh = _unit(items(500) + 0.4 * rng.standard_normal((500, DIM)))
+    rows = fs.search_index(index, stored, fresh, 10, None, params["rerank"])[1]
+    assert recall_at_k(rows, exact_knn(fresh, [stored], 10)) >= 0.95
