@@ -37,6 +37,7 @@ from bench import calibration
 from bench.figure import command_line
 from bench.gallery_files import generated
 from bench.realistic_gallery import RESULTS, add_model_args
+from index_builder.backends import recall as rc
 from index_builder.backends.base import ivf_lists
 from index_builder.backends.faiss import faiss_index as fi
 from index_builder.backends.faiss import search as fs
@@ -168,7 +169,7 @@ def tuned(
     params, recall = fs.tune(index, tune_queries, truth, GOAL, stored=stored, margin=margin)
     rows = fs.search_index(index, stored, served, K, None, params.get("rerank", 1))[1]
     return {
-        "aimed": round(fs.tuning_target(GOAL, margin), 4),
+        "aimed": round(rc.tuning_target(GOAL, margin), 4),
         "params": params,
         "tuned_recall": round(recall, 4),
         "served_recall": round(recall_at_k(rows, served_truth), 4),
@@ -186,7 +187,7 @@ def layout(
     faiss.omp_set_num_threads(os.cpu_count() or 1)
     tuning = {
         name: tuned(index, base, tune_queries, queries, truth, margin)
-        for name, margin in (("plain", 0.0), ("margin", fs.TUNE_MARGIN))
+        for name, margin in (("plain", 0.0), ("margin", rc.TUNE_MARGIN))
     }
     print(f"    tuning: {tuning}", flush=True)
     result = {

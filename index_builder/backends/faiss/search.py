@@ -20,7 +20,7 @@ from index_builder.backends.faiss.faiss_index import (
     set_search_params,
     tunable_param,
 )
-from index_builder.backends.recall import METRIC, recall_at_k
+from index_builder.backends.recall import METRIC, recall_at_k, tuning_target
 
 log = logging.getLogger(__name__)
 # A filtered search over a small subset (at most EXACT_ROWS rows and EXACT_FRACTION of the
@@ -61,19 +61,6 @@ SEARCH_GRID = {
     ),  # fmt: skip
     "efSearch": (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024),
 }
-
-
-# Tuning aims above the target by this fraction of the misses it allows (0.95 -> 0.97): the
-# tuning queries, the other side's gallery vectors, each have their pair in the gallery and
-# are easier than a real query, which has none (bench/scale_curve.py: tuned 0.952, served
-# 0.935 to held-out real image queries over 10M captions; bench/layout_at_scale.py: over 1M
-# captions tuned 0.957 at nprobe 96, served 0.937; with the margin 0.978 at 192, served 0.964).
-TUNE_MARGIN = 0.4
-
-
-def tuning_target(target: float, margin: float = TUNE_MARGIN) -> float:
-    """The recall tuning aims at to serve `target` to real queries."""
-    return 1 - (1 - target) * (1 - margin)
 
 
 def search(

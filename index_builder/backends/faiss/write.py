@@ -35,7 +35,7 @@ from index_builder.backends.base import (
 )
 from index_builder.backends.faiss import faiss_index
 from index_builder.backends.faiss.rows import JsonlRows, write_rows
-from index_builder.backends.faiss.search import TUNE_MARGIN, tune
+from index_builder.backends.faiss.search import tune
 from index_builder.backends.faiss.version import (
     DELETED_FILES,
     INDEX_FILES,
@@ -43,7 +43,7 @@ from index_builder.backends.faiss.version import (
     VECTOR_FILES,
     LoadedIndex,
 )
-from index_builder.backends.recall import blocks, exact_knn, sample_rows
+from index_builder.backends.recall import TUNE_MARGIN, blocks, exact_knn, sample_rows
 from index_builder.filters import field_types
 
 log = logging.getLogger(__name__)

@@ -7,6 +7,7 @@ import faiss
 import numpy as np
 import pytest
 
+from index_builder.backends import recall as rc
 from index_builder.backends.faiss import faiss_index as fi
 from index_builder.backends.faiss import search as fs
 from index_builder.backends.recall import exact_knn, recall_at_k
@@ -76,14 +77,14 @@ def test_tuning_with_a_margin_serves_the_target_to_harder_queries():
     index = fi.build_index("IVF128,Flat", [base], DIM, use_gpu=False)
     truth, held_truth = exact_knn(paired, [base], 10), exact_knn(held_out, [base], 10)
     served = {}
-    for margin in (0.0, fs.TUNE_MARGIN):
+    for margin in (0.0, rc.TUNE_MARGIN):
         params, recall = fs.tune(index, paired, truth, 0.95, margin=margin)
-        assert recall >= fs.tuning_target(0.95, margin)
+        assert recall >= rc.tuning_target(0.95, margin)
         fi.set_search_params(index, params)
         served[margin] = recall_at_k(index.search(held_out, 10)[1], held_truth)
-    assert served[0.0] < 0.95 <= served[fs.TUNE_MARGIN]
-    assert fs.tuning_target(0.95) == pytest.approx(0.97)
-    assert fs.tuning_target(0.99) == pytest.approx(0.994)
+    assert served[0.0] < 0.95 <= served[rc.TUNE_MARGIN]
+    assert rc.tuning_target(0.95) == pytest.approx(0.97)
+    assert rc.tuning_target(0.99) == pytest.approx(0.994)
 
 
 def test_the_choice_names_pread_re_rank_and_the_margin_from_ivf_sizes():
@@ -114,7 +115,12 @@ def test_the_automatic_ivf_layout_serves_the_target_against_exact_search(tmp_pat
     index = fi.build_index(factory, [stored], DIM, use_gpu=False)
     tuning = _unit(base[rng.integers(0, len(base), 500)] + 0.4 * rng.standard_normal((500, DIM)))
     params, recall = fs.tune(
-        index, tuning, exact_knn(tuning, [stored], 10), 0.95, stored=stored, margin=fs.TUNE_MARGIN
+        index,
+        tuning,
+        exact_knn(tuning, [stored], 10),
+        0.95,
+        stored=stored,
+        margin=rc.TUNE_MARGIN,
     )
     assert recall >= 0.97 and params["rerank"] == 2
     fresh = _unit(items(500) + 0.4 * rng.standard_normal((500, DIM)))
