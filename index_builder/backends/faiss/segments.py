@@ -164,10 +164,11 @@ def checksum(path: Path) -> str:
     return digest.hexdigest()
 
 
-def carry(source: Path, target: Path, names: Sequence[str], known: dict[str, Any]) -> dict:
+def carry(source: Path, target: Path, names: Sequence[str], side_info: dict[str, Any]) -> dict:
     """Bring the files `names` of `source` (an older version) into `target` unchanged: copies
     when together under SHARE_BYTES, else read-only hard links. Returns the "shared" record
-    (name -> bytes and checksum; `known` holds checksums already computed)."""
+    (name -> bytes and checksum; those `side_info` records already are not read again)."""
+    known = side_info.get("shared", {})
     sizes = {name: (source / name).stat().st_size for name in names}
     if sum(sizes.values()) < SHARE_BYTES:
         for name in names:

@@ -267,19 +267,20 @@ def load_side(loaded: LoadedIndex, side: str, side_info: dict[str, Any]) -> None
     check_sizes(path, version, side_info)
     segments = segment_infos(side_info)
     index = read_index(path / side_info["file"], side_info["search_params"])
-    parts = [JsonlRows(path / str(s["meta"])) for s in segments]
+    files = [JsonlRows(path / str(s["meta"])) for s in segments]
     stored = [_vectors(loaded, s["vectors"]) for s in segments]
-    for segment, vectors in zip(segments[1:], stored[1:], strict=True):
-        merge_delta(index, read_index(path / segment["file"]), vectors)
-    rows = parts[0] if len(parts) == 1 else SegmentedRows(parts)
+    for segment, delta in zip(segments[1:], stored[1:], strict=True):
+        merge_delta(index, read_index(path / segment["file"]), delta)
+    rows = files[0] if len(files) == 1 else SegmentedRows(files)
     if index.ntotal != len(rows):
         raise ValueError(
             f"index version {version} is inconsistent: {side} index holds "
             f"{index.ntotal} vectors for {len(rows)} rows"
         )
-    vectors = None
+    vectors: Any = None
     if all(v is not None for v in stored):
-        vectors = stored[0] if len(stored) == 1 else SegmentedVectors(stored)  # type: ignore[arg-type]
+        parts: list[np.ndarray] = [v for v in stored if v is not None]
+        vectors = parts[0] if len(parts) == 1 else SegmentedVectors(parts)
         if vectors.shape != (len(rows), loaded.embed_dim):
             raise ValueError(
                 f"index version {version} is inconsistent: {side} vectors have shape "

@@ -327,9 +327,7 @@ def _append_delta(
     """The side's segments carried, and the new rows (if any) as one more delta segment:
     an emptied copy of the trained index holding their vectors, the vectors, the rows and
     their lookups."""
-    info = {**current.info["sides"][side]}
-    carried = carry(current.path, staging, segment_files(info), info.get("shared", {}))
-    info["shared"] = carried
+    info = _carried(current, side, staging)
     if not new_rows:
         return info
     deltas = list(info.get("segments", []))
@@ -372,10 +370,17 @@ def merge_fields(old: dict[str, str], new: dict[str, str]) -> dict[str, str]:
     return dict(sorted(kinds.items()))
 
 
+def _carried(current: LoadedIndex, side: str, staging: Path) -> dict[str, Any]:
+    """The side's description, its segments carried into `staging` ("shared": those linked)."""
+    info = {**current.info["sides"][side]}
+    info.pop("shared", None)
+    shared = carry(current.path, staging, segment_files(info), current.info["sides"][side])
+    return {**info, "shared": shared} if shared else info
+
+
 def _carry_side(current: LoadedIndex, side: str, staging: Path) -> dict[str, Any]:
     """An unchanged side: its segments carried (`segments.carry`), its tombstones copied."""
-    info = {**current.info["sides"][side]}
-    info["shared"] = carry(current.path, staging, segment_files(info), info.get("shared", {}))
+    info = _carried(current, side, staging)
     if info.get("deleted_file"):
         copy_file(current.path / info["deleted_file"], staging / info["deleted_file"])
     return info

@@ -85,7 +85,8 @@ def test_rows_are_new_dicts_and_lines_are_as_stored(tmp_path):
 
 
 def test_key_index_finds_every_row_of_a_hash_in_row_order():
-    keyed = KeyIndex(np.array([4, 1, 7, 2]), np.array([key_hash("x"), key_hash("y"), key_hash("x"), 5]))
+    hashes = np.array([key_hash("x"), key_hash("y"), key_hash("x"), 5])
+    keyed = KeyIndex(np.array([4, 1, 7, 2]), hashes)
     assert keyed.find("x") == [4, 7] and keyed.find("y") == [1] and keyed.find("z") == []
 
 
