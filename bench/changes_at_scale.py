@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from bench.figure import Figure  # main's tree has it too: the children import this file
+
 FACTORY = "IVF1024,SQ8"
 
 
@@ -203,6 +205,17 @@ def main(argv: list[str] | None = None) -> None:
     temporary = args.out.with_suffix(".tmp")
     temporary.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(temporary, args.out)
+
+
+FIGURE = Figure(
+    "Changes and loads at scale: segments against whole-version rewrites",
+    "changes_at_scale*.json",
+    "python -m bench.changes_at_scale --gallery cots-data/cache/realistic "
+    "--sizes 100000,1000000 --base-code ../main --work cots-data/changes",
+    note="Before: the main branch's code (a change rewrites the version); after: segments. "
+    "Bytes written count the new version's files that are not hard links of the previous "
+    "one's; below 1 GB a side the unchanged segments are copied, so they count.",
+)
 
 
 if __name__ == "__main__":
