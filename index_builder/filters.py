@@ -242,6 +242,8 @@ class Columns:
         waits for a pass over a million rows."""
         names = [name for name in fields if name not in self._inverted]
         numeric = [n for n in fields if fields[n] in ("number", "mixed") and n not in self._numbers]
+        if not names and not numeric:  # nothing to build: no pass over the rows
+            return
         postings: dict[str, dict[tuple[str, Any], list[int]]] = {name: {} for name in names}
         numbers = {name: np.full(len(self.metas), np.nan) for name in numeric}
         for row, meta in enumerate(self.metas):

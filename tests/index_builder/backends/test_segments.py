@@ -209,3 +209,25 @@ def test_lookups_load_from_their_files_and_old_versions_build_them(tmp_path, mon
     old = store.open()
     assert old.row_of("image", "n1") == 51 and old.caption_rows({"i7"}) == [7]
     assert old.row_of("text", "n0#0") == 50 and len(built) == 4  # two segments a side
+
+
+def test_warming_a_side_without_fields_reads_no_rows(tmp_path, monkeypatch):
+    store = IndexStore(tmp_path / "idx")
+    vectors, rows = _items(30)
+    for side in SIDES:
+        for row in rows[side]:
+            row.pop("meta")
+    store.publish(
+        bundle_id="b1",
+        dim=DIM,
+        shards={side: [vectors[side]] for side in SIDES},
+        rows=rows,
+        options=IndexOptions(factory="Flat"),
+        dataset={},
+    )
+    loaded = store.open()
+    read = []
+    monkeypatch.setattr(version.Metas, "__iter__", lambda self: read.append(1) or iter(()))
+    for side in SIDES:
+        loaded.warm(side)
+    assert read == [] and loaded.row_of("text", "i4#0") == 4
