@@ -21,6 +21,7 @@ from typing import Any, Protocol, overload
 import numpy as np
 
 from index_builder.backends.base import CorruptIndex
+from index_builder.filters import Columns
 
 _SCAN = 1 << 22  # bytes per numpy pass when finding lines (bounds the temporaries)
 _BATCH = 65536  # rows per batch of offsets turned into Python ints while iterating
@@ -229,6 +230,16 @@ def key_files(meta: str, fields: tuple[str, ...]) -> dict[str, str]:
     """The names of a segment's persisted lookups: field -> `<rows stem>.<field>.keys.npy`."""
     stem = meta.removesuffix(".jsonl")
     return {name: f"{stem}.{name}.keys.npy" for name in fields}
+
+
+def write_columns(
+    directory: Path, meta: str, rows: Sequence[dict[str, Any]], fields: dict[str, str]
+) -> str:
+    """Write a segment's filter columns of `fields` (`filters.Columns.save`); returns the
+    file name, `<rows stem>.columns.npz`."""
+    name = meta.removesuffix(".jsonl") + ".columns.npz"
+    Columns(Metas(rows)).save(directory / name, fields)
+    return name
 
 
 def write_keys(

@@ -40,7 +40,7 @@ def segment_infos(side_info: dict[str, Any]) -> list[dict[str, Any]]:
     rows."""
     deltas = side_info.get("segments", [])
     base_rows = int(side_info["rows"]) - sum(int(d["rows"]) for d in deltas)
-    base = {k: side_info.get(k) for k in ("file", "meta", "vectors", "keys")}
+    base = {k: side_info.get(k) for k in ("file", "meta", "vectors", "keys", "columns")}
     return [{**base, "keys": base["keys"] or [], "rows": base_rows}, *deltas]
 
 
@@ -48,7 +48,7 @@ def segment_files(side_info: dict[str, Any]) -> list[str]:
     """Every file of the side's segments (index, rows, vectors, id lookups), base first."""
     names = []
     for segment in segment_infos(side_info):
-        names += [segment[k] for k in ("file", "meta", "vectors") if segment.get(k)]
+        names += [segment[k] for k in ("file", "meta", "vectors", "columns") if segment.get(k)]
         names += segment.get("keys", [])
     if side_info.get("template"):
         names.append(side_info["template"])

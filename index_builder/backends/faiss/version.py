@@ -210,8 +210,16 @@ class LoadedIndex:
         self._columns_of(side).build(self.info["sides"][side].get("fields", {}))
 
     def _columns_of(self, side: str) -> Columns:
+        """The side's filter columns: those its segments saved, loaded; others built when
+        first used."""
         if side not in self._columns:
-            self._columns[side] = Columns(Metas(self.rows(side)))
+            columns = Columns(Metas(self.rows(side)))
+            segments = segment_infos(self.info["sides"][side])
+            saved = [(self.path / s["columns"] if s.get("columns") else None, int(s["rows"]))
+                     for s in segments]  # fmt: skip
+            if any(path for path, _ in saved):
+                columns.load(saved)
+            self._columns[side] = columns
         return self._columns[side]
 
     def search(

@@ -36,7 +36,13 @@ from index_builder.backends.base import (
     info_record,
 )
 from index_builder.backends.faiss import faiss_index
-from index_builder.backends.faiss.rows import KEY_FIELDS, JsonlRows, write_keys, write_rows
+from index_builder.backends.faiss.rows import (
+    KEY_FIELDS,
+    JsonlRows,
+    write_columns,
+    write_keys,
+    write_rows,
+)
 from index_builder.backends.faiss.search import tune
 from index_builder.backends.faiss.segments import carry, copy_file, segment_files
 from index_builder.backends.faiss.version import (
@@ -175,6 +181,9 @@ def write_version(
         sides[side] = index_side(side, shards[side], other, dim, options, staging, resume)
         sides[side]["keys"] = keys
         sides[side]["fields"] = field_types(row.get("meta") or {} for row in rows[side])
+        sides[side]["columns"] = write_columns(
+            staging, META_FILES[side], rows[side], sides[side]["fields"]
+        )
         sides[side]["skipped"] = skipped.get(side, {"count": 0, "examples": []})
     write_info(staging, bundle_id, bundle_path, dim, dataset, None, sides)
 
@@ -227,6 +236,9 @@ def write_change(
             keys = write_keys(staging, META_FILES[side], rows[side], KEY_FIELDS[side])
             sides[side]["keys"] = keys
             sides[side]["fields"] = field_types(r.get("meta") or {} for r in rows[side])
+            sides[side]["columns"] = write_columns(
+                staging, META_FILES[side], rows[side], sides[side]["fields"]
+            )
             sides[side]["skipped"] = {"count": 0, "reasons": {}, "examples": []}
             measure.add(side)
     if not any(info["count"] for info in sides.values()):
@@ -303,15 +315,17 @@ def _compact(
     info = {**current.info["sides"][side]}
     for key in ("segments", "template", "shared", "deleted_file"):
         info.pop(key, None)
+    fields = field_types(row.get("meta") or {} for row in rows)
     info.update(
         file=INDEX_FILES[side],
         meta=meta,
         vectors=VECTOR_FILES[side],
         keys=write_keys(staging, meta, rows, KEY_FIELDS[side]),
+        columns=write_columns(staging, meta, rows, fields),
         count=len(rows),
         rows=len(rows),
         deleted=0,
-        fields=field_types(row.get("meta") or {} for row in rows),
+        fields=fields,
         bytes=(staging / INDEX_FILES[side]).stat().st_size,
     )
     return info
@@ -343,9 +357,11 @@ def _append_delta(
     np.save(staging / names["vectors"], added)
     write_jsonl(staging / names["meta"], new_rows)
     keys = write_keys(staging, names["meta"], new_rows, KEY_FIELDS[side])
-    info["segments"] = [*deltas, {**names, "rows": len(new_rows), "keys": keys}]
     metas = (row.get("meta") or {} for row in new_rows)
     info["fields"] = merge_fields(info.get("fields", {}), field_types(metas))
+    columns = write_columns(staging, names["meta"], new_rows, info["fields"])
+    segment = {**names, "rows": len(new_rows), "keys": keys, "columns": columns}
+    info["segments"] = [*deltas, segment]
     return info
 
 

@@ -128,22 +128,22 @@ def test_changed_side_searches_like_a_fresh_build(tmp_path, factory):
     assert kinds == [1, 2, 2, 3, 0, 1, 2]  # deltas grow, compaction folds them into a base
 
 
-def _published(tmp_path, monkeypatch, share):
+def _published(tmp_path, monkeypatch, share, n=200):
     monkeypatch.setattr(segments, "SHARE_BYTES", 0 if share else 1 << 30)
     store = IndexStore(tmp_path / "idx", keep=2)
-    vectors, rows = _publish(store, n=200)
+    vectors, rows = _publish(store, n=n)
     return store, vectors, rows
 
 
 @pytest.mark.parametrize("share", [False, True])
 def test_a_change_writes_its_delta_and_carries_the_base(tmp_path, monkeypatch, share):
-    store, vectors, _ = _published(tmp_path, monkeypatch, share)
+    store, vectors, _ = _published(tmp_path, monkeypatch, share, n=1000)
     first = store.open()
     new_vectors, new_rows = _items(2, seed=5, prefix="n")
     change = collection.Change(rows=new_rows, vectors=new_vectors)
     collection.change(store, first, change)
     second = store.open()
-    base = ("image.faiss", "image.npy", "images.jsonl", "images.id.keys.npy")
+    base = ("image.faiss", "image.npy", "images.jsonl", "images.id.keys.npy", "images.columns.npz")
     for name in base:
         old, new = (first.path / name).stat(), (second.path / name).stat()
         assert (old.st_ino == new.st_ino) == share
@@ -156,7 +156,7 @@ def test_a_change_writes_its_delta_and_carries_the_base(tmp_path, monkeypatch, s
     delta = [p for p in written if ".d1." in p.name]
     assert {p.name for p in delta} >= {"image.d1.faiss", "image.d1.npy", "images.d1.jsonl"}
     base_bytes = sum((first.path / name).stat().st_size for name in base)
-    assert sum(p.stat().st_size for p in delta) < base_bytes / 10  # 2 rows of 200, and headers
+    assert sum(p.stat().st_size for p in delta) < base_bytes / 20  # 2 rows of 1000, headers
 
 
 def test_pruning_keeps_files_a_kept_version_shares(tmp_path, monkeypatch):
@@ -239,3 +239,29 @@ def test_warming_a_side_without_fields_reads_no_rows(tmp_path, monkeypatch):
     for side in SIDES:
         loaded.warm(side)
     assert read == [] and loaded.row_of("text", "i4#0") == 4
+
+
+def test_filter_columns_load_from_their_files(tmp_path, monkeypatch):
+    store = IndexStore(tmp_path / "idx")
+    _publish(store, n=50)
+    new_vectors, new_rows = _items(3, seed=5, prefix="n")
+    new_rows["image"][0]["meta"]["colour"] = "red"  # a field only the delta has
+    collection.change(store, store.open(), collection.Change(rows=new_rows, vectors=new_vectors))
+    loaded = store.open()
+    assert loaded.info["sides"]["image"]["segments"][0]["columns"] == "images.d1.columns.npz"
+    read = []
+    real = version.Metas.__iter__
+    monkeypatch.setattr(version.Metas, "__iter__", lambda self: read.append(1) or real(self))
+    loaded.warm("text")
+    assert read == []  # every field of every segment saved: no pass over the rows
+    loaded.warm("image")
+    assert read == [1]  # "colour": built in one pass, the base having saved none
+    metas = [row.get("meta") or {} for row in loaded.rows("image")]
+    for filter, wanted in (
+        ({"group": "g3"}, lambda m: m.get("group") == "g3"),
+        ({"n": {"gte": 10}}, lambda m: m.get("n", -1) >= 10),
+        ({"group": {"in": ["g0", "g1"]}}, lambda m: m.get("group") in ("g0", "g1")),
+        ({"colour": "red"}, lambda m: m.get("colour") == "red"),
+    ):
+        mask = loaded.filter_mask("image", filter)
+        assert mask.tolist() == [wanted(m) for m in metas]
