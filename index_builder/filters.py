@@ -291,7 +291,7 @@ class Columns:
             if name in self._numbers:
                 arrays[f"n{i}"] = self._numbers[name]
         temporary = path.with_name(path.name + ".tmp.npz")
-        np.savez(temporary, **arrays)
+        np.savez(temporary, **arrays)  # type: ignore[arg-type]  # the stubs type **kwds as bool
         os.replace(temporary, path)
 
     def load(self, saved: Sequence[tuple[Path | None, int]]) -> None:
@@ -316,9 +316,9 @@ class Columns:
                 self._inverted[name] = {
                     k: v[0] if len(v) == 1 else np.concatenate(v) for k, v in merged.items()
                 }
-        for name, values in numbers.items():
-            if len(values) == len(saved) and name not in self._numbers:
-                self._numbers[name] = np.concatenate(values)
+        for name, columns in numbers.items():
+            if len(columns) == len(saved) and name not in self._numbers:
+                self._numbers[name] = np.concatenate(columns)
 
     def mask(self, clauses: list[tuple[str, str, Any]]) -> np.ndarray:
         """Rows satisfying every clause."""
