@@ -4,7 +4,8 @@ CURRENT pointer.
     root/
       CURRENT                  name of the live version (replaced atomically)
       versions/<version>/      index.json; per side a base segment (image.faiss, image.npy,
-                               images.jsonl, images.id.keys.npy), delta segments written by
+                               images.jsonl, images.id.keys.npy, images.columns.npz: id
+                               lookups and filter columns), delta segments written by
                                changes (image.d1.faiss, image.d1.npy, images.d1.jsonl, ...)
                                and tombstones (image.deleted.npy)
       staging/<version>/       a build in progress (never read; removed by the next build)
