@@ -40,7 +40,8 @@ def segment_infos(side_info: dict[str, Any]) -> list[dict[str, Any]]:
     rows."""
     deltas = side_info.get("segments", [])
     base_rows = int(side_info["rows"]) - sum(int(d["rows"]) for d in deltas)
-    base = {k: side_info.get(k) for k in ("file", "meta", "vectors", "keys", "columns")}
+    names = ("file", "meta", "vectors", "keys", "columns", "meta_bytes")
+    base = {k: side_info.get(k) for k in names}
     return [{**base, "keys": base["keys"] or [], "rows": base_rows}, *deltas]
 
 
@@ -184,13 +185,18 @@ def carry(source: Path, target: Path, names: Sequence[str], side_info: dict[str,
 
 
 def check_sizes(path: Path, version: str, side_info: dict[str, Any]) -> None:
-    """Refuse (CorruptIndex) a version whose shared files are not their recorded size."""
-    for name, record in side_info.get("shared", {}).items():
+    """Refuse (CorruptIndex) a version whose shared files, or segments' rows, are not their
+    recorded size (rows are read only when asked for: a cut last row would go unseen)."""
+    recorded = {name: record["bytes"] for name, record in side_info.get("shared", {}).items()}
+    for segment in segment_infos(side_info):
+        if segment.get("meta_bytes") is not None:
+            recorded[segment["meta"]] = segment["meta_bytes"]
+    for name, expected in recorded.items():
         size = (path / name).stat().st_size
-        if size != record["bytes"]:
+        if size != expected:
             raise CorruptIndex(
-                f"index version {version}: shared file {name} has {size} bytes, "
-                f"{record['bytes']} recorded"
+                f"index version {version} is truncated or damaged: {name} has {size} bytes, "
+                f"{expected} recorded"
             )
 
 

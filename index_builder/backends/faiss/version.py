@@ -272,7 +272,6 @@ def load_side(loaded: LoadedIndex, side: str, side_info: dict[str, Any]) -> None
     """Read one side's segments (index, rows, vectors memory-mapped) as one, and its
     tombstones, into `loaded`."""
     path, version = loaded.path, loaded.version
-    check_sizes(path, version, side_info)
     segments = segment_infos(side_info)
     index = read_index(path / side_info["file"], side_info["search_params"])
     files = [JsonlRows(path / str(s["meta"])) for s in segments]
@@ -285,6 +284,7 @@ def load_side(loaded: LoadedIndex, side: str, side_info: dict[str, Any]) -> None
             f"index version {version} is inconsistent: {side} index holds "
             f"{index.ntotal} vectors for {len(rows)} rows"
         )
+    check_sizes(path, version, side_info)
     vectors: Any = None
     if all(v is not None for v in stored):
         parts: list[np.ndarray] = [v for v in stored if v is not None]

@@ -184,6 +184,7 @@ def write_version(
         sides[side]["columns"] = write_columns(
             staging, META_FILES[side], rows[side], sides[side]["fields"]
         )
+        sides[side]["meta_bytes"] = (staging / META_FILES[side]).stat().st_size
         sides[side]["skipped"] = skipped.get(side, {"count": 0, "examples": []})
     write_info(staging, bundle_id, bundle_path, dim, dataset, None, sides)
 
@@ -239,6 +240,7 @@ def write_change(
             sides[side]["columns"] = write_columns(
                 staging, META_FILES[side], rows[side], sides[side]["fields"]
             )
+            sides[side]["meta_bytes"] = (staging / META_FILES[side]).stat().st_size
             sides[side]["skipped"] = {"count": 0, "reasons": {}, "examples": []}
             measure.add(side)
     if not any(info["count"] for info in sides.values()):
@@ -322,6 +324,7 @@ def _compact(
         vectors=VECTOR_FILES[side],
         keys=write_keys(staging, meta, rows, KEY_FIELDS[side]),
         columns=write_columns(staging, meta, rows, fields),
+        meta_bytes=(staging / meta).stat().st_size,
         count=len(rows),
         rows=len(rows),
         deleted=0,
@@ -360,7 +363,8 @@ def _append_delta(
     metas = (row.get("meta") or {} for row in new_rows)
     info["fields"] = merge_fields(info.get("fields", {}), field_types(metas))
     columns = write_columns(staging, names["meta"], new_rows, info["fields"])
-    segment = {**names, "rows": len(new_rows), "keys": keys, "columns": columns}
+    size = (staging / names["meta"]).stat().st_size
+    segment = {**names, "rows": len(new_rows), "keys": keys, "columns": columns, "meta_bytes": size}
     info["segments"] = [*deltas, segment]
     return info
 

@@ -12,6 +12,7 @@ from test_collection import _items, _publish
 
 from index_builder import collection
 from index_builder.atomic import read_jsonl
+from index_builder.backends.base import CorruptIndex
 from index_builder.backends.faiss import rows
 from index_builder.backends.faiss.rows import JsonlRows, KeyIndex, Metas, key_hash
 from index_builder.backends.faiss.store import IndexStore
@@ -150,6 +151,12 @@ def test_hand_edited_version_files_load_and_change_as_before(tmp_path):
     path = store.open().path / "images.jsonl"
     lines = path.read_text(encoding="utf-8").splitlines()
     path.write_text("\n \n".join(lines), encoding="utf-8")  # no final newline
+    with pytest.raises(CorruptIndex, match="images.jsonl has"):
+        store.open()  # not the size written: refused, as a truncated file would be
+    info_path = path.parent / "index.json"
+    info = json.loads(info_path.read_text())
+    info["sides"]["image"].pop("meta_bytes")  # as written by hand (or before sizes were)
+    info_path.write_text(json.dumps(info))
     loaded = store.open()
     assert list(loaded.images) == read_jsonl(path) == items["image"]
     _, new = _items(1, seed=2, prefix="n")
