@@ -82,7 +82,7 @@ def _change_commands(actions: argparse._SubParsersAction) -> None:
 
 
 def _version_commands(actions: argparse._SubParsersAction) -> None:
-    """`cots index switch` and `cots index info`."""
+    """`cots index switch`, `cots index info` and `cots index verify`."""
     switch = actions.add_parser(
         "switch",
         help="point CURRENT at an existing version (roll back or forward)",
@@ -100,6 +100,13 @@ def _version_commands(actions: argparse._SubParsersAction) -> None:
     info.add_argument("--json", action="store_true", help="print the version's index.json")
     _backend_args(info)
     info.set_defaults(func=_info)
+    verify = actions.add_parser(
+        "verify",
+        help="check a FAISS version's files: present, shared ones matching their checksums",
+    )
+    _root_arg(verify)
+    verify.add_argument("--version", help="check this version instead of the current one")
+    verify.set_defaults(func=_verify)
 
 
 ROOT_HELP = "index root directory (Milvus: its work files and copied images)"
@@ -372,6 +379,19 @@ def _info(args: argparse.Namespace) -> int:
         print(f"  {'*' if version == current else ' '} {version}")
     _print_info(info)
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from index_builder.backends.faiss.store import IndexStore
+
+    store = IndexStore(args.root)
+    version = args.version or store.current() or ""
+    problems = store.verify(version)
+    for problem in problems:
+        print(f"index version {version}: {problem}", file=sys.stderr)
+    if not problems:
+        print(f"index version {version}: every file present, shared files match their checksums")
+    return 1 if problems else 0
 
 
 def _print_version(store, version: str, skips: bool = True) -> None:  # store: Store

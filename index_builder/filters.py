@@ -17,8 +17,11 @@ index (value -> rows) for equality and `in`, a float array (NaN where absent) fo
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, TypeGuard
 
 import numpy as np
@@ -216,6 +219,20 @@ def _key(value: Any) -> tuple[str, Any]:
     return ("string", value)
 
 
+def _saved_columns(
+    path: Path, start: int
+) -> Iterator[tuple[str, dict[tuple[str, Any], np.ndarray], np.ndarray | None]]:
+    """(field, postings with `start` added to their rows, numbers or None) of a saved file."""
+    with np.load(path) as saved:
+        for i, name in enumerate(json.loads(str(saved["fields"]))):
+            keys, starts = json.loads(str(saved[f"k{i}"])), saved[f"s{i}"].tolist()
+            rows = saved[f"r{i}"] + start
+            postings = {
+                tuple(key): rows[a:b] for key, a, b in zip(keys, starts, starts[1:], strict=False)
+            }
+            yield name, postings, saved[f"n{i}"] if f"n{i}" in saved.files else None
+
+
 class Columns:
     """Per-field lookups over one side's rows, built on first use of each field (one pass over
     `metas`, which may be read lazily from the rows)."""
@@ -242,6 +259,8 @@ class Columns:
         waits for a pass over a million rows."""
         names = [name for name in fields if name not in self._inverted]
         numeric = [n for n in fields if fields[n] in ("number", "mixed") and n not in self._numbers]
+        if not names and not numeric:  # nothing to build: no pass over the rows
+            return
         postings: dict[str, dict[tuple[str, Any], list[int]]] = {name: {} for name in names}
         numbers = {name: np.full(len(self.metas), np.nan) for name in numeric}
         for row, meta in enumerate(self.metas):
@@ -257,6 +276,49 @@ class Columns:
         for name, found in postings.items():
             self._inverted[name] = {k: np.array(v, dtype=np.int64) for k, v in found.items()}
         self._numbers.update(numbers)
+
+    def save(self, path: Path, fields: dict[str, str]) -> None:
+        """Build the columns of `fields` and write them to `path` (`.npz`, through a temporary
+        file): per field its keys (JSON), where each key's rows start, the rows, and for a
+        number (or mixed) field its values."""
+        self.build(fields)
+        arrays: dict[str, np.ndarray] = {"fields": np.array(json.dumps(list(fields)))}
+        for i, name in enumerate(fields):
+            postings = self._inverted[name]
+            arrays[f"k{i}"] = np.array(json.dumps([list(key) for key in postings]))
+            arrays[f"s{i}"] = np.cumsum([0, *(len(rows) for rows in postings.values())])
+            arrays[f"r{i}"] = np.concatenate([np.zeros(0, np.int64), *postings.values()])
+            if name in self._numbers:
+                arrays[f"n{i}"] = self._numbers[name]
+        temporary = path.with_name(path.name + ".tmp.npz")
+        np.savez(temporary, **arrays)  # type: ignore[arg-type]  # the stubs type **kwds as bool
+        os.replace(temporary, path)
+
+    def load(self, saved: Sequence[tuple[Path | None, int]]) -> None:
+        """Take the columns saved (`save`) for consecutive parts of the rows, given as (file or
+        None, rows in the part): a field's column is taken when every part saved it, else
+        built on first use as before (a version written without them, or a field new since)."""
+        found: dict[str, list[dict[tuple[str, Any], np.ndarray]]] = {}
+        numbers: dict[str, list[np.ndarray]] = {}
+        start = 0
+        for path, count in saved:
+            for name, postings, values in _saved_columns(path, start) if path else ():
+                found.setdefault(name, []).append(postings)
+                if values is not None:
+                    numbers.setdefault(name, []).append(values)
+            start += count
+        for name, parts in found.items():
+            if len(parts) == len(saved) and name not in self._inverted:
+                merged: dict[tuple[str, Any], list[np.ndarray]] = {}
+                for postings in parts:
+                    for key, rows in postings.items():
+                        merged.setdefault(key, []).append(rows)
+                self._inverted[name] = {
+                    k: v[0] if len(v) == 1 else np.concatenate(v) for k, v in merged.items()
+                }
+        for name, columns in numbers.items():
+            if len(columns) == len(saved) and name not in self._numbers:
+                self._numbers[name] = np.concatenate(columns)
 
     def mask(self, clauses: list[tuple[str, str, Any]]) -> np.ndarray:
         """Rows satisfying every clause."""

@@ -167,7 +167,7 @@ def test_every_index_command_names_the_root_the_same_way():
     """Every `cots index` command takes the index root as its first positional, ROOT, with
     the same help; none shows it as a flag (build, rebuild and add keep `--out` hidden)."""
     actions = _index_actions()
-    assert set(actions) == {"build", "rebuild", "add", "delete", "switch", "info"}
+    assert set(actions) == {"build", "rebuild", "add", "delete", "switch", "info", "verify"}
     helps = set()
     for name, parser in actions.items():
         first = next(a for a in parser._actions if not a.option_strings)

@@ -8,6 +8,7 @@ a side fit the memory budget of issue 13. Row numbers are the file's non-blank l
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import operator
@@ -15,11 +16,12 @@ import os
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, overload
+from typing import Any, Protocol, overload
 
 import numpy as np
 
 from index_builder.backends.base import CorruptIndex
+from index_builder.filters import Columns
 
 _SCAN = 1 << 22  # bytes per numpy pass when finding lines (bounds the temporaries)
 _BATCH = 65536  # rows per batch of offsets turned into Python ints while iterating
@@ -152,22 +154,56 @@ class Metas(Sequence[dict[str, Any]]):
         return (row.get("meta") or {} for row in self.rows)
 
 
+KEY_FIELDS = {"image": ("id",), "text": ("id", "image_id")}  # the fields rows are looked up by
+
+
+def key_hash(key: str) -> int:
+    """A stable 64-bit hash of a key (blake2b; Python's `hash` is salted per process), so
+    lookups can be written with a segment and memory-mapped when it loads."""
+    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
 class KeyIndex:
     """Rows by the value of one field, through the sorted hashes of the values (16 bytes a
-    row; a dict of a million ids takes about 120 MB). `find` gives the candidate rows, which
-    the caller confirms by reading them: hashes may collide, and are Python's (salted per
-    process), so a KeyIndex is never written to disk."""
+    row; a dict of a million ids takes about 120 MB), `offset` added to its row numbers (a
+    delta segment's first row). `find` gives the candidate rows, which the caller confirms by
+    reading them: hashes may collide."""
 
-    def __init__(self, rows: np.ndarray, hashes: np.ndarray) -> None:
+    def __init__(self, rows: np.ndarray, hashes: np.ndarray, offset: int = 0) -> None:
         order = np.argsort(hashes, kind="stable")  # equal hashes keep their row order
-        self.rows, self.hashes = rows[order], hashes[order]
+        self.rows, self.hashes, self.offset = rows[order], hashes[order], offset
 
     def find(self, key: str) -> list[int]:
         """Rows whose value may be `key`, in row order."""
-        hashed = hash(key)
+        hashed = key_hash(key)
         low = int(np.searchsorted(self.hashes, hashed, side="left"))
         high = int(np.searchsorted(self.hashes, hashed, side="right"))
-        return self.rows[low:high].tolist()
+        return (self.rows[low:high] + self.offset).tolist()
+
+    def save(self, path: Path) -> None:
+        """Write as one (2, N) int64 `.npy` (hashes, rows), through a temporary file."""
+        temporary = path.with_name(path.name + ".tmp.npy")
+        np.save(temporary, np.stack([self.hashes, self.rows]).astype(np.int64))
+        os.replace(temporary, path)
+
+    @classmethod
+    def load(cls, path: Path, offset: int) -> KeyIndex:
+        """A saved KeyIndex, memory-mapped: no pass over anything."""
+        keys = cls.__new__(cls)
+        stored = np.load(path, mmap_mode="r")
+        keys.hashes, keys.rows, keys.offset = stored[0], stored[1], offset
+        return keys
+
+
+class KeyIndexes:
+    """The KeyIndex of each segment of a side, searched in segment (so row) order."""
+
+    def __init__(self, parts: Sequence[KeyIndex]) -> None:
+        self.parts = list(parts)
+
+    def find(self, key: str) -> list[int]:
+        return [row for part in self.parts for row in part.find(key)]
 
 
 def key_indexes(
@@ -183,16 +219,46 @@ def key_indexes(
             value = row.get(name)
             if value is not None:
                 found[name][0].append(i)
-                found[name][1].append(hash(str(value)))
+                found[name][1].append(key_hash(str(value)))
     return {
         name: KeyIndex(np.frombuffer(numbers, np.int64), np.frombuffer(hashes, np.int64))
         for name, (numbers, hashes) in found.items()
     }
 
 
-def write_rows(
-    path: Path, old: JsonlRows, keep: Iterable[int], new: Iterable[dict[str, Any]]
-) -> None:
+def key_files(meta: str, fields: tuple[str, ...]) -> dict[str, str]:
+    """The names of a segment's persisted lookups: field -> `<rows stem>.<field>.keys.npy`."""
+    stem = meta.removesuffix(".jsonl")
+    return {name: f"{stem}.{name}.keys.npy" for name in fields}
+
+
+def write_columns(
+    directory: Path, meta: str, rows: Sequence[dict[str, Any]], fields: dict[str, str]
+) -> str:
+    """Write a segment's filter columns of `fields` (`filters.Columns.save`); returns the
+    file name, `<rows stem>.columns.npz`."""
+    name = meta.removesuffix(".jsonl") + ".columns.npz"
+    Columns(Metas(rows)).save(directory / name, fields)
+    return name
+
+
+def write_keys(
+    directory: Path, meta: str, rows: Iterable[dict[str, Any]], fields: tuple[str, ...]
+) -> list[str]:
+    """Write a segment's lookups (`key_files`) over all its rows; returns the file names."""
+    names = key_files(meta, fields)
+    for name, keys in key_indexes(rows, None, fields).items():
+        keys.save(directory / names[name])
+    return list(names.values())
+
+
+class Lines(Protocol):
+    """Rows that give a row's line as stored (`JsonlRows`, `segments.SegmentedRows`)."""
+
+    def line(self, index: int) -> str: ...
+
+
+def write_rows(path: Path, old: Lines, keep: Iterable[int], new: Iterable[dict[str, Any]]) -> None:
     """A version's rows: the lines of `old` at `keep` copied as stored, then `new`
     serialised as `store.write_jsonl` does."""
     with path.open("w", encoding="utf-8") as handle:

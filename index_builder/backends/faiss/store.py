@@ -3,7 +3,11 @@ CURRENT pointer.
 
     root/
       CURRENT                  name of the live version (replaced atomically)
-      versions/<version>/      index.json, image.faiss, images.jsonl, text.faiss, texts.jsonl
+      versions/<version>/      index.json; per side a base segment (image.faiss, image.npy,
+                               images.jsonl, images.id.keys.npy, images.columns.npz: id
+                               lookups and filter columns), delta segments written by
+                               changes (image.d1.faiss, image.d1.npy, images.d1.jsonl, ...)
+                               and tombstones (image.deleted.npy)
       staging/<version>/       a build in progress (never read; removed by the next build)
       resume/<side>-<key>/     a large index build's trained index and parts (kept when the
                                build is killed, resumed by the next build of the same gallery)
@@ -11,6 +15,13 @@ CURRENT pointer.
 A version is written into `staging/`, renamed into `versions/` when complete, and only then
 does CURRENT move; a build killed at any point leaves CURRENT where it was. Older versions
 are removed beyond a retention limit (never the live one).
+
+A change writes only its delta segment and tombstones; the unchanged segments are carried
+into the new version's directory: copied while a side's carried files are under
+`segments.SHARE_BYTES` (1 GB), above it hard-linked and made read-only, with their size and
+blake2b checksum in `index.json` (sizes checked at load, checksums by `cots index verify`).
+Shared files live as long as any version linking them: pruning a version never removes a
+file another kept version uses.
 """
 
 from __future__ import annotations
@@ -28,8 +39,6 @@ import numpy as np
 
 from index_builder.atomic import atomic_write_text, read_json
 from index_builder.backends.base import (
-    META_FILES,
-    SIDES,
     BundleIdentity,
     IndexOptions,
     Plan,
@@ -41,6 +50,7 @@ from index_builder.backends.base import (
 )
 from index_builder.backends.faiss.faiss_index import make_index
 from index_builder.backends.faiss.rows import line_spans
+from index_builder.backends.faiss.segments import segment_infos, verify
 from index_builder.backends.faiss.version import DELETED_FILES, INDEX_JSON, LoadedIndex, load_side
 from index_builder.backends.faiss.write import write_change, write_version
 from index_builder.stored_files import (
@@ -223,12 +233,23 @@ class IndexStore:
         named: set[str] = set()
         for version in self.versions():
             path = self.version_dir(version)
-            for side in SIDES:
-                if (path / META_FILES[side]).is_file():
-                    dead = path / DELETED_FILES[side]
-                    tombstones = np.load(dead) if dead.is_file() else None
-                    named |= _names_in(path / META_FILES[side], tombstones)
+            sides = read_json(path / INDEX_JSON)["sides"] if (path / INDEX_JSON).is_file() else {}
+            for side, side_info in sides.items():
+                dead = path / DELETED_FILES[side]
+                tombstones = np.load(dead) if dead.is_file() else np.zeros(0, np.int64)
+                start = 0
+                for segment in segment_infos(side_info):
+                    end = start + int(segment["rows"])
+                    local = tombstones[(tombstones >= start) & (tombstones < end)] - start
+                    named |= _names_in(path / segment["meta"], local)
+                    start = end
         return collect_stored_files(self.root, named, grace_s)
+
+    def verify(self, version: str | None = None) -> list[str]:
+        """Problems with a version's files (`segments.verify`: missing files, shared files
+        whose size or checksum differs from the recorded); empty when all is well."""
+        version = version or self._require_current()
+        return verify(self.version_dir(version), self.read_info(version))
 
     def _require_current(self) -> str:
         current = self.current()

@@ -23,8 +23,23 @@ from index_builder.backends.base import (
     ranked_hits,
 )
 from index_builder.backends.faiss.faiss_index import read_index
-from index_builder.backends.faiss.rows import JsonlRows, KeyIndex, Metas, key_indexes
+from index_builder.backends.faiss.rows import (
+    KEY_FIELDS,
+    JsonlRows,
+    KeyIndex,
+    KeyIndexes,
+    Metas,
+    key_files,
+    key_indexes,
+)
 from index_builder.backends.faiss.search import search_index
+from index_builder.backends.faiss.segments import (
+    SegmentedRows,
+    SegmentedVectors,
+    check_sizes,
+    merge_delta,
+    segment_infos,
+)
 from index_builder.filters import Columns
 
 INDEX_JSON = "index.json"
@@ -44,12 +59,12 @@ class LoadedIndex:
     version: str
     path: Path
     info: dict[str, Any]
-    row_files: dict[str, JsonlRows]
+    row_files: dict[str, JsonlRows | SegmentedRows]
     indexes: dict[str, Any] = field(repr=False)
-    vectors: dict[str, np.ndarray | None] = field(repr=False)
+    vectors: dict[str, Any] = field(repr=False)
     deleted: dict[str, np.ndarray | None] = field(repr=False)
     _columns: dict[str, Columns] = field(default_factory=dict, repr=False)
-    _keys: dict[str, dict[str, KeyIndex]] = field(default_factory=dict, repr=False)
+    _keys: dict[str, dict[str, KeyIndexes]] = field(default_factory=dict, repr=False)
 
     @property
     def embed_dim(self) -> int:
@@ -87,7 +102,9 @@ class LoadedIndex:
         """The live row holding `item_id` (the last, should several), or None."""
         stored = self.rows(side)
         found = [
-            i for i in self._keyed(side, "id").find(item_id) if str(stored[i]["id"]) == item_id
+            i
+            for i in self._keyed(side, "id").find(item_id)
+            if self.is_live(side, i) and str(stored[i]["id"]) == item_id
         ]
         return found[-1] if found else None
 
@@ -105,28 +122,54 @@ class LoadedIndex:
         """Live text rows that describe one of `image_ids` (their `image_id`)."""
         keyed, stored = self._keyed("text", "image_id"), self.rows("text")
         found = {i for image_id in image_ids for i in keyed.find(image_id)}
-        return [i for i in sorted(found) if stored[i].get("image_id") in image_ids]
+        return [
+            i
+            for i in sorted(found)
+            if self.is_live("text", i) and stored[i].get("image_id") in image_ids
+        ]
 
-    def _keyed(self, side: str, name: str) -> KeyIndex:
-        """The live rows of `side` by `name` ("id"; a text's "image_id"), built on first use
-        in one pass over the side's rows."""
+    def _keyed(self, side: str, name: str) -> KeyIndexes:
+        """The rows of `side` by `name` ("id"; a text's "image_id"), tombstoned ones included
+        (callers skip them): per segment, its lookup file memory-mapped, or (a version written
+        before them) built on first use in one pass over the segment's rows."""
         if side not in self._keys:
-            names = ("id", "image_id") if side == "text" else ("id",)
-            deleted = self.deleted.get(side)
-            live = None if deleted is None else ~deleted
-            self._keys[side] = key_indexes(self.rows(side), live, names)
+            names = KEY_FIELDS[side]
+            segments = segment_infos(self.info["sides"][side])
+            rows = self.rows(side)
+            parts = rows.parts if isinstance(rows, SegmentedRows) else [rows]
+            found: dict[str, list[KeyIndex]] = {n: [] for n in names}
+            start = 0
+            for segment, part in zip(segments, parts, strict=True):
+                files = key_files(str(segment["meta"]), names)
+                if all(files[n] in segment.get("keys", []) for n in names):
+                    for n in names:
+                        found[n].append(KeyIndex.load(self.path / files[n], start))
+                else:
+                    for n, keys in key_indexes(part, None, names).items():
+                        keys.offset = start
+                        found[n].append(keys)
+                start += len(part)
+            self._keys[side] = {n: KeyIndexes(parts) for n, parts in found.items()}
         return self._keys[side][name]
+
+    def is_live(self, side: str, row: int) -> bool:
+        deleted = self.deleted.get(side)
+        return deleted is None or not deleted[row]
 
     def check_files(self) -> None:
         """Refuse (CorruptIndex) to read memory-mapped files truncated since they were loaded
         (SIGBUS otherwise): a few fstat calls, before every search."""
         for side in self.sides:
             rows = self.row_files.get(side)
-            if isinstance(rows, JsonlRows):
+            if isinstance(rows, JsonlRows | SegmentedRows):
                 rows.check()
             vectors = self.vectors.get(side)
-            mapped = getattr(vectors, "_mmap", None)
-            if mapped is not None and mapped.size() < vectors.offset + vectors.nbytes:  # type: ignore[union-attr]
+            if isinstance(vectors, SegmentedVectors):
+                truncated = vectors.truncated()
+            else:
+                mapped = getattr(vectors, "_mmap", None)
+                truncated = mapped is not None and mapped.size() < vectors.offset + vectors.nbytes  # type: ignore[union-attr]
+            if truncated:
                 name = self.info["sides"][side].get("vectors")
                 raise CorruptIndex(
                     f"index version {self.version}: {name} was truncated after it was loaded"
@@ -167,8 +210,16 @@ class LoadedIndex:
         self._columns_of(side).build(self.info["sides"][side].get("fields", {}))
 
     def _columns_of(self, side: str) -> Columns:
+        """The side's filter columns: those its segments saved, loaded; others built when
+        first used."""
         if side not in self._columns:
-            self._columns[side] = Columns(Metas(self.rows(side)))
+            columns = Columns(Metas(self.rows(side)))
+            segments = segment_infos(self.info["sides"][side])
+            saved = [(self.path / s["columns"] if s.get("columns") else None, int(s["rows"]))
+                     for s in segments]  # fmt: skip
+            if any(path for path, _ in saved):
+                columns.load(saved)
+            self._columns[side] = columns
         return self._columns[side]
 
     def search(
@@ -218,24 +269,26 @@ class LoadedIndex:
 
 
 def load_side(loaded: LoadedIndex, side: str, side_info: dict[str, Any]) -> None:
-    """Read one side's index, rows, vectors (memory-mapped) and tombstones into `loaded`."""
+    """Read one side's segments (index, rows, vectors memory-mapped) as one, and its
+    tombstones, into `loaded`."""
     path, version = loaded.path, loaded.version
+    segments = segment_infos(side_info)
     index = read_index(path / side_info["file"], side_info["search_params"])
-    rows = JsonlRows(path / side_info["meta"])
+    files = [JsonlRows(path / str(s["meta"])) for s in segments]
+    stored = [_vectors(loaded, s["vectors"]) for s in segments]
+    for segment, delta in zip(segments[1:], stored[1:], strict=True):
+        merge_delta(index, read_index(path / segment["file"]), delta)
+    rows = files[0] if len(files) == 1 else SegmentedRows(files)
     if index.ntotal != len(rows):
         raise ValueError(
             f"index version {version} is inconsistent: {side} index holds "
             f"{index.ntotal} vectors for {len(rows)} rows"
         )
-    vectors = None
-    if side_info.get("vectors"):
-        try:
-            vectors = np.load(path / side_info["vectors"], mmap_mode="r")
-        except ValueError as exc:  # numpy: "mmap length is greater than file size"
-            raise CorruptIndex(
-                f"index version {version} is truncated or damaged: {side_info['vectors']} "
-                f"cannot be mapped ({exc})"
-            ) from None
+    check_sizes(path, version, side_info)
+    vectors: Any = None
+    if all(v is not None for v in stored):
+        parts: list[np.ndarray] = [v for v in stored if v is not None]
+        vectors = parts[0] if len(parts) == 1 else SegmentedVectors(parts)
         if vectors.shape != (len(rows), loaded.embed_dim):
             raise ValueError(
                 f"index version {version} is inconsistent: {side} vectors have shape "
@@ -247,3 +300,16 @@ def load_side(loaded: LoadedIndex, side: str, side_info: dict[str, Any]) -> None
         deleted[np.load(path / side_info["deleted_file"])] = True
     loaded.indexes[side], loaded.row_files[side] = index, rows
     loaded.vectors[side], loaded.deleted[side] = vectors, deleted
+
+
+def _vectors(loaded: LoadedIndex, name: str | None) -> np.ndarray | None:
+    """A segment's stored vectors, memory-mapped (None: not stored)."""
+    if not name:
+        return None
+    try:
+        return np.load(loaded.path / name, mmap_mode="r")
+    except ValueError as exc:  # numpy: "mmap length is greater than file size"
+        raise CorruptIndex(
+            f"index version {loaded.version} is truncated or damaged: {name} "
+            f"cannot be mapped ({exc})"
+        ) from None

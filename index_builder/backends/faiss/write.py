@@ -1,16 +1,18 @@
 """Writing a FAISS version into a staging directory: a new one from rows and vectors (each
 side built, saved and tuned), or a change of the current one.
 
-A change copies the current version's indexes, appends the new vectors (no retraining: IVF
-lists keep their centroids) and tombstones deleted or replaced rows, so it costs the new
-items' embedding plus writing the version, not a rebuild. Row numbers stay stable; searches
-skip tombstoned rows. When more than `COMPACT_AT` of a side's rows are tombstones, the side is
-compacted: rebuilt from its stored vectors into a copy of the trained index.
+A change writes only what changed (`segments`): the new rows as a delta segment (an emptied
+copy of the trained index holding their vectors: no retraining, IVF lists keep their
+centroids; the vectors; the rows and their id lookups) and the side's tombstones (deleted or
+replaced rows), and carries the unchanged segments. It costs the new items' embedding plus
+writing them, not the collection. Row numbers stay stable; searches skip tombstoned rows.
+When tombstones or delta rows pass `COMPACT_AT` / `DELTA_AT` of a side's rows (or deltas
+`MAX_DELTAS`), the side is compacted: rebuilt from its stored live vectors into a copy of
+the trained index, one base segment, its search parameters re-tuned.
 """
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import shutil
 import time
@@ -34,8 +36,15 @@ from index_builder.backends.base import (
     info_record,
 )
 from index_builder.backends.faiss import faiss_index
-from index_builder.backends.faiss.rows import JsonlRows, write_rows
+from index_builder.backends.faiss.rows import (
+    KEY_FIELDS,
+    JsonlRows,
+    write_columns,
+    write_keys,
+    write_rows,
+)
 from index_builder.backends.faiss.search import tune
+from index_builder.backends.faiss.segments import carry, copy_file, segment_files
 from index_builder.backends.faiss.version import (
     DELETED_FILES,
     INDEX_FILES,
@@ -169,9 +178,15 @@ def write_version(
     sides = {}
     for side in present:
         write_jsonl(staging / META_FILES[side], rows[side])
+        keys = write_keys(staging, META_FILES[side], rows[side], KEY_FIELDS[side])
         other = shards[OTHER[side]] if OTHER[side] in present else None
         sides[side] = index_side(side, shards[side], other, dim, options, staging, resume)
+        sides[side]["keys"] = keys
         sides[side]["fields"] = field_types(row.get("meta") or {} for row in rows[side])
+        sides[side]["columns"] = write_columns(
+            staging, META_FILES[side], rows[side], sides[side]["fields"]
+        )
+        sides[side]["meta_bytes"] = (staging / META_FILES[side]).stat().st_size
         sides[side]["skipped"] = skipped.get(side, {"count": 0, "examples": []})
     write_info(staging, bundle_id, bundle_path, dim, dataset, None, sides)
 
@@ -189,7 +204,9 @@ def write_info(
     atomic_write_json(staging / INDEX_JSON, info)
 
 
-COMPACT_AT = 0.2
+COMPACT_AT = 0.2  # compact a side when this fraction of its rows are tombstones,
+DELTA_AT = 0.1  # or this fraction are in delta segments,
+MAX_DELTAS = 16  # or it has this many delta segments
 _CHUNK = 65536
 
 
@@ -200,30 +217,38 @@ def write_change(
     dataset: dict[str, Any],
     bundle_path: str | Path | None,
 ) -> None:
-    """A changed version in `staging`: changed sides append vectors and tombstone rows,
-    unchanged sides are copies."""
+    """A changed version in `staging`: changed sides gain a delta segment and tombstones (or
+    are compacted), unchanged sides carry their files (`segments.carry`)."""
     rows, vectors, gone = plan.rows, plan.vectors, plan.gone
-    sides = {}
+    sides, measure = {}, set()
     for side in SIDES:
         if current.has(side) and not rows[side] and not gone[side]:
-            sides[side] = _copy_side(current, side, staging)
+            sides[side] = _carry_side(current, side, staging)
         elif current.has(side):
             sides[side] = _change_side(
                 current, side, rows[side], vectors.get(side), gone[side], staging
             )
+            if not sides[side].get("segments"):
+                measure.add(side)  # compacted: one new base
         elif rows[side]:
             other = _other_vectors(current, OTHER[side], vectors)
             sides[side] = index_side(
                 side, [vectors[side]], other, current.embed_dim, IndexOptions(), staging
             )
             write_jsonl(staging / META_FILES[side], rows[side])
+            keys = write_keys(staging, META_FILES[side], rows[side], KEY_FIELDS[side])
+            sides[side]["keys"] = keys
             sides[side]["fields"] = field_types(r.get("meta") or {} for r in rows[side])
+            sides[side]["columns"] = write_columns(
+                staging, META_FILES[side], rows[side], sides[side]["fields"]
+            )
+            sides[side]["meta_bytes"] = (staging / META_FILES[side]).stat().st_size
             sides[side]["skipped"] = {"count": 0, "reasons": {}, "examples": []}
+            measure.add(side)
     if not any(info["count"] for info in sides.values()):
         raise ValueError(EMPTIED)
-    for side, info in sides.items():
-        if (rows[side] or gone[side]) and info["count"]:
-            info.update(_measure(staging, sides, side))
+    for side in measure & {side for side, info in sides.items() if info["count"]}:
+        sides[side].update(_measure(staging, sides, side))
     dim, parent = current.embed_dim, current.version
     write_info(staging, current.bundle_id, bundle_path, dim, dataset, parent, sides)
 
@@ -236,97 +261,156 @@ def _change_side(
     gone: set[int],
     staging: Path,
 ) -> dict[str, Any]:
-    """Write one side of the new version: the old rows and vectors plus the new, tombstones
-    updated; compacted when tombstones pass `COMPACT_AT`."""
-    index = current.indexes[side]
-    if faiss_index.is_on_disk(index):
+    """Write one side of the new version: a delta segment of the new rows and the updated
+    tombstones, the other segments carried; compacted into one base when tombstones pass
+    `COMPACT_AT` of the rows, delta rows `DELTA_AT`, or deltas number `MAX_DELTAS`."""
+    if faiss_index.is_on_disk(current.indexes[side]):
         raise ValueError("an on-disk index cannot be changed in place; run `cots index rebuild`")
+    total, info = len(current.rows(side)), current.info["sides"][side]
+    added = new_vectors if new_vectors is not None else np.zeros((0, current.embed_dim))
+    added = np.asarray(added, dtype=np.float32)
+    deleted = np.zeros(total + len(new_rows), dtype=bool)
+    if current.deleted.get(side) is not None:
+        deleted[:total] = current.deleted[side]
+    deleted[list(gone)] = True
+    started = time.perf_counter()
+    deltas = info.get("segments", [])
+    delta_rows = sum(int(d["rows"]) for d in deltas) + len(new_rows)
+    if (
+        deleted.mean() > COMPACT_AT
+        or delta_rows > DELTA_AT * len(deleted)
+        or len(deltas) >= MAX_DELTAS
+    ):
+        out = _compact(current, side, new_rows, added, deleted, staging)
+    else:
+        out = _append_delta(current, side, new_rows, added, staging)
+        out.pop("deleted_file", None)
+        if deleted.any():
+            np.save(staging / DELETED_FILES[side], np.flatnonzero(deleted))
+            out["deleted_file"] = DELETED_FILES[side]
+        out.update(count=int((~deleted).sum()), rows=len(deleted), deleted=int(deleted.sum()))
+    out["build_seconds"] = round(time.perf_counter() - started, 3)
+    return out
+
+
+def _compact(
+    current: LoadedIndex,
+    side: str,
+    new_rows: list[dict[str, Any]],
+    added: np.ndarray,
+    deleted: np.ndarray,
+    staging: Path,
+) -> dict[str, Any]:
+    """The side's live rows and vectors as one new base, in a copy of the trained index."""
+    total, index = len(current.rows(side)), current.indexes[side]
     old = current.vectors.get(side)
     old = old if old is not None else index.reconstruct_n(0, index.ntotal)
-    added = new_vectors if new_vectors is not None else np.zeros((0, old.shape[1]), np.float32)
-    deleted = np.zeros(len(old) + len(new_rows), dtype=bool)
-    if current.deleted.get(side) is not None:
-        deleted[: len(old)] = current.deleted[side]
-    deleted[list(gone)] = True
-    kept = np.ones(len(deleted), dtype=bool)  # the rows the new version holds
-    started = time.perf_counter()
+    kept = ~deleted
+    vectors = np.concatenate([old[np.flatnonzero(kept[:total])], added[kept[total:]]])
     updated = faiss.clone_index(index)
-    if deleted.mean() > COMPACT_AT:
-        kept = ~deleted
-        vectors = np.concatenate([np.asarray(old)[kept[: len(old)]], added[kept[len(old) :]]])
-        updated.reset()
-        deleted = np.zeros(len(vectors), dtype=bool)
-        _add(updated, vectors)
-        np.save(staging / VECTOR_FILES[side], vectors)
-    else:
-        _add(updated, added)
-        _append_vectors(staging / VECTOR_FILES[side], old, added)
+    updated.reset()
+    _add(updated, vectors)
+    np.save(staging / VECTOR_FILES[side], vectors)
     faiss_index.write_index(updated, staging / INDEX_FILES[side])
-    new = [row for row, keep in zip(new_rows, kept[len(old) :], strict=True) if keep]
-    write_rows(
-        staging / META_FILES[side], current.row_files[side], np.flatnonzero(kept[: len(old)]), new
-    )
+    new = [row for row, keep in zip(new_rows, kept[total:], strict=True) if keep]
+    meta = META_FILES[side]
+    write_rows(staging / meta, current.row_files[side], np.flatnonzero(kept[:total]), new)
+    rows = JsonlRows(staging / meta)  # the written rows, read back
     info = {**current.info["sides"][side]}
-    info.pop("deleted_file", None)
-    if deleted.any():
-        np.save(staging / DELETED_FILES[side], np.flatnonzero(deleted))
-        info["deleted_file"] = DELETED_FILES[side]
-    rows = JsonlRows(staging / META_FILES[side])  # the written rows, read back
-    live = (row.get("meta") or {} for row, dead in zip(rows, deleted, strict=True) if not dead)
+    for key in ("segments", "template", "shared", "deleted_file"):
+        info.pop(key, None)
+    fields = field_types(row.get("meta") or {} for row in rows)
     info.update(
-        count=int((~deleted).sum()),
-        rows=len(rows),
-        deleted=int(deleted.sum()),
+        file=INDEX_FILES[side],
+        meta=meta,
         vectors=VECTOR_FILES[side],
-        fields=field_types(live),
+        keys=write_keys(staging, meta, rows, KEY_FIELDS[side]),
+        columns=write_columns(staging, meta, rows, fields),
+        meta_bytes=(staging / meta).stat().st_size,
+        count=len(rows),
+        rows=len(rows),
+        deleted=0,
+        fields=fields,
         bytes=(staging / INDEX_FILES[side]).stat().st_size,
-        build_seconds=round(time.perf_counter() - started, 3),
     )
     return info
 
 
-def _copy_side(current: LoadedIndex, side: str, staging: Path) -> dict[str, Any]:
-    """An unchanged side: the current version's files, copied (a reflink where the file
-    system shares blocks copy-on-write). Never hard links: a file damaged in one version
-    would be damaged in its rollback target too (issue 25)."""
-    info = current.info["sides"][side]
-    for key in ("file", "meta", "vectors", "deleted_file"):
-        if info.get(key):
-            copy_file(current.path / info[key], staging / info[key])
-    return {**info}
+def _append_delta(
+    current: LoadedIndex,
+    side: str,
+    new_rows: list[dict[str, Any]],
+    added: np.ndarray,
+    staging: Path,
+) -> dict[str, Any]:
+    """The side's segments carried, and the new rows (if any) as one more delta segment:
+    an emptied copy of the trained index holding their vectors, the vectors, the rows and
+    their lookups."""
+    info = _carried(current, side, staging)
+    if not new_rows:
+        return info
+    deltas = list(info.get("segments", []))
+    tag = f"d{len(deltas) + 1}"
+    names = {
+        "file": f"{side}.{tag}.faiss",
+        "vectors": f"{side}.{tag}.npy",
+        "meta": META_FILES[side].replace(".jsonl", f".{tag}.jsonl"),
+    }
+    delta = _template(current, side, staging, info)
+    _add(delta, added)
+    faiss_index.write_index(delta, staging / names["file"])
+    np.save(staging / names["vectors"], added)
+    write_jsonl(staging / names["meta"], new_rows)
+    keys = write_keys(staging, names["meta"], new_rows, KEY_FIELDS[side])
+    metas = (row.get("meta") or {} for row in new_rows)
+    info["fields"] = merge_fields(info.get("fields", {}), field_types(metas))
+    columns = write_columns(staging, names["meta"], new_rows, info["fields"])
+    size = (staging / names["meta"]).stat().st_size
+    segment = {**names, "rows": len(new_rows), "keys": keys, "columns": columns, "meta_bytes": size}
+    info["segments"] = [*deltas, segment]
+    return info
 
 
-_FICLONE = 0x40049409  # linux/fs.h: share the source's blocks, copy-on-write
+def _template(current: LoadedIndex, side: str, staging: Path, info: dict[str, Any]) -> Any:
+    """The side's trained index, emptied: read from its template file, or (the first delta
+    of a base) an emptied clone of the loaded index, written as the template."""
+    if info.get("template"):
+        return faiss_index.read_index(staging / info["template"])
+    empty = faiss.clone_index(current.indexes[side])
+    empty.reset()
+    info["template"] = f"{side}.empty.faiss"
+    faiss_index.write_index(empty, staging / info["template"])
+    return empty
 
 
-def copy_file(source: Path, target: Path) -> None:
-    """`source` to a new file `target`: a reflink (btrfs, XFS) when the file system has
-    them, else a plain copy."""
+def merge_fields(old: dict[str, str], new: dict[str, str]) -> dict[str, str]:
+    """Field kinds of two sets of rows together (a field with two kinds is "mixed"); a field
+    whose last row is deleted stays declared until the side is compacted."""
+    kinds = {**old}
+    for name, kind in new.items():
+        kinds[name] = kind if kinds.get(name, kind) == kind else "mixed"
+    return dict(sorted(kinds.items()))
 
-    with open(source, "rb") as src, open(target, "wb") as dst:
-        try:
-            fcntl.ioctl(dst.fileno(), _FICLONE, src.fileno())
-            return
-        except OSError:
-            pass
-        shutil.copyfileobj(src, dst, 1 << 20)
+
+def _carried(current: LoadedIndex, side: str, staging: Path) -> dict[str, Any]:
+    """The side's description, its segments carried into `staging` ("shared": those linked)."""
+    info = {**current.info["sides"][side]}
+    info.pop("shared", None)
+    shared = carry(current.path, staging, segment_files(info), current.info["sides"][side])
+    return {**info, "shared": shared} if shared else info
+
+
+def _carry_side(current: LoadedIndex, side: str, staging: Path) -> dict[str, Any]:
+    """An unchanged side: its segments carried (`segments.carry`), its tombstones copied."""
+    info = _carried(current, side, staging)
+    if info.get("deleted_file"):
+        copy_file(current.path / info["deleted_file"], staging / info["deleted_file"])
+    return info
 
 
 def _add(index: Any, vectors: np.ndarray) -> None:
     for start in range(0, len(vectors), _CHUNK):
         index.add(np.ascontiguousarray(vectors[start : start + _CHUNK], dtype=np.float32))
-
-
-def _append_vectors(path: Path, old: np.ndarray, added: np.ndarray) -> None:
-    out = np.lib.format.open_memmap(
-        path, mode="w+", dtype=np.float32, shape=(len(old) + len(added), old.shape[1])
-    )
-    for start in range(0, len(old), _CHUNK):
-        end = min(start + _CHUNK, len(old))
-        out[start:end] = old[start:end]
-    out[len(old) :] = added
-    out.flush()
-    del out
 
 
 def _other_vectors(current: LoadedIndex, side: str, vectors: dict[str, np.ndarray]) -> list | None:

@@ -12,8 +12,9 @@ from test_collection import _items, _publish
 
 from index_builder import collection
 from index_builder.atomic import read_jsonl
+from index_builder.backends.base import CorruptIndex
 from index_builder.backends.faiss import rows
-from index_builder.backends.faiss.rows import JsonlRows, KeyIndex, Metas
+from index_builder.backends.faiss.rows import JsonlRows, KeyIndex, Metas, key_hash
 from index_builder.backends.faiss.store import IndexStore
 
 ROWS = [
@@ -85,18 +86,19 @@ def test_rows_are_new_dicts_and_lines_are_as_stored(tmp_path):
 
 
 def test_key_index_finds_every_row_of_a_hash_in_row_order():
-    keyed = KeyIndex(np.array([4, 1, 7, 2]), np.array([hash("x"), hash("y"), hash("x"), 5]))
+    hashes = np.array([key_hash("x"), key_hash("y"), key_hash("x"), 5])
+    keyed = KeyIndex(np.array([4, 1, 7, 2]), hashes)
     assert keyed.find("x") == [4, 7] and keyed.find("y") == [1] and keyed.find("z") == []
 
 
 def _reference(loaded, side):
     """The lookups as the in-memory LoadedIndex made them: a dict over the live rows."""
-    rows, dead = read_jsonl(loaded.path / f"{side}s.jsonl"), loaded.deleted.get(side)
+    rows, dead = list(loaded.rows(side)), loaded.deleted.get(side)
     return {str(r["id"]): i for i, r in enumerate(rows) if dead is None or not dead[i]}
 
 
 def _reference_captions(loaded, image_ids):
-    rows, dead = read_jsonl(loaded.path / "texts.jsonl"), loaded.deleted.get("text")
+    rows, dead = list(loaded.rows("text")), loaded.deleted.get("text")
     return [
         i
         for i, row in enumerate(rows)
@@ -107,7 +109,7 @@ def _reference_captions(loaded, image_ids):
 @pytest.mark.parametrize("collide", [False, True])
 def test_lookups_match_the_in_memory_ones(tmp_path, monkeypatch, collide):
     if collide:  # every key hashes alike: rows are told apart by reading them
-        monkeypatch.setattr(rows, "hash", lambda key: 0, raising=False)
+        monkeypatch.setattr(rows, "key_hash", lambda key: 0)
     store = IndexStore(tmp_path / "idx")
     vectors, items = _publish(store, n=40)
     collection.delete_ids(store, ["i3", "i8#0"])
@@ -122,7 +124,7 @@ def test_lookups_match_the_in_memory_ones(tmp_path, monkeypatch, collide):
     assert loaded.deleted["image"] is not None  # tombstones, and i5 twice on each side
     for side in ("image", "text"):
         reference = _reference(loaded, side)
-        ids = [str(row["id"]) for row in read_jsonl(loaded.path / f"{side}s.jsonl")]
+        ids = [str(row["id"]) for row in list(loaded.rows(side))]
         assert {i: loaded.row_of(side, i) for i in ids} == {i: reference.get(i) for i in ids}
         assert loaded.rows_of(side, [*ids, "nope"]) == reference
     for image_ids in ({"i5"}, {"i3", "i8", "i9", "nope"}, set()):
@@ -143,12 +145,18 @@ def test_loaded_rows_and_hits_are_the_stored_ones(tmp_path):
 
 def test_hand_edited_version_files_load_and_change_as_before(tmp_path):
     """Blank lines and no final newline in a version's rows: the same rows as read_jsonl,
-    and a change copies them into a well-formed new version."""
+    and a change carries them as they are, its new rows a well-formed delta segment."""
     store = IndexStore(tmp_path / "idx")
     vectors, items = _publish(store, n=20)
     path = store.open().path / "images.jsonl"
     lines = path.read_text(encoding="utf-8").splitlines()
     path.write_text("\n \n".join(lines), encoding="utf-8")  # no final newline
+    with pytest.raises(CorruptIndex, match="images.jsonl has"):
+        store.open()  # not the size written: refused, as a truncated file would be
+    info_path = path.parent / "index.json"
+    info = json.loads(info_path.read_text())
+    info["sides"]["image"].pop("meta_bytes")  # as written by hand (or before sizes were)
+    info_path.write_text(json.dumps(info))
     loaded = store.open()
     assert list(loaded.images) == read_jsonl(path) == items["image"]
     _, new = _items(1, seed=2, prefix="n")
@@ -157,9 +165,10 @@ def test_hand_edited_version_files_load_and_change_as_before(tmp_path):
     )
     collection.change(store, loaded, change)
     after = store.open()
-    written = after.path / "images.jsonl"
-    assert read_jsonl(written) == list(after.images) == items["image"] + new["image"]
-    assert written.read_text(encoding="utf-8").count("\n") == 21
+    written = after.path / "images.d1.jsonl"
+    assert list(after.images) == read_jsonl(path) + read_jsonl(written)
+    assert list(after.images) == items["image"] + new["image"]
+    assert written.read_text(encoding="utf-8").count("\n") == 1
     assert after.info["sides"]["image"]["fields"] == {"group": "string", "n": "number"}
 
 
