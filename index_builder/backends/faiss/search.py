@@ -122,7 +122,10 @@ def gathered(stored: np.ndarray, rows: np.ndarray) -> np.ndarray:
     mapped page stays resident until the kernel reclaims it: 0.38x of the raw vectors at 10M
     items per side), and the reads of rows not in the page cache are all started before the
     first is awaited (POSIX_FADV_WILLNEED), not one page fault and its read-around after
-    another (bench/layout_at_scale.py). Other arrays are indexed."""
+    another (bench/layout_at_scale.py). Other arrays, and a changed side's segments
+    (`segments.SegmentedVectors`, which gathers each of its parts here), are indexed."""
+    if not isinstance(stored, np.ndarray):
+        return np.asarray(stored[rows], dtype=np.float32)
     mapping = stored  # the array over the whole mapping (a view's own offset is its root's)
     while isinstance(mapping.base, np.ndarray):
         mapping = mapping.base

@@ -30,6 +30,7 @@ import numpy as np
 
 from index_builder.backends.base import CorruptIndex
 from index_builder.backends.faiss.rows import JsonlRows
+from index_builder.backends.faiss.search import gathered
 
 SHARE_BYTES = 1 << 30  # a side's carried files above this are hard links, below it copies
 _READ = 1 << 22
@@ -127,7 +128,7 @@ class SegmentedVectors:
         parts = np.searchsorted(self.starts, rows, side="right") - 1
         for p in np.unique(parts).tolist():
             at = parts == p
-            out[at] = self.parts[p][rows[at] - self.starts[p]]
+            out[at] = gathered(self.parts[p], rows[at] - self.starts[p])  # pread
         return out
 
     def truncated(self) -> bool:

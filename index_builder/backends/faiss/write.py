@@ -436,6 +436,7 @@ def _measure(staging: Path, sides: dict[str, Any], side: str) -> dict[str, Any]:
         sides[side]["target_recall"],
         start=sides[side]["search_params"],
         stored=base,
+        margin=TUNE_MARGIN,
     )
     if params != sides[side]["search_params"]:
         faiss_index.write_index(index, staging / INDEX_FILES[side])

@@ -10,6 +10,7 @@ import pytest
 from index_builder.backends import recall as rc
 from index_builder.backends.faiss import faiss_index as fi
 from index_builder.backends.faiss import search as fs
+from index_builder.backends.faiss.segments import SegmentedVectors
 from index_builder.backends.recall import exact_knn, recall_at_k
 
 DIM = 32
@@ -65,6 +66,20 @@ def test_pread_does_not_map_the_vectors(tmp_path, monkeypatch):
     assert calls == []
     fs.gathered(columns, np.array([1]))
     assert len(calls) == 1  # not contiguous rows: indexed
+
+
+def test_a_changed_sides_segments_are_read_with_pread(tmp_path, monkeypatch):
+    """After a change a side's vectors are segments (base + deltas); the re-rank still reads
+    every part with pread, never through its map."""
+    _, base, _ = _clustered(2, 1000)
+    np.save(tmp_path / "a.npy", base[:600])
+    np.save(tmp_path / "b.npy", base[600:])
+    parts = [np.load(tmp_path / f"{name}.npy", mmap_mode="r") for name in "ab"]
+    stored = SegmentedVectors(parts)
+    calls = []
+    monkeypatch.setattr(np.memmap, "__getitem__", lambda self, i: calls.append(i) or base[i])
+    rows = np.array([999, 3, 600, 599, 3])
+    assert np.array_equal(fs.gathered(stored, rows), base[rows]) and calls == []
 
 
 def test_tuning_with_a_margin_serves_the_target_to_harder_queries():
