@@ -102,10 +102,12 @@ def _version_commands(actions: argparse._SubParsersAction) -> None:
     info.set_defaults(func=_info)
     verify = actions.add_parser(
         "verify",
-        help="check a FAISS version's files: present, shared ones matching their checksums",
+        help="check a version: FAISS files present, shared ones matching their checksums; "
+        "Milvus: its collection present",
     )
     _root_arg(verify)
     verify.add_argument("--version", help="check this version instead of the current one")
+    _backend_args(verify)
     verify.set_defaults(func=_verify)
 
 
@@ -382,15 +384,13 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from index_builder.backends.faiss.store import IndexStore
-
-    store = IndexStore(args.root)
+    store = _store(args, args.root)
     version = args.version or store.current() or ""
     problems = store.verify(version)
     for problem in problems:
         print(f"index version {version}: {problem}", file=sys.stderr)
     if not problems:
-        print(f"index version {version}: every file present, shared files match their checksums")
+        print(f"index version {version}: no problem found")
     return 1 if problems else 0
 
 

@@ -261,6 +261,10 @@ class Store(Protocol[V]):
     def check_options(self, options: IndexOptions, dim: int) -> None:
         """Refuse options this backend cannot build with, before any embedding work."""
 
+    def verify(self, version: str | None = None) -> list[str]:
+        """Problems with a version's stored data (default: the current one's); empty when all
+        is well (`cots index verify`)."""
+
     def publish(
         self,
         *,

@@ -156,6 +156,14 @@ class MilvusStore:
             )
         return {str(e["version"]): json.loads(e["info"]) for e in found}
 
+    def verify(self, version: str | None = None) -> list[str]:
+        """Milvus keeps its own storage's integrity; what can be checked here is that the
+        version's collection is still there."""
+        info = self.read_info(version)
+        with errors(self.uri, "list collections"):
+            present = self.client.has_collection(info["collection"])
+        return [] if present else [f"its collection {info['collection']} is missing"]
+
     def open(self, version: str | None = None, bundle: Any = None) -> MilvusVersion:
         """A version (default: the alias's); with `bundle`, a mismatched one is refused, and
         so is a collection whose vectors do not have the recorded dimension."""
