@@ -7,6 +7,7 @@ import logging
 import math
 import mmap
 import os
+import weakref
 from typing import Any
 
 import faiss
@@ -114,6 +115,38 @@ def rerank(
     return top, np.where(np.isfinite(top), np.take_along_axis(rows, order, axis=1), -1)
 
 
+# Open descriptors of the files whose vectors a loaded version re-ranks (`pinned`), by the id of
+# their memory map, closed when the map is collected.
+_PINNED: dict[int, int] = {}
+
+
+def _file_map(stored: np.ndarray) -> np.memmap | None:
+    """The memory map of a whole `.npy` file under `stored` (a view's root), or None."""
+    mapping = stored
+    while isinstance(mapping.base, np.ndarray):
+        mapping = mapping.base
+    if isinstance(mapping, np.memmap) and isinstance(mapping.base, mmap.mmap):
+        return mapping if mapping.filename is not None else None
+    return None
+
+
+def pinned(stored: np.ndarray) -> np.ndarray:
+    """`stored` (a memory-mapped `.npy`), its file held open as long as the map lives: `gathered`
+    reads a version's vectors through this descriptor, so a version pruned (its directory
+    removed) while a reader still holds it stays readable, as its memory map does."""
+    mapping = _file_map(stored)
+    if mapping is not None and id(mapping) not in _PINNED:
+        fd = os.open(str(mapping.filename), os.O_RDONLY)
+        _PINNED[id(mapping)] = fd
+        weakref.finalize(mapping, _unpin, id(mapping), fd)
+    return stored
+
+
+def _unpin(key: int, fd: int) -> None:
+    _PINNED.pop(key, None)
+    os.close(fd)
+
+
 def gathered(stored: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """float32 copies of `rows` of `stored`. Contiguous float32 rows of a memory-mapped file
     (as `np.load(mmap_mode="r")` opens a `.npy`, or a slice of rows of one) are read with
@@ -126,13 +159,9 @@ def gathered(stored: np.ndarray, rows: np.ndarray) -> np.ndarray:
     (`segments.SegmentedVectors`, which gathers each of its parts here), are indexed."""
     if not isinstance(stored, np.ndarray):
         return np.asarray(stored[rows], dtype=np.float32)
-    mapping = stored  # the array over the whole mapping (a view's own offset is its root's)
-    while isinstance(mapping.base, np.ndarray):
-        mapping = mapping.base
+    mapping = _file_map(stored)  # the whole file's map (a view's own offset is its root's)
     if not (
-        isinstance(mapping, np.memmap)
-        and isinstance(mapping.base, mmap.mmap)
-        and mapping.filename is not None
+        mapping is not None
         and stored.dtype == np.float32
         and stored.flags.c_contiguous
         and stored.ndim == 2
@@ -145,7 +174,8 @@ def gathered(stored: np.ndarray, rows: np.ndarray) -> np.ndarray:
     if len(rows) and (rows.min() < 0 or rows.max() >= len(stored)):
         raise IndexError(f"rows outside 0..{len(stored) - 1} of the stored vectors")
     offsets = [start + row * width for row in rows.tolist()]
-    fd = os.open(str(mapping.filename), os.O_RDONLY)
+    held = _PINNED.get(id(mapping))
+    fd = held if held is not None else os.open(str(mapping.filename), os.O_RDONLY)
     try:
         for offset in offsets:  # every read asked for at once: from disk, they overlap
             os.posix_fadvise(fd, offset, width, os.POSIX_FADV_WILLNEED)
@@ -153,7 +183,8 @@ def gathered(stored: np.ndarray, rows: np.ndarray) -> np.ndarray:
             if os.preadv(fd, [out[i]], offset) != width:
                 raise OSError(f"short read at byte {offset} of {mapping.filename}")
     finally:
-        os.close(fd)
+        if held is None:
+            os.close(fd)
     return out
 
 

@@ -32,7 +32,7 @@ from index_builder.backends.faiss.rows import (
     key_files,
     key_indexes,
 )
-from index_builder.backends.faiss.search import search_index
+from index_builder.backends.faiss.search import pinned, search_index
 from index_builder.backends.faiss.segments import (
     SegmentedRows,
     SegmentedVectors,
@@ -307,7 +307,7 @@ def _vectors(loaded: LoadedIndex, name: str | None) -> np.ndarray | None:
     if not name:
         return None
     try:
-        return np.load(loaded.path / name, mmap_mode="r")
+        return pinned(np.load(loaded.path / name, mmap_mode="r"))  # readable once pruned
     except ValueError as exc:  # numpy: "mmap length is greater than file size"
         raise CorruptIndex(
             f"index version {loaded.version} is truncated or damaged: {name} "

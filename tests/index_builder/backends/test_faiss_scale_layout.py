@@ -141,3 +141,27 @@ def test_the_automatic_ivf_layout_serves_the_target_against_exact_search(tmp_pat
     fresh = _unit(items(500) + 0.4 * rng.standard_normal((500, DIM)))
     rows = fs.search_index(index, stored, fresh, 10, None, params["rerank"])[1]
     assert recall_at_k(rows, exact_knn(fresh, [stored], 10)) >= 0.95
+
+
+def test_a_pruned_version_a_reader_holds_is_still_reranked(tmp_path):
+    """The pread re-rank reads through a descriptor held since the version was loaded: once
+    later changes prune the version's directory, a reader still holding it (a request in
+    flight, a service between swaps) searches it as before, as its memory maps allow."""
+    from index_builder import collection
+    from index_builder.backends import open_store
+    from index_builder.backends.base import IndexOptions
+
+    _, base, items = _clustered(3, 4000)
+    store = open_store(tmp_path / "index", keep=2)
+    rows = {"image": [{"id": f"i{i}", "image": "/g"} for i in range(len(base))]}
+    store.publish(bundle_id="b", dim=DIM, shards={"image": [base]}, rows=rows,
+                  options=IndexOptions(factory="IVF32,SQ8"), dataset={})  # fmt: skip
+    held = store.open()
+    before = held.search("image", base[:5], 10)
+    for k in range(3):  # the held version is pruned by the second change
+        new = {"image": [{"id": f"n{k}-{j}", "image": "/g"} for j in range(4)]}
+        change = collection.Change(rows=new, vectors={"image": items(4)})
+        collection.change(store, store.open(), change)
+    assert not held.path.exists()
+    after = held.search("image", base[:5], 10)
+    assert np.array_equal(before[1], after[1]) and np.allclose(before[0], after[0])
