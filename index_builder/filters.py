@@ -69,6 +69,15 @@ def field_types(metas: Iterable[dict[str, Any]]) -> dict[str, str]:
     return dict(sorted(kinds.items()))
 
 
+def merge_field_types(old: dict[str, str], new: dict[str, str]) -> dict[str, str]:
+    """Field kinds of two sets of rows together (`field_types`' rule: a field with two kinds
+    is "mixed"), sorted by name."""
+    kinds = {**old}
+    for name, kind in new.items():
+        kinds[name] = kind if kinds.get(name, kind) == kind else "mixed"
+    return dict(sorted(kinds.items()))
+
+
 def _number(value: Any) -> TypeGuard[int | float]:
     """A number a version can store and compare: an int64, or a finite float."""
     if isinstance(value, bool) or not isinstance(value, int | float):

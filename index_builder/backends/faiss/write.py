@@ -53,7 +53,7 @@ from index_builder.backends.faiss.version import (
     LoadedIndex,
 )
 from index_builder.backends.recall import TUNE_MARGIN, blocks, exact_knn, sample_rows
-from index_builder.filters import field_types
+from index_builder.filters import field_types, merge_field_types
 
 log = logging.getLogger(__name__)
 K = faiss_index.TUNE_K  # search parameters are tuned for recall@K
@@ -363,7 +363,7 @@ def _append_delta(
     write_jsonl(staging / names["meta"], new_rows)
     keys = write_keys(staging, names["meta"], new_rows, KEY_FIELDS[side])
     metas = (row.get("meta") or {} for row in new_rows)
-    info["fields"] = merge_fields(info.get("fields", {}), field_types(metas))
+    info["fields"] = merge_field_types(info.get("fields", {}), field_types(metas))
     columns = write_columns(staging, names["meta"], new_rows, info["fields"])
     size = (staging / names["meta"]).stat().st_size
     segment = {**names, "rows": len(new_rows), "keys": keys, "columns": columns, "meta_bytes": size}
@@ -381,15 +381,6 @@ def _template(current: LoadedIndex, side: str, staging: Path, info: dict[str, An
     info["template"] = f"{side}.empty.faiss"
     faiss_index.write_index(empty, staging / info["template"])
     return empty
-
-
-def merge_fields(old: dict[str, str], new: dict[str, str]) -> dict[str, str]:
-    """Field kinds of two sets of rows together (a field with two kinds is "mixed"); a field
-    whose last row is deleted stays declared until the side is compacted."""
-    kinds = {**old}
-    for name, kind in new.items():
-        kinds[name] = kind if kinds.get(name, kind) == kind else "mixed"
-    return dict(sorted(kinds.items()))
 
 
 def _carried(current: LoadedIndex, side: str, staging: Path) -> dict[str, Any]:

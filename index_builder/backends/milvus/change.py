@@ -39,10 +39,9 @@ from index_builder.backends.milvus.client import errors
 from index_builder.backends.milvus.write import (
     batches_from_arrays,
     entity,
-    merge_kinds,
     query_side,
 )
-from index_builder.filters import field_types
+from index_builder.filters import field_types, merge_field_types
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +93,8 @@ def changed_sides(sides: dict[str, Any], plan: Plan) -> dict[str, Any]:
             "count": int(base["count"]) - len(plan.gone[side]) + len(new),
             "rows": int(base.get("rows", base["count"])) + len(new),
             "deleted": int(base.get("deleted", 0)) + len(plan.gone[side]),
-            "fields": dict(
-                sorted(
-                    merge_kinds(
-                        base["fields"], field_types(r.get("meta") or {} for r in new)
-                    ).items()
-                )
+            "fields": merge_field_types(
+                base["fields"], field_types(r.get("meta") or {} for r in new)
             ),
         }
     if not any(info["count"] for info in after.values()):

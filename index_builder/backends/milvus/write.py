@@ -25,7 +25,7 @@ from index_builder.backends.milvus.client import (
     wait_indexed,
 )
 from index_builder.backends.recall import METRIC, recall_at_k, tuning_target
-from index_builder.filters import field_types
+from index_builder.filters import field_types, merge_field_types
 
 log = logging.getLogger(__name__)
 K = 10
@@ -97,14 +97,6 @@ def query_side(side: str, counts: dict[str, int]) -> str:
     return OTHER[side] if counts.get(OTHER[side]) else side
 
 
-def merge_kinds(a: dict[str, str], b: dict[str, str]) -> dict[str, str]:
-    """Field types of two groups of rows together (field_types' rule: two kinds -> mixed)."""
-    merged = dict(a)
-    for name, kind in b.items():
-        merged[name] = kind if merged.get(name, kind) == kind else "mixed"
-    return merged
-
-
 def build_collection(
     client: Any, uri: str, collection: str, draft: Draft, kind: str, params: dict[str, Any]
 ) -> dict[str, Any]:
@@ -160,7 +152,7 @@ def fill_side(
         ]
         with errors(uri, f"insert into {collection}"):
             client.insert(collection, entities, partition_name=side)
-        kinds = merge_kinds(kinds, field_types(row.get("meta") or {} for row in rows))
+        kinds = merge_field_types(kinds, field_types(row.get("meta") or {} for row in rows))
         if len(queries):
             scores, local = faiss.knn(queries, vectors, min(K, len(vectors)), METRIC)
             pad = K - local.shape[1]
@@ -168,7 +160,7 @@ def fill_side(
             found = np.pad(numbers[local], ((0, 0), (0, pad)), constant_values=-1)
             heap.add_result(scores, found)
     heap.finalize()
-    return heap.I, dict(sorted(kinds.items()))
+    return heap.I, kinds
 
 
 def tune_side(
