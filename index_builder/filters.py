@@ -17,14 +17,15 @@ index (value -> rows) for equality and `in`, a float array (NaN where absent) fo
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeGuard
 
 import numpy as np
+
+from index_builder import postings
+from index_builder.postings import Postings
 
 RANGE_OPS = ("gt", "gte", "lt", "lte")
 OPS = ("eq", "in", *RANGE_OPS)
@@ -228,30 +229,16 @@ def _key(value: Any) -> tuple[str, Any]:
     return ("string", value)
 
 
-def _saved_columns(
-    path: Path, start: int
-) -> Iterator[tuple[str, dict[tuple[str, Any], np.ndarray], np.ndarray | None]]:
-    """(field, postings with `start` added to their rows, numbers or None) of a saved file."""
-    with np.load(path) as saved:
-        for i, name in enumerate(json.loads(str(saved["fields"]))):
-            keys, starts = json.loads(str(saved[f"k{i}"])), saved[f"s{i}"].tolist()
-            rows = saved[f"r{i}"] + start
-            postings = {
-                tuple(key): rows[a:b] for key, a, b in zip(keys, starts, starts[1:], strict=False)
-            }
-            yield name, postings, saved[f"n{i}"] if f"n{i}" in saved.files else None
-
-
 class Columns:
     """Per-field lookups over one side's rows, built on first use of each field (one pass over
     `metas`, which may be read lazily from the rows)."""
 
     def __init__(self, metas: Sequence[dict[str, Any]]) -> None:
         self.metas = metas
-        self._inverted: dict[str, dict[tuple[str, Any], np.ndarray]] = {}
+        self._inverted: dict[str, Postings] = {}
         self._numbers: dict[str, np.ndarray] = {}
 
-    def inverted(self, name: str) -> dict[tuple[str, Any], np.ndarray]:
+    def inverted(self, name: str) -> Postings:
         if name not in self._inverted:
             self.build({name: "string"})
         return self._inverted[name]
@@ -270,61 +257,57 @@ class Columns:
         numeric = [n for n in fields if fields[n] in ("number", "mixed") and n not in self._numbers]
         if not names and not numeric:  # nothing to build: no pass over the rows
             return
-        postings: dict[str, dict[tuple[str, Any], list[int]]] = {name: {} for name in names}
+        # field -> kind -> (keys, rows), a pair per value found
+        pairs = {name: {kind: ([], []) for kind in postings.KINDS} for name in names}
         numbers = {name: np.full(len(self.metas), np.nan) for name in numeric}
         for row, meta in enumerate(self.metas):
             for name in names:
                 value = meta.get(name)
                 for item in value if isinstance(value, list) else [value]:
                     if _scalar(item):
-                        postings[name].setdefault(_key(item), []).append(row)
+                        kind, key = _key(item)
+                        found = pairs[name][kind]
+                        found[0].append(key)
+                        found[1].append(row)
             for name in numeric:
                 value = meta.get(name)
                 if _number(value):  # a value no version should hold is no match
                     numbers[name][row] = float(value)
-        for name, found in postings.items():
-            self._inverted[name] = {k: np.array(v, dtype=np.int64) for k, v in found.items()}
+        dtype = postings.row_type(len(self.metas))
+        for name, kinds in pairs.items():
+            self._inverted[name] = Postings(
+                {
+                    kind: postings.group(postings.keys_of(kind, keys), np.array(rows, dtype))
+                    for kind, (keys, rows) in kinds.items()
+                    if keys
+                }
+            )
         self._numbers.update(numbers)
 
     def save(self, path: Path, fields: dict[str, str]) -> None:
-        """Build the columns of `fields` and write them to `path` (`.npz`, through a temporary
-        file): per field its keys (JSON), where each key's rows start, the rows, and for a
-        number (or mixed) field its values."""
+        """Build the columns of `fields` and write them to `path` (`postings.save`: per field
+        its postings as arrays, and for a number or mixed field its values)."""
         self.build(fields)
-        arrays: dict[str, np.ndarray] = {"fields": np.array(json.dumps(list(fields)))}
-        for i, name in enumerate(fields):
-            postings = self._inverted[name]
-            arrays[f"k{i}"] = np.array(json.dumps([list(key) for key in postings]))
-            arrays[f"s{i}"] = np.cumsum([0, *(len(rows) for rows in postings.values())])
-            arrays[f"r{i}"] = np.concatenate([np.zeros(0, np.int64), *postings.values()])
-            if name in self._numbers:
-                arrays[f"n{i}"] = self._numbers[name]
-        temporary = path.with_name(path.name + ".tmp.npz")
-        np.savez(temporary, **arrays)  # type: ignore[arg-type]  # the stubs type **kwds as bool
-        os.replace(temporary, path)
+        postings.save(
+            path, {name: (self._inverted[name], self._numbers.get(name)) for name in fields}
+        )
 
     def load(self, saved: Sequence[tuple[Path | None, int]]) -> None:
         """Take the columns saved (`save`) for consecutive parts of the rows, given as (file or
         None, rows in the part): a field's column is taken when every part saved it, else
         built on first use as before (a version written without them, or a field new since)."""
-        found: dict[str, list[dict[tuple[str, Any], np.ndarray]]] = {}
+        found: dict[str, list[Postings]] = {}
         numbers: dict[str, list[np.ndarray]] = {}
-        start = 0
+        start, total = 0, sum(count for _, count in saved)
         for path, count in saved:
-            for name, postings, values in _saved_columns(path, start) if path else ():
-                found.setdefault(name, []).append(postings)
+            for name, part, values in postings.load(path, start, total) if path else ():
+                found.setdefault(name, []).append(part)
                 if values is not None:
                     numbers.setdefault(name, []).append(values)
             start += count
         for name, parts in found.items():
             if len(parts) == len(saved) and name not in self._inverted:
-                merged: dict[tuple[str, Any], list[np.ndarray]] = {}
-                for postings in parts:
-                    for key, rows in postings.items():
-                        merged.setdefault(key, []).append(rows)
-                self._inverted[name] = {
-                    k: v[0] if len(v) == 1 else np.concatenate(v) for k, v in merged.items()
-                }
+                self._inverted[name] = postings.merge_postings(parts)
         for name, columns in numbers.items():
             if len(columns) == len(saved) and name not in self._numbers:
                 self._numbers[name] = np.concatenate(columns)
@@ -337,23 +320,16 @@ class Columns:
         return mask
 
     def _clause_mask(self, name: str, op: str, value: Any) -> np.ndarray:
-        if op == UNDER:  # one pass over the distinct folders, not the rows
-            postings = self.inverted(name)
-            value = [
-                key[1]
-                for key in postings
-                if key[0] == "string" and any(in_folder(key[1], wanted) for wanted in value)
-            ]
-            op = "in"
         if op in RANGE_OPS:
             numbers = self.numbers(name)
             with np.errstate(invalid="ignore"):
                 compare = {"gt": np.greater, "gte": np.greater_equal, "lt": np.less}
                 return compare.get(op, np.less_equal)(numbers, value)
         mask = np.zeros(len(self.metas), dtype=bool)
-        postings = self.inverted(name)
-        for item in value if op == "in" else [value]:
-            rows = postings.get(_key(item))
-            if rows is not None:
-                mask[rows] = True
+        if op == UNDER:  # key ranges of the sorted folders, not a pass over them
+            mask[self.inverted(name).under(value, in_folder)] = True
+        else:
+            mask[
+                self.inverted(name).rows_of([_key(v) for v in (value if op == "in" else [value])])
+            ] = True
         return mask
