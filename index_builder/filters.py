@@ -11,8 +11,9 @@ A filter is a JSON object whose keys are metadata fields, ANDed:
 
 Fields and their types come from the rows at build time (`field_types`) and are stored with
 the index, so a filter on an unknown field, or a range on a text field, is refused before
-any search runs. Masks come from per-field columns built once per loaded version: an inverted
-index (value -> rows) for equality and `in`, a float array (NaN where absent) for ranges.
+any search runs. Masks come from per-field columns loaded (or built once) per version: an
+inverted index as arrays (`postings`: sorted keys, searched) for equality, `in` and folders,
+a float array (NaN where absent) for ranges.
 """
 
 from __future__ import annotations
@@ -258,7 +259,9 @@ class Columns:
         if not names and not numeric:  # nothing to build: no pass over the rows
             return
         # field -> kind -> (keys, rows), a pair per value found
-        pairs = {name: {kind: ([], []) for kind in postings.KINDS} for name in names}
+        pairs: dict[str, dict[str, tuple[list[Any], list[int]]]] = {
+            name: {kind: ([], []) for kind in postings.KINDS} for name in names
+        }
         numbers = {name: np.full(len(self.metas), np.nan) for name in numeric}
         for row, meta in enumerate(self.metas):
             for name in names:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from typing import Any
 
 import numpy as np
 import pytest
@@ -33,11 +34,11 @@ NUMBERS = [0, -0.0, 1, 1.0, 2.5, -3, 2**62, 1e300, 7]
 SPLITS = (0, 700, 2000, 2400)  # three segments
 
 
-def _item(rng: random.Random) -> object:
+def _item(rng: random.Random) -> Any:
     return rng.choice([rng.choice(TEXTS), rng.choice(NUMBERS), rng.random() < 0.5])
 
 
-def _metas(n: int, seed: int = 0) -> list[dict]:
+def _metas(n: int, seed: int = 0) -> list[dict[str, Any]]:
     """Random metadata: a folder field, a distinct path, numbers, booleans, lists, a mixed
     field, text with a trailing NUL, and values missing at random."""
     rng = random.Random(seed)
@@ -56,7 +57,7 @@ def _metas(n: int, seed: int = 0) -> list[dict]:
     return metas
 
 
-def _same(value: object, wanted: object) -> bool:
+def _same(value: Any, wanted: Any) -> bool:
     """Equality as filters mean it: 1 and 1.0 match, True and 1 do not."""
     if isinstance(value, bool) or isinstance(wanted, bool):
         return type(value) is type(wanted) and value == wanted
@@ -68,7 +69,7 @@ def _same(value: object, wanted: object) -> bool:
     )
 
 
-def _brute(meta: dict, name: str, op: str, wanted: object) -> bool:
+def _brute(meta: dict[str, Any], name: str, op: str, wanted: Any) -> bool:
     value = meta.get(name)
     items = value if isinstance(value, list) else [value]
     if op == "under":
@@ -130,7 +131,8 @@ def _save_old(path, metas, fields):
     224b54b, `Columns.save`): keys as JSON in first-seen order, starts, int64 rows."""
     arrays = {"fields": np.array(json.dumps(list(fields)))}
     for i, name in enumerate(fields):
-        postings, numbers = {}, np.full(len(metas), np.nan)
+        postings: dict[tuple[str, Any], list[int]] = {}
+        numbers = np.full(len(metas), np.nan)
         for row, meta in enumerate(metas):
             value = meta.get(name)
             for item in value if isinstance(value, list) else [value]:
@@ -147,7 +149,7 @@ def _save_old(path, metas, fields):
         arrays[f"r{i}"] = np.array([r for rows in postings.values() for r in rows], np.int64)
         if fields[name] in ("number", "mixed"):
             arrays[f"n{i}"] = numbers
-    np.savez(path, **arrays)
+    np.savez(path, **arrays)  # type: ignore[arg-type]  # the stubs type **kwds as bool
 
 
 @pytest.fixture(scope="module")
