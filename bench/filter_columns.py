@@ -6,7 +6,8 @@ against the keys as sorted arrays (`index_builder.postings`), in one run.
 The segment's metadata: `path`, distinct per row ("t3/s17/0000042.jpg": 20 top folders of 50
 subfolders each), `category` (50 values) and `n` (a number). Each way builds the columns from
 the rows and saves them (`Columns.save`), then a fresh subprocess loads the file
-(`Columns.load`, as a version load does) and reports its resident memory growth and the
+(`Columns.load`, as a version load does) and reports its resident memory growth, the time
+to load it with a delta of 1% more rows (two files merged), and the
 time of filters: an `eq` on the path, an `in` of 100 paths, an `eq` on the category, a range
 on `n`, and `under` a top folder and a subfolder of the path (the op a filter on the folder
 field becomes; on the path field, one key per row, the worst case for it). "old" is
@@ -109,6 +110,7 @@ def child(way: str, filters: Any, file: Path, n: int) -> dict[str, Any]:
         "load_s": round(load_s, 3),
         "rss_growth_mb": round(after["rss"] - base["rss"], 1),
         "peak_growth_mb": round(after["peak"] - base["rss"], 1),
+        "load_with_delta_s": load_with_delta(filters, file, n),
     }
     for name, parsed in clauses(n).items():
         times, count = [], 0
@@ -120,6 +122,15 @@ def child(way: str, filters: Any, file: Path, n: int) -> dict[str, Any]:
         result[name] = {"first_ms": round(times[0] * 1e3, 3),
                         "median_ms": round(median * 1e3, 3), "rows": count}  # fmt: skip
     return result
+
+
+def load_with_delta(filters: Any, file: Path, n: int) -> float:
+    """Seconds to load the segment and its delta (saved beside it), merged as a version of
+    both loads them."""
+    delta = file.with_name(file.name.replace(".columns", ".d1.columns"))
+    started = time.perf_counter()
+    filters.Columns(Unread(n + n // 100)).load([(file, n), (delta, n // 100)])
+    return round(time.perf_counter() - started, 3)
 
 
 def save(way: str, filters: Any, rows: list[dict[str, Any]], file: Path) -> dict[str, Any]:
@@ -137,11 +148,13 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     source = subprocess.run(["git", "show", f"{OLD_COMMIT}:index_builder/filters.py"],
                             check=True, capture_output=True, text=True).stdout  # fmt: skip
     old.write_text(source)
-    rows = metas(args.rows)
+    rows = metas(args.rows + args.rows // 100)
     ways: dict[str, Any] = {}
     for way in ("old", "new"):
         file = tmp / f"{way}.columns.npz"
-        ways[way] = save(way, module(way, old), rows, file)
+        ways[way] = save(way, module(way, old), rows[: args.rows], file)
+        delta = file.with_name(f"{way}.d1.columns.npz")
+        module(way, old).Columns(rows[args.rows :]).save(delta, FIELDS)
         command = [sys.executable, "-m", "bench.filter_columns", "--child", way, "--rows",
                    str(args.rows), "--module", str(old), "--file", str(file)]  # fmt: skip
         loaded = json.loads(
@@ -151,7 +164,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         print(way, json.dumps(ways[way]), flush=True)
     for name in clauses(args.rows):
         assert ways["old"][name]["rows"] == ways["new"][name]["rows"], name
-    keys = ("build_s", "write_s", "file_bytes", "load_s", "rss_growth_mb")
+    keys = ("build_s", "write_s", "file_bytes", "load_s", "load_with_delta_s", "rss_growth_mb")
     ratios = {key: round(ways["old"][key] / max(ways["new"][key], 1e-9), 1) for key in keys}
     for name in clauses(args.rows):
         ratios[f"{name}_median"] = round(
@@ -168,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     result: dict[str, Any] = {
         "command": "nice -n 5 " + command_line("filter_columns", sys.argv[1:]),
         "rows": args.rows,
-        "old": f"index_builder/filters.py at {OLD_COMMIT}",
+        "old_code": f"index_builder/filters.py at {OLD_COMMIT}, new_code: the working tree",
         "units": "seconds, MB (resident growth of the loaded columns), ms a filter",
         "calibration_before": rates(),
     }
