@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +72,7 @@ class Group:
         return int(low), int(high)
 
     def offset(self, start: int, dtype: type[np.signedinteger]) -> Group:
+        """The group with `start` added to its rows, as `dtype`."""
         return Group(self.keys, self.starts, self.rows.astype(dtype) + start)
 
 
@@ -124,7 +125,7 @@ class Postings:
                 found.append(group.find(keys_of(kind, values)))
         return np.concatenate(found)
 
-    def under(self, folders: Sequence[str], matches: Any) -> np.ndarray:
+    def under(self, folders: Sequence[str], matches: Callable[[str, str], bool]) -> np.ndarray:
         """The rows whose string value is a folder in or below one of `folders` (each stored
         as `filters.folder_key` writes them, "" the top): the key itself and the range of keys
         starting with it and "/", found by searchsorted. Keys a folder source would not write
@@ -160,6 +161,7 @@ class Postings:
 
 
 def merge_postings(parts: Sequence[Postings]) -> Postings:
+    """One field's postings of the postings of consecutive parts of the rows."""
     kinds = [kind for kind in KINDS if any(kind in part.groups for part in parts)]
     return Postings({k: merge([p.groups[k] for p in parts if k in p.groups]) for k in kinds})
 
@@ -184,11 +186,13 @@ def save(path: Path, columns: dict[str, tuple[Postings, np.ndarray | None]]) -> 
 
 def load(path: Path, start: int, count: int) -> Iterator[tuple[str, Postings, np.ndarray | None]]:
     """(field, postings with `start` added to their rows as `row_type(count)`, numbers or
-    None) of a file `save` wrote, or of the layout before it."""
+    None) of a file `save` wrote, or of the layout before it (no `layout`); none of a layout
+    newer than LAYOUT (the columns are then built from the rows)."""
     dtype = row_type(count)
     with np.load(path) as saved:
-        for i, name in enumerate(json.loads(str(saved["fields"]))):
-            if f"k{i}" in saved.files:
+        layout = int(saved["layout"]) if "layout" in saved.files else 1
+        for i, name in enumerate(json.loads(str(saved["fields"])) if layout <= LAYOUT else ()):
+            if layout == 1:
                 groups = _old_groups(saved, i)
             else:
                 groups = {
@@ -203,8 +207,8 @@ def load(path: Path, start: int, count: int) -> Iterator[tuple[str, Postings, np
 
 
 def _old_groups(saved: Any, i: int) -> dict[str, Group]:
-    """The groups of field i in the layout before LAYOUT: keys [kind, value] as JSON in the
-    order first seen, starts, rows (int64)."""
+    """The groups of field i in the first layout: keys [kind, value] as JSON in the order
+    first seen, starts, rows (int64)."""
     keys = json.loads(str(saved[f"k{i}"]))
     starts, rows = saved[f"s{i}"], saved[f"r{i}"]
     groups = {}

@@ -210,3 +210,22 @@ def test_loaded_columns_equal_built_ones(tmp_path, metas):
                     want = getattr(built.inverted(name).groups[kind], part)
                     np.testing.assert_array_equal(getattr(group, part), want)
         np.testing.assert_array_equal(loaded.numbers("n"), built.numbers("n"))
+
+
+def test_a_newer_layout_is_built_from_the_rows(tmp_path, metas):
+    """A file of a layout this code does not know gives no columns: they are built from the
+    rows on first use, and answer as before."""
+    path, fields = tmp_path / "s.columns.npz", field_types(metas)
+    Columns(metas).save(path, fields)
+    with np.load(path) as saved:
+        arrays = {name: saved[name] for name in saved.files}
+    np.savez(path, **{**arrays, "layout": np.array(99)})
+    columns = Columns(metas)
+    columns.load([(path, len(metas))])
+    columns.metas = Unread(metas)
+    with pytest.raises(AssertionError, match="the rows were read"):
+        columns.mask(parse({"text": "a"}, fields))
+    columns.metas = metas
+    assert columns.mask(parse({"folder": "a/b"}, fields)).tolist() == [
+        _brute(m, "folder", "under", ["a/b"]) for m in metas
+    ]
