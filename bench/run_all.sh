@@ -130,6 +130,7 @@ if [ "$REPORT_ONLY" = 0 ]; then
     bench soak --minutes 1
     bench video_bench --home "$WORK/video" --count 200
     bench backends --size 100000 --queries 100 --filtered 10
+    bench filter_columns --rows 100000
     noise_filter --set model.preset=tiny --steps 50
     embed_gallery --limit 1000 --repeats 2
     gpu_train --presets lite --steps 5
@@ -148,6 +149,7 @@ if [ "$REPORT_ONLY" = 0 ]; then
     bench soak --minutes 10
     bench video_bench --home "$WORK/video" --count 400
     bench backends --size 100000 --threads 2
+    bench filter_columns --rows 1000000
     noise_filter --lam 2 --lam 1 --lam 0.5
     embed_gallery --captions
     gpu_train
