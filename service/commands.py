@@ -24,7 +24,10 @@ FLAGS = {
     "intra_threads": "ONNX Runtime threads per encoder call, 0 = one per core (env "
     "COTS_INTRA_THREADS, default 1)",
     "batch_workers": "encoder batches that may run at once (env COTS_BATCH_WORKERS, default 2)",
-    "search_threads": "FAISS threads per index search (env COTS_SEARCH_THREADS, default 1)",
+    "search_threads": "FAISS threads per index search of a batch (env COTS_SEARCH_THREADS, "
+    "default 1)",
+    "lone_search_threads": "FAISS threads for a query alone in its batch, its inverted lists "
+    "split across them (env COTS_LONE_SEARCH_THREADS, default 2)",
     "watch_interval_s": "seconds between CURRENT checks, 0 = off (env COTS_WATCH_INTERVAL_S)",
     "follow_bundle": "serve the bundle each index version records: a version built with another "
     "bundle swaps in with it instead of being refused (env COTS_FOLLOW_BUNDLE=true)",

@@ -203,10 +203,10 @@ class Engine(Versions):
         return Found(searcher, hits, described)
 
     def _in_search_threads(self, search: Callable[[], Hits]) -> Hits:
-        """`search()` with `search_threads` OpenMP threads: the setting is per thread, and
-        this runs in the event loop's default pool, not the engine's."""
-        faiss.omp_set_num_threads(self.settings.search_threads)
-        return search()
+        """`search()` (one query) with `lone_search_threads` OpenMP threads: the setting is
+        per thread, and this runs in the event loop's default pool, not the engine's."""
+        with self._threads(1):
+            return search()
 
     def _run_batch(self, modality: str, jobs: list[Job]) -> list[Hits]:
         """One encoder call per bundle in the micro-batch (one, except around a bundle swap),
@@ -220,7 +220,7 @@ class Engine(Versions):
                 vectors = encoders.encode(modality, [jobs[i].query for i in members])
             vectors = np.nan_to_num(vectors, copy=False)  # a degenerate input must not reach FAISS
             position = {i: p for p, i in enumerate(members)}
-            with self.metrics.timed("search", modality):
+            with self.metrics.timed("search", modality), self._threads(len(jobs)):
                 for part in _group(members, lambda i: jobs[i].group):
                     found = _search_part(
                         [jobs[i] for i in part], vectors[[position[i] for i in part]]
@@ -228,6 +228,18 @@ class Engine(Versions):
                     for i, hits in zip(part, found, strict=True):
                         results[i] = hits
         return results
+
+    @contextlib.contextmanager
+    def _threads(self, queries: int) -> Iterator[None]:
+        """This thread's FAISS threads while it searches `queries` queries: a lone query's
+        inverted lists split across `lone_search_threads` (the host is not busy), a batch
+        with `search_threads`, which the thread keeps after."""
+        lone = queries == 1 and self.settings.lone_search_threads
+        faiss.omp_set_num_threads(lone or self.settings.search_threads)
+        try:
+            yield
+        finally:
+            faiss.omp_set_num_threads(self.settings.search_threads)
 
     def video_row(self, video_id: str) -> dict[str, Any]:
         """The row of a gallery video (NotFound for an id that is not one)."""

@@ -117,8 +117,15 @@ class Settings(BaseSettings):
     search_threads: int = Field(
         default=1,
         ge=1,
-        description="FAISS (OpenMP) threads per index search; requests run in parallel across "
-        "batch_workers instead",
+        description="FAISS (OpenMP) threads per index search of a batch of queries; requests "
+        "run in parallel across batch_workers instead",
+    )
+    lone_search_threads: int = Field(
+        default=2,
+        ge=1,
+        description="FAISS (OpenMP) threads for the search of a query that is alone in its "
+        "batch (a service not under load) or a 'more like this': its inverted lists are split "
+        "across them (1.8x faster on 2 cores at 1M items, bench/notes/scale_curve.md); 1: off",
     )
     watch_interval_s: float = Field(
         default=2.0, ge=0, description="how often to check the index CURRENT pointer (0: never)"

@@ -257,9 +257,10 @@ def test_concurrent_http_queries_share_encoder_calls(settings_for, serve):
     assert total == 12 and calls < 12
 
 
-def test_searches_run_with_search_threads_openmp_threads(settings_for, open_client, monkeypatch):
-    """COTS_SEARCH_THREADS reaches every thread that searches (the setting is per thread):
-    the encoder pool's batches and 'more like this' in the default pool."""
+def test_searches_run_with_search_and_lone_search_threads(settings_for, open_client, monkeypatch):
+    """COTS_SEARCH_THREADS and COTS_LONE_SEARCH_THREADS reach every thread that searches (the
+    setting is per thread): the encoder pool's batches, a lone query, and 'more like this' in
+    the default pool."""
     import faiss
 
     from index_builder.backends.faiss.version import LoadedIndex
@@ -272,7 +273,10 @@ def test_searches_run_with_search_threads_openmp_threads(settings_for, open_clie
         return search(self, *args, **kwargs)
 
     monkeypatch.setattr(LoadedIndex, "find", recording)
-    with open_client(settings_for(search_threads=3, batch_workers=2)) as c:
+    settings = settings_for(search_threads=3, lone_search_threads=4, batch_workers=2)
+    with open_client(settings) as c:
         assert c.post("/search/text-to-image", json={"text": "red"}).status_code == 200
         assert c.post("/search/image-to-image", json={"id": "red"}).status_code == 200
-    assert seen == [3, 3]
+        two = c.post("/search/text-to-image", json={"texts": ["red", "blue"]})
+        assert two.status_code == 200
+    assert seen == [4, 4, 3]  # a lone query and 'more like this': lone_search_threads

@@ -1,4 +1,5 @@
-"""A version's rows read in place: a memory-mapped JSONL file parsed a line at a time.
+"""A version's rows read in place: a JSONL file's line offsets found once, a line read and
+parsed when its row is asked for.
 
 A loaded version holds, per row, 16 bytes of line offsets (plus 16 per looked-up field)
 instead of a parsed dict (about 800 bytes for an image row with one caption): a million rows
@@ -13,6 +14,7 @@ import json
 import mmap
 import operator
 import os
+import weakref
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -37,8 +39,8 @@ def _map(path: Path) -> bytes | mmap.mmap:
 
 def _release(data: bytes | mmap.mmap) -> None:
     """Drop a mapping's pages from the process after a pass over the whole file (finding the
-    lines, building id lookups): they stay in the page cache and fault back in when a row is
-    read, but no longer count as the service's resident memory (2 GB of rows at 10M a side)."""
+    lines, building id lookups): they stay in the page cache but no longer count as the
+    service's resident memory (2 GB of rows at 10M a side)."""
     if isinstance(data, mmap.mmap):
         data.madvise(mmap.MADV_DONTNEED)
 
@@ -77,10 +79,15 @@ def line_spans(data: bytes | mmap.mmap) -> np.ndarray:
 
 
 class JsonlRows(Sequence[dict[str, Any]]):
-    """The rows of a JSONL file as a read-only sequence of dicts: the file memory-mapped, the
-    offsets of its non-blank lines found once with numpy, and a line parsed (a new dict each
-    time) only when its row is read. The file must not change while it is mapped (versions
-    are immutable; a removed version's file stays readable until the mapping goes)."""
+    """The rows of a JSONL file as a read-only sequence of dicts: the offsets of its non-blank
+    lines found once with numpy over the file memory-mapped, and a line parsed (a new dict
+    each time) only when its row is read. Passes over the whole file read through the map
+    (and drop its pages after); a single row is read with `os.pread` from a descriptor held
+    open, so the rows of search hits come through the page cache without being mapped into
+    the process (a mapped row's page fault maps the pages around it too, up to 64 KB, which
+    stay resident: at 10M items a side, hit rows were most of the service's file-backed
+    memory). The file must not change while it is open (versions are immutable; a removed
+    version's file stays readable while the map and the descriptor hold it)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -88,6 +95,8 @@ class JsonlRows(Sequence[dict[str, Any]]):
         self._size = len(self._data)
         self._spans = line_spans(self._data)
         _release(self._data)
+        self._fd = os.open(self.path, os.O_RDONLY)
+        weakref.finalize(self, os.close, self._fd)
 
     def check(self) -> None:
         """Refuse (CorruptIndex) to read a file truncated since it was mapped: a page past
@@ -125,8 +134,10 @@ class JsonlRows(Sequence[dict[str, Any]]):
         if not -len(self) <= i < len(self):
             raise IndexError(f"row {i} out of range for {len(self)} rows of {self.path.name}")
         start, end = self._spans[i].tolist()
-        self.check()
-        return self._data[start:end].decode("utf-8")
+        data = os.pread(self._fd, end - start, start)
+        if len(data) < end - start:
+            raise CorruptIndex(f"{self.path} was truncated after it was loaded")
+        return data.decode("utf-8")
 
 
 class Metas(Sequence[dict[str, Any]]):

@@ -22,7 +22,7 @@ from index_builder.backends.base import (
     found_rows,
     ranked_hits,
 )
-from index_builder.backends.faiss.faiss_index import read_index
+from index_builder.backends.faiss.faiss_index import read_index, split_lists
 from index_builder.backends.faiss.rows import (
     KEY_FIELDS,
     JsonlRows,
@@ -278,6 +278,7 @@ def load_side(loaded: LoadedIndex, side: str, side_info: dict[str, Any]) -> None
     stored = [_vectors(loaded, s["vectors"]) for s in segments]
     for segment, delta in zip(segments[1:], stored[1:], strict=True):
         merge_delta(index, read_index(path / segment["file"]), delta)
+    split_lists(index)
     rows = files[0] if len(files) == 1 else SegmentedRows(files)
     if index.ntotal != len(rows):
         raise ValueError(

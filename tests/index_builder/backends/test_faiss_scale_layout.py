@@ -165,3 +165,26 @@ def test_a_pruned_version_a_reader_holds_is_still_reranked(tmp_path):
     assert not held.path.exists()
     after = held.search("image", base[:5], 10)
     assert np.array_equal(before[1], after[1]) and np.allclose(before[0], after[0])
+
+
+def test_a_lone_query_splits_its_lists_across_threads_with_the_same_answer(tmp_path):
+    """A loaded IVF side searches each query's inverted lists on every thread its caller
+    allows (parallel_mode 1): a lone query on 2 threads gets what it gets on 1."""
+    from index_builder.backends import open_store
+    from index_builder.backends.base import IndexOptions
+
+    _, base, items = _clustered(3, 6000)
+    store = open_store(tmp_path / "index")
+    rows = {"image": [{"id": f"i{i}", "image": "/g"} for i in range(len(base))]}
+    store.publish(bundle_id="b", dim=DIM, shards={"image": [base]}, rows=rows,
+                  options=IndexOptions(factory="IVF64,SQ8"), dataset={})  # fmt: skip
+    loaded = store.open()
+    queries = items(20)
+    answers = []
+    for threads in (1, 2):
+        faiss.omp_set_num_threads(threads)
+        answers.append([loaded.search("image", q[None], 10) for q in queries])
+    faiss.omp_set_num_threads(1)
+    for one, two in zip(*answers, strict=True):
+        assert np.array_equal(one[1], two[1]) and np.allclose(one[0], two[0])
+    assert faiss.extract_index_ivf(loaded.indexes["image"]).parallel_mode == 1

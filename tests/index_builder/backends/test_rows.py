@@ -203,4 +203,18 @@ def test_full_passes_leave_no_rows_resident(tmp_path):
     assert _mapped_kib(path) < 256
     assert sum(1 for _ in loaded) == 20000  # so does building the id lookups
     assert _mapped_kib(path) < 256
-    assert loaded[19999]["id"] == "i19999" and 0 < _mapped_kib(path) < 256  # read on demand
+    # rows read on demand (search hits) come by pread: none of their pages is mapped
+    picks = np.random.default_rng(0).permutation(20000)[:500].tolist()
+    assert [loaded[i]["id"] for i in picks] == [f"i{i}" for i in picks]
+    assert _mapped_kib(path) == 0
+
+
+def test_a_row_of_a_file_truncated_after_loading_is_refused(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"id": f"i{i}"}) + "\n" for i in range(100)))
+    loaded = JsonlRows(path)
+    with path.open("r+b") as handle:
+        handle.truncate(path.stat().st_size // 2)
+    assert loaded[0]["id"] == "i0"
+    with pytest.raises(CorruptIndex, match="truncated after it was loaded"):
+        loaded[99]
