@@ -40,7 +40,9 @@ ADD_BLOCK = 262_144  # vectors read and added at a time (shards may be larger th
 TUNE_K = 10
 # Indexes with compressed codes (scalar or product quantizers) rank approximately: their
 # search returns RERANK x k candidates, re-scored exactly from the stored float vectors.
-RERANK = {"SQ": 2, "PQ": 8}
+# 4-bit fast-scan codes need 16 x k: at 10M items 8 x k held real queries' recall@10 at 0.97
+# whatever the nprobe, 16 x k reached 0.978 (bench/notes/scale_curve.md).
+RERANK = {"SQ": 2, "PQ": 8, "FastScan": 16}
 _FLAT = re.compile(r"^Flat$")
 _HNSW = re.compile(r"^HNSW(\d+)(,Flat)?$")
 _IVF = re.compile(
@@ -97,7 +99,11 @@ def choose_factory(n: int, dim: int, memory_budget: int) -> str:
     (efSearch 1024), where IVF-Flat reached 0.98 and 0.96 (docs/benchmarks.md). IVF-SQ8 with a
     re-rank of twice k reaches IVF-Flat's recall at every nprobe in a quarter of the memory and
     1/1.6 to 1/1.3 of the time (bench/realistic_index.py: a realistic 1M gallery, held-out real
-    queries of the other modality)."""
+    queries of the other modality). From HNSW_LISTS lists (about 4M vectors) the codes are
+    4-bit, one per dimension, scanned with SIMD (PQ fast scan) and re-ranked from 16 x k
+    candidates: at 10M items they served the same recall as SQ8 in half the memory and half
+    the time a query in batches, where scanning SQ8 codes is bound by memory bandwidth
+    (bench/notes/scale_curve.md)."""
     if n < 1:
         raise ValueError("cannot choose an index for an empty gallery")
     nlist = ivf_lists(n)
@@ -105,7 +111,8 @@ def choose_factory(n: int, dim: int, memory_budget: int) -> str:
     candidates = ["Flat"] if n < 10_000 else []
     if n <= 50_000:
         candidates.append("HNSW32")
-    candidates.append(f"{ivf},SQ8")
+    fast_scan = nlist >= HNSW_LISTS and dim % 2 == 0
+    candidates.append(f"{ivf},PQ{dim}x4fs" if fast_scan else f"{ivf},SQ8")
     candidates += [f"{ivf},PQ{m}" for m in (dim // 4, dim // 8, dim // 16) if m and dim % m == 0]
     for factory in candidates:
         size = estimate_bytes(factory, n, dim)
@@ -124,11 +131,15 @@ def explain_choice(factory: str, n: int, dim: int, memory_budget: int) -> str:
         return f"{n:,} vectors: exact search (below 10,000)"
     if factory.startswith("HNSW"):
         return f"{n:,} vectors: an HNSW graph (up to 50,000; beyond, cross-modal recall falls)"
-    codes = (
-        "8-bit scalar codes"
-        if factory.endswith("SQ8")
-        else "product-quantised codes (8-bit scalar codes would exceed the budget)"
-    )
+    if factory.endswith("SQ8"):
+        codes = "8-bit scalar codes"
+    elif factory.endswith("fs"):
+        codes = (
+            "4-bit codes scanned with SIMD (PQ fast scan: half the bytes of 8-bit scalar codes "
+            "a query scans, the cost that grows with the collection; 16 x k re-ranked)"
+        )
+    else:
+        codes = "product-quantised codes (8-bit scalar codes would exceed the budget)"
     size = (estimate_bytes(factory, n, dim) or 0) / 2**30
     quantizer = (
         f", found through an HNSW graph over the centroids (from {HNSW_LISTS} lists)"
@@ -311,11 +322,16 @@ def read_index(path: Path, search_params: dict[str, int] | None = None) -> Any:
 
 def split_lists(index: Any) -> None:
     """Let a search split each query's inverted lists across the OpenMP threads its caller
-    allows (faiss parallel_mode 1, same results): a lone query is answered by all of them
-    (1.8x faster on 2 threads at nprobe 96 to 384 over 1M items); a batch searched on one
-    thread, as a service searches its batches, runs as before."""
+    allows: a lone query is answered by all of them; a batch searched on one thread, as a
+    service searches its batches, runs as before. IVF (faiss parallel_mode 1, same results):
+    1.8x faster on 2 threads at nprobe 96 to 384 over 1M items. PQ fast scan (implementation
+    15, over (query, list) pairs): 1.9x, at the cost of candidates differing at the edge of
+    the 16 x k re-ranked (0.4% of them), and the same time a query in batches of 8."""
     with contextlib.suppress(RuntimeError):  # not an IVF index: nothing to split
-        faiss.extract_index_ivf(index).parallel_mode = 1
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+        ivf.parallel_mode = 1
+        if isinstance(ivf, faiss.IndexIVFFastScan):
+            ivf.implem = 15
 
 
 def set_search_params(index: Any, params: dict[str, int]) -> None:
@@ -344,6 +360,8 @@ def default_rerank(index: Any) -> int:
     name = type(inner).__name__
     if "ScalarQuantizer" in name:
         return RERANK["SQ"]
+    if "FastScan" in name:
+        return RERANK["FastScan"]
     return RERANK["PQ"] if "PQ" in name else 1
 
 

@@ -225,8 +225,8 @@ def tune(
     extra = {"rerank": depth} if depth > 1 else {}
     param = tunable_param(index)
 
-    def measured() -> float:
-        scores, rows = index.search(queries, k_search * depth)
+    def measured() -> float:  # as served: queries short of candidates search wider
+        scores, rows = search(index, queries, k_search, k_search * depth)
         return recall_at_k(_refined(stored, queries, scores, rows, k_search)[1], truth)
 
     if param is None:

@@ -64,7 +64,7 @@ def test_index_types_reach_target_against_exact_search(data, factory, param, tar
     params, recall = faiss_search.tune(index, queries, truth, target)
     assert recall >= target
     assert fi.tunable_param(index) == param and (list(params) == ([param] if param else []))
-    _, found = index.search(queries, 10)
+    _, found = faiss_search.search(index, queries, 10)  # as served (and tuned)
     assert recall_at_k(found, truth) == pytest.approx(recall)
     if param:  # the tuned value is the smallest on the grid that reaches the target
         grid = [
@@ -74,7 +74,7 @@ def test_index_types_reach_target_against_exact_search(data, factory, param, tar
         ]
         if grid:
             fi.set_search_params(index, {param: grid[-1]})
-            assert recall_at_k(index.search(queries, 10)[1], truth) < target
+            assert recall_at_k(faiss_search.search(index, queries, 10)[1], truth) < target
 
 
 def test_unreachable_target_returns_the_best(data):
@@ -108,9 +108,11 @@ def test_choose_factory_by_size_and_budget():
     assert fi.choose_factory(100_000, 256, gib) == "IVF1024,SQ8"
     assert fi.choose_factory(1_000_000, 256, 4 * gib) == "IVF4096,SQ8"
     assert fi.choose_factory(2_000_000, 256, 4 * gib) == "IVF4096,SQ8"
-    assert fi.choose_factory(5_000_000, 256, 8 * gib) == "IVF8192_HNSW32,SQ8"
-    assert fi.choose_factory(10_000_000, 256, 4 * gib) == "IVF16384_HNSW32,SQ8"
-    assert fi.choose_factory(5_000_000, 256, gib) == "IVF8192_HNSW32,PQ64"
+    # from 8192 lists: 4-bit fast-scan codes, one per dimension (128 bytes at d=256)
+    assert fi.choose_factory(5_000_000, 256, 8 * gib) == "IVF8192_HNSW32,PQ256x4fs"
+    assert fi.choose_factory(10_000_000, 256, 4 * gib) == "IVF16384_HNSW32,PQ256x4fs"
+    assert fi.choose_factory(5_000_000, 256, gib) == "IVF8192_HNSW32,PQ256x4fs"
+    assert fi.choose_factory(5_000_000, 256, 500 << 20) == "IVF8192_HNSW32,PQ64"
     assert fi.choose_factory(5_000_000, 256, 150 << 20) == "IVF8192_HNSW32,PQ16"
     with pytest.raises(ValueError, match="no index type fits"):
         fi.choose_factory(5_000_000, 256, 1 << 20)

@@ -104,7 +104,7 @@ def test_tuning_with_a_margin_serves_the_target_to_harder_queries():
 
 def test_the_choice_names_pread_re_rank_and_the_margin_from_ivf_sizes():
     gib = 1 << 30
-    for n, factory in ((100_000, "IVF1024,SQ8"), (10_000_000, "IVF16384_HNSW32,SQ8")):
+    for n, factory in ((100_000, "IVF1024,SQ8"), (10_000_000, "IVF16384_HNSW32,PQ256x4fs")):
         assert fi.choose_factory(n, 256, 4 * gib) == factory
         why = fi.explain_choice(factory, n, 256, 4 * gib)
         assert "read with pread for the exact re-rank" in why and "with a margin" in why
@@ -188,3 +188,31 @@ def test_a_lone_query_splits_its_lists_across_threads_with_the_same_answer(tmp_p
     for one, two in zip(*answers, strict=True):
         assert np.array_equal(one[1], two[1]) and np.allclose(one[0], two[0])
     assert faiss.extract_index_ivf(loaded.indexes["image"]).parallel_mode == 1
+
+
+def test_fast_scan_codes_tuned_with_the_margin_serve_the_target_on_lone_threads(tmp_path):
+    """The layout chosen from HNSW_LISTS lists (4-bit fast-scan codes, one per dimension,
+    re-ranked from 16 x k) serves the target to fresh queries once tuned, and a lone query
+    split across 2 threads (`split_lists`) gets the same top 10 as on one, bar edge cases."""
+    rng, base, items = _clustered(5, 40_000)
+    factory = f"IVF256,PQ{DIM}x4fs"
+    np.save(tmp_path / "v.npy", base)
+    stored = np.load(tmp_path / "v.npy", mmap_mode="r")
+    index = fi.build_index(factory, [stored], DIM, use_gpu=False)
+    assert fi.default_rerank(index) == 16
+    tuning = _unit(base[rng.integers(0, len(base), 500)] + 0.4 * rng.standard_normal((500, DIM)))
+    truth = exact_knn(tuning, [stored], 10)
+    params, _ = fs.tune(index, tuning, truth, 0.95, stored=stored, margin=rc.TUNE_MARGIN)
+    fresh = _unit(items(300) + 0.4 * rng.standard_normal((300, DIM)))
+    fresh_truth = exact_knn(fresh, [stored], 10)
+    fi.split_lists(index)
+    found = {}
+    for threads in (1, 2):
+        faiss.omp_set_num_threads(threads)
+        found[threads] = np.vstack(
+            [fs.search_index(index, stored, q[None], 10, None, params["rerank"])[1] for q in fresh]
+        )
+    faiss.omp_set_num_threads(1)
+    assert index.implem == 15
+    assert recall_at_k(found[2], fresh_truth) >= 0.95
+    assert recall_at_k(found[2], found[1]) >= 0.99
