@@ -328,7 +328,7 @@ def split_lists(index: Any) -> None:
     15, over (query, list) pairs): 1.9x, at the cost of candidates differing at the edge of
     the 16 x k re-ranked (0.4% of them), and the same time a query in batches of 8."""
     with contextlib.suppress(RuntimeError):  # not an IVF index: nothing to split
-        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+        ivf: Any = faiss.downcast_index(faiss.extract_index_ivf(index))
         ivf.parallel_mode = 1
         if isinstance(ivf, faiss.IndexIVFFastScan):
             ivf.implem = 15
