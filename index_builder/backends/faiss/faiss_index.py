@@ -40,8 +40,8 @@ ADD_BLOCK = 262_144  # vectors read and added at a time (shards may be larger th
 TUNE_K = 10
 # Indexes with compressed codes (scalar or product quantizers) rank approximately: their
 # search returns RERANK x k candidates, re-scored exactly from the stored float vectors.
-# 4-bit fast-scan codes need 16 x k: at 10M items 8 x k held real queries' recall@10 at 0.97
-# whatever the nprobe, 16 x k reached 0.978 (bench/notes/scale_curve.md).
+# 4-bit fast-scan codes need 16 x k: at 10M items 8 x k held real queries' recall@10 at
+# 0.965-0.968 whatever the nprobe, 16 x k reached 0.978 (bench/notes/scale_curve.md).
 RERANK = {"SQ": 2, "PQ": 8, "FastScan": 16}
 _FLAT = re.compile(r"^Flat$")
 _HNSW = re.compile(r"^HNSW(\d+)(,Flat)?$")
