@@ -11,15 +11,17 @@ to load it with a delta of 1% more rows (two files merged), and the
 time of filters: an `eq` on the path, an `in` of 100 paths, an `eq` on the category, a range
 on `n`, and `under` a top folder and a subfolder of the path (the op a filter on the folder
 field becomes; on the path field, one key per row, the worst case for it). "old" is
-index_builder/filters.py at OLD_COMMIT (read with `git show`), "new" the working tree's.
+index_builder/filters.py at OLD_COMMIT (read with `git show` and imported in its own
+subprocesses), "new" the working tree's; each way saves and loads in fresh subprocesses.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
+import importlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -44,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows in the segment")
     parser.add_argument("--out", type=Path, default=RESULTS / "filter_columns.json")
     parser.add_argument("--child", choices=("old", "new"), help=argparse.SUPPRESS)
-    parser.add_argument("--module", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--stage", choices=("save", "load"), help=argparse.SUPPRESS)
     parser.add_argument("--file", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -72,18 +74,10 @@ def clauses(n: int) -> dict[str, list[tuple[str, str, Any]]]:
     }
 
 
-def module(way: str, path: Path | None) -> Any:
-    """The filters module of `way`: the working tree's, or the file `path` (old)."""
-    if way == "new":
-        from index_builder import filters
-
-        return filters
-    assert path is not None
-    spec = importlib.util.spec_from_file_location("old_filters", path)
-    assert spec is not None and spec.loader is not None
-    loaded = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(loaded)
-    return loaded
+def module(way: str) -> Any:
+    """The filters module of `way`: the working tree's, or (old) `old_filters`, the file the
+    parent wrote from OLD_COMMIT and put on the child's PYTHONPATH."""
+    return importlib.import_module("index_builder.filters" if way == "new" else "old_filters")
 
 
 class Unread:
@@ -143,24 +137,34 @@ def save(way: str, filters: Any, rows: list[dict[str, Any]], file: Path) -> dict
             "file_bytes": file.stat().st_size}  # fmt: skip
 
 
+def saved(way: str, file: Path, n: int) -> dict[str, Any]:
+    """(In a child) build and save the columns of the segment's `n` rows to `file`, and of
+    1% more rows to its delta beside it; the build and write figures."""
+    filters, rows = module(way), metas(n + n // 100)
+    out = save(way, filters, rows[:n], file)
+    filters.Columns(rows[n:]).save(file.with_name(f"{way}.d1.columns.npz"), FIELDS)
+    return out
+
+
+def in_child(way: str, stage: str, file: Path, n: int, tmp: Path) -> dict[str, Any]:
+    """One stage of `way` in a fresh subprocess (the old module importable from `tmp`)."""
+    command = [sys.executable, "-m", "bench.filter_columns", "--child", way, "--stage", stage,
+               "--rows", str(n), "--file", str(file)]  # fmt: skip
+    path = os.pathsep.join(p for p in (str(tmp), os.environ.get("PYTHONPATH", "")) if p)
+    done = subprocess.run(command, check=True, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": path})  # fmt: skip
+    return json.loads(done.stdout)
+
+
 def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    old = tmp / "old_filters.py"
     source = subprocess.run(["git", "show", f"{OLD_COMMIT}:index_builder/filters.py"],
                             check=True, capture_output=True, text=True).stdout  # fmt: skip
-    old.write_text(source)
-    rows = metas(args.rows + args.rows // 100)
+    (tmp / "old_filters.py").write_text(source)
     ways: dict[str, Any] = {}
     for way in ("old", "new"):
         file = tmp / f"{way}.columns.npz"
-        ways[way] = save(way, module(way, old), rows[: args.rows], file)
-        delta = file.with_name(f"{way}.d1.columns.npz")
-        module(way, old).Columns(rows[args.rows :]).save(delta, FIELDS)
-        command = [sys.executable, "-m", "bench.filter_columns", "--child", way, "--rows",
-                   str(args.rows), "--module", str(old), "--file", str(file)]  # fmt: skip
-        loaded = json.loads(
-            subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        )
-        ways[way].update(loaded)
+        ways[way] = in_child(way, "save", file, args.rows, tmp)
+        ways[way].update(in_child(way, "load", file, args.rows, tmp))
         print(way, json.dumps(ways[way]), flush=True)
     for name in clauses(args.rows):
         assert ways["old"][name]["rows"] == ways["new"][name]["rows"], name
@@ -175,8 +179,11 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.child and args.stage == "save":
+        print(json.dumps(saved(args.child, args.file, args.rows)))
+        return
     if args.child:
-        print(json.dumps(child(args.child, module(args.child, args.module), args.file, args.rows)))
+        print(json.dumps(child(args.child, module(args.child), args.file, args.rows)))
         return
     result: dict[str, Any] = {
         "command": "nice -n 5 " + command_line("filter_columns", sys.argv[1:]),
