@@ -102,8 +102,8 @@ def _version_commands(actions: argparse._SubParsersAction) -> None:
     info.set_defaults(func=_info)
     verify = actions.add_parser(
         "verify",
-        help="check a version: FAISS files present, shared ones matching their checksums; "
-        "Milvus: its collection present",
+        help="check a version: FAISS files present, those with a recorded checksum (every "
+        "file of a side over 1 GB) matching it; Milvus: its collection present",
     )
     _root_arg(verify)
     verify.add_argument("--version", help="check this version instead of the current one")

@@ -8,10 +8,13 @@ into it, so a loaded side searches exactly as one index holding every row. A del
 vectors are read in place beside the base's (`SegmentedRows`, `SegmentedVectors`).
 
 Files a change carries into the new version unchanged are copied when the side's carried
-files are under `SHARE_BYTES`; above it they are hard links made read-only (0444), their size
-and blake2b checksum recorded in `index.json` ("shared"): sizes are checked at load, checksums
-by `cots index verify`. A hard link is one file in two versions (a damaged one is damaged in
+files are under `SHARE_BYTES`; above it they are hard links made read-only (0444), listed in
+`index.json` ("shared"). A hard link is one file in two versions (a damaged one is damaged in
 its rollback target too, issue 25): the trade-off is taken only where copying costs seconds.
+Such a side's files have their size and blake2b checksum recorded ("checksums") by the build or
+change that wrote them, while they are still in the page cache: sizes are checked at load,
+checksums by `cots index verify`, and a change never reads a shared file to checksum it (the
+first change after a 10M build read 25 GB for it).
 """
 
 from __future__ import annotations
@@ -166,11 +169,33 @@ def checksum(path: Path) -> str:
     return digest.hexdigest()
 
 
+def checksums(root: Path, side_info: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The "checksums" record of a side written under `root`: the size and blake2b digest of
+    each of its segment files when together they reach SHARE_BYTES (files a later change will
+    share), else {}. Digests `side_info` already records for a file of the same size are kept,
+    the others read (files just written: from the page cache)."""
+    names = segment_files(side_info)
+    sizes = {name: (root / name).stat().st_size for name in names}
+    if sum(sizes.values()) < SHARE_BYTES:
+        return {}
+    known = recorded(side_info)
+    out = {}
+    for name, size in sizes.items():
+        digest = known[name]["blake2b"] if known.get(name, {}).get("bytes") == size else None
+        out[name] = {"bytes": size, "blake2b": digest or checksum(root / name)}
+    return out
+
+
+def recorded(side_info: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Size and checksum by file name, as the side records them ("checksums", "shared")."""
+    return {**side_info.get("shared", {}), **side_info.get("checksums", {})}
+
+
 def carry(source: Path, target: Path, names: Sequence[str], side_info: dict[str, Any]) -> dict:
     """Bring the files `names` of `source` (an older version) into `target` unchanged: copies
     when together under SHARE_BYTES, else read-only hard links. Returns the "shared" record
-    (name -> bytes and checksum; those `side_info` records already are not read again)."""
-    known = side_info.get("shared", {})
+    (name -> bytes and checksum, as `side_info` records them, else read)."""
+    known = recorded(side_info)
     sizes = {name: (source / name).stat().st_size for name in names}
     if sum(sizes.values()) < SHARE_BYTES:
         for name in names:
@@ -186,13 +211,14 @@ def carry(source: Path, target: Path, names: Sequence[str], side_info: dict[str,
 
 
 def check_sizes(path: Path, version: str, side_info: dict[str, Any]) -> None:
-    """Refuse (CorruptIndex) a version whose shared files, or segments' rows, are not their
-    recorded size (rows are read only when asked for: a cut last row would go unseen)."""
-    recorded = {name: record["bytes"] for name, record in side_info.get("shared", {}).items()}
+    """Refuse (CorruptIndex) a version whose recorded files (shared, checksummed), or
+    segments' rows, are not their recorded size (rows are read only when asked for: a cut
+    last row would go unseen)."""
+    sizes = {name: record["bytes"] for name, record in recorded(side_info).items()}
     for segment in segment_infos(side_info):
         if segment.get("meta_bytes") is not None:
-            recorded[segment["meta"]] = segment["meta_bytes"]
-    for name, expected in recorded.items():
+            sizes[segment["meta"]] = segment["meta_bytes"]
+    for name, expected in sizes.items():
         size = (path / name).stat().st_size
         if size != expected:
             raise CorruptIndex(
@@ -202,19 +228,21 @@ def check_sizes(path: Path, version: str, side_info: dict[str, Any]) -> None:
 
 
 def verify(path: Path, info: dict[str, Any]) -> list[str]:
-    """Problems with a version's files: missing ones, and shared ones whose size or checksum
-    differs from the recorded (empty: all well)."""
+    """Problems with a version's files: missing ones, and those whose size or checksum differs
+    from the recorded (empty: all well)."""
     problems = []
     for side, side_info in info["sides"].items():
         for name in segment_files(side_info):
             if not (path / name).is_file():
                 problems.append(f"{side}: {name} is missing")
-        for name, record in side_info.get("shared", {}).items():
+        shared = side_info.get("shared", {})
+        for name, record in recorded(side_info).items():
             file = path / name
             if not file.is_file():
                 continue
             if file.stat().st_size != record["bytes"] or checksum(file) != record["blake2b"]:
-                problems.append(f"{side}: shared file {name} does not match its checksum")
+                kind = "shared file" if name in shared else "file"
+                problems.append(f"{side}: {kind} {name} does not match its checksum")
     return problems
 
 

@@ -44,7 +44,7 @@ from index_builder.backends.faiss.rows import (
     write_rows,
 )
 from index_builder.backends.faiss.search import tune
-from index_builder.backends.faiss.segments import carry, copy_file, segment_files
+from index_builder.backends.faiss.segments import carry, checksums, copy_file, segment_files
 from index_builder.backends.faiss.version import (
     DELETED_FILES,
     INDEX_FILES,
@@ -188,7 +188,16 @@ def write_version(
         )
         sides[side]["meta_bytes"] = (staging / META_FILES[side]).stat().st_size
         sides[side]["skipped"] = skipped.get(side, {"count": 0, "examples": []})
+        _record_checksums(staging, sides[side])
     write_info(staging, bundle_id, bundle_path, dim, dataset, None, sides)
+
+
+def _record_checksums(staging: Path, info: dict[str, Any]) -> None:
+    """Set the side's "checksums" record for its files as written (`segments.checksums`)."""
+    record = checksums(staging, info)
+    info.pop("checksums", None)
+    if record:
+        info["checksums"] = record
 
 
 def write_info(
@@ -245,6 +254,8 @@ def write_change(
             sides[side]["meta_bytes"] = (staging / META_FILES[side]).stat().st_size
             sides[side]["skipped"] = {"count": 0, "reasons": {}, "examples": []}
             measure.add(side)
+        if side in sides:
+            _record_checksums(staging, sides[side])
     if not any(info["count"] for info in sides.values()):
         raise ValueError(EMPTIED)
     for side in measure & {side for side, info in sides.items() if info["count"]}:
@@ -317,7 +328,7 @@ def _compact(
     write_rows(staging / meta, current.row_files[side], np.flatnonzero(kept[:total]), new)
     rows = JsonlRows(staging / meta)  # the written rows, read back
     info = {**current.info["sides"][side]}
-    for key in ("segments", "template", "shared", "deleted_file"):
+    for key in ("segments", "template", "shared", "checksums", "deleted_file"):
         info.pop(key, None)
     fields = field_types(row.get("meta") or {} for row in rows)
     info.update(

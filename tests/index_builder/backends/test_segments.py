@@ -194,6 +194,64 @@ def test_verify_finds_a_damaged_shared_segment(tmp_path, monkeypatch):
         store.open()
 
 
+def _checksums_hold(loaded):
+    """Every file of every side recorded with its true size and digest."""
+    for side in SIDES:
+        info = loaded.info["sides"][side]
+        record = info["checksums"]
+        assert sorted(record) == sorted(segments.segment_files(info))
+        for name, entry in record.items():
+            assert entry["bytes"] == (loaded.path / name).stat().st_size
+            assert entry["blake2b"] == segments.checksum(loaded.path / name)
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_a_build_records_the_checksums_a_change_would_read(tmp_path, monkeypatch, share):
+    store, _, _ = _published(tmp_path, monkeypatch, share)
+    loaded = store.open()
+    if not share:  # small sides are copied by changes: nothing to record
+        assert all("checksums" not in s for s in loaded.info["sides"].values())
+        return
+    _checksums_hold(loaded)
+    read = []
+    real = segments.checksum
+    monkeypatch.setattr(segments, "checksum", lambda path: read.append(path.name) or real(path))
+    new_vectors, new_rows = _items(2, seed=5, prefix="n")
+    collection.change(store, loaded, collection.Change(rows=new_rows, vectors=new_vectors))
+    changed = store.open()
+    base = set(segments.segment_files(loaded.info["sides"]["image"]))
+    assert read and not base & set(read)  # only the new delta's files were read
+    assert set(changed.info["sides"]["image"]["shared"]) == base
+    _checksums_hold(changed)
+    assert store.verify() == []
+
+
+def test_a_compacted_base_records_its_own_checksums(tmp_path, monkeypatch):
+    store, _, _ = _published(tmp_path, monkeypatch, share=True)
+    first = store.open()
+    vectors, new = _items(60, seed=9)  # i0..i59 again, other vectors: 60 of 260 rows
+    # tombstoned, so the side is compacted into files the size of the old base's
+    collection.change(store, first, collection.Change(rows=new, vectors=vectors, upsert=True))
+    compacted = store.open()
+    info = compacted.info["sides"]["image"]
+    assert "segments" not in info and info["rows"] == 200
+    old = first.info["sides"]["image"]["checksums"]
+    for name in ("image.npy", "image.faiss"):  # same sizes as the old base's: their digests
+        new = info["checksums"][name]  # must be read again, not kept
+        assert new["bytes"] == old[name]["bytes"] and new["blake2b"] != old[name]["blake2b"]
+    _checksums_hold(compacted)
+    assert store.verify() == []
+
+
+def test_verify_finds_a_damaged_file_of_a_fresh_build(tmp_path, monkeypatch):
+    store, _, _ = _published(tmp_path, monkeypatch, share=True)
+    target = store.version_dir(store.current()) / "text.npy"
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0xFF
+    target.write_bytes(bytes(data))
+    assert store.verify() == ["text: file text.npy does not match its checksum"]
+
+
 def test_lookups_load_from_their_files_and_old_versions_build_them(tmp_path, monkeypatch):
     store = IndexStore(tmp_path / "idx")
     _publish(store, n=50)
