@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
+from pathlib import Path
 
 # Which extra brings a missing module, for the hint printed when a stage cannot import it.
 EXTRA_OF = {
@@ -130,12 +131,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def one_line(exc: BaseException) -> str:
     """An error as one line; a permission error names the user id the process runs as (in a
-    container, often not the owner of the mounted files)."""
+    container, often not the owner of the mounted files), a folder that is a link to nowhere
+    (mkdir says only "File exists") names where the link points."""
     text = str(exc) if not isinstance(exc, KeyError) else str(exc.args[0] if exc.args else exc)
     if isinstance(exc, FileNotFoundError) and exc.filename and str(exc.filename) not in text:
         text = f"{text}: {exc.filename}"
     if isinstance(exc, PermissionError):
         text = f"{text} (running as user id {os.getuid()})"
+    link = Path(str(exc.filename)) if isinstance(exc, FileExistsError) and exc.filename else None
+    if link is not None and link.is_symlink() and not link.exists():
+        target = os.readlink(link)
+        text = f"{link} is a link to {target}, which does not exist: create it or remove the link"
     return " ".join(text.split()) or type(exc).__name__
 
 

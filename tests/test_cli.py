@@ -87,6 +87,20 @@ def test_user_error_is_one_line(monkeypatch, capsys):
     assert err.strip() == "cots serve: error: no dataset manifest at /nowhere/manifest.jsonl"
 
 
+def test_a_dangling_link_for_a_folder_is_named_with_its_target(tmp_path, monkeypatch, capsys):
+    """$COTS_HOME (or any folder cots creates) that is a link to a missing folder: mkdir
+    says only "File exists"; the error says which link and where it points."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cots-data").symlink_to(tmp_path / "gone")
+    monkeypatch.delenv("COTS_HOME", raising=False)
+    assert main(["data", "synthetic", "--count", "10"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"cots data: error: cots-data is a link to {tmp_path / 'gone'}, which does not exist: "
+        "create it or remove the link"
+    )
+
+
 def test_permission_error_names_the_user_id(monkeypatch, capsys):
     """A container user that cannot read a mounted file sees which user it runs as."""
 
