@@ -48,6 +48,12 @@ _HNSW = re.compile(r"^HNSW(\d+)(,Flat)?$")
 _IVF = re.compile(
     r"^(?:OPQ(\d+)(?:_\d+)?,)?IVF(\d+)(?:_HNSW(\d+))?,(Flat|SQ8|PQ(\d+)(?:x(\d+)(?:fs)?)?)$"
 )
+# Vectors added through an HNSW coarse quantizer are assigned to a list searching this deep:
+# faiss's default, which builds add with; changes too (`for_adding`). Adding 3000 vectors over
+# 1024 lists took 0.55 s at 16 and 13.1 s at the nprobe of searches, 1024; 16 agreed with the
+# exact nearest centroid for 85% of random vectors (64: 99.8%), and a vector filed in a
+# neighbouring list is still found where searches probe that list.
+ADD_EF_SEARCH = 16
 # From this many inverted lists the coarse quantizer is an HNSW graph over the centroids, in
 # training (k-means assignment) and adding as in search: over 16384 lists a flat quantizer
 # trained 100k vectors in 483 s and added 5,900 vectors a second here, HNSW32 in 102 s and
@@ -342,6 +348,18 @@ def set_search_params(index: Any, params: dict[str, int]) -> None:
             space.set_index_parameter(index, name, value)
     if "nprobe" in params:
         _deepen_quantizer(index, params["nprobe"])
+
+
+def for_adding(index: Any) -> Any:
+    """`index` (an emptied copy of a loaded one, about to be filled by a change) with its HNSW
+    coarse quantizer assigning as a build's does (efSearch ADD_EF_SEARCH), not as deep as
+    searches probe: a loaded index's quantizer searches nprobe deep (`_deepen_quantizer`),
+    and assigning at that depth made a change's adds 24x slower."""
+    with contextlib.suppress(RuntimeError):  # not an IVF index
+        quantizer = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
+        if isinstance(quantizer, faiss.IndexHNSW):
+            quantizer.hnsw.efSearch = ADD_EF_SEARCH
+    return index
 
 
 def _deepen_quantizer(index: Any, nprobe: int) -> None:

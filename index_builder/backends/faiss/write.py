@@ -318,7 +318,7 @@ def _compact(
     old = old if old is not None else index.reconstruct_n(0, index.ntotal)
     kept = ~deleted
     vectors = np.concatenate([old[np.flatnonzero(kept[:total])], added[kept[total:]]])
-    updated = faiss.clone_index(index)
+    updated = faiss_index.for_adding(faiss.clone_index(index))
     updated.reset()
     _add(updated, vectors)
     np.save(staging / VECTOR_FILES[side], vectors)
@@ -386,8 +386,8 @@ def _template(current: LoadedIndex, side: str, staging: Path, info: dict[str, An
     """The side's trained index, emptied: read from its template file, or (the first delta
     of a base) an emptied clone of the loaded index, written as the template."""
     if info.get("template"):
-        return faiss_index.read_index(staging / info["template"])
-    empty = faiss.clone_index(current.indexes[side])
+        return faiss_index.for_adding(faiss_index.read_index(staging / info["template"]))
+    empty = faiss_index.for_adding(faiss.clone_index(current.indexes[side]))
     empty.reset()
     info["template"] = f"{side}.empty.faiss"
     faiss_index.write_index(empty, staging / info["template"])

@@ -9,13 +9,14 @@ import os
 import subprocess
 import sys
 
+import faiss
 import numpy as np
 import pytest
 from test_collection import DIM, _items, _publish
 
 from index_builder import collection
 from index_builder.backends.base import CorruptIndex, IndexOptions
-from index_builder.backends.faiss import segments, version
+from index_builder.backends.faiss import faiss_index, segments, version
 from index_builder.backends.faiss.store import IndexStore
 
 SIDES = ("image", "text")
@@ -80,7 +81,7 @@ STEPS = [
 ]
 
 
-@pytest.mark.parametrize("factory", ["Flat", "IVF16,Flat"])
+@pytest.mark.parametrize("factory", ["Flat", "IVF16,Flat", "IVF16_HNSW32,SQ8"])
 def test_changed_side_searches_like_a_fresh_build(tmp_path, factory):
     store = IndexStore(tmp_path / "idx", keep=2)
     vectors, rows = _publish(store, n=300, factory=factory)
@@ -192,6 +193,32 @@ def test_verify_finds_a_damaged_shared_segment(tmp_path, monkeypatch):
         handle.write(b"grown")  # still maps and reads: only its recorded size tells
     with pytest.raises(CorruptIndex, match="image.npy has"):
         store.open()
+
+
+def test_a_change_assigns_its_vectors_as_a_build_does_not_as_deep_as_searches(tmp_path):
+    """A loaded IVF index's HNSW coarse quantizer searches nprobe deep; the delta a change
+    fills from it assigns at the build's depth (24x cheaper at nprobe 1024), and the served
+    index keeps its depth."""
+    store = IndexStore(tmp_path / "idx")
+    _publish(store, n=400, factory="IVF16_HNSW32,Flat")
+    set_params = faiss_index.set_search_params
+    first = store.open()
+    set_params(first.indexes["image"], {"nprobe": 64})  # as deep as a large index's tuning
+    new_vectors, new_rows = _items(3, seed=5, prefix="n")
+    collection.change(store, first, collection.Change(rows=new_rows, vectors=new_vectors))
+    assert _quantizer(first.indexes["image"]).hnsw.efSearch == 64  # the served copy untouched
+    changed = store.open()
+    template = changed.info["sides"]["image"]["template"]
+    written = faiss_index.read_index(changed.path / template)
+    assert _quantizer(written).hnsw.efSearch == faiss_index.ADD_EF_SEARCH
+    nprobe = changed.info["sides"]["image"]["search_params"]["nprobe"]
+    assert _quantizer(changed.indexes["image"]).hnsw.efSearch == max(16, nprobe)
+    _, rows = changed.search("image", new_vectors["image"], 1)
+    assert [changed.rows_at("image", [r])[0]["id"] for r in rows[:, 0]] == ["n0", "n1", "n2"]
+
+
+def _quantizer(index):
+    return faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
 
 
 def _checksums_hold(loaded):
