@@ -111,6 +111,17 @@ def measure(code: Path, root: Path, directory: Path, n: int) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def commit(tree: Path) -> str:
+    """The commit a tree is checked out at, "+changes" when its tracked files differ from it."""
+
+    def git(*argv: str) -> str:
+        done = subprocess.run(["git", *argv], cwd=tree, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000000,3000000", help="items a side, comma-separated")
@@ -121,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     from bench import calibration
 
     sizes = sorted(map(int, args.sizes.split(",")))
+    codes = {"before": commit(args.base_code), "after": commit(ROOT)}  # as the run starts
     rates = calibration.rates()
     print("calibration", json.dumps(rates), flush=True)
     directory = args.work / "gallery"
@@ -135,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     record = {
         "command": command_line("first_change", sys.argv[1:] if argv is None else argv),
         "calibration": rates,
+        "codes": codes,
         "sizes": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

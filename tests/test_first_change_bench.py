@@ -26,3 +26,8 @@ def test_a_code_builds_and_changes_in_its_own_process(tmp_path):
     assert out["factory"] and out["version_bytes"] > 2 * 2000 * bench.DIM * 4
     assert all(out[name] > 0 for name in ("build_s", "first_add_s", "second_add_s"))
     assert not (tmp_path / "root").exists()  # each measurement cleans up after itself
+
+
+def test_the_codes_are_named_by_their_commit(tmp_path):
+    assert bench.commit(bench.ROOT).split("+")[0] not in ("", "unknown")
+    assert bench.commit(tmp_path) == "unknown"  # not a checkout
