@@ -164,7 +164,10 @@ FIGURE = Figure(
     note="Before: the build records no checksums, and the first change reads every file of a "
     "side it shares as a hard link to checksum it; after: the build records them while the "
     "files are in the page cache. Random unit vectors (the cost is in bytes, not recall); "
-    "the automatic layout; `version_bytes` is the published version's files.",
+    "the automatic layout; `version_bytes` is the published version's files. The codes "
+    "are named in `codes` (the 2026-12-08 run, before that field: d3054f0 against 27c7f18, "
+    "whose 3M adds still assigned vectors nprobe deep, fixed after it: "
+    "bench/notes/scale_curve.md, 'The 1% add at scale').",
 )
 
 
