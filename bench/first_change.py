@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from bench.figure import Figure, command_line
+from index_builder.atomic import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 DIM = 256
@@ -150,10 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         "codes": codes,
         "sizes": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = args.out.with_suffix(".tmp")
-    temporary.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(temporary, args.out)
+    atomic_write_json(args.out, record)
 
 
 FIGURE = Figure(
